@@ -1,0 +1,160 @@
+import type { Client } from "aedes";
+import type {
+  Connector,
+  ConnectorContext,
+  EndpointBinding,
+  OutboundMessage,
+  SendResult,
+} from "../../src/connector.js";
+import { PermanentError } from "../../src/errors.js";
+import { EmbeddedBroker } from "./embedded-broker.js";
+import { ExternalClient } from "./external-client.js";
+import { decodePayload, encodePayload } from "./payload.js";
+import { RedeliveryTracker, qos0RemoteId } from "./redelivery.js";
+import { MQTT_DEFAULTS, type MqttAccount, type MqttEndpoint } from "./schema.js";
+import { topicLevel, topicMatches } from "./topic.js";
+import { relaysIn } from "../../src/connector.js";
+
+/** One publish, whichever transport it came from. */
+interface Publish {
+  clientId: string | undefined;
+  topic: string;
+  payload: Buffer;
+  qos: 0 | 1 | 2;
+  retain: boolean;
+  dup: boolean;
+  messageId: number | undefined;
+}
+
+const PUBLISH_TIMEOUT_MS = 30_000;
+
+export class MqttConnector implements Connector<MqttEndpoint> {
+  private embedded: EmbeddedBroker | undefined;
+  private external: ExternalClient | undefined;
+  private inbound: EndpointBinding<MqttEndpoint>[] = [];
+  private readonly embeddedTrackers = new WeakMap<Client, RedeliveryTracker>();
+  private externalTracker: { connection: number; tracker: RedeliveryTracker } | undefined;
+
+  constructor(
+    private readonly account: string,
+    private readonly config: MqttAccount,
+    private readonly ctx: ConnectorContext,
+  ) {}
+
+  /** Ports the embedded broker bound (tests use port 0). */
+  get ports(): { tcp: number; websocket: number; tls: number } | undefined {
+    const b = this.embedded;
+    return b && { tcp: b.port, websocket: b.websocketPort, tls: b.tlsPort };
+  }
+
+  async start(): Promise<void> {
+    const { config, ctx } = this;
+    if (config.embedded) {
+      ctx.setState("connecting");
+      this.embedded = new EmbeddedBroker(config.embedded, ctx.log, (msg, client) =>
+        this.ingest({ ...msg }, this.trackerFor(client, msg.clientId)),
+      );
+      await this.embedded.start();
+      ctx.log.info(
+        { port: this.embedded.port, host: config.embedded.host },
+        "embedded mqtt broker listening",
+      );
+      ctx.setState("up");
+    } else if (config.url) {
+      const external = new ExternalClient(this.account, { ...config, url: config.url }, ctx, (msg) =>
+        this.ingest({ ...msg, clientId: undefined }, this.externalTrackerFor(msg.connection)),
+      );
+      this.external = external;
+      await external.start();
+    }
+  }
+
+  private trackerFor(client: Client, clientId: string): RedeliveryTracker {
+    let tracker = this.embeddedTrackers.get(client);
+    if (!tracker) {
+      tracker = new RedeliveryTracker(this.ctx.store, `client:${clientId}`, MQTT_DEFAULTS.dedupeWindowMs);
+      this.embeddedTrackers.set(client, tracker);
+    }
+    return tracker;
+  }
+
+  private externalTrackerFor(connection: number): RedeliveryTracker {
+    if (this.externalTracker?.connection !== connection) {
+      const id = `session:${this.external?.clientId ?? this.account}`;
+      this.externalTracker = {
+        connection,
+        tracker: new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs),
+      };
+    }
+    return this.externalTracker.tracker;
+  }
+
+  async watch(endpoints: readonly EndpointBinding<MqttEndpoint>[]): Promise<void> {
+    this.inbound = endpoints.filter((e) => relaysIn(e.direction));
+    if (this.external) {
+      const filters = new Map<string, 0 | 1 | 2>();
+      for (const e of this.inbound) {
+        filters.set(e.spec.topic, Math.max(filters.get(e.spec.topic) ?? 0, e.spec.qos) as 0 | 1 | 2);
+      }
+      await this.external.subscribe(filters);
+    }
+  }
+
+  private senderOf(p: Publish, ep: MqttEndpoint): string {
+    const s = ep.sender;
+    if (s === "clientId") return p.clientId ?? p.topic;
+    if (s && "topicLevel" in s) return topicLevel(p.topic, s.topicLevel) ?? p.clientId ?? p.topic;
+    if (s && "name" in s) return s.name;
+    return p.clientId ?? p.topic;
+  }
+
+  private async ingest(p: Publish, tracker: RedeliveryTracker): Promise<void> {
+    const matched = this.inbound.filter(
+      (b) => topicMatches(b.spec.topic, p.topic) && !(b.spec.ignoreRetained && p.retain),
+    );
+    if (matched.length === 0) return;
+    const identity =
+      p.qos > 0 && p.messageId !== undefined
+        ? await tracker.identify(p.messageId, p.dup, p.topic, p.payload)
+        : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false };
+    if (identity.redelivered) this.ctx.log.debug({ remoteId: identity.remoteId }, "redelivered publish");
+    await Promise.all(
+      matched.map((binding) => {
+        const decoded = decodePayload(p.topic, p.payload, binding.spec);
+        if (decoded.problem) {
+          this.ctx.log.warn(
+            { topic: p.topic, clientId: p.clientId, problem: decoded.problem },
+            "unexpected mqtt payload",
+          );
+        }
+        const sender = this.senderOf(p, binding.spec);
+        return this.ctx.emit({
+          endpointIds: [binding.id],
+          remoteId: identity.remoteId,
+          sender: { id: sender },
+          body: decoded.body,
+          attachment: decoded.attachment,
+        });
+      }),
+    );
+  }
+
+  async send(message: OutboundMessage, endpoint: EndpointBinding<MqttEndpoint>): Promise<SendResult> {
+    const { topic, qos, retain } = endpoint.spec;
+    const payload = encodePayload(message, endpoint.spec);
+    if (this.embedded) {
+      const max = this.config.embedded?.maxPayloadBytes ?? Infinity;
+      if (payload.byteLength > max)
+        throw new PermanentError(`payload of ${payload.byteLength} bytes exceeds ${max}`);
+      await this.embedded.publish(topic, payload, qos, retain);
+    } else if (this.external) {
+      await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS);
+    }
+    return {};
+  }
+
+  async stop(): Promise<void> {
+    await this.embedded?.stop();
+    await this.external?.stop();
+  }
+}

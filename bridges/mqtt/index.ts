@@ -1,0 +1,23 @@
+import type { ConnectorDefinition } from "../../src/connector.js";
+import { MqttConnector } from "./connector.js";
+import {
+  MQTT_DEFAULTS,
+  checkMqttEndpoint,
+  mqttAccountSchema,
+  mqttEndpointSchema,
+  type MqttAccount,
+  type MqttEndpoint,
+} from "./schema.js";
+
+export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
+  name: "mqtt",
+  ghostTag: "mqtt",
+  description: "MQTT accounts: an embedded broker, or a connection to an external one",
+  capabilities: { html: false, attachments: true, maxTextBytes: MQTT_DEFAULTS.maxPayloadBytes },
+  accountSchema: mqttAccountSchema,
+  endpointSchema: mqttEndpointSchema,
+  // No bridges.mqtt block at all: an embedded broker on the standard port, loopback only.
+  defaultAccounts: { default: mqttAccountSchema.parse({ embedded: {} }) },
+  checkEndpoint: checkMqttEndpoint,
+  create: (account, config, ctx) => new MqttConnector(account, config, ctx),
+};

@@ -1,0 +1,162 @@
+import { z } from "zod";
+import { hasWildcard, topicFilterProblem, topicNameProblem } from "./topic.js";
+import type { Direction } from "../../src/connector.js";
+
+/** Defaults of the MQTT connector, with units. */
+export const MQTT_DEFAULTS = {
+  embeddedHost: "127.0.0.1", // loopback unless you say otherwise: no open broker by accident
+  embeddedPort: 1883,
+  maxPayloadBytes: 256 * 1024, // larger publishes are refused and the client disconnected
+  keepaliveSec: 30,
+  reconnectPeriodMs: 2_000,
+  connectTimeoutMs: 10_000,
+  dedupeWindowMs: 10 * 60_000, // how long a QoS>0 message id is remembered to drop redeliveries
+} as const;
+
+const filterList = z.array(
+  z.string().refine((f) => !topicFilterProblem(f), { error: "not a valid topic filter" }),
+);
+
+export const embeddedUserSchema = z.strictObject({
+  username: z.string().min(1),
+  password: z.string().min(1).describe("Or passwordFile: a file holding it"),
+  clientIds: z
+    .array(z.string().min(1))
+    .optional()
+    .describe("Client ids this user may connect with (default: any)"),
+  publish: filterList.default(["#"]).describe("Topic filters this user may publish to"),
+  subscribe: filterList.default(["#"]).describe("Topic filters this user may subscribe to"),
+});
+
+export const embeddedBrokerSchema = z.strictObject({
+  host: z.string().default(MQTT_DEFAULTS.embeddedHost),
+  port: z.number().int().min(0).max(65535).default(MQTT_DEFAULTS.embeddedPort),
+  websocketPort: z
+    .number()
+    .int()
+    .min(0)
+    .max(65535)
+    .optional()
+    .describe("Also serve MQTT over WebSocket here"),
+  tls: z
+    .strictObject({
+      port: z.number().int().min(0).max(65535).default(8883),
+      cert: z.string().describe("PEM; or certFile"),
+      key: z.string().describe("PEM; or keyFile"),
+    })
+    .optional(),
+  allowAnonymous: z
+    .boolean()
+    .optional()
+    .describe("Default: true only when listening on loopback with no users"),
+  users: z.array(embeddedUserSchema).default([]),
+  maxPayloadBytes: z.number().int().min(1).max(268_435_455).default(MQTT_DEFAULTS.maxPayloadBytes),
+});
+
+export const mqttAccountSchema = z
+  .strictObject({
+    embedded: embeddedBrokerSchema
+      .optional()
+      .describe("Run a broker inside tribridge (devices connect here)"),
+    url: z
+      .string()
+      .regex(/^(mqtts?|wss?|tcp|tls):\/\/.+/, "must be mqtt://, mqtts://, ws:// or wss://")
+      .optional()
+      .describe("External broker URL, instead of embedded"),
+    protocolVersion: z
+      .union([z.literal(4), z.literal(5)])
+      .default(5)
+      .describe("4 = MQTT 3.1.1, 5 = MQTT 5"),
+    clientId: z.string().min(1).max(65535).optional().describe("Default tribridge-<account>"),
+    username: z.string().optional(),
+    password: z.string().optional().describe("Or passwordFile"),
+    ca: z.string().optional().describe("PEM CA bundle for mqtts/wss; or caFile"),
+    cert: z.string().optional().describe("PEM client certificate; or certFile"),
+    key: z.string().optional().describe("PEM client key; or keyFile"),
+    rejectUnauthorized: z.boolean().default(true),
+    keepaliveSec: z.number().int().min(0).max(65535).default(MQTT_DEFAULTS.keepaliveSec),
+    reconnectPeriodMs: z.number().int().min(100).default(MQTT_DEFAULTS.reconnectPeriodMs),
+    connectTimeoutMs: z.number().int().min(100).default(MQTT_DEFAULTS.connectTimeoutMs),
+    cleanSession: z
+      .boolean()
+      .default(false)
+      .describe("false keeps a broker session, so QoS>0 messages sent while tribridge is down are kept"),
+  })
+  .superRefine((acc, ctx) => {
+    if ((acc.embedded === undefined) === (acc.url === undefined)) {
+      ctx.addIssue({ code: "custom", path: [], message: "set exactly one of embedded or url" });
+    }
+    const e = acc.embedded;
+    if (e && e.users.length === 0 && e.allowAnonymous === undefined && !isLoopback(e.host)) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["embedded", "users"],
+        message: `a broker listening on ${e.host} needs users (or allowAnonymous: true)`,
+      });
+    }
+  });
+
+export type MqttAccount = z.output<typeof mqttAccountSchema>;
+export type EmbeddedBrokerConfig = z.output<typeof embeddedBrokerSchema>;
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host.startsWith("127.");
+}
+
+export const payloadFormats = ["text", "json", "binary"] as const;
+
+export const mqttEndpointSchema = z.strictObject({
+  topic: z.string().describe("Topic filter (+, # allowed) for in; a concrete topic for out"),
+  qos: z.union([z.literal(0), z.literal(1), z.literal(2)]).default(1),
+  retain: z.boolean().default(false).describe("out: publish retained"),
+  format: z
+    .enum(payloadFormats)
+    .default("text")
+    .describe("text, json (rendered readably; out: a JSON object), binary (as a file)"),
+  template: z
+    .string()
+    .optional()
+    .describe('json in: how to render, e.g. "{{temperature}} °C"; fields by dotted path'),
+  sender: z
+    .union([
+      z.literal("clientId"),
+      z.strictObject({ topicLevel: z.number().int().min(1).max(100) }),
+      z.strictObject({ name: z.string().min(1) }),
+    ])
+    .optional()
+    .describe("in: whose ghost speaks: clientId (embedded only), a topic level (1-based), or a fixed name"),
+  notice: z.boolean().default(true).describe("in: post as m.notice (machine messages) rather than m.text"),
+  ignoreRetained: z.boolean().default(false).describe("in: skip retained messages replayed on subscribe"),
+});
+
+export type MqttEndpoint = z.output<typeof mqttEndpointSchema>;
+
+export function checkMqttEndpoint(
+  ep: MqttEndpoint,
+  direction: Direction,
+  account: MqttAccount,
+): [string, string][] {
+  const problems: [string, string][] = [];
+  const filterProblem = topicFilterProblem(ep.topic);
+  if (filterProblem) problems.push(["topic", filterProblem]);
+  else if (direction !== "in") {
+    if (hasWildcard(ep.topic))
+      problems.push(["topic", `wildcards are not allowed for direction "${direction}"`]);
+    else {
+      const nameProblem = topicNameProblem(ep.topic);
+      if (nameProblem) problems.push(["topic", nameProblem]);
+    }
+  }
+  if (ep.sender === "clientId" && !account.embedded) {
+    problems.push(["sender", "clientId is only known with an embedded broker; use { topicLevel: N }"]);
+  }
+  if (typeof ep.sender === "object" && "topicLevel" in ep.sender) {
+    const levels = ep.topic.split("/");
+    const at = levels[ep.sender.topicLevel - 1];
+    if (!levels.includes("#") && at === undefined) {
+      problems.push(["sender.topicLevel", `topic "${ep.topic}" has only ${levels.length} levels`]);
+    }
+  }
+  if (ep.template !== undefined && ep.format !== "json") problems.push(["template", "needs format: json"]);
+  return problems;
+}

@@ -1,0 +1,232 @@
+/**
+ * Reads config.yaml, applies environment overrides and `*File` secrets, validates it against the
+ * schema, then checks each route endpoint with its connector. Produces the resolved `Config`.
+ */
+import { readFileSync } from "node:fs";
+import { resolve, dirname } from "node:path";
+import { parse as parseYaml, YAMLParseError } from "yaml";
+import type { z } from "zod";
+import type { ConnectorDefinition, Direction } from "../connector.js";
+import { ConfigError, formatPath } from "../errors.js";
+import {
+  buildConfigSchema,
+  type AppserviceConfig,
+  type HomeserverConfig,
+  type QueueConfig,
+} from "./schema.js";
+
+export interface ResolvedEndpoint {
+  /** Stable while the config keeps this endpoint at this place: `<routeId>.<index>`. */
+  readonly id: string;
+  readonly routeId: string;
+  readonly connector: string;
+  readonly account: string;
+  readonly direction: Direction;
+  /** The connector's own fields, as its endpointSchema produced them. */
+  readonly spec: unknown;
+}
+
+export interface ResolvedRoute {
+  readonly id: string;
+  readonly room: string;
+  readonly invite: readonly string[];
+  readonly endpoints: readonly ResolvedEndpoint[];
+}
+
+export interface ResolvedAccount {
+  readonly connector: string;
+  readonly account: string;
+  readonly config: unknown;
+}
+
+export interface Config {
+  readonly homeserver: HomeserverConfig;
+  readonly appservice: AppserviceConfig & { readonly url: string };
+  readonly queue: QueueConfig;
+  readonly dataDir: string;
+  readonly accounts: readonly ResolvedAccount[];
+  readonly routes: readonly ResolvedRoute[];
+}
+
+/** Several config problems, each with its path. */
+export class ConfigErrors extends Error {
+  override readonly name = "ConfigErrors";
+  constructor(readonly errors: readonly ConfigError[]) {
+    super(errors.map((e) => e.message).join("\n"));
+  }
+}
+
+const ENV_PREFIX = "TRIBRIDGE__";
+
+/**
+ * `TRIBRIDGE__queue__redisUrl=redis://…` sets `queue.redisUrl`. Segments are the config keys as
+ * written (case-sensitive); a numeric segment indexes an array. Values are parsed as YAML scalars.
+ */
+export function applyEnvOverrides(raw: Record<string, unknown>, env: NodeJS.ProcessEnv): void {
+  for (const [name, value] of Object.entries(env)) {
+    if (!name.startsWith(ENV_PREFIX) || value === undefined) continue;
+    const segments = name.slice(ENV_PREFIX.length).split("__");
+    let node: Record<string, unknown> = raw;
+    segments.slice(0, -1).forEach((seg) => {
+      const next = node[seg];
+      if (typeof next !== "object" || next === null) node[seg] = {};
+      node = node[seg] as Record<string, unknown>;
+    });
+    node[segments.at(-1)!] = parseYaml(value);
+  }
+}
+
+/**
+ * `passwordFile: /run/secrets/x` becomes `password: <file contents, trimmed>`, anywhere in the tree.
+ * Relative paths are resolved against the config file's folder.
+ */
+export function resolveSecretFiles(node: unknown, baseDir: string, path: PropertyKey[] = []): void {
+  if (Array.isArray(node)) {
+    node.forEach((item, i) => resolveSecretFiles(item, baseDir, [...path, i]));
+    return;
+  }
+  if (typeof node !== "object" || node === null) return;
+  const obj = node as Record<string, unknown>;
+  for (const key of Object.keys(obj)) {
+    const value = obj[key];
+    if (key.endsWith("File") && key.length > 4 && typeof value === "string") {
+      const target = key.slice(0, -4);
+      if (obj[target] !== undefined) {
+        throw new ConfigError(formatPath([...path, key]), `set either ${target} or ${key}, not both`);
+      }
+      try {
+        obj[target] = readFileSync(resolve(baseDir, value), "utf8").trim();
+      } catch (err) {
+        throw new ConfigError(formatPath([...path, key]), `cannot read ${value}: ${(err as Error).message}`);
+      }
+      delete obj[key];
+    } else {
+      resolveSecretFiles(value, baseDir, [...path, key]);
+    }
+  }
+}
+
+function issuesToErrors(issues: readonly z.core.$ZodIssue[], prefix: PropertyKey[] = []): ConfigError[] {
+  return issues.map((issue) => new ConfigError(formatPath([...prefix, ...issue.path]), issue.message));
+}
+
+/** Validates an already-parsed YAML document. Throws ConfigErrors. */
+export function validateConfig(
+  raw: unknown,
+  connectors: readonly ConnectorDefinition[],
+  env: NodeJS.ProcessEnv = {},
+  baseDir = process.cwd(),
+): Config {
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+    throw new ConfigErrors([new ConfigError("", "the config file must be a YAML mapping")]);
+  }
+  const doc = structuredClone(raw) as Record<string, unknown>;
+  try {
+    applyEnvOverrides(doc, env);
+    resolveSecretFiles(doc, baseDir);
+  } catch (err) {
+    if (err instanceof ConfigError) throw new ConfigErrors([err]);
+    throw err;
+  }
+
+  const parsed = buildConfigSchema(connectors).safeParse(doc);
+  if (!parsed.success) throw new ConfigErrors(issuesToErrors(parsed.error.issues));
+  const cfg = parsed.data;
+  const errors: ConfigError[] = [];
+  const byName = new Map(connectors.map((c) => [c.name, c]));
+
+  const accounts: ResolvedAccount[] = [];
+  const accountConfigs = new Map<string, unknown>();
+  for (const def of connectors) {
+    const configured = (cfg.bridges as Record<string, Record<string, unknown> | undefined>)[def.name];
+    const chosen = configured ?? def.defaultAccounts ?? {};
+    for (const [account, config] of Object.entries(chosen)) {
+      accounts.push({ connector: def.name, account, config });
+      accountConfigs.set(`${def.name}.${account}`, config);
+    }
+  }
+
+  const routes: ResolvedRoute[] = cfg.routes.map((route, ri) => {
+    const endpoints: ResolvedEndpoint[] = [];
+    route.endpoints.forEach((ep, ei) => {
+      const at: PropertyKey[] = ["routes", ri, "endpoints", ei];
+      const [connectorName, account] = ep.account.split(".") as [string, string];
+      const def = byName.get(connectorName);
+      if (!def) {
+        const known = [...byName.keys()].join(", ");
+        errors.push(
+          new ConfigError(
+            formatPath([...at, "account"]),
+            `unknown bridge "${connectorName}" (known: ${known})`,
+          ),
+        );
+        return;
+      }
+      const accountConfig = accountConfigs.get(ep.account);
+      if (accountConfig === undefined) {
+        errors.push(
+          new ConfigError(
+            formatPath([...at, "account"]),
+            `no account "${account}" under bridges.${connectorName}`,
+          ),
+        );
+        return;
+      }
+      const { account: _a, direction, ...fields } = ep;
+      const spec = def.endpointSchema.safeParse(fields);
+      if (!spec.success) {
+        errors.push(...issuesToErrors(spec.error.issues, at));
+        return;
+      }
+      for (const [rel, reason] of def.checkEndpoint?.(spec.data, direction, accountConfig) ?? []) {
+        errors.push(new ConfigError(`${formatPath(at)}.${rel}`, reason));
+      }
+      endpoints.push({
+        id: `${route.id}.${ei}`,
+        routeId: route.id,
+        connector: def.name,
+        account,
+        direction,
+        spec: spec.data,
+      });
+    });
+    return { id: route.id, room: route.room, invite: route.invite, endpoints };
+  });
+  if (errors.length > 0) throw new ConfigErrors(errors);
+
+  const { appservice } = cfg;
+  return {
+    homeserver: cfg.homeserver,
+    appservice: { ...appservice, url: appservice.url ?? `http://${appservice.bind}:${appservice.port}` },
+    queue: cfg.queue,
+    dataDir: resolve(baseDir, cfg.dataDir),
+    accounts,
+    routes,
+  };
+}
+
+/** Reads and validates a config file. Throws ConfigErrors naming the path of every problem. */
+export function loadConfig(
+  file: string,
+  connectors: readonly ConnectorDefinition[],
+  env: NodeJS.ProcessEnv = process.env,
+): Config {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new ConfigErrors([
+      new ConfigError("", `cannot read config file ${file}: ${(err as Error).message}`),
+    ]);
+  }
+  let raw: unknown;
+  try {
+    raw = parseYaml(text) ?? {};
+  } catch (err) {
+    const where = err instanceof YAMLParseError && err.linePos ? ` (line ${err.linePos[0].line})` : "";
+    throw new ConfigErrors([
+      new ConfigError("", `${file} is not valid YAML${where}: ${(err as Error).message.split("\n")[0]}`),
+    ]);
+  }
+  return validateConfig(raw, connectors, env, dirname(resolve(file)));
+}

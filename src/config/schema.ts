@@ -1,0 +1,134 @@
+/**
+ * The one schema of config.yaml. It gives the TypeScript types, the validation (every error names
+ * its path), the generated `config/config.sample.yaml` and `config/config.schema.json`.
+ * Connector-specific parts (accounts, endpoint fields) come from each ConnectorDefinition.
+ */
+import { z } from "zod";
+import type { ConnectorDefinition } from "../connector.js";
+
+/** Every default in one place, with its unit. */
+export const DEFAULTS = {
+  appserviceBind: "127.0.0.1",
+  appservicePort: 9993,
+  botLocalpart: "tribridge",
+  botDisplayName: "tribridge",
+  ghostPrefix: "_tb_",
+  queuePrefix: "tribridge",
+  queueShards: 8, // rooms are hashed onto shards; each shard relays one message at a time, in order
+  maxAttempts: 12, // per message; with the delays below ≈ 8 minutes before it lands in the failed list
+  initialRetryDelayMs: 500,
+  maxRetryDelayMs: 60_000, // 1 minute
+  keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
+  keepFailedJobs: 10_000, // per shard; the failed list
+  dataDir: "./data",
+} as const;
+
+const localpart = z
+  .string()
+  .regex(/^[a-z0-9._=/-]+$/, "must be a Matrix localpart: lower-case letters, digits and ._=-/ only");
+
+export const homeserverSchema = z.strictObject({
+  url: z.url({ error: "must be a URL such as http://localhost:8008" }).describe("Client-Server API base URL"),
+  domain: z
+    .string()
+    .regex(/^[A-Za-z0-9.-]+(:\d+)?$/, "must be a server name such as example.org")
+    .describe("Server name: the part after ':' in user ids"),
+});
+
+export const appserviceSchema = z.strictObject({
+  bind: z.string().default(DEFAULTS.appserviceBind).describe("Address the appservice HTTP listener binds"),
+  port: z.number().int().min(1).max(65535).default(DEFAULTS.appservicePort),
+  url: z
+    .url()
+    .optional()
+    .describe("URL the homeserver uses to reach this bridge (default http://<bind>:<port>)"),
+  botLocalpart: localpart.default(DEFAULTS.botLocalpart),
+  botDisplayName: z.string().default(DEFAULTS.botDisplayName),
+  ghostPrefix: localpart.default(DEFAULTS.ghostPrefix).describe("Prefix of every ghost user's localpart"),
+});
+
+export const queueSchema = z.strictObject({
+  redisUrl: z
+    .string()
+    .regex(/^(rediss?|unix):\/\//, "must start with redis://, rediss:// or unix://")
+    .optional()
+    .describe("Absent: tribridge runs a private redis-server child with AOF in dataDir"),
+  prefix: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]+$/, "letters, digits, _ and - only")
+    .default(DEFAULTS.queuePrefix),
+  shards: z.number().int().min(1).max(256).default(DEFAULTS.queueShards),
+  maxAttempts: z.number().int().min(1).max(1000).default(DEFAULTS.maxAttempts),
+  initialRetryDelayMs: z.number().int().min(1).default(DEFAULTS.initialRetryDelayMs),
+  maxRetryDelayMs: z.number().int().min(1).default(DEFAULTS.maxRetryDelayMs),
+  keepCompletedJobs: z.number().int().min(0).default(DEFAULTS.keepCompletedJobs),
+  keepFailedJobs: z.number().int().min(1).default(DEFAULTS.keepFailedJobs),
+});
+
+export const directionSchema = z.enum(["in", "out", "inout"]);
+
+const accountRef = z
+  .string()
+  .regex(/^[a-z][a-z0-9]*\.[a-z][a-z0-9-]*$/, 'must be "<bridge>.<account>", e.g. "mqtt.home"');
+
+/** The core's view of an endpoint: connector fields are checked by that connector's endpointSchema. */
+export const endpointBaseSchema = z.looseObject({
+  account: accountRef,
+  direction: directionSchema,
+});
+
+export const routeSchema = z.strictObject({
+  id: z
+    .string()
+    .regex(/^[a-z0-9][a-z0-9_-]*$/, "lower-case letters, digits, _ and - only")
+    .describe("Stable id: job ids and stored state refer to it"),
+  room: z
+    .string()
+    .regex(/^[#!][^:]+:.+$/, "must be a room alias (#name:server) or a room id (!id:server)")
+    .describe("Room alias or id; an alias on our own domain that does not exist yet is created"),
+  invite: z
+    .array(z.string().regex(/^@[^:]+:.+$/, "must be a user id"))
+    .default([])
+    .describe("Users invited when tribridge creates the room"),
+  endpoints: z.array(endpointBaseSchema).min(1, "a route needs at least one endpoint"),
+});
+
+const accountName = /^[a-z][a-z0-9-]*$/;
+
+/** Builds the whole config schema from the registered connectors. */
+export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
+  const bridgeShape: Record<string, z.ZodType> = {};
+  for (const def of connectors) {
+    bridgeShape[def.name] = z
+      .record(
+        z.string().regex(accountName, "account names: lower-case letters, digits and -"),
+        def.accountSchema,
+      )
+      .optional()
+      .describe(def.description);
+  }
+  return z.strictObject({
+    homeserver: homeserverSchema,
+    appservice: appserviceSchema.prefault({}),
+    queue: queueSchema.prefault({}),
+    dataDir: z.string().default(DEFAULTS.dataDir).describe("Where the embedded Redis keeps its AOF"),
+    bridges: z.strictObject(bridgeShape).prefault({}),
+    routes: z
+      .array(routeSchema)
+      .default([])
+      .superRefine((routes, ctx) => {
+        const seen = new Set<string>();
+        routes.forEach((r, i) => {
+          if (seen.has(r.id))
+            ctx.addIssue({ code: "custom", path: [i, "id"], message: `duplicate route id "${r.id}"` });
+          seen.add(r.id);
+        });
+      }),
+  });
+}
+
+export type HomeserverConfig = z.output<typeof homeserverSchema>;
+export type AppserviceConfig = z.output<typeof appserviceSchema>;
+export type QueueConfig = z.output<typeof queueSchema>;
+export type RouteConfig = z.output<typeof routeSchema>;
+export type RawConfig = z.output<ReturnType<typeof buildConfigSchema>>;

@@ -1,0 +1,220 @@
+/**
+ * THE contract between tribridge's core and a protocol connector (MQTT, email, …).
+ *
+ * Read this file and nothing else to write a new connector. A connector is two things:
+ *
+ *  1. A `ConnectorDefinition` — pure declaration: its name, the schema of one account's config,
+ *     the schema of one route endpoint, and a factory. No I/O, testable without a network.
+ *  2. A `Connector` — one instance per configured account (`bridges.<name>.<account>`), which owns
+ *     the sockets: it starts, watches the endpoints the routes give it, sends, and stops.
+ *
+ * The core never reads protocol fields (a topic, an address): it hands the connector the endpoint
+ * objects its own schema produced and gets back opaque ids. The connector never sees Matrix: no
+ * room ids in its logic, no Matrix imports. Everything that crosses between the two goes through a
+ * durable queue, so a connector's `send` may be called again for a message it already sent (after a
+ * crash) and its `emit` may be called again for a message it already emitted (after a redelivery):
+ * use `OutboundMessage.id` and `InboundMessage.remoteId` to make that harmless.
+ *
+ * A connector module may import only `src/connector.ts`, `src/errors.ts`, `src/log.ts` and npm
+ * packages (lint enforces this). Register it in `bridges/index.ts`; nothing else changes.
+ */
+import type { z } from "zod";
+import type { Logger } from "./log.js";
+
+/**
+ * Which way an endpoint relays, seen from Matrix:
+ * `in` — remote → room, `out` — room → remote, `inout` — both.
+ */
+export type Direction = "in" | "out" | "inout";
+
+export function relaysIn(direction: Direction): boolean {
+  switch (direction) {
+    case "in":
+    case "inout":
+      return true;
+    case "out":
+      return false;
+  }
+}
+
+export function relaysOut(direction: Direction): boolean {
+  switch (direction) {
+    case "out":
+    case "inout":
+      return true;
+    case "in":
+      return false;
+  }
+}
+
+/** What the far side can carry. The core adapts messages to it (e.g. drops HTML it cannot show). */
+export interface Capabilities {
+  /** The far side can show HTML; when false, `OutboundMessage.body.html` is never set. */
+  readonly html: boolean;
+  /** The far side can carry files; when false, attachments are sent as a text link. */
+  readonly attachments: boolean;
+  /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
+  readonly maxTextBytes?: number;
+}
+
+/**
+ * One endpoint of one route, as handed to `Connector.watch`. `spec` is the object the
+ * definition's `endpointSchema` produced from the route's config; `id` is opaque and stable
+ * across restarts for the same config — report it back in `InboundMessage.endpointIds`.
+ */
+export interface EndpointBinding<E> {
+  readonly id: string;
+  readonly direction: Direction;
+  readonly spec: E;
+}
+
+/** Who said something on the far side. Each distinct `id` becomes one Matrix ghost user. */
+export interface RemoteSender {
+  /** Stable within the account: an MQTT client id, a mail address. Any characters; the core escapes it. */
+  readonly id: string;
+  /** Shown as the ghost's display name. Defaults to `id`. */
+  readonly displayName?: string;
+}
+
+export interface MessageBody {
+  /** Plain text; always present (the core renders a fallback when only `html` exists). */
+  readonly text: string;
+  /** Optional HTML; the core sanitizes it before it reaches a room. */
+  readonly html?: string;
+  /** A machine message (telemetry, status) rather than something a person said: shown as m.notice. */
+  readonly notice?: boolean;
+}
+
+export interface Attachment {
+  readonly name: string;
+  readonly mimeType: string;
+  /** Base64, so the job stays JSON in Redis. */
+  readonly dataBase64: string;
+}
+
+/** A message from the far side, handed to the core with `ConnectorContext.emit`. */
+export interface InboundMessage {
+  /** The `EndpointBinding.id`s this message matched (one message may match several routes). */
+  readonly endpointIds: readonly string[];
+  /**
+   * Identity of this message within the account. Emitting the same `remoteId` twice (a redelivery
+   * after a crash) relays it once. Different messages must never share one.
+   */
+  readonly remoteId: string;
+  readonly sender: RemoteSender;
+  readonly body: MessageBody;
+  readonly attachment?: Attachment;
+  /** When the far side says it happened (ms since epoch), if it says. */
+  readonly timestamp?: number;
+}
+
+/** A message from a Matrix room, handed to `Connector.send` for one endpoint. */
+export interface OutboundMessage {
+  /**
+   * Stable for this (Matrix event, endpoint) pair, also across retries and restarts. Use it to make
+   * the far side idempotent where it can be (e.g. a Message-ID), and in logs.
+   */
+  readonly id: string;
+  readonly sender: { readonly userId: string; readonly displayName: string };
+  readonly body: MessageBody;
+  readonly attachment?: Attachment;
+  /** ms since epoch, from the Matrix event. */
+  readonly timestamp: number;
+}
+
+/** What `send` reports back. `remoteId` lets the core map later replies/edits to this message. */
+export interface SendResult {
+  readonly remoteId?: string;
+}
+
+/** A small durable key-value store, private to one connector account (IMAP cursors, dedupe maps). */
+export interface KeyValueStore {
+  get(key: string): Promise<string | undefined>;
+  /** `ttlMs` omitted: kept until deleted. */
+  set(key: string, value: string, ttlMs?: number): Promise<void>;
+  delete(key: string): Promise<void>;
+  /** All fields of a map (empty when absent). */
+  getMap(key: string): Promise<Record<string, string>>;
+  /** Sets one field; `ttlMs` (re)starts the expiry of the whole map. */
+  setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void>;
+}
+
+export type ConnectorState = "connecting" | "up" | "degraded" | "down";
+
+/** What the core gives a connector instance. */
+export interface ConnectorContext {
+  /** Logger with `{ connector, account }` already bound. */
+  readonly log: Logger;
+  /** Aborted when the bridge stops: end reconnect loops and timers when it fires. */
+  readonly signal: AbortSignal;
+  readonly store: KeyValueStore;
+  /**
+   * Hands a message to the core. Resolves only once the message is durably enqueued: acknowledge it
+   * to the far side (PUBACK, IMAP cursor) only after that. Rejects when it could not be enqueued (Redis
+   * down): then do not acknowledge, so the far side delivers it again. Never throws synchronously.
+   * Slow resolution is back-pressure: stop reading while it is pending.
+   */
+  emit(message: InboundMessage): Promise<void>;
+  /**
+   * Reports connection health instead of throwing: "connecting" while (re)connecting, "up" when
+   * relaying, "degraded" when partly working, "down" when it gave up until config changes.
+   */
+  setState(state: ConnectorState, reason?: string): void;
+}
+
+/** One account's live connection. Created by `ConnectorDefinition.create`. */
+export interface Connector<E> {
+  /**
+   * Opens connections / listeners. Called once, before `watch`. Resolve when ready to relay, or
+   * reject with an Error whose message a user can act on (e.g. "port 1883 is already in use").
+   * A far side that is merely unreachable should not reject: report `setState("connecting")` and
+   * keep retrying with back-off until `ctx.signal` aborts.
+   */
+  start(): Promise<void>;
+  /**
+   * The endpoints routes bind to this account (all directions). Called after `start`, and again
+   * whenever routes change, with the full new list (not a delta). Subscribe to what `in` endpoints
+   * need; remember `out` endpoints for `send`.
+   */
+  watch(endpoints: readonly EndpointBinding<E>[]): Promise<void>;
+  /**
+   * Delivers one message to one endpoint. Called from a queue worker, one message at a time per
+   * room, in order. Throw `PermanentError` when retrying cannot help (invalid address, rejected by
+   * policy), `RetryableError` when it may (far side down, rate-limited). Must not resolve before the
+   * far side has accepted the message as far as the protocol can tell (e.g. PUBACK for QoS 1).
+   */
+  send(message: OutboundMessage, endpoint: EndpointBinding<E>): Promise<SendResult>;
+  /** Closes everything. Called once; after it resolves no `emit` may follow. */
+  stop(): Promise<void>;
+}
+
+/** The declaration of a protocol. Pure: no I/O in any member. */
+export interface ConnectorDefinition<Account = unknown, E = unknown> {
+  /** Lower-case name: config key `bridges.<name>`, account refs `<name>.<account>`, queue `to-<name>`. */
+  readonly name: string;
+  /** Short tag in ghost user ids: `@<ghostPrefix><ghostTag>_<account>_<sender>`. */
+  readonly ghostTag: string;
+  /** One-line description for the sample config and docs. */
+  readonly description: string;
+  readonly capabilities: Capabilities;
+  /** Schema of `bridges.<name>.<account>`. Supplies defaults; the sample config is generated from it. */
+  readonly accountSchema: z.ZodType<Account>;
+  /**
+   * Schema of the connector's own fields in a route endpoint (besides `account` and `direction`,
+   * which the core owns). Must not use the keys `account` or `direction`.
+   */
+  readonly endpointSchema: z.ZodType<E>;
+  /**
+   * Accounts to run when the config has no `bridges.<name>` block at all, e.g. an embedded broker.
+   * Omit for a connector that needs explicit configuration.
+   */
+  readonly defaultAccounts?: Readonly<Record<string, Account>>;
+  /**
+   * Checks that need more than the schema: a field that depends on the direction, or on the account
+   * (e.g. `sender: clientId` only for an embedded broker). Return problems as `[relativePath, reason]`;
+   * the core prefixes the endpoint's path.
+   */
+  checkEndpoint?(endpoint: E, direction: Direction, account: Account): [path: string, reason: string][];
+  /** Builds the live instance. No I/O here: `start` does that. */
+  create(account: string, config: Account, ctx: ConnectorContext): Connector<E>;
+}

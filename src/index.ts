@@ -1,0 +1,228 @@
+#!/usr/bin/env node
+/**
+ * The `tribridge` command. The only module that prints to the terminal for the user and exits.
+ */
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { parse as parseYaml } from "yaml";
+import { connectors } from "../bridges/index.js";
+import { ConfigErrors, validateConfig, type Config } from "./config/load.js";
+import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
+import { ConfigError, errorMessage } from "./errors.js";
+import {
+  buildRegistration,
+  continuwuityInstructions,
+  loadRegistration,
+  synapseInstructions,
+  writeRegistration,
+  type Registration,
+} from "./matrix/registration.js";
+
+const USAGE = `Usage: tribridge <command> [options]
+
+Commands:
+  start                    Run the bridge
+  generate-registration    Write registration.yaml with fresh random tokens
+  registration-help        Print how to register with continuwuity/conduwuit and Synapse
+  validate-config          Check config.yaml and print every problem with its path
+  generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
+
+Options:
+  -c, --config FILE        Config file (default: config.yaml, or $TRIBRIDGE_CONFIG)
+  -r, --registration FILE  Registration file (default: registration.yaml, or $TRIBRIDGE_REGISTRATION)
+      --homeserver URL     Sets homeserver.url (quick start without a config file)
+      --domain NAME        Sets homeserver.domain
+      --force              generate-registration: overwrite an existing file
+      --check              generate-config-files: fail if the files are stale
+  -h, --help
+`;
+
+const SAMPLE_PATH = "config/config.sample.yaml";
+const SCHEMA_PATH = "config/config.schema.json";
+
+interface Options {
+  config: string;
+  configGiven: boolean;
+  registration: string;
+  homeserver?: string;
+  domain?: string;
+  force: boolean;
+  check: boolean;
+}
+
+function parseOptions(argv: string[]): { command: string | undefined; options: Options } {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: "string", short: "c" },
+      registration: { type: "string", short: "r" },
+      homeserver: { type: "string" },
+      domain: { type: "string" },
+      force: { type: "boolean", default: false },
+      check: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  const configGiven = values.config !== undefined || process.env.TRIBRIDGE_CONFIG !== undefined;
+  return {
+    command: values.help ? "help" : positionals[0],
+    options: {
+      config: values.config ?? process.env.TRIBRIDGE_CONFIG ?? "config.yaml",
+      configGiven,
+      registration: values.registration ?? process.env.TRIBRIDGE_REGISTRATION ?? "registration.yaml",
+      homeserver: values.homeserver,
+      domain: values.domain,
+      force: values.force ?? false,
+      check: values.check ?? false,
+    },
+  };
+}
+
+/** Loads config.yaml; a missing default file is fine when flags/env give the homeserver. */
+function readConfig(options: Options): Config {
+  let raw: Record<string, unknown> = {};
+  if (existsSync(options.config)) {
+    try {
+      raw = (parseYaml(readFileSync(options.config, "utf8")) as Record<string, unknown> | null) ?? {};
+    } catch (err) {
+      throw new ConfigErrors([
+        new ConfigError("", `${options.config} is not valid YAML: ${errorMessage(err).split("\n")[0]}`),
+      ]);
+    }
+  } else if (options.configGiven) {
+    throw new ConfigErrors([new ConfigError("", `config file ${options.config} does not exist`)]);
+  }
+  if (options.homeserver || options.domain) {
+    const hs = (raw.homeserver ?? {}) as Record<string, unknown>;
+    raw.homeserver = {
+      ...hs,
+      ...(options.homeserver && { url: options.homeserver }),
+      ...(options.domain && { domain: options.domain }),
+    };
+  }
+  const baseDir = existsSync(options.config) ? options.config.replace(/[^/]*$/, "") || "." : ".";
+  return validateConfig(raw, connectors, process.env, baseDir);
+}
+
+function generateRegistration(config: Config, options: Options): Registration {
+  if (existsSync(options.registration) && !options.force) {
+    throw new Error(
+      `${options.registration} exists; use --force to replace it (the homeserver must then be updated too)`,
+    );
+  }
+  const reg = buildRegistration(config, connectors);
+  writeRegistration(options.registration, reg);
+  return reg;
+}
+
+function printRegistrationHelp(reg: Registration, file: string): void {
+  console.log(`Registration: ${file}\n`);
+  console.log("continuwuity / conduwuit — send this in the admin room:\n");
+  console.log(continuwuityInstructions(reg));
+  console.log("\nSynapse:\n");
+  console.log(synapseInstructions(file));
+}
+
+function generateConfigFiles(check: boolean): number {
+  const files: [string, string][] = [
+    [SAMPLE_PATH, sampleConfigYaml(connectors)],
+    [SCHEMA_PATH, `${JSON.stringify(configJsonSchema(connectors), null, 2)}\n`],
+  ];
+  let stale = 0;
+  for (const [path, content] of files) {
+    const current = existsSync(path) ? readFileSync(path, "utf8") : "";
+    if (current === content) continue;
+    if (check) {
+      console.error(`${path} is stale: run npm run gen:config and commit it`);
+      stale++;
+    } else {
+      writeFileSync(path, content);
+      console.log(`wrote ${path}`);
+    }
+  }
+  return stale > 0 ? 1 : 0;
+}
+
+async function startBridge(options: Options): Promise<void> {
+  const config = readConfig(options);
+  let registration: Registration;
+  if (existsSync(options.registration)) {
+    registration = loadRegistration(options.registration);
+  } else {
+    registration = generateRegistration(config, options);
+    console.log(
+      `No registration found: generated ${options.registration}. Register it with your homeserver:\n`,
+    );
+    printRegistrationHelp(registration, options.registration);
+    console.log("");
+  }
+  const { start } = await import("./app.js");
+  const app = await start({ config, registration, connectors });
+  let stopping = false;
+  const shutdown = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    console.error(`${signal}: stopping`);
+    app.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        console.error(`error while stopping: ${errorMessage(err)}`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGINT", () => shutdown("SIGINT"));
+  process.on("SIGTERM", () => shutdown("SIGTERM"));
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { command, options } = parseOptions(argv);
+  switch (command) {
+    case "start":
+      await startBridge(options);
+      return -1; // keep running
+    case "generate-registration": {
+      const reg = generateRegistration(readConfig(options), options);
+      printRegistrationHelp(reg, options.registration);
+      return 0;
+    }
+    case "registration-help":
+      printRegistrationHelp(loadRegistration(options.registration), options.registration);
+      return 0;
+    case "validate-config": {
+      const config = readConfig(options);
+      const endpoints = config.routes.reduce((n, r) => n + r.endpoints.length, 0);
+      console.log(
+        `config OK: ${config.accounts.length} account(s), ${config.routes.length} route(s), ${endpoints} endpoint(s)`,
+      );
+      return 0;
+    }
+    case "generate-config-files":
+      return generateConfigFiles(options.check);
+    case "help":
+      console.log(USAGE);
+      return 0;
+    default:
+      console.error(command ? `unknown command: ${command}\n` : "");
+      console.error(USAGE);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code >= 0) process.exit(code);
+  },
+  (err: unknown) => {
+    if (err instanceof ConfigErrors) {
+      for (const e of err.errors) console.error(`config error: ${e.message}`);
+    } else if (err instanceof ConfigError) {
+      console.error(`config error: ${err.message}`);
+    } else {
+      console.error(`tribridge: ${errorMessage(err)}`);
+      if (process.env.TRIBRIDGE_LOG_LEVEL === "debug" && err instanceof Error) console.error(err.stack);
+    }
+    process.exit(1);
+  },
+);

@@ -1,0 +1,17 @@
+import { pino, type Logger } from "pino";
+
+export type { Logger };
+
+/**
+ * The root logger. Level from TRIBRIDGE_LOG_LEVEL (default "info"); JSON lines on stdout.
+ * Modules take a child: `const log = rootLogger.child({ module: "mqtt" })`.
+ */
+export const rootLogger: Logger = pino({
+  level: process.env.TRIBRIDGE_LOG_LEVEL ?? "info",
+  base: undefined,
+  redact: { paths: ["*.password", "*.token", "*.hs_token", "*.as_token"], censor: "[secret]" },
+});
+
+export function moduleLogger(module: string, context: Record<string, unknown> = {}): Logger {
+  return rootLogger.child({ module, ...context });
+}

@@ -1,0 +1,197 @@
+/**
+ * The HTTP side of the Application Service API: the homeserver pushes transactions here.
+ *
+ * A transaction is answered 200 only after all its events are durably enqueued, so a crash before
+ * that makes the homeserver send it again (AS API §Pushing events). Both the v1 path and the legacy
+ * unprefixed path that older Synapse uses are served. hs_token comes from `Authorization: Bearer`
+ * or `?access_token=`: missing → 401 M_UNAUTHORIZED, wrong → 403 M_FORBIDDEN, before anything else.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createHash, timingSafeEqual } from "node:crypto";
+import type { Logger } from "../log.js";
+import { errorMessage } from "../errors.js";
+
+export interface MatrixEvent {
+  event_id: string;
+  room_id: string;
+  sender: string;
+  type: string;
+  state_key?: string;
+  content: Record<string, unknown>;
+  origin_server_ts?: number;
+}
+
+export interface AppserviceHandlers {
+  /** Whether a transaction with this fingerprint was fully handled before. */
+  seenTransaction(fingerprint: string): Promise<boolean>;
+  markTransaction(fingerprint: string): Promise<void>;
+  /** Enqueues the events; resolves once durable. */
+  onEvents(events: MatrixEvent[]): Promise<void>;
+  /** AS API §Querying: does this user exist on the far side. */
+  userExists(userId: string): boolean;
+}
+
+const MAX_BODY_BYTES = 32 * 1024 * 1024;
+const TRANSACTION_PATH = /^(?:\/_matrix\/app\/v1)?\/transactions\/([^/]+)$/;
+const USER_PATH = /^(?:\/_matrix\/app\/v1)?\/users\/([^/]+)$/;
+const ROOM_PATH = /^(?:\/_matrix\/app\/v1)?\/rooms\/([^/]+)$/;
+const THIRDPARTY_PATH = /^\/_matrix\/app\/v1\/thirdparty\//;
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const json = JSON.stringify(body);
+  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(json) });
+  res.end(json);
+}
+
+function sameToken(a: string, b: string): boolean {
+  const ha = createHash("sha256").update(a).digest();
+  const hb = createHash("sha256").update(b).digest();
+  return timingSafeEqual(ha, hb);
+}
+
+function tokenOf(req: IncomingMessage, url: URL): string | undefined {
+  const auth = req.headers.authorization;
+  if (auth?.startsWith("Bearer ")) return auth.slice("Bearer ".length).trim();
+  return url.searchParams.get("access_token") ?? undefined;
+}
+
+function readBody(req: IncomingMessage): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on("data", (c: Buffer) => {
+      size += c.length;
+      if (size > MAX_BODY_BYTES) {
+        reject(Object.assign(new Error("body too large"), { status: 413 }));
+        req.destroy();
+      } else chunks.push(c);
+    });
+    req.on("end", () => resolve(Buffer.concat(chunks)));
+    req.on("error", reject);
+  });
+}
+
+export class AppserviceServer {
+  private server: Server | undefined;
+  /** Transactions are handled one at a time so their events are enqueued in the order sent. */
+  private chain: Promise<unknown> = Promise.resolve();
+  port = 0;
+
+  constructor(
+    private readonly hsToken: string,
+    private readonly handlers: AppserviceHandlers,
+    private readonly log: Logger,
+  ) {}
+
+  async listen(port: number, host: string): Promise<void> {
+    const server = createServer((req, res) => {
+      this.handle(req, res).catch((err: unknown) => {
+        const status = (err as { status?: number }).status ?? 500;
+        this.log.warn({ err: errorMessage(err), status }, "appservice request failed");
+        if (!res.headersSent)
+          send(res, status, {
+            errcode: status === 413 ? "M_TOO_LARGE" : "M_UNKNOWN",
+            error: errorMessage(err),
+          });
+      });
+    });
+    server.keepAliveTimeout = 65_000;
+    this.server = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", (err: NodeJS.ErrnoException) =>
+        reject(
+          new Error(
+            err.code === "EADDRINUSE"
+              ? `appservice.port ${port} on ${host} is already in use`
+              : `appservice cannot listen on ${host}:${port}: ${err.message}`,
+          ),
+        ),
+      );
+      server.listen(port, host, () => resolve());
+    });
+    const address = server.address();
+    this.port = typeof address === "object" && address ? address.port : port;
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    // Never log req.url: it may carry ?access_token=.
+    const url = new URL(req.url ?? "/", "http://localhost");
+    const path = url.pathname;
+    if (path === "/health") return send(res, 200, { status: "ok" });
+
+    const known =
+      TRANSACTION_PATH.test(path) ||
+      USER_PATH.test(path) ||
+      ROOM_PATH.test(path) ||
+      THIRDPARTY_PATH.test(path) ||
+      path === "/_matrix/app/v1/ping";
+    if (!known) return send(res, 404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+
+    const token = tokenOf(req, url);
+    if (token === undefined) return send(res, 401, { errcode: "M_UNAUTHORIZED", error: "Missing token" });
+    if (!sameToken(token, this.hsToken))
+      return send(res, 403, { errcode: "M_FORBIDDEN", error: "Bad token" });
+
+    const txn = TRANSACTION_PATH.exec(path);
+    if (txn) {
+      if (req.method !== "PUT") return send(res, 405, { errcode: "M_UNRECOGNIZED", error: "Use PUT" });
+      const body = await readBody(req);
+      return this.handleTransaction(decodeURIComponent(txn[1]!), body, res);
+    }
+    if (path === "/_matrix/app/v1/ping") {
+      if (req.method !== "POST") return send(res, 405, { errcode: "M_UNRECOGNIZED", error: "Use POST" });
+      await readBody(req);
+      return send(res, 200, {});
+    }
+    const user = USER_PATH.exec(path);
+    if (user && this.handlers.userExists(decodeURIComponent(user[1]!))) return send(res, 200, {});
+    return send(res, 404, { errcode: "M_NOT_FOUND", error: "Not found" });
+  }
+
+  private async handleTransaction(txnId: string, body: Buffer, res: ServerResponse): Promise<void> {
+    let parsed: { events?: unknown };
+    try {
+      parsed = JSON.parse(body.toString("utf8")) as { events?: unknown };
+    } catch {
+      return send(res, 400, { errcode: "M_NOT_JSON", error: "Body is not JSON" });
+    }
+    if (!Array.isArray(parsed.events))
+      return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
+    // The txnId alone is not unique: Synapse restarts its counter after a restart. Pair it with the body.
+    const fingerprint = createHash("sha256").update(txnId).update("\0").update(body).digest("hex");
+    const events = parsed.events.filter(isEvent);
+    const dropped = parsed.events.length - events.length;
+    if (dropped > 0) this.log.warn({ txnId, dropped }, "transaction had malformed events; ignored them");
+    const run = this.chain.then(async () => {
+      if (await this.handlers.seenTransaction(fingerprint)) return;
+      await this.handlers.onEvents(events);
+      await this.handlers.markTransaction(fingerprint);
+    });
+    this.chain = run.catch(() => undefined);
+    await run;
+    send(res, 200, {});
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    if (!server) return;
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    });
+  }
+}
+
+function isEvent(e: unknown): e is MatrixEvent {
+  const o = e as Partial<MatrixEvent> | null;
+  return (
+    typeof o === "object" &&
+    o !== null &&
+    typeof o.event_id === "string" &&
+    typeof o.room_id === "string" &&
+    typeof o.sender === "string" &&
+    typeof o.type === "string" &&
+    typeof o.content === "object" &&
+    o.content !== null
+  );
+}

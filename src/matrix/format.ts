@@ -1,0 +1,80 @@
+/** Message bodies ⇄ Matrix `m.room.message` content. */
+import type { MessageBody } from "../connector.js";
+
+const HTML_ESCAPES: Record<string, string> = {
+  "&": "&amp;",
+  "<": "&lt;",
+  ">": "&gt;",
+  '"': "&quot;",
+  "'": "&#39;",
+};
+
+export function escapeHtml(s: string): string {
+  return s.replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]!);
+}
+
+/**
+ * Content for a remote message. `m.mentions: {}` (Client-Server API §User and room mentions) says
+ * the message mentions nobody, so remote text such as "@room" or a user id pings no one.
+ * Remote HTML is never passed through as-is: connectors' HTML is reduced to escaped text here.
+ */
+export function toMatrixContent(body: MessageBody): Record<string, unknown> {
+  return {
+    msgtype: body.notice ? "m.notice" : "m.text",
+    body: body.text,
+    "m.mentions": {},
+  };
+}
+
+export function fileContent(
+  name: string,
+  mimeType: string,
+  size: number,
+  mxc: string,
+): Record<string, unknown> {
+  const image = mimeType.startsWith("image/");
+  return {
+    msgtype: image ? "m.image" : "m.file",
+    body: name,
+    filename: name,
+    url: mxc,
+    info: { mimetype: mimeType, size },
+    "m.mentions": {},
+  };
+}
+
+/** Plain text of a Matrix message for a far side without HTML, or undefined if it is not a message we relay. */
+export function fromMatrixContent(
+  content: Record<string, unknown>,
+  displayName: string,
+): MessageBody | undefined {
+  const relates = content["m.relates_to"] as { rel_type?: string } | undefined;
+  if (relates?.rel_type === "m.replace") return undefined; // edits: the far side has no way to change a sent message
+  const body = typeof content.body === "string" ? content.body : undefined;
+  if (body === undefined) return undefined;
+  switch (content.msgtype) {
+    case "m.text":
+      return { text: stripReplyFallback(body) };
+    case "m.notice":
+      return { text: stripReplyFallback(body), notice: true };
+    case "m.emote":
+      return { text: `* ${displayName} ${body}` };
+    case "m.image":
+    case "m.file":
+    case "m.audio":
+    case "m.video":
+      return { text: `${body} (${String(content.url ?? "")})` };
+    default:
+      return undefined;
+  }
+}
+
+/** Removes the `> <@user> quoted` lines of a reply fallback (Client-Server API §Rich replies). */
+export function stripReplyFallback(body: string): string {
+  if (!body.startsWith("> ")) return body;
+  const lines = body.split("\n");
+  let i = 0;
+  while (i < lines.length && lines[i]!.startsWith("> ")) i++;
+  if (lines[i] === "") i++;
+  return lines.slice(i).join("\n");
+}

@@ -1,0 +1,59 @@
+/** Matrix user ids for the bot and the ghosts, and the namespace regexes that cover them. */
+import type { ConnectorDefinition } from "../connector.js";
+
+/** Escapes a string for use inside a regular expression. */
+export function escapeRegex(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\/-]/g, "\\$&");
+}
+
+/**
+ * Encodes any string into the characters a Matrix localpart allows, reversibly, following the
+ * spec's appendix "Mapping from other character sets": `_` escapes upper case (`A` → `_a`) and
+ * itself (`__`); other disallowed characters become `=xx` (UTF-8 bytes in lower-case hex).
+ */
+export function encodeLocalpart(s: string): string {
+  let out = "";
+  for (const byte of Buffer.from(s, "utf8")) {
+    const c = String.fromCharCode(byte);
+    if (c >= "A" && c <= "Z") out += `_${c.toLowerCase()}`;
+    else if (c === "_") out += "__";
+    else if (/[a-z0-9.\-/]/.test(c)) out += c;
+    else out += `=${byte.toString(16).padStart(2, "0")}`;
+  }
+  return out;
+}
+
+export interface GhostNaming {
+  readonly ghostPrefix: string;
+  readonly domain: string;
+}
+
+/** `@<prefix><tag>_<account>_<encoded sender>:<domain>`. Account names have no `_`, so this parses. */
+export function ghostUserId(
+  naming: GhostNaming,
+  ghostTag: string,
+  account: string,
+  senderId: string,
+): string {
+  return `@${naming.ghostPrefix}${ghostTag}_${account}_${encodeLocalpart(senderId)}:${naming.domain}`;
+}
+
+/** Anchored regex for every ghost of one connector (what registration.yaml lists). */
+export function ghostNamespaceRegex(naming: GhostNaming, ghostTag: string): string {
+  return `^@${escapeRegex(naming.ghostPrefix + ghostTag)}_[^:]+:${escapeRegex(naming.domain)}$`;
+}
+
+export function botUserId(botLocalpart: string, domain: string): string {
+  return `@${botLocalpart}:${domain}`;
+}
+
+/** Ghost tags of the registered connectors; the regexes of all of them plus the bot make our namespace. */
+export function namespaceRegexes(
+  naming: GhostNaming & { readonly botLocalpart: string },
+  connectors: readonly ConnectorDefinition[],
+): string[] {
+  return [
+    `^${escapeRegex(botUserId(naming.botLocalpart, naming.domain))}$`,
+    ...connectors.map((c) => ghostNamespaceRegex(naming, c.ghostTag)),
+  ];
+}

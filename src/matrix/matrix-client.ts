@@ -1,0 +1,254 @@
+/**
+ * Talks to the homeserver as the bot and as ghosts. Ghost setup (registration, profile, joins) goes
+ * through matrix-appservice-bridge's intents; the hot path — sending an event — is one PUT with a
+ * transaction id we choose, so a retried job can never create a second event (Client-Server API
+ * §Transaction identifiers).
+ */
+import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
+import { setTimeout as sleep } from "node:timers/promises";
+import { PermanentError, RetryableError, errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
+import type { Registration } from "./registration.js";
+
+export interface MatrixClientOptions {
+  homeserverUrl: string;
+  domain: string;
+  botUserId: string;
+  botDisplayName: string;
+  registration: Registration;
+  log: Logger;
+}
+
+interface MatrixErrorBody {
+  errcode?: string;
+  error?: string;
+  retry_after_ms?: number;
+}
+
+const REQUEST_TIMEOUT_MS = 30_000;
+
+/** Maps an HTTP failure from the homeserver to the queue's error types. */
+export function classifyMatrixError(status: number, body: MatrixErrorBody, what: string): Error {
+  const detail = `${what}: ${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
+  if (status === 429 || body.errcode === "M_LIMIT_EXCEEDED")
+    return new RetryableError(detail, body.retry_after_ms);
+  if (status >= 500 || status === 408) return new RetryableError(detail);
+  return new PermanentError(detail);
+}
+
+function matrixErrorOf(err: unknown): { status?: number; body: MatrixErrorBody } {
+  const e = err as {
+    statusCode?: number;
+    body?: unknown;
+    errcode?: string;
+    error?: string;
+    retryAfterMs?: number;
+  };
+  const body = (
+    typeof e.body === "object" && e.body ? e.body : { errcode: e.errcode, error: e.error }
+  ) as MatrixErrorBody;
+  return { status: e.statusCode, body };
+}
+
+export class MatrixClient {
+  private readonly bridge: Bridge;
+  private readonly roomIds = new Map<string, string>();
+  private readonly readyGhosts = new Map<string, Promise<void>>();
+  private readonly joined = new Map<string, Promise<void>>();
+
+  constructor(private readonly opts: MatrixClientOptions) {
+    const registration = AppServiceRegistration.fromObject(opts.registration);
+    if (!registration) throw new Error("invalid registration");
+    this.bridge = new Bridge({
+      homeserverUrl: opts.homeserverUrl,
+      domain: opts.domain,
+      registration,
+      disableStores: true,
+      disableContext: true,
+      suppressEcho: true,
+      controller: { onEvent: () => undefined },
+    });
+  }
+
+  /** Waits for the homeserver (retrying with back-off), then sets the bot's profile. */
+  async start(signal: AbortSignal): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.bridge.initialise();
+        break;
+      } catch (err) {
+        const delay = Math.min(30_000, 500 * 2 ** attempt);
+        this.opts.log.warn({ err: errorMessage(err), retryInMs: delay }, "homeserver not reachable yet");
+        await sleep(delay, undefined, { signal });
+      }
+    }
+    try {
+      await this.bridge.getIntent(this.opts.botUserId).ensureProfile(this.opts.botDisplayName);
+    } catch (err) {
+      this.opts.log.warn({ err: errorMessage(err) }, "could not set the bot's display name");
+    }
+  }
+
+  /** A room id for an alias or id, cached. */
+  async resolveRoom(room: string): Promise<string> {
+    if (room.startsWith("!")) return room;
+    const cached = this.roomIds.get(room);
+    if (cached) return cached;
+    const id = await this.bridge.getIntent(this.opts.botUserId).resolveRoom(room);
+    this.roomIds.set(room, id);
+    return id;
+  }
+
+  /**
+   * Makes sure the bot is in the route's room: joins it, or creates it when it is an alias on our
+   * own server that does not exist yet. Returns the room id.
+   */
+  async ensureBotInRoom(room: string, invite: readonly string[]): Promise<string> {
+    const bot = this.bridge.getIntent(this.opts.botUserId);
+    let roomId: string;
+    try {
+      roomId = await this.resolveRoom(room);
+    } catch (err) {
+      const { status, body } = matrixErrorOf(err);
+      const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
+      if (!(status === 404 || body.errcode === "M_NOT_FOUND") || !ownAlias) throw err;
+      const localAlias = room.slice(1, room.lastIndexOf(":"));
+      const created = await bot.createRoom({
+        createAsClient: true,
+        options: {
+          room_alias_name: localAlias,
+          name: localAlias,
+          preset: "private_chat",
+          invite: [...invite],
+        },
+      });
+      roomId = created.room_id;
+      this.roomIds.set(room, roomId);
+      this.opts.log.info({ room, roomId }, "created room for route");
+    }
+    await bot.join(roomId);
+    this.joined.set(`${this.opts.botUserId}|${roomId}`, Promise.resolve());
+    return roomId;
+  }
+
+  /** Registers the ghost (m.login.application_service) and sets its display name, once. */
+  private ensureGhost(userId: string, displayName: string): Promise<void> {
+    let ready = this.readyGhosts.get(userId);
+    if (!ready) {
+      const intent = this.bridge.getIntent(userId);
+      ready = intent
+        .ensureRegistered()
+        .then(() => intent.ensureProfile(displayName))
+        .catch((err: unknown) => {
+          this.readyGhosts.delete(userId);
+          throw this.toQueueError(err, `setting up ghost ${userId}`);
+        });
+      this.readyGhosts.set(userId, ready);
+    }
+    return ready;
+  }
+
+  private ensureJoined(userId: string, roomId: string): Promise<void> {
+    const key = `${userId}|${roomId}`;
+    let joined = this.joined.get(key);
+    if (!joined) {
+      // Intent.join invites the ghost with the bot first when the room is not public.
+      joined = this.bridge
+        .getIntent(userId)
+        .join(roomId)
+        .then(() => undefined)
+        .catch((err: unknown) => {
+          this.joined.delete(key);
+          throw this.toQueueError(err, `joining ${userId} to ${roomId}`);
+        });
+      this.joined.set(key, joined);
+    }
+    return joined;
+  }
+
+  private toQueueError(err: unknown, what: string): Error {
+    const { status, body } = matrixErrorOf(err);
+    if (status === undefined) return new RetryableError(`${what}: ${errorMessage(err)}`);
+    return classifyMatrixError(status, body, what);
+  }
+
+  private async request(
+    method: string,
+    path: string,
+    userId: string,
+    body: unknown,
+  ): Promise<Record<string, unknown>> {
+    const url = new URL(path, this.opts.homeserverUrl);
+    if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId); // AS API §Identity assertion
+    let res: Response;
+    try {
+      res = await fetch(url, {
+        method,
+        headers: {
+          Authorization: `Bearer ${this.opts.registration.as_token}`,
+          "Content-Type": body instanceof Uint8Array ? "application/octet-stream" : "application/json",
+        },
+        body: body instanceof Uint8Array ? body : JSON.stringify(body),
+        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+      });
+    } catch (err) {
+      throw new RetryableError(`${method} ${url.pathname}: ${errorMessage(err)}`);
+    }
+    const json = (await res.json().catch(() => ({}))) as Record<string, unknown>;
+    if (!res.ok) throw classifyMatrixError(res.status, json as MatrixErrorBody, `${method} ${url.pathname}`);
+    return json;
+  }
+
+  /**
+   * Sends one event as `userId` (bot or ghost), idempotently: `txnId` is derived from the job, so
+   * the homeserver returns the first event again if this is a retry.
+   */
+  async sendAs(
+    sender: { userId: string; displayName: string },
+    roomId: string,
+    type: string,
+    content: Record<string, unknown>,
+    txnId: string,
+  ): Promise<string> {
+    if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
+    await this.ensureJoined(sender.userId, roomId);
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(type)}/${encodeURIComponent(txnId)}`;
+    try {
+      const res = await this.request("PUT", path, sender.userId, content);
+      return String(res.event_id);
+    } catch (err) {
+      // Kicked or left since we cached the join: forget it so the retry joins again.
+      if (err instanceof PermanentError && err.message.includes("M_FORBIDDEN")) {
+        this.joined.delete(`${sender.userId}|${roomId}`);
+        throw new RetryableError(err.message);
+      }
+      throw err;
+    }
+  }
+
+  /** Uploads a file as `userId`; returns its mxc:// URI. */
+  async upload(userId: string, data: Uint8Array, name: string, mimeType: string): Promise<string> {
+    const url = new URL("/_matrix/media/v3/upload", this.opts.homeserverUrl);
+    url.searchParams.set("filename", name);
+    if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId);
+    let res: Response;
+    try {
+      res = await fetch(url, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${this.opts.registration.as_token}`, "Content-Type": mimeType },
+        body: data,
+        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+      });
+    } catch (err) {
+      throw new RetryableError(`upload: ${errorMessage(err)}`);
+    }
+    const json = (await res.json().catch(() => ({}))) as Record<string, unknown>;
+    if (!res.ok) throw classifyMatrixError(res.status, json as MatrixErrorBody, "upload");
+    return String(json.content_uri);
+  }
+
+  /** Called when the homeserver tells us a membership changed for one of ours. */
+  forgetMembership(userId: string, roomId: string): void {
+    this.joined.delete(`${userId}|${roomId}`);
+  }
+}

@@ -1,0 +1,94 @@
+/**
+ * The appservice registration file: generated once (random tokens), given to the homeserver, and
+ * read by tribridge at start.
+ */
+import { readFileSync, writeFileSync } from "node:fs";
+import { AppServiceRegistration } from "matrix-appservice-bridge";
+import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
+import type { ConnectorDefinition } from "../connector.js";
+import { ConfigError } from "../errors.js";
+import type { Config } from "../config/load.js";
+import { namespaceRegexes } from "./ids.js";
+
+export interface Registration {
+  id: string;
+  url: string | null;
+  as_token: string;
+  hs_token: string;
+  sender_localpart: string;
+  rate_limited: boolean;
+  namespaces: {
+    users: { exclusive: boolean; regex: string }[];
+    aliases: { exclusive: boolean; regex: string }[];
+    rooms: { exclusive: boolean; regex: string }[];
+  };
+  "de.sorunome.msc2409.push_ephemeral"?: boolean;
+}
+
+export function buildRegistration(
+  config: Pick<Config, "appservice" | "homeserver">,
+  connectors: readonly ConnectorDefinition[],
+  id = "tribridge",
+): Registration {
+  const reg = new AppServiceRegistration(config.appservice.url);
+  reg.setId(id);
+  reg.setHomeserverToken(AppServiceRegistration.generateToken());
+  reg.setAppServiceToken(AppServiceRegistration.generateToken());
+  reg.setSenderLocalpart(config.appservice.botLocalpart);
+  const regexes = namespaceRegexes({ ...config.appservice, domain: config.homeserver.domain }, connectors);
+  for (const regex of regexes) reg.addRegexPattern("users", regex, true);
+  const out = reg.getOutput();
+  return {
+    id: out.id,
+    url: out.url ?? null,
+    as_token: out.as_token,
+    hs_token: out.hs_token,
+    sender_localpart: out.sender_localpart,
+    // Written explicitly: Synapse defaults rate_limited to true; continuwuity rejects a file without namespaces.
+    rate_limited: false,
+    namespaces: {
+      users: regexes.map((regex) => ({ exclusive: true, regex })),
+      aliases: [],
+      rooms: [],
+    },
+  };
+}
+
+export function registrationYaml(reg: Registration): string {
+  return stringifyYaml(reg, { lineWidth: 0 });
+}
+
+export function writeRegistration(file: string, reg: Registration): void {
+  writeFileSync(file, registrationYaml(reg), { mode: 0o600 });
+}
+
+export function loadRegistration(file: string): Registration {
+  let raw: unknown;
+  try {
+    raw = parseYaml(readFileSync(file, "utf8"));
+  } catch (err) {
+    throw new ConfigError("", `cannot read registration ${file}: ${(err as Error).message}`);
+  }
+  const r = raw as Partial<Registration> | null;
+  for (const key of ["id", "as_token", "hs_token", "sender_localpart"] as const) {
+    if (typeof r?.[key] !== "string" || r[key] === "") {
+      throw new ConfigError(key, `missing in registration ${file} (run: tribridge generate-registration)`);
+    }
+  }
+  if (/^(CHANGE_ME|placeholder)/i.test(r!.as_token!) || /^(CHANGE_ME|placeholder)/i.test(r!.hs_token!)) {
+    throw new ConfigError(
+      "as_token",
+      `registration ${file} holds placeholder tokens (run: tribridge generate-registration)`,
+    );
+  }
+  return r as Registration;
+}
+
+/** The message to paste in continuwuity's / conduwuit's admin room. */
+export function continuwuityInstructions(reg: Registration): string {
+  return ["!admin appservices register", "```", registrationYaml(reg).trimEnd(), "```"].join("\n");
+}
+
+export function synapseInstructions(file: string): string {
+  return ["# homeserver.yaml (then restart Synapse):", "app_service_config_files:", `  - ${file}`].join("\n");
+}

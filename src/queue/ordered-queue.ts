@@ -1,0 +1,259 @@
+/**
+ * A durable queue that keeps order per key (per room) across retries, crashes and restarts.
+ *
+ * Keys are hashed onto `shards` BullMQ queues. Each shard is consumed by exactly one worker with
+ * concurrency 1, guarded by a lease in Redis so that several tribridge instances split the shards
+ * between them instead of racing. A transient failure is retried *in place* (the job stays active,
+ * the shard waits) rather than through BullMQ's delayed set, which would let later jobs overtake it.
+ * A job that exhausts its attempts, or fails permanently, goes to the shard's failed set with the
+ * reason, and the shard moves on.
+ *
+ * After a crash, the job that was active is put back at the head of its shard before consuming
+ * resumes (BullMQ's own stalled-job check would only notice it after later jobs ran).
+ */
+import { createHash } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Queue, UnrecoverableError, WaitingError, Worker, type Job } from "bullmq";
+import type { Redis } from "ioredis";
+import { PermanentError, RetryableError, errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
+import { connectRedis } from "../store/redis-store.js";
+
+export interface RetryPolicy {
+  maxAttempts: number;
+  initialDelayMs: number;
+  maxDelayMs: number;
+}
+
+export interface OrderedQueueOptions<T> {
+  /** Queue name without shard suffix, e.g. "to-matrix". No ':' (BullMQ's key separator). */
+  name: string;
+  prefix: string;
+  redisUrl: string;
+  shards: number;
+  retry: RetryPolicy;
+  keepCompleted: number;
+  keepFailed: number;
+  /** Identifies this process; a restarted process with the same id takes its leases back at once. */
+  instanceId: string;
+  log: Logger;
+  process(data: T, info: { jobId: string; attempt: number }): Promise<void>;
+}
+
+export interface FailedJob {
+  queue: string;
+  id: string;
+  reason: string;
+  failedAt: number | undefined;
+  data: unknown;
+}
+
+const LEASE_MS = 10_000;
+const LEASE_RENEW_MS = 3_000;
+const RENEW_LEASE = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) else return 0 end`;
+
+/** Job ids: a hash of the source identity. BullMQ forbids ':' and plain integers in custom ids. */
+export function jobIdFor(...parts: string[]): string {
+  return `j${createHash("sha256").update(parts.join("\u0000")).digest("hex").slice(0, 40)}`;
+}
+
+export function shardOf(key: string, shards: number): number {
+  return createHash("sha1").update(key).digest().readUInt32BE(0) % shards;
+}
+
+export function retryDelayMs(policy: RetryPolicy, attempt: number, retryAfterMs?: number): number {
+  const exponential = Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** (attempt - 1));
+  const jittered = exponential / 2 + Math.random() * (exponential / 2);
+  return Math.max(jittered, Math.min(retryAfterMs ?? 0, policy.maxDelayMs * 10));
+}
+
+class Shard<T> {
+  readonly queue: Queue;
+  private worker: Worker | undefined;
+  private workerConnection: Redis | undefined;
+  private leaseTimer: NodeJS.Timeout | undefined;
+  private readonly leaseKey: string;
+  private stopped = false;
+
+  constructor(
+    private readonly owner: OrderedQueue<T>,
+    readonly name: string,
+    producer: Redis,
+  ) {
+    this.queue = new Queue(name, { connection: producer, prefix: owner.opts.prefix });
+    this.leaseKey = `${owner.opts.prefix}:lease:${name}`;
+  }
+
+  /** Takes the lease, or keeps trying in the background while another instance holds it. */
+  async start(redis: Redis): Promise<void> {
+    const { instanceId } = this.owner.opts;
+    const holder = await redis.get(this.leaseKey);
+    const mine =
+      holder === instanceId || (await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS, "NX")) === "OK";
+    if (!mine) {
+      this.leaseTimer = setTimeout(() => void this.start(redis).catch(() => undefined), LEASE_RENEW_MS);
+      return;
+    }
+    await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS);
+    this.leaseTimer = setInterval(() => {
+      redis.eval(RENEW_LEASE, 1, this.leaseKey, instanceId, LEASE_MS).then(
+        (ok) => {
+          if (ok === 0 && !this.stopped) {
+            this.owner.opts.log.error({ shard: this.name }, "lost shard lease; stopping this shard's worker");
+            void this.stopWorker();
+          }
+        },
+        (err: unknown) => this.owner.opts.log.warn({ err: errorMessage(err) }, "lease renewal failed"),
+      );
+    }, LEASE_RENEW_MS);
+    await this.requeueOrphans(redis);
+    if (this.stopped) return;
+    this.workerConnection = connectRedis(this.owner.opts.redisUrl, `${this.name}-worker`);
+    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token), {
+      connection: this.workerConnection,
+      prefix: this.owner.opts.prefix,
+      concurrency: 1,
+      autorun: true,
+      // In-place retries keep a job active for long; the lock is renewed meanwhile.
+      lockDuration: 30_000,
+      stalledInterval: 30_000,
+      maxStalledCount: 1_000_000, // a stalled job is re-run, never failed for stalling
+      removeOnComplete: { count: this.owner.opts.keepCompleted },
+      removeOnFail: { count: this.owner.opts.keepFailed },
+    });
+    this.worker.on("error", (err) =>
+      this.owner.opts.log.warn({ shard: this.name, err: err.message }, "worker error"),
+    );
+  }
+
+  /** Jobs left active by a crashed holder of this lease go back to the head of the line. */
+  private async requeueOrphans(redis: Redis): Promise<void> {
+    const active = await this.queue.getActive();
+    for (const job of active) {
+      await redis.del(`${this.owner.opts.prefix}:${this.name}:${job.id}:lock`);
+      await job.moveToWait("0");
+      this.owner.opts.log.info({ shard: this.name, jobId: job.id }, "requeued job interrupted by a restart");
+    }
+  }
+
+  private async stopWorker(): Promise<void> {
+    const w = this.worker;
+    this.worker = undefined;
+    await w?.close();
+    this.workerConnection?.disconnect();
+  }
+
+  async stop(redis: Redis): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.leaseTimer);
+    clearInterval(this.leaseTimer);
+    await this.stopWorker();
+    await redis.eval(
+      `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end`,
+      1,
+      this.leaseKey,
+      this.owner.opts.instanceId,
+    );
+    await this.queue.close();
+  }
+}
+
+export class OrderedQueue<T> {
+  private readonly producer: Redis;
+  private readonly shards: Shard<T>[];
+  private readonly stopping = new AbortController();
+
+  constructor(readonly opts: OrderedQueueOptions<T>) {
+    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`);
+    this.shards = Array.from(
+      { length: opts.shards },
+      (_, i) => new Shard(this, `${opts.name}-${i}`, this.producer),
+    );
+  }
+
+  /**
+   * Durably enqueues `data` behind every earlier job with the same `orderKey`. Adding an id that
+   * is still known (waiting, active, completed-and-kept or failed) is a no-op: that is the dedupe.
+   */
+  async add(orderKey: string, jobId: string, data: T): Promise<void> {
+    const shard = this.shards[shardOf(orderKey, this.shards.length)]!;
+    await shard.queue.add("relay", data, {
+      jobId,
+      attempts: 1, // retries happen in place, see runJob
+      removeOnComplete: { count: this.opts.keepCompleted },
+      removeOnFail: { count: this.opts.keepFailed },
+    });
+  }
+
+  async start(): Promise<void> {
+    await Promise.all(this.shards.map((s) => s.start(this.producer)));
+  }
+
+  /** The processor of every shard: retries transient failures in place, keeping the shard's order. */
+  async runJob(job: Job, token: string | undefined): Promise<void> {
+    const { retry, log } = this.opts;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.opts.process(job.data as T, { jobId: job.id!, attempt });
+        return;
+      } catch (err) {
+        if (err instanceof PermanentError) throw new UnrecoverableError(`permanent: ${err.message}`);
+        if (attempt >= retry.maxAttempts) {
+          throw new UnrecoverableError(`gave up after ${attempt} attempts: ${errorMessage(err)}`);
+        }
+        const delay = retryDelayMs(
+          retry,
+          attempt,
+          err instanceof RetryableError ? err.retryAfterMs : undefined,
+        );
+        log.warn(
+          {
+            queue: this.opts.name,
+            jobId: job.id,
+            attempt,
+            delayMs: Math.round(delay),
+            err: errorMessage(err),
+          },
+          "relay failed; retrying",
+        );
+        try {
+          await sleep(delay, undefined, { signal: this.stopping.signal });
+        } catch {
+          // Shutting down mid-retry: put the job back at the head of its shard for the next start.
+          await job.moveToWait(token);
+          throw new WaitingError();
+        }
+      }
+    }
+  }
+
+  async failedJobs(limit = 100): Promise<FailedJob[]> {
+    const lists = await Promise.all(this.shards.map((s) => s.queue.getFailed(0, limit - 1)));
+    return lists
+      .flatMap((jobs, i) =>
+        jobs.map((j) => ({
+          queue: this.shards[i]!.name,
+          id: j.id!,
+          reason: j.failedReason,
+          failedAt: j.finishedOn,
+          data: j.data as unknown,
+        })),
+      )
+      .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0))
+      .slice(0, limit);
+  }
+
+  /** Counts over all shards, for metrics and tests. */
+  async counts(): Promise<Record<string, number>> {
+    const all = await Promise.all(this.shards.map((s) => s.queue.getJobCounts()));
+    const sum: Record<string, number> = {};
+    for (const c of all) for (const [k, v] of Object.entries(c)) sum[k] = (sum[k] ?? 0) + v;
+    return sum;
+  }
+
+  async stop(): Promise<void> {
+    this.stopping.abort();
+    await Promise.all(this.shards.map((s) => s.stop(this.producer)));
+    this.producer.disconnect();
+  }
+}

@@ -1,0 +1,44 @@
+import { Redis } from "ioredis";
+import type { KeyValueStore } from "../connector.js";
+
+/** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
+export function connectRedis(url: string, name: string): Redis {
+  const options = {
+    connectionName: `tribridge-${name}`,
+    maxRetriesPerRequest: null, // BullMQ workers require it; commands wait for a reconnect instead of failing
+    enableReadyCheck: true,
+  };
+  if (url.startsWith("unix://")) return new Redis({ ...options, path: url.slice("unix://".length) });
+  return new Redis(url, options);
+}
+
+/** A KeyValueStore under one key prefix. */
+export class RedisKeyValueStore implements KeyValueStore {
+  constructor(
+    private readonly redis: Redis,
+    private readonly prefix: string,
+  ) {}
+
+  async get(key: string): Promise<string | undefined> {
+    return (await this.redis.get(this.prefix + key)) ?? undefined;
+  }
+
+  async set(key: string, value: string, ttlMs?: number): Promise<void> {
+    if (ttlMs === undefined) await this.redis.set(this.prefix + key, value);
+    else await this.redis.set(this.prefix + key, value, "PX", ttlMs);
+  }
+
+  async delete(key: string): Promise<void> {
+    await this.redis.del(this.prefix + key);
+  }
+
+  async getMap(key: string): Promise<Record<string, string>> {
+    return this.redis.hgetall(this.prefix + key);
+  }
+
+  async setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void> {
+    const k = this.prefix + key;
+    if (ttlMs === undefined) await this.redis.hset(k, field, value);
+    else await this.redis.multi().hset(k, field, value).pexpire(k, ttlMs).exec();
+  }
+}

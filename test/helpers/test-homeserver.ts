@@ -1,0 +1,2284 @@
+/**
+ * A small, strict, in-memory Matrix homeserver for tests and benchmarks.
+ *
+ * Implements a subset of the Client-Server API (CS API) and of the Application Service API (AS API)
+ * as described by the Matrix specification v1.11, following Synapse where the spec leaves room for choice.
+ * It is deliberately *not* lenient: requests a real homeserver would refuse are refused here too, with the
+ * same HTTP status and `errcode`.
+ *
+ * Built on plain `node:http`, no dependencies. Designed to sustain thousands of events per second: events are
+ * serialised once when created, transactions are built by string concatenation and pushed over a keep-alive
+ * agent, and no per-request work is proportional to the history size.
+ */
+import http from "node:http";
+import https from "node:https";
+import { randomBytes } from "node:crypto";
+import type { AddressInfo } from "node:net";
+import type { Socket } from "node:net";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------------------------------------------
+
+export interface NamespaceEntry {
+  exclusive: boolean;
+  regex: string;
+}
+
+export interface AppserviceRegistration {
+  id: string;
+  url: string | null;
+  as_token: string;
+  hs_token: string;
+  sender_localpart: string;
+  rate_limited?: boolean;
+  namespaces: { users?: NamespaceEntry[]; aliases?: NamespaceEntry[]; rooms?: NamespaceEntry[] };
+}
+
+export interface TestHomeserverOptions {
+  /** Server name used in user ids, room ids, aliases and mxc URIs. Default "test.local". */
+  serverName?: string;
+  registration: AppserviceRegistration;
+  /** "v1": PUT {url}/_matrix/app/v1/transactions/{txnId} (default); "legacy": PUT {url}/transactions/{txnId}. */
+  pushPath?: "v1" | "legacy";
+  retry?: { initialDelayMs?: number; maxDelayMs?: number };
+  /** How the hs_token is sent to the appservice. Default "header" (`Authorization: Bearer`). */
+  authMode?: "header" | "query";
+  /** Default 100. */
+  maxEventsPerTransaction?: number;
+  /** Time after which a push/query request to the appservice is abandoned (counts as a network error). Default 30000. */
+  pushTimeoutMs?: number;
+}
+
+export interface RecordedEvent {
+  event_id: string;
+  room_id: string;
+  sender: string;
+  type: string;
+  state_key?: string;
+  content: Record<string, unknown>;
+  origin_server_ts: number;
+  /** Client transaction id the event was sent with (PUT /send/{type}/{txnId}), if any. */
+  txn_id?: string;
+  /** `prev_content` / `replaces_state` for state events that replaced an earlier one; `redacted_because`. */
+  unsigned?: Record<string, unknown>;
+  /** For m.room.redaction events (room versions 1-10 carry it at the top level). */
+  redacts?: string;
+}
+
+export interface RequestLogEntry {
+  method: string;
+  path: string;
+  status: number;
+  userId?: string;
+}
+
+export interface PushAttempt {
+  txnId: string;
+  events: number;
+  status: number | "error";
+}
+
+/** A Matrix standard error response (CS API §Standard error response). */
+export class MatrixError extends Error {
+  readonly status: number;
+  readonly errcode: string;
+  readonly error: string;
+  readonly extra: Record<string, unknown> | undefined;
+  constructor(status: number, errcode: string, error: string, extra?: Record<string, unknown>) {
+    super(`${status} ${errcode}: ${error}`);
+    this.name = "MatrixError";
+    this.status = status;
+    this.errcode = errcode;
+    this.error = error;
+    this.extra = extra;
+  }
+  toJSON(): Record<string, unknown> {
+    return { errcode: this.errcode, error: this.error, ...this.extra };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Internal types and helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+type Json = Record<string, unknown>;
+type Membership = "join" | "invite" | "leave" | "ban" | "knock";
+
+interface User {
+  userId: string;
+  displayname?: string;
+  avatar_url?: string;
+  rooms: Set<string>; // joined rooms
+  accountData: Map<string, Json>;
+  presence: { presence: string; status_msg?: string; last_active_ts: number };
+}
+
+interface Room {
+  roomId: string;
+  version: string;
+  events: RecordedEvent[];
+  messages: RecordedEvent[];
+  /** Current state, keyed by stateKeyOf(type, stateKey). */
+  state: Map<string, RecordedEvent>;
+  membership: Map<string, Membership>;
+  /** Currently joined users, in join order. */
+  joined: Set<string>;
+  /** Number of joined users the appservice is interested in (AS API §Registration). */
+  interestedJoined: number;
+  /** Room id or one of its aliases matches the appservice namespaces. */
+  idOrAliasInterest: boolean;
+  aliases: Set<string>;
+}
+
+interface StoredEvent {
+  room: Room;
+  event: RecordedEvent;
+  /** Transaction scope (access token + user) that sent it, for unsigned.transaction_id. */
+  txnScope?: string | undefined;
+}
+
+interface EvMeta {
+  txnId?: string | undefined;
+  txnScope?: string | undefined;
+  ts?: number | undefined;
+  redacts?: string | undefined;
+}
+
+interface Requester {
+  userId: string;
+  /** Authenticated with the as_token (possibly masquerading). */
+  isAs: boolean;
+  /** Scope of client transaction ids: the access token plus the asserted user (CS API §Transaction identifiers). */
+  txnScope: string;
+}
+
+interface Ctx {
+  req: http.IncomingMessage;
+  path: string;
+  params: string[];
+  query: URLSearchParams;
+  token: string | undefined;
+  requester: Requester | undefined;
+  body: unknown;
+  raw: Buffer | undefined;
+}
+
+type Reply =
+  | { status: number; body: unknown }
+  | { status: number; raw: Buffer; headers: Record<string, string | number> };
+type Handler = (ctx: Ctx) => Reply | Promise<Reply>;
+
+interface Route {
+  method: string;
+  segs: (string | readonly string[] | null)[];
+  /** "user": access token required; "none": no auth; "optional": handler authenticates itself. */
+  auth: "user" | "none" | "optional";
+  /** "json": JSON object body required; "json?": empty body allowed (treated as {}); "raw": bytes; "none". */
+  body: "json" | "json?" | "raw" | "none";
+  maxBody: number;
+  allowEmptyLast: boolean;
+  handler: Handler;
+}
+
+const JSON_HEADERS = {
+  "Content-Type": "application/json",
+  // CS API §Web Browser Clients: CORS headers on every response.
+  "Access-Control-Allow-Origin": "*",
+  "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+  "Access-Control-Allow-Headers": "X-Requested-With, Content-Type, Authorization",
+} as const;
+
+const MAX_JSON_BODY = 1024 * 1024;
+const MAX_EVENT_BYTES = 65536; // CS API §Size limits
+/**
+ * The 65536-byte limit applies to the federation PDU (hashes, signatures, auth/prev events, depth) which is
+ * larger than the client-format event we serialise; reserve a conservative estimate of that overhead.
+ */
+const PDU_OVERHEAD_BYTES = 400;
+const MAX_UPLOAD_BYTES = 50 * 1024 * 1024;
+const LOG_LIMIT = 10_000;
+const DEFAULT_ROOM_VERSION = "10";
+const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+const MEMBERSHIPS: readonly string[] = ["join", "invite", "leave", "ban", "knock"];
+const SPEC_VERSIONS = [
+  "r0.5.0",
+  "r0.6.0",
+  "r0.6.1",
+  "v1.1",
+  "v1.2",
+  "v1.3",
+  "v1.4",
+  "v1.5",
+  "v1.6",
+  "v1.7",
+  "v1.8",
+  "v1.9",
+  "v1.10",
+  "v1.11",
+];
+
+// Appendix §Identifier Grammar / §User Identifiers: localpart chars a-z 0-9 . _ = - / + ; whole id <= 255 bytes.
+const LOCALPART_RE = /^[a-z0-9._=\-/+]+$/;
+// Room aliases: "#" localpart ":" server_name; localpart must not contain ":" (Synapse also forbids whitespace).
+const ALIAS_RE = /^#[^:\s]+:.+$/;
+const ROOM_ID_RE = /^![^:]+:.+$/;
+
+// Random ids: draw from a pooled buffer to avoid a syscall-sized randomBytes() per event.
+let randPool = Buffer.alloc(0);
+let randOff = 0;
+function randomChunk(n: number): Buffer {
+  if (randOff + n > randPool.length) {
+    randPool = randomBytes(16 * 1024);
+    randOff = 0;
+  }
+  const b = randPool.subarray(randOff, randOff + n);
+  randOff += n;
+  return b;
+}
+const LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+function randomLetters(n: number): string {
+  const b = randomChunk(n);
+  let s = "";
+  for (let i = 0; i < n; i++) s += LETTERS[b[i]! % LETTERS.length];
+  return s;
+}
+/** Room versions 4+ event id format: "$" + unpadded URL-safe base64 of a 32-byte reference hash. */
+function newEventId(): string {
+  return "$" + randomChunk(32).toString("base64url");
+}
+function newToken(prefix: string): string {
+  return prefix + randomChunk(24).toString("base64url");
+}
+
+function isObject(v: unknown): v is Json {
+  return v !== null && typeof v === "object" && !Array.isArray(v);
+}
+
+function stateKeyOf(type: string, stateKey: string): string {
+  return `${type.length}:${type}${stateKey}`;
+}
+
+function err(status: number, errcode: string, error: string, extra?: Record<string, unknown>): MatrixError {
+  return new MatrixError(status, errcode, error, extra);
+}
+const forbidden = (msg: string): MatrixError => err(403, "M_FORBIDDEN", msg);
+const notFound = (msg: string): MatrixError => err(404, "M_NOT_FOUND", msg);
+const badJson = (msg: string): MatrixError => err(400, "M_BAD_JSON", msg);
+
+function ok(body: unknown = {}): Reply {
+  return { status: 200, body };
+}
+
+function isInt(v: unknown): v is number {
+  return typeof v === "number" && Number.isInteger(v);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The homeserver
+// ---------------------------------------------------------------------------------------------------------------
+
+export class TestHomeserver {
+  readonly serverName: string;
+  readonly registration: AppserviceRegistration;
+
+  private readonly opts: Required<Omit<TestHomeserverOptions, "retry" | "registration" | "serverName">> & {
+    initialDelayMs: number;
+    maxDelayMs: number;
+  };
+  private readonly senderId: string;
+  private readonly userNs: { exclusive: boolean; re: RegExp }[];
+  private readonly aliasNs: { exclusive: boolean; re: RegExp }[];
+  private readonly roomNs: { exclusive: boolean; re: RegExp }[];
+  private readonly nsCache = new Map<string, boolean>();
+
+  private server: http.Server | undefined;
+  private readonly sockets = new Set<Socket>();
+  private port = 0;
+  private stopped = false;
+
+  private readonly users = new Map<string, User>();
+  private readonly tokens = new Map<string, string>(); // access token -> user id (non-AS tokens)
+  private readonly rooms = new Map<string, Room>();
+  private readonly aliases = new Map<string, { roomId: string; creator: string }>();
+  private readonly eventIndex = new Map<string, StoredEvent>();
+  private readonly txnCache = new Map<string, string>(); // txn scope + path -> event id
+  private readonly media = new Map<string, { data: Buffer; contentType: string; filename?: string }>();
+  private readonly routes: Route[] = [];
+  private readonly waiters = new Set<{ check: () => boolean }>();
+
+  private readonly requestLog: RequestLogEntry[] = [];
+  private readonly pushLog: PushAttempt[] = [];
+
+  // AS API §Pushing events state.
+  private readonly agent: http.Agent;
+  private readonly pushTarget: { mod: typeof http | typeof https; base: URL; prefix: string } | undefined;
+  private queue: string[] = [];
+  private queueHead = 0;
+  private inFlight: { txnId: string; body: string; events: number } | undefined;
+  private sending = false;
+  private paused = false;
+  private pumpScheduled = false;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private retryDelay: number;
+  private nextTxnId = 1;
+  private readonly delivered = new Map<string, { body: string; events: number }>();
+  private readonly activeRequests = new Set<http.ClientRequest>();
+
+  constructor(opts: TestHomeserverOptions) {
+    this.serverName = opts.serverName ?? "test.local";
+    this.registration = opts.registration;
+    this.opts = {
+      pushPath: opts.pushPath ?? "v1",
+      authMode: opts.authMode ?? "header",
+      maxEventsPerTransaction: opts.maxEventsPerTransaction ?? 100,
+      pushTimeoutMs: opts.pushTimeoutMs ?? 30_000,
+      initialDelayMs: opts.retry?.initialDelayMs ?? 200,
+      maxDelayMs: opts.retry?.maxDelayMs ?? 8000,
+    };
+    if (this.opts.maxEventsPerTransaction < 1) throw new Error("maxEventsPerTransaction must be >= 1");
+    this.retryDelay = this.opts.initialDelayMs;
+    const reg = opts.registration;
+    if (!LOCALPART_RE.test(reg.sender_localpart)) {
+      throw new Error(`invalid sender_localpart ${JSON.stringify(reg.sender_localpart)}`);
+    }
+    this.senderId = `@${reg.sender_localpart}:${this.serverName}`;
+    // Synapse compiles namespace regexes with re.match: anchored at the start only.
+    const compile = (list: NamespaceEntry[] | undefined): { exclusive: boolean; re: RegExp }[] =>
+      (list ?? []).map((n) => ({ exclusive: n.exclusive, re: new RegExp(`^(?:${n.regex})`) }));
+    this.userNs = compile(reg.namespaces.users);
+    this.aliasNs = compile(reg.namespaces.aliases);
+    this.roomNs = compile(reg.namespaces.rooms);
+    this.agent = new http.Agent({ keepAlive: true, maxSockets: 8, keepAliveMsecs: 1000 });
+    if (reg.url !== null) {
+      const base = new URL(reg.url);
+      const mod = base.protocol === "https:" ? https : http;
+      this.pushTarget = { mod, base, prefix: base.pathname.replace(/\/+$/, "") };
+    }
+    // The AS sender user always exists (it is what the as_token authenticates as).
+    this.createUser(this.senderId);
+    this.defineRoutes();
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Lifecycle
+  // -------------------------------------------------------------------------------------------------------------
+
+  async start(): Promise<{ url: string; port: number }> {
+    if (this.server) throw new Error("TestHomeserver already started");
+    const server = http.createServer((req, res) => {
+      this.handle(req, res).catch((e: unknown) => {
+        // Should not happen: handle() converts errors into responses.
+        if (!res.headersSent) {
+          res.writeHead(500, JSON_HEADERS);
+          res.end(JSON.stringify({ errcode: "M_UNKNOWN", error: String(e) }));
+        }
+      });
+    });
+    server.keepAliveTimeout = 30_000;
+    server.on("connection", (s: Socket) => {
+      s.setNoDelay(true);
+      this.sockets.add(s);
+      s.on("close", () => this.sockets.delete(s));
+    });
+    this.server = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(0, "127.0.0.1", () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+    this.port = (server.address() as AddressInfo).port;
+    return { url: this.url, port: this.port };
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+    for (const r of this.activeRequests) r.destroy();
+    this.activeRequests.clear();
+    this.agent.destroy();
+    for (const w of [...this.waiters]) w.check();
+    const server = this.server;
+    if (!server) return;
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+      for (const s of this.sockets) s.destroy();
+    });
+  }
+
+  get url(): string {
+    if (!this.port) throw new Error("TestHomeserver not started");
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** The appservice sender user id, `@<sender_localpart>:<serverName>`. */
+  get appserviceUserId(): string {
+    return this.senderId;
+  }
+
+  /** Request log (method, path without query string, status, authenticated user), last 10k entries. */
+  get requests(): RequestLogEntry[] {
+    if (this.requestLog.length > LOG_LIMIT) this.requestLog.splice(0, this.requestLog.length - LOG_LIMIT);
+    return this.requestLog;
+  }
+
+  /** Every push attempt to the appservice (including retries and replays), last 10k entries. */
+  get pushedTransactions(): PushAttempt[] {
+    if (this.pushLog.length > LOG_LIMIT) this.pushLog.splice(0, this.pushLog.length - LOG_LIMIT);
+    return this.pushLog;
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Test-side actions (behave as if a real client had made the request; throw MatrixError when refused)
+  // -------------------------------------------------------------------------------------------------------------
+
+  /** Register a normal (non-appservice) user. Refused inside an exclusive appservice user namespace. */
+  registerUser(localpart: string, displayName?: string): string {
+    const userId = this.checkNewUser(localpart);
+    // AS API §Server admin style permissions: normal users cannot take ids in an exclusive namespace.
+    if (this.userNs.some((n) => n.exclusive && n.re.test(userId))) {
+      throw err(400, "M_EXCLUSIVE", `${userId} is reserved by an application service`);
+    }
+    const user = this.createUser(userId);
+    this.tokens.set(newToken("syt_"), userId);
+    if (displayName !== undefined) user.displayname = displayName;
+    return userId;
+  }
+
+  /** An access token for a user registered with registerUser() (or logged in), to make real client requests. */
+  accessTokenFor(userId: string): string {
+    for (const [t, u] of this.tokens) if (u === userId) return t;
+    throw new Error(`no access token for ${userId}`);
+  }
+
+  createRoom(opts: {
+    creator: string;
+    alias?: string;
+    name?: string;
+    topic?: string;
+    invite?: string[];
+    preset?: "public_chat" | "private_chat" | "trusted_private_chat";
+    isDirect?: boolean;
+  }): string {
+    this.requireUser(opts.creator);
+    let aliasLocal: string | undefined;
+    if (opts.alias !== undefined) {
+      if (!ALIAS_RE.test(opts.alias) || !opts.alias.endsWith(`:${this.serverName}`)) {
+        throw err(400, "M_INVALID_PARAM", `invalid local alias ${opts.alias}`);
+      }
+      aliasLocal = opts.alias.slice(1, opts.alias.length - this.serverName.length - 1);
+    }
+    return this.doCreateRoom(
+      { userId: opts.creator, isAs: false, txnScope: "" },
+      {
+        preset: opts.preset ?? "private_chat",
+        room_alias_name: aliasLocal,
+        name: opts.name,
+        topic: opts.topic,
+        invite: opts.invite,
+        is_direct: opts.isDirect,
+      },
+    );
+  }
+
+  sendMessage(
+    roomId: string,
+    sender: string,
+    content: Record<string, unknown>,
+    type = "m.room.message",
+  ): string {
+    const room = this.requireRoom(this.resolveRoom(roomId));
+    return this.sendEvent(room, sender, type, content, undefined, {}).event_id;
+  }
+
+  sendState(
+    roomId: string,
+    sender: string,
+    type: string,
+    stateKey: string,
+    content: Record<string, unknown>,
+  ): string {
+    const room = this.requireRoom(this.resolveRoom(roomId));
+    return this.putState(room, { userId: sender, isAs: false, txnScope: "" }, type, stateKey, content, {});
+  }
+
+  joinRoom(roomIdOrAlias: string, userId: string): string {
+    this.requireUser(userId);
+    const room = this.requireRoom(this.resolveRoom(roomIdOrAlias));
+    this.doJoin(room, userId, {}, {});
+    return room.roomId;
+  }
+
+  inviteUser(roomId: string, sender: string, target: string): void {
+    this.doInvite(this.requireRoom(this.resolveRoom(roomId)), sender, target, {}, {});
+  }
+
+  leaveRoom(roomId: string, userId: string): void {
+    this.doLeave(this.requireRoom(this.resolveRoom(roomId)), userId, userId, {}, {});
+  }
+
+  setDisplayName(userId: string, displayname: string | undefined): void {
+    this.setProfileField(this.requireUser(userId), "displayname", displayname);
+  }
+
+  setAvatarUrl(userId: string, avatarUrl: string | undefined): void {
+    this.setProfileField(this.requireUser(userId), "avatar_url", avatarUrl);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Inspection
+  // -------------------------------------------------------------------------------------------------------------
+
+  /** All events of a room (room id or alias), in order, including state/membership. */
+  events(roomId: string): RecordedEvent[] {
+    return this.requireRoomForInspection(roomId).events.slice();
+  }
+
+  messages(roomId: string): RecordedEvent[] {
+    return this.requireRoomForInspection(roomId).messages.slice();
+  }
+
+  members(roomId: string): string[] {
+    return [...this.requireRoomForInspection(roomId).joined];
+  }
+
+  /** Current membership of a user in a room ("join", "invite", "leave", "ban", "knock") or undefined. */
+  membershipOf(roomId: string, userId: string): Membership | undefined {
+    return this.requireRoomForInspection(roomId).membership.get(userId);
+  }
+
+  stateEvent(roomId: string, type: string, stateKey = ""): RecordedEvent | undefined {
+    return this.requireRoomForInspection(roomId).state.get(stateKeyOf(type, stateKey));
+  }
+
+  roomIds(): string[] {
+    return [...this.rooms.keys()];
+  }
+
+  profile(userId: string): { displayname?: string; avatar_url?: string } | undefined {
+    const u = this.users.get(userId);
+    if (!u) return undefined;
+    const p: { displayname?: string; avatar_url?: string } = {};
+    if (u.displayname !== undefined) p.displayname = u.displayname;
+    if (u.avatar_url !== undefined) p.avatar_url = u.avatar_url;
+    return p;
+  }
+
+  isRegistered(userId: string): boolean {
+    return this.users.has(userId);
+  }
+
+  resolveAlias(alias: string): string | undefined {
+    return this.aliases.get(alias)?.roomId;
+  }
+
+  /** Uploaded media by mxc URI. */
+  mediaContent(mxc: string): { data: Buffer; contentType: string; filename?: string } | undefined {
+    const prefix = `mxc://${this.serverName}/`;
+    return mxc.startsWith(prefix) ? this.media.get(mxc.slice(prefix.length)) : undefined;
+  }
+
+  /**
+   * Resolves when the room (id or alias; it may not exist yet) has at least `count` m.room.message events.
+   * Rejects after timeoutMs with a diagnostic message.
+   */
+  waitForMessages(roomId: string, count: number, timeoutMs = 5000): Promise<RecordedEvent[]> {
+    return this.waitFor(
+      () => {
+        const id = roomId.startsWith("#") ? this.aliases.get(roomId)?.roomId : roomId;
+        const room = id === undefined ? undefined : this.rooms.get(id);
+        return room && room.messages.length >= count ? room.messages.slice() : undefined;
+      },
+      timeoutMs,
+      () => {
+        const id = roomId.startsWith("#") ? this.aliases.get(roomId)?.roomId : roomId;
+        const room = id === undefined ? undefined : this.rooms.get(id);
+        if (!room) return `waitForMessages: room ${roomId} does not exist (wanted ${count} messages)`;
+        const last = room.messages
+          .slice(-3)
+          .map((m) => `${m.sender}: ${JSON.stringify(m.content).slice(0, 120)}`)
+          .join(" | ");
+        return (
+          `waitForMessages(${roomId}): got ${room.messages.length}/${count} m.room.message events` +
+          ` (${room.events.length} events total; joined: ${[...room.joined].join(", ") || "nobody"})` +
+          (last ? `; last: ${last}` : "")
+        );
+      },
+    );
+  }
+
+  /** Resolves when every queued event has been delivered to the appservice. */
+  waitForPushIdle(timeoutMs = 5000): Promise<void> {
+    return this.waitFor(
+      () => (this.pushIdle() ? true : undefined),
+      timeoutMs,
+      () => "waitForPushIdle",
+    ).then(() => undefined);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Appservice push control
+  // -------------------------------------------------------------------------------------------------------------
+
+  pausePush(): void {
+    this.paused = true;
+  }
+
+  resumePush(): void {
+    this.paused = false;
+    this.schedulePump();
+  }
+
+  /** Next *new* transaction gets this id (simulates Synapse restarting its counter at 1). */
+  setNextTxnId(n: number): void {
+    if (!Number.isSafeInteger(n) || n < 0) throw new Error("txn id must be a non-negative integer");
+    this.nextTxnId = n;
+  }
+
+  /** Number of events queued (not yet in a transaction) plus those in the in-flight transaction. */
+  get pendingPushEvents(): number {
+    return this.queue.length - this.queueHead + (this.inFlight?.events ?? 0);
+  }
+
+  /** Re-PUT an already-delivered transaction with the same txnId and byte-identical body. */
+  async replayTransaction(txnId: string): Promise<number> {
+    const t = this.delivered.get(txnId);
+    if (!t) throw new Error(`transaction ${txnId} was never delivered (or is no longer retained)`);
+    let status: number | "error" = "error";
+    try {
+      status = (await this.asRequest("PUT", this.txnPath(txnId), t.body)).status;
+      return status;
+    } finally {
+      this.logPush({ txnId, events: t.events, status });
+    }
+  }
+
+  /**
+   * Send an arbitrary request to the appservice. `path` is relative to registration.url. `token`: undefined →
+   * hs_token, null → no token. A string body is sent verbatim (to forge malformed JSON).
+   */
+  async pushRaw(
+    path: string,
+    body: unknown,
+    token?: string | null,
+    tokenMode?: "header" | "query",
+    method = "PUT",
+  ): Promise<{ status: number; body: unknown }> {
+    const payload = body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body);
+    const res = await this.asRequest(
+      method,
+      path,
+      payload,
+      token === undefined ? this.registration.hs_token : token,
+      tokenMode ?? this.opts.authMode,
+    );
+    let parsed: unknown = res.text;
+    try {
+      parsed = res.text ? JSON.parse(res.text) : undefined;
+    } catch {
+      // not JSON: return text
+    }
+    return { status: res.status, body: parsed };
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Namespaces (AS API §Registration)
+  // -------------------------------------------------------------------------------------------------------------
+
+  /** The appservice is interested in this user: sender, or matches a user namespace (Synapse semantics). */
+  private userInterests(userId: string): boolean {
+    let v = this.nsCache.get(userId);
+    if (v === undefined) {
+      v = userId === this.senderId || this.userNs.some((n) => n.re.test(userId));
+      if (this.nsCache.size > 100_000) this.nsCache.clear();
+      this.nsCache.set(userId, v);
+    }
+    return v;
+  }
+
+  private aliasInNs(alias: string): boolean {
+    return this.aliasNs.some((n) => n.re.test(alias));
+  }
+
+  private computeRoomIdOrAliasInterest(room: Room): void {
+    room.idOrAliasInterest =
+      this.roomNs.some((n) => n.re.test(room.roomId)) || [...room.aliases].some((a) => this.aliasInNs(a));
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Core model
+  // -------------------------------------------------------------------------------------------------------------
+
+  private createUser(userId: string): User {
+    const u: User = {
+      userId,
+      rooms: new Set(),
+      accountData: new Map(),
+      presence: { presence: "offline", last_active_ts: Date.now() },
+    };
+    this.users.set(userId, u);
+    return u;
+  }
+
+  /** Validate a desired localpart for registration; returns the full user id. */
+  private checkNewUser(localpart: string): string {
+    // Appendix §User Identifiers (v1.8+ grammar, includes "+"); ids are limited to 255 bytes.
+    if (typeof localpart !== "string" || !LOCALPART_RE.test(localpart)) {
+      throw err(
+        400,
+        "M_INVALID_USERNAME",
+        `User ID localpart ${JSON.stringify(localpart)} has invalid characters`,
+      );
+    }
+    const userId = `@${localpart}:${this.serverName}`;
+    if (Buffer.byteLength(userId) > 255)
+      throw err(400, "M_INVALID_USERNAME", "User ID may not be longer than 255");
+    if (this.users.has(userId)) throw err(400, "M_USER_IN_USE", "User ID already taken.");
+    return userId;
+  }
+
+  private requireUser(userId: string): User {
+    const u = this.users.get(userId);
+    if (!u) throw notFound(`User ${userId} does not exist`);
+    return u;
+  }
+
+  private resolveRoom(roomIdOrAlias: string): string {
+    if (roomIdOrAlias.startsWith("#")) {
+      const a = this.aliases.get(roomIdOrAlias);
+      if (!a) throw notFound(`Room alias ${roomIdOrAlias} not found`);
+      return a.roomId;
+    }
+    return roomIdOrAlias;
+  }
+
+  private requireRoom(roomId: string): Room {
+    const r = this.rooms.get(roomId);
+    if (!r) throw notFound(`Unknown room ${roomId}`);
+    return r;
+  }
+
+  private requireRoomForInspection(roomIdOrAlias: string): Room {
+    const id = roomIdOrAlias.startsWith("#") ? this.aliases.get(roomIdOrAlias)?.roomId : roomIdOrAlias;
+    const r = id === undefined ? undefined : this.rooms.get(id);
+    if (!r) throw new Error(`TestHomeserver: unknown room ${roomIdOrAlias}`);
+    return r;
+  }
+
+  private powerLevels(room: Room): Json | undefined {
+    return room.state.get(stateKeyOf("m.room.power_levels", ""))?.content;
+  }
+
+  /** Room versions §Authorization rules: user level (users[u] ?? users_default ?? 0; creator 100 without PL). */
+  private userLevel(room: Room, userId: string): number {
+    const pl = this.powerLevels(room);
+    if (!pl) {
+      const create = room.state.get(stateKeyOf("m.room.create", ""));
+      return create?.sender === userId ? 100 : 0;
+    }
+    const users = isObject(pl.users) ? pl.users : {};
+    const v = users[userId];
+    if (isInt(v)) return v;
+    return isInt(pl.users_default) ? pl.users_default : 0;
+  }
+
+  private requiredLevel(room: Room, type: string, isState: boolean): number {
+    const pl = this.powerLevels(room);
+    if (!pl) return 0;
+    const events = isObject(pl.events) ? pl.events : {};
+    const v = events[type];
+    if (isInt(v)) return v;
+    if (isState) return isInt(pl.state_default) ? pl.state_default : 50;
+    return isInt(pl.events_default) ? pl.events_default : 0;
+  }
+
+  private namedLevel(room: Room, key: "invite" | "kick" | "ban" | "redact"): number {
+    const pl = this.powerLevels(room);
+    const v = pl?.[key];
+    if (isInt(v)) return v;
+    return key === "invite" ? 0 : 50;
+  }
+
+  private joinRule(room: Room): string {
+    const c = room.state.get(stateKeyOf("m.room.join_rules", ""))?.content;
+    return typeof c?.join_rule === "string" ? c.join_rule : "invite";
+  }
+
+  private requireJoined(room: Room, userId: string): void {
+    if (room.membership.get(userId) !== "join") {
+      throw forbidden(`User ${userId} not in room ${room.roomId}`);
+    }
+  }
+
+  /**
+   * Create, record and (if the appservice is interested) queue an event. All auth checks must have happened.
+   * CS API §Size limits: the whole event must fit in 65536 bytes.
+   */
+  private appendEvent(
+    room: Room,
+    sender: string,
+    type: string,
+    content: Json,
+    stateKey: string | undefined,
+    meta: EvMeta,
+  ): RecordedEvent {
+    const ev: RecordedEvent = {
+      event_id: newEventId(),
+      room_id: room.roomId,
+      sender,
+      type,
+      content,
+      origin_server_ts: meta.ts ?? Date.now(),
+    };
+    if (stateKey !== undefined) {
+      ev.state_key = stateKey;
+      const prev = room.state.get(stateKeyOf(type, stateKey));
+      if (prev)
+        ev.unsigned = { prev_content: prev.content, replaces_state: prev.event_id, prev_sender: prev.sender };
+    }
+    if (meta.redacts !== undefined) ev.redacts = meta.redacts;
+    // ClientEvent format for pushes (AS API §Pushing events). Serialised once; reused for every transaction.
+    const json = JSON.stringify({
+      content: ev.content,
+      event_id: ev.event_id,
+      origin_server_ts: ev.origin_server_ts,
+      room_id: ev.room_id,
+      sender: ev.sender,
+      ...(stateKey !== undefined ? { state_key: stateKey } : {}),
+      type: ev.type,
+      ...(ev.redacts !== undefined ? { redacts: ev.redacts } : {}),
+      ...(ev.unsigned ? { unsigned: ev.unsigned } : {}),
+    });
+    const budget = MAX_EVENT_BYTES - PDU_OVERHEAD_BYTES;
+    if (json.length * 3 > budget && Buffer.byteLength(json) > budget) {
+      throw err(413, "M_TOO_LARGE", `event too large (max ${MAX_EVENT_BYTES} bytes)`);
+    }
+    if (meta.txnId !== undefined) ev.txn_id = meta.txnId;
+
+    // Apply to state.
+    if (stateKey !== undefined) {
+      room.state.set(stateKeyOf(type, stateKey), ev);
+      if (type === "m.room.member") this.applyMembership(room, stateKey, ev.content.membership as Membership);
+      else if (type === "m.room.canonical_alias") this.computeRoomIdOrAliasInterest(room);
+    }
+    room.events.push(ev);
+    if (type === "m.room.message") room.messages.push(ev);
+    this.eventIndex.set(ev.event_id, { room, event: ev, txnScope: meta.txnScope });
+
+    // AS API §Registration ("interested" in an event), Synapse's is_interested_in_event.
+    const interested =
+      this.userInterests(sender) ||
+      (type === "m.room.member" && stateKey !== undefined && this.userInterests(stateKey)) ||
+      room.idOrAliasInterest ||
+      room.interestedJoined > 0;
+    if (interested && this.pushTarget) {
+      this.queue.push(json);
+      this.schedulePump();
+    }
+    if (this.waiters.size) for (const w of [...this.waiters]) w.check();
+    return ev;
+  }
+
+  private applyMembership(room: Room, userId: string, m: Membership): void {
+    const old = room.membership.get(userId);
+    room.membership.set(userId, m);
+    const user = this.users.get(userId);
+    if (old === "join" && m !== "join") {
+      room.joined.delete(userId);
+      user?.rooms.delete(room.roomId);
+      if (this.userInterests(userId)) room.interestedJoined--;
+    } else if (old !== "join" && m === "join") {
+      room.joined.add(userId);
+      user?.rooms.add(room.roomId);
+      if (this.userInterests(userId)) room.interestedJoined++;
+    }
+  }
+
+  /** Profile fields to copy into join/invite member events (Synapse does). */
+  private profileContent(userId: string, content: Json): Json {
+    const u = this.users.get(userId);
+    if (u) {
+      if (!("displayname" in content) && u.displayname !== undefined) content.displayname = u.displayname;
+      if (!("avatar_url" in content) && u.avatar_url !== undefined) content.avatar_url = u.avatar_url;
+    }
+    return content;
+  }
+
+  /**
+   * Emit a membership event unless it would be an exact duplicate of the current one (same sender, same
+   * membership, same content), in which case Synapse returns the existing event id without a new event.
+   */
+  private emitMembership(room: Room, sender: string, target: string, content: Json, meta: EvMeta): string {
+    const cur = room.state.get(stateKeyOf("m.room.member", target));
+    if (cur && cur.sender === sender && JSON.stringify(cur.content) === JSON.stringify(content)) {
+      return cur.event_id;
+    }
+    return this.appendEvent(room, sender, "m.room.member", content, target, meta).event_id;
+  }
+
+  // Room versions §Authorization rules, m.room.member, membership=join.
+  private doJoin(room: Room, userId: string, extra: Json, meta: EvMeta): string {
+    const cur = room.membership.get(userId);
+    if (cur === "ban") throw forbidden(`User ${userId} is banned from the room`);
+    const rule = this.joinRule(room);
+    if (cur !== "join" && cur !== "invite" && rule !== "public") {
+      throw forbidden(`You are not invited to this room.`);
+    }
+    const content = this.profileContent(userId, { ...extra, membership: "join" });
+    return this.emitMembership(room, userId, userId, content, meta);
+  }
+
+  // Room versions §Authorization rules, m.room.member, membership=invite.
+  private doInvite(room: Room, sender: string, target: string, extra: Json, meta: EvMeta) {
+    this.requireJoined(room, sender);
+    if (!target.startsWith("@") || !target.includes(":"))
+      throw err(400, "M_INVALID_PARAM", `Invalid user id ${target}`);
+    const cur = room.membership.get(target);
+    if (cur === "join") throw forbidden(`${target} is already in the room.`);
+    if (cur === "ban") throw forbidden(`${target} is banned from the room`);
+    if (this.userLevel(room, sender) < this.namedLevel(room, "invite")) {
+      throw forbidden(`You don't have permission to invite users`);
+    }
+    const content = this.profileContent(target, { ...extra, membership: "invite" });
+    return this.emitMembership(room, sender, target, content, meta);
+  }
+
+  // Room versions §Authorization rules, m.room.member, membership=leave (self leave or kick).
+  private doLeave(room: Room, sender: string, target: string, extra: Json, meta: EvMeta): string {
+    const cur = room.membership.get(target);
+    if (sender === target) {
+      if (cur === "leave")
+        return this.emitMembership(room, sender, target, { ...extra, membership: "leave" }, meta);
+      if (cur !== "join" && cur !== "invite" && cur !== "knock") {
+        throw forbidden(`User ${target} not in room ${room.roomId}`);
+      }
+    } else {
+      this.requireJoined(room, sender);
+      if (cur === "ban") {
+        if (this.userLevel(room, sender) < this.namedLevel(room, "ban"))
+          throw forbidden("You cannot unban users");
+      } else {
+        if (cur !== "join" && cur !== "invite" && cur !== "knock") {
+          throw forbidden(`${target} is not in the room`);
+        }
+        const sl = this.userLevel(room, sender);
+        if (sl < this.namedLevel(room, "kick") || sl <= this.userLevel(room, target)) {
+          throw forbidden(`You cannot kick user ${target}.`);
+        }
+      }
+    }
+    return this.emitMembership(room, sender, target, { ...extra, membership: "leave" }, meta);
+  }
+
+  private doBan(room: Room, sender: string, target: string, extra: Json, meta: EvMeta) {
+    this.requireJoined(room, sender);
+    const sl = this.userLevel(room, sender);
+    if (sl < this.namedLevel(room, "ban") || sl <= this.userLevel(room, target)) {
+      throw forbidden(`You cannot ban user ${target}.`);
+    }
+    return this.emitMembership(room, sender, target, { ...extra, membership: "ban" }, meta);
+  }
+
+  /** Message events: CS API §Sending events + Room versions §Authorization rules. */
+  private sendEvent(
+    room: Room,
+    sender: string,
+    type: string,
+    content: Json,
+    stateKey: string | undefined,
+    meta: EvMeta,
+  ): RecordedEvent {
+    this.requireUser(sender);
+    this.requireJoined(room, sender);
+    if (this.userLevel(room, sender) < this.requiredLevel(room, type, stateKey !== undefined)) {
+      throw forbidden(`You don't have permission to post ${type} events`);
+    }
+    return this.appendEvent(room, sender, type, content, stateKey, meta);
+  }
+
+  /** CS API PUT /rooms/{roomId}/state/{eventType}/{stateKey}. Returns the event id. */
+  private putState(
+    room: Room,
+    requester: Requester,
+    type: string,
+    stateKey: string,
+    content: Json,
+    meta: { ts?: number | undefined },
+  ): string {
+    const sender = requester.userId;
+    this.requireUser(sender);
+    const m = { txnScope: requester.txnScope, ts: meta.ts };
+    if (type === "m.room.create") throw forbidden("Cannot send m.room.create in an existing room");
+    if (type === "m.room.member") {
+      const membership = content.membership;
+      if (typeof membership !== "string" || !MEMBERSHIPS.includes(membership)) {
+        throw badJson("membership must be one of join, invite, leave, ban, knock");
+      }
+      const { membership: _m, ...extra } = content;
+      void _m;
+      switch (membership) {
+        case "join":
+          if (stateKey !== sender) throw forbidden("Cannot force another user to join.");
+          return this.doJoin(room, sender, extra, m);
+        case "invite":
+          return this.doInvite(room, sender, stateKey, extra, m);
+        case "leave":
+          return this.doLeave(room, sender, stateKey, extra, m);
+        case "ban":
+          return this.doBan(room, sender, stateKey, extra, m);
+        default:
+          throw forbidden("knock is not supported by this room's join rule");
+      }
+    }
+    // Room versions §Authorization rules: state keys starting with "@" are owned by that user.
+    if (stateKey.startsWith("@") && stateKey !== sender) {
+      throw forbidden("You are not allowed to set others' state");
+    }
+    this.requireJoined(room, sender);
+    const senderLevel = this.userLevel(room, sender);
+    if (senderLevel < this.requiredLevel(room, type, true)) {
+      throw forbidden(`You don't have permission to post ${type} events`);
+    }
+    if (type === "m.room.power_levels" && stateKey === "") this.checkPowerLevelsChange(room, sender, content);
+    if (type === "m.room.canonical_alias" && stateKey === "") this.checkCanonicalAlias(room, content);
+    if (type === "m.room.join_rules" && stateKey === "" && typeof content.join_rule !== "string") {
+      throw badJson("join_rule must be a string");
+    }
+    return this.appendEvent(room, sender, type, content, stateKey, m).event_id;
+  }
+
+  /** Room versions §Authorization rules for m.room.power_levels (rule 10, simplified to levels that change). */
+  private checkPowerLevelsChange(room: Room, sender: string, content: Json): void {
+    const old = this.powerLevels(room) ?? {};
+    const level = this.userLevel(room, sender);
+    const top = ["users_default", "events_default", "state_default", "ban", "redact", "kick", "invite"];
+    for (const k of top) {
+      if (k in content && !isInt(content[k])) throw badJson(`${k} must be an integer`);
+    }
+    for (const k of ["users", "events", "notifications"]) {
+      if (k in content && !isObject(content[k])) throw badJson(`${k} must be an object`);
+    }
+    const check = (oldV: unknown, newV: unknown, what: string): void => {
+      if (oldV === newV) return;
+      if (isInt(oldV) && oldV > level) throw forbidden(`You don't have permission to change ${what}`);
+      if (isInt(newV) && newV > level)
+        throw forbidden(`You don't have permission to raise ${what} above your own`);
+    };
+    for (const k of top) check(old[k], content[k], k);
+    for (const k of ["events", "users", "notifications"]) {
+      const o = isObject(old[k]) ? (old[k] as Json) : {};
+      const n = isObject(content[k]) ? (content[k] as Json) : {};
+      for (const key of new Set([...Object.keys(o), ...Object.keys(n)])) {
+        if (k !== "notifications" && key in n && !isInt(n[key]))
+          throw badJson(`${k}.${key} must be an integer`);
+        if (k === "users" && key !== sender && o[key] !== n[key] && isInt(o[key]) && o[key] >= level) {
+          throw forbidden(`You cannot change the level of ${key}`);
+        }
+        check(o[key], n[key], `${k}.${key}`);
+      }
+    }
+  }
+
+  /** CS API PUT state m.room.canonical_alias: aliases must exist and point to the room, else 400 M_BAD_ALIAS. */
+  private checkCanonicalAlias(room: Room, content: Json): void {
+    const all: unknown[] = [];
+    if (content.alias !== undefined && content.alias !== null) all.push(content.alias);
+    if (content.alt_aliases !== undefined) {
+      if (!Array.isArray(content.alt_aliases)) throw badJson("alt_aliases must be an array");
+      all.push(...(content.alt_aliases as unknown[]));
+    }
+    for (const a of all) {
+      if (typeof a !== "string" || !ALIAS_RE.test(a))
+        throw err(400, "M_INVALID_PARAM", `Invalid alias ${String(a)}`);
+      if (this.aliases.get(a)?.roomId !== room.roomId) {
+        throw err(400, "M_BAD_ALIAS", `Room alias ${a} does not point to the room`);
+      }
+    }
+  }
+
+  /** Validate an alias we are about to create. AS API §Server admin style permissions for namespaces. */
+  private checkAliasCreation(alias: string, requester: Requester): void {
+    if (!ALIAS_RE.test(alias)) throw err(400, "M_INVALID_PARAM", `Invalid room alias ${alias}`);
+    if (!alias.endsWith(`:${this.serverName}`)) throw err(400, "M_INVALID_PARAM", "Room alias must be local");
+    if (Buffer.byteLength(alias) > 255) throw err(400, "M_INVALID_PARAM", "Room alias too long");
+    if (requester.isAs) {
+      if (!this.aliasInNs(alias)) {
+        throw err(400, "M_EXCLUSIVE", "This application service has not reserved this kind of alias.");
+      }
+    } else if (this.aliasNs.some((n) => n.exclusive && n.re.test(alias))) {
+      throw err(400, "M_EXCLUSIVE", "This alias is reserved by an application service.");
+    }
+  }
+
+  private addAlias(alias: string, room: Room, creator: string): void {
+    this.aliases.set(alias, { roomId: room.roomId, creator });
+    room.aliases.add(alias);
+    this.computeRoomIdOrAliasInterest(room);
+  }
+
+  /** CS API §Creation (POST /createRoom), event order as specified. */
+  private doCreateRoom(requester: Requester, body: Json): string {
+    const creator = requester.userId;
+    this.requireUser(creator);
+    const preset =
+      body.preset === undefined
+        ? body.visibility === "public"
+          ? "public_chat"
+          : "private_chat"
+        : body.preset;
+    if (preset !== "public_chat" && preset !== "private_chat" && preset !== "trusted_private_chat") {
+      throw badJson(`Unknown preset ${String(preset)}`);
+    }
+    const version = body.room_version === undefined ? DEFAULT_ROOM_VERSION : body.room_version;
+    if (typeof version !== "string" || !SUPPORTED_ROOM_VERSIONS.includes(version)) {
+      throw err(
+        400,
+        "M_UNSUPPORTED_ROOM_VERSION",
+        `Your homeserver does not support room version ${String(version)}`,
+      );
+    }
+    let alias: string | undefined;
+    if (body.room_alias_name !== undefined) {
+      if (
+        typeof body.room_alias_name !== "string" ||
+        /[:\s]/.test(body.room_alias_name) ||
+        !body.room_alias_name
+      ) {
+        throw err(400, "M_INVALID_PARAM", "Invalid characters in room alias");
+      }
+      alias = `#${body.room_alias_name}:${this.serverName}`;
+      this.checkAliasCreation(alias, requester);
+      if (this.aliases.has(alias)) throw err(400, "M_ROOM_IN_USE", "Room alias already taken");
+    }
+    const invites: string[] = [];
+    if (body.invite !== undefined) {
+      if (!Array.isArray(body.invite)) throw badJson("invite must be an array of user ids");
+      for (const u of body.invite as unknown[]) {
+        if (typeof u !== "string" || !/^@[^:]+:.+$/.test(u))
+          throw err(400, "M_INVALID_PARAM", `Invalid user id ${u}`);
+        invites.push(u);
+      }
+    }
+    for (const k of ["name", "topic"] as const) {
+      if (body[k] !== undefined && typeof body[k] !== "string") throw badJson(`${k} must be a string`);
+    }
+    const initialState: { type: string; state_key: string; content: Json }[] = [];
+    if (body.initial_state !== undefined) {
+      if (!Array.isArray(body.initial_state)) throw badJson("initial_state must be an array");
+      for (const s of body.initial_state as unknown[]) {
+        if (!isObject(s) || typeof s.type !== "string" || !isObject(s.content)) {
+          throw badJson("initial_state entries need type and content");
+        }
+        if (s.state_key !== undefined && typeof s.state_key !== "string")
+          throw badJson("state_key must be a string");
+        initialState.push({
+          type: s.type,
+          state_key: (s.state_key as string | undefined) ?? "",
+          content: s.content,
+        });
+      }
+    }
+    if (body.creation_content !== undefined && !isObject(body.creation_content)) {
+      throw badJson("creation_content must be an object");
+    }
+    if (body.power_level_content_override !== undefined && !isObject(body.power_level_content_override)) {
+      throw badJson("power_level_content_override must be an object");
+    }
+
+    const roomId = `!${randomLetters(18)}:${this.serverName}`;
+    const room: Room = {
+      roomId,
+      version,
+      events: [],
+      messages: [],
+      state: new Map(),
+      membership: new Map(),
+      joined: new Set(),
+      interestedJoined: 0,
+      idOrAliasInterest: false,
+      aliases: new Set(),
+    };
+    this.rooms.set(roomId, room);
+    // The alias association exists before the room's events are sent (so alias-namespace interest applies).
+    if (alias !== undefined) this.addAlias(alias, room, creator);
+    else this.computeRoomIdOrAliasInterest(room);
+    const meta = { txnScope: requester.txnScope };
+    const state = (type: string, content: Json, key = ""): void => {
+      this.appendEvent(room, creator, type, content, key, meta);
+    };
+    const createContent: Json = { ...(body.creation_content as Json | undefined), room_version: version };
+    if (Number(version) < 11) createContent.creator = creator;
+    state("m.room.create", createContent);
+    state("m.room.member", this.profileContent(creator, { membership: "join" }), creator);
+    // Synapse's default power levels.
+    const users: Json = { [creator]: 100 };
+    if (preset === "trusted_private_chat") for (const u of invites) users[u] = 100;
+    const pl: Json = {
+      users,
+      users_default: 0,
+      events: {
+        "m.room.name": 50,
+        "m.room.power_levels": 100,
+        "m.room.history_visibility": 100,
+        "m.room.canonical_alias": 50,
+        "m.room.avatar": 50,
+        "m.room.tombstone": 100,
+        "m.room.server_acl": 100,
+        "m.room.encryption": 100,
+      },
+      events_default: 0,
+      state_default: 50,
+      ban: 50,
+      kick: 50,
+      redact: 50,
+      invite: 0,
+      ...(body.power_level_content_override as Json | undefined),
+    };
+    state("m.room.power_levels", pl);
+    if (alias !== undefined) state("m.room.canonical_alias", { alias });
+    state("m.room.join_rules", { join_rule: preset === "public_chat" ? "public" : "invite" });
+    state("m.room.history_visibility", { history_visibility: "shared" });
+    if (preset !== "public_chat") state("m.room.guest_access", { guest_access: "can_join" });
+    for (const s of initialState) state(s.type, s.content, s.state_key);
+    if (typeof body.name === "string") state("m.room.name", { name: body.name });
+    if (typeof body.topic === "string") state("m.room.topic", { topic: body.topic });
+    for (const u of invites) {
+      const content: Json = { membership: "invite" };
+      if (body.is_direct === true) content.is_direct = true;
+      this.appendEvent(room, creator, "m.room.member", this.profileContent(u, content), u, meta);
+    }
+    return roomId;
+  }
+
+  private setProfileField(user: User, field: "displayname" | "avatar_url", value: string | undefined): void {
+    if (value === "") value = undefined;
+    if (user[field] === value) return;
+    if (value === undefined) delete user[field];
+    else user[field] = value;
+    // CS API §Profiles / Synapse: propagate to m.room.member events of every joined room.
+    for (const roomId of user.rooms) {
+      const room = this.rooms.get(roomId);
+      const cur = room?.state.get(stateKeyOf("m.room.member", user.userId));
+      if (!room || !cur) continue;
+      const content: Json = { ...cur.content, membership: "join" };
+      if (value === undefined) delete content[field];
+      else content[field] = value;
+      this.appendEvent(room, user.userId, "m.room.member", content, user.userId, {});
+    }
+  }
+
+  /** Room versions §Redactions: strip content except the keys the algorithm preserves (v10 rules). */
+  private redactInPlace(ev: RecordedEvent, redactionId: string): void {
+    const keep: Record<string, string[]> = {
+      "m.room.member": ["membership", "join_authorised_via_users_server"],
+      "m.room.create": ["creator"],
+      "m.room.join_rules": ["join_rule", "allow"],
+      "m.room.power_levels": [
+        "ban",
+        "events",
+        "events_default",
+        "kick",
+        "redact",
+        "state_default",
+        "users",
+        "users_default",
+        "invite",
+      ],
+      "m.room.history_visibility": ["history_visibility"],
+    };
+    const content: Json = {};
+    for (const k of keep[ev.type] ?? []) if (k in ev.content) content[k] = ev.content[k];
+    ev.content = content;
+    ev.unsigned = { ...ev.unsigned, redacted_because: redactionId };
+  }
+
+  private toClientEvent(ev: RecordedEvent, requester: Requester | undefined): Json {
+    const out: Json = {
+      content: ev.content,
+      event_id: ev.event_id,
+      origin_server_ts: ev.origin_server_ts,
+      room_id: ev.room_id,
+      sender: ev.sender,
+      type: ev.type,
+    };
+    if (ev.state_key !== undefined) out.state_key = ev.state_key;
+    if (ev.redacts !== undefined) out.redacts = ev.redacts;
+    const unsigned: Json = { ...ev.unsigned, age: Date.now() - ev.origin_server_ts };
+    const stored = this.eventIndex.get(ev.event_id);
+    // CS API ClientEvent unsigned.transaction_id: only to the client session that sent it.
+    if (ev.txn_id !== undefined && requester && stored?.txnScope === requester.txnScope) {
+      unsigned.transaction_id = ev.txn_id;
+    }
+    out.unsigned = unsigned;
+    return out;
+  }
+
+  /**
+   * Can `userId` read the room's state/events? Joined members, former members (approximation: the spec gives
+   * them the state at the time they left; we return the current state) and world_readable rooms.
+   */
+  private requireCanRead(room: Room, userId: string): void {
+    const m = room.membership.get(userId);
+    if (m === "join" || m === "leave" || m === "ban") return;
+    const hv = room.state.get(stateKeyOf("m.room.history_visibility", ""))?.content.history_visibility;
+    if (hv === "world_readable") return;
+    throw forbidden(`User ${userId} not in room ${room.roomId}, and room previews are disabled`);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // HTTP server
+  // -------------------------------------------------------------------------------------------------------------
+
+  private route(
+    method: string,
+    pattern: string,
+    auth: Route["auth"],
+    body: Route["body"],
+    handler: Handler,
+  ): void {
+    const segs = pattern.split("/").map((s) => {
+      if (s === "{v}") return ["r0", "v3"] as const;
+      if (s === "{mv}") return ["r0", "v3"] as const;
+      if (s.startsWith(":")) return null;
+      return s;
+    });
+    this.routes.push({
+      method,
+      segs,
+      auth,
+      body,
+      maxBody: body === "raw" ? MAX_UPLOAD_BYTES : MAX_JSON_BODY,
+      allowEmptyLast: pattern.endsWith(":stateKey"),
+      handler,
+    });
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const rawUrl = req.url ?? "/";
+    const q = rawUrl.indexOf("?");
+    const path = q < 0 ? rawUrl : rawUrl.slice(0, q);
+    const query = new URLSearchParams(q < 0 ? "" : rawUrl.slice(q + 1));
+    const method = req.method ?? "GET";
+    const log: RequestLogEntry = { method, path, status: 0 };
+    try {
+      if (method === "OPTIONS") {
+        // CS API §Web Browser Clients: pre-flight requests.
+        this.send(res, { status: 200, body: {} }, log);
+        req.resume();
+        return;
+      }
+      const parts = path.split("/");
+      let decoded: string[];
+      try {
+        decoded = parts.map((p) => (p.includes("%") ? decodeURIComponent(p) : p));
+      } catch {
+        throw err(400, "M_UNRECOGNIZED", "Invalid percent-encoding in path");
+      }
+      let route: Route | undefined;
+      let params: string[] = [];
+      let pathMatched = false;
+      for (const r of this.routes) {
+        const p = this.match(r, decoded);
+        if (!p) continue;
+        pathMatched = true;
+        if (r.method === method) {
+          route = r;
+          params = p;
+          break;
+        }
+      }
+      if (!route) {
+        req.resume();
+        if (pathMatched) throw err(405, "M_UNRECOGNIZED", "Unrecognized request");
+        throw err(404, "M_UNRECOGNIZED", "Unrecognized request");
+      }
+      // Read the body (bounded).
+      let raw: Buffer | undefined;
+      let body: unknown;
+      if (route.body !== "none") {
+        raw = await this.readBody(req, route.maxBody);
+        if (route.body === "json" || route.body === "json?") {
+          if (raw.length === 0 && route.body === "json?") body = {};
+          else {
+            try {
+              body = JSON.parse(raw.toString("utf8"));
+            } catch {
+              throw err(400, "M_NOT_JSON", "Content not JSON.");
+            }
+            if (!isObject(body)) throw err(400, "M_BAD_JSON", "Content must be a JSON object.");
+          }
+        }
+      } else {
+        req.resume();
+      }
+      // Authentication (CS API §Client Authentication, AS API §Identity assertion).
+      const token = route.auth === "none" ? undefined : this.extractToken(req, query);
+      let requester: Requester | undefined;
+      if (route.auth === "user") {
+        requester = this.authenticate(token, query);
+        log.userId = requester.userId;
+      }
+      const ctx: Ctx = { req, path, params, query, token, requester, body, raw };
+      const reply = await route.handler(ctx);
+      if (ctx.requester) log.userId = ctx.requester.userId;
+      this.send(res, reply, log);
+    } catch (e) {
+      const me =
+        e instanceof MatrixError ? e : err(500, "M_UNKNOWN", e instanceof Error ? e.message : String(e));
+      if (me.status === 413) res.setHeader("Connection", "close");
+      this.send(res, { status: me.status, body: me.toJSON() }, log);
+    }
+  }
+
+  private match(r: Route, decoded: string[]): string[] | undefined {
+    if (r.segs.length !== decoded.length) return undefined;
+    const params: string[] = [];
+    for (let i = 0; i < decoded.length; i++) {
+      const s = r.segs[i]!;
+      const d = decoded[i]!;
+      if (s === null) {
+        if (d === "" && !(r.allowEmptyLast && i === decoded.length - 1)) return undefined;
+        params.push(d);
+      } else if (typeof s === "string") {
+        if (s !== d) return undefined;
+      } else if (!s.includes(d)) return undefined;
+    }
+    return params;
+  }
+
+  private readBody(req: http.IncomingMessage, max: number): Promise<Buffer> {
+    const declared = Number(req.headers["content-length"] ?? "0");
+    if (declared > max) {
+      req.resume();
+      return Promise.reject(err(413, "M_TOO_LARGE", `Request body too large (max ${max} bytes)`));
+    }
+    return new Promise((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      let size = 0;
+      let failed = false;
+      req.on("data", (c: Buffer) => {
+        if (failed) return;
+        size += c.length;
+        if (size > max) {
+          failed = true;
+          reject(err(413, "M_TOO_LARGE", `Request body too large (max ${max} bytes)`));
+          return;
+        }
+        chunks.push(c);
+      });
+      req.on("end", () => {
+        if (!failed) resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
+      });
+      req.on("error", (e) => {
+        if (!failed) reject(e);
+      });
+    });
+  }
+
+  private send(res: http.ServerResponse, reply: Reply, log: RequestLogEntry): void {
+    log.status = reply.status;
+    this.requestLog.push(log);
+    if (this.requestLog.length >= LOG_LIMIT + 2000)
+      this.requestLog.splice(0, this.requestLog.length - LOG_LIMIT);
+    if (res.headersSent || res.destroyed) return;
+    if ("raw" in reply) {
+      res.writeHead(reply.status, { ...reply.headers, "Content-Length": reply.raw.length });
+      res.end(reply.raw);
+      return;
+    }
+    const text = JSON.stringify(reply.body);
+    res.writeHead(reply.status, { ...JSON_HEADERS, "Content-Length": Buffer.byteLength(text) });
+    res.end(text);
+  }
+
+  private extractToken(req: http.IncomingMessage, query: URLSearchParams): string | undefined {
+    const h = req.headers.authorization;
+    const qt = query.get("access_token");
+    if (h !== undefined) {
+      const m = /^Bearer\s+(\S+)\s*$/i.exec(h);
+      if (!m) throw err(401, "M_MISSING_TOKEN", "Invalid Authorization header.");
+      // Synapse refuses to mix both ways of passing the token.
+      if (qt !== null)
+        throw err(401, "M_MISSING_TOKEN", "Mixing Authorization headers and access_token query parameters.");
+      return m[1];
+    }
+    return qt ?? undefined;
+  }
+
+  private authenticate(token: string | undefined, query: URLSearchParams): Requester {
+    if (token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
+    if (token === this.registration.as_token) {
+      // AS API §Identity assertion. org.matrix.msc3202.device_id is accepted and ignored.
+      const asserted = query.get("user_id");
+      if (asserted === null || asserted === this.senderId) {
+        return { userId: this.senderId, isAs: true, txnScope: `as\u0000${this.senderId}` };
+      }
+      if (!this.userInterests(asserted)) {
+        throw forbidden(`Application service cannot masquerade as this user (${asserted}).`);
+      }
+      if (!this.users.has(asserted)) {
+        throw forbidden(`Application service has not registered this user (${asserted})`);
+      }
+      return { userId: asserted, isAs: true, txnScope: `as\u0000${asserted}` };
+    }
+    const userId = this.tokens.get(token);
+    if (userId === undefined) {
+      throw err(401, "M_UNKNOWN_TOKEN", "Unknown access token.", { soft_logout: false });
+    }
+    return { userId, isAs: false, txnScope: `tok\u0000${token}` };
+  }
+
+  private asTimestamp(ctx: Ctx): number | undefined {
+    // AS API §Timestamp massaging: `ts` query parameter, application services only.
+    const ts = ctx.query.get("ts");
+    if (ts === null || !ctx.requester?.isAs) return undefined;
+    const n = Number(ts);
+    if (!Number.isSafeInteger(n)) throw err(400, "M_INVALID_PARAM", "ts must be an integer");
+    return n;
+  }
+
+  private roomParam(roomId: string): Room {
+    if (!ROOM_ID_RE.test(roomId)) throw err(400, "M_INVALID_PARAM", `Invalid room id ${roomId}`);
+    return this.requireRoom(roomId);
+  }
+
+  private defineRoutes(): void {
+    const C = "/_matrix/client/{v}";
+    const r = this.route.bind(this);
+    const req = (ctx: Ctx): Requester => ctx.requester!;
+    const body = (ctx: Ctx): Json => ctx.body as Json;
+
+    // CS API §GET /_matrix/client/versions
+    r("GET", "/_matrix/client/versions", "none", "none", () =>
+      ok({ versions: SPEC_VERSIONS, unstable_features: {} }),
+    );
+    r("GET", `${C}/capabilities`, "user", "none", () =>
+      ok({
+        capabilities: {
+          "m.change_password": { enabled: false },
+          "m.room_versions": {
+            default: DEFAULT_ROOM_VERSION,
+            available: Object.fromEntries(SUPPORTED_ROOM_VERSIONS.map((v) => [v, "stable"])),
+          },
+          "m.set_displayname": { enabled: true },
+          "m.set_avatar_url": { enabled: true },
+          "m.3pid_changes": { enabled: false },
+        },
+      }),
+    );
+
+    // CS API §Account registration and management.
+    r("POST", `${C}/register`, "optional", "json", (ctx) => this.handleRegister(ctx));
+    r("GET", `${C}/register/available`, "none", "none", (ctx) => {
+      const username = ctx.query.get("username");
+      if (username === null) throw err(400, "M_MISSING_PARAM", "Missing username");
+      const userId = this.checkNewUser(username);
+      if (this.userNs.some((n) => n.exclusive && n.re.test(userId))) {
+        throw err(400, "M_EXCLUSIVE", "This user ID is reserved by an application service.");
+      }
+      return ok({ available: true });
+    });
+    r("GET", `${C}/account/whoami`, "user", "none", (ctx) =>
+      ok({ user_id: req(ctx).userId, is_guest: false }),
+    );
+
+    // CS API §Login; AS API §Server admin style permissions (m.login.application_service).
+    r("GET", `${C}/login`, "none", "none", () => ok({ flows: [{ type: "m.login.application_service" }] }));
+    r("POST", `${C}/login`, "optional", "json", (ctx) => {
+      const b = body(ctx);
+      if (b.type !== "m.login.application_service") throw err(400, "M_UNKNOWN", "Unknown login type");
+      if (ctx.token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
+      if (ctx.token !== this.registration.as_token)
+        throw err(401, "M_UNKNOWN_TOKEN", "Unknown access token.");
+      const ident = b.identifier;
+      if (!isObject(ident) || ident.type !== "m.id.user" || typeof ident.user !== "string") {
+        throw badJson("identifier must be an m.id.user identifier");
+      }
+      const userId = ident.user.startsWith("@") ? ident.user : `@${ident.user}:${this.serverName}`;
+      if (!this.userInterests(userId))
+        throw err(400, "M_EXCLUSIVE", "User is not in the application service's namespace");
+      if (!this.users.has(userId)) throw forbidden("Invalid username or password");
+      const token = newToken("syt_");
+      this.tokens.set(token, userId);
+      const deviceId = typeof b.device_id === "string" ? b.device_id : randomLetters(10).toUpperCase();
+      return ok({ user_id: userId, access_token: token, device_id: deviceId, home_server: this.serverName });
+    });
+
+    // CS API §Room aliases.
+    r("GET", `${C}/directory/room/:alias`, "none", "none", async (ctx) => {
+      const alias = ctx.params[0]!;
+      if (!ALIAS_RE.test(alias)) throw err(400, "M_INVALID_PARAM", `Invalid room alias ${alias}`);
+      const roomId = await this.lookupAliasWithQuery(alias);
+      if (roomId === undefined) throw notFound(`Room alias ${alias} not found`);
+      return ok({ room_id: roomId, servers: [this.serverName] });
+    });
+    r("PUT", `${C}/directory/room/:alias`, "user", "json", (ctx) => {
+      const alias = ctx.params[0]!;
+      const b = body(ctx);
+      if (typeof b.room_id !== "string") throw badJson("room_id must be a string");
+      this.checkAliasCreation(alias, req(ctx));
+      if (this.aliases.has(alias)) throw err(409, "M_UNKNOWN", `Room alias ${alias} already exists`);
+      const room = this.roomParam(b.room_id);
+      if (!req(ctx).isAs) this.requireJoined(room, req(ctx).userId);
+      this.addAlias(alias, room, req(ctx).userId);
+      return ok({});
+    });
+    r("DELETE", `${C}/directory/room/:alias`, "user", "none", (ctx) => {
+      const alias = ctx.params[0]!;
+      const a = this.aliases.get(alias);
+      if (!a) throw notFound(`Room alias ${alias} not found`);
+      const rq = req(ctx);
+      const room = this.rooms.get(a.roomId);
+      const allowed =
+        (rq.isAs && this.aliasInNs(alias)) ||
+        a.creator === rq.userId ||
+        (room !== undefined &&
+          room.membership.get(rq.userId) === "join" &&
+          this.userLevel(room, rq.userId) >= this.requiredLevel(room, "m.room.canonical_alias", true));
+      if (!allowed) throw forbidden("You don't have permission to delete the alias.");
+      this.aliases.delete(alias);
+      if (room) {
+        room.aliases.delete(alias);
+        this.computeRoomIdOrAliasInterest(room);
+      }
+      return ok({});
+    });
+    r("GET", `${C}/directory/list/room/:roomId`, "none", "none", (ctx) => {
+      this.roomParam(ctx.params[0]!);
+      return ok({ visibility: "private" });
+    });
+    r("PUT", `${C}/directory/list/room/:roomId`, "user", "json", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireJoined(room, req(ctx).userId);
+      return ok({});
+    });
+
+    // CS API §Creation.
+    r("POST", `${C}/createRoom`, "user", "json", (ctx) =>
+      ok({ room_id: this.doCreateRoom(req(ctx), body(ctx)) }),
+    );
+
+    // CS API §Joining rooms / §Leaving rooms.
+    const joinHandler = async (ctx: Ctx, target: string): Promise<Reply> => {
+      const rq = req(ctx);
+      let roomId: string;
+      if (target.startsWith("#")) {
+        if (!ALIAS_RE.test(target)) throw err(400, "M_INVALID_PARAM", `Invalid room alias ${target}`);
+        const id = await this.lookupAliasWithQuery(target);
+        if (id === undefined) throw notFound(`Room alias ${target} not found`);
+        roomId = id;
+      } else if (target.startsWith("!")) {
+        roomId = target;
+      } else {
+        throw err(400, "M_INVALID_PARAM", `${target} was not legal room ID or room alias`);
+      }
+      const room = this.roomParam(roomId);
+      const extra: Json = {};
+      const b = body(ctx);
+      if (typeof b.reason === "string") extra.reason = b.reason;
+      this.doJoin(room, rq.userId, extra, { txnScope: rq.txnScope, ts: this.asTimestamp(ctx) });
+      return ok({ room_id: room.roomId });
+    };
+    r("POST", `${C}/join/:roomIdOrAlias`, "user", "json?", (ctx) => joinHandler(ctx, ctx.params[0]!));
+    r("POST", `${C}/rooms/:roomId/join`, "user", "json?", (ctx) => joinHandler(ctx, ctx.params[0]!));
+    const memberAction =
+      (fn: "invite" | "kick" | "ban" | "unban") =>
+      (ctx: Ctx): Reply => {
+        const room = this.roomParam(ctx.params[0]!);
+        const b = body(ctx);
+        if (typeof b.user_id !== "string") throw err(400, "M_MISSING_PARAM", "Missing user_id");
+        const extra: Json = typeof b.reason === "string" ? { reason: b.reason } : {};
+        const rq = req(ctx);
+        const meta = { txnScope: rq.txnScope, ts: this.asTimestamp(ctx) };
+        if (fn === "invite") this.doInvite(room, rq.userId, b.user_id, extra, meta);
+        else if (fn === "ban") this.doBan(room, rq.userId, b.user_id, extra, meta);
+        else if (fn === "unban") {
+          if (room.membership.get(b.user_id) !== "ban") throw forbidden(`${b.user_id} is not banned`);
+          this.doLeave(room, rq.userId, b.user_id, extra, meta);
+        } else this.doLeave(room, rq.userId, b.user_id, extra, meta);
+        return ok({});
+      };
+    r("POST", `${C}/rooms/:roomId/invite`, "user", "json", memberAction("invite"));
+    r("POST", `${C}/rooms/:roomId/kick`, "user", "json", memberAction("kick"));
+    r("POST", `${C}/rooms/:roomId/ban`, "user", "json", memberAction("ban"));
+    r("POST", `${C}/rooms/:roomId/unban`, "user", "json", memberAction("unban"));
+    r("POST", `${C}/rooms/:roomId/leave`, "user", "json?", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      const rq = req(ctx);
+      const b = body(ctx);
+      const extra: Json = typeof b.reason === "string" ? { reason: b.reason } : {};
+      this.doLeave(room, rq.userId, rq.userId, extra, { txnScope: rq.txnScope, ts: this.asTimestamp(ctx) });
+      return ok({});
+    });
+    r("POST", `${C}/rooms/:roomId/forget`, "user", "json?", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      const m = room.membership.get(req(ctx).userId);
+      if (m === "join" || m === "invite") throw err(400, "M_UNKNOWN", "User is in room");
+      return ok({});
+    });
+    r("GET", `${C}/joined_rooms`, "user", "none", (ctx) =>
+      ok({ joined_rooms: [...(this.users.get(req(ctx).userId)?.rooms ?? [])] }),
+    );
+
+    // CS API §Sending events; §Transaction identifiers (idempotency per client session + endpoint).
+    r("PUT", `${C}/rooms/:roomId/send/:eventType/:txnId`, "user", "json", (ctx) => {
+      const [roomId, type, txnId] = ctx.params as [string, string, string];
+      const rq = req(ctx);
+      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const existing = this.txnCache.get(key);
+      if (existing !== undefined) return ok({ event_id: existing });
+      const room = this.roomParam(roomId);
+      const ev = this.sendEvent(room, rq.userId, type, body(ctx), undefined, {
+        txnId,
+        txnScope: rq.txnScope,
+        ts: this.asTimestamp(ctx),
+      });
+      this.txnCache.set(key, ev.event_id);
+      return ok({ event_id: ev.event_id });
+    });
+    // CS API §Redactions.
+    r("PUT", `${C}/rooms/:roomId/redact/:eventId/:txnId`, "user", "json", (ctx) => {
+      const [roomId, eventId, txnId] = ctx.params as [string, string, string];
+      const rq = req(ctx);
+      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const existing = this.txnCache.get(key);
+      if (existing !== undefined) return ok({ event_id: existing });
+      const room = this.roomParam(roomId);
+      this.requireJoined(room, rq.userId);
+      const target = this.eventIndex.get(eventId);
+      if (target && target.room === room && target.event.sender !== rq.userId) {
+        if (this.userLevel(room, rq.userId) < this.namedLevel(room, "redact")) {
+          throw forbidden("You don't have permission to redact events");
+        }
+      }
+      const b = body(ctx);
+      const content: Json = typeof b.reason === "string" ? { reason: b.reason } : {};
+      if (Number(room.version) >= 11) content.redacts = eventId;
+      const ev = this.sendEvent(room, rq.userId, "m.room.redaction", content, undefined, {
+        txnId,
+        txnScope: rq.txnScope,
+        ts: this.asTimestamp(ctx),
+        redacts: eventId,
+      });
+      if (target && target.room === room) this.redactInPlace(target.event, ev.event_id);
+      this.txnCache.set(key, ev.event_id);
+      return ok({ event_id: ev.event_id });
+    });
+
+    // CS API §Room state. stateKey may be empty (path ends with /state/{type} or /state/{type}/).
+    const putStateHandler = (ctx: Ctx): Reply => {
+      const [roomId, type, stateKey = ""] = ctx.params as [string, string, string | undefined];
+      const room = this.roomParam(roomId);
+      return ok({
+        event_id: this.putState(room, req(ctx), type, stateKey, body(ctx), { ts: this.asTimestamp(ctx) }),
+      });
+    };
+    const getStateHandler = (ctx: Ctx): Reply => {
+      const [roomId, type, stateKey = ""] = ctx.params as [string, string, string | undefined];
+      const room = this.roomParam(roomId);
+      this.requireCanRead(room, req(ctx).userId);
+      const ev = room.state.get(stateKeyOf(type, stateKey));
+      if (!ev) throw notFound("Event not found.");
+      if (ctx.query.get("format") === "event") return ok(this.toClientEvent(ev, req(ctx)));
+      return ok(ev.content);
+    };
+    r("PUT", `${C}/rooms/:roomId/state/:eventType`, "user", "json", putStateHandler);
+    r("PUT", `${C}/rooms/:roomId/state/:eventType/:stateKey`, "user", "json", putStateHandler);
+    r("GET", `${C}/rooms/:roomId/state/:eventType`, "user", "none", getStateHandler);
+    r("GET", `${C}/rooms/:roomId/state/:eventType/:stateKey`, "user", "none", getStateHandler);
+    r("GET", `${C}/rooms/:roomId/state`, "user", "none", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireCanRead(room, req(ctx).userId);
+      return ok([...room.state.values()].map((e) => this.toClientEvent(e, req(ctx))));
+    });
+    r("GET", `${C}/rooms/:roomId/joined_members`, "user", "none", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireCanRead(room, req(ctx).userId);
+      const joined: Json = {};
+      for (const u of room.joined) {
+        const c = room.state.get(stateKeyOf("m.room.member", u))?.content ?? {};
+        const entry: Json = {};
+        if (typeof c.displayname === "string") entry.display_name = c.displayname;
+        if (typeof c.avatar_url === "string") entry.avatar_url = c.avatar_url;
+        joined[u] = entry;
+      }
+      return ok({ joined });
+    });
+    r("GET", `${C}/rooms/:roomId/members`, "user", "none", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireCanRead(room, req(ctx).userId);
+      const want = ctx.query.get("membership");
+      const notWant = ctx.query.get("not_membership");
+      const chunk: Json[] = [];
+      for (const [u, m] of room.membership) {
+        if ((want !== null && m !== want) || (notWant !== null && m === notWant)) continue;
+        chunk.push(this.toClientEvent(room.state.get(stateKeyOf("m.room.member", u))!, req(ctx)));
+      }
+      return ok({ chunk });
+    });
+    r("GET", `${C}/rooms/:roomId/event/:eventId`, "user", "none", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireCanRead(room, req(ctx).userId);
+      const ev = this.eventIndex.get(ctx.params[1]!);
+      if (!ev || ev.room !== room) throw notFound("Event not found.");
+      return ok(this.toClientEvent(ev.event, req(ctx)));
+    });
+
+    // Ephemeral: typing, receipts, read markers, presence (accepted, not delivered).
+    r("PUT", `${C}/rooms/:roomId/typing/:userId`, "user", "json", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      if (ctx.params[1] !== req(ctx).userId) throw forbidden("Cannot set another user's typing state");
+      this.requireJoined(room, req(ctx).userId);
+      if (typeof body(ctx).typing !== "boolean") throw badJson("typing must be a boolean");
+      return ok({});
+    });
+    r("POST", `${C}/rooms/:roomId/receipt/:receiptType/:eventId`, "user", "json?", (ctx) => {
+      const room = this.roomParam(ctx.params[0]!);
+      this.requireJoined(room, req(ctx).userId);
+      const rt = ctx.params[1]!;
+      if (rt !== "m.read" && rt !== "m.read.private" && rt !== "m.fully_read") {
+        throw err(400, "M_INVALID_PARAM", `Receipt type ${rt} not recognized`);
+      }
+      return ok({});
+    });
+    r("POST", `${C}/rooms/:roomId/read_markers`, "user", "json", (ctx) => {
+      this.requireJoined(this.roomParam(ctx.params[0]!), req(ctx).userId);
+      return ok({});
+    });
+    r("PUT", `${C}/presence/:userId/status`, "user", "json", (ctx) => {
+      if (ctx.params[0] !== req(ctx).userId) throw forbidden("Can only set your own presence state");
+      const b = body(ctx);
+      if (b.presence !== "online" && b.presence !== "offline" && b.presence !== "unavailable") {
+        throw err(400, "M_INVALID_PARAM", "Invalid presence state");
+      }
+      const u = this.requireUser(req(ctx).userId);
+      u.presence = { presence: b.presence, last_active_ts: Date.now() };
+      if (typeof b.status_msg === "string") u.presence.status_msg = b.status_msg;
+      return ok({});
+    });
+    r("GET", `${C}/presence/:userId/status`, "user", "none", (ctx) => {
+      const u = this.users.get(ctx.params[0]!);
+      if (!u) throw notFound("Unknown user");
+      const p: Json = {
+        presence: u.presence.presence,
+        last_active_ago: Date.now() - u.presence.last_active_ts,
+      };
+      if (u.presence.status_msg !== undefined) p.status_msg = u.presence.status_msg;
+      return ok(p);
+    });
+
+    // CS API §Profiles.
+    r("GET", `${C}/profile/:userId`, "none", "none", async (ctx) => {
+      const u = await this.lookupUserWithQuery(ctx.params[0]!);
+      if (!u) throw notFound("Profile was not found");
+      return ok(this.profile(u.userId));
+    });
+    for (const field of ["displayname", "avatar_url"] as const) {
+      r("GET", `${C}/profile/:userId/${field}`, "none", "none", async (ctx) => {
+        const u = await this.lookupUserWithQuery(ctx.params[0]!);
+        if (!u) throw notFound("Profile was not found");
+        // Spec: 404 when the user has no such field (Synapse answers 200 {} instead).
+        if (u[field] === undefined) throw notFound(`The user has no ${field}`);
+        return ok({ [field]: u[field] });
+      });
+      r("PUT", `${C}/profile/:userId/${field}`, "user", "json", (ctx) => {
+        const target = ctx.params[0]!;
+        if (target !== req(ctx).userId) throw forbidden(`Cannot set another user's ${field}`);
+        const v = body(ctx)[field];
+        if (v !== undefined && v !== null && typeof v !== "string")
+          throw badJson(`${field} must be a string`);
+        if (typeof v === "string" && v.length > (field === "displayname" ? 256 : 1000)) {
+          throw badJson(`${field} is too long`);
+        }
+        this.setProfileField(this.requireUser(target), field, (v ?? undefined) as string | undefined);
+        return ok({});
+      });
+    }
+
+    // CS API §Client config (account data).
+    const adKey = (ctx: Ctx, roomId: string | undefined, type: string): string => {
+      if (ctx.params[0] !== req(ctx).userId) throw forbidden("Cannot access other users' account data");
+      return roomId === undefined ? `g\u0000${type}` : `r\u0000${roomId}\u0000${type}`;
+    };
+    r("GET", `${C}/user/:userId/account_data/:type`, "user", "none", (ctx) => {
+      const v = this.requireUser(req(ctx).userId).accountData.get(adKey(ctx, undefined, ctx.params[1]!));
+      if (!v) throw notFound("Account data not found");
+      return ok(v);
+    });
+    r("PUT", `${C}/user/:userId/account_data/:type`, "user", "json", (ctx) => {
+      this.requireUser(req(ctx).userId).accountData.set(adKey(ctx, undefined, ctx.params[1]!), body(ctx));
+      return ok({});
+    });
+    r("GET", `${C}/user/:userId/rooms/:roomId/account_data/:type`, "user", "none", (ctx) => {
+      const v = this.requireUser(req(ctx).userId).accountData.get(adKey(ctx, ctx.params[1]!, ctx.params[2]!));
+      if (!v) throw notFound("Room account data not found");
+      return ok(v);
+    });
+    r("PUT", `${C}/user/:userId/rooms/:roomId/account_data/:type`, "user", "json", (ctx) => {
+      this.roomParam(ctx.params[1]!);
+      this.requireUser(req(ctx).userId).accountData.set(
+        adKey(ctx, ctx.params[1]!, ctx.params[2]!),
+        body(ctx),
+      );
+      return ok({});
+    });
+
+    // AS API §Pinging (CS API POST /_matrix/client/v1/appservice/{appserviceId}/ping).
+    r("POST", "/_matrix/client/v1/appservice/:appserviceId/ping", "user", "json?", (ctx) =>
+      this.handlePing(ctx),
+    );
+
+    // CS API §Content repository. Upload stays at /_matrix/media/v3/upload in v1.11.
+    const upload = (ctx: Ctx): Reply => {
+      const id = randomLetters(24);
+      const filename = ctx.query.get("filename");
+      const ct = ctx.req.headers["content-type"];
+      const entry: { data: Buffer; contentType: string; filename?: string } = {
+        data: Buffer.from(ctx.raw ?? Buffer.alloc(0)),
+        contentType: typeof ct === "string" && ct ? ct : "application/octet-stream",
+      };
+      if (filename !== null) entry.filename = filename;
+      this.media.set(id, entry);
+      return ok({ content_uri: `mxc://${this.serverName}/${id}` });
+    };
+    r("POST", "/_matrix/media/{mv}/upload", "user", "raw", upload);
+    const config = (): Reply => ok({ "m.upload.size": MAX_UPLOAD_BYTES });
+    r("GET", "/_matrix/media/{mv}/config", "user", "none", config);
+    r("GET", "/_matrix/client/v1/media/config", "user", "none", config);
+    const download = (ctx: Ctx): Reply => {
+      const [server, id, fname] = ctx.params as [string, string, string | undefined];
+      const m = server === this.serverName ? this.media.get(id) : undefined;
+      if (!m) throw notFound("Not found");
+      const name = fname ?? m.filename;
+      const inline = /^(image\/(png|jpeg|gif|webp)|text\/plain|video\/|audio\/)/.test(m.contentType);
+      return {
+        status: 200,
+        raw: m.data,
+        headers: {
+          "Content-Type": m.contentType,
+          "Content-Disposition":
+            (inline ? "inline" : "attachment") +
+            (name ? `; filename*=utf-8''${encodeURIComponent(name)}` : ""),
+          "Content-Security-Policy":
+            "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';",
+          "Cross-Origin-Resource-Policy": "cross-origin",
+          "Access-Control-Allow-Origin": "*",
+        },
+      };
+    };
+    r("GET", "/_matrix/client/v1/media/download/:serverName/:mediaId", "user", "none", download);
+    r("GET", "/_matrix/client/v1/media/download/:serverName/:mediaId/:fileName", "user", "none", download);
+    // Unauthenticated media endpoints are deprecated in v1.11 and frozen (Synapse default): new media → 404.
+    const frozen = (): Reply => {
+      throw notFound("Not found (unauthenticated media is frozen: use /_matrix/client/v1/media/download)");
+    };
+    r("GET", "/_matrix/media/{mv}/download/:serverName/:mediaId", "none", "none", frozen);
+    r("GET", "/_matrix/media/{mv}/download/:serverName/:mediaId/:fileName", "none", "none", frozen);
+  }
+
+  /**
+   * POST /register. Behaviour (Synapse):
+   * - type m.login.application_service: needs the as_token (401 M_MISSING_TOKEN / M_UNKNOWN_TOKEN); `user_id`
+   *   masquerading is not applied; username must be a valid localpart (400 M_INVALID_USERNAME), in the AS user
+   *   namespace (400 M_EXCLUSIVE) and free (400 M_USER_IN_USE). The AS sender always exists → M_USER_IN_USE.
+   * - an access token with another (or missing) type: 400 M_UNKNOWN, as Synapse ("An access token should not be
+   *   provided on requests to /register (except if type is m.login.application_service)").
+   * - no token: normal registration is disabled here → 403 M_FORBIDDEN (use registerUser()).
+   */
+  private handleRegister(ctx: Ctx): Reply {
+    const b = ctx.body as Json;
+    const kind = ctx.query.get("kind") ?? "user";
+    if (kind !== "user") throw forbidden("Guest access is disabled");
+    if (b.type === "m.login.application_service") {
+      if (ctx.token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
+      if (ctx.token !== this.registration.as_token)
+        throw err(401, "M_UNKNOWN_TOKEN", "Invalid application service token.");
+      ctx.requester = { userId: this.senderId, isAs: true, txnScope: `as\u0000${this.senderId}` };
+      if (b.username === undefined)
+        throw err(400, "M_MISSING_PARAM", "Desired Username is missing or not a string");
+      if (typeof b.username !== "string") throw badJson("username must be a string");
+      if (!LOCALPART_RE.test(b.username)) {
+        throw err(
+          400,
+          "M_INVALID_USERNAME",
+          `User ID localpart ${JSON.stringify(b.username)} has invalid characters`,
+        );
+      }
+      const userId = `@${b.username}:${this.serverName}`;
+      if (!this.userInterests(userId)) {
+        throw err(400, "M_EXCLUSIVE", "Invalid user localpart for this application service.");
+      }
+      this.checkNewUser(b.username);
+      this.createUser(userId);
+      const resp: Json = { user_id: userId, home_server: this.serverName };
+      if (b.inhibit_login !== true) {
+        const token = newToken("syt_");
+        this.tokens.set(token, userId);
+        resp.access_token = token;
+        resp.device_id = typeof b.device_id === "string" ? b.device_id : randomLetters(10).toUpperCase();
+      }
+      return ok(resp);
+    }
+    if (ctx.token !== undefined) {
+      throw err(
+        400,
+        "M_UNKNOWN",
+        "An access token should not be provided on requests to /register (except if type is m.login.application_service)",
+      );
+    }
+    throw forbidden("Registration has been disabled");
+  }
+
+  private async handlePing(ctx: Ctx): Promise<Reply> {
+    const rq = ctx.requester!;
+    if (!rq.isAs || ctx.token !== this.registration.as_token || ctx.params[0] !== this.registration.id) {
+      throw forbidden("Provided access token does not belong to the specified appservice");
+    }
+    if (!this.pushTarget) throw err(400, "M_URL_NOT_SET", "Application service URL is not set");
+    const b = ctx.body as Json;
+    const payload: Json = {};
+    if (b.transaction_id !== undefined) payload.transaction_id = b.transaction_id;
+    const started = Date.now();
+    try {
+      const res = await this.asRequest("POST", "/_matrix/app/v1/ping", JSON.stringify(payload));
+      if (res.status < 200 || res.status >= 300) {
+        let parsed: unknown = res.text;
+        try {
+          parsed = JSON.parse(res.text);
+        } catch {
+          // keep text
+        }
+        throw err(502, "M_BAD_STATUS", "Application service returned an error", {
+          status: res.status,
+          body: parsed,
+        });
+      }
+    } catch (e) {
+      if (e instanceof MatrixError) throw e;
+      if (e instanceof Error && e.message === "timeout") {
+        throw err(504, "M_CONNECTION_TIMEOUT", "Connection to application service timed out");
+      }
+      throw err(502, "M_CONNECTION_FAILED", "Failed to connect to application service");
+    }
+    return ok({ duration_ms: Date.now() - started });
+  }
+
+  /** AS API §Querying room alias: ask the appservice about an unknown alias in its namespace. */
+  private async lookupAliasWithQuery(alias: string): Promise<string | undefined> {
+    const known = this.aliases.get(alias);
+    if (known) return known.roomId;
+    if (!this.pushTarget || !this.aliasInNs(alias)) return undefined;
+    const path = this.opts.pushPath === "legacy" ? "/rooms/" : "/_matrix/app/v1/rooms/";
+    try {
+      await this.asRequest("GET", path + encodeURIComponent(alias), undefined);
+    } catch {
+      // unreachable appservice: alias not found
+    }
+    return this.aliases.get(alias)?.roomId;
+  }
+
+  /** AS API §Querying user: ask the appservice about an unknown user in its namespace. */
+  private async lookupUserWithQuery(userId: string): Promise<User | undefined> {
+    const u = this.users.get(userId);
+    if (u) return u;
+    if (!this.pushTarget || !this.userNs.some((n) => n.re.test(userId))) return undefined;
+    const path = this.opts.pushPath === "legacy" ? "/users/" : "/_matrix/app/v1/users/";
+    try {
+      await this.asRequest("GET", path + encodeURIComponent(userId), undefined);
+    } catch {
+      // unreachable appservice
+    }
+    return this.users.get(userId);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Pushing to the appservice (AS API §Pushing events), Synapse-like: one transaction in flight, retried
+  // identically (same txnId, same body) with exponential back-off until it succeeds; never reordered.
+  // -------------------------------------------------------------------------------------------------------------
+
+  private txnPath(txnId: string): string {
+    const id = encodeURIComponent(txnId);
+    return this.opts.pushPath === "legacy" ? `/transactions/${id}` : `/_matrix/app/v1/transactions/${id}`;
+  }
+
+  private pushIdle(): boolean {
+    return !this.inFlight && this.queue.length === this.queueHead;
+  }
+
+  private schedulePump(): void {
+    if (this.pumpScheduled || this.stopped) return;
+    this.pumpScheduled = true;
+    // Defer so events produced in the same tick (e.g. createRoom) share a transaction.
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
+  }
+
+  private pump(): void {
+    if (this.stopped || this.paused || this.sending || this.retryTimer || !this.pushTarget) return;
+    if (!this.inFlight) {
+      const n = Math.min(this.queue.length - this.queueHead, this.opts.maxEventsPerTransaction);
+      if (n === 0) return;
+      const evs = this.queue.slice(this.queueHead, this.queueHead + n);
+      this.queueHead += n;
+      if (this.queueHead > 4096 && this.queueHead * 2 > this.queue.length) {
+        this.queue = this.queue.slice(this.queueHead);
+        this.queueHead = 0;
+      }
+      this.inFlight = { txnId: String(this.nextTxnId++), body: `{"events":[${evs.join(",")}]}`, events: n };
+    }
+    this.attempt(this.inFlight, false);
+  }
+
+  private attempt(t: { txnId: string; body: string; events: number }, quickRetried: boolean): void {
+    this.sending = true;
+    this.asRequest("PUT", this.txnPath(t.txnId), t.body).then(
+      (res) => {
+        this.sending = false;
+        this.logPush({ txnId: t.txnId, events: t.events, status: res.status });
+        if (this.stopped) return;
+        if (res.status >= 200 && res.status < 300) {
+          this.delivered.set(t.txnId, { body: t.body, events: t.events });
+          if (this.delivered.size > LOG_LIMIT) this.delivered.delete(this.delivered.keys().next().value!);
+          this.inFlight = undefined;
+          this.retryDelay = this.opts.initialDelayMs;
+          if (this.pushIdle()) for (const w of [...this.waiters]) w.check();
+          this.pump();
+        } else {
+          this.scheduleRetry();
+        }
+      },
+      (e: unknown) => {
+        this.sending = false;
+        this.logPush({ txnId: t.txnId, events: t.events, status: "error" });
+        if (this.stopped) return;
+        // A keep-alive socket closed by the peer between requests: retry at once, once.
+        const reused = (e as { reusedSocket?: boolean }).reusedSocket === true;
+        if (reused && !quickRetried && !this.paused) this.attempt(t, true);
+        else this.scheduleRetry();
+      },
+    );
+  }
+
+  private scheduleRetry(): void {
+    const delay = this.retryDelay;
+    this.retryDelay = Math.min(this.retryDelay * 2, this.opts.maxDelayMs);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.pump();
+    }, delay);
+  }
+
+  private logPush(a: PushAttempt): void {
+    this.pushLog.push(a);
+    if (this.pushLog.length >= LOG_LIMIT + 2000) this.pushLog.splice(0, this.pushLog.length - LOG_LIMIT);
+  }
+
+  /** One HTTP request to the appservice, authenticated with hs_token (header or query). */
+  private asRequest(
+    method: string,
+    path: string,
+    body: string | undefined,
+    token: string | null = this.registration.hs_token,
+    mode: "header" | "query" = this.opts.authMode,
+  ): Promise<{ status: number; text: string }> {
+    const target = this.pushTarget;
+    if (!target) return Promise.reject(new Error("registration.url is null"));
+    if (this.stopped) return Promise.reject(new Error("homeserver stopped"));
+    let fullPath = target.prefix + (path.startsWith("/") ? path : `/${path}`);
+    const headers: Record<string, string | number> = {};
+    if (token !== null) {
+      if (mode === "header") headers.Authorization = `Bearer ${token}`;
+      else fullPath += `${fullPath.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(token)}`;
+    }
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      headers["Content-Length"] = Buffer.byteLength(body);
+    }
+    return new Promise((resolve, reject) => {
+      const r = target.mod.request(
+        {
+          protocol: target.base.protocol,
+          hostname: target.base.hostname,
+          port: target.base.port || undefined,
+          method,
+          path: fullPath,
+          headers,
+          agent: target.mod === http ? this.agent : undefined,
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (c: Buffer) => chunks.push(c));
+          res.on("end", () => {
+            this.activeRequests.delete(r);
+            resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") });
+          });
+          res.on("error", (e) => {
+            this.activeRequests.delete(r);
+            reject(e);
+          });
+        },
+      );
+      this.activeRequests.add(r);
+      r.setTimeout(this.opts.pushTimeoutMs, () => r.destroy(new Error("timeout")));
+      r.on("error", (e: Error & { reusedSocket?: boolean }) => {
+        this.activeRequests.delete(r);
+        e.reusedSocket = r.reusedSocket;
+        reject(e);
+      });
+      r.end(body);
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Waiting
+  // -------------------------------------------------------------------------------------------------------------
+
+  private waitFor<T>(probe: () => T | undefined, timeoutMs: number, describe: () => string): Promise<T> {
+    const now = probe();
+    if (now !== undefined) return Promise.resolve(now);
+    return new Promise<T>((resolve, reject) => {
+      const w = {
+        check: (): boolean => {
+          if (this.stopped) {
+            finish();
+            reject(new Error(`${describe()} (homeserver stopped)`));
+            return true;
+          }
+          const v = probe();
+          if (v === undefined) return false;
+          finish();
+          resolve(v);
+          return true;
+        },
+      };
+      const timer = setTimeout(() => {
+        finish();
+        const pending = this.pendingPushEvents;
+        const lastPush = this.pushLog.slice(-3).map((p) => `${p.txnId}:${p.status}`);
+        const failures = this.requestLog
+          .slice(-200)
+          .filter((l) => l.status >= 400)
+          .slice(-5)
+          .map((l) => `${l.method} ${l.path} → ${l.status}`);
+        reject(
+          new Error(
+            `${describe()} — timed out after ${timeoutMs} ms. Push: ${pending} event(s) pending` +
+              `${this.paused ? " (paused)" : ""}, last attempts [${lastPush.join(", ")}]` +
+              (failures.length ? `; recent failed requests: ${failures.join("; ")}` : ""),
+          ),
+        );
+      }, timeoutMs);
+      const finish = (): void => {
+        clearTimeout(timer);
+        this.waiters.delete(w);
+      };
+      this.waiters.add(w);
+    });
+  }
+}

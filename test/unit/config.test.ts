@@ -1,0 +1,109 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connectors } from "../../bridges/index.js";
+import { ConfigErrors, loadConfig, validateConfig } from "../../src/config/load.js";
+import { SAMPLE_CONFIG } from "../../src/config/generate.js";
+
+const BAD = "test/fixtures/bad-configs";
+
+/** Each broken config gives exactly this message (path: reason). */
+const cases: [file: string, message: string][] = [
+  ["out-wildcard.yaml", 'routes[2].endpoints[0].topic: wildcards are not allowed for direction "out"'],
+  ["bad-port.yaml", "appservice.port: Too big: expected number to be <=65535"],
+  ["unknown-account.yaml", 'routes[0].endpoints[0].account: no account "office" under bridges.mqtt'],
+  ["missing-homeserver.yaml", "homeserver: Invalid input: expected object, received undefined"],
+  ["bad-room.yaml", "routes[0].room: must be a room alias (#name:server) or a room id (!id:server)"],
+  [
+    "open-broker.yaml",
+    "bridges.mqtt.home.embedded.users: a broker listening on 0.0.0.0 needs users (or allowAnonymous: true)",
+  ],
+  ["typo-key.yaml", 'queue: Unrecognized key: "redisURL"'],
+];
+
+for (const [file, message] of cases) {
+  test(`config ${file}: one message naming the path`, () => {
+    assert.throws(
+      () => loadConfig(join(BAD, file), connectors, {}),
+      (err: unknown) => {
+        assert.ok(err instanceof ConfigErrors);
+        assert.deepEqual(
+          err.errors.map((e) => e.message),
+          [message],
+        );
+        return true;
+      },
+    );
+  });
+}
+
+test("validate-config exits non-zero and prints the path for each broken config", () => {
+  for (const [file, message] of cases.slice(0, 5)) {
+    const r = spawnSync(
+      process.execPath,
+      ["--import", "tsx", "src/index.ts", "validate-config", "-c", join(BAD, file)],
+      {
+        encoding: "utf8",
+      },
+    );
+    assert.equal(r.status, 1, `${file}: exit code`);
+    assert.equal(r.stderr.trim(), `config error: ${message}`);
+  }
+});
+
+test("the sample config is valid and has defaults filled", () => {
+  const cfg = validateConfig(
+    JSON.parse(JSON.stringify(SAMPLE_CONFIG).replaceAll('"passwordFile"', '"password"')),
+    connectors,
+  );
+  assert.equal(cfg.appservice.port, 9993);
+  assert.equal(cfg.appservice.url, "http://127.0.0.1:9993");
+  assert.equal(cfg.routes[0]?.endpoints.length, 2);
+  assert.equal(cfg.routes[0]?.endpoints[0]?.id, "greenhouse.0");
+});
+
+test("no bridges.mqtt block: an embedded broker on 1883, loopback", () => {
+  const cfg = validateConfig({ homeserver: { url: "http://hs:8008", domain: "example.org" } }, connectors);
+  assert.deepEqual(
+    cfg.accounts.map((a) => [a.connector, a.account]),
+    [["mqtt", "default"]],
+  );
+  const embedded = (cfg.accounts[0]?.config as { embedded: { port: number; host: string } }).embedded;
+  assert.equal(embedded.port, 1883);
+  assert.equal(embedded.host, "127.0.0.1");
+});
+
+test("environment overrides and *File secrets", () => {
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-config-"));
+  writeFileSync(join(dir, "pw"), "s3cret\n");
+  const cfg = validateConfig(
+    {
+      homeserver: { url: "http://hs:8008", domain: "example.org" },
+      bridges: { mqtt: { home: { embedded: { users: [{ username: "u", passwordFile: "pw" }] } } } },
+    },
+    connectors,
+    { TRIBRIDGE__queue__redisUrl: "redis://127.0.0.1:6380", TRIBRIDGE__appservice__port: "9000" },
+    dir,
+  );
+  assert.equal(cfg.queue.redisUrl, "redis://127.0.0.1:6380");
+  assert.equal(cfg.appservice.port, 9000);
+  const users = (cfg.accounts[0]?.config as { embedded: { users: { password: string }[] } }).embedded.users;
+  assert.equal(users[0]?.password, "s3cret");
+});
+
+test("both a key and its *File is an error naming the key", () => {
+  assert.throws(
+    () =>
+      validateConfig(
+        {
+          homeserver: { url: "http://hs:8008", domain: "example.org" },
+          queue: { redisUrl: "redis://x", redisUrlFile: "/x" },
+        },
+        connectors,
+      ),
+    /queue\.redisUrlFile: set either redisUrl or redisUrlFile, not both/,
+  );
+});
