@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Runs the test files under the given folders (default: test/unit test/e2e) with node:test + tsx.
 // Node 20's --test cannot glob, so the files are listed here.
-import { readdirSync, statSync } from "node:fs";
+import { existsSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 
@@ -11,7 +11,7 @@ function walk(p) {
   if (statSync(p).isDirectory()) for (const name of readdirSync(p).sort()) walk(join(p, name));
   else if (p.endsWith(".test.ts")) files.push(p);
 }
-for (const r of roots) walk(r);
+for (const r of roots) if (existsSync(r)) walk(r);
 if (files.length === 0) {
   console.error(`no test files under ${roots.join(", ")}`);
   process.exit(1);

@@ -79,7 +79,7 @@ async function call(
   if (opts.token !== undefined) headers.Authorization = `Bearer ${opts.token}`;
   const payload = opts.rawBody ?? (opts.body === undefined ? undefined : JSON.stringify(opts.body));
   if (payload !== undefined) headers["Content-Type"] = "application/json";
-  const res = await fetch(url, { method, headers, body: payload });
+  const res = await fetch(url, { method, headers, body: payload ?? null });
   const text = await res.text();
   return {
     status: res.status,
