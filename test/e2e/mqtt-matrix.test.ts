@@ -1,0 +1,181 @@
+/**
+ * Whole bridge in-process against real Redis, a real embedded broker driven by mqtt.js, and the
+ * test homeserver pushing real transactions.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import mqtt, { type MqttClient } from "mqtt";
+import { connectors } from "../../bridges/index.js";
+import type { MqttConnector } from "../../bridges/mqtt/connector.js";
+import { start, type RunningBridge } from "../../src/app.js";
+import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+
+const GHOST = (device: string) => `@_tb_mqtt_home_${device}:test.local`;
+
+async function connect(port: number, clientId: string): Promise<MqttClient> {
+  return mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+    clientId,
+    protocolVersion: 4,
+    reconnectPeriod: 100,
+  });
+}
+
+describe("MQTT ⇄ Matrix through the embedded broker", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+  let room: string;
+  let port: number;
+  const clients: MqttClient[] = [];
+
+  before(async () => {
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+      routes: [
+        {
+          id: "greenhouse",
+          room: "#greenhouse:test.local",
+          endpoints: [
+            { account: "mqtt.home", direction: "in", topic: "greenhouse/+/temperature", sender: "clientId" },
+            {
+              account: "mqtt.home",
+              direction: "in",
+              topic: "greenhouse/+/json",
+              format: "json",
+              template: "{{value}} °C",
+            },
+            { account: "mqtt.home", direction: "in", topic: "greenhouse/+/raw", format: "json" },
+            { account: "mqtt.home", direction: "out", topic: "greenhouse/commands" },
+            { account: "mqtt.home", direction: "inout", topic: "greenhouse/chat", sender: { name: "chat" } },
+          ],
+        },
+      ],
+    });
+    room = h.hs.createRoom({ creator: h.alice, alias: "#greenhouse:test.local", preset: "public_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+  });
+
+  after(async () => {
+    await Promise.all(clients.map((c) => c.endAsync()));
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("QoS 1 publishes appear in the room as the device's ghost, in order, once", async () => {
+    const device = await connect(port, "sensor1");
+    clients.push(device);
+    for (let i = 0; i < 50; i++)
+      await device.publishAsync("greenhouse/sensor1/temperature", `t=${i}`, { qos: 1 });
+    const messages = await h.hs.waitForMessages(room, 50);
+    await new Promise((r) => setTimeout(r, 200)); // anything extra would have arrived by now
+    const mine = h.hs.messages(room).filter((m) => m.sender === GHOST("sensor1"));
+    assert.deepEqual(
+      mine.map((m) => m.content.body),
+      Array.from({ length: 50 }, (_, i) => `t=${i}`),
+    );
+    assert.equal(messages[0]?.content.msgtype, "m.notice");
+    assert.deepEqual(messages[0]?.content["m.mentions"], {});
+    assert.equal(h.hs.profile(GHOST("sensor1"))?.displayname, "sensor1");
+  });
+
+  test("wildcard routing: only topics the filter matches reach the room", async () => {
+    const device = await connect(port, "sensor2");
+    clients.push(device);
+    const before = h.hs.messages(room).length;
+    await device.publishAsync("greenhouse/sensor2/humidity", "not routed", { qos: 1 });
+    await device.publishAsync("greenhouse/sensor2/temperature", "routed", { qos: 1 });
+    await waitFor("routed message", () => h.hs.messages(room).some((m) => m.content.body === "routed"));
+    await new Promise((r) => setTimeout(r, 200));
+    const added = h.hs
+      .messages(room)
+      .slice(before)
+      .map((m) => m.content.body);
+    assert.deepEqual(added, ["routed"]);
+  });
+
+  test("JSON payloads are rendered readably, with a template or as key: value", async () => {
+    const device = await connect(port, "sensor3");
+    clients.push(device);
+    await device.publishAsync("greenhouse/sensor3/json", JSON.stringify({ value: 21.5 }), { qos: 1 });
+    await device.publishAsync("greenhouse/sensor3/raw", JSON.stringify({ temperature: 20, humidity: 41 }), {
+      qos: 1,
+    });
+    await device.publishAsync("greenhouse/sensor3/raw", "{broken", { qos: 1 });
+    await waitFor("json messages", () =>
+      h.hs.messages(room).some((m) => String(m.content.body).includes("broken")),
+    );
+    const bodies = h.hs.messages(room).map((m) => m.content.body);
+    assert.ok(bodies.includes("21.5 °C"));
+    assert.ok(bodies.includes("temperature: 20 · humidity: 41"));
+    assert.ok(bodies.includes("(not valid JSON) {broken"));
+  });
+
+  test("a room message is published to the mapped topic; the bridge's own publish is not re-ingested", async () => {
+    const listener = await connect(port, "listener");
+    clients.push(listener);
+    const received: [string, string][] = [];
+    listener.on("message", (topic, payload) => received.push([topic, payload.toString()]));
+    await listener.subscribeAsync(["greenhouse/commands", "greenhouse/chat"], { qos: 1 });
+
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "open the window" });
+    await waitFor("command on mqtt", () => received.find(([t]) => t === "greenhouse/commands"));
+    assert.deepEqual(
+      received.filter(([t]) => t === "greenhouse/commands"),
+      [["greenhouse/commands", "open the window"]],
+    );
+    // inout topic: published once, and not relayed back into the room by our own broker.
+    await waitFor("chat on mqtt", () => received.find(([t]) => t === "greenhouse/chat"));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(h.hs.messages(room).filter((m) => m.content.body === "open the window").length, 1);
+    assert.equal(received.filter(([t]) => t === "greenhouse/chat").length, 1);
+  });
+
+  test("loop guard: messages of our ghosts pushed back by the homeserver are not published", async () => {
+    const listener = await connect(port, "listener2");
+    clients.push(listener);
+    const received: string[] = [];
+    listener.on("message", (_t, payload) => received.push(payload.toString()));
+    await listener.subscribeAsync("greenhouse/commands", { qos: 1 });
+    const device = await connect(port, "sensor4");
+    clients.push(device);
+    await device.publishAsync("greenhouse/sensor4/temperature", "from a device", { qos: 1 });
+    await waitFor("device message", () =>
+      h.hs.messages(room).some((m) => m.content.body === "from a device"),
+    );
+    await h.hs.waitForPushIdle();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(received, []);
+  });
+
+  test("forged transactions: no token → 401, wrong token → 403, nothing relayed", async () => {
+    const listener = await connect(port, "listener3");
+    clients.push(listener);
+    const received: string[] = [];
+    listener.on("message", (_t, payload) => received.push(payload.toString()));
+    await listener.subscribeAsync("greenhouse/commands", { qos: 1 });
+    const forged = {
+      events: [
+        {
+          event_id: "$forged",
+          room_id: room,
+          sender: h.alice,
+          type: "m.room.message",
+          content: { msgtype: "m.text", body: "forged" },
+          origin_server_ts: Date.now(),
+        },
+      ],
+    };
+    for (const path of ["/_matrix/app/v1/transactions/f1", "/transactions/f1"]) {
+      const none = await h.hs.pushRaw(path, forged, null);
+      assert.equal(none.status, 401);
+      assert.equal((none.body as { errcode: string }).errcode, "M_UNAUTHORIZED");
+      const wrong = await h.hs.pushRaw(path, forged, "not-the-token");
+      assert.equal(wrong.status, 403);
+      assert.equal((wrong.body as { errcode: string }).errcode, "M_FORBIDDEN");
+      const wrongQuery = await h.hs.pushRaw(path, forged, "not-the-token", "query");
+      assert.equal(wrongQuery.status, 403);
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(received, []);
+  });
+});
