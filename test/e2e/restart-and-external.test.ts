@@ -1,0 +1,184 @@
+/**
+ * Replayed transactions across a bridge restart, Synapse's txnId counter restarting, and the
+ * same relay through an external broker (Mosquitto when installed, else a second aedes on TCP).
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Aedes } from "aedes";
+import { createServer, type Server } from "node:net";
+import mqtt, { type MqttClient } from "mqtt";
+import { connectors } from "../../bridges/index.js";
+import { start, type RunningBridge } from "../../src/app.js";
+import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+
+describe("replayed transactions", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+  let room: string;
+  let port: number;
+  let listener: MqttClient;
+  const received: string[] = [];
+
+  before(async () => {
+    port = await freePort();
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port } } } },
+      routes: [
+        {
+          id: "r",
+          room: "#replay:test.local",
+          endpoints: [{ account: "mqtt.home", direction: "out", topic: "replay/out" }],
+        },
+      ],
+    });
+    room = h.hs.createRoom({ creator: h.alice, alias: "#replay:test.local", preset: "public_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    listener = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+      clientId: "replay-listener",
+      reconnectPeriod: 100,
+    });
+    listener.on("message", (_t, p) => received.push(p.toString()));
+    await listener.subscribeAsync("replay/out", { qos: 1 });
+  });
+
+  after(async () => {
+    await listener?.endAsync();
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("a transaction replayed after a bridge restart is not relayed twice", async () => {
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "once" });
+    await waitFor("first relay", () => received.includes("once"));
+    await h.hs.waitForPushIdle();
+    const delivered = h.hs.pushedTransactions.filter((t) => t.status === 200 && t.events > 0);
+    const txnIds = [...new Set(delivered.map((t) => t.txnId))];
+
+    await bridge.stop();
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    await waitFor("listener reconnected", () => listener.connected);
+    await listener.subscribeAsync("replay/out", { qos: 1 });
+    for (const txnId of txnIds) assert.equal(await h.hs.replayTransaction(txnId), 200);
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual(
+      received.filter((b) => b === "once"),
+      ["once"],
+    );
+  });
+
+  test("a homeserver that restarts its txnId counter still gets new events relayed", async () => {
+    h.hs.setNextTxnId(1); // Synapse after a restart: same txnIds, new events
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "after hs restart" });
+    await waitFor("relay after txn reset", () => received.includes("after hs restart"));
+  });
+});
+
+interface Broker {
+  port: number;
+  kind: string;
+  stop(): Promise<void>;
+}
+
+async function startExternalBroker(): Promise<Broker> {
+  const port = await freePort();
+  if (!spawnSync("mosquitto", ["-h"]).error) {
+    const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
+    const conf = join(dir, "mosquitto.conf");
+    writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
+    const child: ChildProcess = spawn("mosquitto", ["-c", conf], { stdio: "ignore" });
+    await waitFor(
+      "mosquitto",
+      () =>
+        new Promise<boolean>((resolve) => {
+          const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 500 });
+          c.once("connect", () => (c.end(true), resolve(true)));
+          c.once("error", () => (c.end(true), resolve(false)));
+        }),
+    );
+    return {
+      port,
+      kind: "mosquitto",
+      stop: async () => {
+        child.kill("SIGTERM");
+        await new Promise((r) => child.once("exit", r));
+      },
+    };
+  }
+  const broker = await Aedes.createBroker();
+  const server: Server = createServer(broker.handle);
+  await new Promise<void>((r) => server.listen(port, "127.0.0.1", () => r()));
+  return {
+    port,
+    kind: "aedes",
+    stop: async () => {
+      await new Promise<void>((r) => broker.close(() => r()));
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
+
+for (const protocolVersion of [5, 4] as const) {
+  describe(`external broker, MQTT ${protocolVersion === 5 ? "5" : "3.1.1"}`, () => {
+    let h: Harness;
+    let broker: Broker;
+    let bridge: RunningBridge;
+    let room: string;
+    let device: MqttClient;
+
+    before(async () => {
+      broker = await startExternalBroker();
+      h = await harness({
+        bridges: { mqtt: { plant: { url: `mqtt://127.0.0.1:${broker.port}`, protocolVersion } } },
+        routes: [
+          {
+            id: "plant",
+            room: "#plant:test.local",
+            endpoints: [
+              { account: "mqtt.plant", direction: "in", topic: "plant/+/state", sender: { topicLevel: 2 } },
+              { account: "mqtt.plant", direction: "inout", topic: "plant/chat" },
+            ],
+          },
+        ],
+      });
+      room = h.hs.createRoom({ creator: h.alice, alias: "#plant:test.local", preset: "public_chat" });
+      bridge = await start({ config: h.config, registration: h.registration, connectors });
+      await waitFor("connected to broker", () => bridge.connectorStates()["mqtt.plant"]?.state === "up");
+      device = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, {
+        clientId: `device-${protocolVersion}`,
+      });
+    });
+
+    after(async () => {
+      await device?.endAsync();
+      await bridge?.stop();
+      await h?.cleanup();
+      await broker?.stop();
+    });
+
+    test("device messages reach the room in order as the topic-level ghost", async () => {
+      await new Promise((r) => setTimeout(r, 200)); // subscription settles
+      for (let i = 0; i < 20; i++) await device.publishAsync("plant/pump1/state", `s${i}`, { qos: 1 });
+      const messages = await h.hs.waitForMessages(room, 20);
+      assert.deepEqual(
+        messages.map((m) => m.content.body),
+        Array.from({ length: 20 }, (_, i) => `s${i}`),
+      );
+      assert.ok(messages.every((m) => m.sender === "@_tb_mqtt_plant_pump1:test.local"));
+    });
+
+    test("a room message is published once, and its echo does not come back", async () => {
+      const received: string[] = [];
+      device.on("message", (_t, p) => received.push(p.toString()));
+      await device.subscribeAsync("plant/chat", { qos: 1 });
+      h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "pump on" });
+      await waitFor("published", () => received.includes("pump on"));
+      await new Promise((r) => setTimeout(r, 400));
+      assert.equal(h.hs.messages(room).filter((m) => m.content.body === "pump on").length, 1, broker.kind);
+      assert.deepEqual(received, ["pump on"]);
+    });
+  });
+}
