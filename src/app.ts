@@ -111,6 +111,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       registration,
       log: moduleLogger("matrix"),
     });
+    cleanups.push(async () => matrix.stop());
 
     const queueDefaults = {
       prefix,

@@ -18,7 +18,15 @@ if (files.length === 0) {
 }
 const result = spawnSync(
   process.execPath,
-  ["--import", "tsx", "--test", "--test-reporter=spec", "--test-concurrency=1", ...files],
+  [
+    "--import",
+    "tsx",
+    "--test",
+    "--test-reporter=spec",
+    "--test-concurrency=1",
+    "--test-force-exit",
+    ...files,
+  ],
   {
     stdio: "inherit",
     env: { ...process.env, TRIBRIDGE_LOG_LEVEL: process.env.TRIBRIDGE_LOG_LEVEL ?? "warn" },

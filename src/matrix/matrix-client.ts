@@ -5,6 +5,8 @@
  * §Transaction identifiers).
  */
 import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
+import { Agent as HttpAgent, request as httpRequest } from "node:http";
+import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { setTimeout as sleep } from "node:timers/promises";
 import { PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
@@ -55,6 +57,8 @@ export class MatrixClient {
   private readonly roomIds = new Map<string, string>();
   private readonly readyGhosts = new Map<string, Promise<void>>();
   private readonly joined = new Map<string, Promise<void>>();
+  private readonly httpAgent = new HttpAgent({ keepAlive: true, maxSockets: 64 });
+  private readonly httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: 64 });
 
   constructor(private readonly opts: MatrixClientOptions) {
     const registration = AppServiceRegistration.fromObject(opts.registration);
@@ -172,31 +176,53 @@ export class MatrixClient {
     return classifyMatrixError(status, body, what);
   }
 
-  private async request(
+  /** One Client-Server API call as `userId`, over a keep-alive connection (the hot path of every relay). */
+  private request(
     method: string,
-    path: string,
+    pathAndQuery: string,
     userId: string,
-    body: unknown,
+    body: Uint8Array | Record<string, unknown>,
+    contentType = "application/json",
   ): Promise<Record<string, unknown>> {
-    const url = new URL(path, this.opts.homeserverUrl);
+    const url = new URL(pathAndQuery, this.opts.homeserverUrl);
     if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId); // AS API §Identity assertion
-    let res: Response;
-    try {
-      res = await fetch(url, {
-        method,
-        headers: {
-          Authorization: `Bearer ${this.opts.registration.as_token}`,
-          "Content-Type": body instanceof Uint8Array ? "application/octet-stream" : "application/json",
+    const payload = body instanceof Uint8Array ? body : Buffer.from(JSON.stringify(body));
+    const what = `${method} ${url.pathname}`;
+    const https = url.protocol === "https:";
+    return new Promise((resolve, reject) => {
+      const req = (https ? httpsRequest : httpRequest)(
+        url,
+        {
+          method,
+          agent: https ? this.httpsAgent : this.httpAgent,
+          timeout: REQUEST_TIMEOUT_MS,
+          headers: {
+            Authorization: `Bearer ${this.opts.registration.as_token}`,
+            "Content-Type": contentType,
+            "Content-Length": payload.byteLength,
+          },
         },
-        body: body instanceof Uint8Array ? body : JSON.stringify(body),
-        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
-      });
-    } catch (err) {
-      throw new RetryableError(`${method} ${url.pathname}: ${errorMessage(err)}`);
-    }
-    const json = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-    if (!res.ok) throw classifyMatrixError(res.status, json as MatrixErrorBody, `${method} ${url.pathname}`);
-    return json;
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (c: Buffer) => chunks.push(c));
+          res.on("error", (err) => reject(new RetryableError(`${what}: ${err.message}`)));
+          res.on("end", () => {
+            let json: Record<string, unknown> = {};
+            try {
+              json = JSON.parse(Buffer.concat(chunks).toString("utf8")) as Record<string, unknown>;
+            } catch {
+              // a non-JSON error page from a proxy: classified by status alone
+            }
+            const status = res.statusCode ?? 0;
+            if (status >= 200 && status < 300) resolve(json);
+            else reject(classifyMatrixError(status, json as MatrixErrorBody, what));
+          });
+        },
+      );
+      req.on("timeout", () => req.destroy(new Error("timed out")));
+      req.on("error", (err) => reject(new RetryableError(`${what}: ${err.message}`)));
+      req.end(payload);
+    });
   }
 
   /**
@@ -228,23 +254,15 @@ export class MatrixClient {
 
   /** Uploads a file as `userId`; returns its mxc:// URI. */
   async upload(userId: string, data: Uint8Array, name: string, mimeType: string): Promise<string> {
-    const url = new URL("/_matrix/media/v3/upload", this.opts.homeserverUrl);
-    url.searchParams.set("filename", name);
-    if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId);
-    let res: Response;
-    try {
-      res = await fetch(url, {
-        method: "POST",
-        headers: { Authorization: `Bearer ${this.opts.registration.as_token}`, "Content-Type": mimeType },
-        body: data,
-        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
-      });
-    } catch (err) {
-      throw new RetryableError(`upload: ${errorMessage(err)}`);
-    }
-    const json = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-    if (!res.ok) throw classifyMatrixError(res.status, json as MatrixErrorBody, "upload");
-    return String(json.content_uri);
+    const path = `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
+    const res = await this.request("POST", path, userId, data, mimeType);
+    return String(res.content_uri);
+  }
+
+  /** Closes the kept-alive connections. */
+  stop(): void {
+    this.httpAgent.destroy();
+    this.httpsAgent.destroy();
   }
 
   /** Called when the homeserver tells us a membership changed for one of ours. */

@@ -1,0 +1,235 @@
+/**
+ * `npm run bench`: tribridge's throughput and latency, next to the raw components measured in the
+ * same run on the same machine. Everything runs on 127.0.0.1 and stops by itself.
+ *
+ *   raw aedes          mqtt.js QoS 1 publishes into a bare aedes broker (no hooks)
+ *   raw BullMQ         add + process with one worker of concurrency 1 per shard (the bridge's shape)
+ *   MQTT → Matrix      device QoS 1 → embedded broker → queue → test homeserver, N rooms
+ *   Matrix → MQTT      homeserver transactions → queue → embedded broker → subscriber
+ *   latency            p50/p99 MQTT → Matrix at a fixed offered rate
+ */
+import { createServer } from "node:net";
+import { randomUUID } from "node:crypto";
+import { Aedes } from "aedes";
+import { Queue, Worker } from "bullmq";
+import { Redis } from "ioredis";
+import mqtt, { type MqttClient } from "mqtt";
+import { connectors } from "../bridges/index.js";
+import type { MqttConnector } from "../bridges/mqtt/connector.js";
+import { start } from "../src/app.js";
+import { freePort, harness, REDIS_URL } from "../test/helpers/fixture.js";
+
+const N = Number(process.env.BENCH_MESSAGES ?? 5000);
+const ROOMS = Number(process.env.BENCH_ROOMS ?? 8);
+
+function rate(count: number, ms: number): number {
+  return Math.round((count / ms) * 1000);
+}
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
+}
+
+async function publishAll(client: MqttClient, messages: [string, string][]): Promise<void> {
+  // Keep a window in flight, as a device library with a send queue does.
+  const WINDOW = 200;
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: WINDOW }, async () => {
+      while (next < messages.length) {
+        const [topic, payload] = messages[next++]!;
+        await client.publishAsync(topic, payload, { qos: 1 });
+      }
+    }),
+  );
+}
+
+async function rawAedes(): Promise<number> {
+  const broker = await Aedes.createBroker();
+  const server = createServer(broker.handle);
+  const port = await freePort();
+  await new Promise<void>((r) => server.listen(port, "127.0.0.1", () => r()));
+  const client = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`);
+  const msgs: [string, string][] = Array.from({ length: N }, (_, i) => [`bench/${i % ROOMS}/t`, String(i)]);
+  const t0 = performance.now();
+  await publishAll(client, msgs);
+  const ms = performance.now() - t0;
+  await client.endAsync();
+  await new Promise<void>((r) => broker.close(() => r()));
+  server.close();
+  return rate(N, ms);
+}
+
+async function rawBullmq(shards: number): Promise<number> {
+  const prefix = `bench-${randomUUID().slice(0, 8)}`;
+  const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const queues = Array.from(
+    { length: shards },
+    (_, i) => new Queue(`raw-${i}`, { connection: conn, prefix }),
+  );
+  let done = 0;
+  let resolveAll!: () => void;
+  const all = new Promise<void>((r) => (resolveAll = r));
+  const workers = queues.map(
+    (_, i) =>
+      new Worker(
+        `raw-${i}`,
+        async () => {
+          if (++done === N) resolveAll();
+        },
+        { connection: new Redis(REDIS_URL, { maxRetriesPerRequest: null }), prefix, concurrency: 1 },
+      ),
+  );
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: N }, (_, i) =>
+      queues[i % shards]!.add("j", { i }, { jobId: `j${i}`, removeOnComplete: { count: 1000 } }),
+    ),
+  );
+  await all;
+  const ms = performance.now() - t0;
+  await Promise.all(workers.map((w) => w.close()));
+  await Promise.all(queues.map((q) => q.obliterate({ force: true }).then(() => q.close())));
+  conn.disconnect();
+  return rate(N, ms);
+}
+
+async function bridgeBench(): Promise<Record<string, number>> {
+  const port = await freePort();
+  const rooms = Array.from({ length: ROOMS }, (_, i) => `bench${i}`);
+  const h = await harness({
+    queue: { shards: 8 },
+    bridges: { mqtt: { home: { embedded: { port } } } },
+    routes: rooms.map((r, i) => ({
+      id: r,
+      room: `#${r}:test.local`,
+      endpoints: [
+        { account: "mqtt.home", direction: "in", topic: `bench/${i}/t` },
+        { account: "mqtt.home", direction: "out", topic: `bench/${i}/cmd` },
+      ],
+    })),
+  });
+  const roomIds = rooms.map((r) =>
+    h.hs.createRoom({ creator: h.alice, alias: `#${r}:test.local`, preset: "public_chat" }),
+  );
+  const bridge = await start({ config: h.config, registration: h.registration, connectors });
+  const tcp = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+  const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${tcp}`, { clientId: "bench-device" });
+  const total = () => roomIds.reduce((n, id) => n + h.hs.messages(id).length, 0);
+
+  // Warm-up: ghosts registered and joined in every room.
+  await publishAll(
+    device,
+    rooms.map((_, i) => [`bench/${i}/t`, "warm-up"]),
+  );
+  while (total() < ROOMS) await new Promise((r) => setTimeout(r, 10));
+
+  // Throughput MQTT → Matrix.
+  const base = total();
+  const t0 = performance.now();
+  await publishAll(
+    device,
+    Array.from({ length: N }, (_, i) => [`bench/${i % ROOMS}/t`, String(i)]),
+  );
+  const accepted = performance.now() - t0;
+  while (total() < base + N) await new Promise((r) => setTimeout(r, 5));
+  const toMatrixMs = performance.now() - t0;
+  // Per-room order check.
+  for (const id of roomIds) {
+    const seq = h.hs
+      .messages(id)
+      .slice(1)
+      .map((m) => Number(m.content.body));
+    if (seq.some((v, i) => i > 0 && v < seq[i - 1]!)) throw new Error("per-room order violated");
+  }
+
+  // Latency at a fixed offered rate (1,000 msg/s for 3 s).
+  const RATE = 1000;
+  const latencies: number[] = [];
+  const sentAt = new Map<string, number>();
+  const seenBefore = total();
+  const tick = 10; // ms; RATE/100 messages per tick
+  const count = RATE * 3;
+  let sent = 0;
+  await new Promise<void>((resolve) => {
+    const timer = setInterval(() => {
+      for (let k = 0; k < RATE / (1000 / tick) && sent < count; k++, sent++) {
+        const body = `lat-${sent}`;
+        sentAt.set(body, performance.now());
+        void device.publishAsync(`bench/${sent % ROOMS}/t`, body, { qos: 1 });
+      }
+      if (sent >= count) {
+        clearInterval(timer);
+        resolve();
+      }
+    }, tick);
+  });
+  while (total() < seenBefore + count) await new Promise((r) => setTimeout(r, 5));
+  for (const id of roomIds) {
+    for (const m of h.hs.messages(id)) {
+      const s = sentAt.get(String(m.content.body));
+      if (s !== undefined) latencies.push(m.origin_server_ts - (performance.timeOrigin + s));
+    }
+  }
+  latencies.sort((a, b) => a - b);
+
+  // Matrix → MQTT.
+  const received = { n: 0 };
+  const listener = await mqtt.connectAsync(`mqtt://127.0.0.1:${tcp}`, { clientId: "bench-listener" });
+  listener.on("message", () => received.n++);
+  await listener.subscribeAsync("bench/+/cmd", { qos: 1 });
+  const M = Math.min(N, 2000);
+  const t1 = performance.now();
+  for (let i = 0; i < M; i++)
+    h.hs.sendMessage(roomIds[i % ROOMS]!, h.alice, { msgtype: "m.text", body: `c${i}` });
+  while (received.n < M) await new Promise((r) => setTimeout(r, 5));
+  const toMqttMs = performance.now() - t1;
+
+  await listener.endAsync();
+  await device.endAsync();
+  await bridge.stop();
+  await h.cleanup();
+  return {
+    mqttToMatrix: rate(N, toMatrixMs),
+    mqttAccepted: rate(N, accepted),
+    p50: percentile(latencies, 50),
+    p99: percentile(latencies, 99),
+    matrixToMqtt: rate(M, toMqttMs),
+  };
+}
+
+async function main(): Promise<void> {
+  console.log(`tribridge bench: ${N} messages over ${ROOMS} rooms, node ${process.version}\n`);
+  const aedesRate = await rawAedes();
+  const bull1 = await rawBullmq(1);
+  const bull8 = await rawBullmq(8);
+  const b = await bridgeBench();
+  const rows: [string, string, string][] = [
+    ["raw aedes (QoS 1 publish, no hooks)", `${aedesRate} msg/s`, ""],
+    ["raw BullMQ add+process, 1 shard", `${bull1} msg/s`, ""],
+    ["raw BullMQ add+process, 8 shards", `${bull8} msg/s`, ""],
+    [
+      "MQTT → Matrix, end to end",
+      `${b.mqttToMatrix} msg/s`,
+      `${(b.mqttToMatrix! / aedesRate).toFixed(2)}× aedes, ${(b.mqttToMatrix! / bull8).toFixed(2)}× BullMQ(8)`,
+    ],
+    [
+      "MQTT → Matrix, accepted (PUBACKed)",
+      `${b.mqttAccepted} msg/s`,
+      `${(b.mqttAccepted! / aedesRate).toFixed(2)}× aedes`,
+    ],
+    ["MQTT → Matrix latency at 1,000 msg/s", `p50 ${b.p50!.toFixed(1)} ms, p99 ${b.p99!.toFixed(1)} ms`, ""],
+    [
+      "Matrix → MQTT, end to end",
+      `${b.matrixToMqtt} msg/s`,
+      `${(b.matrixToMqtt! / bull8).toFixed(2)}× BullMQ(8)`,
+    ],
+  ];
+  for (const [name, value, ratio] of rows) console.log(`${name.padEnd(40)} ${value.padEnd(30)} ${ratio}`);
+  process.exit(0);
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exit(1);
+});
