@@ -27,13 +27,21 @@ const localpart = z
   .string()
   .regex(/^[a-z0-9._=/-]+$/, "must be a Matrix localpart: lower-case letters, digits and ._=-/ only");
 
-export const homeserverSchema = z.strictObject({
-  url: z.url({ error: "must be a URL such as http://localhost:8008" }).describe("Client-Server API base URL"),
-  domain: z
-    .string()
-    .regex(/^[A-Za-z0-9.-]+(:\d+)?$/, "must be a server name such as example.org")
-    .describe("Server name: the part after ':' in user ids"),
-});
+export const homeserverSchema = z.strictObject(
+  {
+    url: z
+      .url({ error: "must be a URL such as http://localhost:8008" })
+      .describe("Client-Server API base URL"),
+    domain: z
+      .string()
+      .regex(/^[A-Za-z0-9.-]+(:\d+)?$/, "must be a server name such as example.org")
+      .describe("Server name: the part after ':' in user ids"),
+  },
+  {
+    error: (iss) =>
+      iss.input === undefined ? "is required: set homeserver.url and homeserver.domain" : undefined,
+  },
+);
 
 export const appserviceSchema = z.strictObject({
   bind: z.string().default(DEFAULTS.appserviceBind).describe("Address the appservice HTTP listener binds"),

@@ -15,7 +15,7 @@ const cases: [file: string, message: string][] = [
   ["out-wildcard.yaml", 'routes[2].endpoints[0].topic: wildcards are not allowed for direction "out"'],
   ["bad-port.yaml", "appservice.port: Too big: expected number to be <=65535"],
   ["unknown-account.yaml", 'routes[0].endpoints[0].account: no account "office" under bridges.mqtt'],
-  ["missing-homeserver.yaml", "homeserver: Invalid input: expected object, received undefined"],
+  ["missing-homeserver.yaml", "homeserver: is required: set homeserver.url and homeserver.domain"],
   ["bad-room.yaml", "routes[0].room: must be a room alias (#name:server) or a room id (!id:server)"],
   [
     "open-broker.yaml",
