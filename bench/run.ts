@@ -14,9 +14,7 @@ import { Aedes } from "aedes";
 import { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../bridges/index.js";
-import type { MqttConnector } from "../bridges/mqtt/connector.js";
-import { start } from "../src/app.js";
+import { BridgeProcess } from "../test/helpers/bridge-process.js";
 import { freePort, harness, REDIS_URL } from "../test/helpers/fixture.js";
 
 const N = Number(process.env.BENCH_MESSAGES ?? 5000);
@@ -42,6 +40,21 @@ async function publishAll(client: MqttClient, messages: [string, string][]): Pro
       }
     }),
   );
+}
+
+async function connectWhenUp(port: number, clientId: string): Promise<MqttClient> {
+  for (let i = 0; ; i++) {
+    try {
+      return await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+        clientId,
+        reconnectPeriod: 0,
+        connectTimeout: 1000,
+      });
+    } catch (err) {
+      if (i > 300) throw err;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
 }
 
 async function rawAedes(): Promise<number> {
@@ -112,9 +125,11 @@ async function bridgeBench(): Promise<Record<string, number>> {
   const roomIds = rooms.map((r) =>
     h.hs.createRoom({ creator: h.alice, alias: `#${r}:test.local`, preset: "public_chat" }),
   );
-  const bridge = await start({ config: h.config, registration: h.registration, connectors });
-  const tcp = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-  const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${tcp}`, { clientId: "bench-device" });
+  // The bridge runs as its own process, as in production; homeserver and load generator stay here.
+  const bridge = new BridgeProcess(h);
+  bridge.start();
+  const tcp = port;
+  const device = await connectWhenUp(tcp, "bench-device");
   const total = () => roomIds.reduce((n, id) => n + h.hs.messages(id).length, 0);
 
   // Warm-up: ghosts registered and joined in every room.
@@ -187,7 +202,7 @@ async function bridgeBench(): Promise<Record<string, number>> {
 
   await listener.endAsync();
   await device.endAsync();
-  await bridge.stop();
+  await bridge.kill("SIGTERM");
   await h.cleanup();
   return {
     mqttToMatrix: rate(N, toMatrixMs),

@@ -86,7 +86,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       cleanups.push(() => embedded.stop());
       redisUrl = embedded.url;
     }
-    const redis: Redis = connectRedis(redisUrl, "main");
+    const redis: Redis = connectRedis(redisUrl, "main", { autoPipelining: true });
     cleanups.push(async () => void redis.disconnect());
     await redis.ping();
     await warnAboutRedisSettings(redis, log);
@@ -141,7 +141,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       ...queueDefaults,
       name: "to-matrix",
       log: moduleLogger("queue", { queue: "to-matrix" }),
-      process: async (job, { jobId }) => {
+      process: async (job, { id }) => {
         const found = routes.inbound(job.endpointId);
         if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
         const roomId = await roomIdFor(found.route.id);
@@ -157,7 +157,7 @@ export async function start({ config, registration, connectors }: StartOptions):
           const mxc = await matrix.upload(sender.userId, data, job.attachment.name, job.attachment.mimeType);
           content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
         }
-        await matrix.sendAs(sender, roomId, "m.room.message", content, jobId);
+        await matrix.sendAs(sender, roomId, "m.room.message", content, id);
       },
     });
     cleanups.push(() => toMatrix.stop());
@@ -237,24 +237,30 @@ export async function start({ config, registration, connectors }: StartOptions):
     }
 
     // Matrix → remote: transactions from the homeserver.
-    const onEvents = async (events: MatrixEvent[]): Promise<void> => {
-      for (const ev of events) {
-        if (isOurs(ev.sender)) continue; // loop guard: never relay what our bot or ghosts said
-        if (ev.type === "m.room.member" && ev.state_key === bot) {
-          if (ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
-            matrix
-              .ensureBotInRoom(ev.room_id, [])
-              .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
-          }
-          continue;
+    // Every event takes the same awaits, so their items are enqueued in the order of the transaction.
+    const relayEvent = async (ev: MatrixEvent): Promise<void> => {
+      if (isOurs(ev.sender)) return; // loop guard: never relay what our bot or ghosts said
+      if (ev.type === "m.room.member" && ev.state_key === bot) {
+        if (ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
+          matrix
+            .ensureBotInRoom(ev.room_id, [])
+            .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
         }
-        if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) continue;
-        const seenKey = `${prefix}:seen-event:${ev.event_id}`;
-        if ((await redis.exists(seenKey)) === 1) continue;
-        const displayName = ev.sender.slice(1, ev.sender.indexOf(":"));
-        const body = fromMatrixContent(ev.content, displayName);
-        if (body) {
-          for (const endpoint of routes.outboundForRoom(ev.room_id)) {
+        return;
+      }
+      if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
+      const seenKey = `${prefix}:seen-event:${ev.event_id}`;
+      if ((await redis.exists(seenKey)) === 1) return;
+      const displayName = ev.sender.slice(1, ev.sender.indexOf(":"));
+      const body = fromMatrixContent(ev.content, displayName);
+      if (!body) {
+        log.debug(
+          { eventId: ev.event_id, msgtype: ev.content.msgtype },
+          "room message not relayed (edit or unsupported msgtype)",
+        );
+      } else {
+        await Promise.all(
+          routes.outboundForRoom(ev.room_id).map((endpoint) => {
             const id = jobIdFor("out", ev.event_id, endpoint.id);
             const message: OutboundMessage = {
               id,
@@ -262,16 +268,16 @@ export async function start({ config, registration, connectors }: StartOptions):
               body,
               timestamp: ev.origin_server_ts ?? Date.now(),
             };
-            await toRemote.get(endpoint.connector)!.add(ev.room_id, id, { endpointId: endpoint.id, message });
-          }
-        } else {
-          log.debug(
-            { eventId: ev.event_id, msgtype: ev.content.msgtype },
-            "room message not relayed (edit or unsupported msgtype)",
-          );
-        }
-        await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+            return toRemote
+              .get(endpoint.connector)!
+              .add(ev.room_id, id, { endpointId: endpoint.id, message });
+          }),
+        );
       }
+      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+    };
+    const onEvents = async (events: MatrixEvent[]): Promise<void> => {
+      await Promise.all(events.map(relayEvent));
     };
 
     const server = new AppserviceServer(

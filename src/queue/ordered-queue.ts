@@ -13,7 +13,7 @@
  */
 import { createHash } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
-import { Queue, UnrecoverableError, WaitingError, Worker, type Job } from "bullmq";
+import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
 import { PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
@@ -37,7 +37,8 @@ export interface OrderedQueueOptions<T> {
   /** Identifies this process; a restarted process with the same id takes its leases back at once. */
   instanceId: string;
   log: Logger;
-  process(data: T, info: { jobId: string; attempt: number }): Promise<void>;
+  /** Delivers one item. Throw PermanentError to fail it now, anything else to retry it. */
+  process(data: T, info: { id: string; attempt: number }): Promise<void>;
 }
 
 export interface FailedJob {
@@ -158,48 +159,120 @@ class Shard<T> {
   }
 }
 
+/** One relay: `id` is stable for the message (also the Matrix txnId), `data` what to deliver. */
+export interface QueueItem<T> {
+  id: string;
+  data: T;
+}
+
+/** A BullMQ job carries a batch of items of one shard, delivered one by one, in order. */
+interface BatchData<T> {
+  items: QueueItem<T>[];
+}
+
+interface PendingBatch<T> {
+  items: QueueItem<T>[];
+  waiters: { resolve: () => void; reject: (err: unknown) => void }[];
+}
+
+/** Items added in the same tick to one shard travel as one job: one Redis write instead of N. */
+const MAX_BATCH = 200;
+
 export class OrderedQueue<T> {
   private readonly producer: Redis;
   private readonly shards: Shard<T>[];
+  private readonly pending = new Map<number, PendingBatch<T>>();
+  /** Items that failed for good, with the reason: the failed list. */
+  private readonly dead: Queue;
   private readonly stopping = new AbortController();
 
   constructor(readonly opts: OrderedQueueOptions<T>) {
-    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`);
+    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`, { autoPipelining: true });
     this.shards = Array.from(
       { length: opts.shards },
       (_, i) => new Shard(this, `${opts.name}-${i}`, this.producer),
     );
+    this.dead = new Queue(`${opts.name}-failed`, { connection: this.producer, prefix: opts.prefix });
   }
 
   /**
-   * Durably enqueues `data` behind every earlier job with the same `orderKey`. Adding an id that
-   * is still known (waiting, active, completed-and-kept or failed) is a no-op: that is the dedupe.
+   * Durably enqueues `data` behind every earlier item with the same `orderKey`; resolves once it
+   * is in Redis. `id` identifies the message: consumers use it for idempotency (a Matrix txnId).
+   * Items added in one tick are written together; a batch added twice (same items, e.g. a replayed
+   * homeserver transaction) is stored once.
    */
-  async add(orderKey: string, jobId: string, data: T): Promise<void> {
-    const shard = this.shards[shardOf(orderKey, this.shards.length)]!;
-    await shard.queue.add("relay", data, {
-      jobId,
+  add(orderKey: string, id: string, data: T): Promise<void> {
+    const shardIndex = shardOf(orderKey, this.shards.length);
+    let batch = this.pending.get(shardIndex);
+    if (!batch) {
+      batch = { items: [], waiters: [] };
+      this.pending.set(shardIndex, batch);
+      setImmediate(() => this.flush(shardIndex, batch!));
+    }
+    batch.items.push({ id, data });
+    const done = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
+    if (batch.items.length >= MAX_BATCH) this.flush(shardIndex, batch);
+    return done;
+  }
+
+  private flush(shardIndex: number, batch: PendingBatch<T>): void {
+    if (this.pending.get(shardIndex) !== batch) return; // already flushed (it was full)
+    this.pending.delete(shardIndex);
+    const data: BatchData<T> = { items: batch.items };
+    this.shards[shardIndex]!.queue.add("relay", data, {
+      jobId: jobIdFor(...batch.items.map((i) => i.id)),
       attempts: 1, // retries happen in place, see runJob
       removeOnComplete: { count: this.opts.keepCompleted },
       removeOnFail: { count: this.opts.keepFailed },
-    });
+    }).then(
+      () => batch.waiters.forEach((w) => w.resolve()),
+      (err: unknown) => batch.waiters.forEach((w) => w.reject(err)),
+    );
   }
 
   async start(): Promise<void> {
     await Promise.all(this.shards.map((s) => s.start(this.producer)));
   }
 
-  /** The processor of every shard: retries transient failures in place, keeping the shard's order. */
+  /**
+   * The processor of every shard: delivers a batch's items in order, retrying transient failures in
+   * place. Progress is recorded as it goes, so a restart resumes after the last delivered item
+   * (give or take the last few: delivery is at least once, and idempotent where `id` allows).
+   */
   async runJob(job: Job, token: string | undefined): Promise<void> {
+    const { items } = job.data as BatchData<T>;
+    const from = typeof job.progress === "number" ? job.progress : 0;
+    for (let index = from; index < items.length; index++) {
+      await this.deliver(job, token, items[index]!);
+      if (items.length > 1) {
+        // Not awaited: a lost update only means re-delivering a few items after a crash.
+        job.updateProgress(index + 1).catch(() => undefined);
+      }
+    }
+  }
+
+  private async deliver(job: Job, token: string | undefined, item: QueueItem<T>): Promise<void> {
     const { retry, log } = this.opts;
     for (let attempt = 1; ; attempt++) {
       try {
-        await this.opts.process(job.data as T, { jobId: job.id!, attempt });
+        await this.opts.process(item.data, { id: item.id, attempt });
         return;
       } catch (err) {
-        if (err instanceof PermanentError) throw new UnrecoverableError(`permanent: ${err.message}`);
-        if (attempt >= retry.maxAttempts) {
-          throw new UnrecoverableError(`gave up after ${attempt} attempts: ${errorMessage(err)}`);
+        const permanent = err instanceof PermanentError;
+        if (permanent || attempt >= retry.maxAttempts) {
+          const reason = permanent
+            ? `permanent: ${err.message}`
+            : `gave up after ${attempt} attempts: ${errorMessage(err)}`;
+          log.error(
+            { queue: this.opts.name, itemId: item.id, reason },
+            "relay failed; moved to the failed list",
+          );
+          await this.dead.add(
+            "failed",
+            { item, reason, failedAt: Date.now() },
+            { jobId: jobIdFor("failed", item.id) },
+          );
+          return;
         }
         const delay = retryDelayMs(
           retry,
@@ -209,7 +282,7 @@ export class OrderedQueue<T> {
         log.warn(
           {
             queue: this.opts.name,
-            jobId: job.id,
+            itemId: item.id,
             attempt,
             delayMs: Math.round(delay),
             err: errorMessage(err),
@@ -227,20 +300,21 @@ export class OrderedQueue<T> {
     }
   }
 
+  /** The failed list: items that failed permanently or ran out of attempts, oldest first. */
   async failedJobs(limit = 100): Promise<FailedJob[]> {
-    const lists = await Promise.all(this.shards.map((s) => s.queue.getFailed(0, limit - 1)));
-    return lists
-      .flatMap((jobs, i) =>
-        jobs.map((j) => ({
-          queue: this.shards[i]!.name,
-          id: j.id!,
-          reason: j.failedReason,
-          failedAt: j.finishedOn,
-          data: j.data as unknown,
-        })),
-      )
-      .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0))
-      .slice(0, limit);
+    const jobs = await this.dead.getWaiting(0, limit - 1);
+    return jobs
+      .map((j) => {
+        const d = j.data as { item: QueueItem<T>; reason: string; failedAt: number };
+        return {
+          queue: this.opts.name,
+          id: d.item.id,
+          reason: d.reason,
+          failedAt: d.failedAt,
+          data: d.item.data,
+        };
+      })
+      .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
   }
 
   /** Counts over all shards, for metrics and tests. */
@@ -254,6 +328,7 @@ export class OrderedQueue<T> {
   async stop(): Promise<void> {
     this.stopping.abort();
     await Promise.all(this.shards.map((s) => s.stop(this.producer)));
+    await this.dead.close();
     this.producer.disconnect();
   }
 }

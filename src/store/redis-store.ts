@@ -2,9 +2,11 @@ import { Redis } from "ioredis";
 import type { KeyValueStore } from "../connector.js";
 
 /** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
-export function connectRedis(url: string, name: string): Redis {
+export function connectRedis(url: string, name: string, opts: { autoPipelining?: boolean } = {}): Redis {
   const options = {
     connectionName: `tribridge-${name}`,
+    // Commands issued in the same tick go out in one write (not for BullMQ's blocking worker connections).
+    enableAutoPipelining: opts.autoPipelining ?? false,
     maxRetriesPerRequest: null, // BullMQ workers require it; commands wait for a reconnect instead of failing
     enableReadyCheck: true,
   };

@@ -4,38 +4,14 @@
  */
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import mqtt, { type MqttClient } from "mqtt";
-import { stringify } from "yaml";
-import { registrationYaml } from "../../src/matrix/registration.js";
+import { BridgeProcess } from "../helpers/bridge-process.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 const TOTAL = 1000;
 let h: Harness;
-let dir: string;
-let child: ChildProcess | undefined;
+let bridge: BridgeProcess;
 let device: MqttClient | undefined;
-
-function startBridge(): ChildProcess {
-  const proc = spawn(
-    process.execPath,
-    [
-      "--import",
-      "tsx",
-      "src/index.ts",
-      "start",
-      "-c",
-      join(dir, "config.yaml"),
-      "-r",
-      join(dir, "registration.yaml"),
-    ],
-    { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "error" } },
-  );
-  return proc;
-}
 
 before(async () => {
   const port = await freePort();
@@ -49,14 +25,12 @@ before(async () => {
       },
     ],
   });
-  dir = mkdtempSync(join(tmpdir(), "tribridge-crash-"));
-  writeFileSync(join(dir, "config.yaml"), stringify(h.rawConfig));
-  writeFileSync(join(dir, "registration.yaml"), registrationYaml(h.registration));
+  bridge = new BridgeProcess(h);
 });
 
 after(async () => {
   await device?.endAsync(true);
-  child?.kill("SIGKILL");
+  await bridge?.kill("SIGKILL");
   await h?.cleanup();
 });
 
@@ -65,18 +39,17 @@ test(
   { timeout: 120_000 },
   async () => {
     const room = h.hs.createRoom({ creator: h.alice, alias: "#crash:test.local", preset: "public_chat" });
-    child = startBridge();
+    bridge.start();
     const port = (h.config.accounts[0]!.config as { embedded: { port: number } }).embedded.port;
     device = await waitForConnect(port);
 
     for (let i = 0; i < TOTAL; i++)
       void device.publishAsync("seq/counter", String(i), { qos: 1 }).catch(() => undefined);
     await waitFor("some messages before the kill", () => h.hs.messages(room).length >= 150, 60_000);
-    child.kill("SIGKILL");
-    await new Promise((r) => child!.once("exit", r));
+    await bridge.kill("SIGKILL");
     const atKill = h.hs.messages(room).length;
 
-    child = startBridge();
+    bridge.start();
     await h.hs.waitForMessages(room, TOTAL, 90_000);
     await new Promise((r) => setTimeout(r, 1000)); // a duplicate would show up by now
     const bodies = h.hs.messages(room).map((m) => Number(m.content.body));

@@ -1,0 +1,45 @@
+/** Runs the bridge as its own process through the CLI, as a user would (crash tests, benchmarks). */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { stringify } from "yaml";
+import { registrationYaml } from "../../src/matrix/registration.js";
+import type { Harness } from "./fixture.js";
+
+export class BridgeProcess {
+  private child: ChildProcess | undefined;
+  private readonly dir: string;
+
+  constructor(h: Harness) {
+    this.dir = mkdtempSync(join(tmpdir(), "tribridge-proc-"));
+    writeFileSync(join(this.dir, "config.yaml"), stringify(h.rawConfig));
+    writeFileSync(join(this.dir, "registration.yaml"), registrationYaml(h.registration));
+  }
+
+  start(): void {
+    this.child = spawn(
+      process.execPath,
+      [
+        "--import",
+        "tsx",
+        "src/index.ts",
+        "start",
+        "-c",
+        join(this.dir, "config.yaml"),
+        "-r",
+        join(this.dir, "registration.yaml"),
+      ],
+      { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "error" } },
+    );
+  }
+
+  /** Sends `signal` and waits for the process to exit. */
+  async kill(signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((r) => child.once("exit", r));
+    child.kill(signal);
+    await exited;
+  }
+}
