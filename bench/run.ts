@@ -111,7 +111,7 @@ async function bridgeBench(): Promise<Record<string, number>> {
   const port = await freePort();
   const rooms = Array.from({ length: ROOMS }, (_, i) => `bench${i}`);
   const h = await harness({
-    queue: { shards: 8 },
+    queue: { shards: 16 },
     bridges: { mqtt: { home: { embedded: { port } } } },
     routes: rooms.map((r, i) => ({
       id: r,

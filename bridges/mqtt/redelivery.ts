@@ -32,6 +32,7 @@ export class RedeliveryTracker {
   private readonly connection = randomUUID();
   private readonly usedHere = new Set<number>();
   private earlier: Promise<Map<number, Seen>> | undefined;
+  private expirySetAt = 0;
 
   constructor(
     private readonly store: KeyValueStore,
@@ -76,7 +77,16 @@ export class RedeliveryTracker {
     }
     const remoteId = `${this.clientId}/${this.connection}/${messageId}`;
     const seen: Seen = { connection: this.connection, digest, remoteId };
-    await this.store.setInMap(this.key(), String(messageId), JSON.stringify(seen), this.windowMs);
+    // Refreshing the expiry on every write costs a command per message; every half window is enough.
+    const now = Date.now();
+    const refresh = now - this.expirySetAt > this.windowMs / 2;
+    if (refresh) this.expirySetAt = now;
+    await this.store.setInMap(
+      this.key(),
+      String(messageId),
+      JSON.stringify(seen),
+      refresh ? this.windowMs : undefined,
+    );
     return { remoteId, redelivered: false };
   }
 }

@@ -14,7 +14,7 @@ export const DEFAULTS = {
   botDisplayName: "tribridge",
   ghostPrefix: "_tb_",
   queuePrefix: "tribridge",
-  queueShards: 8, // rooms are hashed onto shards; each shard relays one message at a time, in order
+  queueShards: 16, // rooms are hashed onto shards; a shard relays one batch at a time, each room in order
   maxAttempts: 12, // per message; with the delays below ≈ 8 minutes before it lands in the failed list
   initialRetryDelayMs: 500,
   maxRetryDelayMs: 60_000, // 1 minute

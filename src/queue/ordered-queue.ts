@@ -1,12 +1,13 @@
 /**
  * A durable queue that keeps order per key (per room) across retries, crashes and restarts.
  *
- * Keys are hashed onto `shards` BullMQ queues. Each shard is consumed by exactly one worker with
- * concurrency 1, guarded by a lease in Redis so that several tribridge instances split the shards
- * between them instead of racing. A transient failure is retried *in place* (the job stays active,
- * the shard waits) rather than through BullMQ's delayed set, which would let later jobs overtake it.
- * A job that exhausts its attempts, or fails permanently, goes to the shard's failed set with the
- * reason, and the shard moves on.
+ * Keys are hashed onto `shards` BullMQ queues. Items added in the same tick to one shard travel as
+ * one job (a batch). Each shard is consumed by exactly one worker with concurrency 1, guarded by a
+ * lease in Redis so that several tribridge instances split the shards between them instead of
+ * racing. Within a batch, the items of different keys are delivered concurrently and the items of
+ * one key one after another. A transient failure is retried *in place* (the key waits) rather than
+ * through BullMQ's delayed set, which would let later items overtake it. An item that exhausts its
+ * attempts, or fails permanently, goes to the failed list with the reason, and its key moves on.
  *
  * After a crash, the job that was active is put back at the head of its shard before consuming
  * resumes (BullMQ's own stalled-job check would only notice it after later jobs ran).
@@ -162,6 +163,8 @@ class Shard<T> {
 /** One relay: `id` is stable for the message (also the Matrix txnId), `data` what to deliver. */
 export interface QueueItem<T> {
   id: string;
+  /** The order key (room): items with the same key are delivered in order. */
+  key: string;
   data: T;
 }
 
@@ -177,6 +180,8 @@ interface PendingBatch<T> {
 
 /** Items added in the same tick to one shard travel as one job: one Redis write instead of N. */
 const MAX_BATCH = 200;
+/** How often a batch records how far it got: after a crash at most this many items are delivered again. */
+const PROGRESS_EVERY = 10;
 
 export class OrderedQueue<T> {
   private readonly producer: Redis;
@@ -209,7 +214,7 @@ export class OrderedQueue<T> {
       this.pending.set(shardIndex, batch);
       setImmediate(() => this.flush(shardIndex, batch!));
     }
-    batch.items.push({ id, data });
+    batch.items.push({ id, key: orderKey, data });
     const done = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
     if (batch.items.length >= MAX_BATCH) this.flush(shardIndex, batch);
     return done;
@@ -235,25 +240,50 @@ export class OrderedQueue<T> {
   }
 
   /**
-   * The processor of every shard: delivers a batch's items in order, retrying transient failures in
-   * place. Progress is recorded as it goes, so a restart resumes after the last delivered item
-   * (give or take the last few: delivery is at least once, and idempotent where `id` allows).
+   * The processor of every shard: delivers a batch, each key's items in order, keys concurrently.
+   * Progress is recorded as it goes, so a restart resumes after what was delivered (give or take
+   * the last few: delivery is at least once, and idempotent where `id` allows).
    */
   async runJob(job: Job, token: string | undefined): Promise<void> {
     const { items } = job.data as BatchData<T>;
-    const from = typeof job.progress === "number" ? job.progress : 0;
-    for (let index = from; index < items.length; index++) {
-      await this.deliver(job, token, items[index]!);
-      if (items.length > 1) {
-        // Not awaited: a lost update only means re-delivering a few items after a crash.
-        job.updateProgress(index + 1).catch(() => undefined);
-      }
+    const saved = (job.progress as { done?: number[] } | number | undefined) ?? {};
+    const done = new Set(typeof saved === "object" && Array.isArray(saved.done) ? saved.done : []);
+    const byKey = new Map<string, number[]>();
+    items.forEach((item, index) => {
+      if (done.has(index)) return;
+      const list = byKey.get(item.key);
+      if (list) list.push(index);
+      else byKey.set(item.key, [index]);
+    });
+    let unsaved = 0;
+    const results = await Promise.allSettled(
+      [...byKey.values()].map(async (indices) => {
+        for (const index of indices) {
+          await this.deliver(items[index]!);
+          done.add(index);
+          if (++unsaved >= PROGRESS_EVERY && done.size < items.length) {
+            unsaved = 0;
+            // Not awaited: a lost update only means re-delivering a few items after a crash.
+            job.updateProgress({ done: [...done] }).catch(() => undefined);
+          }
+        }
+      }),
+    );
+    const failure = results.find((r) => r.status === "rejected");
+    if (!failure) return;
+    if (this.stopping.signal.aborted) {
+      // Shutting down mid-batch: keep what was delivered, and put the job back at the head of its shard.
+      await job.updateProgress({ done: [...done] });
+      await job.moveToWait(token);
+      throw new WaitingError();
     }
+    throw failure.reason;
   }
 
-  private async deliver(job: Job, token: string | undefined, item: QueueItem<T>): Promise<void> {
+  private async deliver(item: QueueItem<T>): Promise<void> {
     const { retry, log } = this.opts;
     for (let attempt = 1; ; attempt++) {
+      this.stopping.signal.throwIfAborted();
       try {
         await this.opts.process(item.data, { id: item.id, attempt });
         return;
@@ -289,13 +319,7 @@ export class OrderedQueue<T> {
           },
           "relay failed; retrying",
         );
-        try {
-          await sleep(delay, undefined, { signal: this.stopping.signal });
-        } catch {
-          // Shutting down mid-retry: put the job back at the head of its shard for the next start.
-          await job.moveToWait(token);
-          throw new WaitingError();
-        }
+        await sleep(delay, undefined, { signal: this.stopping.signal });
       }
     }
   }

@@ -21,6 +21,10 @@ export class BridgeProcess {
     this.child = spawn(
       process.execPath,
       [
+        // BRIDGE_CPU_PROFILE_DIR=/tmp/x writes a V8 CPU profile of the bridge process there.
+        ...(process.env.BRIDGE_CPU_PROFILE_DIR
+          ? ["--cpu-prof", `--cpu-prof-dir=${process.env.BRIDGE_CPU_PROFILE_DIR}`]
+          : []),
         "--import",
         "tsx",
         "src/index.ts",
