@@ -34,7 +34,7 @@ function asFile(topic: string, payload: Uint8Array, notice: boolean): DecodedPay
 function lookup(value: unknown, path: string): unknown {
   let node = value;
   for (const key of path.split(".")) {
-    if (typeof node !== "object" || node === null) return undefined;
+    if (typeof node !== "object" || node === null || !Object.hasOwn(node, key)) return undefined;
     node = (node as Record<string, unknown>)[key];
   }
   return node;

@@ -33,6 +33,7 @@ export class RedeliveryTracker {
   private readonly usedHere = new Set<number>();
   private earlier: Promise<Map<number, Seen>> | undefined;
   private expirySetAt = 0;
+  private sequence = 0;
 
   constructor(
     private readonly store: KeyValueStore,
@@ -75,8 +76,10 @@ export class RedeliveryTracker {
         return { remoteId: before.remoteId, redelivered: true };
       }
     }
-    const remoteId = `${this.clientId}/${this.connection}/${messageId}`;
+    // A packet id is reused once acknowledged, so the sequence number keeps remote ids unique.
+    const remoteId = `${this.clientId}/${this.connection}/${messageId}/${++this.sequence}`;
     const seen: Seen = { connection: this.connection, digest, remoteId };
+    (await this.loadEarlier()).set(messageId, seen);
     // Refreshing the expiry on every write costs a command per message; every half window is enough.
     const now = Date.now();
     const refresh = now - this.expirySetAt > this.windowMs / 2;

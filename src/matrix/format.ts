@@ -50,13 +50,17 @@ export function fromMatrixContent(
 ): MessageBody | undefined {
   const relates = content["m.relates_to"] as { rel_type?: string } | undefined;
   if (relates?.rel_type === "m.replace") return undefined; // edits: the far side has no way to change a sent message
-  const body = typeof content.body === "string" ? content.body : undefined;
-  if (body === undefined) return undefined;
+  const raw = typeof content.body === "string" ? content.body : undefined;
+  if (raw === undefined) return undefined;
+  // Only a reply carries a fallback quote; a message that merely starts with "> " is a quote.
+  const isReply =
+    (content["m.relates_to"] as { "m.in_reply_to"?: unknown } | undefined)?.["m.in_reply_to"] !== undefined;
+  const body = isReply ? stripReplyFallback(raw) : raw;
   switch (content.msgtype) {
     case "m.text":
-      return { text: stripReplyFallback(body) };
+      return { text: body };
     case "m.notice":
-      return { text: stripReplyFallback(body), notice: true };
+      return { text: body, notice: true };
     case "m.emote":
       return { text: `* ${displayName} ${body}` };
     case "m.image":

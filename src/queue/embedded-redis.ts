@@ -64,6 +64,7 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
       maxRetriesPerRequest: 0,
       retryStrategy: () => null,
     });
+    probe.on("error", () => undefined); // expected until redis-server has created its socket
     try {
       await probe.connect();
       await probe.ping();

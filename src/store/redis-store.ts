@@ -1,5 +1,8 @@
 import { Redis } from "ioredis";
 import type { KeyValueStore } from "../connector.js";
+import { moduleLogger } from "../log.js";
+
+const log = moduleLogger("redis");
 
 /** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
 export function connectRedis(url: string, name: string, opts: { autoPipelining?: boolean } = {}): Redis {
@@ -10,8 +13,18 @@ export function connectRedis(url: string, name: string, opts: { autoPipelining?:
     maxRetriesPerRequest: null, // BullMQ workers require it; commands wait for a reconnect instead of failing
     enableReadyCheck: true,
   };
-  if (url.startsWith("unix://")) return new Redis({ ...options, path: url.slice("unix://".length) });
-  return new Redis(url, options);
+  const redis = url.startsWith("unix://")
+    ? new Redis({ ...options, path: url.slice("unix://".length) })
+    : new Redis(url, options);
+  // ioredis reconnects by itself; an unhandled "error" event would crash the process instead.
+  let lastError = "";
+  redis.on("error", (err: Error) => {
+    if (err.message !== lastError)
+      log.warn({ connection: name, err: err.message }, "redis connection error; reconnecting");
+    lastError = err.message;
+  });
+  redis.on("ready", () => (lastError = ""));
+  return redis;
 }
 
 /** A KeyValueStore under one key prefix. */

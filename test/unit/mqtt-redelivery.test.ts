@@ -1,0 +1,175 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import type { KeyValueStore } from "../../src/connector.js";
+import { RedeliveryTracker, qos0RemoteId } from "../../bridges/mqtt/redelivery.js";
+
+/** In-memory KeyValueStore; records every setInMap call (ttl included). Expiry is not simulated. */
+class MemoryStore implements KeyValueStore {
+  readonly values = new Map<string, string>();
+  readonly maps = new Map<string, Map<string, string>>();
+  readonly mapWrites: { key: string; field: string; value: string; ttlMs: number | undefined }[] = [];
+
+  async get(key: string): Promise<string | undefined> {
+    return this.values.get(key);
+  }
+  async set(key: string, value: string): Promise<void> {
+    this.values.set(key, value);
+  }
+  async delete(key: string): Promise<void> {
+    this.values.delete(key);
+    this.maps.delete(key);
+  }
+  async getMap(key: string): Promise<Record<string, string>> {
+    return Object.fromEntries(this.maps.get(key) ?? []);
+  }
+  async setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void> {
+    this.mapWrites.push({ key, field, value, ttlMs });
+    let map = this.maps.get(key);
+    if (!map) this.maps.set(key, (map = new Map()));
+    map.set(field, value);
+  }
+}
+
+const WINDOW = 600_000;
+const payload = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
+
+test("a first publish is not a redelivery and gets a remoteId naming the client", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "client:dev1", WINDOW);
+  const id = await t.identify(5, false, "a/b", payload("on"));
+  assert.equal(id.redelivered, false);
+  assert.ok(id.remoteId.startsWith("client:dev1/"), id.remoteId);
+});
+
+test("[MQTT-4.4.0-1] a new connection re-sending the same packet id, topic and payload without DUP is a redelivery", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "client:dev1", WINDOW).identify(
+    7,
+    false,
+    "a/b",
+    payload("on"),
+  );
+  // the PUBACK was lost; mqtt.js reconnects and re-sends with the same id, DUP unset
+  const again = await new RedeliveryTracker(store, "client:dev1", WINDOW).identify(
+    7,
+    false,
+    "a/b",
+    payload("on"),
+  );
+  assert.deepEqual(again, { remoteId: first.remoteId, redelivered: true });
+});
+
+test("a redelivery seen by a third connection still maps to the original remoteId", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
+  await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
+  const third = await new RedeliveryTracker(store, "c", WINDOW).identify(7, true, "a/b", payload("on"));
+  assert.deepEqual(third, { remoteId: first.remoteId, redelivered: true });
+});
+
+test("a new connection with the same packet id but a different payload is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
+  const next = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("off"));
+  assert.equal(next.redelivered, false);
+  assert.notEqual(next.remoteId, first.remoteId);
+});
+
+test("a new connection with the same packet id and payload but another topic is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
+  const next = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/c", payload("on"));
+  assert.equal(next.redelivered, false);
+  assert.notEqual(next.remoteId, first.remoteId);
+});
+
+test("another client with the same packet id, topic and payload is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "client:a", WINDOW).identify(7, false, "t", payload("on"));
+  const other = await new RedeliveryTracker(store, "client:b", WINDOW).identify(7, false, "t", payload("on"));
+  assert.equal(other.redelivered, false);
+  assert.notEqual(other.remoteId, first.remoteId);
+});
+
+test("the same packet id reused on the SAME connection (DUP unset) is not a redelivery", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW);
+  await t.identify(9, false, "a/b", payload("on"));
+  const reused = await t.identify(9, false, "a/b", payload("on"));
+  assert.equal(reused.redelivered, false);
+});
+
+test("the same packet id reused on the SAME connection is a new message with its own remoteId", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW);
+  const first = await t.identify(9, false, "a/b", payload("on"));
+  const reused = await t.identify(9, false, "a/b", payload("on"));
+  assert.equal(reused.redelivered, false);
+  assert.notEqual(reused.remoteId, first.remoteId);
+});
+
+test("[MQTT-3.3.1-1] DUP=1 on the same connection with the same topic and payload is a redelivery", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW);
+  const first = await t.identify(11, false, "a/b", payload("on"));
+  const dup = await t.identify(11, true, "a/b", payload("on"));
+  assert.deepEqual(dup, { remoteId: first.remoteId, redelivered: true });
+});
+
+test("DUP=1 on the same connection keeps the same remoteId (so the core drops it)", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW);
+  const first = await t.identify(11, false, "a/b", payload("on"));
+  const dup = await t.identify(11, true, "a/b", payload("on"));
+  assert.equal(dup.remoteId, first.remoteId);
+});
+
+test("DUP=1 on a new connection with the same digest is a redelivery", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(3, false, "t", payload("x"));
+  const dup = await new RedeliveryTracker(store, "c", WINDOW).identify(3, true, "t", payload("x"));
+  assert.deepEqual(dup, { remoteId: first.remoteId, redelivered: true });
+});
+
+test("DUP=1 with a different payload is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(3, false, "t", payload("x"));
+  const dup = await new RedeliveryTracker(store, "c", WINDOW).identify(3, true, "t", payload("y"));
+  assert.equal(dup.redelivered, false);
+  assert.notEqual(dup.remoteId, first.remoteId);
+});
+
+test("the record is written before identify resolves, in one map per client, with the ttl on the first write", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "client:dev1", WINDOW);
+  await t.identify(1, false, "t", payload("a"));
+  assert.equal(store.mapWrites.length, 1);
+  assert.equal(store.mapWrites[0]!.key, "redelivery:client:dev1");
+  assert.equal(store.mapWrites[0]!.field, "1");
+  assert.equal(store.mapWrites[0]!.ttlMs, WINDOW);
+  // later writes within half a window do not refresh the expiry
+  await t.identify(2, false, "t", payload("b"));
+  assert.equal(store.mapWrites.length, 2);
+  assert.equal(store.mapWrites[1]!.ttlMs, undefined);
+});
+
+test("a redelivery writes nothing", async () => {
+  const store = new MemoryStore();
+  await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
+  await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
+  assert.equal(store.mapWrites.length, 1);
+});
+
+test("an unreadable record only loses that one detection", async () => {
+  const store = new MemoryStore();
+  await store.setInMap("redelivery:c", "7", "{not json");
+  const id = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
+  assert.equal(id.redelivered, false);
+});
+
+test("qos0RemoteId is unique per call and names the client", () => {
+  const a = qos0RemoteId("dev1");
+  const b = qos0RemoteId("dev1");
+  assert.notEqual(a, b);
+  assert.ok(a.startsWith("dev1/"));
+});

@@ -1,0 +1,122 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parse as parseYaml } from "yaml";
+import { connectors } from "../../bridges/index.js";
+import { validateConfig } from "../../src/config/load.js";
+import { ConfigError } from "../../src/errors.js";
+import {
+  buildRegistration,
+  loadRegistration,
+  registrationYaml,
+  writeRegistration,
+} from "../../src/matrix/registration.js";
+
+const SAMPLE = fileURLToPath(new URL("../../registration.yaml", import.meta.url));
+const config = validateConfig({ homeserver: { url: "http://hs:8008", domain: "example.org" } }, connectors);
+
+function withTempDir(fn: (dir: string) => void): void {
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-reg-"));
+  try {
+    fn(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("tokens are 64 hex chars and differ from each other and between runs", () => {
+  const a = buildRegistration(config, connectors);
+  const b = buildRegistration(config, connectors);
+  for (const t of [a.as_token, a.hs_token, b.as_token, b.hs_token]) assert.match(t, /^[0-9a-f]{64}$/);
+  assert.notEqual(a.as_token, a.hs_token);
+  assert.notEqual(a.as_token, b.as_token);
+  assert.notEqual(a.hs_token, b.hs_token);
+});
+
+test("id, url and sender_localpart come from the config", () => {
+  const reg = buildRegistration(config, connectors);
+  assert.equal(reg.id, "tribridge");
+  assert.equal(reg.url, "http://127.0.0.1:9993");
+  assert.equal(reg.sender_localpart, "tribridge");
+  assert.equal(buildRegistration(config, connectors, "other-id").id, "other-id");
+});
+
+test("rate_limited is false", () => {
+  assert.equal(buildRegistration(config, connectors).rate_limited, false);
+});
+
+test("namespaces has users, aliases and rooms keys; users are exclusive", () => {
+  const reg = buildRegistration(config, connectors);
+  assert.deepEqual(Object.keys(reg.namespaces).sort(), ["aliases", "rooms", "users"]);
+  assert.deepEqual(reg.namespaces.aliases, []);
+  assert.deepEqual(reg.namespaces.rooms, []);
+  assert.equal(reg.namespaces.users.length, 1 + connectors.length);
+  for (const u of reg.namespaces.users) assert.equal(u.exclusive, true);
+  assert.deepEqual(
+    reg.namespaces.users.map((u) => u.regex),
+    ["^@tribridge:example\\.org$", "^@_tb_mqtt_[^:]+:example\\.org$"],
+  );
+});
+
+test("registrationYaml round-trips through a YAML parser", () => {
+  const reg = buildRegistration(config, connectors);
+  const text = registrationYaml(reg);
+  assert.deepEqual(parseYaml(text), reg);
+  // the regexes' backslashes survive
+  assert.match(text, /example\\\.org/);
+});
+
+test("loadRegistration rejects the placeholder tokens of the repo's sample registration.yaml", () => {
+  assert.throws(
+    () => loadRegistration(SAMPLE),
+    (err: unknown) => {
+      assert.ok(err instanceof ConfigError);
+      assert.equal(err.path, "as_token");
+      assert.match(err.message, /placeholder tokens/);
+      return true;
+    },
+  );
+});
+
+test("loadRegistration accepts a generated registration", () => {
+  withTempDir((dir) => {
+    const reg = buildRegistration(config, connectors);
+    const file = join(dir, "registration.yaml");
+    writeRegistration(file, reg);
+    assert.deepEqual(loadRegistration(file), reg);
+    assert.equal(statSync(file).mode & 0o777, 0o600, "tokens are not world-readable");
+  });
+});
+
+test("loadRegistration rejects a placeholder hs_token alone", () => {
+  withTempDir((dir) => {
+    const reg = { ...buildRegistration(config, connectors), hs_token: "placeholder" };
+    const file = join(dir, "r.yaml");
+    writeFileSync(file, registrationYaml(reg));
+    assert.throws(() => loadRegistration(file), ConfigError);
+  });
+});
+
+test("loadRegistration names a missing key, and reports unreadable files", () => {
+  withTempDir((dir) => {
+    const { as_token: _drop, ...rest } = buildRegistration(config, connectors);
+    const file = join(dir, "r.yaml");
+    writeFileSync(file, registrationYaml(rest as never));
+    assert.throws(
+      () => loadRegistration(file),
+      (err: unknown) => err instanceof ConfigError && err.path === "as_token",
+    );
+    writeFileSync(file, "");
+    assert.throws(
+      () => loadRegistration(file),
+      (err: unknown) => err instanceof ConfigError && err.path === "id",
+    );
+    assert.throws(
+      () => loadRegistration(join(dir, "absent.yaml")),
+      (err: unknown) => err instanceof ConfigError && /cannot read registration/.test(err.message),
+    );
+  });
+});
