@@ -10,6 +10,7 @@ import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { setTimeout as sleep } from "node:timers/promises";
 import { PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
+import { routeLibraryLogs } from "./library-logging.js";
 import type { Registration } from "./registration.js";
 
 export interface MatrixClientOptions {
@@ -61,6 +62,7 @@ export class MatrixClient {
   private readonly httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: 64 });
 
   constructor(private readonly opts: MatrixClientOptions) {
+    routeLibraryLogs();
     const registration = AppServiceRegistration.fromObject(opts.registration);
     if (!registration) throw new Error("invalid registration");
     this.bridge = new Bridge({

@@ -1,0 +1,37 @@
+/**
+ * matrix-appservice-bridge and its bot-sdk log through winston to the console by default. Send
+ * their lines into our JSON log instead, one level lower (they are chatty), and drop the expected
+ * `M_USER_IN_USE` noise of registering a ghost that already exists.
+ */
+import { Writable } from "node:stream";
+import { Logger as BridgeLogger } from "matrix-appservice-bridge";
+import { moduleLogger } from "../log.js";
+
+const log = moduleLogger("matrix-sdk");
+const EXPECTED = /M_USER_IN_USE|User ID is in use|already taken/;
+
+let configured = false;
+
+export function routeLibraryLogs(): void {
+  if (configured) return;
+  configured = true;
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      try {
+        const entry = JSON.parse(chunk.toString("utf8")) as {
+          level?: string;
+          module?: string;
+          message?: string;
+        };
+        const message = `${entry.module ?? ""} ${entry.message ?? ""}`.trim();
+        if (EXPECTED.test(message) || entry.level === "debug" || entry.level === "info") log.debug(message);
+        else if (entry.level === "warn") log.info(message);
+        else log.warn(message);
+      } catch {
+        log.debug(chunk.toString("utf8").trim());
+      }
+      done();
+    },
+  });
+  BridgeLogger.root.configureLogging({ console: "off", json: true }, sink);
+}
