@@ -222,6 +222,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         log: clog,
         signal: lifetime.signal,
         store: new RedisKeyValueStore(redis, `${prefix}:kv:${ref}:`),
+        redis: { url: redisUrl, keyPrefix: `${prefix}:${ref}:` },
         emit,
         setState: (state, reason) => {
           const prev = states[ref];

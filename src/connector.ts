@@ -149,6 +149,12 @@ export interface ConnectorContext {
   readonly signal: AbortSignal;
   readonly store: KeyValueStore;
   /**
+   * The Redis the bridge runs on, for a connector whose own library needs durable state of its own
+   * (e.g. a broker's retained messages). Keep every key under `keyPrefix`. Prefer `store` for small
+   * things.
+   */
+  readonly redis: { readonly url: string; readonly keyPrefix: string };
+  /**
    * Hands a message to the core. Resolves only once the message is durably enqueued: acknowledge it
    * to the far side (PUBACK, IMAP cursor) only after that. Rejects when it could not be enqueued (Redis
    * down): then do not acknowledge, so the far side delivers it again. Never throws synchronously.

@@ -51,8 +51,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     const { config, ctx } = this;
     if (config.embedded) {
       ctx.setState("connecting");
-      this.embedded = new EmbeddedBroker(config.embedded, ctx.log, (msg, client) =>
-        this.ingest({ ...msg }, this.trackerFor(client, msg.clientId)),
+      this.embedded = new EmbeddedBroker(
+        config.embedded,
+        ctx.log,
+        (msg, client) => this.ingest({ ...msg }, this.trackerFor(client, msg.clientId)),
+        ctx.redis,
       );
       await this.embedded.start();
       ctx.log.info(

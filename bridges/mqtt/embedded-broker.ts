@@ -11,6 +11,8 @@ import { createServer as createTlsServer } from "node:tls";
 import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
 import { timingSafeEqual, createHash } from "node:crypto";
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from "aedes";
+import redisPersistence from "aedes-persistence-redis";
+import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
@@ -61,17 +63,28 @@ export function filterCovers(outer: string, inner: string): boolean {
 
 const SYS_PREFIX = "$SYS";
 
+function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string }): Redis {
+  const options = { keyPrefix, maxRetriesPerRequest: null, connectionName: "tribridge-mqtt-persistence" };
+  const redis = url.startsWith("unix://")
+    ? new Redis({ ...options, path: url.slice("unix://".length) })
+    : new Redis(url, options);
+  redis.on("error", () => undefined); // reconnects by itself; the broker reports what fails
+  return redis;
+}
+
 export class EmbeddedBroker {
   private broker: Aedes | undefined;
   private readonly servers: (NetServer | HttpServer)[] = [];
   private wss: WebSocketServer | undefined;
   private readonly usersByClient = new WeakMap<Client, User | undefined>();
   private readonly anonymous: boolean;
+  private persistenceConnection: Redis | undefined;
 
   constructor(
     private readonly config: EmbeddedBrokerConfig,
     private readonly log: Logger,
     private readonly onPublish: (msg: IncomingPublish, client: Client) => Promise<void>,
+    private readonly redis: { url: string; keyPrefix: string },
     private readonly onClientGone: (client: Client) => void = () => {},
   ) {
     this.anonymous = config.allowAnonymous ?? (config.users.length === 0 && isLoopback(config.host));
@@ -83,7 +96,10 @@ export class EmbeddedBroker {
   tlsPort = 0;
 
   async start(): Promise<void> {
+    // Retained messages and the sessions/offline queues of devices survive restarts in Redis.
+    this.persistenceConnection = redisConnection(this.redis);
     const broker = await Aedes.createBroker({
+      persistence: redisPersistence({ conn: this.persistenceConnection }),
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
       authorizeSubscribe: (client, sub, done) => done(null, this.authorizeSubscribe(client, sub)),
@@ -248,5 +264,6 @@ export class EmbeddedBroker {
     const broker = this.broker;
     if (broker) await new Promise<void>((resolve) => broker.close(() => resolve()));
     await Promise.all(closed);
+    this.persistenceConnection?.disconnect();
   }
 }

@@ -136,7 +136,9 @@ export class AppserviceServer {
     if (txn) {
       if (req.method !== "PUT") return send(res, 405, { errcode: "M_UNRECOGNIZED", error: "Use PUT" });
       const body = await readBody(req);
-      return this.handleTransaction(decodeURIComponent(txn[1]!), body, res);
+      const txnId = decodePathSegment(txn[1]!);
+      if (txnId === undefined) return send(res, 400, { errcode: "M_INVALID_PARAM", error: "Bad txnId" });
+      return this.handleTransaction(txnId, body, res);
     }
     if (path === "/_matrix/app/v1/ping") {
       if (req.method !== "POST") return send(res, 405, { errcode: "M_UNRECOGNIZED", error: "Use POST" });
@@ -144,18 +146,19 @@ export class AppserviceServer {
       return send(res, 200, {});
     }
     const user = USER_PATH.exec(path);
-    if (user && this.handlers.userExists(decodeURIComponent(user[1]!))) return send(res, 200, {});
+    const userId = user ? decodePathSegment(user[1]!) : undefined;
+    if (userId !== undefined && this.handlers.userExists(userId)) return send(res, 200, {});
     return send(res, 404, { errcode: "M_NOT_FOUND", error: "Not found" });
   }
 
   private async handleTransaction(txnId: string, body: Buffer, res: ServerResponse): Promise<void> {
-    let parsed: { events?: unknown };
+    let parsed: { events?: unknown } | null;
     try {
-      parsed = JSON.parse(body.toString("utf8")) as { events?: unknown };
+      parsed = JSON.parse(body.toString("utf8")) as { events?: unknown } | null;
     } catch {
       return send(res, 400, { errcode: "M_NOT_JSON", error: "Body is not JSON" });
     }
-    if (!Array.isArray(parsed.events))
+    if (typeof parsed !== "object" || parsed === null || !Array.isArray(parsed.events))
       return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
     // The txnId alone is not unique: Synapse restarts its counter after a restart. Pair it with the body.
     const fingerprint = createHash("sha256").update(txnId).update("\0").update(body).digest("hex");
@@ -179,6 +182,14 @@ export class AppserviceServer {
       server.close(() => resolve());
       server.closeAllConnections();
     });
+  }
+}
+
+function decodePathSegment(segment: string): string | undefined {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return undefined;
   }
 }
 

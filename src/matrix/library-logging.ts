@@ -24,8 +24,10 @@ export function routeLibraryLogs(): void {
           message?: string;
         };
         const message = `${entry.module ?? ""} ${entry.message ?? ""}`.trim();
-        if (EXPECTED.test(message) || entry.level === "debug" || entry.level === "info") log.debug(message);
-        else if (entry.level === "warn") log.info(message);
+        const level = entry.level?.toLowerCase();
+        if (EXPECTED.test(message) || level === "debug" || level === "info" || level === "trace")
+          log.debug(message);
+        else if (level === "warn") log.info(message);
         else log.warn(message);
       } catch {
         log.debug(chunk.toString("utf8").trim());

@@ -88,6 +88,7 @@ class Shard<T> {
 
   /** Takes the lease, or keeps trying in the background while another instance holds it. */
   async start(redis: Redis): Promise<void> {
+    if (this.stopped) return;
     const { instanceId } = this.owner.opts;
     const holder = await redis.get(this.leaseKey);
     const mine =
@@ -101,8 +102,14 @@ class Shard<T> {
       redis.eval(RENEW_LEASE, 1, this.leaseKey, instanceId, LEASE_MS).then(
         (ok) => {
           if (ok === 0 && !this.stopped) {
-            this.owner.opts.log.error({ shard: this.name }, "lost shard lease; stopping this shard's worker");
-            void this.stopWorker();
+            // Lapsed (Redis restarted, or this process stalled) or taken over: stop consuming, then
+            // compete for it again like a starting instance.
+            this.owner.opts.log.warn(
+              { shard: this.name },
+              "lost shard lease; pausing this shard until it is regained",
+            );
+            clearInterval(this.leaseTimer);
+            void this.stopWorker().then(() => this.start(redis).catch(() => undefined));
           }
         },
         (err: unknown) => this.owner.opts.log.warn({ err: errorMessage(err) }, "lease renewal failed"),
@@ -297,11 +304,7 @@ export class OrderedQueue<T> {
             { queue: this.opts.name, itemId: item.id, reason },
             "relay failed; moved to the failed list",
           );
-          await this.dead.add(
-            "failed",
-            { item, reason, failedAt: Date.now() },
-            { jobId: jobIdFor("failed", item.id) },
-          );
+          await this.recordFailure(item, reason);
           return;
         }
         const delay = retryDelayMs(
@@ -322,6 +325,17 @@ export class OrderedQueue<T> {
         await sleep(delay, undefined, { signal: this.stopping.signal });
       }
     }
+  }
+
+  private async recordFailure(item: QueueItem<T>, reason: string): Promise<void> {
+    const failedAt = Date.now();
+    await this.dead.add(
+      "failed",
+      { item, reason, failedAt },
+      { jobId: jobIdFor("failed", item.id, String(failedAt)) },
+    );
+    const excess = (await this.dead.getWaitingCount()) - this.opts.keepFailed;
+    if (excess > 0) await this.dead.clean(0, excess, "wait"); // the oldest go first
   }
 
   /** The failed list: items that failed permanently or ran out of attempts, oldest first. */

@@ -77,6 +77,79 @@ describe("replayed transactions", () => {
   });
 });
 
+describe("embedded broker state survives a bridge restart", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+  let room: string;
+  let port: number;
+
+  before(async () => {
+    port = await freePort();
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port } } } },
+      routes: [
+        {
+          id: "state",
+          room: "#state:test.local",
+          endpoints: [
+            { account: "mqtt.home", direction: "out", topic: "state/setpoint", retain: true },
+            { account: "mqtt.home", direction: "out", topic: "state/command", qos: 1 },
+          ],
+        },
+      ],
+    });
+    room = h.hs.createRoom({ creator: h.alice, alias: "#state:test.local", preset: "public_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+  });
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("retained messages and a persistent device's queued commands are kept", async () => {
+    // A device with a persistent session subscribes, then goes offline.
+    const options = { clientId: "valve", clean: false, protocolVersion: 4 as const, reconnectPeriod: 0 };
+    let device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, options);
+    await device.subscribeAsync("state/command", { qos: 1 });
+    await device.endAsync();
+
+    // Each room message goes to both topics: the setpoint keeps the last one retained, and the
+    // offline valve gets both queued.
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "21.5" });
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "close" });
+    await h.hs.waitForPushIdle();
+    await new Promise((r) => setTimeout(r, 500)); // both published by the bridge
+    assert.deepEqual(await bridge.failedJobs(), []);
+
+    await bridge.stop();
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+
+    const received: [string, string, boolean][] = [];
+    device = mqtt.connect(`mqtt://127.0.0.1:${port}`, options);
+    device.on("message", (topic, payload, packet) =>
+      received.push([topic, payload.toString(), packet.retain]),
+    );
+    await waitFor("device reconnected", () => device.connected);
+    const watcher = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "watcher" });
+    const retained: string[] = [];
+    watcher.on("message", (_t, payload) => retained.push(payload.toString()));
+    await watcher.subscribeAsync("state/setpoint", { qos: 1 });
+    await waitFor(
+      "queued commands delivered",
+      () => received.filter(([t]) => t === "state/command").length === 2,
+    );
+    assert.deepEqual(
+      received.filter(([t]) => t === "state/command").map(([, p]) => p),
+      ["21.5", "close"],
+    );
+    await waitFor("retained setpoint", () => retained.length > 0);
+    assert.deepEqual(retained, ["close"]);
+    await device.endAsync();
+    await watcher.endAsync();
+  });
+});
+
 interface Broker {
   port: number;
   kind: string;
