@@ -57,7 +57,11 @@ interface ToMatrixJob {
 /** A room message on its way out to one endpoint. */
 interface ToRemoteJob {
   endpointId: string;
-  message: OutboundMessage;
+  roomId: string;
+  sender: string;
+  /** The event's content; rendered for the far side when delivered, with the sender's current name. */
+  content: Record<string, unknown>;
+  timestamp: number;
 }
 
 const SEEN_EVENT_TTL_SEC = 7 * 24 * 3600; // longer than any homeserver keeps retrying a transaction
@@ -178,13 +182,22 @@ export async function start({ config, registration, connectors }: StartOptions):
         ...queueDefaults,
         name: `to-${def.name}`,
         log: moduleLogger("queue", { queue: `to-${def.name}` }),
-        process: async (job) => {
+        process: async (job, { id }) => {
           const endpoint = routes.outbound(job.endpointId);
           if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
           const instance = instances.get(`${endpoint.connector}.${endpoint.account}`);
           if (!instance)
             throw new PermanentError(`account ${endpoint.connector}.${endpoint.account} is not running`);
-          await instance.send(job.message, bindingOf(endpoint));
+          const displayName = await matrix.displayName(job.roomId, job.sender);
+          const body = fromMatrixContent(job.content, displayName);
+          if (!body) throw new PermanentError("not a message tribridge relays");
+          const message: OutboundMessage = {
+            id,
+            sender: { userId: job.sender, displayName },
+            body,
+            timestamp: job.timestamp,
+          };
+          await instance.send(message, bindingOf(endpoint));
         },
       });
       toRemote.set(def.name, queue);
@@ -241,8 +254,9 @@ export async function start({ config, registration, connectors }: StartOptions):
     // Every event takes the same awaits, so their items are enqueued in the order of the transaction.
     const relayEvent = async (ev: MatrixEvent): Promise<void> => {
       if (isOurs(ev.sender)) return; // loop guard: never relay what our bot or ghosts said
-      if (ev.type === "m.room.member" && ev.state_key === bot) {
-        if (ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
+      if (ev.type === "m.room.member" && ev.state_key !== undefined) {
+        matrix.noteMember(ev.room_id, ev.state_key, ev.content);
+        if (ev.state_key === bot && ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
           matrix
             .ensureBotInRoom(ev.room_id, [])
             .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
@@ -252,31 +266,30 @@ export async function start({ config, registration, connectors }: StartOptions):
       if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
       const seenKey = `${prefix}:seen-event:${ev.event_id}`;
       if ((await redis.exists(seenKey)) === 1) return;
-      const displayName = ev.sender.slice(1, ev.sender.indexOf(":"));
-      const body = fromMatrixContent(ev.content, displayName);
-      if (!body) {
+      if (!fromMatrixContent(ev.content, ev.sender)) {
         log.debug(
           { eventId: ev.event_id, msgtype: ev.content.msgtype },
           "room message not relayed (edit or unsupported msgtype)",
         );
       } else {
+        const job = {
+          roomId: ev.room_id,
+          sender: ev.sender,
+          content: ev.content,
+          timestamp: ev.origin_server_ts ?? Date.now(),
+        };
         await Promise.all(
-          routes.outboundForRoom(ev.room_id).map((endpoint) => {
-            const id = jobIdFor("out", ev.event_id, endpoint.id);
-            const message: OutboundMessage = {
-              id,
-              sender: { userId: ev.sender, displayName },
-              body,
-              timestamp: ev.origin_server_ts ?? Date.now(),
-            };
-            return toRemote
-              .get(endpoint.connector)!
-              .add(ev.room_id, id, { endpointId: endpoint.id, message });
-          }),
+          routes.outboundForRoom(ev.room_id).map((endpoint) =>
+            toRemote.get(endpoint.connector)!.add(ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
+              ...job,
+              endpointId: endpoint.id,
+            }),
+          ),
         );
       }
       await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
     };
+
     const onEvents = async (events: MatrixEvent[]): Promise<void> => {
       await Promise.all(events.map(relayEvent));
     };

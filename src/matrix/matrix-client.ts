@@ -58,6 +58,7 @@ export class MatrixClient {
   private readonly roomIds = new Map<string, string>();
   private readonly readyGhosts = new Map<string, Promise<void>>();
   private readonly joined = new Map<string, Promise<void>>();
+  private readonly memberNames = new Map<string, Promise<Map<string, string>>>();
   private readonly httpAgent = new HttpAgent({ keepAlive: true, maxSockets: 64 });
   private readonly httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: 64 });
 
@@ -183,12 +184,17 @@ export class MatrixClient {
     method: string,
     pathAndQuery: string,
     userId: string,
-    body: Uint8Array | Record<string, unknown>,
+    body?: Uint8Array | Record<string, unknown>,
     contentType = "application/json",
   ): Promise<Record<string, unknown>> {
     const url = new URL(pathAndQuery, this.opts.homeserverUrl);
     if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId); // AS API §Identity assertion
-    const payload = body instanceof Uint8Array ? body : Buffer.from(JSON.stringify(body));
+    const payload =
+      body === undefined
+        ? Buffer.alloc(0)
+        : body instanceof Uint8Array
+          ? body
+          : Buffer.from(JSON.stringify(body));
     const what = `${method} ${url.pathname}`;
     const https = url.protocol === "https:";
     return new Promise((resolve, reject) => {
@@ -259,6 +265,46 @@ export class MatrixClient {
     const path = `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
     const res = await this.request("POST", path, userId, data, mimeType);
     return String(res.content_uri);
+  }
+
+  /**
+   * A room member's display name (what the far side shows as the sender), or the localpart. The
+   * room's member list is fetched once and then kept current from the m.room.member events the
+   * homeserver pushes (`noteMember`).
+   */
+  async displayName(roomId: string, userId: string): Promise<string> {
+    let names = this.memberNames.get(roomId);
+    if (!names) {
+      const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/joined_members`;
+      names = this.request("GET", path, this.opts.botUserId).then((res) => {
+        const joined = (res.joined ?? {}) as Record<string, { display_name?: unknown }>;
+        const map = new Map<string, string>();
+        for (const [id, profile] of Object.entries(joined)) {
+          if (typeof profile.display_name === "string") map.set(id, profile.display_name);
+        }
+        return map;
+      });
+      names.catch(() => this.memberNames.delete(roomId)); // try again next time
+      this.memberNames.set(roomId, names);
+    }
+    const localpart = userId.slice(1, userId.indexOf(":"));
+    try {
+      return (await names).get(userId) || localpart;
+    } catch {
+      return localpart;
+    }
+  }
+
+  /** Keeps display names current from an m.room.member event. */
+  noteMember(roomId: string, userId: string, content: Record<string, unknown>): void {
+    void this.memberNames.get(roomId)?.then(
+      (map) => {
+        if (content.membership === "join" && typeof content.displayname === "string")
+          map.set(userId, content.displayname);
+        else map.delete(userId);
+      },
+      () => undefined,
+    );
   }
 
   /** Closes the kept-alive connections. */

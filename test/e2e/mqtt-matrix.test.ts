@@ -45,6 +45,7 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
             },
             { account: "mqtt.home", direction: "in", topic: "greenhouse/+/raw", format: "json" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/commands" },
+            { account: "mqtt.home", direction: "out", topic: "greenhouse/json-out", format: "json" },
             { account: "mqtt.home", direction: "inout", topic: "greenhouse/chat", sender: { name: "chat" } },
           ],
         },
@@ -115,7 +116,9 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     clients.push(listener);
     const received: [string, string][] = [];
     listener.on("message", (topic, payload) => received.push([topic, payload.toString()]));
-    await listener.subscribeAsync(["greenhouse/commands", "greenhouse/chat"], { qos: 1 });
+    await listener.subscribeAsync(["greenhouse/commands", "greenhouse/chat", "greenhouse/json-out"], {
+      qos: 1,
+    });
 
     h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "open the window" });
     await waitFor("command on mqtt", () => received.find(([t]) => t === "greenhouse/commands"));
@@ -123,6 +126,13 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
       received.filter(([t]) => t === "greenhouse/commands"),
       [["greenhouse/commands", "open the window"]],
     );
+    // format json: the sender with their display name in the room.
+    const json = await waitFor("json on mqtt", () => received.find(([t]) => t === "greenhouse/json-out"));
+    const parsed = JSON.parse(json[1]) as Record<string, unknown>;
+    assert.equal(parsed.sender, h.alice);
+    assert.equal(parsed.displayName, "Alice");
+    assert.equal(parsed.body, "open the window");
+    assert.equal(typeof parsed.timestamp, "number");
     // inout topic: published once, and not relayed back into the room by our own broker.
     await waitFor("chat on mqtt", () => received.find(([t]) => t === "greenhouse/chat"));
     await new Promise((r) => setTimeout(r, 300));
