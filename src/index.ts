@@ -3,6 +3,7 @@
  * The `tribridge` command. The only module that prints to the terminal for the user and exits.
  */
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { parse as parseYaml } from "yaml";
 import { connectors } from "../bridges/index.js";
@@ -121,7 +122,7 @@ function printRegistrationHelp(reg: Registration, file: string): void {
   console.log("continuwuity / conduwuit — send this in the admin room:\n");
   console.log(continuwuityInstructions(reg));
   console.log("\nSynapse:\n");
-  console.log(synapseInstructions(file));
+  console.log(synapseInstructions(resolve(file)));
 }
 
 function generateConfigFiles(check: boolean): number {
