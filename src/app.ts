@@ -132,12 +132,15 @@ export async function start({ config, registration, connectors }: StartOptions):
     };
     const defs = new Map(connectors.map((c) => [c.name, c]));
 
+    /** The route's room id, with the bot joined. Learnt once; the join is retried until it works. */
     const roomIdFor = async (routeId: string): Promise<string> => {
-      const known = routes.roomIdOf(routeId);
-      if (known) return known;
-      const route = routes.routes.find((r) => r.id === routeId)!;
-      const roomId = await matrix.ensureBotInRoom(route.room, route.invite);
-      routes.setRoomId(routeId, roomId);
+      let roomId = routes.roomIdOf(routeId);
+      if (!roomId) {
+        const route = routes.routes.find((r) => r.id === routeId)!;
+        roomId = await matrix.resolveOrCreateRoom(route.room, route.invite);
+        routes.setRoomId(routeId, roomId); // known before joining, so an invite to it is recognised
+      }
+      await matrix.joinBot(roomId);
       return roomId;
     };
 
@@ -258,8 +261,12 @@ export async function start({ config, registration, connectors }: StartOptions):
         matrix.noteMember(ev.room_id, ev.state_key, ev.content);
         if (ev.state_key === bot && ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
           matrix
-            .ensureBotInRoom(ev.room_id, [])
+            .joinBot(ev.room_id)
+            .then(() => log.info({ roomId: ev.room_id }, "joined a route's room after an invite"))
             .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
+        }
+        if (ev.content.membership === "leave" || ev.content.membership === "ban") {
+          matrix.forgetMembership(ev.state_key, ev.room_id); // kicked: join again before the next send
         }
         return;
       }

@@ -107,20 +107,19 @@ export class MatrixClient {
   }
 
   /**
-   * Makes sure the bot is in the route's room: joins it, or creates it when it is an alias on our
-   * own server that does not exist yet. Returns the room id.
+   * The room id of a route's room: resolves an alias, or creates the room when the alias is on our
+   * own server and does not exist yet (inviting `invite`).
    */
-  async ensureBotInRoom(room: string, invite: readonly string[]): Promise<string> {
-    const bot = this.bridge.getIntent(this.opts.botUserId);
-    let roomId: string;
+  async resolveOrCreateRoom(room: string, invite: readonly string[]): Promise<string> {
     try {
-      roomId = await this.resolveRoom(room);
+      return await this.resolveRoom(room);
     } catch (err) {
       const { status, body } = matrixErrorOf(err);
       const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
-      if (!(status === 404 || body.errcode === "M_NOT_FOUND") || !ownAlias) throw err;
+      if (!(status === 404 || body.errcode === "M_NOT_FOUND") || !ownAlias)
+        throw this.toQueueError(err, `resolving ${room}`);
       const localAlias = room.slice(1, room.lastIndexOf(":"));
-      const created = await bot.createRoom({
+      const created = await this.bridge.getIntent(this.opts.botUserId).createRoom({
         createAsClient: true,
         options: {
           room_alias_name: localAlias,
@@ -129,13 +128,15 @@ export class MatrixClient {
           invite: [...invite],
         },
       });
-      roomId = created.room_id;
-      this.roomIds.set(room, roomId);
-      this.opts.log.info({ room, roomId }, "created room for route");
+      this.roomIds.set(room, created.room_id);
+      this.opts.log.info({ room, roomId: created.room_id }, "created room for route");
+      return created.room_id;
     }
-    await bot.join(roomId);
-    this.joined.set(`${this.opts.botUserId}|${roomId}`, Promise.resolve());
-    return roomId;
+  }
+
+  /** Joins the bot to a room (a private room must have invited it first). */
+  joinBot(roomId: string): Promise<void> {
+    return this.ensureJoined(this.opts.botUserId, roomId);
   }
 
   /** Registers the ghost (m.login.application_service) and sets its display name, once. */
@@ -166,7 +167,11 @@ export class MatrixClient {
         .then(() => undefined)
         .catch((err: unknown) => {
           this.joined.delete(key);
-          throw this.toQueueError(err, `joining ${userId} to ${roomId}`);
+          const error = this.toQueueError(err, `joining ${userId} to ${roomId}`);
+          // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
+          throw error instanceof PermanentError && error.message.includes("M_FORBIDDEN")
+            ? new RetryableError(`${error.message} (invite ${this.opts.botUserId} to the room)`)
+            : error;
         });
       this.joined.set(key, joined);
     }

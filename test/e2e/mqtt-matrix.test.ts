@@ -189,3 +189,43 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     assert.deepEqual(received, []);
   });
 });
+
+describe("a private room that invites the bot after start", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("messages wait for the invite, then arrive in order", async () => {
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+      routes: [
+        {
+          id: "private",
+          room: "#private:test.local",
+          endpoints: [{ account: "mqtt.home", direction: "in", topic: "private/#" }],
+        },
+      ],
+    });
+    const room = h.hs.createRoom({ creator: h.alice, alias: "#private:test.local", preset: "private_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    assert.ok(!h.hs.members(room).includes("@tribridge:test.local"), "not joined without an invite");
+
+    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    const device = await connect(port, "door");
+    for (let i = 0; i < 5; i++) await device.publishAsync("private/door", `d${i}`, { qos: 1 });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(h.hs.messages(room).length, 0);
+
+    h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+    const messages = await h.hs.waitForMessages(room, 5, 15_000);
+    assert.deepEqual(
+      messages.map((m) => m.content.body),
+      ["d0", "d1", "d2", "d3", "d4"],
+    );
+    await device.endAsync();
+  });
+});
