@@ -5,9 +5,8 @@
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { parse as parseYaml } from "yaml";
 import { connectors } from "../bridges/index.js";
-import { ConfigErrors, validateConfig, type Config } from "./config/load.js";
+import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
 import { ConfigError, errorMessage } from "./errors.js";
 import {
@@ -82,28 +81,17 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
 
 /** Loads config.yaml; a missing default file is fine when flags/env give the homeserver. */
 function readConfig(options: Options): Config {
-  let raw: Record<string, unknown> = {};
-  if (existsSync(options.config)) {
-    try {
-      raw = (parseYaml(readFileSync(options.config, "utf8")) as Record<string, unknown> | null) ?? {};
-    } catch (err) {
-      throw new ConfigErrors([
-        new ConfigError("", `${options.config} is not valid YAML: ${errorMessage(err).split("\n")[0]}`),
-      ]);
-    }
-  } else if (options.configGiven) {
-    throw new ConfigErrors([new ConfigError("", `config file ${options.config} does not exist`)]);
-  }
-  if (options.homeserver || options.domain) {
-    const hs = (raw.homeserver ?? {}) as Record<string, unknown>;
-    raw.homeserver = {
-      ...hs,
-      ...(options.homeserver && { url: options.homeserver }),
-      ...(options.domain && { domain: options.domain }),
-    };
-  }
-  const baseDir = existsSync(options.config) ? options.config.replace(/[^/]*$/, "") || "." : ".";
-  return validateConfig(raw, connectors, process.env, baseDir);
+  return loadConfig(options.config, connectors, process.env, {
+    optional: !options.configGiven,
+    patch: (raw) => {
+      if (!options.homeserver && !options.domain) return;
+      raw.homeserver = {
+        ...(raw.homeserver as Record<string, unknown> | undefined),
+        ...(options.homeserver && { url: options.homeserver }),
+        ...(options.domain && { domain: options.domain }),
+      };
+    },
+  });
 }
 
 function generateRegistration(config: Config, options: Options): Registration {

@@ -10,21 +10,11 @@ import { PermanentError } from "../../src/errors.js";
 import { EmbeddedBroker } from "./embedded-broker.js";
 import { ExternalClient } from "./external-client.js";
 import { decodePayload, encodePayload } from "./payload.js";
+import type { Publish } from "./publish.js";
 import { RedeliveryTracker, qos0RemoteId } from "./redelivery.js";
 import { MQTT_DEFAULTS, type MqttAccount, type MqttEndpoint } from "./schema.js";
 import { topicLevel, topicMatches } from "./topic.js";
 import { relaysIn } from "../../src/connector.js";
-
-/** One publish, whichever transport it came from. */
-interface Publish {
-  clientId: string | undefined;
-  topic: string;
-  payload: Buffer;
-  qos: 0 | 1 | 2;
-  retain: boolean;
-  dup: boolean;
-  messageId: number | undefined;
-}
 
 const PUBLISH_TIMEOUT_MS = 30_000;
 

@@ -15,18 +15,13 @@ import redisPersistence from "aedes-persistence-redis";
 import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
+import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
 import { topicMatches } from "./topic.js";
 
-export interface IncomingPublish {
+export interface IncomingPublish extends Publish {
   clientId: string;
   username: string | undefined;
-  topic: string;
-  payload: Buffer;
-  qos: 0 | 1 | 2;
-  retain: boolean;
-  dup: boolean;
-  messageId: number | undefined;
 }
 
 type User = EmbeddedBrokerConfig["users"][number];

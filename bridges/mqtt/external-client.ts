@@ -9,15 +9,10 @@ import { createHash } from "node:crypto";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
 import { RetryableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
+import type { Publish } from "./publish.js";
 import type { MqttAccount } from "./schema.js";
 
-export interface ExternalPublish {
-  topic: string;
-  payload: Buffer;
-  qos: 0 | 1 | 2;
-  retain: boolean;
-  dup: boolean;
-  messageId: number | undefined;
+export interface ExternalPublish extends Omit<Publish, "clientId"> {
   /** Increments on every (re)connect: redelivery detection is per connection. */
   connection: number;
 }

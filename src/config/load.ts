@@ -2,7 +2,7 @@
  * Reads config.yaml, applies environment overrides and `*File` secrets, validates it against the
  * schema, then checks each route endpoint with its connector. Produces the resolved `Config`.
  */
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { resolve, dirname } from "node:path";
 import { parse as parseYaml, YAMLParseError } from "yaml";
 import type { z } from "zod";
@@ -205,19 +205,28 @@ export function validateConfig(
   };
 }
 
-/** Reads and validates a config file. Throws ConfigErrors naming the path of every problem. */
+/**
+ * Reads and validates a config file. Throws ConfigErrors naming the path of every problem.
+ * `optional`: a missing file counts as an empty one (the quick start: flags and environment give
+ * the rest). `patch` is applied on top of the file (command-line flags).
+ */
 export function loadConfig(
   file: string,
   connectors: readonly ConnectorDefinition[],
   env: NodeJS.ProcessEnv = process.env,
+  options: { optional?: boolean; patch?: (raw: Record<string, unknown>) => void } = {},
 ): Config {
-  let text: string;
-  try {
-    text = readFileSync(file, "utf8");
-  } catch (err) {
-    throw new ConfigErrors([
-      new ConfigError("", `cannot read config file ${file}: ${(err as Error).message}`),
-    ]);
+  let text = "";
+  if (existsSync(file)) {
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (err) {
+      throw new ConfigErrors([
+        new ConfigError("", `cannot read config file ${file}: ${(err as Error).message}`),
+      ]);
+    }
+  } else if (!options.optional) {
+    throw new ConfigErrors([new ConfigError("", `config file ${file} does not exist`)]);
   }
   let raw: unknown;
   try {
@@ -227,6 +236,9 @@ export function loadConfig(
     throw new ConfigErrors([
       new ConfigError("", `${file} is not valid YAML${where}: ${(err as Error).message.split("\n")[0]}`),
     ]);
+  }
+  if (options.patch && typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
+    options.patch(raw as Record<string, unknown>);
   }
   return validateConfig(raw, connectors, env, dirname(resolve(file)));
 }

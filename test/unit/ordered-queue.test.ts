@@ -15,8 +15,7 @@ import { pino } from "pino";
 import { PermanentError, RetryableError } from "../../src/errors.js";
 import { moduleLogger } from "../../src/log.js";
 import { OrderedQueue, shardOf, type OrderedQueueOptions } from "../../src/queue/ordered-queue.js";
-
-const REDIS_URL = process.env.TRIBRIDGE_TEST_REDIS ?? "redis://127.0.0.1:6379";
+import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
 
 const log = moduleLogger("ordered-queue-test");
 // Failures are the point of several tests; keep their error logs out of the test output.
@@ -24,28 +23,6 @@ log.level = "silent";
 
 interface Item {
   n: number;
-}
-
-async function deleteKeys(prefix: string): Promise<void> {
-  const redis = new Redis(REDIS_URL);
-  try {
-    let cursor = "0";
-    do {
-      const [next, keys] = await redis.scan(cursor, "MATCH", `${prefix}:*`, "COUNT", 1000);
-      if (keys.length > 0) await redis.del(...keys);
-      cursor = next;
-    } while (cursor !== "0");
-  } finally {
-    redis.disconnect();
-  }
-}
-
-async function waitFor(what: string, probe: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!probe()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(10);
-  }
 }
 
 type Process<T> = OrderedQueueOptions<T>["process"];
