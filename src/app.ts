@@ -161,7 +161,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         let content = toMatrixContent(job.body);
         if (job.attachment) {
           const data = Buffer.from(job.attachment.dataBase64, "base64");
-          const mxc = await matrix.upload(sender.userId, data, job.attachment.name, job.attachment.mimeType);
+          const mxc = await matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
           content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
         }
         await matrix.sendAs(sender, roomId, "m.room.message", content, id);

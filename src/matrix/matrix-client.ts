@@ -265,10 +265,17 @@ export class MatrixClient {
     }
   }
 
-  /** Uploads a file as `userId`; returns its mxc:// URI. */
-  async upload(userId: string, data: Uint8Array, name: string, mimeType: string): Promise<string> {
+  /** Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. */
+  async upload(
+    sender: { userId: string; displayName: string },
+    data: Uint8Array,
+    name: string,
+    mimeType: string,
+  ): Promise<string> {
+    // The homeserver accepts a masqueraded upload only from a registered ghost.
+    if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
     const path = `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
-    const res = await this.request("POST", path, userId, data, mimeType);
+    const res = await this.request("POST", path, sender.userId, data, mimeType);
     return String(res.content_uri);
   }
 

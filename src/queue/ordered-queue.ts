@@ -300,10 +300,7 @@ export class OrderedQueue<T> {
           const reason = permanent
             ? `permanent: ${err.message}`
             : `gave up after ${attempt} attempts: ${errorMessage(err)}`;
-          log.error(
-            { queue: this.opts.name, itemId: item.id, reason },
-            "relay failed; moved to the failed list",
-          );
+          log.error({ itemId: item.id, reason }, "relay failed; moved to the failed list");
           await this.recordFailure(item, reason);
           return;
         }
@@ -314,7 +311,6 @@ export class OrderedQueue<T> {
         );
         log.warn(
           {
-            queue: this.opts.name,
             itemId: item.id,
             attempt,
             delayMs: Math.round(delay),

@@ -44,6 +44,7 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
               template: "{{value}} °C",
             },
             { account: "mqtt.home", direction: "in", topic: "greenhouse/+/raw", format: "json" },
+            { account: "mqtt.home", direction: "in", topic: "greenhouse/+/snapshot", format: "binary" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/commands" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/json-out", format: "json" },
             { account: "mqtt.home", direction: "inout", topic: "greenhouse/chat", sender: { name: "chat" } },
@@ -109,6 +110,22 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     assert.ok(bodies.includes("21.5 °C"));
     assert.ok(bodies.includes("temperature: 20 · humidity: 41"));
     assert.ok(bodies.includes("(not valid JSON) {broken"));
+  });
+
+  test("binary payloads become files in the room, uploaded as the device", async () => {
+    const device = await connect(port, "camera1");
+    clients.push(device);
+    const bytes = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x00, 0xff, 0x10]);
+    await device.publishAsync("greenhouse/camera1/snapshot", bytes, { qos: 1 });
+    const file = await waitFor("file message", () =>
+      h.hs.messages(room).find((m) => m.content.msgtype === "m.file"),
+    );
+    assert.equal(file.sender, GHOST("camera1"));
+    assert.equal(file.content.body, "greenhouse_camera1_snapshot.bin");
+    assert.deepEqual(file.content.info, { mimetype: "application/octet-stream", size: bytes.byteLength });
+    const stored = h.hs.mediaContent(String(file.content.url));
+    assert.ok(stored, "uploaded to the media repository");
+    assert.deepEqual(stored.data, bytes);
   });
 
   test("a room message is published to the mapped topic; the bridge's own publish is not re-ingested", async () => {
