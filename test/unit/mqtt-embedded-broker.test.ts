@@ -5,6 +5,10 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { EmbeddedBroker, type IncomingPublish } from "../../bridges/mqtt/embedded-broker.js";
 import { embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
@@ -137,4 +141,76 @@ describe("embedded broker security", () => {
     const adminGranted = await admin.subscribeAsync(["$SYS/#"], { qos: 0 });
     assert.equal(adminGranted[0]?.qos, 0);
   });
+});
+
+test("MQTT over WebSocket reaches the same ingest", async () => {
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const ingested: IncomingPublish[] = [];
+  const broker = new EmbeddedBroker(
+    embeddedBrokerSchema.parse({ port: 0, websocketPort: 0 }),
+    log,
+    async (msg) => void ingested.push(msg),
+    { url: REDIS_URL, keyPrefix: `${prefix}:` },
+  );
+  await broker.start();
+  try {
+    const client = await mqtt.connectAsync(`ws://127.0.0.1:${broker.websocketPort}`, {
+      clientId: "ws-device",
+      reconnectPeriod: 0,
+    });
+    await client.publishAsync("ws/topic", "over websocket", { qos: 1 });
+    await client.endAsync();
+    assert.deepEqual(
+      ingested.map((m) => [m.clientId, m.topic, m.payload.toString()]),
+      [["ws-device", "ws/topic", "over websocket"]],
+    );
+  } finally {
+    await broker.stop();
+    await deleteKeys(prefix);
+  }
+});
+
+test("MQTT over TLS with the configured certificate", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-tls-"));
+  const made = spawnSync("openssl", [
+    ...["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"],
+    ...[
+      "-addext",
+      "subjectAltName=IP:127.0.0.1",
+      "-keyout",
+      join(dir, "key.pem"),
+      "-out",
+      join(dir, "cert.pem"),
+    ],
+  ]);
+  if (made.status !== 0) return t.skip("openssl is not installed");
+  const cert = readFileSync(join(dir, "cert.pem"), "utf8");
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const ingested: IncomingPublish[] = [];
+  const broker = new EmbeddedBroker(
+    embeddedBrokerSchema.parse({
+      port: 0,
+      tls: { port: 0, cert, key: readFileSync(join(dir, "key.pem"), "utf8") },
+    }),
+    log,
+    async (msg) => void ingested.push(msg),
+    { url: REDIS_URL, keyPrefix: `${prefix}:` },
+  );
+  await broker.start();
+  try {
+    const client = await mqtt.connectAsync(`mqtts://127.0.0.1:${broker.tlsPort}`, {
+      clientId: "tls-device",
+      ca: cert,
+      reconnectPeriod: 0,
+    });
+    await client.publishAsync("tls/topic", "encrypted", { qos: 1 });
+    await client.endAsync();
+    assert.deepEqual(
+      ingested.map((m) => [m.clientId, m.payload.toString()]),
+      [["tls-device", "encrypted"]],
+    );
+  } finally {
+    await broker.stop();
+    await deleteKeys(prefix);
+  }
 });
