@@ -6,23 +6,21 @@ import { createHash } from "node:crypto";
 import { hostname } from "node:os";
 import type { Redis } from "ioredis";
 import type {
-  Attachment,
   Connector,
   ConnectorDefinition,
   ConnectorState,
   EndpointBinding,
   InboundMessage,
-  MessageBody,
-  OutboundMessage,
 } from "./connector.js";
 import type { Config, ResolvedEndpoint } from "./config/load.js";
 import { PermanentError, errorMessage } from "./errors.js";
 import { moduleLogger } from "./log.js";
-import { AppserviceServer, type MatrixEvent } from "./matrix/appservice-server.js";
-import { fileContent, fromMatrixContent, toMatrixContent } from "./matrix/format.js";
-import { botUserId, ghostUserId } from "./matrix/ids.js";
+import { AppserviceServer } from "./matrix/appservice-server.js";
+import { EventIntake, SEEN_EVENT_TTL_SEC, renderOutbound, type ToRemoteJob } from "./matrix/event-intake.js";
+import { botUserId } from "./matrix/ids.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import type { Registration } from "./matrix/registration.js";
+import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
@@ -44,27 +42,6 @@ export interface RunningBridge {
   stop(): Promise<void>;
 }
 
-/** A remote message on its way into a room. */
-interface ToMatrixJob {
-  endpointId: string;
-  connector: string;
-  account: string;
-  sender: { id: string; displayName?: string };
-  body: MessageBody;
-  attachment?: Attachment;
-}
-
-/** A room message on its way out to one endpoint. */
-interface ToRemoteJob {
-  endpointId: string;
-  roomId: string;
-  sender: string;
-  /** The event's content; rendered for the far side when delivered, with the sender's current name. */
-  content: Record<string, unknown>;
-  timestamp: number;
-}
-
-const SEEN_EVENT_TTL_SEC = 7 * 24 * 3600; // longer than any homeserver keeps retrying a transaction
 const log = moduleLogger("app");
 
 export async function start({ config, registration, connectors }: StartOptions): Promise<RunningBridge> {
@@ -132,40 +109,12 @@ export async function start({ config, registration, connectors }: StartOptions):
     };
     const defs = new Map(connectors.map((c) => [c.name, c]));
 
-    /** The route's room id, with the bot joined. Learnt once; the join is retried until it works. */
-    const roomIdFor = async (routeId: string): Promise<string> => {
-      let roomId = routes.roomIdOf(routeId);
-      if (!roomId) {
-        const route = routes.routes.find((r) => r.id === routeId)!;
-        roomId = await matrix.resolveOrCreateRoom(route.room, route.invite);
-        routes.setRoomId(routeId, roomId); // known before joining, so an invite to it is recognised
-      }
-      await matrix.joinBot(roomId);
-      return roomId;
-    };
-
+    const delivery = new RoomDelivery(matrix, routes, naming, connectors);
     const toMatrix = new OrderedQueue<ToMatrixJob>({
       ...queueDefaults,
       name: "to-matrix",
       log: moduleLogger("queue", { queue: "to-matrix" }),
-      process: async (job, { id }) => {
-        const found = routes.inbound(job.endpointId);
-        if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
-        const roomId = await roomIdFor(found.route.id);
-        const def = defs.get(job.connector);
-        if (!def) throw new PermanentError(`connector ${job.connector} is not installed`);
-        const sender = {
-          userId: ghostUserId(naming, def.ghostTag, job.account, job.sender.id),
-          displayName: job.sender.displayName ?? job.sender.id,
-        };
-        let content = toMatrixContent(job.body);
-        if (job.attachment) {
-          const data = Buffer.from(job.attachment.dataBase64, "base64");
-          const mxc = await matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
-          content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
-        }
-        await matrix.sendAs(sender, roomId, "m.room.message", content, id);
-      },
+      process: (job, { id }) => delivery.deliver(job, id),
     });
     cleanups.push(() => toMatrix.stop());
 
@@ -191,15 +140,7 @@ export async function start({ config, registration, connectors }: StartOptions):
           const instance = instances.get(`${endpoint.connector}.${endpoint.account}`);
           if (!instance)
             throw new PermanentError(`account ${endpoint.connector}.${endpoint.account} is not running`);
-          const displayName = await matrix.displayName(job.roomId, job.sender);
-          const body = fromMatrixContent(job.content, displayName);
-          if (!body) throw new PermanentError("not a message tribridge relays");
-          const message: OutboundMessage = {
-            id,
-            sender: { userId: job.sender, displayName },
-            body,
-            timestamp: job.timestamp,
-          };
+          const message = await renderOutbound(matrix, job, id);
           await instance.send(message, bindingOf(endpoint));
         },
       });
@@ -254,52 +195,16 @@ export async function start({ config, registration, connectors }: StartOptions):
     }
 
     // Matrix → remote: transactions from the homeserver.
-    // Every event takes the same awaits, so their items are enqueued in the order of the transaction.
-    const relayEvent = async (ev: MatrixEvent): Promise<void> => {
-      if (isOurs(ev.sender)) return; // loop guard: never relay what our bot or ghosts said
-      if (ev.type === "m.room.member" && ev.state_key !== undefined) {
-        matrix.noteMember(ev.room_id, ev.state_key, ev.content);
-        if (ev.state_key === bot && ev.content.membership === "invite" && routes.isRouteRoom(ev.room_id)) {
-          matrix
-            .joinBot(ev.room_id)
-            .then(() => log.info({ roomId: ev.room_id }, "joined a route's room after an invite"))
-            .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
-        }
-        if (ev.content.membership === "leave" || ev.content.membership === "ban") {
-          matrix.forgetMembership(ev.state_key, ev.room_id); // kicked: join again before the next send
-        }
-        return;
-      }
-      if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
-      const seenKey = `${prefix}:seen-event:${ev.event_id}`;
-      if ((await redis.exists(seenKey)) === 1) return;
-      if (!fromMatrixContent(ev.content, ev.sender)) {
-        log.debug(
-          { eventId: ev.event_id, msgtype: ev.content.msgtype },
-          "room message not relayed (edit or unsupported msgtype)",
-        );
-      } else {
-        const job = {
-          roomId: ev.room_id,
-          sender: ev.sender,
-          content: ev.content,
-          timestamp: ev.origin_server_ts ?? Date.now(),
-        };
-        await Promise.all(
-          routes.outboundForRoom(ev.room_id).map((endpoint) =>
-            toRemote.get(endpoint.connector)!.add(ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
-              ...job,
-              endpointId: endpoint.id,
-            }),
-          ),
-        );
-      }
-      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
-    };
-
-    const onEvents = async (events: MatrixEvent[]): Promise<void> => {
-      await Promise.all(events.map(relayEvent));
-    };
+    const intake = new EventIntake({
+      matrix,
+      routes,
+      redis,
+      prefix,
+      botUserId: bot,
+      isOurs,
+      enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
+      log,
+    });
 
     const server = new AppserviceServer(
       registration.hs_token,
@@ -307,7 +212,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         seenTransaction: async (fp) => (await redis.exists(`${prefix}:txn:${fp}`)) === 1,
         markTransaction: async (fp) =>
           void (await redis.set(`${prefix}:txn:${fp}`, "1", "EX", SEEN_EVENT_TTL_SEC)),
-        onEvents,
+        onEvents: (events) => intake.handle(events),
         userExists: (userId) => userId === bot,
       },
       moduleLogger("appservice"),
@@ -319,7 +224,7 @@ export async function start({ config, registration, connectors }: StartOptions):
     await matrix.start(lifetime.signal);
     for (const route of routes.routes) {
       try {
-        await roomIdFor(route.id);
+        await delivery.roomIdFor(route.id);
       } catch (err) {
         log.warn(
           { route: route.id, room: route.room, err: errorMessage(err) },

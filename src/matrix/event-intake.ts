@@ -1,0 +1,109 @@
+/**
+ * Matrix → queue: what the homeserver pushes. Drops what we said ourselves (loop guard), keeps
+ * membership knowledge current, and enqueues each new room message once per outbound endpoint.
+ */
+import type { Redis } from "ioredis";
+import type { OutboundMessage } from "../connector.js";
+import { PermanentError, errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
+import { jobIdFor } from "../queue/ordered-queue.js";
+import type { ResolvedEndpoint } from "../config/load.js";
+import type { RouteTable } from "../routing/route-table.js";
+import type { MatrixEvent } from "./appservice-server.js";
+import { fromMatrixContent } from "./format.js";
+import type { MatrixClient } from "./matrix-client.js";
+
+/** A room message on its way out to one endpoint (a to-<connector> queue's item). */
+export interface ToRemoteJob {
+  endpointId: string;
+  roomId: string;
+  sender: string;
+  /** The event's content; rendered for the far side when delivered, with the sender's current name. */
+  content: Record<string, unknown>;
+  timestamp: number;
+}
+
+/** How long an event id is remembered: longer than any homeserver keeps retrying a transaction. */
+export const SEEN_EVENT_TTL_SEC = 7 * 24 * 3600;
+
+export interface EventIntakeOptions {
+  matrix: MatrixClient;
+  routes: RouteTable;
+  redis: Redis;
+  prefix: string;
+  botUserId: string;
+  /** The bot and every ghost: their events are never relayed back. */
+  isOurs(userId: string): boolean;
+  enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
+  log: Logger;
+}
+
+export class EventIntake {
+  constructor(private readonly o: EventIntakeOptions) {}
+
+  /** Every event takes the same awaits, so their items are enqueued in the order of the transaction. */
+  async handle(events: readonly MatrixEvent[]): Promise<void> {
+    await Promise.all(events.map((ev) => this.handleOne(ev)));
+  }
+
+  private async handleOne(ev: MatrixEvent): Promise<void> {
+    const { routes, redis, log } = this.o;
+    if (this.o.isOurs(ev.sender)) return; // loop guard
+    if (ev.type === "m.room.member" && ev.state_key !== undefined) {
+      this.noteMembership(ev, ev.state_key);
+      return;
+    }
+    if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
+    const seenKey = `${this.o.prefix}:seen-event:${ev.event_id}`;
+    if ((await redis.exists(seenKey)) === 1) return;
+    if (!fromMatrixContent(ev.content, ev.sender)) {
+      log.debug(
+        { eventId: ev.event_id, msgtype: ev.content.msgtype },
+        "room message not relayed (edit or unsupported msgtype)",
+      );
+    } else {
+      const job = {
+        roomId: ev.room_id,
+        sender: ev.sender,
+        content: ev.content,
+        timestamp: ev.origin_server_ts ?? Date.now(),
+      };
+      await Promise.all(
+        routes.outboundForRoom(ev.room_id).map((endpoint) =>
+          this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
+            ...job,
+            endpointId: endpoint.id,
+          }),
+        ),
+      );
+    }
+    await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+  }
+
+  private noteMembership(ev: MatrixEvent, userId: string): void {
+    const { matrix, routes, log } = this.o;
+    matrix.noteMember(ev.room_id, userId, ev.content);
+    const membership = ev.content.membership;
+    if (userId === this.o.botUserId && membership === "invite" && routes.isRouteRoom(ev.room_id)) {
+      matrix
+        .joinBot(ev.room_id)
+        .then(() => log.info({ roomId: ev.room_id }, "joined a route's room after an invite"))
+        .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
+    }
+    if (membership === "leave" || membership === "ban") {
+      matrix.forgetMembership(userId, ev.room_id); // kicked: join again before the next send
+    }
+  }
+}
+
+/** Renders a queued room message for the far side, with the sender's current display name. */
+export async function renderOutbound(
+  matrix: MatrixClient,
+  job: ToRemoteJob,
+  id: string,
+): Promise<OutboundMessage> {
+  const displayName = await matrix.displayName(job.roomId, job.sender);
+  const body = fromMatrixContent(job.content, displayName);
+  if (!body) throw new PermanentError("not a message tribridge relays");
+  return { id, sender: { userId: job.sender, displayName }, body, timestamp: job.timestamp };
+}

@@ -1,0 +1,64 @@
+/**
+ * Queue → Matrix: posts a remote message in its route's room as the sender's ghost. One call per
+ * queued item; the item id is the transaction id, so a repeat cannot post twice.
+ */
+import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.js";
+import { PermanentError } from "../errors.js";
+import type { RouteTable } from "../routing/route-table.js";
+import { fileContent, toMatrixContent } from "./format.js";
+import { ghostUserId, type GhostNaming } from "./ids.js";
+import type { MatrixClient } from "./matrix-client.js";
+
+/** A remote message on its way into a room (the to-matrix queue's item). */
+export interface ToMatrixJob {
+  endpointId: string;
+  connector: string;
+  account: string;
+  sender: { id: string; displayName?: string };
+  body: MessageBody;
+  attachment?: Attachment;
+}
+
+export class RoomDelivery {
+  private readonly ghostTags: Map<string, string>;
+
+  constructor(
+    private readonly matrix: MatrixClient,
+    private readonly routes: RouteTable,
+    private readonly naming: GhostNaming,
+    connectors: readonly ConnectorDefinition[],
+  ) {
+    this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
+  }
+
+  /** The route's room id, with the bot joined. Learnt once; the join is retried until it works. */
+  async roomIdFor(routeId: string): Promise<string> {
+    let roomId = this.routes.roomIdOf(routeId);
+    if (!roomId) {
+      const route = this.routes.routes.find((r) => r.id === routeId)!;
+      roomId = await this.matrix.resolveOrCreateRoom(route.room, route.invite);
+      this.routes.setRoomId(routeId, roomId); // known before joining, so an invite to it is recognised
+    }
+    await this.matrix.joinBot(roomId);
+    return roomId;
+  }
+
+  async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
+    const found = this.routes.inbound(job.endpointId);
+    if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
+    const tag = this.ghostTags.get(job.connector);
+    if (!tag) throw new PermanentError(`connector ${job.connector} is not installed`);
+    const roomId = await this.roomIdFor(found.route.id);
+    const sender = {
+      userId: ghostUserId(this.naming, tag, job.account, job.sender.id),
+      displayName: job.sender.displayName ?? job.sender.id,
+    };
+    let content = toMatrixContent(job.body);
+    if (job.attachment) {
+      const data = Buffer.from(job.attachment.dataBase64, "base64");
+      const mxc = await this.matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
+      content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
+    }
+    await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+  }
+}
