@@ -6,6 +6,7 @@
 import { z } from "zod";
 import { Document, isMap, isSeq, type Node } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
+import { secretTarget } from "./load.js";
 import { buildConfigSchema } from "./schema.js";
 
 type JsonSchema = {
@@ -95,18 +96,36 @@ function annotate(node: Node | null | undefined, schema: JsonSchema | undefined)
   }
 }
 
+/**
+ * The sample as the schema sees it: each `<key>File: path` stands in as `<key>: path`, so the
+ * sample validates without reading any file.
+ */
+export function sampleConfigInline(node: unknown = SAMPLE_CONFIG): unknown {
+  if (Array.isArray(node)) return node.map((item) => sampleConfigInline(item));
+  if (typeof node !== "object" || node === null) return node;
+  return Object.fromEntries(
+    Object.entries(node).map(([key, value]) => [secretTarget(key) ?? key, sampleConfigInline(value)]),
+  );
+}
+
+/** Puts the sample's `<key>File` keys back in place of the inline values `sampleConfigInline` made. */
+function restoreSecretFiles(parsed: unknown, sample: unknown): unknown {
+  if (Array.isArray(parsed))
+    return parsed.map((item, i) => restoreSecretFiles(item, (sample as unknown[])?.[i]));
+  if (typeof parsed !== "object" || parsed === null) return parsed;
+  const written = (sample ?? {}) as Record<string, unknown>;
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(parsed)) {
+    const fileKey = `${key}File`;
+    if (fileKey in written) out[fileKey] = written[fileKey];
+    else out[key] = restoreSecretFiles(value, written[key]);
+  }
+  return out;
+}
+
 export function sampleConfigYaml(connectors: readonly ConnectorDefinition[]): string {
-  const withDefaults = buildConfigSchema(connectors).parse(
-    // parse() fills defaults; *File keys stay as written, so parse a copy without them
-    JSON.parse(JSON.stringify(SAMPLE_CONFIG).replaceAll('"passwordFile"', '"password"')),
-  ) as Record<string, unknown>;
-  // Show the sample's own secret style (passwordFile) rather than an inline password.
-  const shown = JSON.parse(
-    JSON.stringify(withDefaults).replace(
-      /"password":"\/run\/secrets\/([^"]+)"/g,
-      '"passwordFile":"/run/secrets/$1"',
-    ),
-  ) as Record<string, unknown>;
+  const withDefaults = buildConfigSchema(connectors).parse(sampleConfigInline());
+  const shown = restoreSecretFiles(withDefaults, SAMPLE_CONFIG);
   const doc = new Document(shown);
   annotate(doc.contents, configJsonSchema(connectors) as JsonSchema);
   doc.commentBefore = [

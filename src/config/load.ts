@@ -76,6 +76,11 @@ export function applyEnvOverrides(raw: Record<string, unknown>, env: NodeJS.Proc
   }
 }
 
+/** `passwordFile` → `password`: the key a `*File` key stands for, or undefined. */
+export function secretTarget(key: string): string | undefined {
+  return key.endsWith("File") && key.length > 4 ? key.slice(0, -4) : undefined;
+}
+
 /**
  * `passwordFile: /run/secrets/x` becomes `password: <file contents, trimmed>`, anywhere in the tree.
  * Relative paths are resolved against the config file's folder.
@@ -89,8 +94,8 @@ export function resolveSecretFiles(node: unknown, baseDir: string, path: Propert
   const obj = node as Record<string, unknown>;
   for (const key of Object.keys(obj)) {
     const value = obj[key];
-    if (key.endsWith("File") && key.length > 4 && typeof value === "string") {
-      const target = key.slice(0, -4);
+    const target = secretTarget(key);
+    if (target !== undefined && typeof value === "string") {
       if (obj[target] !== undefined) {
         throw new ConfigError(formatPath([...path, key]), `set either ${target} or ${key}, not both`);
       }

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connectors } from "../../bridges/index.js";
 import { ConfigErrors, loadConfig, validateConfig } from "../../src/config/load.js";
-import { SAMPLE_CONFIG } from "../../src/config/generate.js";
+import { sampleConfigInline } from "../../src/config/generate.js";
 
 const BAD = "test/fixtures/bad-configs";
 
@@ -55,10 +55,7 @@ test("validate-config exits non-zero and prints the path for each broken config"
 });
 
 test("the sample config is valid and has defaults filled", () => {
-  const cfg = validateConfig(
-    JSON.parse(JSON.stringify(SAMPLE_CONFIG).replaceAll('"passwordFile"', '"password"')),
-    connectors,
-  );
+  const cfg = validateConfig(sampleConfigInline(), connectors);
   assert.equal(cfg.appservice.port, 9993);
   assert.equal(cfg.appservice.url, "http://127.0.0.1:9993");
   assert.equal(cfg.routes[0]?.endpoints.length, 2);
