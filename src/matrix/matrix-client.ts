@@ -5,9 +5,8 @@
  * §Transaction identifiers).
  */
 import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
-import { Agent as HttpAgent, request as httpRequest } from "node:http";
-import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { setTimeout as sleep } from "node:timers/promises";
+import { Pool } from "undici";
 import { PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { routeLibraryLogs } from "./library-logging.js";
@@ -59,11 +58,22 @@ export class MatrixClient {
   private readonly readyGhosts = new Map<string, Promise<void>>();
   private readonly joined = new Map<string, Promise<void>>();
   private readonly memberNames = new Map<string, Promise<Map<string, string>>>();
-  private readonly httpAgent = new HttpAgent({ keepAlive: true, maxSockets: 64 });
-  private readonly httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: 64 });
+  /**
+   * Keep-alive connections to the homeserver for our own requests. undici's pool costs less than
+   * half the CPU of node:http per request, and this is the hot path of every relay into a room.
+   */
+  private readonly pool: Pool;
+  private readonly basePath: string;
 
   constructor(private readonly opts: MatrixClientOptions) {
     routeLibraryLogs();
+    const base = new URL(opts.homeserverUrl);
+    this.basePath = base.pathname.replace(/\/$/, "");
+    this.pool = new Pool(base.origin, {
+      connections: 64,
+      headersTimeout: REQUEST_TIMEOUT_MS,
+      bodyTimeout: REQUEST_TIMEOUT_MS,
+    });
     const registration = AppServiceRegistration.fromObject(opts.registration);
     if (!registration) throw new Error("invalid registration");
     this.bridge = new Bridge({
@@ -185,57 +195,44 @@ export class MatrixClient {
   }
 
   /** One Client-Server API call as `userId`, over a keep-alive connection (the hot path of every relay). */
-  private request(
-    method: string,
+  private async request(
+    method: "GET" | "PUT" | "POST",
     pathAndQuery: string,
     userId: string,
     body?: Uint8Array | Record<string, unknown>,
     contentType = "application/json",
   ): Promise<Record<string, unknown>> {
-    const url = new URL(pathAndQuery, this.opts.homeserverUrl);
-    if (userId !== this.opts.botUserId) url.searchParams.set("user_id", userId); // AS API §Identity assertion
-    const payload =
-      body === undefined
-        ? Buffer.alloc(0)
-        : body instanceof Uint8Array
-          ? body
-          : Buffer.from(JSON.stringify(body));
-    const what = `${method} ${url.pathname}`;
-    const https = url.protocol === "https:";
-    return new Promise((resolve, reject) => {
-      const req = (https ? httpsRequest : httpRequest)(
-        url,
-        {
-          method,
-          agent: https ? this.httpsAgent : this.httpAgent,
-          timeout: REQUEST_TIMEOUT_MS,
-          headers: {
-            Authorization: `Bearer ${this.opts.registration.as_token}`,
-            "Content-Type": contentType,
-            "Content-Length": payload.byteLength,
-          },
+    let path = this.basePath + pathAndQuery;
+    if (userId !== this.opts.botUserId) {
+      // AS API §Identity assertion
+      path += `${path.includes("?") ? "&" : "?"}user_id=${encodeURIComponent(userId)}`;
+    }
+    const what = `${method} ${pathAndQuery.split("?")[0]}`;
+    let res;
+    try {
+      res = await this.pool.request({
+        method,
+        path,
+        headers: {
+          authorization: `Bearer ${this.opts.registration.as_token}`,
+          "content-type": contentType,
         },
-        (res) => {
-          const chunks: Buffer[] = [];
-          res.on("data", (c: Buffer) => chunks.push(c));
-          res.on("error", (err) => reject(new RetryableError(`${what}: ${err.message}`)));
-          res.on("end", () => {
-            let json: Record<string, unknown> = {};
-            try {
-              json = JSON.parse(Buffer.concat(chunks).toString("utf8")) as Record<string, unknown>;
-            } catch {
-              // a non-JSON error page from a proxy: classified by status alone
-            }
-            const status = res.statusCode ?? 0;
-            if (status >= 200 && status < 300) resolve(json);
-            else reject(classifyMatrixError(status, json as MatrixErrorBody, what));
-          });
-        },
-      );
-      req.on("timeout", () => req.destroy(new Error("timed out")));
-      req.on("error", (err) => reject(new RetryableError(`${what}: ${err.message}`)));
-      req.end(payload);
-    });
+        body: body === undefined || body instanceof Uint8Array ? body : JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new RetryableError(`${what}: ${errorMessage(err)}`);
+    }
+    const ok = res.statusCode >= 200 && res.statusCode < 300;
+    let json: Record<string, unknown> = {};
+    try {
+      json = (await res.body.json()) as Record<string, unknown>;
+    } catch (err) {
+      // A success must carry its JSON (an event id, a content URI); a non-JSON error page from a
+      // proxy is classified by its status alone.
+      if (ok) throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
+    }
+    if (ok) return json;
+    throw classifyMatrixError(res.statusCode, json as MatrixErrorBody, what);
   }
 
   /**
@@ -321,8 +318,7 @@ export class MatrixClient {
 
   /** Closes the kept-alive connections. */
   stop(): void {
-    this.httpAgent.destroy();
-    this.httpsAgent.destroy();
+    void this.pool.destroy();
   }
 
   /** Called when the homeserver tells us a membership changed for one of ours. */
