@@ -8,8 +8,10 @@
  *   Matrix → MQTT      homeserver transactions → queue → embedded broker → subscriber
  *   latency            p50/p99 MQTT → Matrix at a fixed offered rate
  */
-import { createServer } from "node:net";
+import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { Aedes } from "aedes";
 import { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
@@ -20,9 +22,30 @@ import { freePort, harness, REDIS_URL } from "../test/helpers/fixture.js";
 const N = Number(process.env.BENCH_MESSAGES ?? 10000);
 const ROOMS = Number(process.env.BENCH_ROOMS ?? 8);
 const WARM_UP = Number(process.env.BENCH_WARM_UP ?? 5000);
+/** BENCH_RAW=0 skips the raw components (quicker, for comparing two versions of the bridge). */
+const RAW = process.env.BENCH_RAW !== "0";
 
 function rate(count: number, ms: number): number {
   return Math.round((count / ms) * 1000);
+}
+
+/** CPU time (user + system) a process has used so far, in ms; undefined where /proc is not readable. */
+function cpuMsOf(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+    return (Number(fields[11]) + Number(fields[12])) * 10; // utime + stime, in 10 ms ticks
+  } catch {
+    return undefined;
+  }
+}
+
+function redisPid(): number | undefined {
+  try {
+    return Number(execFileSync("pidof", ["redis-server"]).toString().trim().split(" ")[0]) || undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function percentile(sorted: number[], p: number): number {
@@ -108,7 +131,16 @@ async function rawBullmq(shards: number): Promise<number> {
   return rate(N, ms);
 }
 
-async function bridgeBench(): Promise<Record<string, number>> {
+interface BridgeFigures {
+  mqttToMatrix: number;
+  mqttAccepted: number;
+  p50: number;
+  p99: number;
+  matrixToMqtt: number;
+  cpuPerThousand: string;
+}
+
+async function bridgeBench(): Promise<BridgeFigures> {
   const port = await freePort();
   const rooms = Array.from({ length: ROOMS }, (_, i) => `bench${i}`);
   const h = await harness({
@@ -131,7 +163,7 @@ async function bridgeBench(): Promise<Record<string, number>> {
   bridge.start();
   const tcp = port;
   const device = await connectWhenUp(tcp, "bench-device");
-  const total = () => roomIds.reduce((n, id) => n + h.hs.messages(id).length, 0);
+  const total = () => roomIds.reduce((n, id) => n + h.hs.messageCount(id), 0);
 
   // Warm-up: ghosts registered and joined in every room, then enough traffic for V8 to have
   // optimised the hot paths of both processes ("sustained" is what is measured, not a cold start).
@@ -146,7 +178,9 @@ async function bridgeBench(): Promise<Record<string, number>> {
   );
   while (total() < ROOMS + WARM_UP) await new Promise((r) => setTimeout(r, 10));
 
-  // Throughput MQTT → Matrix.
+  // Throughput MQTT → Matrix, and where the CPU goes meanwhile (the machine's cores are shared).
+  const pids = { bridge: bridge.pid, "homeserver + load generator": process.pid, redis: redisPid() };
+  const cpuBefore = Object.entries(pids).map(([name, pid]) => [name, pid, cpuMsOf(pid)] as const);
   const base = total();
   const t0 = performance.now();
   await publishAll(
@@ -156,6 +190,15 @@ async function bridgeBench(): Promise<Record<string, number>> {
   const accepted = performance.now() - t0;
   while (total() < base + N) await new Promise((r) => setTimeout(r, 5));
   const toMatrixMs = performance.now() - t0;
+  const cpuPerThousand = cpuBefore
+    .map(([name, pid, before]) => {
+      const after = cpuMsOf(pid);
+      return after === undefined || before === undefined
+        ? undefined
+        : `${name} ${Math.round(((after - before) / N) * 1000)}`;
+    })
+    .filter(Boolean)
+    .join(", ");
   // Per-room order check.
   for (const id of roomIds) {
     const seq = h.hs
@@ -217,38 +260,48 @@ async function bridgeBench(): Promise<Record<string, number>> {
     p50: percentile(latencies, 50),
     p99: percentile(latencies, 99),
     matrixToMqtt: rate(M, toMqttMs),
+    cpuPerThousand,
   };
 }
 
 async function main(): Promise<void> {
   console.log(`tribridge bench: ${N} messages over ${ROOMS} rooms, node ${process.version}\n`);
   // Each raw component runs twice and the second, warmed-up run counts, as the bridge is warmed up.
-  const aedesRate = await rawAedes().then(rawAedes);
-  const bull1 = await rawBullmq(1).then(() => rawBullmq(1));
-  const bull8 = await rawBullmq(8).then(() => rawBullmq(8));
+  const raw = RAW
+    ? {
+        aedes: await rawAedes().then(rawAedes),
+        bull1: await rawBullmq(1).then(() => rawBullmq(1)),
+        bull8: await rawBullmq(8).then(() => rawBullmq(8)),
+      }
+    : undefined;
   const b = await bridgeBench();
+  const ratio = (value: number, of: number | undefined, name: string) =>
+    of === undefined ? "" : `${(value / of).toFixed(2)}× ${name}`;
   const rows: [string, string, string][] = [
-    ["raw aedes (QoS 1 publish, no hooks)", `${aedesRate} msg/s`, ""],
-    ["raw BullMQ add+process, 1 shard", `${bull1} msg/s`, ""],
-    ["raw BullMQ add+process, 8 shards", `${bull8} msg/s`, ""],
+    ...(raw
+      ? ([
+          ["raw aedes (QoS 1 publish, no hooks)", `${raw.aedes} msg/s`, ""],
+          ["raw BullMQ add+process, 1 shard", `${raw.bull1} msg/s`, ""],
+          ["raw BullMQ add+process, 8 shards", `${raw.bull8} msg/s`, ""],
+        ] as [string, string, string][])
+      : []),
     [
       "MQTT → Matrix, end to end",
       `${b.mqttToMatrix} msg/s`,
-      `${(b.mqttToMatrix! / aedesRate).toFixed(2)}× aedes, ${(b.mqttToMatrix! / bull8).toFixed(2)}× BullMQ(8)`,
+      [ratio(b.mqttToMatrix, raw?.aedes, "aedes"), ratio(b.mqttToMatrix, raw?.bull8, "BullMQ(8)")]
+        .filter(Boolean)
+        .join(", "),
     ],
     [
       "MQTT → Matrix, accepted (PUBACKed)",
       `${b.mqttAccepted} msg/s`,
-      `${(b.mqttAccepted! / aedesRate).toFixed(2)}× aedes`,
+      ratio(b.mqttAccepted, raw?.aedes, "aedes"),
     ],
-    ["MQTT → Matrix latency at 1,000 msg/s", `p50 ${b.p50!.toFixed(1)} ms, p99 ${b.p99!.toFixed(1)} ms`, ""],
-    [
-      "Matrix → MQTT, end to end",
-      `${b.matrixToMqtt} msg/s`,
-      `${(b.matrixToMqtt! / bull8).toFixed(2)}× BullMQ(8)`,
-    ],
+    ["MQTT → Matrix latency at 1,000 msg/s", `p50 ${b.p50.toFixed(1)} ms, p99 ${b.p99.toFixed(1)} ms`, ""],
+    ["Matrix → MQTT, end to end", `${b.matrixToMqtt} msg/s`, ratio(b.matrixToMqtt, raw?.bull8, "BullMQ(8)")],
   ];
-  for (const [name, value, ratio] of rows) console.log(`${name.padEnd(40)} ${value.padEnd(30)} ${ratio}`);
+  for (const [name, value, r] of rows) console.log(`${name.padEnd(40)} ${value.padEnd(30)} ${r}`);
+  console.log(`\nCPU ms per 1,000 messages MQTT → Matrix: ${b.cpuPerThousand}`);
   process.exit(0);
 }
 

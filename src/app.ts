@@ -213,6 +213,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         markTransaction: async (fp) =>
           void (await redis.set(`${prefix}:txn:${fp}`, "1", "EX", SEEN_EVENT_TTL_SEC)),
         onEvents: (events) => intake.handle(events),
+        ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
       },
       moduleLogger("appservice"),

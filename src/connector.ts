@@ -135,8 +135,8 @@ export interface KeyValueStore {
   delete(key: string): Promise<void>;
   /** All fields of a map (empty when absent). */
   getMap(key: string): Promise<Record<string, string>>;
-  /** Sets one field; `ttlMs` (re)starts the expiry of the whole map. */
-  setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void>;
+  /** Sets fields of a map, in one write; `ttlMs` (re)starts the expiry of the whole map. */
+  setInMap(key: string, fields: Record<string, string>, ttlMs?: number): Promise<void>;
 }
 
 export type ConnectorState = "connecting" | "up" | "degraded" | "down";

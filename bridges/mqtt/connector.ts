@@ -22,6 +22,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   private embedded: EmbeddedBroker | undefined;
   private external: ExternalClient | undefined;
   private inbound: EndpointBinding<MqttEndpoint>[] = [];
+  private readonly bindingsByTopic = new Map<string, EndpointBinding<MqttEndpoint>[]>();
   private readonly embeddedTrackers = new WeakMap<Client, RedeliveryTracker>();
   private externalTracker: { connection: number; tracker: RedeliveryTracker } | undefined;
 
@@ -84,6 +85,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
 
   async watch(endpoints: readonly EndpointBinding<MqttEndpoint>[]): Promise<void> {
     this.inbound = endpoints.filter((e) => relaysIn(e.direction));
+    this.bindingsByTopic.clear();
     if (this.external) {
       const filters = new Map<string, 0 | 1 | 2>();
       for (const e of this.inbound) {
@@ -101,18 +103,28 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     return p.clientId ?? p.topic;
   }
 
+  /** The inbound endpoints whose filter matches `topic`, remembered per topic (devices repeat topics). */
+  private bindingsFor(topic: string): EndpointBinding<MqttEndpoint>[] {
+    let bindings = this.bindingsByTopic.get(topic);
+    if (!bindings) {
+      bindings = this.inbound.filter((b) => topicMatches(b.spec.topic, topic));
+      if (this.bindingsByTopic.size >= 10_000) this.bindingsByTopic.clear();
+      this.bindingsByTopic.set(topic, bindings);
+    }
+    return bindings;
+  }
+
   private async ingest(p: Publish, tracker: RedeliveryTracker): Promise<void> {
-    const matched = this.inbound.filter(
-      (b) => topicMatches(b.spec.topic, p.topic) && !(b.spec.ignoreRetained && p.retain),
-    );
+    const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && p.retain));
     if (matched.length === 0) return;
     const identity =
       p.qos > 0 && p.messageId !== undefined
-        ? await tracker.identify(p.messageId, p.dup, p.topic, p.payload)
-        : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false };
+        ? await tracker.lookup(p.messageId, p.dup, p.topic, p.payload)
+        : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false, durable: undefined };
     if (identity.redelivered) this.ctx.log.debug({ remoteId: identity.remoteId }, "redelivered publish");
-    await Promise.all(
-      matched.map((binding) => {
+    await Promise.all([
+      identity.durable,
+      ...matched.map((binding) => {
         const decoded = decodePayload(p.topic, p.payload, binding.spec);
         if (decoded.problem) {
           this.ctx.log.warn(
@@ -129,7 +141,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
           attachment: decoded.attachment,
         });
       }),
-    );
+    ]);
   }
 
   async send(message: OutboundMessage, endpoint: EndpointBinding<MqttEndpoint>): Promise<SendResult> {

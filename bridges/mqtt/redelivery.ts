@@ -8,7 +8,7 @@
  * reused on this one. The record of (packet id → message) is written before the PUBACK, durably,
  * and forgotten after `windowMs`.
  */
-import { createHash, randomUUID } from "node:crypto";
+import { hash, randomUUID } from "node:crypto";
 import type { KeyValueStore } from "../../src/connector.js";
 
 interface Seen {
@@ -24,7 +24,7 @@ export interface PublishIdentity {
 }
 
 function digestOf(topic: string, payload: Uint8Array): string {
-  return createHash("sha1").update(topic).update("\0").update(payload).digest("base64url").slice(0, 16);
+  return hash("sha1", Buffer.concat([Buffer.from(`${topic}\0`), payload]), "base64url").slice(0, 16);
 }
 
 /** One per client connection (or per external-broker session connection). */
@@ -34,6 +34,8 @@ export class RedeliveryTracker {
   private earlier: Promise<Map<number, Seen>> | undefined;
   private expirySetAt = 0;
   private sequence = 0;
+  private unwritten:
+    { fields: Record<string, string>; refreshExpiry: boolean; written: Promise<void> } | undefined;
 
   constructor(
     private readonly store: KeyValueStore,
@@ -67,30 +69,64 @@ export class RedeliveryTracker {
     topic: string,
     payload: Uint8Array,
   ): Promise<PublishIdentity> {
+    const { durable, ...identity } = await this.lookup(messageId, dup, topic, payload);
+    await durable;
+    return identity;
+  }
+
+  /**
+   * `identify` for the hot path: resolves as soon as the identity is known, so the message can be
+   * enqueued while its record is written; acknowledge only once both are done. (Should the record
+   * fail and the enqueue succeed, a redelivery of that one message would be relayed again.)
+   */
+  async lookup(
+    messageId: number,
+    dup: boolean,
+    topic: string,
+    payload: Uint8Array,
+  ): Promise<PublishIdentity & { durable: Promise<void> }> {
     const digest = digestOf(topic, payload);
     const fresh = !this.usedHere.has(messageId);
     this.usedHere.add(messageId);
+    const earlier = await this.loadEarlier();
     if (fresh || dup) {
-      const before = (await this.loadEarlier()).get(messageId);
+      const before = earlier.get(messageId);
       if (before && before.digest === digest && (dup || before.connection !== this.connection)) {
-        return { remoteId: before.remoteId, redelivered: true };
+        return { remoteId: before.remoteId, redelivered: true, durable: Promise.resolve() };
       }
     }
     // A packet id is reused once acknowledged, so the sequence number keeps remote ids unique.
     const remoteId = `${this.clientId}/${this.connection}/${messageId}/${++this.sequence}`;
     const seen: Seen = { connection: this.connection, digest, remoteId };
-    (await this.loadEarlier()).set(messageId, seen);
+    earlier.set(messageId, seen);
     // Refreshing the expiry on every write costs a command per message; every half window is enough.
     const now = Date.now();
     const refresh = now - this.expirySetAt > this.windowMs / 2;
     if (refresh) this.expirySetAt = now;
-    await this.store.setInMap(
-      this.key(),
-      String(messageId),
-      JSON.stringify(seen),
-      refresh ? this.windowMs : undefined,
-    );
-    return { remoteId, redelivered: false };
+    return { remoteId, redelivered: false, durable: this.record(messageId, seen, refresh) };
+  }
+
+  /** Writes the records of one tick together: a device sending fast costs one write per tick. */
+  private record(messageId: number, seen: Seen, refreshExpiry: boolean): Promise<void> {
+    let batch = this.unwritten;
+    if (!batch) {
+      const created = {
+        fields: {} as Record<string, string>,
+        refreshExpiry: false,
+        written: Promise.resolve(),
+      };
+      created.written = new Promise<void>((resolve, reject) =>
+        setImmediate(() => {
+          this.unwritten = undefined;
+          const ttl = created.refreshExpiry ? this.windowMs : undefined;
+          this.store.setInMap(this.key(), created.fields, ttl).then(resolve, reject);
+        }),
+      );
+      this.unwritten = batch = created;
+    }
+    batch.fields[String(messageId)] = JSON.stringify(seen);
+    batch.refreshExpiry ||= refreshExpiry;
+    return batch.written;
   }
 }
 

@@ -208,31 +208,62 @@ export class MatrixClient {
       path += `${path.includes("?") ? "&" : "?"}user_id=${encodeURIComponent(userId)}`;
     }
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
-    let res;
-    try {
-      res = await this.pool.request({
-        method,
-        path,
-        headers: {
-          authorization: `Bearer ${this.opts.registration.as_token}`,
-          "content-type": contentType,
-        },
-        body: body === undefined || body instanceof Uint8Array ? body : JSON.stringify(body),
-      });
-    } catch (err) {
-      throw new RetryableError(`${what}: ${errorMessage(err)}`);
-    }
-    const ok = res.statusCode >= 200 && res.statusCode < 300;
+    const { status, text } = await this.dispatch(what, { method, path, contentType, body });
+    const ok = status >= 200 && status < 300;
     let json: Record<string, unknown> = {};
     try {
-      json = (await res.body.json()) as Record<string, unknown>;
+      json = JSON.parse(text) as Record<string, unknown>;
     } catch (err) {
       // A success must carry its JSON (an event id, a content URI); a non-JSON error page from a
       // proxy is classified by its status alone.
       if (ok) throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
     }
     if (ok) return json;
-    throw classifyMatrixError(res.statusCode, json as MatrixErrorBody, what);
+    throw classifyMatrixError(status, json as MatrixErrorBody, what);
+  }
+
+  /**
+   * The request itself, through undici's handler interface: no stream per response, which is a
+   * measurable share of a relay's cost. Network failures become RetryableError.
+   */
+  private dispatch(
+    what: string,
+    req: {
+      method: "GET" | "PUT" | "POST";
+      path: string;
+      contentType: string;
+      body: Uint8Array | Record<string, unknown> | undefined;
+    },
+  ): Promise<{ status: number; text: string }> {
+    const { method, path, contentType, body } = req;
+    return new Promise((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      let status = 0;
+      this.pool.dispatch(
+        {
+          method,
+          path,
+          headers: {
+            authorization: `Bearer ${this.opts.registration.as_token}`,
+            "content-type": contentType,
+          },
+          body: body === undefined || body instanceof Uint8Array ? body : JSON.stringify(body),
+        },
+        {
+          onConnect: () => undefined,
+          onHeaders: (statusCode) => {
+            status = statusCode;
+            return true;
+          },
+          onData: (chunk) => {
+            chunks.push(chunk);
+            return true;
+          },
+          onComplete: () => resolve({ status, text: Buffer.concat(chunks).toString("utf8") }),
+          onError: (err) => reject(new RetryableError(`${what}: ${err.message}`)),
+        },
+      );
+    });
   }
 
   /**

@@ -21,6 +21,7 @@ export interface ToMatrixJob {
 
 export class RoomDelivery {
   private readonly ghostTags: Map<string, string>;
+  private readonly ghostIds = new Map<string, string>();
 
   constructor(
     private readonly matrix: MatrixClient,
@@ -43,6 +44,18 @@ export class RoomDelivery {
     return roomId;
   }
 
+  /** ghostUserId, remembered: a handful of devices send most messages. */
+  private ghostOf(tag: string, account: string, senderId: string): string {
+    const key = `${tag}\u0000${account}\u0000${senderId}`;
+    let userId = this.ghostIds.get(key);
+    if (userId === undefined) {
+      userId = ghostUserId(this.naming, tag, account, senderId);
+      if (this.ghostIds.size >= 10_000) this.ghostIds.clear();
+      this.ghostIds.set(key, userId);
+    }
+    return userId;
+  }
+
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
     const found = this.routes.inbound(job.endpointId);
     if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
@@ -50,7 +63,7 @@ export class RoomDelivery {
     if (!tag) throw new PermanentError(`connector ${job.connector} is not installed`);
     const roomId = await this.roomIdFor(found.route.id);
     const sender = {
-      userId: ghostUserId(this.naming, tag, job.account, job.sender.id),
+      userId: this.ghostOf(tag, job.account, job.sender.id),
       displayName: job.sender.displayName ?? job.sender.id,
     };
     let content = toMatrixContent(job.body);

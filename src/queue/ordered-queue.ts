@@ -12,7 +12,7 @@
  * After a crash, the job that was active is put back at the head of its shard before consuming
  * resumes (BullMQ's own stalled-job check would only notice it after later jobs ran).
  */
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
@@ -56,11 +56,11 @@ const RENEW_LEASE = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.
 
 /** Job ids: a hash of the source identity. BullMQ forbids ':' and plain integers in custom ids. */
 export function jobIdFor(...parts: string[]): string {
-  return `j${createHash("sha256").update(parts.join("\u0000")).digest("hex").slice(0, 40)}`;
+  return `j${hash("sha256", parts.join("\u0000"), "hex").slice(0, 40)}`;
 }
 
 export function shardOf(key: string, shards: number): number {
-  return createHash("sha1").update(key).digest().readUInt32BE(0) % shards;
+  return hash("sha1", key, "buffer").readUInt32BE(0) % shards;
 }
 
 export function retryDelayMs(policy: RetryPolicy, attempt: number, retryAfterMs?: number): number {
@@ -72,7 +72,6 @@ export function retryDelayMs(policy: RetryPolicy, attempt: number, retryAfterMs?
 class Shard<T> {
   readonly queue: Queue;
   private worker: Worker | undefined;
-  private workerConnection: Redis | undefined;
   private leaseTimer: NodeJS.Timeout | undefined;
   private readonly leaseKey: string;
   private stopped = false;
@@ -117,9 +116,9 @@ class Shard<T> {
     }, LEASE_RENEW_MS);
     await this.requeueOrphans(redis);
     if (this.stopped) return;
-    this.workerConnection = connectRedis(this.owner.opts.redisUrl, `${this.name}-worker`);
     this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token), {
-      connection: this.workerConnection,
+      // Shared by all shards (BullMQ gives each worker its own blocking connection besides).
+      connection: this.owner.workerConnection,
       prefix: this.owner.opts.prefix,
       concurrency: 1,
       autorun: true,
@@ -149,7 +148,6 @@ class Shard<T> {
     const w = this.worker;
     this.worker = undefined;
     await w?.close();
-    this.workerConnection?.disconnect();
   }
 
   async stop(redis: Redis): Promise<void> {
@@ -192,6 +190,8 @@ const PROGRESS_EVERY = 10;
 
 export class OrderedQueue<T> {
   private readonly producer: Redis;
+  /** The shards' workers' commands, pipelined together: one write for what they send in a tick. */
+  readonly workerConnection: Redis;
   private readonly shards: Shard<T>[];
   private readonly pending = new Map<number, PendingBatch<T>>();
   /** Items that failed for good, with the reason: the failed list. */
@@ -200,6 +200,7 @@ export class OrderedQueue<T> {
 
   constructor(readonly opts: OrderedQueueOptions<T>) {
     this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`, { autoPipelining: true });
+    this.workerConnection = connectRedis(opts.redisUrl, `${opts.name}-worker`, { autoPipelining: true });
     this.shards = Array.from(
       { length: opts.shards },
       (_, i) => new Shard(this, `${opts.name}-${i}`, this.producer),
@@ -364,5 +365,6 @@ export class OrderedQueue<T> {
     await Promise.all(this.shards.map((s) => s.stop(this.producer)));
     await this.dead.close();
     this.producer.disconnect();
+    this.workerConnection.disconnect();
   }
 }

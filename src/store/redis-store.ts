@@ -51,9 +51,9 @@ export class RedisKeyValueStore implements KeyValueStore {
     return this.redis.hgetall(this.prefix + key);
   }
 
-  async setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void> {
+  async setInMap(key: string, fields: Record<string, string>, ttlMs?: number): Promise<void> {
     const k = this.prefix + key;
-    if (ttlMs === undefined) await this.redis.hset(k, field, value);
-    else await this.redis.multi().hset(k, field, value).pexpire(k, ttlMs).exec();
+    if (ttlMs === undefined) await this.redis.hset(k, fields);
+    else await this.redis.multi().hset(k, fields).pexpire(k, ttlMs).exec();
   }
 }

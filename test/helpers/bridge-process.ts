@@ -21,10 +21,9 @@ export class BridgeProcess {
     this.child = spawn(
       process.execPath,
       [
-        // BRIDGE_CPU_PROFILE_DIR=/tmp/x writes a V8 CPU profile of the bridge process there.
-        ...(process.env.BRIDGE_CPU_PROFILE_DIR
-          ? ["--cpu-prof", `--cpu-prof-dir=${process.env.BRIDGE_CPU_PROFILE_DIR}`]
-          : []),
+        // Extra node flags for the bridge alone, e.g. BRIDGE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/p"
+        // or "--trace-gc" (its stdout is passed through).
+        ...(process.env.BRIDGE_NODE_ARGS?.split(" ").filter(Boolean) ?? []),
         "--import",
         "tsx",
         "src/index.ts",
@@ -34,8 +33,15 @@ export class BridgeProcess {
         "-r",
         join(this.dir, "registration.yaml"),
       ],
-      { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "error" } },
+      {
+        stdio: ["ignore", process.env.BRIDGE_NODE_ARGS ? "inherit" : "ignore", "inherit"],
+        env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "error" },
+      },
     );
+  }
+
+  get pid(): number | undefined {
+    return this.child?.pid;
   }
 
   /** Sends `signal` and waits for the process to exit. */

@@ -542,6 +542,11 @@ export class TestHomeserver {
     return this.requireRoomForInspection(roomId).messages.slice();
   }
 
+  /** messages(roomId).length without the copy, for polling loops. */
+  messageCount(roomId: string): number {
+    return this.requireRoomForInspection(roomId).messages.length;
+  }
+
   members(roomId: string): string[] {
     return [...this.requireRoomForInspection(roomId).joined];
   }

@@ -50,6 +50,9 @@ class MemoryHandlers implements AppserviceHandlers {
       this.timeline.push(`end ${label}`);
     }
   }
+  ignores(ev: MatrixEvent): boolean {
+    return ev.sender.startsWith("@_tb_");
+  }
   userExists(userId: string): boolean {
     this.userQueries.push(userId);
     return this.users.has(userId);
@@ -364,10 +367,27 @@ test("malformed events are dropped; the well-formed ones are delivered in order"
   });
 });
 
-test("an empty events array is acknowledged and marked", async () => {
+test("an empty events array is acknowledged with no bookkeeping", async () => {
   await withServer(async (c, h) => {
     const r = await c.txn("empty", []);
     assert.equal(r.status, 200);
+    assert.equal(h.touched, false);
+  });
+});
+
+test("a transaction of only ignored events (our echoes) is acknowledged untouched; a mixed one is processed whole", async () => {
+  await withServer(async (c, h) => {
+    const echo = { ...event("$echo"), sender: "@_tb_mqtt_home_dev:test.local" };
+    const r = await c.txn("echo-only", [echo, echo]);
+    assert.equal(r.status, 200);
+    assert.equal(h.touched, false);
+
+    const mixed = await c.txn("mixed", [echo, event("$real")]);
+    assert.equal(mixed.status, 200);
+    assert.deepEqual(
+      h.batches.map((b) => b.map((e) => e.event_id)),
+      [["$echo", "$real"]],
+    );
     assert.equal(h.marks.length, 1);
   });
 });

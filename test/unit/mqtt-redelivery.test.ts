@@ -7,7 +7,7 @@ import { RedeliveryTracker, qos0RemoteId } from "../../bridges/mqtt/redelivery.j
 class MemoryStore implements KeyValueStore {
   readonly values = new Map<string, string>();
   readonly maps = new Map<string, Map<string, string>>();
-  readonly mapWrites: { key: string; field: string; value: string; ttlMs: number | undefined }[] = [];
+  readonly mapWrites: { key: string; fields: Record<string, string>; ttlMs: number | undefined }[] = [];
 
   async get(key: string): Promise<string | undefined> {
     return this.values.get(key);
@@ -22,11 +22,11 @@ class MemoryStore implements KeyValueStore {
   async getMap(key: string): Promise<Record<string, string>> {
     return Object.fromEntries(this.maps.get(key) ?? []);
   }
-  async setInMap(key: string, field: string, value: string, ttlMs?: number): Promise<void> {
-    this.mapWrites.push({ key, field, value, ttlMs });
+  async setInMap(key: string, fields: Record<string, string>, ttlMs?: number): Promise<void> {
+    this.mapWrites.push({ key, fields, ttlMs });
     let map = this.maps.get(key);
     if (!map) this.maps.set(key, (map = new Map()));
-    map.set(field, value);
+    for (const [field, value] of Object.entries(fields)) map.set(field, value);
   }
 }
 
@@ -145,12 +145,22 @@ test("the record is written before identify resolves, in one map per client, wit
   await t.identify(1, false, "t", payload("a"));
   assert.equal(store.mapWrites.length, 1);
   assert.equal(store.mapWrites[0]!.key, "redelivery:client:dev1");
-  assert.equal(store.mapWrites[0]!.field, "1");
+  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1"]);
   assert.equal(store.mapWrites[0]!.ttlMs, WINDOW);
   // later writes within half a window do not refresh the expiry
   await t.identify(2, false, "t", payload("b"));
   assert.equal(store.mapWrites.length, 2);
   assert.equal(store.mapWrites[1]!.ttlMs, undefined);
+});
+
+test("the records of publishes identified in one tick are written in one call", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "client:dev1", WINDOW);
+  const ids = await Promise.all([1, 2, 3].map((n) => t.identify(n, false, "t", payload(String(n)))));
+  assert.equal(new Set(ids.map((i) => i.remoteId)).size, 3);
+  assert.equal(store.mapWrites.length, 1);
+  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1", "2", "3"]);
+  assert.equal(store.mapWrites[0]!.ttlMs, WINDOW);
 });
 
 test("a redelivery writes nothing", async () => {
@@ -162,7 +172,7 @@ test("a redelivery writes nothing", async () => {
 
 test("an unreadable record only loses that one detection", async () => {
   const store = new MemoryStore();
-  await store.setInMap("redelivery:c", "7", "{not json");
+  await store.setInMap("redelivery:c", { "7": "{not json" });
   const id = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
   assert.equal(id.redelivered, false);
 });
