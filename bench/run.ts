@@ -158,8 +158,9 @@ async function bridgeBench(): Promise<BridgeFigures> {
   const roomIds = rooms.map((r) =>
     h.hs.createRoom({ creator: h.alice, alias: `#${r}:test.local`, preset: "public_chat" }),
   );
-  // The bridge runs as its own process, as in production; homeserver and load generator stay here.
-  const bridge = new BridgeProcess(h);
+  // The bridge runs as its own process from the build, as `npm start` runs it; homeserver and load
+  // generator stay in this one.
+  const bridge = new BridgeProcess(h, { built: true });
   bridge.start();
   const tcp = port;
   const device = await connectWhenUp(tcp, "bench-device");

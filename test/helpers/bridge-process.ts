@@ -11,7 +11,14 @@ export class BridgeProcess {
   private child: ChildProcess | undefined;
   private readonly dir: string;
 
-  constructor(h: Harness) {
+  /**
+   * `built: true` runs the compiled CLI (`dist/`, from `npm run build`) as `npm start` does, for
+   * measurements; otherwise the TypeScript sources through tsx, so tests need no build.
+   */
+  constructor(
+    h: Harness,
+    private readonly opts: { built?: boolean } = {},
+  ) {
     this.dir = mkdtempSync(join(tmpdir(), "tribridge-proc-"));
     writeFileSync(join(this.dir, "config.yaml"), stringify(h.rawConfig));
     writeFileSync(join(this.dir, "registration.yaml"), registrationYaml(h.registration));
@@ -24,9 +31,7 @@ export class BridgeProcess {
         // Extra node flags for the bridge alone, e.g. BRIDGE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/p"
         // or "--trace-gc" (its stdout is passed through).
         ...(process.env.BRIDGE_NODE_ARGS?.split(" ").filter(Boolean) ?? []),
-        "--import",
-        "tsx",
-        "src/index.ts",
+        ...(this.opts.built ? ["dist/src/index.js"] : ["--import", "tsx", "src/index.ts"]),
         "start",
         "-c",
         join(this.dir, "config.yaml"),
