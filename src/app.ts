@@ -22,6 +22,7 @@ import { MatrixClient } from "./matrix/matrix-client.js";
 import type { Registration } from "./matrix/registration.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
+import { TO_MATRIX_QUEUE, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { RouteTable } from "./routing/route-table.js";
@@ -112,8 +113,8 @@ export async function start({ config, registration, connectors }: StartOptions):
     const delivery = new RoomDelivery(matrix, routes, naming, connectors);
     const toMatrix = new OrderedQueue<ToMatrixJob>({
       ...queueDefaults,
-      name: "to-matrix",
-      log: moduleLogger("queue", { queue: "to-matrix" }),
+      name: TO_MATRIX_QUEUE,
+      log: moduleLogger("queue", { queue: TO_MATRIX_QUEUE }),
       process: (job, { id }) => delivery.deliver(job, id),
     });
     cleanups.push(() => toMatrix.stop());
@@ -132,8 +133,8 @@ export async function start({ config, registration, connectors }: StartOptions):
       if (!config.accounts.some((a) => a.connector === def.name)) continue;
       const queue = new OrderedQueue<ToRemoteJob>({
         ...queueDefaults,
-        name: `to-${def.name}`,
-        log: moduleLogger("queue", { queue: `to-${def.name}` }),
+        name: toConnectorQueue(def.name),
+        log: moduleLogger("queue", { queue: toConnectorQueue(def.name) }),
         process: async (job, { id }) => {
           const endpoint = routes.outbound(job.endpointId);
           if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);

@@ -26,6 +26,7 @@ Commands:
   registration-help        Print how to register with continuwuity/conduwuit and Synapse
   validate-config          Check config.yaml and print every problem with its path
   generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
+  failed-jobs              List the relays that failed for good, with their reasons
 
 Options:
   -c, --config FILE        Config file (default: config.yaml, or $TRIBRIDGE_CONFIG)
@@ -34,6 +35,7 @@ Options:
       --domain NAME        Sets homeserver.domain
       --force              generate-registration: overwrite an existing file
       --check              generate-config-files: fail if the files are stale
+      --limit N            failed-jobs: at most N per queue (default 100)
   -h, --help
 `;
 
@@ -48,6 +50,7 @@ interface Options {
   domain?: string;
   force: boolean;
   check: boolean;
+  limit: string | undefined;
 }
 
 function parseOptions(argv: string[]): { command: string | undefined; options: Options } {
@@ -61,6 +64,7 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
       domain: { type: "string" },
       force: { type: "boolean", default: false },
       check: { type: "boolean", default: false },
+      limit: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -75,6 +79,7 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
       domain: values.domain,
       force: values.force ?? false,
       check: values.check ?? false,
+      limit: values.limit,
     },
   };
 }
@@ -189,6 +194,13 @@ async function main(argv: string[]): Promise<number> {
     }
     case "generate-config-files":
       return generateConfigFiles(options.check);
+    case "failed-jobs": {
+      const limit = Number(options.limit ?? 100);
+      if (!Number.isInteger(limit) || limit < 1) throw new Error("--limit must be a positive integer");
+      const { listFailedJobs, formatFailedJobs } = await import("./failed-jobs.js");
+      console.log(formatFailedJobs(await listFailedJobs(readConfig(options), connectors, limit)));
+      return 0;
+    }
     case "help":
       console.log(USAGE);
       return 0;

@@ -18,12 +18,17 @@ const INSTALL_HINT =
   "redis-server was not found. Install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) " +
   "or set queue.redisUrl to an existing Redis (with appendonly yes and maxmemory-policy noeviction).";
 
+/** Where the embedded redis-server listens while the bridge runs. */
+export function embeddedRedisSocket(dataDir: string): string {
+  // Unix socket paths are limited to ~107 bytes; keep it short and inside the data dir.
+  return join(resolve(dataDir, "redis"), "redis.sock");
+}
+
 export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<EmbeddedRedis> {
   const dir = resolve(dataDir, "redis");
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
-  // Unix socket paths are limited to ~107 bytes; keep it short and inside the data dir.
-  const socket = join(dir, "redis.sock");
+  const socket = embeddedRedisSocket(dataDir);
   const child: ChildProcess = spawn(
     "redis-server",
     [

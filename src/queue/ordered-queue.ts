@@ -188,6 +188,31 @@ const MAX_BATCH = 200;
 /** How often a batch records how far it got: after a crash at most this many items are delivered again. */
 const PROGRESS_EVERY = 10;
 
+async function failedJobsOf(dead: Queue, queue: string, limit: number): Promise<FailedJob[]> {
+  const jobs = await dead.getWaiting(0, limit - 1);
+  return jobs
+    .map((j) => {
+      const d = j.data as { item: QueueItem<unknown>; reason: string; failedAt: number };
+      return { queue, id: d.item.id, reason: d.reason, failedAt: d.failedAt, data: d.item.data };
+    })
+    .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
+}
+
+/** The failed list of queue `name` read from outside a running bridge (the `failed-jobs` command). */
+export async function readFailedJobs(
+  connection: Redis,
+  prefix: string,
+  name: string,
+  limit = 100,
+): Promise<FailedJob[]> {
+  const dead = new Queue(`${name}-failed`, { connection, prefix });
+  try {
+    return await failedJobsOf(dead, name, limit);
+  } finally {
+    await dead.close();
+  }
+}
+
 export class OrderedQueue<T> {
   private readonly producer: Redis;
   /** The shards' workers' commands, pipelined together: one write for what they send in a tick. */
@@ -336,20 +361,8 @@ export class OrderedQueue<T> {
   }
 
   /** The failed list: items that failed permanently or ran out of attempts, oldest first. */
-  async failedJobs(limit = 100): Promise<FailedJob[]> {
-    const jobs = await this.dead.getWaiting(0, limit - 1);
-    return jobs
-      .map((j) => {
-        const d = j.data as { item: QueueItem<T>; reason: string; failedAt: number };
-        return {
-          queue: this.opts.name,
-          id: d.item.id,
-          reason: d.reason,
-          failedAt: d.failedAt,
-          data: d.item.data,
-        };
-      })
-      .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
+  failedJobs(limit = 100): Promise<FailedJob[]> {
+    return failedJobsOf(this.dead, this.opts.name, limit);
   }
 
   /** Counts over all shards, for metrics and tests. */

@@ -5,12 +5,19 @@ import { moduleLogger } from "../log.js";
 const log = moduleLogger("redis");
 
 /** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
-export function connectRedis(url: string, name: string, opts: { autoPipelining?: boolean } = {}): Redis {
+export function connectRedis(
+  url: string,
+  name: string,
+  opts: { autoPipelining?: boolean; failFast?: boolean } = {},
+): Redis {
   const options = {
     connectionName: `tribridge-${name}`,
     // Commands issued in the same tick go out in one write (not for BullMQ's blocking worker connections).
     enableAutoPipelining: opts.autoPipelining ?? false,
-    maxRetriesPerRequest: null, // BullMQ workers require it; commands wait for a reconnect instead of failing
+    // BullMQ workers require null: commands wait for a reconnect instead of failing. A one-off
+    // command-line read fails at once instead (failFast).
+    maxRetriesPerRequest: opts.failFast ? 0 : null,
+    ...(opts.failFast && { retryStrategy: () => null }),
     enableReadyCheck: true,
   };
   const redis = url.startsWith("unix://")

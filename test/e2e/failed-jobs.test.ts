@@ -1,0 +1,96 @@
+/**
+ * "Nothing is lost": a relay that cannot be delivered ends in the failed list with its reason, and
+ * `tribridge failed-jobs` shows it to the operator.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import mqtt from "mqtt";
+import { stringify } from "yaml";
+import { connectors } from "../../bridges/index.js";
+import type { MqttConnector } from "../../bridges/mqtt/connector.js";
+import { start, type RunningBridge } from "../../src/app.js";
+import { freePort, harness, type Harness } from "../helpers/fixture.js";
+
+function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
+  const file = join(mkdtempSync(join(tmpdir(), "tribridge-failed-")), "config.yaml");
+  writeFileSync(file, stringify(config));
+  return spawnSync(
+    process.execPath,
+    ["--import", "tsx", "src/index.ts", "failed-jobs", "-c", file, ...args],
+    { encoding: "utf8", timeout: 30_000 },
+  );
+}
+
+describe("failed relays are listed with their reason", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+
+  before(async () => {
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+      routes: [
+        {
+          id: "elsewhere",
+          // An alias on another server that does not exist: the bridge may not create it.
+          room: "#nowhere:other.example",
+          endpoints: [{ account: "mqtt.home", direction: "in", topic: "lost/#" }],
+        },
+      ],
+    });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+  });
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("an undeliverable message is in failedJobs() and in `tribridge failed-jobs`, with the reason", async () => {
+    const empty = failedJobsCli(h.rawConfig);
+    assert.equal(empty.status, 0, empty.stderr);
+    assert.equal(empty.stdout.trim(), "No failed relays.");
+
+    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "lonely" });
+    await device.publishAsync("lost/thing", "hello?", { qos: 1 });
+    await device.endAsync();
+
+    let jobs = await bridge.failedJobs();
+    for (let i = 0; i < 200 && jobs.length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      jobs = await bridge.failedJobs();
+    }
+    assert.equal(jobs.length, 1);
+    assert.equal(jobs[0]!.queue, "to-matrix");
+    assert.match(jobs[0]!.reason, /^permanent: .*M_NOT_FOUND/);
+
+    const r = failedJobsCli(h.rawConfig);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, new RegExp(`to-matrix  ${jobs[0]!.id}`));
+    assert.match(r.stdout, /reason: permanent: .*M_NOT_FOUND/);
+    assert.match(r.stdout, /"body":\{"text":"hello\?"/);
+    assert.match(r.stdout, /1 failed relay\(s\), oldest first\./);
+  });
+});
+
+test("failed-jobs without a reachable Redis fails at once with a clear message", async () => {
+  const base = {
+    homeserver: { url: "http://127.0.0.1:1", domain: "test.local" },
+  };
+  const embedded = failedJobsCli({ ...base, dataDir: mkdtempSync(join(tmpdir(), "tribridge-data-")) });
+  assert.equal(embedded.status, 1);
+  assert.match(embedded.stderr, /the embedded Redis runs only while the bridge runs/);
+
+  const port = await freePort();
+  const unreachable = failedJobsCli({ ...base, queue: { redisUrl: `redis://127.0.0.1:${port}` } });
+  assert.equal(unreachable.status, 1);
+  assert.match(unreachable.stderr, /^tribridge: .*(ECONNREFUSED|Connection is closed)/m);
+
+  const badLimit = failedJobsCli(base, "--limit", "zero");
+  assert.equal(badLimit.status, 1);
+  assert.match(badLimit.stderr, /--limit must be a positive integer/);
+});
