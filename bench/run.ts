@@ -10,20 +10,59 @@
  */
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { createServer } from "node:net";
 import { Aedes } from "aedes";
 import { Queue, Worker } from "bullmq";
-import { Redis } from "ioredis";
 import mqtt, { type MqttClient } from "mqtt";
 import { BridgeProcess } from "../test/helpers/bridge-process.js";
 import { freePort, harness, REDIS_URL } from "../test/helpers/fixture.js";
+import { moduleLogger } from "../src/log.js";
+import { startEmbeddedRedis } from "../src/queue/embedded-redis.js";
+import { connectRedis } from "../src/store/redis-store.js";
 
 const N = Number(process.env.BENCH_MESSAGES ?? 10000);
 const ROOMS = Number(process.env.BENCH_ROOMS ?? 8);
 const WARM_UP = Number(process.env.BENCH_WARM_UP ?? 5000);
 /** BENCH_RAW=0 skips the raw components (quicker, for comparing two versions of the bridge). */
 const RAW = process.env.BENCH_RAW !== "0";
+/**
+ * By default the bench runs its own redis-server exactly as the bridge's embedded default does
+ * (unix socket, AOF every second, noeviction), for the raw components and the bridge alike, and
+ * leaves the machine's Redis alone. BENCH_REDIS=shared uses the machine's Redis over TCP instead.
+ */
+const SHARED_REDIS = process.env.BENCH_REDIS === "shared";
+
+interface BenchRedis {
+  url: string;
+  pid: number | undefined;
+  describe: string;
+  stop(): Promise<void>;
+}
+
+async function benchRedis(): Promise<BenchRedis> {
+  if (SHARED_REDIS) {
+    return {
+      url: REDIS_URL,
+      pid: redisPid(),
+      describe: `shared Redis at ${REDIS_URL}`,
+      stop: async () => {},
+    };
+  }
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-bench-"));
+  const redis = await startEmbeddedRedis(dir, moduleLogger("bench"));
+  return {
+    url: redis.url,
+    pid: redis.pid,
+    describe: "own redis-server, unix socket, AOF every second (the embedded default)",
+    stop: async () => {
+      await redis.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
 
 function rate(count: number, ms: number): number {
   return Math.round((count / ms) * 1000);
@@ -97,9 +136,9 @@ async function rawAedes(): Promise<number> {
   return rate(N, ms);
 }
 
-async function rawBullmq(shards: number): Promise<number> {
+async function rawBullmq(redisUrl: string, shards: number): Promise<number> {
   const prefix = `bench-${randomUUID().slice(0, 8)}`;
-  const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const conn = connectRedis(redisUrl, "raw-bullmq-queues");
   const queues = Array.from(
     { length: shards },
     (_, i) => new Queue(`raw-${i}`, { connection: conn, prefix }),
@@ -114,7 +153,7 @@ async function rawBullmq(shards: number): Promise<number> {
         async () => {
           if (++done === N) resolveAll();
         },
-        { connection: new Redis(REDIS_URL, { maxRetriesPerRequest: null }), prefix, concurrency: 1 },
+        { connection: connectRedis(redisUrl, `raw-bullmq-worker-${i}`), prefix, concurrency: 1 },
       ),
   );
   const t0 = performance.now();
@@ -140,11 +179,11 @@ interface BridgeFigures {
   cpuPerThousand: string;
 }
 
-async function bridgeBench(): Promise<BridgeFigures> {
+async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   const port = await freePort();
   const rooms = Array.from({ length: ROOMS }, (_, i) => `bench${i}`);
   const h = await harness({
-    queue: { shards: 16 },
+    queue: { shards: 16, redisUrl: redis.url },
     bridges: { mqtt: { home: { embedded: { port } } } },
     routes: rooms.map((r, i) => ({
       id: r,
@@ -180,7 +219,7 @@ async function bridgeBench(): Promise<BridgeFigures> {
   while (total() < ROOMS + WARM_UP) await new Promise((r) => setTimeout(r, 10));
 
   // Throughput MQTT → Matrix, and where the CPU goes meanwhile (the machine's cores are shared).
-  const pids = { bridge: bridge.pid, "homeserver + load generator": process.pid, redis: redisPid() };
+  const pids = { bridge: bridge.pid, "homeserver + load generator": process.pid, redis: redis.pid };
   const cpuBefore = Object.entries(pids).map(([name, pid]) => [name, pid, cpuMsOf(pid)] as const);
   const base = total();
   const t0 = performance.now();
@@ -266,16 +305,19 @@ async function bridgeBench(): Promise<BridgeFigures> {
 }
 
 async function main(): Promise<void> {
-  console.log(`tribridge bench: ${N} messages over ${ROOMS} rooms, node ${process.version}\n`);
+  const redis = await benchRedis();
+  console.log(`tribridge bench: ${N} messages over ${ROOMS} rooms, node ${process.version}`);
+  console.log(`Redis: ${redis.describe}\n`);
   // Each raw component runs twice and the second, warmed-up run counts, as the bridge is warmed up.
   const raw = RAW
     ? {
         aedes: await rawAedes().then(rawAedes),
-        bull1: await rawBullmq(1).then(() => rawBullmq(1)),
-        bull8: await rawBullmq(8).then(() => rawBullmq(8)),
+        bull1: await rawBullmq(redis.url, 1).then(() => rawBullmq(redis.url, 1)),
+        bull8: await rawBullmq(redis.url, 8).then(() => rawBullmq(redis.url, 8)),
       }
     : undefined;
-  const b = await bridgeBench();
+  const b = await bridgeBench(redis);
+  await redis.stop();
   const ratio = (value: number, of: number | undefined, name: string) =>
     of === undefined ? "" : `${(value / of).toFixed(2)}× ${name}`;
   const rows: [string, string, string][] = [

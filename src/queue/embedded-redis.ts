@@ -11,6 +11,7 @@ import type { Logger } from "../log.js";
 
 export interface EmbeddedRedis {
   url: string;
+  pid: number | undefined;
   stop(): Promise<void>;
 }
 
@@ -77,6 +78,7 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
       log.info({ dir }, "embedded redis-server started");
       return {
         url,
+        pid: child.pid,
         stop: async () => {
           if (exited) return;
           child.kill("SIGTERM");

@@ -117,7 +117,6 @@ class Shard<T> {
     await this.requeueOrphans(redis);
     if (this.stopped) return;
     this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token), {
-      // Shared by all shards (BullMQ gives each worker its own blocking connection besides).
       connection: this.owner.workerConnection,
       prefix: this.owner.opts.prefix,
       concurrency: 1,
@@ -215,7 +214,7 @@ export async function readFailedJobs(
 
 export class OrderedQueue<T> {
   private readonly producer: Redis;
-  /** The shards' workers' commands, pipelined together: one write for what they send in a tick. */
+  /** Shared by the shards' workers (BullMQ gives each its own blocking connection besides). */
   readonly workerConnection: Redis;
   private readonly shards: Shard<T>[];
   private readonly pending = new Map<number, PendingBatch<T>>();
@@ -224,8 +223,10 @@ export class OrderedQueue<T> {
   private readonly stopping = new AbortController();
 
   constructor(readonly opts: OrderedQueueOptions<T>) {
-    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`, { autoPipelining: true });
-    this.workerConnection = connectRedis(opts.redisUrl, `${opts.name}-worker`, { autoPipelining: true });
+    // Not auto-pipelined: ioredis copies every loaded Lua script (BullMQ has dozens) into each
+    // pipeline it creates, which costs more than the writes it saves.
+    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`);
+    this.workerConnection = connectRedis(opts.redisUrl, `${opts.name}-worker`);
     this.shards = Array.from(
       { length: opts.shards },
       (_, i) => new Shard(this, `${opts.name}-${i}`, this.producer),
