@@ -45,10 +45,9 @@ function send(res: ServerResponse, status: number, body: unknown): void {
   res.end(json);
 }
 
-function sameToken(a: string, b: string): boolean {
-  const ha = hash("sha256", a, "buffer");
-  const hb = hash("sha256", b, "buffer");
-  return timingSafeEqual(ha, hb);
+/** Compares digests of equal length in constant time, so the comparison leaks nothing of the token. */
+function matchesDigest(token: string, expectedDigest: Buffer): boolean {
+  return timingSafeEqual(hash("sha256", token, "buffer"), expectedDigest);
 }
 
 function tokenOf(req: IncomingMessage, url: URL): string | undefined {
@@ -79,11 +78,15 @@ export class AppserviceServer {
   private chain: Promise<unknown> = Promise.resolve();
   port = 0;
 
+  private readonly hsTokenDigest: Buffer;
+
   constructor(
-    private readonly hsToken: string,
+    hsToken: string,
     private readonly handlers: AppserviceHandlers,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.hsTokenDigest = hash("sha256", hsToken, "buffer");
+  }
 
   async listen(port: number, host: string): Promise<void> {
     const server = createServer((req, res) => {
@@ -131,7 +134,7 @@ export class AppserviceServer {
 
     const token = tokenOf(req, url);
     if (token === undefined) return send(res, 401, { errcode: "M_UNAUTHORIZED", error: "Missing token" });
-    if (!sameToken(token, this.hsToken))
+    if (!matchesDigest(token, this.hsTokenDigest))
       return send(res, 403, { errcode: "M_FORBIDDEN", error: "Bad token" });
 
     const txn = TRANSACTION_PATH.exec(path);

@@ -218,6 +218,7 @@ export class OrderedQueue<T> {
   readonly workerConnection: Redis;
   private readonly shards: Shard<T>[];
   private readonly pending = new Map<number, PendingBatch<T>>();
+  private readonly shardIndexes = new Map<string, number>();
   /** Items that failed for good, with the reason: the failed list. */
   private readonly dead: Queue;
   private readonly stopping = new AbortController();
@@ -241,7 +242,7 @@ export class OrderedQueue<T> {
    * homeserver transaction) is stored once.
    */
   add(orderKey: string, id: string, data: T): Promise<void> {
-    const shardIndex = shardOf(orderKey, this.shards.length);
+    const shardIndex = this.shardIndexOf(orderKey);
     let batch = this.pending.get(shardIndex);
     if (!batch) {
       batch = { items: [], waiters: [] };
@@ -252,6 +253,17 @@ export class OrderedQueue<T> {
     const done = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
     if (batch.items.length >= MAX_BATCH) this.flush(shardIndex, batch);
     return done;
+  }
+
+  /** shardOf, remembered: there are few order keys (rooms), and each item would hash again. */
+  private shardIndexOf(key: string): number {
+    let index = this.shardIndexes.get(key);
+    if (index === undefined) {
+      index = shardOf(key, this.shards.length);
+      if (this.shardIndexes.size >= 10_000) this.shardIndexes.clear();
+      this.shardIndexes.set(key, index);
+    }
+    return index;
   }
 
   private flush(shardIndex: number, batch: PendingBatch<T>): void {
