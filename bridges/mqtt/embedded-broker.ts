@@ -10,6 +10,7 @@ import { createServer as createNetServer, type Server as NetServer } from "node:
 import { createServer as createTlsServer } from "node:tls";
 import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
 import { timingSafeEqual, createHash } from "node:crypto";
+import type { EventEmitter } from "node:events";
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from "aedes";
 import redisPersistence from "aedes-persistence-redis";
 import { Redis } from "ioredis";
@@ -106,6 +107,11 @@ export class EmbeddedBroker {
       this.log.info({ clientId: client.id, err: err.message }, "mqtt client error"),
     );
     broker.on("clientDisconnect", (client: Client) => this.onClientGone(client));
+    // aedes emits its background failures (e.g. publishing stored wills while Redis is away); an
+    // "error" event without a listener would end the process.
+    (broker as unknown as EventEmitter).on("error", (err: Error) =>
+      this.log.warn({ err: err.message }, "mqtt broker error"),
+    );
 
     const tcp = createNetServer((socket) => broker.handle(socket));
     this.port = await this.listen(tcp, this.config.port, "port");
@@ -154,7 +160,7 @@ export class EmbeddedBroker {
     if (username === undefined) {
       if (this.anonymous) {
         this.usersByClient.set(client, undefined);
-        return done(null, true);
+        return this.checkWill(client, done);
       }
       this.log.warn({ clientId: client.id }, "mqtt connect refused: no username");
       return done(authError("not authorized", 5), false);
@@ -172,7 +178,21 @@ export class EmbeddedBroker {
       return done(authError("client id not allowed", 5), false);
     }
     this.usersByClient.set(client, user);
-    done(null, true);
+    this.checkWill(client, done);
+  }
+
+  /**
+   * A will must be publishable by its client, checked at CONNECT: aedes publishes the wills a
+   * previous run of the broker left behind with no client (and so no ACL) to check them against.
+   */
+  private checkWill(
+    client: Client,
+    done: (error: AuthenticateError | null, success: boolean | null) => void,
+  ): void {
+    const will = (client as Client & { _will?: { topic?: string } })._will;
+    if (will?.topic === undefined || this.mayPublish(client, will.topic)) return done(null, true);
+    this.log.warn({ clientId: client.id, topic: will.topic }, "mqtt connect refused: will topic not allowed");
+    done(authError("will topic not allowed", 5), false);
   }
 
   private mayPublish(client: Client, topic: string): boolean {

@@ -95,6 +95,26 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     assert.deepEqual(added, ["routed"]);
   });
 
+  test("a device's last will, published when its connection drops, reaches the room as that device", async () => {
+    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
+      clientId: "sensor9",
+      reconnectPeriod: 0,
+      will: {
+        topic: "greenhouse/sensor9/temperature",
+        payload: Buffer.from("offline"),
+        qos: 1,
+        retain: false,
+      },
+    });
+    await device.publishAsync("greenhouse/sensor9/temperature", "online", { qos: 1 });
+    await waitFor("online", () => h.hs.messages(room).some((m) => m.content.body === "online"));
+    device.stream.destroy(); // no DISCONNECT: the broker must publish the will [MQTT-3.1.2-8]
+    await waitFor("the will", () =>
+      h.hs.messages(room).find((m) => m.content.body === "offline" && m.sender === GHOST("sensor9")),
+    );
+    device.end(true);
+  });
+
   test("JSON payloads are rendered readably, with a template or as key: value", async () => {
     const device = await connect(port, "sensor3");
     clients.push(device);

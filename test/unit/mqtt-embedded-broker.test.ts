@@ -91,6 +91,19 @@ describe("embedded broker security", () => {
     assert.equal(await refused({ username: "pinned", password: "pw", clientId: "pinned-1" }), "connected");
   });
 
+  test("a will on a topic outside the user's publish ACL, or on $SYS, is refused at CONNECT", async () => {
+    const will = (topic: string) => ({
+      topic,
+      payload: Buffer.from("offline"),
+      qos: 1 as const,
+      retain: false,
+    });
+    const sensor = { username: "sensor", password: "s3cret", clientId: "sensor-will" };
+    assert.match(await refused({ ...sensor, will: will("commands/sensor") }), /Not authorized/);
+    assert.match(await refused({ ...sensor, will: will("$SYS/fake") }), /Not authorized/);
+    assert.equal(await refused({ ...sensor, will: will("sensors/sensor/status") }), "connected");
+  });
+
   test("a publish within the ACL is ingested before its PUBACK", async () => {
     const c = await connect({ username: "sensor", password: "s3cret", clientId: "sensor" });
     let acked = false;
