@@ -141,8 +141,13 @@ export async function start({ config, registration, connectors }: StartOptions):
           const instance = instances.get(`${endpoint.connector}.${endpoint.account}`);
           if (!instance)
             throw new PermanentError(`account ${endpoint.connector}.${endpoint.account} is not running`);
-          const message = await renderOutbound(matrix, job, id);
-          await instance.send(message, bindingOf(endpoint));
+          const binding = bindingOf(endpoint);
+          const withFiles = def.capabilities.attachments && (instance.usesAttachments?.(binding) ?? true);
+          const message = await renderOutbound(matrix, job, id, {
+            attachments: withFiles,
+            maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
+          });
+          await instance.send(message, binding);
         },
       });
       toRemote.set(def.name, queue);

@@ -51,8 +51,14 @@ export function relaysOut(direction: Direction): boolean {
 export interface Capabilities {
   /** The far side can show HTML; when false, `OutboundMessage.body.html` is never set. */
   readonly html: boolean;
-  /** The far side can carry files; when false, attachments are sent as a text link. */
+  /**
+   * The far side can carry files: a file, image, audio or video posted in a room is downloaded
+   * and handed over as `OutboundMessage.attachment` (the body still names it). When false, only
+   * the body is sent, naming the file and its mxc:// URI.
+   */
   readonly attachments: boolean;
+  /** Largest file downloaded for `attachments` (default 16 MiB); a larger one fails permanently. */
+  readonly maxAttachmentBytes?: number;
   /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
   readonly maxTextBytes?: number;
 }
@@ -190,6 +196,11 @@ export interface Connector<E> {
    * far side has accepted the message as far as the protocol can tell (e.g. PUBACK for QoS 1).
    */
   send(message: OutboundMessage, endpoint: EndpointBinding<E>): Promise<SendResult>;
+  /**
+   * Whether messages to `endpoint` use `attachment` (when `capabilities.attachments`; default: all
+   * endpoints). Lets the core skip downloading files that only their names reach.
+   */
+  usesAttachments?(endpoint: EndpointBinding<E>): boolean;
   /** Closes everything. Called once; after it resolves no `emit` may follow. */
   stop(): Promise<void>;
 }

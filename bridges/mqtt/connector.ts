@@ -144,6 +144,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     ]);
   }
 
+  /** Only `format: binary` publishes a file's bytes; text and JSON carry its name. */
+  usesAttachments(endpoint: EndpointBinding<MqttEndpoint>): boolean {
+    return endpoint.spec.format === "binary";
+  }
+
   async send(message: OutboundMessage, endpoint: EndpointBinding<MqttEndpoint>): Promise<SendResult> {
     const { topic, qos, retain } = endpoint.spec;
     const payload = encodePayload(message, endpoint.spec);

@@ -3,7 +3,7 @@
  * membership knowledge current, and enqueues each new room message once per outbound endpoint.
  */
 import type { Redis } from "ioredis";
-import type { OutboundMessage } from "../connector.js";
+import type { Attachment, Capabilities, OutboundMessage } from "../connector.js";
 import { PermanentError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
@@ -96,14 +96,33 @@ export class EventIntake {
   }
 }
 
-/** Renders a queued room message for the far side, with the sender's current display name. */
+const MEDIA_MSGTYPES = new Set(["m.file", "m.image", "m.audio", "m.video"]);
+const DEFAULT_MAX_ATTACHMENT_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Renders a queued room message for the far side, with the sender's current display name, and
+ * the file itself when it is a media message and the endpoint takes files.
+ */
 export async function renderOutbound(
   matrix: MatrixClient,
   job: ToRemoteJob,
   id: string,
+  files: Pick<Capabilities, "attachments" | "maxAttachmentBytes">,
 ): Promise<OutboundMessage> {
   const displayName = await matrix.displayName(job.roomId, job.sender);
   const body = fromMatrixContent(job.content, displayName);
   if (!body) throw new PermanentError("not a message tribridge relays");
-  return { id, sender: { userId: job.sender, displayName }, body, timestamp: job.timestamp };
+  const message = { id, sender: { userId: job.sender, displayName }, body, timestamp: job.timestamp };
+  const { msgtype, url, info, filename } = job.content;
+  if (!files.attachments || !MEDIA_MSGTYPES.has(String(msgtype)) || typeof url !== "string") return message;
+  const max = files.maxAttachmentBytes ?? DEFAULT_MAX_ATTACHMENT_BYTES;
+  const { data, mimeType } = await matrix.download(url, max);
+  const declaredType = (info as { mimetype?: unknown } | undefined)?.mimetype;
+  const attachment: Attachment = {
+    // `filename` is set when `body` is a caption (Client-Server API §m.file, v1.10).
+    name: String(typeof filename === "string" ? filename : (job.content.body ?? "file")),
+    mimeType: typeof declaredType === "string" ? declaredType : (mimeType ?? "application/octet-stream"),
+    dataBase64: data.toString("base64"),
+  };
+  return { ...message, attachment };
 }

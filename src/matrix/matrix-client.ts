@@ -208,7 +208,8 @@ export class MatrixClient {
       path += `${path.includes("?") ? "&" : "?"}user_id=${encodeURIComponent(userId)}`;
     }
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
-    const { status, text } = await this.dispatch(what, { method, path, contentType, body });
+    const { status, data } = await this.dispatch(what, { method, path, contentType, body });
+    const text = data.toString("utf8");
     const ok = status >= 200 && status < 300;
     let json: Record<string, unknown> = {};
     try {
@@ -231,14 +232,20 @@ export class MatrixClient {
     req: {
       method: "GET" | "PUT" | "POST";
       path: string;
-      contentType: string;
-      body: Uint8Array | Record<string, unknown> | undefined;
+      contentType?: string;
+      body?: Uint8Array | Record<string, unknown>;
+      /** A longer response body fails the request permanently. */
+      maxBytes?: number;
     },
-  ): Promise<{ status: number; text: string }> {
-    const { method, path, contentType, body } = req;
+  ): Promise<{ status: number; data: Buffer; contentType: string | undefined }> {
+    const { method, path, contentType = "application/json", body, maxBytes = Infinity } = req;
     return new Promise((resolve, reject) => {
       const chunks: Buffer[] = [];
+      let received = 0;
       let status = 0;
+      let responseType: string | undefined;
+      let abort: (err: Error) => void = () => undefined;
+      const tooLarge = () => new PermanentError(`${what}: response larger than ${maxBytes} bytes`);
       this.pool.dispatch(
         {
           method,
@@ -250,20 +257,63 @@ export class MatrixClient {
           body: body === undefined || body instanceof Uint8Array ? body : JSON.stringify(body),
         },
         {
-          onConnect: () => undefined,
-          onHeaders: (statusCode) => {
+          onConnect: (abortRequest) => {
+            abort = abortRequest;
+          },
+          onHeaders: (statusCode, rawHeaders) => {
             status = statusCode;
+            for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+              const name = String(rawHeaders[i]).toLowerCase();
+              if (name === "content-type") responseType = String(rawHeaders[i + 1]);
+              if (name === "content-length" && Number(String(rawHeaders[i + 1])) > maxBytes)
+                abort(tooLarge());
+            }
             return true;
           },
           onData: (chunk) => {
+            received += chunk.byteLength;
+            if (received > maxBytes) {
+              abort(tooLarge());
+              return false;
+            }
             chunks.push(chunk);
             return true;
           },
-          onComplete: () => resolve({ status, text: Buffer.concat(chunks).toString("utf8") }),
-          onError: (err) => reject(new RetryableError(`${what}: ${err.message}`)),
+          onComplete: () => resolve({ status, data: Buffer.concat(chunks), contentType: responseType }),
+          onError: (err) =>
+            reject(err instanceof PermanentError ? err : new RetryableError(`${what}: ${err.message}`)),
         },
       );
     });
+  }
+
+  /**
+   * Downloads a file from the content repository as the bot: the authenticated endpoint (Matrix
+   * 1.11), or the older unauthenticated one on a homeserver that does not know it yet.
+   */
+  async download(mxc: string, maxBytes: number): Promise<{ data: Buffer; mimeType: string | undefined }> {
+    const match = /^mxc:\/\/([^/]+)\/([A-Za-z0-9_-]+)$/.exec(mxc);
+    if (!match) throw new PermanentError(`not a content URI: ${mxc}`);
+    const media = `${encodeURIComponent(match[1]!)}/${encodeURIComponent(match[2]!)}`;
+    const what = `downloading ${mxc}`;
+    for (const prefix of ["/_matrix/client/v1/media/download/", "/_matrix/media/v3/download/"]) {
+      const res = await this.dispatch(what, {
+        method: "GET",
+        path: this.basePath + prefix + media,
+        maxBytes,
+      });
+      if (res.status >= 200 && res.status < 300) return { data: res.data, mimeType: res.contentType };
+      let body: MatrixErrorBody = {};
+      try {
+        body = JSON.parse(res.data.toString("utf8")) as MatrixErrorBody;
+      } catch {
+        // classified by status alone
+      }
+      // A homeserver older than authenticated media does not recognise the first path.
+      const unknownEndpoint = body.errcode === "M_UNRECOGNIZED" || res.status === 405;
+      if (!unknownEndpoint) throw classifyMatrixError(res.status, body, what);
+    }
+    throw new PermanentError(`${what}: the homeserver serves no media download endpoint`);
   }
 
   /**

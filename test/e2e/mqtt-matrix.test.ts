@@ -47,6 +47,7 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
             { account: "mqtt.home", direction: "in", topic: "greenhouse/+/snapshot", format: "binary" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/commands" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/json-out", format: "json" },
+            { account: "mqtt.home", direction: "out", topic: "greenhouse/files", format: "binary" },
             { account: "mqtt.home", direction: "inout", topic: "greenhouse/chat", sender: { name: "chat" } },
           ],
         },
@@ -175,6 +176,45 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(h.hs.messages(room).filter((m) => m.content.body === "open the window").length, 1);
     assert.equal(received.filter(([t]) => t === "greenhouse/chat").length, 1);
+  });
+
+  test("a file posted in the room: its bytes to a binary topic, its name to a text topic; too large → failed list", async () => {
+    const listener = await connect(port, "file-listener");
+    clients.push(listener);
+    const received: [string, Buffer][] = [];
+    listener.on("message", (topic, payload) => received.push([topic, payload]));
+    await listener.subscribeAsync(["greenhouse/files", "greenhouse/commands"], { qos: 1 });
+    const upload = async (data: Buffer): Promise<string> => {
+      const res = await fetch(`${h.hs.url}/_matrix/media/v3/upload?filename=leaf.png`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${h.hs.accessTokenFor(h.alice)}`, "content-type": "image/png" },
+        body: data,
+      });
+      return ((await res.json()) as { content_uri: string }).content_uri;
+    };
+
+    const image = Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 7) % 256));
+    const mxc = await upload(image);
+    h.hs.sendMessage(room, h.alice, {
+      msgtype: "m.image",
+      body: "leaf.png",
+      url: mxc,
+      info: { mimetype: "image/png", size: image.length },
+    });
+    const file = await waitFor("file on mqtt", () => received.find(([t]) => t === "greenhouse/files"));
+    assert.ok(file[1].equals(image), "the binary topic gets the file's bytes");
+    const named = await waitFor("name on mqtt", () => received.find(([t]) => t === "greenhouse/commands"));
+    assert.equal(named[1].toString(), `leaf.png (${mxc})`);
+
+    // Larger than the embedded broker's payload limit (256 KiB by default): failed, with the reason.
+    const big = await upload(Buffer.alloc(300 * 1024, 1));
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.file", body: "big.bin", url: big });
+    let reasons: string[] = [];
+    for (let i = 0; i < 100 && reasons.length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      reasons = (await bridge.failedJobs()).map((j) => j.reason);
+    }
+    assert.deepEqual(reasons, [`permanent: payload of ${300 * 1024} bytes exceeds ${256 * 1024}`]);
   });
 
   test("loop guard: messages of our ghosts pushed back by the homeserver are not published", async () => {

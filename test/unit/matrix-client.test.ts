@@ -1,0 +1,194 @@
+/**
+ * MatrixClient's own HTTP path (sends, uploads, downloads) against a scripted homeserver: how
+ * each kind of answer maps to the queue's errors, identity assertion, a path prefix, and media
+ * download with its fallback and size limit.
+ */
+import { after, before, beforeEach, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { PermanentError, RetryableError } from "../../src/errors.js";
+import { moduleLogger } from "../../src/log.js";
+import { MatrixClient } from "../../src/matrix/matrix-client.js";
+import type { Registration } from "../../src/matrix/registration.js";
+import { freePort } from "../helpers/fixture.js";
+
+const BOT = "@tribridge:test.local";
+const registration: Registration = {
+  id: "tribridge",
+  url: null,
+  as_token: "as-token",
+  hs_token: "hs-token",
+  sender_localpart: "tribridge",
+  rate_limited: false,
+  namespaces: { users: [{ exclusive: true, regex: "^@_tb_.*:test\\.local$" }], aliases: [], rooms: [] },
+};
+
+type Handler = (req: IncomingMessage, res: ServerResponse, body: Buffer) => void;
+
+function json(res: ServerResponse, status: number, body: unknown): void {
+  res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body));
+}
+
+describe("MatrixClient against a scripted homeserver", () => {
+  let server: Server;
+  let base: string;
+  let handler: Handler;
+  const seen: { method: string; url: string; auth: string | undefined }[] = [];
+  const clients: MatrixClient[] = [];
+
+  async function client(prefix = ""): Promise<MatrixClient> {
+    const c = new MatrixClient({
+      homeserverUrl: `${base}${prefix}`,
+      domain: "test.local",
+      botUserId: BOT,
+      botDisplayName: "Bridge",
+      registration,
+      log: moduleLogger("matrix-client-test"),
+    });
+    clients.push(c);
+    await c.start(new AbortController().signal);
+    seen.length = 0;
+    return c;
+  }
+
+  before(async () => {
+    server = createServer((req, res) => {
+      const chunks: Buffer[] = [];
+      req.on("data", (c: Buffer) => chunks.push(c));
+      req.on("end", () => {
+        const url = req.url!;
+        // What the bridge library asks on start-up and for joins: always fine here.
+        if (url.includes("/join/")) return json(res, 200, { room_id: "!room:test.local" });
+        if (url.includes("/versions")) return json(res, 200, { versions: ["v1.11"] });
+        if (url.includes("/whoami")) return json(res, 200, { user_id: BOT });
+        if (url.includes("/profile/")) return json(res, 200, { displayname: "Bridge" });
+        seen.push({ method: req.method!, url, auth: req.headers.authorization });
+        handler(req, res, Buffer.concat(chunks));
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
+    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+
+  beforeEach(() => {
+    seen.length = 0;
+  });
+
+  after(async () => {
+    for (const c of clients) c.stop();
+    await new Promise((r) => server.close(r));
+  });
+
+  const send = (c: MatrixClient) =>
+    c.sendAs(
+      { userId: BOT, displayName: "Bridge" },
+      "!room:test.local",
+      "m.room.message",
+      { body: "hi" },
+      "txn1",
+    );
+
+  test("a send is one PUT with our transaction id and the as_token; the event id comes back", async () => {
+    handler = (_req, res) => json(res, 200, { event_id: "$e1" });
+    assert.equal(await send(await client()), "$e1");
+    const put = seen.find((s) => s.method === "PUT")!;
+    assert.equal(put.url, "/_matrix/client/v3/rooms/!room%3Atest.local/send/m.room.message/txn1");
+    assert.equal(put.auth, "Bearer as-token");
+  });
+
+  test("a homeserver under a path prefix is addressed under it", async () => {
+    handler = (_req, res) => json(res, 200, { event_id: "$e2" });
+    assert.equal(await send(await client("/matrix")), "$e2");
+    assert.ok(seen.some((s) => s.method === "PUT" && s.url.startsWith("/matrix/_matrix/client/v3/rooms/")));
+  });
+
+  test("429 with retry_after_ms → RetryableError carrying it; 5xx → retryable; 4xx → permanent", async () => {
+    const c = await client();
+    handler = (_req, res) => json(res, 429, { errcode: "M_LIMIT_EXCEEDED", retry_after_ms: 1234 });
+    const limited = await send(c).catch((e: unknown) => e);
+    assert.ok(limited instanceof RetryableError);
+    assert.equal(limited.retryAfterMs, 1234);
+
+    handler = (_req, res) => res.writeHead(502, { "content-type": "text/html" }).end("<h1>Bad gateway</h1>");
+    assert.ok((await send(c).catch((e: unknown) => e)) instanceof RetryableError);
+
+    handler = (_req, res) => json(res, 400, { errcode: "M_BAD_JSON", error: "nope" });
+    const bad = await send(c).catch((e: unknown) => e);
+    assert.ok(bad instanceof PermanentError);
+    assert.match(bad.message, /400 M_BAD_JSON nope/);
+  });
+
+  test("a 200 without JSON is retried, not taken for success", async () => {
+    handler = (_req, res) => res.writeHead(200, { "content-type": "text/plain" }).end("ok");
+    const err = await send(await client()).catch((e: unknown) => e);
+    assert.ok(err instanceof RetryableError);
+    assert.match(err.message, /unreadable response/);
+  });
+
+  test("an unreachable homeserver is a RetryableError", async () => {
+    const port = await freePort();
+    const c = new MatrixClient({
+      homeserverUrl: `http://127.0.0.1:${port}`,
+      domain: "test.local",
+      botUserId: BOT,
+      botDisplayName: "Bridge",
+      registration,
+      log: moduleLogger("matrix-client-test"),
+    });
+    clients.push(c);
+    const err = await c.download("mxc://test.local/abc", 100).catch((e: unknown) => e);
+    assert.ok(err instanceof RetryableError, String(err));
+  });
+
+  test("download uses authenticated media (Matrix 1.11) with the as_token", async () => {
+    handler = (req, res) => {
+      if (req.url === "/_matrix/client/v1/media/download/test.local/abc")
+        return res.writeHead(200, { "content-type": "image/png" }).end(Buffer.from([1, 2, 3]));
+      json(res, 404, { errcode: "M_NOT_FOUND" });
+    };
+    const { data, mimeType } = await (await client()).download("mxc://test.local/abc", 100);
+    assert.deepEqual([...data], [1, 2, 3]);
+    assert.equal(mimeType, "image/png");
+    assert.equal(seen[0]!.auth, "Bearer as-token");
+  });
+
+  test("download falls back to /_matrix/media/v3 on a homeserver without authenticated media", async () => {
+    handler = (req, res) => {
+      if (req.url!.startsWith("/_matrix/client/v1/"))
+        return json(res, 404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+      res.writeHead(200, { "content-type": "text/plain" }).end("old server");
+    };
+    const { data } = await (await client()).download("mxc://test.local/abc", 100);
+    assert.equal(data.toString(), "old server");
+    assert.deepEqual(
+      seen.map((s) => s.url),
+      ["/_matrix/client/v1/media/download/test.local/abc", "/_matrix/media/v3/download/test.local/abc"],
+    );
+  });
+
+  test("download: missing media is permanent; a body over the limit fails permanently, declared or not", async () => {
+    const c = await client();
+    handler = (_req, res) => json(res, 404, { errcode: "M_NOT_FOUND", error: "Not found" });
+    assert.ok(
+      (await c.download("mxc://test.local/gone", 100).catch((e: unknown) => e)) instanceof PermanentError,
+    );
+
+    handler = (_req, res) => res.writeHead(200, { "content-length": "101" }).end(Buffer.alloc(101));
+    const declared = await c.download("mxc://test.local/big", 100).catch((e: unknown) => e);
+    assert.ok(declared instanceof PermanentError);
+    assert.match(declared.message, /larger than 100 bytes/);
+
+    handler = (_req, res) => {
+      res.writeHead(200, { "transfer-encoding": "chunked" });
+      res.write(Buffer.alloc(60));
+      res.end(Buffer.alloc(60));
+    };
+    const streamed = await c.download("mxc://test.local/big2", 100).catch((e: unknown) => e);
+    assert.ok(streamed instanceof PermanentError);
+
+    assert.ok(
+      (await c.download("https://evil.example/x", 100).catch((e: unknown) => e)) instanceof PermanentError,
+    );
+  });
+});
