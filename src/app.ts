@@ -22,7 +22,7 @@ import { MatrixClient } from "./matrix/matrix-client.js";
 import type { Registration } from "./matrix/registration.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
-import { TO_MATRIX_QUEUE, toConnectorQueue } from "./queue/queue-names.js";
+import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { RouteTable } from "./routing/route-table.js";
@@ -129,8 +129,7 @@ export async function start({ config, registration, connectors }: StartOptions):
     });
 
     const toRemote = new Map<string, OrderedQueue<ToRemoteJob>>();
-    for (const def of connectors) {
-      if (!config.accounts.some((a) => a.connector === def.name)) continue;
+    for (const def of connectorsInUse(config.accounts, connectors)) {
       const queue = new OrderedQueue<ToRemoteJob>({
         ...queueDefaults,
         name: toConnectorQueue(def.name),

@@ -8,7 +8,7 @@ import type { Config } from "./config/load.js";
 import type { ConnectorDefinition } from "./connector.js";
 import { embeddedRedisSocket } from "./queue/embedded-redis.js";
 import { readFailedJobs, type FailedJob } from "./queue/ordered-queue.js";
-import { TO_MATRIX_QUEUE, toConnectorQueue } from "./queue/queue-names.js";
+import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { connectRedis } from "./store/redis-store.js";
 
 function redisUrlOf(config: Config): string {
@@ -30,9 +30,7 @@ export async function listFailedJobs(
 ): Promise<FailedJob[]> {
   const queues = [
     TO_MATRIX_QUEUE,
-    ...connectors
-      .filter((c) => config.accounts.some((a) => a.connector === c.name))
-      .map((c) => toConnectorQueue(c.name)),
+    ...connectorsInUse(config.accounts, connectors).map((c) => toConnectorQueue(c.name)),
   ];
   const redis = connectRedis(redisUrlOf(config), "failed-jobs", { failFast: true });
   try {

@@ -2,6 +2,7 @@
  * Queue → Matrix: posts a remote message in its route's room as the sender's ghost. One call per
  * queued item; the item id is the transaction id, so a repeat cannot post twice.
  */
+import { BoundedCache } from "../bounded-cache.js";
 import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.js";
 import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
@@ -21,7 +22,8 @@ export interface ToMatrixJob {
 
 export class RoomDelivery {
   private readonly ghostTags: Map<string, string>;
-  private readonly ghostIds = new Map<string, string>();
+  /** Ghost user ids by connector tag, account and sender: a handful of devices send most messages. */
+  private readonly ghostIds = new BoundedCache<string, string>();
 
   constructor(
     private readonly matrix: MatrixClient,
@@ -44,18 +46,6 @@ export class RoomDelivery {
     return roomId;
   }
 
-  /** ghostUserId, remembered: a handful of devices send most messages. */
-  private ghostOf(tag: string, account: string, senderId: string): string {
-    const key = `${tag}\u0000${account}\u0000${senderId}`;
-    let userId = this.ghostIds.get(key);
-    if (userId === undefined) {
-      userId = ghostUserId(this.naming, tag, account, senderId);
-      if (this.ghostIds.size >= 10_000) this.ghostIds.clear();
-      this.ghostIds.set(key, userId);
-    }
-    return userId;
-  }
-
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
     const found = this.routes.inbound(job.endpointId);
     if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
@@ -63,7 +53,9 @@ export class RoomDelivery {
     if (!tag) throw new PermanentError(`connector ${job.connector} is not installed`);
     const roomId = await this.roomIdFor(found.route.id);
     const sender = {
-      userId: this.ghostOf(tag, job.account, job.sender.id),
+      userId: this.ghostIds.get(`${tag}\u0000${job.account}\u0000${job.sender.id}`, () =>
+        ghostUserId(this.naming, tag, job.account, job.sender.id),
+      ),
       displayName: job.sender.displayName ?? job.sender.id,
     };
     let content = toMatrixContent(job.body);

@@ -16,6 +16,7 @@ import { hash } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
+import { BoundedCache } from "../bounded-cache.js";
 import { PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { connectRedis } from "../store/redis-store.js";
@@ -218,7 +219,8 @@ export class OrderedQueue<T> {
   readonly workerConnection: Redis;
   private readonly shards: Shard<T>[];
   private readonly pending = new Map<number, PendingBatch<T>>();
-  private readonly shardIndexes = new Map<string, number>();
+  /** shardOf per order key (room), remembered: there are few, and each item would hash again. */
+  private readonly shardIndexes = new BoundedCache<string, number>();
   /** Items that failed for good, with the reason: the failed list. */
   private readonly dead: Queue;
   private readonly stopping = new AbortController();
@@ -242,7 +244,7 @@ export class OrderedQueue<T> {
    * homeserver transaction) is stored once.
    */
   add(orderKey: string, id: string, data: T): Promise<void> {
-    const shardIndex = this.shardIndexOf(orderKey);
+    const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
     let batch = this.pending.get(shardIndex);
     if (!batch) {
       batch = { items: [], waiters: [] };
@@ -253,17 +255,6 @@ export class OrderedQueue<T> {
     const done = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
     if (batch.items.length >= MAX_BATCH) this.flush(shardIndex, batch);
     return done;
-  }
-
-  /** shardOf, remembered: there are few order keys (rooms), and each item would hash again. */
-  private shardIndexOf(key: string): number {
-    let index = this.shardIndexes.get(key);
-    if (index === undefined) {
-      index = shardOf(key, this.shards.length);
-      if (this.shardIndexes.size >= 10_000) this.shardIndexes.clear();
-      this.shardIndexes.set(key, index);
-    }
-    return index;
   }
 
   private flush(shardIndex: number, batch: PendingBatch<T>): void {

@@ -4,3 +4,11 @@ export const TO_MATRIX_QUEUE = "to-matrix";
 export function toConnectorQueue(connector: string): string {
   return `to-${connector}`;
 }
+
+/** The connectors that have at least one configured account: each has a `to-<connector>` queue. */
+export function connectorsInUse<C extends { readonly name: string }>(
+  accounts: readonly { readonly connector: string }[],
+  connectors: readonly C[],
+): C[] {
+  return connectors.filter((c) => accounts.some((a) => a.connector === c.name));
+}
