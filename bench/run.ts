@@ -201,6 +201,7 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   // generator stay in this one.
   const bridge = new BridgeProcess(h, { built: true });
   bridge.start();
+  process.once("exit", () => void bridge.kill("SIGKILL"));
   const tcp = port;
   const device = await connectWhenUp(tcp, "bench-device");
   const total = () => roomIds.reduce((n, id) => n + h.hs.messageCount(id), 0);
@@ -306,6 +307,9 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
 
 async function main(): Promise<void> {
   const redis = await benchRedis();
+  // What the bench started goes when it does, also when it fails or is interrupted.
+  process.once("exit", () => void redis.stop());
+  process.once("SIGINT", () => process.exit(130));
   console.log(`tribridge bench: ${N} messages over ${ROOMS} rooms, node ${process.version}`);
   console.log(`Redis: ${redis.describe}\n`);
   // Each raw component runs twice and the second, warmed-up run counts, as the bridge is warmed up.

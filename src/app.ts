@@ -26,7 +26,7 @@ import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queu
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { RouteTable } from "./routing/route-table.js";
-import { RedisKeyValueStore, connectRedis } from "./store/redis-store.js";
+import { MAIN_CONNECTION, RedisKeyValueStore, connectRedis } from "./store/redis-store.js";
 
 export interface StartOptions {
   config: Config;
@@ -68,7 +68,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       cleanups.push(() => embedded.stop());
       redisUrl = embedded.url;
     }
-    const redis: Redis = connectRedis(redisUrl, "main", { autoPipelining: true });
+    const redis: Redis = connectRedis(redisUrl, MAIN_CONNECTION, { autoPipelining: true });
     cleanups.push(async () => void redis.disconnect());
     await redis.ping();
     await warnAboutRedisSettings(redis, log);

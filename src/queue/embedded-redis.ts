@@ -3,11 +3,12 @@
  * listening on a unix socket only (nothing else can reach it), stopped with the bridge.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
 import type { Logger } from "../log.js";
+import { MAIN_CONNECTION, connectionName } from "../store/redis-store.js";
 
 export interface EmbeddedRedis {
   url: string;
@@ -25,11 +26,61 @@ export function embeddedRedisSocket(dataDir: string): string {
   return join(resolve(dataDir, "redis"), "redis.sock");
 }
 
+/** A connection that fails at once instead of retrying, for probing the socket. */
+function probeConnection(socket: string): Redis {
+  const probe = new Redis({
+    path: socket,
+    lazyConnect: true,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+  });
+  probe.on("error", () => undefined); // expected while nothing listens on the socket
+  return probe;
+}
+
+/**
+ * A bridge killed hard (SIGKILL, out of memory) cannot take its redis-server child along, and that
+ * server still owns the data directory: a second one on the same files would corrupt them. So a
+ * server found answering on the socket is adopted — unless another tribridge is connected to it
+ * (two bridges given one dataDir), which is an error.
+ */
+async function adoptLeftover(dir: string, socket: string, log: Logger): Promise<EmbeddedRedis | undefined> {
+  if (!existsSync(socket)) return undefined;
+  const probe = probeConnection(socket);
+  try {
+    await probe.connect();
+    await probe.ping();
+  } catch {
+    probe.disconnect();
+    return undefined; // a stale socket file: redis-server replaces it
+  }
+  const clients = String(await probe.client("LIST"));
+  if (clients.includes(` name=${connectionName(MAIN_CONNECTION)} `)) {
+    probe.disconnect();
+    throw new Error(
+      `another tribridge is running on the embedded Redis in ${dir}: give each instance its own dataDir, or share an external Redis (queue.redisUrl)`,
+    );
+  }
+  const pid = Number(/process_id:(\d+)/.exec(await probe.info("server"))?.[1]) || undefined;
+  log.warn({ dir, pid }, "adopted the embedded redis-server a previous run left running");
+  return {
+    url: `unix://${socket}`,
+    pid,
+    stop: async () => {
+      // SHUTDOWN writes the AOF out; the reply is the connection closing.
+      await probe.shutdown().catch(() => undefined);
+      probe.disconnect();
+    },
+  };
+}
+
 export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<EmbeddedRedis> {
   const dir = resolve(dataDir, "redis");
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
   const socket = embeddedRedisSocket(dataDir);
+  const leftover = await adoptLeftover(dir, socket, log);
+  if (leftover) return leftover;
+  if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
   const child: ChildProcess = spawn(
     "redis-server",
     [
@@ -64,13 +115,7 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
 
   const url = `unix://${socket}`;
   for (let i = 0; i < 100 && !exited; i++) {
-    const probe = new Redis({
-      path: socket,
-      lazyConnect: true,
-      maxRetriesPerRequest: 0,
-      retryStrategy: () => null,
-    });
-    probe.on("error", () => undefined); // expected until redis-server has created its socket
+    const probe = probeConnection(socket);
     try {
       await probe.connect();
       await probe.ping();

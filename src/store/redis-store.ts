@@ -4,6 +4,14 @@ import { moduleLogger } from "../log.js";
 
 const log = moduleLogger("redis");
 
+/** The bridge's own connection (key-value store, dedupe): one per running bridge. */
+export const MAIN_CONNECTION = "main";
+
+/** How Redis lists a connection of ours (CLIENT LIST). */
+export function connectionName(name: string): string {
+  return `tribridge-${name}`;
+}
+
 /** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
 export function connectRedis(
   url: string,
@@ -11,7 +19,7 @@ export function connectRedis(
   opts: { autoPipelining?: boolean; failFast?: boolean } = {},
 ): Redis {
   const options = {
-    connectionName: `tribridge-${name}`,
+    connectionName: connectionName(name),
     // Commands issued in the same tick go out in one write (not for BullMQ's blocking worker connections).
     enableAutoPipelining: opts.autoPipelining ?? false,
     // BullMQ workers require null: commands wait for a reconnect instead of failing. A one-off
