@@ -7,7 +7,8 @@ import { existsSync } from "node:fs";
 import type { Config } from "./config/load.js";
 import type { ConnectorDefinition } from "./connector.js";
 import { embeddedRedisSocket } from "./queue/embedded-redis.js";
-import { readFailedJobs, type FailedJob } from "./queue/ordered-queue.js";
+import type { Redis } from "ioredis";
+import { readFailedJobs, requeueFailedJobs, type FailedJob } from "./queue/ordered-queue.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { connectRedis } from "./store/redis-store.js";
 
@@ -22,24 +23,55 @@ function redisUrlOf(config: Config): string {
   return `unix://${socket}`;
 }
 
+function queueNames(config: Config, connectors: readonly ConnectorDefinition[]): string[] {
+  return [
+    TO_MATRIX_QUEUE,
+    ...connectorsInUse(config.accounts, connectors).map((c) => toConnectorQueue(c.name)),
+  ];
+}
+
+async function withRedis<R>(config: Config, use: (redis: Redis) => Promise<R>): Promise<R> {
+  const redis = connectRedis(redisUrlOf(config), "failed-jobs", { failFast: true });
+  try {
+    await redis.ping();
+    return await use(redis);
+  } finally {
+    redis.disconnect();
+  }
+}
+
 /** The failed list of every queue, oldest first; at most `limit` per queue. */
-export async function listFailedJobs(
+export function listFailedJobs(
   config: Config,
   connectors: readonly ConnectorDefinition[],
   limit: number,
 ): Promise<FailedJob[]> {
-  const queues = [
-    TO_MATRIX_QUEUE,
-    ...connectorsInUse(config.accounts, connectors).map((c) => toConnectorQueue(c.name)),
-  ];
-  const redis = connectRedis(redisUrlOf(config), "failed-jobs", { failFast: true });
-  try {
-    await redis.ping();
-    const lists = await Promise.all(queues.map((q) => readFailedJobs(redis, config.queue.prefix, q, limit)));
+  return withRedis(config, async (redis) => {
+    const lists = await Promise.all(
+      queueNames(config, connectors).map((q) => readFailedJobs(redis, config.queue.prefix, q, limit)),
+    );
     return lists.flat().sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
-  } finally {
-    redis.disconnect();
-  }
+  });
+}
+
+/**
+ * Puts failed relays (all, or those with the given ids) back on their queues, e.g. once the
+ * homeserver or broker that refused them is back. Returns how many were requeued.
+ */
+export function retryFailedJobs(
+  config: Config,
+  connectors: readonly ConnectorDefinition[],
+  ids?: ReadonlySet<string>,
+): Promise<number> {
+  const { prefix, shards, keepCompletedJobs, keepFailedJobs } = config.queue;
+  return withRedis(config, async (redis) => {
+    let requeued = 0;
+    for (const name of queueNames(config, connectors)) {
+      const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };
+      requeued += await requeueFailedJobs(redis, opts, ids);
+    }
+    return requeued;
+  });
 }
 
 /** One line per failed relay, then its data (shortened): what an operator needs to act on it. */

@@ -27,6 +27,7 @@ Commands:
   validate-config          Check config.yaml and print every problem with its path
   generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
   failed-jobs              List the relays that failed for good, with their reasons
+                           (--retry: put them back on their queues; --id ID: only those)
 
 Options:
   -c, --config FILE        Config file (default: config.yaml, or $TRIBRIDGE_CONFIG)
@@ -36,6 +37,8 @@ Options:
       --force              generate-registration: overwrite an existing file
       --check              generate-config-files: fail if the files are stale
       --limit N            failed-jobs: at most N per queue (default 100)
+      --retry              failed-jobs: requeue instead of listing
+      --id ID              failed-jobs --retry: only this relay (repeatable)
   -h, --help
 `;
 
@@ -51,6 +54,8 @@ interface Options {
   force: boolean;
   check: boolean;
   limit: string | undefined;
+  retry: boolean;
+  ids: string[] | undefined;
 }
 
 function parseOptions(argv: string[]): { command: string | undefined; options: Options } {
@@ -65,6 +70,8 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
       force: { type: "boolean", default: false },
       check: { type: "boolean", default: false },
       limit: { type: "string" },
+      retry: { type: "boolean", default: false },
+      id: { type: "string", multiple: true },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -80,6 +87,8 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
       force: values.force ?? false,
       check: values.check ?? false,
       limit: values.limit,
+      retry: values.retry ?? false,
+      ids: values.id,
     },
   };
 }
@@ -195,10 +204,18 @@ async function main(argv: string[]): Promise<number> {
     case "generate-config-files":
       return generateConfigFiles(options.check);
     case "failed-jobs": {
+      const failed = await import("./failed-jobs.js");
+      if (options.retry) {
+        const ids = options.ids && new Set(options.ids);
+        const requeued = await failed.retryFailedJobs(readConfig(options), connectors, ids);
+        console.log(`requeued ${requeued} failed relay(s)`);
+        return 0;
+      }
       const limit = Number(options.limit ?? 100);
       if (!Number.isInteger(limit) || limit < 1) throw new Error("--limit must be a positive integer");
-      const { listFailedJobs, formatFailedJobs } = await import("./failed-jobs.js");
-      console.log(formatFailedJobs(await listFailedJobs(readConfig(options), connectors, limit)));
+      console.log(
+        failed.formatFailedJobs(await failed.listFailedJobs(readConfig(options), connectors, limit)),
+      );
       return 0;
     }
     case "help":

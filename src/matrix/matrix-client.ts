@@ -170,14 +170,21 @@ export class MatrixClient {
     const key = `${userId}|${roomId}`;
     let joined = this.joined.get(key);
     if (!joined) {
-      // Intent.join invites the ghost with the bot first when the room is not public.
-      joined = this.bridge
-        .getIntent(userId)
-        .join(roomId)
+      // The bot joins by itself, so the homeserver's reason (e.g. not invited) reaches the failed
+      // list; Intent.join, which reports only "Failed to join room", invites a ghost with the bot
+      // first when the room is not public.
+      const joining =
+        userId === this.opts.botUserId
+          ? this.request("POST", `/_matrix/client/v3/join/${encodeURIComponent(roomId)}`, userId, {})
+          : this.bridge.getIntent(userId).join(roomId);
+      joined = joining
         .then(() => undefined)
         .catch((err: unknown) => {
           this.joined.delete(key);
-          const error = this.toQueueError(err, `joining ${userId} to ${roomId}`);
+          const error =
+            err instanceof PermanentError || err instanceof RetryableError
+              ? err
+              : this.toQueueError(err, `joining ${userId} to ${roomId}`);
           // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
           throw error instanceof PermanentError && error.message.includes("M_FORBIDDEN")
             ? new RetryableError(`${error.message} (invite ${this.opts.botUserId} to the room)`)

@@ -188,6 +188,22 @@ const MAX_BATCH = 200;
 /** How often a batch records how far it got: after a crash at most this many items are delivered again. */
 const PROGRESS_EVERY = 10;
 
+/** Writes one batch as one job of a shard's queue. */
+function addBatch<T>(
+  queue: Queue,
+  items: QueueItem<T>[],
+  jobId: string,
+  keep: { keepCompleted: number; keepFailed: number },
+): Promise<unknown> {
+  const data: BatchData<T> = { items };
+  return queue.add("relay", data, {
+    jobId,
+    attempts: 1, // retries happen in place, see runJob
+    removeOnComplete: { count: keep.keepCompleted },
+    removeOnFail: { count: keep.keepFailed },
+  });
+}
+
 async function failedJobsOf(dead: Queue, queue: string, limit: number): Promise<FailedJob[]> {
   const jobs = await dead.getWaiting(0, limit - 1);
   return jobs
@@ -196,6 +212,37 @@ async function failedJobsOf(dead: Queue, queue: string, limit: number): Promise<
       return { queue, id: d.item.id, reason: d.reason, failedAt: d.failedAt, data: d.item.data };
     })
     .sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
+}
+
+/**
+ * Puts failed items (all, or those with the given ids) back on their shards and off the failed
+ * list; the bridge delivers them as soon as it runs. Each goes behind what its room has queued
+ * since. Returns how many were requeued.
+ */
+export async function requeueFailedJobs(
+  connection: Redis,
+  opts: Pick<OrderedQueueOptions<unknown>, "prefix" | "name" | "shards" | "keepCompleted" | "keepFailed">,
+  ids?: ReadonlySet<string>,
+): Promise<number> {
+  const { prefix, name, shards } = opts;
+  const dead = new Queue(`${name}-failed`, { connection, prefix });
+  const shardQueues = new Map<number, Queue>();
+  let requeued = 0;
+  try {
+    for (const job of await dead.getWaiting(0, -1)) {
+      const { item } = job.data as { item: QueueItem<unknown> };
+      if (ids && !ids.has(item.id)) continue;
+      const index = shardOf(item.key, shards);
+      let queue = shardQueues.get(index);
+      if (!queue) shardQueues.set(index, (queue = new Queue(`${name}-${index}`, { connection, prefix })));
+      await addBatch(queue, [item], jobIdFor("retry", item.id, String(Date.now())), opts);
+      await job.remove();
+      requeued++;
+    }
+    return requeued;
+  } finally {
+    await Promise.all([dead, ...shardQueues.values()].map((q) => q.close()));
+  }
 }
 
 /** The failed list of queue `name` read from outside a running bridge (the `failed-jobs` command). */
@@ -260,13 +307,12 @@ export class OrderedQueue<T> {
   private flush(shardIndex: number, batch: PendingBatch<T>): void {
     if (this.pending.get(shardIndex) !== batch) return; // already flushed (it was full)
     this.pending.delete(shardIndex);
-    const data: BatchData<T> = { items: batch.items };
-    this.shards[shardIndex]!.queue.add("relay", data, {
-      jobId: jobIdFor(...batch.items.map((i) => i.id)),
-      attempts: 1, // retries happen in place, see runJob
-      removeOnComplete: { count: this.opts.keepCompleted },
-      removeOnFail: { count: this.opts.keepFailed },
-    }).then(
+    addBatch(
+      this.shards[shardIndex]!.queue,
+      batch.items,
+      jobIdFor(...batch.items.map((i) => i.id)),
+      this.opts,
+    ).then(
       () => batch.waiters.forEach((w) => w.resolve()),
       (err: unknown) => batch.waiters.forEach((w) => w.reject(err)),
     );

@@ -94,3 +94,55 @@ test("failed-jobs without a reachable Redis fails at once with a clear message",
   assert.equal(badLimit.status, 1);
   assert.match(badLimit.stderr, /--limit must be a positive integer/);
 });
+
+describe("failed relays can be put back on their queues", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+
+  before(async () => {
+    h = await harness({
+      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+      queue: { maxAttempts: 2 },
+      routes: [
+        {
+          id: "closed",
+          room: "#closed:test.local",
+          endpoints: [{ account: "mqtt.home", direction: "in", topic: "closed/#" }],
+        },
+      ],
+    });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+  });
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("a message that gave up (bot not invited) is delivered after `failed-jobs --retry`", async () => {
+    const room = h.hs.createRoom({ creator: h.alice, alias: "#closed:test.local", preset: "private_chat" });
+    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "knocker" });
+    await device.publishAsync("closed/door", "let me in", { qos: 1 });
+    await device.endAsync();
+
+    let jobs = await bridge.failedJobs();
+    for (let i = 0; i < 200 && jobs.length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      jobs = await bridge.failedJobs();
+    }
+    assert.equal(jobs.length, 1);
+    assert.match(jobs[0]!.reason, /^gave up after 2 attempts: .*M_FORBIDDEN/);
+
+    h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+    const other = failedJobsCli(h.rawConfig, "--retry", "--id", "not-a-failed-relay");
+    assert.equal(other.stdout.trim(), "requeued 0 failed relay(s)");
+    const r = failedJobsCli(h.rawConfig, "--retry", "--id", jobs[0]!.id);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout.trim(), "requeued 1 failed relay(s)");
+
+    const [message] = await h.hs.waitForMessages(room, 1, 20_000);
+    assert.equal(message!.content.body, "let me in");
+    assert.deepEqual(await bridge.failedJobs(), []);
+  });
+});
