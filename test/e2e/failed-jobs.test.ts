@@ -25,23 +25,52 @@ function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
   );
 }
 
+/** A bridge with one inbound route, from `topic` into `room`. */
+async function bridgeWithRoute(
+  route: { id: string; room: string; topic: string },
+  queue?: Record<string, unknown>,
+): Promise<{ h: Harness; bridge: RunningBridge }> {
+  const h = await harness({
+    bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+    queue,
+    routes: [
+      {
+        id: route.id,
+        room: route.room,
+        endpoints: [{ account: "mqtt.home", direction: "in", topic: route.topic }],
+      },
+    ],
+  });
+  return { h, bridge: await start({ config: h.config, registration: h.registration, connectors }) };
+}
+
+async function publishOnce(bridge: RunningBridge, clientId: string, topic: string, body: string) {
+  const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+  const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId });
+  await device.publishAsync(topic, body, { qos: 1 });
+  await device.endAsync();
+}
+
+async function failedJobsOf(bridge: RunningBridge) {
+  let jobs = await bridge.failedJobs();
+  for (let i = 0; i < 200 && jobs.length === 0; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    jobs = await bridge.failedJobs();
+  }
+  return jobs;
+}
+
 describe("failed relays are listed with their reason", () => {
   let h: Harness;
   let bridge: RunningBridge;
 
   before(async () => {
-    h = await harness({
-      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
-      routes: [
-        {
-          id: "elsewhere",
-          // An alias on another server that does not exist: the bridge may not create it.
-          room: "#nowhere:other.example",
-          endpoints: [{ account: "mqtt.home", direction: "in", topic: "lost/#" }],
-        },
-      ],
-    });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    // An alias on another server that does not exist: the bridge may not create it.
+    ({ h, bridge } = await bridgeWithRoute({
+      id: "elsewhere",
+      room: "#nowhere:other.example",
+      topic: "lost/#",
+    }));
   });
 
   after(async () => {
@@ -54,16 +83,8 @@ describe("failed relays are listed with their reason", () => {
     assert.equal(empty.status, 0, empty.stderr);
     assert.equal(empty.stdout.trim(), "No failed relays.");
 
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "lonely" });
-    await device.publishAsync("lost/thing", "hello?", { qos: 1 });
-    await device.endAsync();
-
-    let jobs = await bridge.failedJobs();
-    for (let i = 0; i < 200 && jobs.length === 0; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      jobs = await bridge.failedJobs();
-    }
+    await publishOnce(bridge, "lonely", "lost/thing", "hello?");
+    const jobs = await failedJobsOf(bridge);
     assert.equal(jobs.length, 1);
     assert.equal(jobs[0]!.queue, "to-matrix");
     assert.match(jobs[0]!.reason, /^permanent: .*M_NOT_FOUND/);
@@ -100,18 +121,10 @@ describe("failed relays can be put back on their queues", () => {
   let bridge: RunningBridge;
 
   before(async () => {
-    h = await harness({
-      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
-      queue: { maxAttempts: 2 },
-      routes: [
-        {
-          id: "closed",
-          room: "#closed:test.local",
-          endpoints: [{ account: "mqtt.home", direction: "in", topic: "closed/#" }],
-        },
-      ],
-    });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    ({ h, bridge } = await bridgeWithRoute(
+      { id: "closed", room: "#closed:test.local", topic: "closed/#" },
+      { maxAttempts: 2 },
+    ));
   });
 
   after(async () => {
@@ -121,16 +134,8 @@ describe("failed relays can be put back on their queues", () => {
 
   test("a message that gave up (bot not invited) is delivered after `failed-jobs --retry`", async () => {
     const room = h.hs.createRoom({ creator: h.alice, alias: "#closed:test.local", preset: "private_chat" });
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "knocker" });
-    await device.publishAsync("closed/door", "let me in", { qos: 1 });
-    await device.endAsync();
-
-    let jobs = await bridge.failedJobs();
-    for (let i = 0; i < 200 && jobs.length === 0; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      jobs = await bridge.failedJobs();
-    }
+    await publishOnce(bridge, "knocker", "closed/door", "let me in");
+    const jobs = await failedJobsOf(bridge);
     assert.equal(jobs.length, 1);
     assert.match(jobs[0]!.reason, /^gave up after 2 attempts: .*M_FORBIDDEN/);
 

@@ -37,9 +37,10 @@ describe("MatrixClient against a scripted homeserver", () => {
   const seen: { method: string; url: string; auth: string | undefined }[] = [];
   const clients: MatrixClient[] = [];
 
-  async function client(prefix = ""): Promise<MatrixClient> {
+  /** A client of the scripted homeserver (started), or of `url` (not started). */
+  async function client(prefix = "", url?: string): Promise<MatrixClient> {
     const c = new MatrixClient({
-      homeserverUrl: `${base}${prefix}`,
+      homeserverUrl: url ?? `${base}${prefix}`,
       domain: "test.local",
       botUserId: BOT,
       botDisplayName: "Bridge",
@@ -47,6 +48,7 @@ describe("MatrixClient against a scripted homeserver", () => {
       log: moduleLogger("matrix-client-test"),
     });
     clients.push(c);
+    if (url) return c;
     await c.start(new AbortController().signal);
     seen.length = 0;
     return c;
@@ -127,16 +129,7 @@ describe("MatrixClient against a scripted homeserver", () => {
   });
 
   test("an unreachable homeserver is a RetryableError", async () => {
-    const port = await freePort();
-    const c = new MatrixClient({
-      homeserverUrl: `http://127.0.0.1:${port}`,
-      domain: "test.local",
-      botUserId: BOT,
-      botDisplayName: "Bridge",
-      registration,
-      log: moduleLogger("matrix-client-test"),
-    });
-    clients.push(c);
+    const c = await client("", `http://127.0.0.1:${await freePort()}`);
     const err = await c.download("mxc://test.local/abc", 100).catch((e: unknown) => e);
     assert.ok(err instanceof RetryableError, String(err));
   });
