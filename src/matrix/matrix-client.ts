@@ -38,6 +38,16 @@ export function classifyMatrixError(status: number, body: MatrixErrorBody, what:
   return new PermanentError(detail);
 }
 
+/** The standard error body of a failed response; empty for a non-JSON page (e.g. from a proxy). */
+function errorBodyOf(data: Buffer): MatrixErrorBody {
+  try {
+    const body = JSON.parse(data.toString("utf8")) as unknown;
+    return typeof body === "object" && body !== null ? (body as MatrixErrorBody) : {};
+  } catch {
+    return {};
+  }
+}
+
 function matrixErrorOf(err: unknown): { status?: number; body: MatrixErrorBody } {
   const e = err as {
     statusCode?: number;
@@ -181,10 +191,7 @@ export class MatrixClient {
         .then(() => undefined)
         .catch((err: unknown) => {
           this.joined.delete(key);
-          const error =
-            err instanceof PermanentError || err instanceof RetryableError
-              ? err
-              : this.toQueueError(err, `joining ${userId} to ${roomId}`);
+          const error = this.toQueueError(err, `joining ${userId} to ${roomId}`);
           // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
           throw error instanceof PermanentError && error.message.includes("M_FORBIDDEN")
             ? new RetryableError(`${error.message} (invite ${this.opts.botUserId} to the room)`)
@@ -195,7 +202,9 @@ export class MatrixClient {
     return joined;
   }
 
+  /** The queue's error for a failure of the bridge library (our own requests throw one already). */
   private toQueueError(err: unknown, what: string): Error {
+    if (err instanceof PermanentError || err instanceof RetryableError) return err;
     const { status, body } = matrixErrorOf(err);
     if (status === undefined) return new RetryableError(`${what}: ${errorMessage(err)}`);
     return classifyMatrixError(status, body, what);
@@ -216,18 +225,13 @@ export class MatrixClient {
     }
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
     const { status, data } = await this.dispatch(what, { method, path, contentType, body });
-    const text = data.toString("utf8");
-    const ok = status >= 200 && status < 300;
-    let json: Record<string, unknown> = {};
+    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
     try {
-      json = JSON.parse(text) as Record<string, unknown>;
+      // A success must carry its JSON (an event id, a content URI).
+      return JSON.parse(data.toString("utf8")) as Record<string, unknown>;
     } catch (err) {
-      // A success must carry its JSON (an event id, a content URI); a non-JSON error page from a
-      // proxy is classified by its status alone.
-      if (ok) throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
+      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
     }
-    if (ok) return json;
-    throw classifyMatrixError(status, json as MatrixErrorBody, what);
   }
 
   /**
@@ -310,12 +314,7 @@ export class MatrixClient {
         maxBytes,
       });
       if (res.status >= 200 && res.status < 300) return { data: res.data, mimeType: res.contentType };
-      let body: MatrixErrorBody = {};
-      try {
-        body = JSON.parse(res.data.toString("utf8")) as MatrixErrorBody;
-      } catch {
-        // classified by status alone
-      }
+      const body = errorBodyOf(res.data);
       // A homeserver older than authenticated media does not recognise the first path.
       const unknownEndpoint = body.errcode === "M_UNRECOGNIZED" || res.status === 405;
       if (!unknownEndpoint) throw classifyMatrixError(res.status, body, what);

@@ -3,7 +3,7 @@
  * the failed list, durability of add(), batch dedupe, restart and crash recovery.
  * Every test uses its own key prefix and deletes its keys afterwards.
  */
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { spawn } from "node:child_process";
@@ -28,11 +28,12 @@ interface Item {
 type Process<T> = OrderedQueueOptions<T>["process"];
 
 /** A fresh prefix; queues made through it are stopped and its keys deleted by cleanup(). */
-function scope() {
+/** A key prefix and queues for one test, all removed when the test ends. */
+function scope(t: TestContext) {
   const prefix = `test-${randomUUID().slice(0, 8)}`;
   const queues: OrderedQueue<unknown>[] = [];
   const extra: (() => Promise<void>)[] = [];
-  return {
+  const s = {
     prefix,
     make<T>(process: Process<T>, over: Partial<OrderedQueueOptions<T>> = {}): OrderedQueue<T> {
       const q = new OrderedQueue<T>({
@@ -65,6 +66,8 @@ function scope() {
       await deleteKeys(prefix);
     },
   };
+  t.after(() => s.cleanup());
+  return s;
 }
 
 /** Delivery log entries per key. */
@@ -80,243 +83,215 @@ function byKey<E extends { key: string }>(entries: E[]): Map<string, E[]> {
 
 // --- order ------------------------------------------------------------------------------------------
 
-test("per-key order: 500 items over 10 keys and 4 shards, each key in add order, each item once", async () => {
-  const s = scope();
-  try {
-    const delivered: { key: string; n: number; id: string }[] = [];
-    const q = s.make<Item & { key: string }>(
-      async (data, { id }) => {
-        delivered.push({ key: data.key, n: data.n, id });
-        // A little jitter so keys interleave and a key's later item could overtake if order broke.
-        if (data.n % 7 === 0) await sleep(1);
-      },
-      { shards: 4 },
-    );
-    const keys = Array.from({ length: 10 }, (_, i) => `!room${i}:example.org`);
-    assert.ok(new Set(keys.map((k) => shardOf(k, 4))).size > 1, "keys should span several shards");
-    await q.start();
-    // Mixed batch sizes: some ticks add one item, some many; some adds happen while consuming.
-    const adds: Promise<void>[] = [];
-    let n = 0;
-    while (n < 500) {
-      const size = [1, 3, 17, 60, 250][n % 5]!;
-      for (let i = 0; i < size && n < 500; i++, n++) {
-        const key = keys[(n * 7 + (n >> 3)) % 10]!;
-        adds.push(q.add(key, `id-${n}`, { key, n }));
-      }
-      await sleep(0);
+test("per-key order: 500 items over 10 keys and 4 shards, each key in add order, each item once", async (t) => {
+  const s = scope(t);
+  const delivered: { key: string; n: number; id: string }[] = [];
+  const q = s.make<Item & { key: string }>(
+    async (data, { id }) => {
+      delivered.push({ key: data.key, n: data.n, id });
+      // A little jitter so keys interleave and a key's later item could overtake if order broke.
+      if (data.n % 7 === 0) await sleep(1);
+    },
+    { shards: 4 },
+  );
+  const keys = Array.from({ length: 10 }, (_, i) => `!room${i}:example.org`);
+  assert.ok(new Set(keys.map((k) => shardOf(k, 4))).size > 1, "keys should span several shards");
+  await q.start();
+  // Mixed batch sizes: some ticks add one item, some many; some adds happen while consuming.
+  const adds: Promise<void>[] = [];
+  let n = 0;
+  while (n < 500) {
+    const size = [1, 3, 17, 60, 250][n % 5]!;
+    for (let i = 0; i < size && n < 500; i++, n++) {
+      const key = keys[(n * 7 + (n >> 3)) % 10]!;
+      adds.push(q.add(key, `id-${n}`, { key, n }));
     }
-    await Promise.all(adds);
-    await waitFor("500 deliveries", () => delivered.length >= 500);
-    await sleep(100); // anything extra would show up now
-    assert.equal(delivered.length, 500);
-    assert.equal(new Set(delivered.map((d) => d.id)).size, 500, "each item delivered exactly once");
-    const perKey = byKey(delivered);
-    assert.equal(perKey.size, 10);
-    for (const [key, list] of perKey) {
-      const ns = list.map((d) => d.n);
-      assert.deepEqual(
-        ns,
-        [...ns].sort((a, b) => a - b),
-        `${key} out of order`,
-      );
-    }
-    assert.deepEqual(await q.failedJobs(), []);
-  } finally {
-    await s.cleanup();
+    await sleep(0);
   }
+  await Promise.all(adds);
+  await waitFor("500 deliveries", () => delivered.length >= 500);
+  await sleep(100); // anything extra would show up now
+  assert.equal(delivered.length, 500);
+  assert.equal(new Set(delivered.map((d) => d.id)).size, 500, "each item delivered exactly once");
+  const perKey = byKey(delivered);
+  assert.equal(perKey.size, 10);
+  for (const [key, list] of perKey) {
+    const ns = list.map((d) => d.n);
+    assert.deepEqual(
+      ns,
+      [...ns].sort((a, b) => a - b),
+      `${key} out of order`,
+    );
+  }
+  assert.deepEqual(await q.failedJobs(), []);
 });
 
-test("different keys in one shard are delivered concurrently: a slow key does not hold up another", async () => {
-  const s = scope();
-  try {
-    const events: string[] = [];
-    let inFlight = 0;
-    let maxInFlight = 0;
-    const q = s.make<{ key: string; n: number }>(async (data) => {
-      inFlight++;
-      maxInFlight = Math.max(maxInFlight, inFlight);
-      events.push(`start ${data.key}${data.n}`);
-      if (data.key === "A") await sleep(500);
-      events.push(`end ${data.key}${data.n}`);
-      inFlight--;
-    });
-    await q.start();
-    // Same tick, same (only) shard: one batch.
-    await Promise.all([
-      q.add("A", "a1", { key: "A", n: 1 }),
-      q.add("A", "a2", { key: "A", n: 2 }),
-      q.add("B", "b1", { key: "B", n: 1 }),
-      q.add("B", "b2", { key: "B", n: 2 }),
-    ]);
-    await waitFor("all four", () => events.filter((e) => e.startsWith("end")).length === 4);
-    const at = (e: string) => events.indexOf(e);
-    assert.ok(at("end B2") < at("end A1"), `B waited for A: ${events.join(", ")}`);
-    assert.ok(at("end A1") < at("start A2"), `A's own order broken: ${events.join(", ")}`);
-    assert.ok(maxInFlight >= 2);
-  } finally {
-    await s.cleanup();
-  }
+test("different keys in one shard are delivered concurrently: a slow key does not hold up another", async (t) => {
+  const s = scope(t);
+  const events: string[] = [];
+  let inFlight = 0;
+  let maxInFlight = 0;
+  const q = s.make<{ key: string; n: number }>(async (data) => {
+    inFlight++;
+    maxInFlight = Math.max(maxInFlight, inFlight);
+    events.push(`start ${data.key}${data.n}`);
+    if (data.key === "A") await sleep(500);
+    events.push(`end ${data.key}${data.n}`);
+    inFlight--;
+  });
+  await q.start();
+  // Same tick, same (only) shard: one batch.
+  await Promise.all([
+    q.add("A", "a1", { key: "A", n: 1 }),
+    q.add("A", "a2", { key: "A", n: 2 }),
+    q.add("B", "b1", { key: "B", n: 1 }),
+    q.add("B", "b2", { key: "B", n: 2 }),
+  ]);
+  await waitFor("all four", () => events.filter((e) => e.startsWith("end")).length === 4);
+  const at = (e: string) => events.indexOf(e);
+  assert.ok(at("end B2") < at("end A1"), `B waited for A: ${events.join(", ")}`);
+  assert.ok(at("end A1") < at("start A2"), `A's own order broken: ${events.join(", ")}`);
+  assert.ok(maxInFlight >= 2);
 });
 
-test("a key stuck in retries in one shard does not hold up a later batch in another shard", async () => {
-  const s = scope();
-  try {
-    // Two keys on different shards of 2.
-    const keyA = "!a:x";
-    let keyB = "!b0:x";
-    for (let i = 0; shardOf(keyB, 2) === shardOf(keyA, 2); i++) keyB = `!b${i}:x`;
-    const events: string[] = [];
-    let failA = true;
-    const q = s.make<{ key: string }>(
-      async (data, { attempt }) => {
-        events.push(`${data.key === keyA ? "A" : "B"}#${attempt}`);
-        if (data.key === keyA && failA) throw new Error("down");
-      },
-      { shards: 2, retry: { maxAttempts: 1000, initialDelayMs: 10, maxDelayMs: 20 } },
-    );
-    await q.start();
-    await q.add(keyA, "a1", { key: keyA });
-    await waitFor("A retrying", () => events.includes("A#3"));
-    await q.add(keyB, "b1", { key: keyB });
-    await waitFor("B delivered", () => events.includes("B#1"), 2_000);
-    failA = false;
-    await waitFor("A delivered", () => events.filter((e) => e.startsWith("A")).length > 3);
-  } finally {
-    await s.cleanup();
-  }
+test("a key stuck in retries in one shard does not hold up a later batch in another shard", async (t) => {
+  const s = scope(t);
+  // Two keys on different shards of 2.
+  const keyA = "!a:x";
+  let keyB = "!b0:x";
+  for (let i = 0; shardOf(keyB, 2) === shardOf(keyA, 2); i++) keyB = `!b${i}:x`;
+  const events: string[] = [];
+  let failA = true;
+  const q = s.make<{ key: string }>(
+    async (data, { attempt }) => {
+      events.push(`${data.key === keyA ? "A" : "B"}#${attempt}`);
+      if (data.key === keyA && failA) throw new Error("down");
+    },
+    { shards: 2, retry: { maxAttempts: 1000, initialDelayMs: 10, maxDelayMs: 20 } },
+  );
+  await q.start();
+  await q.add(keyA, "a1", { key: keyA });
+  await waitFor("A retrying", () => events.includes("A#3"));
+  await q.add(keyB, "b1", { key: keyB });
+  await waitFor("B delivered", () => events.includes("B#1"), 2_000);
+  failA = false;
+  await waitFor("A delivered", () => events.filter((e) => e.startsWith("A")).length > 3);
 });
 
 // --- retries ----------------------------------------------------------------------------------------
 
-test("a transient failure is retried in place: the key's next item waits, attempts count 1, 2, 3", async () => {
-  const s = scope();
-  try {
-    const calls: { key: string; n: number; attempt: number; ok: boolean }[] = [];
-    const q = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
-      const fail = data.key === "A" && data.n === 2 && attempt <= 2;
-      calls.push({ key: data.key, n: data.n, attempt, ok: !fail });
-      if (fail) throw new Error(`flaky ${attempt}`);
-    });
-    await q.start();
-    const adds: Promise<void>[] = [];
-    for (let n = 0; n < 5; n++) adds.push(q.add("A", `a${n}`, { key: "A", n }));
-    for (let n = 0; n < 3; n++) adds.push(q.add("B", `b${n}`, { key: "B", n }));
-    await Promise.all(adds);
-    // A later batch for A must also wait for item 2.
-    await q.add("A", "a5", { key: "A", n: 5 });
-    await waitFor("A's last item", () => calls.some((c) => c.key === "A" && c.n === 5));
-    await sleep(50);
-    const a = calls.filter((c) => c.key === "A");
-    assert.deepEqual(
-      a.map((c) => `${c.n}#${c.attempt}${c.ok ? "" : "!"}`),
-      ["0#1", "1#1", "2#1!", "2#2!", "2#3", "3#1", "4#1", "5#1"],
-    );
-    assert.deepEqual(
-      calls.filter((c) => c.key === "B").map((c) => c.n),
-      [0, 1, 2],
-    );
-    assert.deepEqual(await q.failedJobs(), []);
-  } finally {
-    await s.cleanup();
-  }
+test("a transient failure is retried in place: the key's next item waits, attempts count 1, 2, 3", async (t) => {
+  const s = scope(t);
+  const calls: { key: string; n: number; attempt: number; ok: boolean }[] = [];
+  const q = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
+    const fail = data.key === "A" && data.n === 2 && attempt <= 2;
+    calls.push({ key: data.key, n: data.n, attempt, ok: !fail });
+    if (fail) throw new Error(`flaky ${attempt}`);
+  });
+  await q.start();
+  const adds: Promise<void>[] = [];
+  for (let n = 0; n < 5; n++) adds.push(q.add("A", `a${n}`, { key: "A", n }));
+  for (let n = 0; n < 3; n++) adds.push(q.add("B", `b${n}`, { key: "B", n }));
+  await Promise.all(adds);
+  // A later batch for A must also wait for item 2.
+  await q.add("A", "a5", { key: "A", n: 5 });
+  await waitFor("A's last item", () => calls.some((c) => c.key === "A" && c.n === 5));
+  await sleep(50);
+  const a = calls.filter((c) => c.key === "A");
+  assert.deepEqual(
+    a.map((c) => `${c.n}#${c.attempt}${c.ok ? "" : "!"}`),
+    ["0#1", "1#1", "2#1!", "2#2!", "2#3", "3#1", "4#1", "5#1"],
+  );
+  assert.deepEqual(
+    calls.filter((c) => c.key === "B").map((c) => c.n),
+    [0, 1, 2],
+  );
+  assert.deepEqual(await q.failedJobs(), []);
 });
 
-test("RetryableError.retryAfterMs is honoured, capped at 10 × maxDelayMs", async () => {
-  const s = scope();
-  try {
-    // retry: initialDelayMs 10, maxDelayMs 50 → the exponential step is ≤ 10 ms on attempt 1 and the
-    // retryAfterMs cap is 500 ms (retryDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
-    const seen = new Map<string, number[]>();
-    const q = s.make<{ retryAfterMs: number }>(async (data, { id, attempt }) => {
-      const times = seen.get(id) ?? [];
-      times.push(performance.now());
-      seen.set(id, times);
-      if (attempt === 1) throw new RetryableError("slow down", data.retryAfterMs);
-    });
-    await q.start();
-    // Two keys in one batch: both waits run at once.
-    await Promise.all([
-      q.add("A", "short", { retryAfterMs: 300 }),
-      q.add("B", "capped", { retryAfterMs: 60_000 }),
-    ]);
-    await waitFor("both retried", () => seen.get("short")?.length === 2 && seen.get("capped")?.length === 2);
-    const gap = (id: string) => {
-      const [t1, t2] = seen.get(id)!;
-      return t2! - t1!;
-    };
-    const short = gap("short");
-    const capped = gap("capped");
-    assert.ok(short >= 295 && short < 300 + 250, `retryAfterMs 300 waited ${short} ms`);
-    assert.ok(capped >= 495 && capped < 500 + 250, `retryAfterMs 60000 waited ${capped} ms (cap 500)`);
-  } finally {
-    await s.cleanup();
-  }
+test("RetryableError.retryAfterMs is honoured, capped at 10 × maxDelayMs", async (t) => {
+  const s = scope(t);
+  // retry: initialDelayMs 10, maxDelayMs 50 → the exponential step is ≤ 10 ms on attempt 1 and the
+  // retryAfterMs cap is 500 ms (retryDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
+  const seen = new Map<string, number[]>();
+  const q = s.make<{ retryAfterMs: number }>(async (data, { id, attempt }) => {
+    const times = seen.get(id) ?? [];
+    times.push(performance.now());
+    seen.set(id, times);
+    if (attempt === 1) throw new RetryableError("slow down", data.retryAfterMs);
+  });
+  await q.start();
+  // Two keys in one batch: both waits run at once.
+  await Promise.all([
+    q.add("A", "short", { retryAfterMs: 300 }),
+    q.add("B", "capped", { retryAfterMs: 60_000 }),
+  ]);
+  await waitFor("both retried", () => seen.get("short")?.length === 2 && seen.get("capped")?.length === 2);
+  const gap = (id: string) => {
+    const [t1, t2] = seen.get(id)!;
+    return t2! - t1!;
+  };
+  const short = gap("short");
+  const capped = gap("capped");
+  assert.ok(short >= 295 && short < 300 + 250, `retryAfterMs 300 waited ${short} ms`);
+  assert.ok(capped >= 495 && capped < 500 + 250, `retryAfterMs 60000 waited ${capped} ms (cap 500)`);
 });
 
 // --- the failed list ----------------------------------------------------------------------------------
 
-test("PermanentError sends the item to the failed list at once; the key moves on", async () => {
-  const s = scope();
-  try {
-    const calls: string[] = [];
-    const q = s.make<{ n: number }>(async (data, { id, attempt }) => {
-      calls.push(`${id}#${attempt}`);
-      if (data.n === 1) throw new PermanentError("bad payload");
-    });
-    await q.start();
-    const before = Date.now();
-    await Promise.all([0, 1, 2, 3].map((n) => q.add("A", `p${n}`, { n })));
-    await waitFor("p3", () => calls.includes("p3#1"));
-    assert.deepEqual(calls, ["p0#1", "p1#1", "p2#1", "p3#1"]);
-    const failed = await q.failedJobs();
-    assert.equal(failed.length, 1);
-    const [f] = failed;
-    assert.equal(f!.id, "p1");
-    assert.equal(f!.queue, "q");
-    assert.equal(f!.reason, "permanent: bad payload");
-    assert.deepEqual(f!.data, { n: 1 });
-    assert.ok(typeof f!.failedAt === "number" && f!.failedAt >= before && f!.failedAt <= Date.now());
-  } finally {
-    await s.cleanup();
-  }
+test("PermanentError sends the item to the failed list at once; the key moves on", async (t) => {
+  const s = scope(t);
+  const calls: string[] = [];
+  const q = s.make<{ n: number }>(async (data, { id, attempt }) => {
+    calls.push(`${id}#${attempt}`);
+    if (data.n === 1) throw new PermanentError("bad payload");
+  });
+  await q.start();
+  const before = Date.now();
+  await Promise.all([0, 1, 2, 3].map((n) => q.add("A", `p${n}`, { n })));
+  await waitFor("p3", () => calls.includes("p3#1"));
+  assert.deepEqual(calls, ["p0#1", "p1#1", "p2#1", "p3#1"]);
+  const failed = await q.failedJobs();
+  assert.equal(failed.length, 1);
+  const [f] = failed;
+  assert.equal(f!.id, "p1");
+  assert.equal(f!.queue, "q");
+  assert.equal(f!.reason, "permanent: bad payload");
+  assert.deepEqual(f!.data, { n: 1 });
+  assert.ok(typeof f!.failedAt === "number" && f!.failedAt >= before && f!.failedAt <= Date.now());
 });
 
-test("an item that exhausts maxAttempts goes to the failed list with 'gave up after N attempts'", async () => {
-  const s = scope();
-  try {
-    const calls: string[] = [];
-    const q = s.make<{ n: number }>(
-      async (data, { id, attempt }) => {
-        calls.push(`${id}#${attempt}`);
-        if (data.n === 1) throw new Error("boom");
-        if (data.n === 2) throw new RetryableError("still busy", 1);
-      },
-      { retry: { maxAttempts: 3, initialDelayMs: 10, maxDelayMs: 50 } },
-    );
-    await q.start();
-    await Promise.all([0, 1, 2, 3].map((n) => q.add("A", `g${n}`, { n })));
-    await waitFor("g3", () => calls.includes("g3#1"));
-    assert.deepEqual(calls, ["g0#1", "g1#1", "g1#2", "g1#3", "g2#1", "g2#2", "g2#3", "g3#1"]);
-    const failed = await q.failedJobs();
-    assert.deepEqual(
-      failed.map((f) => [f.id, f.reason]),
-      [
-        ["g1", "gave up after 3 attempts: boom"],
-        ["g2", "gave up after 3 attempts: still busy"],
-      ],
-    );
-    // Failed items are kept in the failed list only; the batch itself completed.
-    assert.equal((await q.counts()).completed, 1);
-  } finally {
-    await s.cleanup();
-  }
+test("an item that exhausts maxAttempts goes to the failed list with 'gave up after N attempts'", async (t) => {
+  const s = scope(t);
+  const calls: string[] = [];
+  const q = s.make<{ n: number }>(
+    async (data, { id, attempt }) => {
+      calls.push(`${id}#${attempt}`);
+      if (data.n === 1) throw new Error("boom");
+      if (data.n === 2) throw new RetryableError("still busy", 1);
+    },
+    { retry: { maxAttempts: 3, initialDelayMs: 10, maxDelayMs: 50 } },
+  );
+  await q.start();
+  await Promise.all([0, 1, 2, 3].map((n) => q.add("A", `g${n}`, { n })));
+  await waitFor("g3", () => calls.includes("g3#1"));
+  assert.deepEqual(calls, ["g0#1", "g1#1", "g1#2", "g1#3", "g2#1", "g2#2", "g2#3", "g3#1"]);
+  const failed = await q.failedJobs();
+  assert.deepEqual(
+    failed.map((f) => [f.id, f.reason]),
+    [
+      ["g1", "gave up after 3 attempts: boom"],
+      ["g2", "gave up after 3 attempts: still busy"],
+    ],
+  );
+  // Failed items are kept in the failed list only; the batch itself completed.
+  assert.equal((await q.counts()).completed, 1);
 });
 
 // --- add() --------------------------------------------------------------------------------------------
 
-test("add() resolves once the item is in Redis; one tick's items of a shard travel as one job", async () => {
-  const s = scope();
+test("add() resolves once the item is in Redis; one tick's items of a shard travel as one job", async (t) => {
+  const s = scope(t);
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
   try {
     const q = s.make<{ n: number }>(async () => undefined, { name: "durable", shards: 4 });
@@ -351,109 +326,96 @@ test("add() resolves once the item is in Redis; one tick's items of a shard trav
     }
   } finally {
     redis.disconnect();
-    await s.cleanup();
   }
 });
 
-test("an identical batch added again (e.g. a replayed transaction) is stored and delivered once", async () => {
-  const s = scope();
-  try {
-    const delivered: string[] = [];
-    const q = s.make<{ n: number }>(
-      async (_data, { id }) => {
-        delivered.push(id);
-      },
-      { keepCompleted: 100 },
-    );
-    const batch = () => Promise.all([q.add("A", "x1", { n: 1 }), q.add("B", "x2", { n: 2 })]);
-    // Replayed while the first copy still waits…
-    await batch();
-    await batch();
-    assert.equal((await q.counts()).waiting, 1);
-    await q.start();
-    await waitFor("delivery", () => delivered.length >= 2);
-    // …and after it completed (the completed job is kept, keepCompleted > 0).
-    await batch();
-    await sleep(200);
-    assert.deepEqual([...delivered].sort(), ["x1", "x2"]);
-    // The job id is the hash of the batch's ids: a batch that differs is a new job and is delivered,
-    // repeated ids included (the consumer's idempotency on `id` covers that case).
-    await Promise.all([q.add("A", "x1", { n: 1 }), q.add("A", "x3", { n: 3 })]);
-    await waitFor("x3", () => delivered.includes("x3"));
-    assert.deepEqual(delivered.slice(2), ["x1", "x3"]);
-  } finally {
-    await s.cleanup();
-  }
+test("an identical batch added again (e.g. a replayed transaction) is stored and delivered once", async (t) => {
+  const s = scope(t);
+  const delivered: string[] = [];
+  const q = s.make<{ n: number }>(
+    async (_data, { id }) => {
+      delivered.push(id);
+    },
+    { keepCompleted: 100 },
+  );
+  const batch = () => Promise.all([q.add("A", "x1", { n: 1 }), q.add("B", "x2", { n: 2 })]);
+  // Replayed while the first copy still waits…
+  await batch();
+  await batch();
+  assert.equal((await q.counts()).waiting, 1);
+  await q.start();
+  await waitFor("delivery", () => delivered.length >= 2);
+  // …and after it completed (the completed job is kept, keepCompleted > 0).
+  await batch();
+  await sleep(200);
+  assert.deepEqual([...delivered].sort(), ["x1", "x2"]);
+  // The job id is the hash of the batch's ids: a batch that differs is a new job and is delivered,
+  // repeated ids included (the consumer's idempotency on `id` covers that case).
+  await Promise.all([q.add("A", "x1", { n: 1 }), q.add("A", "x3", { n: 3 })]);
+  await waitFor("x3", () => delivered.includes("x3"));
+  assert.deepEqual(delivered.slice(2), ["x1", "x3"]);
 });
 
-test("dedupe of an identical batch lasts only as long as its completed job is kept", async () => {
-  const s = scope();
-  try {
-    const delivered: string[] = [];
-    const q = s.make<{ n: number }>(
-      async (_data, { id }) => {
-        delivered.push(id);
-      },
-      { keepCompleted: 0 },
-    );
-    await q.start();
-    await q.add("A", "y1", { n: 1 });
-    await waitFor("first", () => delivered.length === 1);
-    await sleep(50);
-    await q.add("A", "y1", { n: 1 });
-    await waitFor("second", () => delivered.length === 2, 2_000);
-    assert.deepEqual(delivered, ["y1", "y1"]);
-  } finally {
-    await s.cleanup();
-  }
+test("dedupe of an identical batch lasts only as long as its completed job is kept", async (t) => {
+  const s = scope(t);
+  const delivered: string[] = [];
+  const q = s.make<{ n: number }>(
+    async (_data, { id }) => {
+      delivered.push(id);
+    },
+    { keepCompleted: 0 },
+  );
+  await q.start();
+  await q.add("A", "y1", { n: 1 });
+  await waitFor("first", () => delivered.length === 1);
+  await sleep(50);
+  await q.add("A", "y1", { n: 1 });
+  await waitFor("second", () => delivered.length === 2, 2_000);
+  assert.deepEqual(delivered, ["y1", "y1"]);
 });
 
 // --- restarts and crashes -----------------------------------------------------------------------------
 
-test("stop() mid-retry puts the job back; a new queue resumes after what was delivered, in order", async () => {
-  const s = scope();
-  try {
-    const first: string[] = [];
-    const q1 = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
-      first.push(`${data.key}${data.n}#${attempt}`);
-      if (data.key === "A" && data.n === 2) throw new Error("down");
-    });
-    await q1.start();
-    const adds: Promise<void>[] = [];
-    for (let n = 1; n <= 5; n++) adds.push(q1.add("A", `a${n}`, { key: "A", n }));
-    for (let n = 1; n <= 3; n++) adds.push(q1.add("B", `b${n}`, { key: "B", n }));
-    await Promise.all(adds);
-    await Promise.all([q1.add("A", "a6", { key: "A", n: 6 }), q1.add("A", "a7", { key: "A", n: 7 })]);
-    await waitFor("a2 retrying", () => first.includes("A2#3"));
-    await s.stop(q1 as OrderedQueue<unknown>);
-    assert.ok(!first.some((e) => /^A[3-7]/.test(e)), `A overtook its failing item: ${first.join(", ")}`);
-    assert.deepEqual(
-      first.filter((e) => e.startsWith("B")),
-      ["B1#1", "B2#1", "B3#1"],
-    );
+test("stop() mid-retry puts the job back; a new queue resumes after what was delivered, in order", async (t) => {
+  const s = scope(t);
+  const first: string[] = [];
+  const q1 = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
+    first.push(`${data.key}${data.n}#${attempt}`);
+    if (data.key === "A" && data.n === 2) throw new Error("down");
+  });
+  await q1.start();
+  const adds: Promise<void>[] = [];
+  for (let n = 1; n <= 5; n++) adds.push(q1.add("A", `a${n}`, { key: "A", n }));
+  for (let n = 1; n <= 3; n++) adds.push(q1.add("B", `b${n}`, { key: "B", n }));
+  await Promise.all(adds);
+  await Promise.all([q1.add("A", "a6", { key: "A", n: 6 }), q1.add("A", "a7", { key: "A", n: 7 })]);
+  await waitFor("a2 retrying", () => first.includes("A2#3"));
+  await s.stop(q1 as OrderedQueue<unknown>);
+  assert.ok(!first.some((e) => /^A[3-7]/.test(e)), `A overtook its failing item: ${first.join(", ")}`);
+  assert.deepEqual(
+    first.filter((e) => e.startsWith("B")),
+    ["B1#1", "B2#1", "B3#1"],
+  );
 
-    const second: string[] = [];
-    const q2 = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
-      second.push(`${data.key}${data.n}#${attempt}`);
-    });
-    await q2.start();
-    await waitFor("a7", () => second.includes("A7#1"));
-    await sleep(100);
-    // a1 and b1..b3 were recorded as delivered when the job was put back: not delivered again.
-    // The attempt count starts over in the new process.
-    assert.deepEqual(second, ["A2#1", "A3#1", "A4#1", "A5#1", "A6#1", "A7#1"]);
-    assert.deepEqual(await q2.failedJobs(), []);
-    const counts = await q2.counts();
-    assert.equal(counts.completed, 2);
-    assert.equal(counts.active, 0);
-    assert.equal(counts.waiting, 0);
-  } finally {
-    await s.cleanup();
-  }
+  const second: string[] = [];
+  const q2 = s.make<{ key: string; n: number }>(async (data, { attempt }) => {
+    second.push(`${data.key}${data.n}#${attempt}`);
+  });
+  await q2.start();
+  await waitFor("a7", () => second.includes("A7#1"));
+  await sleep(100);
+  // a1 and b1..b3 were recorded as delivered when the job was put back: not delivered again.
+  // The attempt count starts over in the new process.
+  assert.deepEqual(second, ["A2#1", "A3#1", "A4#1", "A5#1", "A6#1", "A7#1"]);
+  assert.deepEqual(await q2.failedJobs(), []);
+  const counts = await q2.counts();
+  assert.equal(counts.completed, 2);
+  assert.equal(counts.active, 0);
+  assert.equal(counts.waiting, 0);
 });
 
-test("orphan recovery: a job left active with a live lock by a crashed holder runs first on restart", async () => {
-  const s = scope();
+test("orphan recovery: a job left active with a live lock by a crashed holder runs first on restart", async (t) => {
+  const s = scope(t);
   const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
   try {
     const shardName = "orphan-0";
@@ -499,12 +461,11 @@ test("orphan recovery: a job left active with a live lock by a crashed holder ru
     assert.equal(counts.active, 0);
   } finally {
     conn.disconnect();
-    await s.cleanup();
   }
 });
 
-test("crash: a process killed mid-item leaves its job to a restart with the same instanceId", async () => {
-  const s = scope();
+test("crash: a process killed mid-item leaves its job to a restart with the same instanceId", async (t) => {
+  const s = scope(t);
   const moduleUrl = new URL("../../src/queue/ordered-queue.ts", import.meta.url).href;
   const logUrl = new URL("../../src/log.ts", import.meta.url).href;
   // The child adds two batches of key A, consumes, and hangs on item 3 until it is killed.
@@ -537,110 +498,94 @@ test("crash: a process killed mid-item leaves its job to a restart with the same
   let err = "";
   child.stdout.on("data", (c: Buffer) => (out += c.toString()));
   child.stderr.on("data", (c: Buffer) => (err += c.toString()));
-  try {
-    await waitFor(
-      "child to hang on item 3",
-      () => out.includes("delivered 3\n") || child.exitCode !== null,
-      15_000,
-    );
-    assert.equal(child.exitCode, null, `child exited: ${err}`);
-    const exited = new Promise((r) => child.once("exit", r));
-    child.kill("SIGKILL");
-    await exited;
-    assert.match(out, /^delivered 1\ndelivered 2\ndelivered 3\n$/);
+  await waitFor(
+    "child to hang on item 3",
+    () => out.includes("delivered 3\n") || child.exitCode !== null,
+    15_000,
+  );
+  assert.equal(child.exitCode, null, `child exited: ${err}`);
+  const exited = new Promise((r) => child.once("exit", r));
+  child.kill("SIGKILL");
+  await exited;
+  assert.match(out, /^delivered 1\ndelivered 2\ndelivered 3\n$/);
 
-    const delivered: number[] = [];
-    const q = s.make<{ n: number }>(
-      async (data) => {
-        delivered.push(data.n);
-      },
-      { name: "crash", instanceId: "inst-crash" },
-    );
-    await q.start();
-    await waitFor("item 7", () => delivered.includes(7), 5_000);
-    await sleep(100);
-    // At least once: the items since the last recorded progress come again, in order, then the rest.
-    const start = delivered[0]!;
-    assert.ok(start >= 1 && start <= 3, `resumed at ${start}`);
-    assert.deepEqual(
-      delivered,
-      Array.from({ length: 8 - start }, (_, i) => start + i),
-    );
-  } finally {
-    await s.cleanup();
-  }
+  const delivered: number[] = [];
+  const q = s.make<{ n: number }>(
+    async (data) => {
+      delivered.push(data.n);
+    },
+    { name: "crash", instanceId: "inst-crash" },
+  );
+  await q.start();
+  await waitFor("item 7", () => delivered.includes(7), 5_000);
+  await sleep(100);
+  // At least once: the items since the last recorded progress come again, in order, then the rest.
+  const start = delivered[0]!;
+  assert.ok(start >= 1 && start <= 3, `resumed at ${start}`);
+  assert.deepEqual(
+    delivered,
+    Array.from({ length: 8 - start }, (_, i) => start + i),
+  );
 });
 
-test("lease: a second instance waits while another holds a shard, and takes over once it stops", async () => {
-  const s = scope();
-  try {
-    const byA: string[] = [];
-    const byB: string[] = [];
-    const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), { instanceId: "inst-a" });
-    const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), { instanceId: "inst-b" });
-    await a.start();
-    await b.start();
-    await b.add("K", "l1", { n: 1 });
-    await waitFor("l1", () => byA.includes("l1"));
-    await sleep(100);
-    assert.equal(byB.length, 0);
-    await s.stop(a as OrderedQueue<unknown>);
-    await b.add("K", "l2", { n: 2 });
-    // b retries the lease every 3 s.
-    await waitFor("l2 by b", () => byB.includes("l2"), 5_000);
-    assert.deepEqual(byA, ["l1"]);
-    assert.deepEqual(byB, ["l2"]);
-  } finally {
-    await s.cleanup();
-  }
+test("lease: a second instance waits while another holds a shard, and takes over once it stops", async (t) => {
+  const s = scope(t);
+  const byA: string[] = [];
+  const byB: string[] = [];
+  const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), { instanceId: "inst-a" });
+  const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), { instanceId: "inst-b" });
+  await a.start();
+  await b.start();
+  await b.add("K", "l1", { n: 1 });
+  await waitFor("l1", () => byA.includes("l1"));
+  await sleep(100);
+  assert.equal(byB.length, 0);
+  await s.stop(a as OrderedQueue<unknown>);
+  await b.add("K", "l2", { n: 2 });
+  // b retries the lease every 3 s.
+  await waitFor("l2 by b", () => byB.includes("l2"), 5_000);
+  assert.deepEqual(byA, ["l1"]);
+  assert.deepEqual(byB, ["l2"]);
 });
 
-test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken back when nobody else holds it", async () => {
-  const s = scope();
-  try {
-    const messages: string[] = [];
-    const capture = pino(
-      { level: "warn" },
-      { write: (line: string) => void messages.push((JSON.parse(line) as { msg: string }).msg) },
-    );
-    const delivered: string[] = [];
-    const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), { log: capture });
-    await q.start();
-    await q.add("K", "before", { n: 1 });
-    await waitFor("before", () => delivered.includes("before"));
-    // The lease key lapses, as after a Redis restart or an outage longer than the lease.
-    const redis = new Redis(REDIS_URL);
-    await redis.del(`${s.prefix}:lease:q-0`);
-    redis.disconnect();
-    await waitFor(
-      "the lease renewal to notice",
-      () => messages.some((m) => m.includes("lost shard lease")),
-      5_000,
-    );
-    await q.add("K", "after", { n: 2 });
-    // Another instance would retry the lease every 3 s; this one should too.
-    await waitFor("an item added after the lease lapsed", () => delivered.includes("after"), 6_000);
-  } finally {
-    await s.cleanup();
-  }
+test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken back when nobody else holds it", async (t) => {
+  const s = scope(t);
+  const messages: string[] = [];
+  const capture = pino(
+    { level: "warn" },
+    { write: (line: string) => void messages.push((JSON.parse(line) as { msg: string }).msg) },
+  );
+  const delivered: string[] = [];
+  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), { log: capture });
+  await q.start();
+  await q.add("K", "before", { n: 1 });
+  await waitFor("before", () => delivered.includes("before"));
+  // The lease key lapses, as after a Redis restart or an outage longer than the lease.
+  const redis = new Redis(REDIS_URL);
+  await redis.del(`${s.prefix}:lease:q-0`);
+  redis.disconnect();
+  await waitFor(
+    "the lease renewal to notice",
+    () => messages.some((m) => m.includes("lost shard lease")),
+    5_000,
+  );
+  await q.add("K", "after", { n: 2 });
+  // Another instance would retry the lease every 3 s; this one should too.
+  await waitFor("an item added after the lease lapsed", () => delivered.includes("after"), 6_000);
 });
 
-test("the failed list is capped at keepFailed", async () => {
-  const s = scope();
-  try {
-    const q = s.make<{ n: number }>(
-      async () => {
-        throw new PermanentError("no");
-      },
-      { keepFailed: 2 },
-    );
-    await q.start();
-    await Promise.all([1, 2, 3, 4].map((n) => q.add("K", `f${n}`, { n })));
-    const deadline = Date.now() + 5_000;
-    while ((await q.counts()).completed !== 1 && Date.now() < deadline) await sleep(20);
-    const failed = await q.failedJobs();
-    assert.ok(failed.length <= 2, `failed list holds ${failed.length} items with keepFailed 2`);
-  } finally {
-    await s.cleanup();
-  }
+test("the failed list is capped at keepFailed", async (t) => {
+  const s = scope(t);
+  const q = s.make<{ n: number }>(
+    async () => {
+      throw new PermanentError("no");
+    },
+    { keepFailed: 2 },
+  );
+  await q.start();
+  await Promise.all([1, 2, 3, 4].map((n) => q.add("K", `f${n}`, { n })));
+  const deadline = Date.now() + 5_000;
+  while ((await q.counts()).completed !== 1 && Date.now() < deadline) await sleep(20);
+  const failed = await q.failedJobs();
+  assert.ok(failed.length <= 2, `failed list holds ${failed.length} items with keepFailed 2`);
 });
