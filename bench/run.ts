@@ -4,9 +4,11 @@
  *
  *   raw aedes          mqtt.js QoS 1 publishes into a bare aedes broker (no hooks)
  *   raw BullMQ         add + process with one worker of concurrency 1 per shard (the bridge's shape)
- *   MQTT → Matrix      device QoS 1 → embedded broker → queue → test homeserver, N rooms
+ *   MQTT → Matrix      device QoS 1 → embedded broker → queue → test homeserver, N rooms, as fast
+ *                      as one device with 200 publishes in flight can push (peak)
+ *   paced              MQTT → Matrix at a fixed offered rate: p50/p99 latency at 1,000 msg/s, and
+ *                      whether the bridge keeps up with 3,000 msg/s for 10 s (sustained)
  *   Matrix → MQTT      homeserver transactions → queue → embedded broker → subscriber
- *   latency            p50/p99 MQTT → Matrix at a fixed offered rate
  */
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
@@ -18,7 +20,7 @@ import { Aedes } from "aedes";
 import { Queue, Worker } from "bullmq";
 import mqtt, { type MqttClient } from "mqtt";
 import { BridgeProcess } from "../test/helpers/bridge-process.js";
-import { freePort, harness, REDIS_URL } from "../test/helpers/fixture.js";
+import { freePort, harness, REDIS_URL, type Harness } from "../test/helpers/fixture.js";
 import { moduleLogger } from "../src/log.js";
 import { startEmbeddedRedis } from "../src/queue/embedded-redis.js";
 import { connectRedis } from "../src/store/redis-store.js";
@@ -26,6 +28,8 @@ import { connectRedis } from "../src/store/redis-store.js";
 const N = Number(process.env.BENCH_MESSAGES ?? 10000);
 const ROOMS = Number(process.env.BENCH_ROOMS ?? 8);
 const WARM_UP = Number(process.env.BENCH_WARM_UP ?? 5000);
+/** The rate offered for 10 s in the sustained row (the target on a 2-core machine: 3,000 msg/s). */
+const SUSTAINED_RATE = Number(process.env.BENCH_SUSTAINED_RATE ?? 3000);
 /** BENCH_RAW=0 skips the raw components (quicker, for comparing two versions of the bridge). */
 const RAW = process.env.BENCH_RAW !== "0";
 /**
@@ -170,11 +174,70 @@ async function rawBullmq(redisUrl: string, shards: number): Promise<number> {
   return rate(N, ms);
 }
 
+interface PacedFigures {
+  offered: number;
+  delivered: number;
+  p50: number;
+  p99: number;
+}
+
+/**
+ * Publishes at a fixed rate (catching up on the clock, not on timer ticks, so a late timer does not
+ * lower the rate) and reports the rate delivered into the rooms over the whole run, from the first
+ * publish to the last message in a room, and the latency of each message.
+ */
+async function pacedLoad(
+  device: MqttClient,
+  h: Harness,
+  roomIds: string[],
+  total: () => number,
+  { perSecond, seconds, tag }: { perSecond: number; seconds: number; tag: string },
+): Promise<PacedFigures> {
+  const count = perSecond * seconds;
+  const sentAt = new Map<string, number>();
+  const seenBefore = total();
+  let sent = 0;
+  const t0 = performance.now();
+  await new Promise<void>((resolve) => {
+    const timer = setInterval(() => {
+      const due = Math.min(count, Math.floor(((performance.now() - t0) / 1000) * perSecond));
+      for (; sent < due; sent++) {
+        const body = `${tag}-${sent}`;
+        sentAt.set(body, performance.now());
+        void device.publishAsync(`bench/${sent % roomIds.length}/t`, body, { qos: 1 });
+      }
+      if (sent >= count) {
+        clearInterval(timer);
+        resolve();
+      }
+    }, 5);
+  });
+  while (total() < seenBefore + count) await new Promise((r) => setTimeout(r, 5));
+  const latencies: number[] = [];
+  let last = 0;
+  for (const id of roomIds) {
+    for (const m of h.hs.messages(id)) {
+      const s = sentAt.get(String(m.content.body));
+      if (s === undefined) continue;
+      const arrived = m.origin_server_ts - performance.timeOrigin;
+      latencies.push(arrived - s);
+      last = Math.max(last, arrived);
+    }
+  }
+  latencies.sort((a, b) => a - b);
+  return {
+    offered: perSecond,
+    delivered: rate(count, last - t0),
+    p50: percentile(latencies, 50),
+    p99: percentile(latencies, 99),
+  };
+}
+
 interface BridgeFigures {
   mqttToMatrix: number;
   mqttAccepted: number;
-  p50: number;
-  p99: number;
+  latency: PacedFigures;
+  sustained: PacedFigures;
   matrixToMqtt: number;
   cpuPerThousand: string;
 }
@@ -249,35 +312,12 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
     if (seq.some((v, i) => i > 0 && v < seq[i - 1]!)) throw new Error("per-room order violated");
   }
 
-  // Latency at a fixed offered rate (1,000 msg/s for 3 s).
-  const RATE = 1000;
-  const latencies: number[] = [];
-  const sentAt = new Map<string, number>();
-  const seenBefore = total();
-  const tick = 10; // ms; RATE/100 messages per tick
-  const count = RATE * 3;
-  let sent = 0;
-  await new Promise<void>((resolve) => {
-    const timer = setInterval(() => {
-      for (let k = 0; k < RATE / (1000 / tick) && sent < count; k++, sent++) {
-        const body = `lat-${sent}`;
-        sentAt.set(body, performance.now());
-        void device.publishAsync(`bench/${sent % ROOMS}/t`, body, { qos: 1 });
-      }
-      if (sent >= count) {
-        clearInterval(timer);
-        resolve();
-      }
-    }, tick);
-  });
-  while (total() < seenBefore + count) await new Promise((r) => setTimeout(r, 5));
-  for (const id of roomIds) {
-    for (const m of h.hs.messages(id)) {
-      const s = sentAt.get(String(m.content.body));
-      if (s !== undefined) latencies.push(m.origin_server_ts - (performance.timeOrigin + s));
-    }
-  }
-  latencies.sort((a, b) => a - b);
+  // Paced load, as devices publishing on their own schedule: 1,000 msg/s for the latency figures,
+  // then the target rate for 10 s to see whether the bridge keeps up with it (sustained).
+  const paced = (rate: number, seconds: number, tag: string) =>
+    pacedLoad(device, h, roomIds, total, { perSecond: rate, seconds, tag });
+  const latency = await paced(1000, 3, "lat");
+  const sustained = await paced(SUSTAINED_RATE, 10, "sus");
 
   // Matrix → MQTT.
   const received = { n: 0 };
@@ -298,8 +338,8 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   return {
     mqttToMatrix: rate(N, toMatrixMs),
     mqttAccepted: rate(N, accepted),
-    p50: percentile(latencies, 50),
-    p99: percentile(latencies, 99),
+    latency,
+    sustained,
     matrixToMqtt: rate(M, toMqttMs),
     cpuPerThousand,
   };
@@ -324,6 +364,11 @@ async function main(): Promise<void> {
   await redis.stop();
   const ratio = (value: number, of: number | undefined, name: string) =>
     of === undefined ? "" : `${(value / of).toFixed(2)}× ${name}`;
+  const paced = (name: string, f: PacedFigures): [string, string, string] => [
+    `${name} ${f.offered.toLocaleString("en")} msg/s offered`,
+    `${f.delivered} msg/s, p50 ${f.p50.toFixed(1)} ms, p99 ${f.p99.toFixed(1)} ms`,
+    ratio(f.delivered, f.offered, "offered"),
+  ];
   const rows: [string, string, string][] = [
     ...(raw
       ? ([
@@ -344,10 +389,11 @@ async function main(): Promise<void> {
       `${b.mqttAccepted} msg/s`,
       ratio(b.mqttAccepted, raw?.aedes, "aedes"),
     ],
-    ["MQTT → Matrix latency at 1,000 msg/s", `p50 ${b.p50.toFixed(1)} ms, p99 ${b.p99.toFixed(1)} ms`, ""],
+    paced("MQTT → Matrix at", b.latency),
+    paced("MQTT → Matrix sustained at", b.sustained),
     ["Matrix → MQTT, end to end", `${b.matrixToMqtt} msg/s`, ratio(b.matrixToMqtt, raw?.bull8, "BullMQ(8)")],
   ];
-  for (const [name, value, r] of rows) console.log(`${name.padEnd(40)} ${value.padEnd(30)} ${r}`);
+  for (const [name, value, r] of rows) console.log(`${name.padEnd(46)} ${value.padEnd(40)} ${r}`);
   console.log(`\nCPU ms per 1,000 messages MQTT → Matrix: ${b.cpuPerThousand}`);
   process.exit(0);
 }

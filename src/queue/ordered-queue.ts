@@ -1,9 +1,11 @@
 /**
  * A durable queue that keeps order per key (per room) across retries, crashes and restarts.
  *
- * Keys are hashed onto `shards` BullMQ queues. Items added in the same tick to one shard travel as
- * one job (a batch). Each shard is consumed by exactly one worker with concurrency 1, guarded by a
- * lease in Redis so that several tribridge instances split the shards between them instead of
+ * Keys are hashed onto `shards` BullMQ queues. A shard's items travel in batches, one BullMQ job
+ * each: what arrives while the shard's previous write is in flight goes in its next write, and a
+ * write joins the shard's newest job while that job still waits, so batches grow with the backlog
+ * (see WRITE_TO_WAITING). Each shard is consumed by exactly one worker with concurrency 1, guarded
+ * by a lease in Redis so that several tribridge instances split the shards between them instead of
  * racing. Within a batch, the items of different keys are delivered concurrently and the items of
  * one key one after another. A transient failure is retried *in place* (the key waits) rather than
  * through BullMQ's delayed set, which would let later items overtake it. An item that exhausts its
@@ -76,6 +78,8 @@ class Shard<T> {
   private leaseTimer: NodeJS.Timeout | undefined;
   private readonly leaseKey: string;
   private stopped = false;
+  private pending: PendingBatch<T> | undefined;
+  private writing = false;
 
   constructor(
     private readonly owner: OrderedQueue<T>,
@@ -134,6 +138,54 @@ class Shard<T> {
     );
   }
 
+  /**
+   * Items added while the shard's previous write is in flight wait for it and go together in the
+   * next one (otherwise in the same tick's): one write per round trip, in order, and the busier the
+   * shard, the larger its writes.
+   */
+  add(item: QueueItem<T>, producer: WritingRedis): Promise<void> {
+    let batch = this.pending;
+    if (!batch) {
+      batch = this.pending = { items: [], waiters: [] };
+      if (!this.writing) setImmediate(() => this.flush(producer));
+    }
+    batch.items.push(item);
+    return new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
+  }
+
+  private flush(producer: WritingRedis): void {
+    const batch = this.pending;
+    if (!batch || this.writing) return;
+    this.pending = undefined;
+    this.writing = true;
+    this.write(producer, batch.items)
+      .then(
+        () => batch.waiters.forEach((w) => w.resolve()),
+        (err: unknown) => batch.waiters.forEach((w) => w.reject(err)),
+      )
+      .finally(() => {
+        this.writing = false;
+        this.flush(producer);
+      });
+  }
+
+  /** Writes items behind everything already in the shard: into the newest waiting job, or as a new job. */
+  private async write(producer: WritingRedis, items: QueueItem<T>[]): Promise<void> {
+    const batchId = jobIdFor(...items.map((i) => i.id));
+    const { keepCompleted } = this.owner.opts;
+    const into = await producer.writeToWaiting(
+      this.queue.keys.wait!,
+      this.queue.toKey("appended"),
+      this.queue.toKey(""),
+      JSON.stringify(items).slice(1, -1),
+      MAX_JOB_BYTES,
+      batchId,
+      Math.max(keepCompleted, 1000),
+      Date.now(),
+    );
+    if (into === null) await addBatch(this.queue, items, batchId, this.owner.opts);
+  }
+
   /** Jobs left active by a crashed holder of this lease go back to the head of the line. */
   private async requeueOrphans(redis: Redis): Promise<void> {
     const active = await this.queue.getActive();
@@ -183,12 +235,57 @@ interface PendingBatch<T> {
   waiters: { resolve: () => void; reject: (err: unknown) => void }[];
 }
 
-/** Items added in the same tick to one shard travel as one job: one Redis write instead of N. */
-const MAX_BATCH = 200;
+/** A job that is still waiting takes in later items up to this size (its JSON data, in bytes). */
+const MAX_JOB_BYTES = 128 * 1024;
+
+/**
+ * Writes a batch into the newest job waiting in a shard, if there is one and it stays under the
+ * size cap; returns that job's id, or nil when the caller must add the batch as a job of its own.
+ *
+ * A shard that is behind thus gathers its items into one job instead of one job per write, and
+ * BullMQ's per-job cost (three scripts, events, a Job object) is paid once for all of them: batch
+ * size follows the backlog, and nothing is held back when there is none. The script is atomic with
+ * the worker's move to active (a script too), so the items land either in a job still waiting or,
+ * if it was just taken, in a new one behind it. Order is kept because new jobs are pushed on the
+ * end read here (LPUSH, index 0). This reaches into BullMQ's storage (the wait list and the job
+ * hash's `data` field), which is why job data is exactly `{"items":[…]}` (see addBatch).
+ *
+ * A batch written twice (a transaction replayed after a crash) is stored once, as BullMQ does for a
+ * job id it still holds: the ids of appended batches are remembered in a capped sorted set.
+ *
+ * KEYS: wait list, appended-batches set. ARGV: job key prefix, the items' JSON without brackets,
+ * size cap, batch id, how many batch ids to remember, now.
+ */
+const WRITE_TO_WAITING = `
+if redis.call("ZSCORE", KEYS[2], ARGV[4]) or redis.call("EXISTS", ARGV[1] .. ARGV[4]) == 1 then
+  return ARGV[4]
+end
+local id = redis.call("LINDEX", KEYS[1], 0)
+if not id or string.sub(id, 1, 2) == "0:" then return false end
+local jobKey = ARGV[1] .. id
+local data = redis.call("HGET", jobKey, "data")
+if not data or string.sub(data, -2) ~= "]}" or #data + #ARGV[2] > tonumber(ARGV[3]) then return false end
+redis.call("HSET", jobKey, "data", string.sub(data, 1, -3) .. "," .. ARGV[2] .. "]}")
+redis.call("ZADD", KEYS[2], ARGV[6], ARGV[4])
+redis.call("ZREMRANGEBYRANK", KEYS[2], 0, -1 - tonumber(ARGV[5]))
+return id`;
+
+type WritingRedis = Redis & {
+  writeToWaiting(
+    waitKey: string,
+    appendedKey: string,
+    jobKeyPrefix: string,
+    items: string,
+    maxBytes: number,
+    batchId: string,
+    remember: number,
+    now: number,
+  ): Promise<string | null>;
+};
 /** How often a batch records how far it got: after a crash at most this many items are delivered again. */
 const PROGRESS_EVERY = 10;
 
-/** Writes one batch as one job of a shard's queue. */
+/** Writes one batch as one job of a shard's queue; its data is `{"items":[…]}` (see APPEND_TO_WAITING). */
 function addBatch<T>(
   queue: Queue,
   items: QueueItem<T>[],
@@ -261,11 +358,10 @@ export async function readFailedJobs(
 }
 
 export class OrderedQueue<T> {
-  private readonly producer: Redis;
+  private readonly producer: WritingRedis;
   /** Shared by the shards' workers (BullMQ gives each its own blocking connection besides). */
   readonly workerConnection: Redis;
   private readonly shards: Shard<T>[];
-  private readonly pending = new Map<number, PendingBatch<T>>();
   /** shardOf per order key (room), remembered: there are few, and each item would hash again. */
   private readonly shardIndexes = new BoundedCache<string, number>();
   /** Items that failed for good, with the reason: the failed list. */
@@ -275,7 +371,8 @@ export class OrderedQueue<T> {
   constructor(readonly opts: OrderedQueueOptions<T>) {
     // Not auto-pipelined: ioredis copies every loaded Lua script (BullMQ has dozens) into each
     // pipeline it creates, which costs more than the writes it saves.
-    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`);
+    this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`) as WritingRedis;
+    this.producer.defineCommand("writeToWaiting", { numberOfKeys: 2, lua: WRITE_TO_WAITING });
     this.workerConnection = connectRedis(opts.redisUrl, `${opts.name}-worker`);
     this.shards = Array.from(
       { length: opts.shards },
@@ -287,35 +384,12 @@ export class OrderedQueue<T> {
   /**
    * Durably enqueues `data` behind every earlier item with the same `orderKey`; resolves once it
    * is in Redis. `id` identifies the message: consumers use it for idempotency (a Matrix txnId).
-   * Items added in one tick are written together; a batch added twice (same items, e.g. a replayed
-   * homeserver transaction) is stored once.
+   * Items are written in batches (see Shard.add); a batch written twice (same items, e.g. a
+   * replayed homeserver transaction) is stored once.
    */
   add(orderKey: string, id: string, data: T): Promise<void> {
     const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
-    let batch = this.pending.get(shardIndex);
-    if (!batch) {
-      batch = { items: [], waiters: [] };
-      this.pending.set(shardIndex, batch);
-      setImmediate(() => this.flush(shardIndex, batch!));
-    }
-    batch.items.push({ id, key: orderKey, data });
-    const done = new Promise<void>((resolve, reject) => batch.waiters.push({ resolve, reject }));
-    if (batch.items.length >= MAX_BATCH) this.flush(shardIndex, batch);
-    return done;
-  }
-
-  private flush(shardIndex: number, batch: PendingBatch<T>): void {
-    if (this.pending.get(shardIndex) !== batch) return; // already flushed (it was full)
-    this.pending.delete(shardIndex);
-    addBatch(
-      this.shards[shardIndex]!.queue,
-      batch.items,
-      jobIdFor(...batch.items.map((i) => i.id)),
-      this.opts,
-    ).then(
-      () => batch.waiters.forEach((w) => w.resolve()),
-      (err: unknown) => batch.waiters.forEach((w) => w.reject(err)),
-    );
+    return this.shards[shardIndex]!.add({ id, key: orderKey, data }, this.producer);
   }
 
   async start(): Promise<void> {

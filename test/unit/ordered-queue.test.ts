@@ -290,7 +290,7 @@ test("an item that exhausts maxAttempts goes to the failed list with 'gave up af
 
 // --- add() --------------------------------------------------------------------------------------------
 
-test("add() resolves once the item is in Redis; one tick's items of a shard travel as one job", async (t) => {
+test("add() resolves once the item is in Redis; a shard's items gather in its newest waiting job", async (t) => {
   const s = scope(t);
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
   try {
@@ -316,11 +316,28 @@ test("add() resolves once the item is in Redis; one tick's items of a shard trav
           { id: "d3", key: "!k:x", data: { n: 3 } },
         ],
       });
-      // A later tick is a later job.
+      const ids = async () =>
+        (await fresh.getWaiting()).map((j) => (j.data as { items: { id: string }[] }).items.map((i) => i.id));
+      // Later writes join the job while it waits…
       await q.add("!k:x", "d4", { n: 4 });
-      const after = await fresh.getWaiting();
-      assert.equal(after.length, 2);
-      assert.ok(after.some((j) => (j.data as { items: { id: string }[] }).items[0]!.id === "d4"));
+      assert.deepEqual(await ids(), [["d1", "d2", "d3", "d4"]]);
+      // …the same batch written again (a replayed transaction) is not stored twice…
+      await q.add("!k:x", "d4", { n: 4 });
+      assert.deepEqual(await ids(), [["d1", "d2", "d3", "d4"]]);
+      // …a batch that would take the job over the size cap starts the next job…
+      const big = "x".repeat(200 * 1024);
+      await q.add("!k:x", "d5", { n: 5, big } as { n: number });
+      assert.deepEqual(await ids(), [["d1", "d2", "d3", "d4"], ["d5"]]);
+      // …and once the worker has taken the newest job, the next write is a new job behind it.
+      const worker = new Worker(shardName, null, { connection: redis, prefix: s.prefix, autorun: false });
+      try {
+        assert.ok(await worker.getNextJob("t1")); // d1..d4
+        assert.ok(await worker.getNextJob("t2")); // d5
+        await q.add("!k:x", "d6", { n: 6 });
+        assert.deepEqual(await ids(), [["d6"]]);
+      } finally {
+        await worker.close(true);
+      }
     } finally {
       await fresh.close();
     }
@@ -388,6 +405,7 @@ test("stop() mid-retry puts the job back; a new queue resumes after what was del
   for (let n = 1; n <= 5; n++) adds.push(q1.add("A", `a${n}`, { key: "A", n }));
   for (let n = 1; n <= 3; n++) adds.push(q1.add("B", `b${n}`, { key: "B", n }));
   await Promise.all(adds);
+  await waitFor("the first batch taken", () => first.length > 0); // a6, a7 are then a second job
   await Promise.all([q1.add("A", "a6", { key: "A", n: 6 }), q1.add("A", "a7", { key: "A", n: 7 })]);
   await waitFor("a2 retrying", () => first.includes("A2#3"));
   await s.stop(q1 as OrderedQueue<unknown>);
@@ -419,14 +437,11 @@ test("orphan recovery: a job left active with a live lock by a crashed holder ru
   const conn = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
   try {
     const shardName = "orphan-0";
-    // Enqueue two batches of key A without consuming.
+    // Two batches of key A, nothing consuming but the "crashed" holder below, which took the first
+    // job (lock for 30 s) before the second batch was written, recorded o1 as delivered, then died
+    // holding the shard's lease.
     const producer = s.make<{ n: number }>(async () => undefined, { name: "orphan" });
     await Promise.all([1, 2, 3].map((n) => producer.add("A", `o${n}`, { n })));
-    await Promise.all([4, 5].map((n) => producer.add("A", `o${n}`, { n })));
-    await s.stop(producer as OrderedQueue<unknown>);
-
-    // The "crashed" holder: took the first job (lock for 30 s), recorded o1 as delivered, then died
-    // holding the shard's lease.
     const crashed = new Worker(shardName, null, {
       connection: conn,
       prefix: s.prefix,
@@ -434,6 +449,8 @@ test("orphan recovery: a job left active with a live lock by a crashed holder ru
       lockDuration: 30_000,
     });
     const job = await crashed.getNextJob("dead-token");
+    await Promise.all([4, 5].map((n) => producer.add("A", `o${n}`, { n })));
+    await s.stop(producer as OrderedQueue<unknown>);
     assert.ok(job);
     assert.deepEqual(
       (job.data as { items: { id: string }[] }).items.map((i) => i.id),
