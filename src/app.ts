@@ -228,6 +228,7 @@ export async function start({ config, registration, connectors }: StartOptions):
     log.info({ port: server.port, bind: config.appservice.bind }, "appservice listening");
 
     await matrix.start(lifetime.signal);
+    void matrix.reportReachability();
     for (const route of routes.routes) {
       try {
         await delivery.roomIdFor(route.id);

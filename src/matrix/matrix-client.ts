@@ -29,6 +29,10 @@ interface MatrixErrorBody {
 
 const REQUEST_TIMEOUT_MS = 30_000;
 
+/** Whether the homeserver could reach our appservice port; `undefined` when it cannot tell us. */
+export type PingResult =
+  { reachable: true; durationMs: number } | { reachable: false | undefined; detail: string };
+
 /** Maps an HTTP failure from the homeserver to the queue's error types. */
 export function classifyMatrixError(status: number, body: MatrixErrorBody, what: string): Error {
   const detail = `${what}: ${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
@@ -97,15 +101,28 @@ export class MatrixClient {
     });
   }
 
-  /** Waits for the homeserver (retrying with back-off), then sets the bot's profile. */
+  /**
+   * Waits until the homeserver answers and accepts our as_token (retrying with back-off, and saying
+   * which of the two is missing), then sets the bot's profile.
+   */
   async start(signal: AbortSignal): Promise<void> {
     for (let attempt = 1; ; attempt++) {
       try {
+        await this.checkToken();
         await this.bridge.initialise();
         break;
       } catch (err) {
         const delay = Math.min(30_000, 500 * 2 ** attempt);
-        this.opts.log.warn({ err: errorMessage(err), retryInMs: delay }, "homeserver not reachable yet");
+        const detail = errorMessage(err);
+        this.opts.log.warn(
+          { err: detail, retryInMs: delay },
+          /: 401 |M_UNKNOWN_TOKEN/.test(detail)
+            ? "the homeserver does not accept this appservice's as_token: registration.yaml is not " +
+                "registered with it yet (see `tribridge registration-help`), or it was regenerated since"
+            : err instanceof RetryableError
+              ? "homeserver not reachable yet"
+              : "the homeserver refused the bridge's first request",
+        );
         await sleep(delay, undefined, { signal });
       }
     }
@@ -114,6 +131,64 @@ export class MatrixClient {
     } catch (err) {
       this.opts.log.warn({ err: errorMessage(err) }, "could not set the bot's display name");
     }
+  }
+
+  /** Who the homeserver thinks we are: the bot, or the registration is not (or differently) loaded. */
+  private async checkToken(): Promise<void> {
+    const { user_id: userId } = await this.request(
+      "GET",
+      "/_matrix/client/v3/account/whoami",
+      this.opts.botUserId,
+    );
+    if (userId !== this.opts.botUserId)
+      throw new PermanentError(
+        `the as_token belongs to ${String(userId)}, not ${this.opts.botUserId}: ` +
+          "homeserver.domain or sender_localpart does not match the registration the homeserver loaded",
+      );
+  }
+
+  /**
+   * Asks the homeserver to reach us (Application Service API §Pinging, Matrix v1.7): the one check
+   * that registration.yaml's `url` leads here, the most common setup mistake. Never throws.
+   */
+  async ping(): Promise<PingResult> {
+    const path = `/_matrix/client/v1/appservice/${encodeURIComponent(this.opts.registration.id)}/ping`;
+    try {
+      const { status, data } = await this.dispatch(`POST ${path}`, {
+        method: "POST",
+        path: this.basePath + path,
+        body: { transaction_id: `tribridge-${Date.now()}` },
+      });
+      const body = errorBodyOf(data) as MatrixErrorBody & { duration_ms?: number };
+      if (status === 200) return { reachable: true, durationMs: Number(body.duration_ms) };
+      const detail = `${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
+      // A homeserver older than the endpoint answers as for any unknown one.
+      if ((status === 404 || status === 405) && (body.errcode ?? "M_UNRECOGNIZED") === "M_UNRECOGNIZED")
+        return { reachable: undefined, detail };
+      return { reachable: false, detail };
+    } catch (err) {
+      return { reachable: undefined, detail: errorMessage(err) };
+    }
+  }
+
+  /** Pings (see ping) and logs the outcome, with what to check when the homeserver cannot reach us. */
+  async reportReachability(): Promise<void> {
+    const result = await this.ping();
+    const url = this.opts.registration.url;
+    if (result.reachable === true)
+      this.opts.log.info({ durationMs: result.durationMs }, "the homeserver reaches tribridge");
+    else if (result.reachable === undefined)
+      this.opts.log.info(
+        { detail: result.detail },
+        "the homeserver has no appservice ping (Matrix v1.7); could not check that it reaches tribridge",
+      );
+    else
+      this.opts.log.error(
+        { detail: result.detail, url },
+        `the homeserver cannot reach tribridge at ${String(url)}: events from rooms will not arrive. ` +
+          "Check `url` in registration.yaml (as the homeserver sees it, e.g. from its container) and " +
+          "appservice.bind / appservice.port, then re-register or restart the homeserver",
+      );
   }
 
   /** A room id for an alias or id, cached. */

@@ -64,6 +64,15 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     await h?.cleanup();
   });
 
+  test("on start the as_token is checked (whoami), and the homeserver pings the appservice and reaches it", async () => {
+    const whoami = h.hs.requests.find((r) => r.path === "/_matrix/client/v3/account/whoami");
+    assert.equal(whoami?.status, 200);
+    const ping = await waitFor("the ping", () =>
+      h.hs.requests.find((r) => r.path === `/_matrix/client/v1/appservice/${h.registration.id}/ping`),
+    );
+    assert.equal(ping.status, 200, "the homeserver reached the appservice's /_matrix/app/v1/ping");
+  });
+
   test("QoS 1 publishes appear in the room as the device's ghost, in order, once", async () => {
     const device = await connect(port, "sensor1");
     clients.push(device);

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { PermanentError, RetryableError } from "../../src/errors.js";
-import { moduleLogger } from "../../src/log.js";
+import { pino } from "pino";
 import { MatrixClient } from "../../src/matrix/matrix-client.js";
 import type { Registration } from "../../src/matrix/registration.js";
 import { freePort } from "../helpers/fixture.js";
@@ -30,10 +30,16 @@ function json(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body));
 }
 
+/** What the clients log at warn and above. */
+const logged: { level: number; msg: string }[] = [];
+const log = pino({ level: "info" }, { write: (line: string) => void logged.push(JSON.parse(line)) });
+
 describe("MatrixClient against a scripted homeserver", () => {
   let server: Server;
   let base: string;
   let handler: Handler;
+  /** Scripted answers to /whoami, in order; then the bot. */
+  const whoami: [number, unknown][] = [];
   const seen: { method: string; url: string; auth: string | undefined }[] = [];
   const clients: MatrixClient[] = [];
 
@@ -45,7 +51,7 @@ describe("MatrixClient against a scripted homeserver", () => {
       botUserId: BOT,
       botDisplayName: "Bridge",
       registration,
-      log: moduleLogger("matrix-client-test"),
+      log,
     });
     clients.push(c);
     if (url) return c;
@@ -63,7 +69,10 @@ describe("MatrixClient against a scripted homeserver", () => {
         // What the bridge library asks on start-up and for joins: always fine here.
         if (url.includes("/join/")) return json(res, 200, { room_id: "!room:test.local" });
         if (url.includes("/versions")) return json(res, 200, { versions: ["v1.11"] });
-        if (url.includes("/whoami")) return json(res, 200, { user_id: BOT });
+        if (url.includes("/whoami")) {
+          const [status, body] = whoami.shift() ?? [200, { user_id: BOT }];
+          return json(res, status, body);
+        }
         if (url.includes("/profile/")) return json(res, 200, { displayname: "Bridge" });
         seen.push({ method: req.method!, url, auth: req.headers.authorization });
         handler(req, res, Buffer.concat(chunks));
@@ -183,5 +192,54 @@ describe("MatrixClient against a scripted homeserver", () => {
     assert.ok(
       (await c.download("https://evil.example/x", 100).catch((e: unknown) => e)) instanceof PermanentError,
     );
+  });
+
+  test("start waits until the homeserver accepts the as_token, and says that is what it waits for", async () => {
+    logged.length = 0;
+    whoami.push([401, { errcode: "M_UNKNOWN_TOKEN", error: "Unknown token" }]);
+    whoami.push([200, { user_id: "@someone-else:test.local" }]);
+    const started = Date.now();
+    await client();
+    assert.ok(Date.now() - started >= 2_000, "two back-offs (1 s, then 2 s)");
+    const warnings = logged.filter((l) => l.level === 40).map((l) => l.msg);
+    assert.match(warnings[0]!, /does not accept this appservice's as_token.*registration-help/);
+    assert.match(warnings[1]!, /refused the bridge's first request/);
+    assert.equal(whoami.length, 0);
+  });
+
+  test("ping: reachable, not reachable (with the homeserver's reason), or not supported", async () => {
+    const c = await client();
+    const pinged: string[] = [];
+    const answer = (status: number, body: unknown) => {
+      handler = (req, res, raw) => {
+        pinged.push(`${req.method} ${req.url} ${raw.toString()}`);
+        json(res, status, body);
+      };
+    };
+    answer(200, { duration_ms: 7 });
+    assert.deepEqual(await c.ping(), { reachable: true, durationMs: 7 });
+    assert.match(
+      pinged[0]!,
+      /^POST \/_matrix\/client\/v1\/appservice\/tribridge\/ping \{"transaction_id":"tribridge-\d+"\}$/,
+    );
+
+    answer(502, { errcode: "M_CONNECTION_FAILED", error: "Failed to connect to application service" });
+    assert.deepEqual(await c.ping(), {
+      reachable: false,
+      detail: "502 M_CONNECTION_FAILED Failed to connect to application service",
+    });
+    answer(400, { errcode: "M_URL_NOT_SET", error: "Application service URL is not set" });
+    assert.equal((await c.ping()).reachable, false);
+
+    answer(404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+    assert.equal((await c.ping()).reachable, undefined);
+    handler = (_req, res) => res.writeHead(404).end();
+    assert.equal((await c.ping()).reachable, undefined);
+
+    logged.length = 0;
+    answer(504, { errcode: "M_CONNECTION_TIMEOUT", error: "timed out" });
+    await c.reportReachability();
+    assert.equal(logged[0]!.level, 50);
+    assert.match(logged[0]!.msg, /cannot reach tribridge at null.*Check `url` in registration.yaml/);
   });
 });
