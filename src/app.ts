@@ -15,6 +15,7 @@ import type {
 import type { Config, ResolvedEndpoint } from "./config/load.js";
 import { PermanentError, errorMessage } from "./errors.js";
 import { moduleLogger } from "./log.js";
+import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, renderOutbound, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
@@ -36,6 +37,8 @@ export interface StartOptions {
 
 export interface RunningBridge {
   readonly appservicePort: number;
+  /** Where /metrics is served, when metrics.enabled. */
+  readonly metricsPort: number | undefined;
   /** The live connector of `<name>.<account>` (tests read the ports an embedded broker bound). */
   connector(ref: string): Connector<unknown> | undefined;
   connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
@@ -109,12 +112,25 @@ export async function start({ config, registration, connectors }: StartOptions):
       instanceId,
     };
     const defs = new Map(connectors.map((c) => [c.name, c]));
+    // Read only when scraped, which starts once everything below exists.
+    const metrics: Metrics | undefined = config.metrics.enabled
+      ? new Metrics({
+          queues: async () =>
+            Object.fromEntries(
+              await Promise.all(
+                [toMatrix, ...toRemote.values()].map(async (q) => [q.opts.name, await q.backlog()] as const),
+              ),
+            ),
+          connectors: () => states,
+        })
+      : undefined;
 
     const delivery = new RoomDelivery(matrix, routes, naming, connectors);
     const toMatrix = new OrderedQueue<ToMatrixJob>({
       ...queueDefaults,
       name: TO_MATRIX_QUEUE,
       log: moduleLogger("queue", { queue: TO_MATRIX_QUEUE }),
+      observe: metrics?.queueObserver(TO_MATRIX_QUEUE),
       process: (job, { id }) => delivery.deliver(job, id),
     });
     cleanups.push(() => toMatrix.stop());
@@ -134,6 +150,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         ...queueDefaults,
         name: toConnectorQueue(def.name),
         log: moduleLogger("queue", { queue: toConnectorQueue(def.name) }),
+        observe: metrics?.queueObserver(toConnectorQueue(def.name)),
         process: async (job, { id }) => {
           const endpoint = routes.outbound(job.endpointId);
           if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
@@ -179,6 +196,7 @@ export async function start({ config, registration, connectors }: StartOptions):
           if (msg.attachment) job.attachment = msg.attachment;
           await toMatrix.add(found.route.room, jobId, job);
         }
+        metrics?.received.inc({ connector: name, account });
       };
       const instance = def.create(account, accountConfig, {
         log: clog,
@@ -220,6 +238,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         onEvents: (events) => intake.handle(events),
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
+        observe: metrics && ((outcome) => metrics.transaction(outcome)),
       },
       moduleLogger("appservice"),
     );
@@ -242,10 +261,17 @@ export async function start({ config, registration, connectors }: StartOptions):
 
     await toMatrix.start();
     for (const q of toRemote.values()) await q.start();
+    let metricsPort: number | undefined;
+    if (metrics) {
+      metricsPort = await metrics.listen(config.metrics.port, config.metrics.bind);
+      cleanups.push(() => metrics.close());
+      log.info({ port: metricsPort, bind: config.metrics.bind }, "metrics at /metrics");
+    }
     log.info({ routes: routes.routes.length, accounts: config.accounts.length }, "tribridge started");
 
     return {
       appservicePort: server.port,
+      metricsPort,
       connector: (ref) => instances.get(ref),
       connectorStates: () => structuredClone(states),
       failedJobs: async () => [

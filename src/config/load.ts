@@ -12,6 +12,7 @@ import {
   buildConfigSchema,
   type AppserviceConfig,
   type HomeserverConfig,
+  type MetricsConfig,
   type QueueConfig,
 } from "./schema.js";
 
@@ -43,6 +44,7 @@ export interface Config {
   readonly homeserver: HomeserverConfig;
   readonly appservice: AppserviceConfig & { readonly url: string };
   readonly queue: QueueConfig;
+  readonly metrics: MetricsConfig;
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
@@ -204,6 +206,7 @@ export function validateConfig(
     homeserver: cfg.homeserver,
     appservice: { ...appservice, url: appservice.url ?? `http://${appservice.bind}:${appservice.port}` },
     queue: cfg.queue,
+    metrics: cfg.metrics,
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,

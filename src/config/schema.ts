@@ -21,6 +21,8 @@ export const DEFAULTS = {
   keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
   keepFailedJobs: 10_000, // per shard; the failed list
   dataDir: "./data",
+  metricsBind: "127.0.0.1",
+  metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
 } as const;
 
 const localpart = z
@@ -73,6 +75,12 @@ export const queueSchema = z.strictObject({
   keepFailedJobs: z.number().int().min(1).default(DEFAULTS.keepFailedJobs),
 });
 
+export const metricsSchema = z.strictObject({
+  enabled: z.boolean().default(false).describe("Serve Prometheus metrics at http://<bind>:<port>/metrics"),
+  bind: z.string().default(DEFAULTS.metricsBind),
+  port: z.number().int().min(1).max(65535).default(DEFAULTS.metricsPort),
+});
+
 export const directionSchema = z.enum(["in", "out", "inout"]);
 
 const accountRef = z
@@ -119,6 +127,7 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
     homeserver: homeserverSchema,
     appservice: appserviceSchema.prefault({}),
     queue: queueSchema.prefault({}),
+    metrics: metricsSchema.prefault({}),
     dataDir: z.string().default(DEFAULTS.dataDir).describe("Where the embedded Redis keeps its AOF"),
     bridges: z.strictObject(bridgeShape).prefault({}),
     routes: z
@@ -138,5 +147,6 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
 export type HomeserverConfig = z.output<typeof homeserverSchema>;
 export type AppserviceConfig = z.output<typeof appserviceSchema>;
 export type QueueConfig = z.output<typeof queueSchema>;
+export type MetricsConfig = z.output<typeof metricsSchema>;
 export type RouteConfig = z.output<typeof routeSchema>;
 export type RawConfig = z.output<ReturnType<typeof buildConfigSchema>>;

@@ -10,6 +10,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { hash, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { errorMessage } from "../errors.js";
+import { close, listen } from "../http-listen.js";
 
 export interface MatrixEvent {
   event_id: string;
@@ -31,7 +32,13 @@ export interface AppserviceHandlers {
   ignores(event: MatrixEvent): boolean;
   /** AS API §Querying: does this user exist on the far side. */
   userExists(userId: string): boolean;
+  /** Told what each pushed transaction came to (for metrics). */
+  observe?(outcome: TransactionOutcome): void;
 }
+
+/** What a transaction pushed to us came to. */
+export type TransactionOutcome =
+  "relayed" | "echo" | "duplicate" | "unauthorized" | "forbidden" | "malformed";
 
 const MAX_BODY_BYTES = 32 * 1024 * 1024;
 const TRANSACTION_PATH = /^(?:\/_matrix\/app\/v1)?\/transactions\/([^/]+)$/;
@@ -102,20 +109,7 @@ export class AppserviceServer {
     });
     server.keepAliveTimeout = 65_000;
     this.server = server;
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", (err: NodeJS.ErrnoException) =>
-        reject(
-          new Error(
-            err.code === "EADDRINUSE"
-              ? `appservice.port ${port} on ${host} is already in use`
-              : `appservice cannot listen on ${host}:${port}: ${err.message}`,
-          ),
-        ),
-      );
-      server.listen(port, host, () => resolve());
-    });
-    const address = server.address();
-    this.port = typeof address === "object" && address ? address.port : port;
+    this.port = await listen(server, port, host, "appservice");
   }
 
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -133,9 +127,15 @@ export class AppserviceServer {
     if (!known) return send(res, 404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
 
     const token = tokenOf(req, url);
-    if (token === undefined) return send(res, 401, { errcode: "M_UNAUTHORIZED", error: "Missing token" });
-    if (!matchesDigest(token, this.hsTokenDigest))
+    const isTransaction = TRANSACTION_PATH.test(path);
+    if (token === undefined) {
+      if (isTransaction) this.handlers.observe?.("unauthorized");
+      return send(res, 401, { errcode: "M_UNAUTHORIZED", error: "Missing token" });
+    }
+    if (!matchesDigest(token, this.hsTokenDigest)) {
+      if (isTransaction) this.handlers.observe?.("forbidden");
       return send(res, 403, { errcode: "M_FORBIDDEN", error: "Bad token" });
+    }
 
     const txn = TRANSACTION_PATH.exec(path);
     if (txn) {
@@ -157,38 +157,41 @@ export class AppserviceServer {
   }
 
   private async handleTransaction(txnId: string, body: Buffer, res: ServerResponse): Promise<void> {
+    const observe = (outcome: TransactionOutcome) => this.handlers.observe?.(outcome);
     let parsed: { events?: unknown } | null;
     try {
       parsed = JSON.parse(body.toString("utf8")) as { events?: unknown } | null;
     } catch {
+      observe("malformed");
       return send(res, 400, { errcode: "M_NOT_JSON", error: "Body is not JSON" });
     }
-    if (typeof parsed !== "object" || parsed === null || !Array.isArray(parsed.events))
+    if (typeof parsed !== "object" || parsed === null || !Array.isArray(parsed.events)) {
+      observe("malformed");
       return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
+    }
     const events = parsed.events.filter(isEvent);
     const dropped = parsed.events.length - events.length;
     if (dropped > 0) this.log.warn({ txnId, dropped }, "transaction had malformed events; ignored them");
     // Under load most transactions only echo what our ghosts sent: nothing to do, nothing to remember.
-    if (events.every((ev) => this.handlers.ignores(ev))) return send(res, 200, {});
+    if (events.every((ev) => this.handlers.ignores(ev))) {
+      observe("echo");
+      return send(res, 200, {});
+    }
     // The txnId alone is not unique: Synapse restarts its counter after a restart. Pair it with the body.
     const fingerprint = hash("sha256", Buffer.concat([Buffer.from(`${txnId}\0`), body]), "hex");
     const run = this.chain.then(async () => {
-      if (await this.handlers.seenTransaction(fingerprint)) return;
+      if (await this.handlers.seenTransaction(fingerprint)) return observe("duplicate");
       await this.handlers.onEvents(events);
       await this.handlers.markTransaction(fingerprint);
+      observe("relayed");
     });
     this.chain = run.catch(() => undefined);
     await run;
     send(res, 200, {});
   }
 
-  async close(): Promise<void> {
-    const server = this.server;
-    if (!server) return;
-    await new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      server.closeAllConnections();
-    });
+  close(): Promise<void> {
+    return close(this.server);
   }
 }
 

@@ -43,6 +43,14 @@ export interface OrderedQueueOptions<T> {
   log: Logger;
   /** Delivers one item. Throw PermanentError to fail it now, anything else to retry it. */
   process(data: T, info: { id: string; attempt: number }): Promise<void>;
+  /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
+  observe?: QueueObserver;
+}
+
+export interface QueueObserver {
+  delivered(ms: number): void;
+  retried(): void;
+  failed(reason: "permanent" | "exhausted"): void;
 }
 
 export interface FailedJob {
@@ -220,6 +228,8 @@ class Shard<T> {
 /** One relay: `id` is stable for the message (also the Matrix txnId), `data` what to deliver. */
 export interface QueueItem<T> {
   id: string;
+  /** When it was enqueued (ms since the epoch); absent in items written by older versions. */
+  at?: number;
   /** The order key (room): items with the same key are delivered in order. */
   key: string;
   data: T;
@@ -389,7 +399,7 @@ export class OrderedQueue<T> {
    */
   add(orderKey: string, id: string, data: T): Promise<void> {
     const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
-    return this.shards[shardIndex]!.add({ id, key: orderKey, data }, this.producer);
+    return this.shards[shardIndex]!.add({ id, at: Date.now(), key: orderKey, data }, this.producer);
   }
 
   async start(): Promise<void> {
@@ -443,6 +453,7 @@ export class OrderedQueue<T> {
       this.stopping.signal.throwIfAborted();
       try {
         await this.opts.process(item.data, { id: item.id, attempt });
+        this.opts.observe?.delivered(item.at === undefined ? NaN : Date.now() - item.at);
         return;
       } catch (err) {
         const permanent = err instanceof PermanentError;
@@ -451,6 +462,7 @@ export class OrderedQueue<T> {
             ? `permanent: ${err.message}`
             : `gave up after ${attempt} attempts: ${errorMessage(err)}`;
           log.error({ itemId: item.id, reason }, "relay failed; moved to the failed list");
+          this.opts.observe?.failed(permanent ? "permanent" : "exhausted");
           await this.recordFailure(item, reason);
           return;
         }
@@ -468,6 +480,7 @@ export class OrderedQueue<T> {
           },
           "relay failed; retrying",
         );
+        this.opts.observe?.retried();
         await sleep(delay, undefined, { signal: this.stopping.signal });
       }
     }
@@ -489,7 +502,20 @@ export class OrderedQueue<T> {
     return failedJobsOf(this.dead, this.opts.name, limit);
   }
 
-  /** Counts over all shards, for metrics and tests. */
+  /** Batches waiting and being delivered over all shards, and the failed list's length (for metrics). */
+  async backlog(): Promise<{ waiting: number; active: number; failedList: number }> {
+    const [shards, failedList] = await Promise.all([
+      Promise.all(this.shards.map((s) => s.queue.getJobCounts("waiting", "active"))),
+      this.dead.getWaitingCount(),
+    ]);
+    return {
+      waiting: shards.reduce((n, c) => n + (c.waiting ?? 0), 0),
+      active: shards.reduce((n, c) => n + (c.active ?? 0), 0),
+      failedList,
+    };
+  }
+
+  /** Counts over all shards, for tests. */
   async counts(): Promise<Record<string, number>> {
     const all = await Promise.all(this.shards.map((s) => s.queue.getJobCounts()));
     const sum: Record<string, number> = {};

@@ -13,7 +13,7 @@ import { stringify } from "yaml";
 import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import { freePort, harness, type Harness } from "../helpers/fixture.js";
+import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
   const file = join(mkdtempSync(join(tmpdir(), "tribridge-failed-")), "config.yaml");
@@ -51,13 +51,11 @@ async function publishOnce(bridge: RunningBridge, clientId: string, topic: strin
   await device.endAsync();
 }
 
-async function failedJobsOf(bridge: RunningBridge) {
-  let jobs = await bridge.failedJobs();
-  for (let i = 0; i < 200 && jobs.length === 0; i++) {
-    await new Promise((r) => setTimeout(r, 50));
-    jobs = await bridge.failedJobs();
-  }
-  return jobs;
+function failedJobsOf(bridge: RunningBridge) {
+  return waitFor("a failed relay", async () => {
+    const jobs = await bridge.failedJobs();
+    return jobs.length > 0 && jobs;
+  });
 }
 
 describe("failed relays are listed with their reason", () => {

@@ -40,6 +40,7 @@ export async function harness(raw: {
   bridges?: unknown;
   routes?: unknown;
   queue?: Record<string, unknown>;
+  metrics?: Record<string, unknown>;
 }): Promise<Harness> {
   const asPort = await freePort();
   const prefix = `test-${randomUUID().slice(0, 8)}`;
@@ -56,6 +57,7 @@ export async function harness(raw: {
     },
     bridges: raw.bridges,
     routes: raw.routes,
+    ...(raw.metrics ? { metrics: raw.metrics } : {}),
   };
   const registration = buildRegistration(validateConfig(base, connectors), connectors);
   const hs = new TestHomeserver({
@@ -95,14 +97,15 @@ export async function deleteKeys(prefix: string): Promise<void> {
   }
 }
 
+/** Polls `probe` (which may be async) until it gives a truthy value. */
 export async function waitFor<T>(
   what: string,
-  probe: () => T | undefined | false,
+  probe: () => T | undefined | false | Promise<T | undefined | false>,
   timeoutMs = 10_000,
 ): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const value = probe();
+    const value = await probe();
     if (value) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));

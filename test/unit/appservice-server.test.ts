@@ -11,6 +11,7 @@ import {
   AppserviceServer,
   type AppserviceHandlers,
   type MatrixEvent,
+  type TransactionOutcome,
 } from "../../src/matrix/appservice-server.js";
 
 const HS_TOKEN = "hs-secret-token";
@@ -56,6 +57,10 @@ class MemoryHandlers implements AppserviceHandlers {
   userExists(userId: string): boolean {
     this.userQueries.push(userId);
     return this.users.has(userId);
+  }
+  readonly outcomes: TransactionOutcome[] = [];
+  observe(outcome: TransactionOutcome): void {
+    this.outcomes.push(outcome);
   }
 }
 
@@ -322,6 +327,20 @@ test("malformed JSON → 400 M_NOT_JSON; events not an array → 400 M_BAD_JSON;
       assert.equal(errcode(r), "M_BAD_JSON", JSON.stringify(body));
     }
     assert.equal(h.touched, false);
+  });
+});
+
+test("each transaction's outcome is reported (for metrics); other requests report none", async () => {
+  await withServer(async (c, h) => {
+    await c.txn("1", [event("$a")]);
+    await c.txn("1", [event("$a")]);
+    await c.txn("2", [{ ...event("$echo"), sender: "@_tb_mqtt_dev:test.local" }]);
+    await c.request("PUT", "/_matrix/app/v1/transactions/3", { body: "{not json" });
+    await c.txn("4", [event("$b")], { token: null });
+    await c.txn("5", [event("$b")], { token: "wrong" });
+    await c.request("POST", "/_matrix/app/v1/ping", { body: {} });
+    await c.request("GET", "/_matrix/app/v1/users/%40x%3Atest.local", { token: "wrong" });
+    assert.deepEqual(h.outcomes, ["relayed", "duplicate", "echo", "malformed", "unauthorized", "forbidden"]);
   });
 });
 

@@ -1,0 +1,150 @@
+/**
+ * Prometheus metrics, opt-in (`metrics.enabled`). They are served on their own listener, not the
+ * appservice port: whoever can reach that port (the homeserver) need not read the bridge's
+ * internals, and a scraper need not reach the homeserver's side.
+ */
+import { createServer, type Server } from "node:http";
+import { close, listen } from "./http-listen.js";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import type { ConnectorState } from "./connector.js";
+import type { TransactionOutcome } from "./matrix/appservice-server.js";
+import type { QueueObserver } from "./queue/ordered-queue.js";
+
+const CONNECTOR_STATES: readonly ConnectorState[] = ["connecting", "up", "degraded", "down"];
+
+/** Read when scraped: the queues' Redis state and the connectors' states. */
+export interface MetricSources {
+  queues(): Promise<Record<string, { waiting: number; active: number; failedList: number }>>;
+  connectors(): Record<string, { state: ConnectorState }>;
+}
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly received: Counter<"connector" | "account">;
+  private readonly relayed: Counter<"queue">;
+  private readonly retried: Counter<"queue">;
+  private readonly failed: Counter<"queue" | "reason">;
+  private readonly relaySeconds: Histogram<"queue">;
+  private readonly transactions: Counter<"outcome">;
+  private server: Server | undefined;
+
+  constructor(sources: MetricSources) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry, prefix: "tribridge_" });
+    this.received = new Counter({
+      name: "tribridge_messages_received_total",
+      help: "Messages a connector handed over towards Matrix, once enqueued",
+      labelNames: ["connector", "account"],
+      registers,
+    });
+    this.relayed = new Counter({
+      name: "tribridge_messages_relayed_total",
+      help: "Messages delivered to the far side, per queue (to-matrix, to-<connector>)",
+      labelNames: ["queue"],
+      registers,
+    });
+    this.retried = new Counter({
+      name: "tribridge_message_retries_total",
+      help: "Delivery attempts that failed transiently and will be retried",
+      labelNames: ["queue"],
+      registers,
+    });
+    this.failed = new Counter({
+      name: "tribridge_messages_failed_total",
+      help: "Messages moved to the failed list: permanent (refused) or exhausted (out of attempts)",
+      labelNames: ["queue", "reason"],
+      registers,
+    });
+    this.relaySeconds = new Histogram({
+      name: "tribridge_relay_seconds",
+      help: "Time from enqueue to delivery, per queue",
+      labelNames: ["queue"],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800],
+      registers,
+    });
+    this.transactions = new Counter({
+      name: "tribridge_transactions_total",
+      help: "Transactions pushed by the homeserver, by outcome",
+      labelNames: ["outcome"],
+      registers,
+    });
+    const queueGauge = (
+      name: string,
+      help: string,
+      pick: (q: { waiting: number; active: number; failedList: number }) => number,
+    ) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ["queue"],
+        registers,
+        async collect() {
+          for (const [queue, counts] of Object.entries(await sources.queues()))
+            this.set({ queue }, pick(counts));
+        },
+      });
+    queueGauge(
+      "tribridge_queue_waiting_jobs",
+      "Batches waiting in the queue (each holds one or more messages)",
+      (q) => q.waiting,
+    );
+    queueGauge("tribridge_queue_active_jobs", "Batches being delivered", (q) => q.active);
+    queueGauge(
+      "tribridge_failed_list_length",
+      "Messages in the failed list (`tribridge failed-jobs`)",
+      (q) => q.failedList,
+    );
+    new Gauge({
+      name: "tribridge_connector_state",
+      help: "1 for the state each connector account is in, 0 for the others",
+      labelNames: ["connector", "account", "state"],
+      registers,
+      collect() {
+        for (const [ref, { state }] of Object.entries(sources.connectors())) {
+          const [connector, account] = ref.split(".") as [string, string];
+          for (const s of CONNECTOR_STATES) this.set({ connector, account, state: s }, s === state ? 1 : 0);
+        }
+      },
+    });
+  }
+
+  /** The observer of one queue's outcomes (see OrderedQueue). */
+  queueObserver(queue: string): QueueObserver {
+    const relayed = this.relayed.labels({ queue });
+    const retried = this.retried.labels({ queue });
+    const seconds = this.relaySeconds.labels({ queue });
+    return {
+      delivered: (ms) => {
+        relayed.inc();
+        if (!Number.isNaN(ms)) seconds.observe(ms / 1000);
+      },
+      retried: () => retried.inc(),
+      failed: (reason) => this.failed.inc({ queue, reason }),
+    };
+  }
+
+  transaction(outcome: TransactionOutcome): void {
+    this.transactions.inc({ outcome });
+  }
+
+  /** Serves GET /metrics on bind:port; resolves with the port bound. */
+  async listen(port: number, bind: string): Promise<number> {
+    const server = createServer((req, res) => {
+      if (req.method !== "GET" || (req.url ?? "").split("?")[0] !== "/metrics") {
+        res.writeHead(404, { "content-type": "text/plain" }).end("not found: metrics are at /metrics\n");
+        return;
+      }
+      this.registry.metrics().then(
+        (text) => res.writeHead(200, { "content-type": this.registry.contentType }).end(text),
+        (err: unknown) =>
+          res.writeHead(500, { "content-type": "text/plain" }).end(`metrics unavailable: ${String(err)}\n`),
+      );
+    });
+    this.server = server;
+    return listen(server, port, bind, "metrics");
+  }
+
+  close(): Promise<void> {
+    return close(this.server);
+  }
+}
