@@ -109,6 +109,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       },
       keepCompleted: config.queue.keepCompletedJobs,
       keepFailed: config.queue.keepFailedJobs,
+      maxBacklogBytes: config.queue.maxBacklogMb * 2 ** 20,
       instanceId,
     };
     const defs = new Map(connectors.map((c) => [c.name, c]));

@@ -12,9 +12,16 @@ import type { QueueObserver } from "./queue/ordered-queue.js";
 
 const CONNECTOR_STATES: readonly ConnectorState[] = ["connecting", "up", "degraded", "down"];
 
+interface QueueState {
+  waiting: number;
+  active: number;
+  failedList: number;
+  holding: boolean;
+}
+
 /** Read when scraped: the queues' Redis state and the connectors' states. */
 export interface MetricSources {
-  queues(): Promise<Record<string, { waiting: number; active: number; failedList: number }>>;
+  queues(): Promise<Record<string, QueueState>>;
   connectors(): Record<string, { state: ConnectorState }>;
 }
 
@@ -68,11 +75,7 @@ export class Metrics {
       labelNames: ["outcome"],
       registers,
     });
-    const queueGauge = (
-      name: string,
-      help: string,
-      pick: (q: { waiting: number; active: number; failedList: number }) => number,
-    ) =>
+    const queueGauge = (name: string, help: string, pick: (q: QueueState) => number) =>
       new Gauge({
         name,
         help,
@@ -89,6 +92,11 @@ export class Metrics {
       (q) => q.waiting,
     );
     queueGauge("tribridge_queue_active_jobs", "Batches being delivered", (q) => q.active);
+    queueGauge(
+      "tribridge_queue_holding",
+      "1 while the backlog is full and new messages are held at their source (queue.maxBacklogMb)",
+      (q) => (q.holding ? 1 : 0),
+    );
     queueGauge(
       "tribridge_failed_list_length",
       "Messages in the failed list (`tribridge failed-jobs`)",

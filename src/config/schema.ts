@@ -20,6 +20,7 @@ export const DEFAULTS = {
   maxRetryDelayMs: 60_000, // 1 minute
   keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
   keepFailedJobs: 10_000, // per shard; the failed list
+  maxBacklogMb: 256, // per queue, in Redis; beyond it new messages are held at their source
   dataDir: "./data",
   metricsBind: "127.0.0.1",
   metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
@@ -73,6 +74,15 @@ export const queueSchema = z.strictObject({
   maxRetryDelayMs: z.number().int().min(1).default(DEFAULTS.maxRetryDelayMs),
   keepCompletedJobs: z.number().int().min(0).default(DEFAULTS.keepCompletedJobs),
   keepFailedJobs: z.number().int().min(1).default(DEFAULTS.keepFailedJobs),
+  maxBacklogMb: z
+    .number()
+    .int()
+    .min(0)
+    .default(DEFAULTS.maxBacklogMb)
+    .describe(
+      "Messages waiting in Redis, per queue, beyond which new ones are held at their source " +
+        "(MQTT not acknowledged, homeserver transactions not answered) until it drains; 0 = no limit",
+    ),
 });
 
 export const metricsSchema = z.strictObject({

@@ -38,6 +38,14 @@ export interface OrderedQueueOptions<T> {
   retry: RetryPolicy;
   keepCompleted: number;
   keepFailed: number;
+  /**
+   * Back-pressure: when the messages waiting in Redis take about this many bytes, add() holds new
+   * ones (so their source is not acknowledged and slows down) until the backlog is down to 90%.
+   * 0: no limit.
+   */
+  maxBacklogBytes?: number;
+  /** How often the backlog is measured while add() is used; default 1000 ms. */
+  backlogCheckMs?: number;
   /** Identifies this process; a restarted process with the same id takes its leases back at once. */
   instanceId: string;
   log: Logger;
@@ -377,6 +385,10 @@ export class OrderedQueue<T> {
   /** Items that failed for good, with the reason: the failed list. */
   private readonly dead: Queue;
   private readonly stopping = new AbortController();
+  private backlogMonitor: NodeJS.Timeout | undefined;
+  /** Whether add() holds new items (see maxBacklogBytes), and the adds it holds. */
+  private holding = false;
+  private readonly held: { resolve: () => void; reject: (err: Error) => void }[] = [];
 
   constructor(readonly opts: OrderedQueueOptions<T>) {
     // Not auto-pipelined: ioredis copies every loaded Lua script (BullMQ has dozens) into each
@@ -397,13 +409,50 @@ export class OrderedQueue<T> {
    * Items are written in batches (see Shard.add); a batch written twice (same items, e.g. a
    * replayed homeserver transaction) is stored once.
    */
-  add(orderKey: string, id: string, data: T): Promise<void> {
+  async add(orderKey: string, id: string, data: T): Promise<void> {
+    if (this.opts.maxBacklogBytes) {
+      this.backlogMonitor ??= setInterval(
+        () => void this.measureBacklog(),
+        this.opts.backlogCheckMs ?? 1000,
+      ).unref();
+      if (this.holding) await new Promise<void>((resolve, reject) => this.held.push({ resolve, reject }));
+    }
     const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
     return this.shards[shardIndex]!.add({ id, at: Date.now(), key: orderKey, data }, this.producer);
   }
 
   async start(): Promise<void> {
     await Promise.all(this.shards.map((s) => s.start(this.producer)));
+  }
+
+  /**
+   * Waiting jobs other than each shard's newest are full (a write joins the newest until it reaches
+   * MAX_JOB_BYTES), so their count times that size is the backlog's size, without reading it.
+   */
+  private async measureBacklog(): Promise<void> {
+    const max = this.opts.maxBacklogBytes!;
+    let jobs: number;
+    try {
+      const lengths = await Promise.all(this.shards.map((s) => this.producer.llen(s.queue.keys.wait!)));
+      jobs = lengths.reduce((a, b) => a + b, 0);
+    } catch {
+      return; // Redis unreachable: add() fails on its own
+    }
+    const bytes = jobs * MAX_JOB_BYTES;
+    if (!this.holding && bytes >= max) {
+      this.holding = true;
+      this.opts.log.warn(
+        { backlogMb: Math.round(bytes / 2 ** 20), maxBacklogMb: Math.round(max / 2 ** 20) },
+        "backlog full: holding new messages at their source (not acknowledged) until it drains",
+      );
+    } else if (this.holding && bytes < max * 0.9) {
+      this.holding = false;
+      this.opts.log.info(
+        { backlogMb: Math.round(bytes / 2 ** 20) },
+        "backlog drained: accepting messages again",
+      );
+      for (const h of this.held.splice(0)) h.resolve();
+    }
   }
 
   /**
@@ -503,7 +552,7 @@ export class OrderedQueue<T> {
   }
 
   /** Batches waiting and being delivered over all shards, and the failed list's length (for metrics). */
-  async backlog(): Promise<{ waiting: number; active: number; failedList: number }> {
+  async backlog(): Promise<{ waiting: number; active: number; failedList: number; holding: boolean }> {
     const [shards, failedList] = await Promise.all([
       Promise.all(this.shards.map((s) => s.queue.getJobCounts("waiting", "active"))),
       this.dead.getWaitingCount(),
@@ -512,6 +561,7 @@ export class OrderedQueue<T> {
       waiting: shards.reduce((n, c) => n + (c.waiting ?? 0), 0),
       active: shards.reduce((n, c) => n + (c.active ?? 0), 0),
       failedList,
+      holding: this.holding,
     };
   }
 
@@ -525,6 +575,8 @@ export class OrderedQueue<T> {
 
   async stop(): Promise<void> {
     this.stopping.abort();
+    clearInterval(this.backlogMonitor);
+    for (const h of this.held.splice(0)) h.reject(new Error(`queue ${this.opts.name} is stopping`));
     await Promise.all(this.shards.map((s) => s.stop(this.producer)));
     await this.dead.close();
     this.producer.disconnect();

@@ -309,6 +309,12 @@ test("add() resolves once the item is in Redis; a shard's items gather in its ne
     try {
       const jobs = await fresh.getWaiting();
       assert.equal(jobs.length, 1);
+      const items = (jobs[0]!.data as { items: { at: number }[] }).items;
+      assert.ok(
+        items.every(({ at }) => Math.abs(Date.now() - at) < 5_000),
+        "each item carries its enqueue time",
+      );
+      for (const item of items) delete (item as { at?: number }).at;
       assert.deepEqual(jobs[0]!.data, {
         items: [
           { id: "d1", key: "!k:x", data: { n: 1 } },
@@ -392,6 +398,38 @@ test("dedupe of an identical batch lasts only as long as its completed job is ke
 });
 
 // --- restarts and crashes -----------------------------------------------------------------------------
+
+test("back-pressure: beyond maxBacklogBytes add() holds new items, and lets them in once the backlog drains", async (t) => {
+  const s = scope(t);
+  const delivered: string[] = [];
+  const q = s.make<{ pad: string }>(async (_d, { id }) => void delivered.push(id), {
+    maxBacklogBytes: 256 * 1024,
+    backlogCheckMs: 300, // the first measure comes after the six adds below
+  });
+  // Nothing consumes yet. Items of 60 KiB: two fill a job, so six are three jobs, 384 KiB.
+  const pad = "x".repeat(60 * 1024);
+  for (let i = 0; i < 6; i++) await q.add("K", `b${i}`, { pad });
+  await waitFor("the queue to hold new items", async () => (await q.backlog()).holding);
+  let accepted = false;
+  const late = q.add("K", "late", { pad }).then(() => (accepted = true));
+  await sleep(200);
+  assert.equal(accepted, false, "held while the backlog is full");
+  await q.start();
+  await late;
+  await waitFor("everything delivered", () => delivered.includes("late"));
+  assert.deepEqual(delivered, ["b0", "b1", "b2", "b3", "b4", "b5", "late"]);
+  assert.equal((await q.backlog()).holding, false);
+});
+
+test("back-pressure: adds still held when the queue stops are rejected, not left hanging", async (t) => {
+  const s = scope(t);
+  const q = s.make<{ pad: string }>(async () => undefined, { maxBacklogBytes: 1, backlogCheckMs: 20 });
+  await q.add("K", "first", { pad: "" });
+  await waitFor("the queue to hold new items", async () => (await q.backlog()).holding);
+  const rejected = assert.rejects(q.add("K", "held", { pad: "" }), /queue q is stopping/);
+  await s.stop(q as OrderedQueue<unknown>);
+  await rejected;
+});
 
 test("stop() mid-retry puts the job back; a new queue resumes after what was delivered, in order", async (t) => {
   const s = scope(t);
