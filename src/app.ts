@@ -19,6 +19,7 @@ import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, renderOutbound, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
+import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import type { Registration } from "./matrix/registration.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
@@ -126,7 +127,8 @@ export async function start({ config, registration, connectors }: StartOptions):
         })
       : undefined;
 
-    const delivery = new RoomDelivery(matrix, routes, naming, connectors);
+    const live = new LiveMessages(redis, prefix);
+    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live);
     const toMatrix = new OrderedQueue<ToMatrixJob>({
       ...queueDefaults,
       name: TO_MATRIX_QUEUE,
@@ -195,6 +197,7 @@ export async function start({ config, registration, connectors }: StartOptions):
             body: msg.body,
           };
           if (msg.attachment) job.attachment = msg.attachment;
+          if (msg.stream !== undefined) job.stream = msg.stream;
           await toMatrix.add(found.route.room, jobId, job);
         }
         metrics?.received.inc({ connector: name, account });
@@ -226,6 +229,7 @@ export async function start({ config, registration, connectors }: StartOptions):
       prefix,
       botUserId: bot,
       isOurs,
+      live,
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       log,
     });

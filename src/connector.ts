@@ -112,6 +112,11 @@ export interface InboundMessage {
   readonly attachment?: Attachment;
   /** When the far side says it happened (ms since epoch), if it says. */
   readonly timestamp?: number;
+  /**
+   * What the message is the latest reading of, within its sender (MQTT: the topic). An endpoint
+   * with `live: true` keeps one room message per sender and stream, edited with each new reading.
+   */
+  readonly stream?: string;
 }
 
 /** A message from a Matrix room, handed to `Connector.send` for one endpoint. */

@@ -139,6 +139,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
           sender: { id: sender },
           body: decoded.body,
           attachment: decoded.attachment,
+          stream: p.topic,
         });
       }),
     ]);

@@ -52,6 +52,7 @@ export const SAMPLE_CONFIG = {
           format: "json",
           template: "{{value}} °C",
           sender: { topicLevel: 2 },
+          live: true,
         },
         { account: "mqtt.home", direction: "out", topic: "greenhouse/commands", qos: 1 },
       ],

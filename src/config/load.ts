@@ -23,6 +23,8 @@ export interface ResolvedEndpoint {
   readonly connector: string;
   readonly account: string;
   readonly direction: Direction;
+  /** Into the room: one message per sender and stream, edited with each new reading. */
+  readonly live: boolean;
   /** The connector's own fields, as its endpointSchema produced them. */
   readonly spec: unknown;
 }
@@ -179,7 +181,11 @@ export function validateConfig(
         );
         return;
       }
-      const { account: _a, direction, ...fields } = ep;
+      const { account: _a, direction, live, ...fields } = ep;
+      if (live && direction === "out")
+        errors.push(
+          new ConfigError(formatPath([...at, "live"]), 'only for endpoints that relay in ("in" or "inout")'),
+        );
       const spec = def.endpointSchema.safeParse(fields);
       if (!spec.success) {
         errors.push(...issuesToErrors(spec.error.issues, at));
@@ -194,6 +200,7 @@ export function validateConfig(
         connector: def.name,
         account,
         direction,
+        live,
         spec: spec.data,
       });
     });

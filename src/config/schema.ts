@@ -101,6 +101,13 @@ const accountRef = z
 export const endpointBaseSchema = z.looseObject({
   account: accountRef,
   direction: directionSchema,
+  live: z
+    .boolean()
+    .default(false)
+    .describe(
+      "Into the room, one message per sender and stream (e.g. MQTT topic), edited with each new " +
+        "reading instead of a new message each time; for direction in or inout",
+    ),
 });
 
 export const routeSchema = z.strictObject({

@@ -18,6 +18,8 @@ export interface MatrixEvent {
   sender: string;
   type: string;
   state_key?: string;
+  /** The event a redaction removes (before room version 11; see content.redacts). */
+  redacts?: string;
   content: Record<string, unknown>;
   origin_server_ts?: number;
 }

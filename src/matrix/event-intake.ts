@@ -11,6 +11,7 @@ import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { fromMatrixContent } from "./format.js";
+import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 
 /** A room message on its way out to one endpoint (a to-<connector> queue's item). */
@@ -34,6 +35,8 @@ export interface EventIntakeOptions {
   botUserId: string;
   /** The bot and every ghost: their events are never relayed back. */
   isOurs(userId: string): boolean;
+  /** Told of redactions, so a redacted live message is not edited further. */
+  live: LiveMessages;
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   log: Logger;
 }
@@ -51,6 +54,12 @@ export class EventIntake {
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
+      return;
+    }
+    if (ev.type === "m.room.redaction") {
+      // Room v11 moved `redacts` into the content.
+      const target = ev.redacts ?? ev.content.redacts;
+      if (typeof target === "string") await this.o.live.forget(target);
       return;
     }
     if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;

@@ -26,6 +26,22 @@ export function toMatrixContent(body: MessageBody): Record<string, unknown> {
   };
 }
 
+/**
+ * An edit that replaces `original` with `content` (Client-Server API §Event replacements): the
+ * new content, and a `* `-prefixed fallback for clients that do not apply edits.
+ */
+export function replacementContent(
+  original: string,
+  content: Record<string, unknown>,
+): Record<string, unknown> {
+  return {
+    ...content,
+    body: `* ${String(content.body ?? "")}`,
+    "m.new_content": content,
+    "m.relates_to": { rel_type: "m.replace", event_id: original },
+  };
+}
+
 export function fileContent(
   name: string,
   mimeType: string,

@@ -6,8 +6,9 @@ import { BoundedCache } from "../bounded-cache.js";
 import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.js";
 import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
-import { fileContent, toMatrixContent } from "./format.js";
+import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
+import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 
 /** A remote message on its way into a room (the to-matrix queue's item). */
@@ -18,6 +19,8 @@ export interface ToMatrixJob {
   sender: { id: string; displayName?: string };
   body: MessageBody;
   attachment?: Attachment;
+  /** See InboundMessage.stream. */
+  stream?: string;
 }
 
 export class RoomDelivery {
@@ -30,6 +33,7 @@ export class RoomDelivery {
     private readonly routes: RouteTable,
     private readonly naming: GhostNaming,
     connectors: readonly ConnectorDefinition[],
+    private readonly live: LiveMessages,
   ) {
     this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
   }
@@ -64,6 +68,25 @@ export class RoomDelivery {
       const mxc = await this.matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
       content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
     }
-    await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+    if (!found.endpoint.live) {
+      await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+      return;
+    }
+    const stream = { endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" };
+    const original = await this.live.current(stream);
+    if (original) {
+      await this.matrix.sendAs(
+        sender,
+        roomId,
+        "m.room.message",
+        replacementContent(original, content),
+        txnId,
+      );
+      return;
+    }
+    await this.live.remember(
+      stream,
+      await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId),
+    );
   }
 }

@@ -22,6 +22,7 @@ const cases: [file: string, message: string][] = [
     "bridges.mqtt.home.embedded.users: a broker listening on 0.0.0.0 needs users (or allowAnonymous: true)",
   ],
   ["typo-key.yaml", 'queue: Unrecognized key: "redisURL"'],
+  ["live-out.yaml", 'routes[0].endpoints[1].live: only for endpoints that relay in ("in" or "inout")'],
 ];
 
 for (const [file, message] of cases) {

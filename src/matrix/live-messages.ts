@@ -1,0 +1,63 @@
+/**
+ * Live messages: an endpoint with `live: true` keeps one room message per sender and stream (an
+ * MQTT topic, say) and edits it with each new reading, instead of posting a message each time.
+ * Remembered in Redis both ways: which event the next reading edits, and, for each such event,
+ * which stream it shows, so that a redacted live message makes the next reading post a new one.
+ */
+import { hash } from "node:crypto";
+import type { Redis } from "ioredis";
+
+/** A stream silent this long starts a new message: edits of a month-old message would go unseen. */
+const REMEMBER_SEC = 30 * 24 * 3600;
+
+export interface LiveStream {
+  endpointId: string;
+  senderId: string;
+  stream: string;
+}
+
+export class LiveMessages {
+  constructor(
+    private readonly redis: Redis,
+    private readonly prefix: string,
+  ) {}
+
+  private keyOf(s: LiveStream): string {
+    return `${this.prefix}:live:${hash("sha256", `${s.endpointId}\u0000${s.senderId}\u0000${s.stream}`, "hex")}`;
+  }
+
+  /** The event the stream's next reading edits, if there is one; remembered for longer. */
+  async current(s: LiveStream): Promise<string | undefined> {
+    const key = this.keyOf(s);
+    const [[, eventId]] = (await this.redis.multi().get(key).expire(key, REMEMBER_SEC).exec()) as [
+      [Error | null, string | null],
+      unknown,
+    ];
+    return eventId ?? undefined;
+  }
+
+  async remember(s: LiveStream, eventId: string): Promise<void> {
+    const key = this.keyOf(s);
+    await this.redis
+      .multi()
+      .set(key, eventId, "EX", REMEMBER_SEC)
+      .set(`${this.prefix}:live-event:${eventId}`, key, "EX", REMEMBER_SEC)
+      .exec();
+  }
+
+  /** A live message was redacted: its stream's next reading posts a new message. */
+  async forget(eventId: string): Promise<void> {
+    const eventKey = `${this.prefix}:live-event:${eventId}`;
+    const key = await this.redis.get(eventKey);
+    if (key === null) return;
+    // Only if the stream still shows this event (not one posted since).
+    await this.redis.eval(
+      `if redis.call("GET", KEYS[1]) == ARGV[1] then redis.call("DEL", KEYS[1]) end
+       return redis.call("DEL", KEYS[2])`,
+      2,
+      key,
+      eventKey,
+      eventId,
+    );
+  }
+}
