@@ -207,6 +207,7 @@ export async function start({ config, registration, connectors }: StartOptions):
         signal: lifetime.signal,
         store: new RedisKeyValueStore(redis, `${prefix}:kv:${ref}:`),
         redis: { url: redisUrl, keyPrefix: `${prefix}:${ref}:` },
+        instanceId,
         emit,
         setState: (state, reason) => {
           const prev = states[ref];

@@ -166,6 +166,12 @@ export interface ConnectorContext {
    */
   readonly redis: { readonly url: string; readonly keyPrefix: string };
   /**
+   * Stable for one tribridge instance across restarts (from its host, data directory, queue prefix
+   * and appservice port), different between instances sharing one Redis: tells instances apart on
+   * a far side they share, e.g. in client ids.
+   */
+  readonly instanceId: string;
+  /**
    * Hands a message to the core. Resolves only once the message is durably enqueued: acknowledge it
    * to the far side (PUBACK, IMAP cursor) only after that. Rejects when it could not be enqueued (Redis
    * down): then do not acknowledge, so the far side delivers it again. Never throws synchronously.

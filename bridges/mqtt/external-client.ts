@@ -4,6 +4,11 @@
  * Acknowledgement is held until the message is enqueued: mqtt.js' `handleMessage` hook delays the
  * PUBACK until its callback. With `cleanSession: false` (default) the broker keeps our session, so
  * QoS>0 messages published while tribridge is down arrive when it comes back.
+ *
+ * With `shareGroup`, several instances subscribe as one shared-subscription group and the broker
+ * gives each message to one of them. Each instance then has its own client id (and session), and
+ * our own publishes are recognised through Redis, which all instances share: the broker may hand
+ * one instance's publish to another, and MQTT 5 forbids no-local on shared subscriptions.
  */
 import { createHash } from "node:crypto";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
@@ -33,7 +38,9 @@ export class ExternalClient {
     private readonly ctx: ConnectorContext,
     private readonly onMessage: (msg: ExternalPublish) => Promise<void>,
   ) {
-    this.clientId = config.clientId ?? `tribridge-${account}`;
+    this.clientId =
+      config.clientId ??
+      (config.shareGroup ? `tribridge-${account}-${ctx.instanceId.slice(0, 8)}` : `tribridge-${account}`);
   }
 
   private options(): IClientOptions {
@@ -103,7 +110,13 @@ export class ExternalClient {
 
   private async ingest(packet: IPublishPacket): Promise<void> {
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-    if (this.config.protocolVersion === 4) {
+    if (this.config.shareGroup) {
+      const key = `echo:${this.echoKey(packet.topic, payload)}`;
+      if ((await this.ctx.store.get(key)) !== undefined) {
+        await this.ctx.store.delete(key);
+        return;
+      }
+    } else if (this.config.protocolVersion === 4) {
       const key = this.echoKey(packet.topic, payload);
       if (this.ownPublishes.has(key)) {
         this.ownPublishes.delete(key);
@@ -121,28 +134,39 @@ export class ExternalClient {
     });
   }
 
+  /** What is subscribed for a topic filter: the filter, or its shared subscription. */
+  private subscriptionOf(filter: string): string {
+    const { shareGroup } = this.config;
+    return shareGroup ? `$share/${shareGroup}/${filter}` : filter;
+  }
+
   /** Makes the subscriptions match `filters` (filter → QoS). */
   async subscribe(filters: Map<string, 0 | 1 | 2>): Promise<void> {
     const client = this.client;
     if (!client) return;
     const gone = [...this.subscribed.keys()].filter((f) => !filters.has(f));
     this.subscribed = new Map(filters);
-    if (gone.length > 0 && client.connected) await client.unsubscribeAsync(gone);
+    if (gone.length > 0 && client.connected)
+      await client.unsubscribeAsync(gone.map((f) => this.subscriptionOf(f)));
     if (client.connected) await this.resubscribeAll();
   }
 
   private async resubscribeAll(): Promise<void> {
     const client = this.client;
     if (!client || this.subscribed.size === 0) return;
-    const v5 = this.config.protocolVersion === 5;
+    const { shareGroup } = this.config;
+    // [MQTT-3.8.3-3] no-local: the broker does not send us our own publishes back; not allowed on
+    // a shared subscription [MQTT-3.8.3-4].
+    const noLocal = this.config.protocolVersion === 5 && !shareGroup;
     const map = Object.fromEntries(
-      // [MQTT-3.8.3-3] no-local: the broker does not send us our own publishes back.
-      [...this.subscribed].map(([f, qos]) => [f, v5 ? { qos, nl: true } : { qos }]),
+      [...this.subscribed].map(([f, qos]) => [this.subscriptionOf(f), noLocal ? { qos, nl: true } : { qos }]),
     );
     try {
       const granted = await client.subscribeAsync(map);
       for (const g of granted) {
-        if (g.qos === 128) this.ctx.log.warn({ filter: g.topic }, "broker refused subscription");
+        // 0x80 and up: refused (MQTT 5 says why, e.g. 0x9E shared subscriptions not supported).
+        if (g.qos >= 128)
+          this.ctx.log.warn({ filter: g.topic, reasonCode: g.qos }, "broker refused subscription");
       }
     } catch (err) {
       this.ctx.log.warn({ err: (err as Error).message }, "subscribe failed; retried on reconnect");
@@ -158,7 +182,9 @@ export class ExternalClient {
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected) throw new RetryableError(`mqtt broker ${this.config.url} not connected`);
-    if (this.config.protocolVersion === 4) {
+    if (this.config.shareGroup) {
+      await this.ctx.store.set(`echo:${this.echoKey(topic, payload)}`, "1", OWN_ECHO_TTL_MS);
+    } else if (this.config.protocolVersion === 4) {
       const key = this.echoKey(topic, payload);
       this.ownPublishes.set(key, Date.now());
       setTimeout(() => this.ownPublishes.delete(key), OWN_ECHO_TTL_MS).unref();

@@ -67,7 +67,20 @@ export const mqttAccountSchema = z
       .union([z.literal(4), z.literal(5)])
       .default(5)
       .describe("4 = MQTT 3.1.1, 5 = MQTT 5"),
-    clientId: z.string().min(1).max(65535).optional().describe("Default tribridge-<account>"),
+    clientId: z
+      .string()
+      .min(1)
+      .max(65535)
+      .optional()
+      .describe("Default tribridge-<account> (with shareGroup: tribridge-<account>-<instance id>)"),
+    shareGroup: z
+      .string()
+      .regex(/^[^/+#]+$/, "no /, + or # (MQTT-4.8.2-2)")
+      .optional()
+      .describe(
+        "Several tribridge instances on one broker: subscribe as this shared-subscription group " +
+          "($share/<group>/<filter>), so each message reaches one instance, not every one",
+      ),
     username: z.string().optional(),
     password: z.string().optional().describe("Or passwordFile"),
     ca: z.string().optional().describe("PEM CA bundle for mqtts/wss; or caFile"),

@@ -4,15 +4,10 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { Aedes } from "aedes";
-import { createServer, type Server } from "node:net";
 import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
+import { startExternalBroker, type Broker } from "../helpers/brokers.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 describe("replayed transactions", () => {
@@ -149,50 +144,6 @@ describe("embedded broker state survives a bridge restart", () => {
     await watcher.endAsync();
   });
 });
-
-interface Broker {
-  port: number;
-  kind: string;
-  stop(): Promise<void>;
-}
-
-async function startExternalBroker(): Promise<Broker> {
-  const port = await freePort();
-  if (!spawnSync("mosquitto", ["-h"]).error) {
-    const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
-    const conf = join(dir, "mosquitto.conf");
-    writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
-    const child: ChildProcess = spawn("mosquitto", ["-c", conf], { stdio: "ignore" });
-    await waitFor(
-      "mosquitto",
-      () =>
-        new Promise<boolean>((resolve) => {
-          const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 500 });
-          c.once("connect", () => (c.end(true), resolve(true)));
-          c.once("error", () => (c.end(true), resolve(false)));
-        }),
-    );
-    return {
-      port,
-      kind: "mosquitto",
-      stop: async () => {
-        child.kill("SIGTERM");
-        await new Promise((r) => child.once("exit", r));
-      },
-    };
-  }
-  const broker = await Aedes.createBroker();
-  const server: Server = createServer(broker.handle);
-  await new Promise<void>((r) => server.listen(port, "127.0.0.1", () => r()));
-  return {
-    port,
-    kind: "aedes",
-    stop: async () => {
-      await new Promise<void>((r) => broker.close(() => r()));
-      await new Promise<void>((r) => server.close(() => r()));
-    },
-  };
-}
 
 for (const protocolVersion of [5, 4] as const) {
   describe(`external broker, MQTT ${protocolVersion === 5 ? "5" : "3.1.1"}`, () => {

@@ -1,0 +1,61 @@
+/** External MQTT brokers for tests, on free ports: Mosquitto when installed, else aedes over TCP. */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Aedes } from "aedes";
+import mqtt from "mqtt";
+import { freePort, waitFor } from "./fixture.js";
+
+export interface Broker {
+  port: number;
+  kind: "mosquitto" | "aedes";
+  stop(): Promise<void>;
+}
+
+export const hasMosquitto = !spawnSync("mosquitto", ["-h"]).error;
+
+/** A Mosquitto of its own (anonymous, loopback, no persistence); undefined when not installed. */
+export async function startMosquitto(): Promise<Broker | undefined> {
+  if (!hasMosquitto) return undefined;
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
+  const conf = join(dir, "mosquitto.conf");
+  writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
+  const child: ChildProcess = spawn("mosquitto", ["-c", conf], { stdio: "ignore" });
+  await waitFor(
+    "mosquitto",
+    () =>
+      new Promise<boolean>((resolve) => {
+        const c = mqtt.connect(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, connectTimeout: 500 });
+        c.once("connect", () => (c.end(true), resolve(true)));
+        c.once("error", () => (c.end(true), resolve(false)));
+      }),
+  );
+  return {
+    port,
+    kind: "mosquitto",
+    stop: async () => {
+      child.kill("SIGTERM");
+      await new Promise((r) => child.once("exit", r));
+    },
+  };
+}
+
+export async function startExternalBroker(): Promise<Broker> {
+  const mosquitto = await startMosquitto();
+  if (mosquitto) return mosquitto;
+  const port = await freePort();
+  const broker = await Aedes.createBroker();
+  const server: Server = createServer(broker.handle);
+  await new Promise<void>((r) => server.listen(port, "127.0.0.1", () => r()));
+  return {
+    port,
+    kind: "aedes",
+    stop: async () => {
+      await new Promise<void>((r) => broker.close(() => r()));
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
