@@ -18,8 +18,9 @@ import { join } from "node:path";
 import { createServer } from "node:net";
 import { Aedes } from "aedes";
 import { Queue, Worker } from "bullmq";
-import mqtt, { type MqttClient } from "mqtt";
+import mqtt from "mqtt";
 import { BridgeProcess } from "../test/helpers/bridge-process.js";
+import { DeviceProcess, publishAll } from "./devices.js";
 import { freePort, harness, REDIS_URL, type Harness } from "../test/helpers/fixture.js";
 import { moduleLogger } from "../src/log.js";
 import { startEmbeddedRedis } from "../src/queue/embedded-redis.js";
@@ -95,35 +96,6 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
 }
 
-async function publishAll(client: MqttClient, messages: [string, string][]): Promise<void> {
-  // Keep a window in flight, as a device library with a send queue does.
-  const WINDOW = 200;
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: WINDOW }, async () => {
-      while (next < messages.length) {
-        const [topic, payload] = messages[next++]!;
-        await client.publishAsync(topic, payload, { qos: 1 });
-      }
-    }),
-  );
-}
-
-async function connectWhenUp(port: number, clientId: string): Promise<MqttClient> {
-  for (let i = 0; ; i++) {
-    try {
-      return await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
-        clientId,
-        reconnectPeriod: 0,
-        connectTimeout: 1000,
-      });
-    } catch (err) {
-      if (i > 300) throw err;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}
-
 async function rawAedes(): Promise<number> {
   const broker = await Aedes.createBroker();
   const server = createServer(broker.handle);
@@ -182,52 +154,34 @@ interface PacedFigures {
 }
 
 /**
- * Publishes at a fixed rate (catching up on the clock, not on timer ticks, so a late timer does not
- * lower the rate) and reports the rate delivered into the rooms over the whole run, from the first
- * publish to the last message in a room, and the latency of each message.
+ * Devices publish at a fixed rate; reports the rate delivered into the rooms over the whole run,
+ * from the first publish to the last message in a room, and the latency of each message.
  */
 async function pacedLoad(
-  device: MqttClient,
+  devices: DeviceProcess,
   h: Harness,
   roomIds: string[],
   total: () => number,
   { perSecond, seconds, tag }: { perSecond: number; seconds: number; tag: string },
 ): Promise<PacedFigures> {
   const count = perSecond * seconds;
-  const sentAt = new Map<string, number>();
   const seenBefore = total();
-  let sent = 0;
-  const t0 = performance.now();
-  await new Promise<void>((resolve) => {
-    const timer = setInterval(() => {
-      const due = Math.min(count, Math.floor(((performance.now() - t0) / 1000) * perSecond));
-      for (; sent < due; sent++) {
-        const body = `${tag}-${sent}`;
-        sentAt.set(body, performance.now());
-        void device.publishAsync(`bench/${sent % roomIds.length}/t`, body, { qos: 1 });
-      }
-      if (sent >= count) {
-        clearInterval(timer);
-        resolve();
-      }
-    }, 5);
-  });
+  const sentAt = await devices.paced({ count, rooms: roomIds.length, label: `${tag}-` }, perSecond);
   while (total() < seenBefore + count) await new Promise((r) => setTimeout(r, 5));
   const latencies: number[] = [];
   let last = 0;
   for (const id of roomIds) {
     for (const m of h.hs.messages(id)) {
-      const s = sentAt.get(String(m.content.body));
+      const s = sentAt[String(m.content.body)];
       if (s === undefined) continue;
-      const arrived = m.origin_server_ts - performance.timeOrigin;
-      latencies.push(arrived - s);
-      last = Math.max(last, arrived);
+      latencies.push(m.origin_server_ts - s);
+      last = Math.max(last, m.origin_server_ts);
     }
   }
   latencies.sort((a, b) => a - b);
   return {
     offered: perSecond,
-    delivered: rate(count, last - t0),
+    delivered: rate(count, last - Math.min(...Object.values(sentAt))),
     p50: percentile(latencies, 50),
     p99: percentile(latencies, 99),
   };
@@ -266,31 +220,23 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   bridge.start();
   process.once("exit", () => void bridge.kill("SIGKILL"));
   const tcp = port;
-  const device = await connectWhenUp(tcp, "bench-device");
+  const devices = new DeviceProcess();
+  await devices.connect(tcp, "bench-device");
   const total = () => roomIds.reduce((n, id) => n + h.hs.messageCount(id), 0);
 
   // Warm-up: ghosts registered and joined in every room, then enough traffic for V8 to have
   // optimised the hot paths of both processes ("sustained" is what is measured, not a cold start).
-  await publishAll(
-    device,
-    rooms.map((_, i) => [`bench/${i}/t`, "warm-up"]),
-  );
+  await devices.flood({ count: ROOMS, rooms: ROOMS, label: "first " });
   while (total() < ROOMS) await new Promise((r) => setTimeout(r, 10));
-  await publishAll(
-    device,
-    Array.from({ length: WARM_UP }, (_, i) => [`bench/${i % ROOMS}/t`, `warm-up ${i}`]),
-  );
+  await devices.flood({ count: WARM_UP, rooms: ROOMS, label: "warm-up " });
   while (total() < ROOMS + WARM_UP) await new Promise((r) => setTimeout(r, 10));
 
   // Throughput MQTT → Matrix, and where the CPU goes meanwhile (the machine's cores are shared).
-  const pids = { bridge: bridge.pid, "homeserver + load generator": process.pid, redis: redis.pid };
+  const pids = { bridge: bridge.pid, homeserver: process.pid, devices: devices.pid, redis: redis.pid };
   const cpuBefore = Object.entries(pids).map(([name, pid]) => [name, pid, cpuMsOf(pid)] as const);
   const base = total();
   const t0 = performance.now();
-  await publishAll(
-    device,
-    Array.from({ length: N }, (_, i) => [`bench/${i % ROOMS}/t`, String(i)]),
-  );
+  await devices.flood({ count: N, rooms: ROOMS, label: "" });
   const accepted = performance.now() - t0;
   while (total() < base + N) await new Promise((r) => setTimeout(r, 5));
   const toMatrixMs = performance.now() - t0;
@@ -315,7 +261,7 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   // Paced load, as devices publishing on their own schedule: 1,000 msg/s for the latency figures,
   // then the target rate for 10 s to see whether the bridge keeps up with it (sustained).
   const paced = (rate: number, seconds: number, tag: string) =>
-    pacedLoad(device, h, roomIds, total, { perSecond: rate, seconds, tag });
+    pacedLoad(devices, h, roomIds, total, { perSecond: rate, seconds, tag });
   const latency = await paced(1000, 3, "lat");
   const sustained = await paced(SUSTAINED_RATE, 10, "sus");
 
@@ -332,7 +278,7 @@ async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
   const toMqttMs = performance.now() - t1;
 
   await listener.endAsync();
-  await device.endAsync();
+  await devices.end();
   await bridge.kill("SIGTERM");
   await h.cleanup();
   return {
