@@ -4,9 +4,9 @@
  * internals, and a scraper need not reach the homeserver's side.
  */
 import { createServer, type Server } from "node:http";
-import { close, listen } from "./http-listen.js";
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { ConnectorState } from "./connector.js";
+import { close, listen } from "./http-listen.js";
 import type { TransactionOutcome } from "./matrix/appservice-server.js";
 import type { QueueObserver } from "./queue/ordered-queue.js";
 

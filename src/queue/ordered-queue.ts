@@ -300,10 +300,11 @@ type WritingRedis = Redis & {
     now: number,
   ): Promise<string | null>;
 };
+
 /** How often a batch records how far it got: after a crash at most this many items are delivered again. */
 const PROGRESS_EVERY = 10;
 
-/** Writes one batch as one job of a shard's queue; its data is `{"items":[…]}` (see APPEND_TO_WAITING). */
+/** Writes one batch as one job of a shard's queue; its data is `{"items":[…]}` (see WRITE_TO_WAITING). */
 function addBatch<T>(
   queue: Queue,
   items: QueueItem<T>[],
