@@ -14,11 +14,13 @@ import type {
 } from "./connector.js";
 import type { Config, ResolvedEndpoint } from "./config/load.js";
 import { PermanentError, errorMessage } from "./errors.js";
+import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./failed-jobs.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, renderOutbound, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
+import { Commands, adminMatcher, formatStatus } from "./matrix/commands.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import type { Registration } from "./matrix/registration.js";
@@ -116,15 +118,7 @@ export async function start({ config, registration, connectors }: StartOptions):
     const defs = new Map(connectors.map((c) => [c.name, c]));
     // Read only when scraped, which starts once everything below exists.
     const metrics: Metrics | undefined = config.metrics.enabled
-      ? new Metrics({
-          queues: async () =>
-            Object.fromEntries(
-              await Promise.all(
-                [toMatrix, ...toRemote.values()].map(async (q) => [q.opts.name, await q.backlog()] as const),
-              ),
-            ),
-          connectors: () => states,
-        })
+      ? new Metrics({ queues: () => queueStates(), connectors: () => states })
       : undefined;
 
     const live = new LiveMessages(redis, prefix);
@@ -222,6 +216,32 @@ export async function start({ config, registration, connectors }: StartOptions):
       await instance.watch(routes.endpointsOf(name, account).map(bindingOf));
     }
 
+    // Commands to the bot (!tribridge …), for admins, in any room the bot is in.
+    const isAdmin = adminMatcher(config.appservice.admins);
+    const queueStates = async () =>
+      Object.fromEntries(
+        await Promise.all(
+          [toMatrix, ...toRemote.values()].map(async (q) => [q.opts.name, await q.backlog()] as const),
+        ),
+      );
+    const commands = new Commands({
+      isAdmin,
+      control: {
+        status: async () => formatStatus(routes.routes.length, states, await queueStates()),
+        failed: async (limit) => formatFailedJobs(await readAllFailedJobs(redis, config, connectors, limit)),
+        retry: (ids) => requeueAllFailedJobs(redis, config, connectors, ids),
+      },
+      reply: async (roomId, text, txnId) =>
+        void (await matrix.sendAs(
+          { userId: bot, displayName: config.appservice.botDisplayName },
+          roomId,
+          "m.room.message",
+          { msgtype: "m.notice", body: text, "m.mentions": {} },
+          txnId,
+        )),
+      log: moduleLogger("commands"),
+    });
+
     // Matrix → remote: transactions from the homeserver.
     const intake = new EventIntake({
       matrix,
@@ -231,6 +251,8 @@ export async function start({ config, registration, connectors }: StartOptions):
       botUserId: bot,
       isOurs,
       live,
+      commands,
+      isAdmin,
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       log,
     });

@@ -41,37 +41,53 @@ async function withRedis<R>(config: Config, use: (redis: Redis) => Promise<R>): 
 }
 
 /** The failed list of every queue, oldest first; at most `limit` per queue. */
-export function listFailedJobs(
+export async function readAllFailedJobs(
+  redis: Redis,
   config: Config,
   connectors: readonly ConnectorDefinition[],
   limit: number,
 ): Promise<FailedJob[]> {
-  return withRedis(config, async (redis) => {
-    const lists = await Promise.all(
-      queueNames(config, connectors).map((q) => readFailedJobs(redis, config.queue.prefix, q, limit)),
-    );
-    return lists.flat().sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
-  });
+  const lists = await Promise.all(
+    queueNames(config, connectors).map((q) => readFailedJobs(redis, config.queue.prefix, q, limit)),
+  );
+  return lists.flat().sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
 }
 
 /**
  * Puts failed relays (all, or those with the given ids) back on their queues, e.g. once the
  * homeserver or broker that refused them is back. Returns how many were requeued.
  */
-export function retryFailedJobs(
+export async function requeueAllFailedJobs(
+  redis: Redis,
   config: Config,
   connectors: readonly ConnectorDefinition[],
   ids?: ReadonlySet<string>,
 ): Promise<number> {
   const { prefix, shards, keepCompletedJobs, keepFailedJobs } = config.queue;
-  return withRedis(config, async (redis) => {
-    let requeued = 0;
-    for (const name of queueNames(config, connectors)) {
-      const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };
-      requeued += await requeueFailedJobs(redis, opts, ids);
-    }
-    return requeued;
-  });
+  let requeued = 0;
+  for (const name of queueNames(config, connectors)) {
+    const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };
+    requeued += await requeueFailedJobs(redis, opts, ids);
+  }
+  return requeued;
+}
+
+/** readAllFailedJobs from outside the bridge (the CLI). */
+export function listFailedJobs(
+  config: Config,
+  connectors: readonly ConnectorDefinition[],
+  limit: number,
+): Promise<FailedJob[]> {
+  return withRedis(config, (redis) => readAllFailedJobs(redis, config, connectors, limit));
+}
+
+/** requeueAllFailedJobs from outside the bridge (the CLI). */
+export function retryFailedJobs(
+  config: Config,
+  connectors: readonly ConnectorDefinition[],
+  ids?: ReadonlySet<string>,
+): Promise<number> {
+  return withRedis(config, (redis) => requeueAllFailedJobs(redis, config, connectors, ids));
 }
 
 /** One line per failed relay, then its data (shortened): what an operator needs to act on it. */

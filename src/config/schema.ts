@@ -56,6 +56,14 @@ export const appserviceSchema = z.strictObject({
   botLocalpart: localpart.default(DEFAULTS.botLocalpart),
   botDisplayName: z.string().default(DEFAULTS.botDisplayName),
   ghostPrefix: localpart.default(DEFAULTS.ghostPrefix).describe("Prefix of every ghost user's localpart"),
+  admins: z
+    .array(
+      z
+        .string()
+        .regex(/^@(\*|[^:*]+):[^*]+$/, "must be a user id, or @*:<server> for every user of a server"),
+    )
+    .default([])
+    .describe("Who may use the bot's commands (!tribridge help) and invite it to rooms"),
 });
 
 export const queueSchema = z.strictObject({

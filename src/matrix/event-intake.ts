@@ -11,6 +11,7 @@ import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { fromMatrixContent } from "./format.js";
+import { isCommand, type Commands } from "./commands.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 
@@ -37,6 +38,9 @@ export interface EventIntakeOptions {
   isOurs(userId: string): boolean;
   /** Told of redactions, so a redacted live message is not edited further. */
   live: LiveMessages;
+  commands: Commands;
+  /** Admins may invite the bot to any room (to talk to it there). */
+  isAdmin(userId: string): boolean;
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   log: Logger;
 }
@@ -62,8 +66,19 @@ export class EventIntake {
       if (typeof target === "string") await this.o.live.forget(target);
       return;
     }
-    if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
     const seenKey = `${this.o.prefix}:seen-event:${ev.event_id}`;
+    if (isCommand(ev)) {
+      if ((await redis.exists(seenKey)) === 1) return;
+      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+      // Not a relay: answered on the side, without holding up the transaction.
+      this.o.commands
+        .handle(ev)
+        .catch((err: unknown) =>
+          log.warn({ err: errorMessage(err), eventId: ev.event_id }, "command not answered"),
+        );
+      return;
+    }
+    if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
     if ((await redis.exists(seenKey)) === 1) return;
     if (!fromMatrixContent(ev.content, ev.sender)) {
       log.debug(
@@ -93,10 +108,15 @@ export class EventIntake {
     const { matrix, routes, log } = this.o;
     matrix.noteMember(ev.room_id, userId, ev.content);
     const membership = ev.content.membership;
-    if (userId === this.o.botUserId && membership === "invite" && routes.isRouteRoom(ev.room_id)) {
+    const invitedBy = ev.sender;
+    if (
+      userId === this.o.botUserId &&
+      membership === "invite" &&
+      (routes.isRouteRoom(ev.room_id) || this.o.isAdmin(invitedBy))
+    ) {
       matrix
         .joinBot(ev.room_id)
-        .then(() => log.info({ roomId: ev.room_id }, "joined a route's room after an invite"))
+        .then(() => log.info({ roomId: ev.room_id, invitedBy }, "joined a room after an invite"))
         .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
     }
     if (membership === "leave" || membership === "ban") {

@@ -22,6 +22,7 @@ const cases: [file: string, message: string][] = [
     "bridges.mqtt.home.embedded.users: a broker listening on 0.0.0.0 needs users (or allowAnonymous: true)",
   ],
   ["typo-key.yaml", 'queue: Unrecognized key: "redisURL"'],
+  ["bad-admin.yaml", "appservice.admins[0]: must be a user id, or @*:<server> for every user of a server"],
   ["live-out.yaml", 'routes[0].endpoints[1].live: only for endpoints that relay in ("in" or "inout")'],
 ];
 

@@ -1,0 +1,112 @@
+/**
+ * Commands to the bot, sent as a message in any room it is in (a route's room, or a room an admin
+ * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID…`. Only the users of
+ * `appservice.admins` may use them; the bot answers each with a notice in the same room, once
+ * (the answer's transaction id comes from the command's event id).
+ */
+import { errorMessage } from "../errors.js";
+import type { Logger } from "../log.js";
+import { jobIdFor } from "../queue/ordered-queue.js";
+import type { MatrixEvent } from "./appservice-server.js";
+
+export const COMMAND_PREFIX = "!tribridge";
+
+/** What the commands read and do, provided by the running bridge. */
+export interface BridgeControl {
+  /** A few lines: connector states, queue backlogs, failed lists. */
+  status(): Promise<string>;
+  /** The oldest `limit` failed relays of each queue, with their reasons. */
+  failed(limit: number): Promise<string>;
+  /** Puts failed relays (all, or those with these ids) back on their queues; how many. */
+  retry(ids?: ReadonlySet<string>): Promise<number>;
+}
+
+const HELP = `tribridge commands:
+${COMMAND_PREFIX} status: connectors, queues, failed relays
+${COMMAND_PREFIX} failed [N]: the N oldest failed relays of each queue (default 10), with the reason
+${COMMAND_PREFIX} retry all: put every failed relay back on its queue
+${COMMAND_PREFIX} retry ID…: put these failed relays back`;
+
+/** The status command's answer. */
+export function formatStatus(
+  routes: number,
+  connectors: Record<string, { state: string; reason?: string }>,
+  queues: Record<string, { waiting: number; active: number; failedList: number; holding: boolean }>,
+): string {
+  const lines = [`tribridge is running with ${routes} route(s).`];
+  for (const [ref, { state, reason }] of Object.entries(connectors))
+    lines.push(`${ref}: ${state}${reason ? ` (${reason})` : ""}`);
+  for (const [name, q] of Object.entries(queues)) {
+    const holding = q.holding ? "; backlog full, new messages held at their source" : "";
+    lines.push(
+      `${name}: ${q.waiting} batch(es) waiting, ${q.active} being delivered, ${q.failedList} failed${holding}`,
+    );
+  }
+  return lines.join("\n");
+}
+
+export function isCommand(ev: MatrixEvent): boolean {
+  const body = ev.content.body;
+  return (
+    ev.type === "m.room.message" &&
+    ev.content.msgtype === "m.text" &&
+    typeof body === "string" &&
+    (body === COMMAND_PREFIX || body.startsWith(`${COMMAND_PREFIX} `))
+  );
+}
+
+/** Whether `userId` is an admin: listed, or on a server listed as `@*:<server>`. */
+export function adminMatcher(admins: readonly string[]): (userId: string) => boolean {
+  const users = new Set(admins.filter((a) => !a.startsWith("@*:")));
+  const servers = new Set(admins.filter((a) => a.startsWith("@*:")).map((a) => a.slice(3)));
+  return (userId) => users.has(userId) || servers.has(userId.slice(userId.indexOf(":") + 1));
+}
+
+export class Commands {
+  constructor(
+    private readonly o: {
+      isAdmin(userId: string): boolean;
+      control: BridgeControl;
+      /** Posts `text` as a notice from the bot; `txnId` makes a repeat post nothing new. */
+      reply(roomId: string, text: string, txnId: string): Promise<void>;
+      log: Logger;
+    },
+  ) {}
+
+  /** Runs a command event (see isCommand) and answers it. */
+  async handle(ev: MatrixEvent): Promise<void> {
+    const answer = await this.run(ev);
+    await this.o.reply(ev.room_id, answer, jobIdFor("command-reply", ev.event_id));
+  }
+
+  private async run(ev: MatrixEvent): Promise<string> {
+    if (!this.o.isAdmin(ev.sender))
+      return `Only tribridge's admins (appservice.admins in its config) can use its commands.`;
+    const [verb = "help", ...args] = String(ev.content.body).slice(COMMAND_PREFIX.length).trim().split(/\s+/);
+    this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb }, "command");
+    try {
+      switch (verb) {
+        case "":
+        case "help":
+          return HELP;
+        case "status":
+          return await this.o.control.status();
+        case "failed": {
+          const limit = args[0] === undefined ? 10 : Number(args[0]);
+          if (!Number.isInteger(limit) || limit < 1) return `Usage: ${COMMAND_PREFIX} failed [N], N ≥ 1`;
+          return await this.o.control.failed(limit);
+        }
+        case "retry": {
+          if (args.length === 0) return `Usage: ${COMMAND_PREFIX} retry all | ${COMMAND_PREFIX} retry ID…`;
+          const ids = args.length === 1 && args[0] === "all" ? undefined : new Set(args);
+          const n = await this.o.control.retry(ids);
+          return `${n} failed relay(s) put back on their queues.`;
+        }
+        default:
+          return `Unknown command "${verb}".\n\n${HELP}`;
+      }
+    } catch (err) {
+      return `${verb} failed: ${errorMessage(err)}`;
+    }
+  }
+}
