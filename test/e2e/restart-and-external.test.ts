@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import { startExternalBroker, type Broker } from "../helpers/brokers.js";
+import { PLANT_ROUTE, startExternalBroker, type Broker } from "../helpers/brokers.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 describe("replayed transactions", () => {
@@ -157,16 +157,7 @@ for (const protocolVersion of [5, 4] as const) {
       broker = await startExternalBroker();
       h = await harness({
         bridges: { mqtt: { plant: { url: `mqtt://127.0.0.1:${broker.port}`, protocolVersion } } },
-        routes: [
-          {
-            id: "plant",
-            room: "#plant:test.local",
-            endpoints: [
-              { account: "mqtt.plant", direction: "in", topic: "plant/+/state", sender: { topicLevel: 2 } },
-              { account: "mqtt.plant", direction: "inout", topic: "plant/chat" },
-            ],
-          },
-        ],
+        routes: [PLANT_ROUTE],
       });
       room = h.hs.createRoom({ creator: h.alice, alias: "#plant:test.local", preset: "public_chat" });
       bridge = await start({ config: h.config, registration: h.registration, connectors });

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import { hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
+import { PLANT_ROUTE, hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 async function receivedBy(bridge: RunningBridge): Promise<number> {
@@ -39,16 +39,7 @@ for (const protocolVersion of [5, 4] as const) {
               plant: { url: `mqtt://127.0.0.1:${broker.port}`, protocolVersion, shareGroup: "tribridge" },
             },
           },
-          routes: [
-            {
-              id: "plant",
-              room: "#plant:test.local",
-              endpoints: [
-                { account: "mqtt.plant", direction: "in", topic: "plant/+/state", sender: { topicLevel: 2 } },
-                { account: "mqtt.plant", direction: "inout", topic: "plant/chat" },
-              ],
-            },
-          ],
+          routes: [PLANT_ROUTE],
         });
         room = h.hs.createRoom({ creator: h.alice, alias: "#plant:test.local", preset: "public_chat" });
         // The second instance: same Redis queues and broker, its own ports (so its own instance id).

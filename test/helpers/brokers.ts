@@ -59,3 +59,13 @@ export async function startExternalBroker(): Promise<Broker> {
     },
   };
 }
+
+/** The route the external-broker tests use: device states in (as the topic level), chat both ways. */
+export const PLANT_ROUTE = {
+  id: "plant",
+  room: "#plant:test.local",
+  endpoints: [
+    { account: "mqtt.plant", direction: "in", topic: "plant/+/state", sender: { topicLevel: 2 } },
+    { account: "mqtt.plant", direction: "inout", topic: "plant/chat" },
+  ],
+};
