@@ -231,14 +231,11 @@ export async function start({ config, registration, connectors }: StartOptions):
         failed: async (limit) => formatFailedJobs(await readAllFailedJobs(redis, config, connectors, limit)),
         retry: (ids) => requeueAllFailedJobs(redis, config, connectors, ids),
       },
-      reply: async (roomId, text, txnId) =>
-        void (await matrix.sendAs(
-          { userId: bot, displayName: config.appservice.botDisplayName },
-          roomId,
-          "m.room.message",
-          { msgtype: "m.notice", body: text, "m.mentions": {} },
-          txnId,
-        )),
+      reply: async (roomId, text, txnId) => {
+        const asBot = { userId: bot, displayName: config.appservice.botDisplayName };
+        const content = { msgtype: "m.notice", body: text, "m.mentions": {} };
+        await matrix.sendAs(asBot, roomId, "m.room.message", content, txnId);
+      },
       log: moduleLogger("commands"),
     });
 
