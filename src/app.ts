@@ -193,8 +193,8 @@ export async function start({ config, registration, connectors }: StartOptions):
           if (msg.attachment) job.attachment = msg.attachment;
           if (msg.stream !== undefined) job.stream = msg.stream;
           await toMatrix.add(found.route.room, jobId, job);
+          metrics?.received.inc({ connector: name, account });
         }
-        metrics?.received.inc({ connector: name, account });
       };
       const instance = def.create(account, accountConfig, {
         log: clog,

@@ -40,7 +40,7 @@ export class Metrics {
     collectDefaultMetrics({ register: this.registry, prefix: "tribridge_" });
     this.received = new Counter({
       name: "tribridge_messages_received_total",
-      help: "Messages a connector handed over towards Matrix, once enqueued",
+      help: "Messages a connector handed over towards Matrix, once enqueued (once per route)",
       labelNames: ["connector", "account"],
       registers,
     });
