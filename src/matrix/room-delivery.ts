@@ -68,25 +68,13 @@ export class RoomDelivery {
       const mxc = await this.matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
       content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
     }
-    if (!found.endpoint.live) {
-      await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
-      return;
-    }
-    const stream = { endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" };
-    const original = await this.live.current(stream);
-    if (original) {
-      await this.matrix.sendAs(
-        sender,
-        roomId,
-        "m.room.message",
-        replacementContent(original, content),
-        txnId,
-      );
-      return;
-    }
-    await this.live.remember(
-      stream,
-      await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId),
-    );
+    // A live endpoint's stream keeps one message, edited with each reading (see LiveMessages).
+    const stream = found.endpoint.live
+      ? { endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" }
+      : undefined;
+    const original = stream && (await this.live.current(stream));
+    if (original) content = replacementContent(original, content);
+    const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+    if (stream && !original) await this.live.remember(stream, eventId);
   }
 }
