@@ -21,7 +21,8 @@ RUN mkdir -p /data && chown node:node /data
 USER node
 ENV TRIBRIDGE_CONFIG=/data/config.yaml TRIBRIDGE_REGISTRATION=/data/registration.yaml TRIBRIDGE__dataDir=/data/state
 VOLUME /data
-EXPOSE 9993 1883
+# appservice, MQTT, and metrics (when metrics.enabled with metrics.bind: 0.0.0.0)
+EXPOSE 9993 1883 9464
 HEALTHCHECK CMD node -e "fetch('http://127.0.0.1:9993/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
 ENTRYPOINT ["node", "dist/src/index.js"]
 CMD ["start"]
