@@ -224,12 +224,27 @@ export async function start({ config, registration, connectors }: StartOptions):
           [toMatrix, ...toRemote.values()].map(async (q) => [q.opts.name, await q.backlog()] as const),
         ),
       );
+    /** Failed relays, oldest first: all of them, or, asked from a route's room, that room's. */
+    const failedFor = async (roomId: string) => {
+      const all = await readAllFailedJobs(redis, config, connectors, config.queue.keepFailedJobs);
+      if (!routes.isRouteRoom(roomId)) return all;
+      return all.filter((job) => {
+        const endpointId = String((job.data as { endpointId?: unknown }).endpointId);
+        const routeId = routes.inbound(endpointId)?.route.id ?? routes.outbound(endpointId)?.routeId;
+        return routeId !== undefined && routes.roomIdOf(routeId) === roomId;
+      });
+    };
     const commands = new Commands({
       isAdmin,
       control: {
         status: async () => formatStatus(routes.routes.length, states, await queueStates()),
-        failed: async (limit) => formatFailedJobs(await readAllFailedJobs(redis, config, connectors, limit)),
-        retry: (ids) => requeueAllFailedJobs(redis, config, connectors, ids),
+        failed: async (limit, roomId) => formatFailedJobs((await failedFor(roomId)).slice(0, limit)),
+        retry: async (ids, roomId) => {
+          const mine = new Set(
+            (await failedFor(roomId)).map((job) => job.id).filter((id) => !ids || ids.has(id)),
+          );
+          return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
+        },
       },
       reply: async (roomId, text, txnId) => {
         const asBot = { userId: bot, displayName: config.appservice.botDisplayName };

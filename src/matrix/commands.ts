@@ -11,21 +11,25 @@ import type { MatrixEvent } from "./appservice-server.js";
 
 export const COMMAND_PREFIX = "!tribridge";
 
-/** What the commands read and do, provided by the running bridge. */
+/**
+ * What the commands read and do, provided by the running bridge. `roomId` is where the command was
+ * given: in a route's room, failed relays are that room's only (its members see the answer).
+ */
 export interface BridgeControl {
   /** A few lines: connector states, queue backlogs, failed lists. */
   status(): Promise<string>;
-  /** The oldest `limit` failed relays of each queue, with their reasons. */
-  failed(limit: number): Promise<string>;
+  /** The oldest `limit` failed relays, with their reasons. */
+  failed(limit: number, roomId: string): Promise<string>;
   /** Puts failed relays (all, or those with these ids) back on their queues; how many. */
-  retry(ids?: ReadonlySet<string>): Promise<number>;
+  retry(ids: ReadonlySet<string> | undefined, roomId: string): Promise<number>;
 }
 
 const HELP = `tribridge commands:
 ${COMMAND_PREFIX} status: connectors, queues, failed relays
-${COMMAND_PREFIX} failed [N]: the N oldest failed relays of each queue (default 10), with the reason
+${COMMAND_PREFIX} failed [N]: the N oldest failed relays (default 10), with the reason
 ${COMMAND_PREFIX} retry all: put every failed relay back on its queue
-${COMMAND_PREFIX} retry ID…: put these failed relays back`;
+${COMMAND_PREFIX} retry ID…: put these failed relays back
+In a route's room, failed and retry are about that room's relays; elsewhere, about all.`;
 
 /** The status command's answer. */
 export function formatStatus(
@@ -94,12 +98,12 @@ export class Commands {
         case "failed": {
           const limit = args[0] === undefined ? 10 : Number(args[0]);
           if (!Number.isInteger(limit) || limit < 1) return `Usage: ${COMMAND_PREFIX} failed [N], N ≥ 1`;
-          return await this.o.control.failed(limit);
+          return await this.o.control.failed(limit, ev.room_id);
         }
         case "retry": {
           if (args.length === 0) return `Usage: ${COMMAND_PREFIX} retry all | ${COMMAND_PREFIX} retry ID…`;
           const ids = args.length === 1 && args[0] === "all" ? undefined : new Set(args);
-          const n = await this.o.control.retry(ids);
+          const n = await this.o.control.retry(ids, ev.room_id);
           return `${n} failed relay(s) put back on their queues.`;
         }
         default:

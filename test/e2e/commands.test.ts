@@ -83,15 +83,20 @@ describe("commands to the bot", () => {
     assert.match(await ask(room, bob, "!tribridge retry all"), /Only tribridge's admins/);
   });
 
-  test("failed lists failed relays with the reason; retry puts them back", async () => {
+  test("failed lists failed relays with the reason, retry puts them back; in a route's room, only its own", async () => {
+    const mine = h.hs.createRoom({ creator: h.alice, preset: "private_chat", invite: [bot] });
+    await waitFor("the bot to join", () => h.hs.membershipOf(mine, bot) === "join");
     await device.publishAsync("lost/t", "into the void", { qos: 1 });
     const failed = await waitFor("the failed relay", async () => {
-      const text = await ask(room, h.alice, "!tribridge failed 5");
+      const text = await ask(mine, h.alice, "!tribridge failed 5");
       return text.includes("M_NOT_FOUND") && text;
     });
     assert.match(failed, /to-matrix .*\n\s+reason: permanent: .*#nowhere:other\.example.*404 M_NOT_FOUND/);
-    assert.match(await ask(room, h.alice, "!tribridge retry all"), /^1 failed relay\(s\) put back/);
-    assert.match(await ask(room, h.alice, "!tribridge failed x"), /Usage/);
+    // The lab room's members do not see another route's relays, and retry there leaves them be.
+    assert.equal(await ask(room, h.alice, "!tribridge failed"), "No failed relays.");
+    assert.match(await ask(room, h.alice, "!tribridge retry all"), /^0 failed relay\(s\) put back/);
+    assert.match(await ask(mine, h.alice, "!tribridge retry all"), /^1 failed relay\(s\) put back/);
+    assert.match(await ask(mine, h.alice, "!tribridge failed x"), /Usage/);
   });
 
   test("an admin can invite the bot to a room of their own and use it there; others cannot", async () => {
