@@ -192,7 +192,11 @@ export async function start({ config, registration, connectors }: StartOptions):
           };
           if (msg.attachment) job.attachment = msg.attachment;
           if (msg.stream !== undefined) job.stream = msg.stream;
-          await toMatrix.add(found.route.room, jobId, job);
+          // A live message shows only the latest reading: older ones still queued can be skipped.
+          const latest = found.endpoint.live
+            ? `${endpointId}\u0000${msg.sender.id}\u0000${msg.stream ?? ""}`
+            : undefined;
+          await toMatrix.add(found.route.room, jobId, job, { latest });
           metrics?.received.inc({ connector: name, account });
         }
       };

@@ -30,6 +30,7 @@ export class Metrics {
   readonly received: Counter<"connector" | "account">;
   private readonly relayed: Counter<"queue">;
   private readonly retried: Counter<"queue">;
+  private readonly superseded: Counter<"queue">;
   private readonly failed: Counter<"queue" | "reason">;
   private readonly relaySeconds: Histogram<"queue">;
   private readonly transactions: Counter<"outcome">;
@@ -53,6 +54,12 @@ export class Metrics {
     this.retried = new Counter({
       name: "tribridge_message_retries_total",
       help: "Delivery attempts that failed transiently and will be retried",
+      labelNames: ["queue"],
+      registers,
+    });
+    this.superseded = new Counter({
+      name: "tribridge_messages_superseded_total",
+      help: "Readings of a live message skipped because a newer one was already queued behind them",
       labelNames: ["queue"],
       registers,
     });
@@ -120,6 +127,7 @@ export class Metrics {
   queueObserver(queue: string): QueueObserver {
     const relayed = this.relayed.labels({ queue });
     const retried = this.retried.labels({ queue });
+    const superseded = this.superseded.labels({ queue });
     const seconds = this.relaySeconds.labels({ queue });
     return {
       delivered: (ms) => {
@@ -127,6 +135,7 @@ export class Metrics {
         if (!Number.isNaN(ms)) seconds.observe(ms / 1000);
       },
       retried: () => retried.inc(),
+      superseded: () => superseded.inc(),
       failed: (reason) => this.failed.inc({ queue, reason }),
     };
   }

@@ -57,6 +57,8 @@ export interface OrderedQueueOptions<T> {
 
 export interface QueueObserver {
   delivered(ms: number): void;
+  /** An item skipped because a later one of its `supersededBy` key was in the same batch. */
+  superseded(): void;
   retried(): void;
   failed(reason: "permanent" | "exhausted"): void;
 }
@@ -240,6 +242,12 @@ export interface QueueItem<T> {
   at?: number;
   /** The order key (room): items with the same key are delivered in order. */
   key: string;
+  /**
+   * Items with the same `latest` key only matter by their last one (a live message's readings):
+   * an item followed by another of its `latest` key in the same batch is skipped, not delivered.
+   * Batches grow with the backlog, so this sheds load exactly when delivery falls behind.
+   */
+  latest?: string;
   data: T;
 }
 
@@ -408,9 +416,9 @@ export class OrderedQueue<T> {
    * Durably enqueues `data` behind every earlier item with the same `orderKey`; resolves once it
    * is in Redis. `id` identifies the message: consumers use it for idempotency (a Matrix txnId).
    * Items are written in batches (see Shard.add); a batch written twice (same items, e.g. a
-   * replayed homeserver transaction) is stored once.
+   * replayed homeserver transaction) is stored once. `latest`: see QueueItem.latest.
    */
-  async add(orderKey: string, id: string, data: T): Promise<void> {
+  async add(orderKey: string, id: string, data: T, opts: { latest?: string } = {}): Promise<void> {
     if (this.opts.maxBacklogBytes) {
       this.backlogMonitor ??= setInterval(
         () => void this.measureBacklog(),
@@ -419,7 +427,9 @@ export class OrderedQueue<T> {
       if (this.holding) await new Promise<void>((resolve, reject) => this.held.push({ resolve, reject }));
     }
     const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
-    return this.shards[shardIndex]!.add({ id, at: Date.now(), key: orderKey, data }, this.producer);
+    const item: QueueItem<T> = { id, at: Date.now(), key: orderKey, data };
+    if (opts.latest !== undefined) item.latest = opts.latest;
+    return this.shards[shardIndex]!.add(item, this.producer);
   }
 
   async start(): Promise<void> {
@@ -465,9 +475,16 @@ export class OrderedQueue<T> {
     const { items } = job.data as BatchData<T>;
     const saved = (job.progress as { done?: number[] } | number | undefined) ?? {};
     const done = new Set(typeof saved === "object" && Array.isArray(saved.done) ? saved.done : []);
+    const lastOf = new Map<string, number>();
+    items.forEach((item, index) => item.latest !== undefined && lastOf.set(item.latest, index));
     const byKey = new Map<string, number[]>();
     items.forEach((item, index) => {
       if (done.has(index)) return;
+      if (item.latest !== undefined && lastOf.get(item.latest) !== index) {
+        done.add(index);
+        this.opts.observe?.superseded();
+        return;
+      }
       const list = byKey.get(item.key);
       if (list) list.push(index);
       else byKey.set(item.key, [index]);

@@ -75,12 +75,17 @@ describe("live messages", () => {
   test("each device and topic has one message, edited with every new reading; other endpoints post", async () => {
     const a = await device("dev-a");
     const b = await device("dev-b");
-    for (const v of ["20.1", "20.4", "20.9"]) await a.publishAsync("sensors/a/temp", v, { qos: 1 });
-    await a.publishAsync("sensors/a/humidity", "51%", { qos: 1 });
-    for (const v of ["18.0", "18.2"]) await b.publishAsync("sensors/b/temp", v, { qos: 1 });
-    await a.publishAsync("alerts/a", "door open", { qos: 1 });
-    await a.publishAsync("alerts/a", "door closed", { qos: 1 });
-    await h.hs.waitForMessages(room, 8);
+    // One reading at a time, each shown before the next (readings queued together are coalesced:
+    // see the next describe).
+    const publish = async (d: MqttClient, topic: string, value: string) => {
+      await d.publishAsync(topic, value, { qos: 1 });
+      await waitFor(`"${value}" shown`, () => [...shown(readings()).values()].some((m) => m.body === value));
+    };
+    for (const v of ["20.1", "20.4", "20.9"]) await publish(a, "sensors/a/temp", v);
+    await publish(a, "sensors/a/humidity", "51%");
+    for (const v of ["18.0", "18.2"]) await publish(b, "sensors/b/temp", v);
+    await publish(a, "alerts/a", "door open");
+    await publish(a, "alerts/a", "door closed");
     const events = readings();
     assert.equal(events.length, 8);
     assert.equal(events.filter(isEdit).length, 3);
@@ -108,11 +113,54 @@ describe("live messages", () => {
     await h.hs.waitForPushIdle();
     const before = readings().length;
     await a.publishAsync("sensors/a/temp", "21.3", { qos: 1 });
+    await waitFor("the next reading", () => readings().length >= before + 1);
     await a.publishAsync("sensors/a/temp", "21.5", { qos: 1 });
-    await waitFor("two more readings", () => readings().length >= before + 2);
+    await waitFor("the one after", () => readings().length >= before + 2);
     const [fresh, edit] = readings().slice(before);
     assert.equal(isEdit(fresh!), false, "a new message");
     assert.equal(fresh!.content.body, "21.3");
     assert.equal(relatesTo(edit!)?.event_id, fresh!.event_id, "which later readings edit");
+  });
+});
+
+describe("live messages while delivery is behind", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("readings queued behind a newer one are skipped: the room gets the latest, not all", async () => {
+    h = await harness({
+      queue: { maxAttempts: 1000 },
+      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+      routes: [
+        {
+          id: "meter",
+          room: "#meter:test.local",
+          endpoints: [{ account: "mqtt.home", direction: "in", topic: "meter/+", live: true }],
+        },
+      ],
+    });
+    // The bot is not invited yet: the readings wait in the queue.
+    const room = h.hs.createRoom({ creator: h.alice, alias: "#meter:test.local", preset: "private_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    const meter = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "meter" });
+    for (let i = 0; i < 20; i++) await meter.publishAsync("meter/power", `${i} W`, { qos: 1 });
+    h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+    await waitFor("the latest reading", () =>
+      [...shown(h.hs.messages(room)).values()].some((m) => m.body === "19 W"),
+    );
+    await new Promise((r) => setTimeout(r, 300));
+    const events = h.hs.messages(room);
+    assert.deepEqual(
+      [...shown(events).values()].map((m) => m.body),
+      ["19 W"],
+    );
+    assert.ok(events.length <= 3, `${events.length} events for 20 readings`);
+    await meter.endAsync();
   });
 });

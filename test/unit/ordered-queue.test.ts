@@ -399,6 +399,36 @@ test("dedupe of an identical batch lasts only as long as its completed job is ke
 
 // --- restarts and crashes -----------------------------------------------------------------------------
 
+test("latest: of the items of one latest-key in a batch only the last is delivered; the rest in order", async (t) => {
+  const s = scope(t);
+  const delivered: string[] = [];
+  let superseded = 0;
+  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), {
+    observe: {
+      delivered: () => undefined,
+      retried: () => undefined,
+      failed: () => undefined,
+      superseded: () => superseded++,
+    },
+  });
+  // Queued while nothing consumes (as when delivery falls behind): one batch.
+  await Promise.all([
+    q.add("room", "t1", { n: 1 }, { latest: "temp" }),
+    q.add("room", "plain1", { n: 2 }),
+    q.add("room", "t2", { n: 3 }, { latest: "temp" }),
+    q.add("room", "h1", { n: 4 }, { latest: "humidity" }),
+    q.add("room", "t3", { n: 5 }, { latest: "temp" }),
+    q.add("room", "plain2", { n: 6 }),
+  ]);
+  await q.start();
+  await waitFor("the batch", () => delivered.length === 4);
+  assert.deepEqual(delivered, ["plain1", "h1", "t3", "plain2"]);
+  assert.equal(superseded, 2);
+  // Once delivered, a new reading is delivered: only what waits together is skipped.
+  await q.add("room", "t4", { n: 7 }, { latest: "temp" });
+  await waitFor("t4", () => delivered.includes("t4"));
+});
+
 test("back-pressure: beyond maxBacklogBytes add() holds new items, and lets them in once the backlog drains", async (t) => {
   const s = scope(t);
   const delivered: string[] = [];
