@@ -167,7 +167,7 @@ export class MatrixClient {
         return { reachable: undefined, detail };
       return { reachable: false, detail };
     } catch (err) {
-      return { reachable: undefined, detail: errorMessage(err) };
+      return { reachable: undefined, detail: `could not ask: ${errorMessage(err)}` };
     }
   }
 
@@ -180,7 +180,7 @@ export class MatrixClient {
     else if (result.reachable === undefined)
       this.opts.log.info(
         { detail: result.detail },
-        "the homeserver has no appservice ping (Matrix v1.7); could not check that it reaches tribridge",
+        "could not check that the homeserver reaches tribridge (no appservice ping before Matrix v1.7, or no answer)",
       );
     else
       this.opts.log.error(
