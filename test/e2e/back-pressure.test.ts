@@ -6,41 +6,26 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { waitFor } from "../helpers/fixture.js";
+import { privateRoomBridge, type PrivateRoomBridge } from "../helpers/private-room.js";
 
-let h: Harness | undefined;
-let bridge: RunningBridge | undefined;
+let p: PrivateRoomBridge | undefined;
 
 after(async () => {
-  await bridge?.stop();
-  await h?.cleanup();
+  await p?.bridge.stop();
+  await p?.h.cleanup();
 });
 
 test("a full backlog holds a device's PUBACK until it drains; nothing is lost or reordered", async () => {
-  h = await harness({
-    // Retried in place for as long as the test needs: the bot is not invited yet.
-    queue: { maxBacklogMb: 1, maxAttempts: 1000 },
-    bridges: { mqtt: { home: { embedded: { port: 0 } } } },
-    routes: [
-      {
-        id: "private",
-        room: "#private:test.local",
-        endpoints: [{ account: "mqtt.home", direction: "in", topic: "cam/#" }],
-      },
-    ],
-  });
-  const room = h.hs.createRoom({ creator: h.alice, alias: "#private:test.local", preset: "private_chat" });
-  bridge = await start({ config: h.config, registration: h.registration, connectors });
-  const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-  const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "cam" });
+  // Retried in place for as long as the test needs: the bot is not invited yet.
+  p = await privateRoomBridge({ topic: "cam/#" }, { maxBacklogMb: 1, maxAttempts: 1000 });
+  const { h, room } = p;
+  const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${p.port}`, { clientId: "cam" });
 
   // 30 × 40 KB: over 1 MB waiting in Redis (a waiting batch holds up to 128 KB).
   const frame = (i: number) => `${i} ${"x".repeat(40 * 1024)}`;
   for (let i = 0; i < 30; i++) await device.publishAsync("cam/frames", frame(i), { qos: 1 });
-  const log = () => h!.hs.messages(room).map((m) => String(m.content.body).split(" ")[0]);
+  const log = () => h.hs.messages(room).map((m) => String(m.content.body).split(" ")[0]);
   await new Promise((r) => setTimeout(r, 1500)); // the backlog is measured every second
 
   let acknowledged = false;
@@ -49,7 +34,7 @@ test("a full backlog holds a device's PUBACK until it drains; nothing is lost or
   assert.equal(acknowledged, false, "no PUBACK while the backlog is full");
   assert.deepEqual(log(), []);
 
-  h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+  p.invite();
   await held;
   await waitFor("all 31 frames", () => log().length >= 31, 30_000);
   assert.deepEqual(

@@ -9,6 +9,7 @@ import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { privateRoomBridge, type PrivateRoomBridge } from "../helpers/private-room.js";
 import type { RecordedEvent } from "../helpers/test-homeserver.js";
 
 interface Relates {
@@ -124,33 +125,20 @@ describe("live messages", () => {
 });
 
 describe("live messages while delivery is behind", () => {
-  let h: Harness;
-  let bridge: RunningBridge;
+  let p: PrivateRoomBridge | undefined;
 
   after(async () => {
-    await bridge?.stop();
-    await h?.cleanup();
+    await p?.bridge.stop();
+    await p?.h.cleanup();
   });
 
   test("readings queued behind a newer one are skipped: the room gets the latest, not all", async () => {
-    h = await harness({
-      queue: { maxAttempts: 1000 },
-      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
-      routes: [
-        {
-          id: "meter",
-          room: "#meter:test.local",
-          endpoints: [{ account: "mqtt.home", direction: "in", topic: "meter/+", live: true }],
-        },
-      ],
-    });
     // The bot is not invited yet: the readings wait in the queue.
-    const room = h.hs.createRoom({ creator: h.alice, alias: "#meter:test.local", preset: "private_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    const meter = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "meter" });
+    p = await privateRoomBridge({ topic: "meter/+", live: true }, { maxAttempts: 1000 });
+    const { h, room } = p;
+    const meter = await mqtt.connectAsync(`mqtt://127.0.0.1:${p.port}`, { clientId: "meter" });
     for (let i = 0; i < 20; i++) await meter.publishAsync("meter/power", `${i} W`, { qos: 1 });
-    h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+    p.invite();
     await waitFor("the latest reading", () =>
       [...shown(h.hs.messages(room)).values()].some((m) => m.body === "19 W"),
     );

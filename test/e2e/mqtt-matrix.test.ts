@@ -9,6 +9,7 @@ import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { privateRoomBridge, type PrivateRoomBridge } from "../helpers/private-room.js";
 
 const GHOST = (device: string) => `@_tb_mqtt_home_${device}:test.local`;
 
@@ -277,36 +278,24 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
 });
 
 describe("a private room that invites the bot after start", () => {
-  let h: Harness;
-  let bridge: RunningBridge;
+  let p: PrivateRoomBridge | undefined;
 
   after(async () => {
-    await bridge?.stop();
-    await h?.cleanup();
+    await p?.bridge.stop();
+    await p?.h.cleanup();
   });
 
   test("messages wait for the invite, then arrive in order", async () => {
-    h = await harness({
-      bridges: { mqtt: { home: { embedded: { port: 0 } } } },
-      routes: [
-        {
-          id: "private",
-          room: "#private:test.local",
-          endpoints: [{ account: "mqtt.home", direction: "in", topic: "private/#" }],
-        },
-      ],
-    });
-    const room = h.hs.createRoom({ creator: h.alice, alias: "#private:test.local", preset: "private_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    p = await privateRoomBridge({ topic: "private/#" });
+    const { h, room } = p;
     assert.ok(!h.hs.members(room).includes("@tribridge:test.local"), "not joined without an invite");
 
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    const device = await connect(port, "door");
+    const device = await connect(p.port, "door");
     for (let i = 0; i < 5; i++) await device.publishAsync("private/door", `d${i}`, { qos: 1 });
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(h.hs.messages(room).length, 0);
 
-    h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
+    p.invite();
     const messages = await h.hs.waitForMessages(room, 5, 15_000);
     assert.deepEqual(
       messages.map((m) => m.content.body),

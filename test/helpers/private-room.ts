@@ -1,0 +1,37 @@
+/** A bridge whose one route leads into a private room that has not invited the bot yet. */
+import { connectors } from "../../bridges/index.js";
+import type { MqttConnector } from "../../bridges/mqtt/connector.js";
+import { start, type RunningBridge } from "../../src/app.js";
+import { harness, type Harness } from "./fixture.js";
+
+export interface PrivateRoomBridge {
+  h: Harness;
+  bridge: RunningBridge;
+  room: string;
+  /** The embedded broker's TCP port. */
+  port: number;
+  /** Lets the bot in: what waited for it is delivered. */
+  invite(): void;
+}
+
+/** `endpoint`: the route's one inbound MQTT endpoint (account mqtt.home, direction in, plus these). */
+export async function privateRoomBridge(
+  endpoint: Record<string, unknown>,
+  queue?: Record<string, unknown>,
+): Promise<PrivateRoomBridge> {
+  const h = await harness({
+    queue,
+    bridges: { mqtt: { home: { embedded: { port: 0 } } } },
+    routes: [
+      {
+        id: "private",
+        room: "#private:test.local",
+        endpoints: [{ account: "mqtt.home", direction: "in", ...endpoint }],
+      },
+    ],
+  });
+  const room = h.hs.createRoom({ creator: h.alice, alias: "#private:test.local", preset: "private_chat" });
+  const bridge = await start({ config: h.config, registration: h.registration, connectors });
+  const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+  return { h, bridge, room, port, invite: () => h.hs.inviteUser(room, h.alice, h.hs.appserviceUserId) };
+}
