@@ -269,6 +269,21 @@ export async function start({ config, registration, connectors }: StartOptions):
       live,
       commands,
       isAdmin,
+      upgraded: (oldRoomId, newRoomId) => {
+        const moved = routes.replaceRoom(oldRoomId, newRoomId);
+        log.info(
+          { oldRoomId, newRoomId, routes: moved },
+          "a route's room was upgraded; relaying through the new room",
+        );
+        matrix
+          .joinBot(newRoomId)
+          .catch((err: unknown) =>
+            log.warn(
+              { roomId: newRoomId, err: errorMessage(err) },
+              `cannot join the upgraded room yet; invite ${bot}`,
+            ),
+          );
+      },
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       log,
     });

@@ -41,6 +41,8 @@ export interface EventIntakeOptions {
   commands: Commands;
   /** Admins may invite the bot to any room (to talk to it there). */
   isAdmin(userId: string): boolean;
+  /** A route's room was upgraded (`m.room.tombstone`): relay through the new room from now on. */
+  upgraded(oldRoomId: string, newRoomId: string): void;
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   log: Logger;
 }
@@ -58,6 +60,11 @@ export class EventIntake {
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
+      return;
+    }
+    if (ev.type === "m.room.tombstone" && ev.state_key === "" && routes.isRouteRoom(ev.room_id)) {
+      const replacement = ev.content.replacement_room;
+      if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement);
       return;
     }
     if (ev.type === "m.room.redaction") {

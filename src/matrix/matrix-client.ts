@@ -234,6 +234,26 @@ export class MatrixClient {
     return this.ensureJoined(this.opts.botUserId, roomId);
   }
 
+  /**
+   * The room that replaced `roomId` (its `m.room.tombstone`, after an upgrade), if any. Best
+   * effort: when the state cannot be read, the room is taken as it is.
+   */
+  async replacementOf(roomId: string): Promise<string | undefined> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/m.room.tombstone`;
+    try {
+      const content = await this.request("GET", path, this.opts.botUserId);
+      return typeof content.replacement_room === "string" ? content.replacement_room : undefined;
+    } catch (err) {
+      // 404: never upgraded.
+      if (!(err instanceof PermanentError && /: 404 /.test(err.message)))
+        this.opts.log.warn(
+          { roomId, err: errorMessage(err) },
+          "could not check whether the room was upgraded",
+        );
+      return undefined;
+    }
+  }
+
   /** Registers the ghost (m.login.application_service) and sets its display name, once. */
   private ensureGhost(userId: string, displayName: string): Promise<void> {
     let ready = this.readyGhosts.get(userId);

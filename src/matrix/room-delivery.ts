@@ -23,6 +23,9 @@ export interface ToMatrixJob {
   stream?: string;
 }
 
+/** A chain of upgrades longer than this is not followed further (a loop of tombstones, say). */
+const MAX_UPGRADE_HOPS = 10;
+
 export class RoomDelivery {
   private readonly ghostTags: Map<string, string>;
   /** Ghost user ids by connector tag, account and sender: a handful of devices send most messages. */
@@ -38,13 +41,25 @@ export class RoomDelivery {
     this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
   }
 
-  /** The route's room id, with the bot joined. Learnt once; the join is retried until it works. */
+  /**
+   * The route's room id, with the bot joined. Learnt once (following room upgrades: a configured
+   * room id, or an alias not moved along, may name a room that was replaced); the join is retried
+   * until it works.
+   */
   async roomIdFor(routeId: string): Promise<string> {
     let roomId = this.routes.roomIdOf(routeId);
     if (!roomId) {
       const route = this.routes.routes.find((r) => r.id === routeId)!;
       roomId = await this.matrix.resolveOrCreateRoom(route.room, route.invite);
       this.routes.setRoomId(routeId, roomId); // known before joining, so an invite to it is recognised
+      await this.matrix.joinBot(roomId);
+      for (let hops = 0; hops < MAX_UPGRADE_HOPS; hops++) {
+        const replacement = await this.matrix.replacementOf(roomId);
+        if (!replacement) break;
+        this.routes.replaceRoom(roomId, replacement);
+        roomId = replacement;
+        await this.matrix.joinBot(roomId);
+      }
     }
     await this.matrix.joinBot(roomId);
     return roomId;

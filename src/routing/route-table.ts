@@ -26,6 +26,14 @@ export class RouteTable {
     this.routesByRoomId.set(roomId, list);
   }
 
+  /** After a room upgrade: the routes of `oldRoomId` now lead to `newRoomId`. Returns their ids. */
+  replaceRoom(oldRoomId: string, newRoomId: string): string[] {
+    const moved = this.routesByRoomId.get(oldRoomId) ?? [];
+    this.routesByRoomId.delete(oldRoomId);
+    for (const route of moved) this.setRoomId(route.id, newRoomId);
+    return moved.map((r) => r.id);
+  }
+
   roomIdOf(routeId: string): string | undefined {
     return this.roomIdByRoute.get(routeId);
   }
