@@ -11,7 +11,7 @@ import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
 import { Metrics } from "../../src/metrics.js";
-import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { LAB_ROUTE, freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 /** The value of one sample, e.g. sample(text, 'tribridge_messages_relayed_total{queue="to-matrix"}'). */
 function sample(text: string, series: string): number | undefined {
@@ -36,14 +36,7 @@ describe("metrics", () => {
       metrics: { enabled: true, port: await freePort() },
       bridges: { mqtt: { home: { embedded: { port: 0 } } } },
       routes: [
-        {
-          id: "lab",
-          room: "#lab:test.local",
-          endpoints: [
-            { account: "mqtt.home", direction: "in", topic: "lab/+/t" },
-            { account: "mqtt.home", direction: "out", topic: "lab/cmd" },
-          ],
-        },
+        LAB_ROUTE,
         // An alias on another server that does not exist: relays into it fail permanently.
         {
           id: "elsewhere",

@@ -8,7 +8,7 @@ import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { LAB_ROUTE, freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 describe("a route's room is upgraded", () => {
   let h: Harness;
@@ -22,16 +22,7 @@ describe("a route's room is upgraded", () => {
   before(async () => {
     h = await harness({
       bridges: { mqtt: { home: { embedded: { port: await freePort() } } } },
-      routes: [
-        {
-          id: "lab",
-          room: "#lab:test.local",
-          endpoints: [
-            { account: "mqtt.home", direction: "in", topic: "lab/+/t" },
-            { account: "mqtt.home", direction: "out", topic: "lab/cmd" },
-          ],
-        },
-      ],
+      routes: [LAB_ROUTE],
     });
     oldRoom = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
     bridge = await start({ config: h.config, registration: h.registration, connectors });

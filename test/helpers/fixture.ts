@@ -111,3 +111,13 @@ export async function waitFor<T>(
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+/** A route many e2e tests use: devices publish `lab/<device>/t` into #lab, the room commands `lab/cmd`. */
+export const LAB_ROUTE = {
+  id: "lab",
+  room: "#lab:test.local",
+  endpoints: [
+    { account: "mqtt.home", direction: "in", topic: "lab/+/t" },
+    { account: "mqtt.home", direction: "out", topic: "lab/cmd" },
+  ],
+};
