@@ -148,6 +148,10 @@ export interface KeyValueStore {
   getMap(key: string): Promise<Record<string, string>>;
   /** Sets fields of a map, in one write; `ttlMs` (re)starts the expiry of the whole map. */
   setInMap(key: string, fields: Record<string, string>, ttlMs?: number): Promise<void>;
+  /** Adds one to a counter and (re)starts its expiry: e.g. one per message we expect back. */
+  countUp(key: string, ttlMs: number): Promise<void>;
+  /** Takes one off a counter, atomically: false when it was already zero (or expired). */
+  countDown(key: string): Promise<boolean>;
 }
 
 export type ConnectorState = "connecting" | "up" | "degraded" | "down";

@@ -6,9 +6,13 @@
  * QoS>0 messages published while tribridge is down arrive when it comes back.
  *
  * With `shareGroup`, several instances subscribe as one shared-subscription group and the broker
- * gives each message to one of them. Each instance then has its own client id (and session), and
- * our own publishes are recognised through Redis, which all instances share: the broker may hand
- * one instance's publish to another, and MQTT 5 forbids no-local on shared subscriptions.
+ * gives each message to one of them. Each instance then has its own client id (and session).
+ *
+ * Our own publishes must not come back in as device messages. MQTT 5 has no-local for that, but
+ * not on shared subscriptions (the broker may hand one instance's publish to another), and 3.1.1
+ * has none. There each publish is counted in Redis, which all instances share, under its topic and
+ * payload, and each echo takes one off: the same command sent twice comes back twice, and a
+ * device's message that happens to match is let through once our echoes are accounted for.
  */
 import { createHash } from "node:crypto";
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
@@ -28,8 +32,6 @@ export class ExternalClient {
   private client: MqttClient | undefined;
   private subscribed = new Map<string, 0 | 1 | 2>();
   private connection = 0;
-  /** MQTT 3.1.1 has no no-local option: remember what we published to drop our own echo. */
-  private readonly ownPublishes = new Map<string, number>();
   readonly clientId: string;
 
   constructor(
@@ -104,25 +106,19 @@ export class ExternalClient {
     return Promise.resolve();
   }
 
+  /** Whether our own publishes come back to us (see the class comment). */
+  private get echoes(): boolean {
+    return this.config.protocolVersion === 4 || this.config.shareGroup !== undefined;
+  }
+
   private echoKey(topic: string, payload: Uint8Array): string {
-    return createHash("sha1").update(topic).update("\0").update(payload).digest("base64url");
+    const digest = createHash("sha1").update(topic).update("\0").update(payload).digest("base64url");
+    return `echo:${digest}`;
   }
 
   private async ingest(packet: IPublishPacket): Promise<void> {
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-    if (this.config.shareGroup) {
-      const key = `echo:${this.echoKey(packet.topic, payload)}`;
-      if ((await this.ctx.store.get(key)) !== undefined) {
-        await this.ctx.store.delete(key);
-        return;
-      }
-    } else if (this.config.protocolVersion === 4) {
-      const key = this.echoKey(packet.topic, payload);
-      if (this.ownPublishes.has(key)) {
-        this.ownPublishes.delete(key);
-        return;
-      }
-    }
+    if (this.echoes && (await this.ctx.store.countDown(this.echoKey(packet.topic, payload)))) return;
     await this.onMessage({
       topic: packet.topic,
       payload,
@@ -182,13 +178,7 @@ export class ExternalClient {
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected) throw new RetryableError(`mqtt broker ${this.config.url} not connected`);
-    if (this.config.shareGroup) {
-      await this.ctx.store.set(`echo:${this.echoKey(topic, payload)}`, "1", OWN_ECHO_TTL_MS);
-    } else if (this.config.protocolVersion === 4) {
-      const key = this.echoKey(topic, payload);
-      this.ownPublishes.set(key, Date.now());
-      setTimeout(() => this.ownPublishes.delete(key), OWN_ECHO_TTL_MS).unref();
-    }
+    if (this.echoes) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(

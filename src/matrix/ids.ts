@@ -10,6 +10,8 @@ export function escapeRegex(s: string): string {
  * Encodes any string into the characters a Matrix localpart allows, reversibly, following the
  * spec's appendix "Mapping from other character sets": `_` escapes upper case (`A` → `_a`) and
  * itself (`__`); other disallowed characters become `=xx` (UTF-8 bytes in lower-case hex).
+ * `/` is encoded too (`a/b` → `a=2fb`): the grammar still allows it, but only for historical ids,
+ * and a `%2F` in a request path is decoded by some reverse proxies, which breaks the request.
  */
 export function encodeLocalpart(s: string): string {
   let out = "";
@@ -17,7 +19,7 @@ export function encodeLocalpart(s: string): string {
     const c = String.fromCharCode(byte);
     if (c >= "A" && c <= "Z") out += `_${c.toLowerCase()}`;
     else if (c === "_") out += "__";
-    else if (/[a-z0-9.\-/]/.test(c)) out += c;
+    else if (/[a-z0-9.-]/.test(c)) out += c;
     else out += `=${byte.toString(16).padStart(2, "0")}`;
   }
   return out;

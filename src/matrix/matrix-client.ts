@@ -97,6 +97,8 @@ export class MatrixClient {
       disableStores: true,
       disableContext: true,
       suppressEcho: true,
+      // Ghost ids come encoded already (ids.ts); the library's own escaping must not rename them.
+      escapeUserIds: false,
       controller: { onEvent: () => undefined },
     });
   }

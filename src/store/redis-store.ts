@@ -42,6 +42,12 @@ export function connectRedis(
   return redis;
 }
 
+const COUNT_DOWN = `
+local n = tonumber(redis.call("GET", KEYS[1]) or "0")
+if n <= 0 then return 0 end
+if n == 1 then redis.call("DEL", KEYS[1]) else redis.call("DECR", KEYS[1]) end
+return 1`;
+
 /** A KeyValueStore under one key prefix. */
 export class RedisKeyValueStore implements KeyValueStore {
   constructor(
@@ -70,5 +76,14 @@ export class RedisKeyValueStore implements KeyValueStore {
     const k = this.prefix + key;
     if (ttlMs === undefined) await this.redis.hset(k, fields);
     else await this.redis.multi().hset(k, fields).pexpire(k, ttlMs).exec();
+  }
+
+  async countUp(key: string, ttlMs: number): Promise<void> {
+    const k = this.prefix + key;
+    await this.redis.multi().incr(k).pexpire(k, ttlMs).exec();
+  }
+
+  async countDown(key: string): Promise<boolean> {
+    return (await this.redis.eval(COUNT_DOWN, 1, this.prefix + key)) === 1;
   }
 }

@@ -28,6 +28,14 @@ class MemoryStore implements KeyValueStore {
     if (!map) this.maps.set(key, (map = new Map()));
     for (const [field, value] of Object.entries(fields)) map.set(field, value);
   }
+  async countUp(key: string): Promise<void> {
+    this.values.set(key, String(Number(this.values.get(key) ?? 0) + 1));
+  }
+  async countDown(key: string): Promise<boolean> {
+    const n = Number(this.values.get(key) ?? 0);
+    if (n > 0) this.values.set(key, String(n - 1));
+    return n > 0;
+  }
 }
 
 const WINDOW = 600_000;
