@@ -19,6 +19,7 @@ import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 
 import { RetryableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
 import type { Publish } from "./publish.js";
+import { topicMatches } from "./topic.js";
 import type { MqttAccount } from "./schema.js";
 
 export interface ExternalPublish extends Omit<Publish, "clientId"> {
@@ -106,9 +107,11 @@ export class ExternalClient {
     return Promise.resolve();
   }
 
-  /** Whether our own publishes come back to us (see the class comment). */
-  private get echoes(): boolean {
-    return this.config.protocolVersion === 4 || this.config.shareGroup !== undefined;
+  /** Whether our own publish to `topic` comes back to us (see the class comment). */
+  private echoes(topic: string): boolean {
+    if (this.config.protocolVersion === 5 && this.config.shareGroup === undefined) return false;
+    for (const filter of this.subscribed.keys()) if (topicMatches(filter, topic)) return true;
+    return false;
   }
 
   private echoKey(topic: string, payload: Uint8Array): string {
@@ -118,7 +121,8 @@ export class ExternalClient {
 
   private async ingest(packet: IPublishPacket): Promise<void> {
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-    if (this.echoes && (await this.ctx.store.countDown(this.echoKey(packet.topic, payload)))) return;
+    if (this.echoes(packet.topic) && (await this.ctx.store.countDown(this.echoKey(packet.topic, payload))))
+      return;
     await this.onMessage({
       topic: packet.topic,
       payload,
@@ -178,7 +182,7 @@ export class ExternalClient {
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected) throw new RetryableError(`mqtt broker ${this.config.url} not connected`);
-    if (this.echoes) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
+    if (this.echoes(topic)) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
