@@ -215,16 +215,27 @@ export class MatrixClient {
       const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
       if (!(status === 404 || body.errcode === "M_NOT_FOUND") || !ownAlias)
         throw this.toQueueError(err, `resolving ${room}`);
+      if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
+        throw new RetryableError(
+          `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
+            "create it: run `tribridge generate-registration` with this route configured (it reserves " +
+            "the route aliases under namespaces.aliases) and register the new file with the homeserver",
+        );
       const localAlias = room.slice(1, room.lastIndexOf(":"));
-      const created = await this.bridge.getIntent(this.opts.botUserId).createRoom({
-        createAsClient: true,
-        options: {
-          room_alias_name: localAlias,
-          name: localAlias,
-          preset: "private_chat",
-          invite: [...invite],
-        },
-      });
+      const created = await this.bridge
+        .getIntent(this.opts.botUserId)
+        .createRoom({
+          createAsClient: true,
+          options: {
+            room_alias_name: localAlias,
+            name: localAlias,
+            preset: "private_chat",
+            invite: [...invite],
+          },
+        })
+        .catch((error: unknown) => {
+          throw this.toQueueError(error, `creating ${room}`);
+        });
       this.roomIds.set(room, created.room_id);
       this.opts.log.info({ room, roomId: created.room_id }, "created room for route");
       return created.room_id;

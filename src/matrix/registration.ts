@@ -8,7 +8,7 @@ import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
 import { ConfigError } from "../errors.js";
 import type { Config } from "../config/load.js";
-import { namespaceRegexes } from "./ids.js";
+import { escapeRegex, namespaceRegexes } from "./ids.js";
 
 export interface Registration {
   id: string;
@@ -25,8 +25,21 @@ export interface Registration {
   "de.sorunome.msc2409.push_ephemeral"?: boolean;
 }
 
+/**
+ * The aliases of route rooms on our own server, as alias namespaces: a homeserver lets an
+ * appservice create a room with an alias only inside its namespaces (Synapse and continuwuity
+ * answer M_EXCLUSIVE otherwise). Not exclusive: people may still create such aliases themselves.
+ */
+function routeAliasNamespaces(config: Pick<Config, "homeserver" | "routes">): string[] {
+  const own = `:${config.homeserver.domain}`;
+  const aliases = config.routes
+    .map((r) => r.room)
+    .filter((room) => room.startsWith("#") && room.endsWith(own));
+  return [...new Set(aliases)].map((alias) => `^${escapeRegex(alias)}$`);
+}
+
 export function buildRegistration(
-  config: Pick<Config, "appservice" | "homeserver">,
+  config: Pick<Config, "appservice" | "homeserver" | "routes">,
   connectors: readonly ConnectorDefinition[],
   id = "tribridge",
 ): Registration {
@@ -48,7 +61,7 @@ export function buildRegistration(
     rate_limited: false,
     namespaces: {
       users: regexes.map((regex) => ({ exclusive: true, regex })),
-      aliases: [],
+      aliases: routeAliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
       rooms: [],
     },
   };

@@ -44,6 +44,25 @@ test("id, url and sender_localpart come from the config", () => {
   assert.equal(buildRegistration(config, connectors, "other-id").id, "other-id");
 });
 
+test("route aliases on our own server are reserved (not exclusively), so tribridge may create those rooms", () => {
+  const withRoutes = validateConfig(
+    {
+      homeserver: { url: "http://hs:8008", domain: "example.org" },
+      routes: ["#plant:example.org", "#plant:example.org", "#far:other.org", "!abc:example.org"].map(
+        (room, i) => ({
+          id: `r${i}`,
+          room,
+          endpoints: [{ account: "mqtt.default", direction: "in", topic: `t/${i}` }],
+        }),
+      ),
+    },
+    connectors,
+  );
+  assert.deepEqual(buildRegistration(withRoutes, connectors).namespaces.aliases, [
+    { exclusive: false, regex: "^#plant:example\\.org$" },
+  ]);
+});
+
 test("rate_limited is false", () => {
   assert.equal(buildRegistration(config, connectors).rate_limited, false);
 });
