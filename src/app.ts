@@ -269,8 +269,9 @@ export async function start({ config, registration, connectors }: StartOptions):
       live,
       commands,
       isAdmin,
-      upgraded: (oldRoomId, newRoomId) => {
+      upgraded: (oldRoomId, newRoomId, upgradedBy) => {
         const moved = routes.replaceRoom(oldRoomId, newRoomId);
+        matrix.noteServers(newRoomId, [upgradedBy.slice(upgradedBy.indexOf(":") + 1)]);
         log.info(
           { oldRoomId, newRoomId, routes: moved },
           "a route's room was upgraded; relaying through the new room",

@@ -41,8 +41,11 @@ export interface EventIntakeOptions {
   commands: Commands;
   /** Admins may invite the bot to any room (to talk to it there). */
   isAdmin(userId: string): boolean;
-  /** A route's room was upgraded (`m.room.tombstone`): relay through the new room from now on. */
-  upgraded(oldRoomId: string, newRoomId: string): void;
+  /**
+   * A route's room was upgraded (`m.room.tombstone`): relay through the new room from now on.
+   * `upgradedBy`: who sent the tombstone; their server is in the new room, to join it through.
+   */
+  upgraded(oldRoomId: string, newRoomId: string, upgradedBy: string): void;
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   log: Logger;
 }
@@ -64,7 +67,7 @@ export class EventIntake {
     }
     if (ev.type === "m.room.tombstone" && ev.state_key === "" && routes.isRouteRoom(ev.room_id)) {
       const replacement = ev.content.replacement_room;
-      if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement);
+      if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
     if (ev.type === "m.room.redaction") {

@@ -1,6 +1,6 @@
 /**
- * Live messages: an endpoint with `live: true` keeps one room message per sender and stream (an
- * MQTT topic, say) and edits it with each new reading, instead of posting a message each time.
+ * Live messages: an endpoint with `live: true` keeps one room message per room, sender and stream
+ * (an MQTT topic, say) and edits it with each new reading, instead of posting a message each time.
  * Remembered in Redis both ways: which event the next reading edits, and, for each such event,
  * which stream it shows, so that a redacted live message makes the next reading post a new one.
  */
@@ -11,6 +11,7 @@ import type { Redis } from "ioredis";
 const REMEMBER_SEC = 30 * 24 * 3600;
 
 export interface LiveStream {
+  roomId: string;
   endpointId: string;
   senderId: string;
   stream: string;
@@ -23,7 +24,8 @@ export class LiveMessages {
   ) {}
 
   private keyOf(s: LiveStream): string {
-    return `${this.prefix}:live:${hash("sha256", `${s.endpointId}\u0000${s.senderId}\u0000${s.stream}`, "hex")}`;
+    const identity = [s.roomId, s.endpointId, s.senderId, s.stream].join("\u0000");
+    return `${this.prefix}:live:${hash("sha256", identity, "hex")}`;
   }
 
   /** The event the stream's next reading edits, if there is one; remembered for longer. */

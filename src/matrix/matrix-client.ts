@@ -42,6 +42,17 @@ export function classifyMatrixError(status: number, body: MatrixErrorBody, what:
   return new PermanentError(detail);
 }
 
+/**
+ * `Retry-After` (Matrix 1.10 prefers it to `retry_after_ms`; a proxy may send only the header): delay
+ * in seconds, or an HTTP date.
+ */
+function retryAfterHeaderMs(value: string): number | undefined {
+  const seconds = Number(value);
+  if (value.trim() !== "" && Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+}
+
 /** The standard error body of a failed response; empty for a non-JSON page (e.g. from a proxy). */
 function errorBodyOf(data: Buffer): MatrixErrorBody {
   try {
@@ -69,6 +80,8 @@ function matrixErrorOf(err: unknown): { status?: number; body: MatrixErrorBody }
 export class MatrixClient {
   private readonly bridge: Bridge;
   private readonly roomIds = new Map<string, string>();
+  /** Servers that can let us into a room we are not in yet (`via`): from alias lookups and upgrades. */
+  private readonly roomServers = new Map<string, string[]>();
   private readonly readyGhosts = new Map<string, Promise<void>>();
   private readonly joined = new Map<string, Promise<void>>();
   private readonly memberNames = new Map<string, Promise<Map<string, string>>>();
@@ -198,9 +211,38 @@ export class MatrixClient {
     if (room.startsWith("!")) return room;
     const cached = this.roomIds.get(room);
     if (cached) return cached;
-    const id = await this.bridge.getIntent(this.opts.botUserId).resolveRoom(room);
+    const path = `/_matrix/client/v3/directory/room/${encodeURIComponent(room)}`;
+    const { room_id: id, servers } = await this.request("GET", path, this.opts.botUserId);
+    if (typeof id !== "string") throw new RetryableError(`GET ${path}: no room_id in the answer`);
+    if (Array.isArray(servers))
+      this.noteServers(
+        id,
+        servers.filter((s) => typeof s === "string"),
+      );
     this.roomIds.set(room, id);
     return id;
+  }
+
+  /** Servers to ask when joining `roomId` (e.g. the server of the user who upgraded a room to it). */
+  noteServers(roomId: string, servers: readonly string[]): void {
+    const known = this.roomServers.get(roomId) ?? [];
+    this.roomServers.set(roomId, [...new Set([...known, ...servers])].slice(0, 5));
+  }
+
+  /**
+   * POST /join with `via` (and `server_name`, its name before Matrix 1.12): a homeserver that is not
+   * in the room yet needs to be told which servers to ask, and current Synapse no longer guesses
+   * from the room id. The room id's own server part, where it has one, is added as a last resort.
+   */
+  private joinPath(roomId: string): string {
+    const colon = roomId.indexOf(":");
+    const servers = new Set(this.roomServers.get(roomId) ?? []);
+    if (colon > 0) servers.add(roomId.slice(colon + 1));
+    const query = [...servers]
+      .map((s) => encodeURIComponent(s))
+      .flatMap((s) => [`via=${s}`, `server_name=${s}`])
+      .join("&");
+    return `/_matrix/client/v3/join/${encodeURIComponent(roomId)}${query ? `?${query}` : ""}`;
   }
 
   /**
@@ -211,10 +253,8 @@ export class MatrixClient {
     try {
       return await this.resolveRoom(room);
     } catch (err) {
-      const { status, body } = matrixErrorOf(err);
       const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
-      if (!(status === 404 || body.errcode === "M_NOT_FOUND") || !ownAlias)
-        throw this.toQueueError(err, `resolving ${room}`);
+      if (!(err instanceof PermanentError && /: 404 /.test(err.message)) || !ownAlias) throw err;
       if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
         throw new RetryableError(
           `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
@@ -255,7 +295,10 @@ export class MatrixClient {
     const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/m.room.tombstone`;
     try {
       const content = await this.request("GET", path, this.opts.botUserId);
-      return typeof content.replacement_room === "string" ? content.replacement_room : undefined;
+      if (typeof content.replacement_room !== "string") return undefined;
+      // The servers that got us into the old room are the best guess for its successor.
+      this.noteServers(content.replacement_room, this.roomServers.get(roomId) ?? []);
+      return content.replacement_room;
     } catch (err) {
       // 404: never upgraded.
       if (!(err instanceof PermanentError && /: 404 /.test(err.message)))
@@ -288,26 +331,35 @@ export class MatrixClient {
     const key = `${userId}|${roomId}`;
     let joined = this.joined.get(key);
     if (!joined) {
-      // The bot joins by itself, so the homeserver's reason (e.g. not invited) reaches the failed
-      // list; Intent.join, which reports only "Failed to join room", invites a ghost with the bot
-      // first when the room is not public.
-      const joining =
-        userId === this.opts.botUserId
-          ? this.request("POST", `/_matrix/client/v3/join/${encodeURIComponent(roomId)}`, userId, {})
-          : this.bridge.getIntent(userId).join(roomId);
-      joined = joining
-        .then(() => undefined)
-        .catch((err: unknown) => {
-          this.joined.delete(key);
-          const error = this.toQueueError(err, `joining ${userId} to ${roomId}`);
-          // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
-          throw error instanceof PermanentError && error.message.includes("M_FORBIDDEN")
-            ? new RetryableError(`${error.message} (invite ${this.opts.botUserId} to the room)`)
-            : error;
-        });
+      joined = this.join(userId, roomId).catch((err: unknown) => {
+        this.joined.delete(key);
+        // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
+        throw err instanceof PermanentError && err.message.includes("M_FORBIDDEN")
+          ? new RetryableError(`${err.message} (invite ${this.opts.botUserId} to the room)`)
+          : err;
+      });
       this.joined.set(key, joined);
     }
     return joined;
+  }
+
+  /**
+   * Joins by our own requests rather than the library's Intent.join: the homeserver's reason (e.g.
+   * not invited) reaches the failed list, and a ghost that was kicked joins again (the library's
+   * membership cache, which we do not feed, would still say it is in). A ghost that may not join
+   * (a room that wants an invite) is invited by the bot first.
+   */
+  private async join(userId: string, roomId: string): Promise<void> {
+    const join = () => this.request("POST", this.joinPath(roomId), userId, {});
+    try {
+      await join();
+    } catch (err) {
+      const forbidden = err instanceof PermanentError && err.message.includes("M_FORBIDDEN");
+      if (!forbidden || userId === this.opts.botUserId) throw err;
+      const invite = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/invite`;
+      await this.request("POST", invite, this.opts.botUserId, { user_id: userId });
+      await join();
+    }
   }
 
   /** The queue's error for a failure of the bridge library (our own requests throw one already). */
@@ -332,8 +384,9 @@ export class MatrixClient {
       path += `${path.includes("?") ? "&" : "?"}user_id=${encodeURIComponent(userId)}`;
     }
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
-    const { status, data } = await this.dispatch(what, { method, path, contentType, body });
-    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
+    const { status, data, retryAfterMs } = await this.dispatch(what, { method, path, contentType, body });
+    if (status < 200 || status >= 300)
+      throw classifyMatrixError(status, { retry_after_ms: retryAfterMs, ...errorBodyOf(data) }, what);
     try {
       // A success must carry its JSON (an event id, a content URI).
       return JSON.parse(data.toString("utf8")) as Record<string, unknown>;
@@ -356,13 +409,14 @@ export class MatrixClient {
       /** A longer response body fails the request permanently. */
       maxBytes?: number;
     },
-  ): Promise<{ status: number; data: Buffer; contentType: string | undefined }> {
+  ): Promise<{ status: number; data: Buffer; contentType: string | undefined; retryAfterMs?: number }> {
     const { method, path, contentType = "application/json", body, maxBytes = Infinity } = req;
     return new Promise((resolve, reject) => {
       const chunks: Buffer[] = [];
       let received = 0;
       let status = 0;
       let responseType: string | undefined;
+      let retryAfterMs: number | undefined;
       let abort: (err: Error) => void = () => undefined;
       const tooLarge = () => new PermanentError(`${what}: response larger than ${maxBytes} bytes`);
       this.pool.dispatch(
@@ -384,6 +438,7 @@ export class MatrixClient {
             for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
               const name = String(rawHeaders[i]).toLowerCase();
               if (name === "content-type") responseType = String(rawHeaders[i + 1]);
+              if (name === "retry-after") retryAfterMs = retryAfterHeaderMs(String(rawHeaders[i + 1]));
               if (name === "content-length" && Number(String(rawHeaders[i + 1])) > maxBytes)
                 abort(tooLarge());
             }
@@ -398,7 +453,8 @@ export class MatrixClient {
             chunks.push(chunk);
             return true;
           },
-          onComplete: () => resolve({ status, data: Buffer.concat(chunks), contentType: responseType }),
+          onComplete: () =>
+            resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs }),
           onError: (err) =>
             reject(err instanceof PermanentError ? err : new RetryableError(`${what}: ${err.message}`)),
         },

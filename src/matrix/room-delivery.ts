@@ -83,13 +83,31 @@ export class RoomDelivery {
       const mxc = await this.matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
       content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
     }
-    // A live endpoint's stream keeps one message, edited with each reading (see LiveMessages).
+    // A live endpoint's stream keeps one message per room, edited with each reading (see
+    // LiveMessages); after a room upgrade the stream starts over in the new room.
     const stream = found.endpoint.live
-      ? { endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" }
+      ? { roomId, endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" }
       : undefined;
     const original = stream && (await this.live.current(stream));
-    if (original) content = replacementContent(original, content);
+    if (original) {
+      try {
+        await this.matrix.sendAs(
+          sender,
+          roomId,
+          "m.room.message",
+          replacementContent(original, content),
+          txnId,
+        );
+        return;
+      } catch (err) {
+        // The homeserver refuses the edit for good (its original is gone, say): start over, under
+        // a transaction id of its own, so a repeat of this item posts it once.
+        if (!(err instanceof PermanentError)) throw err;
+        await this.live.forget(original);
+        txnId = `${txnId}-new`;
+      }
+    }
     const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
-    if (stream && !original) await this.live.remember(stream, eventId);
+    if (stream) await this.live.remember(stream, eventId);
   }
 }

@@ -122,6 +122,25 @@ describe("live messages", () => {
     assert.equal(fresh!.content.body, "21.3");
     assert.equal(relatesTo(edit!)?.event_id, fresh!.event_id, "which later readings edit");
   });
+
+  test("after the room is upgraded, a stream starts over in the new room, and is edited there", async () => {
+    const a = devices[0]!;
+    const newRoom = h.hs.createRoom({ creator: h.alice, preset: "public_chat" });
+    h.hs.sendState(room, h.alice, "m.room.tombstone", "", { body: "replaced", replacement_room: newRoom });
+    await waitFor(
+      "the bot in the new room",
+      () => h.hs.membershipOf(newRoom, h.hs.appserviceUserId) === "join",
+    );
+    await a.publishAsync("sensors/a/temp", "22.0", { qos: 1 });
+    await waitFor("the reading in the new room", () => h.hs.messages(newRoom).length >= 1);
+    await a.publishAsync("sensors/a/temp", "22.4", { qos: 1 });
+    await waitFor("the next one", () => h.hs.messages(newRoom).length >= 2);
+    const [fresh, edit] = h.hs.messages(newRoom);
+    assert.equal(isEdit(fresh!), false, "a new message, not an edit of one in the old room");
+    assert.equal(fresh!.content.body, "22.0");
+    assert.equal(relatesTo(edit!)?.event_id, fresh!.event_id);
+    assert.deepEqual(await bridge.failedJobs(), []);
+  });
 });
 
 describe("live messages while delivery is behind", () => {

@@ -106,6 +106,20 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     assert.deepEqual(added, ["routed"]);
   });
 
+  test("a ghost kicked from the room joins again with its next message", async () => {
+    const device = await connect(port, "sensor3");
+    clients.push(device);
+    await device.publishAsync("greenhouse/sensor3/temperature", "before the kick", { qos: 1 });
+    await waitFor("joined", () => h.hs.membershipOf(room, GHOST("sensor3")) === "join");
+    h.hs.sendState(room, h.alice, "m.room.member", GHOST("sensor3"), { membership: "leave" });
+    await new Promise((r) => setTimeout(r, 200)); // the kick reaches the bridge
+    await device.publishAsync("greenhouse/sensor3/temperature", "after the kick", { qos: 1 });
+    await waitFor("after the kick", () =>
+      h.hs.messages(room).some((m) => m.content.body === "after the kick" && m.sender === GHOST("sensor3")),
+    );
+    assert.equal(h.hs.membershipOf(room, GHOST("sensor3")), "join");
+  });
+
   test("a device's last will, published when its connection drops, reaches the room as that device", async () => {
     const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
       clientId: "sensor9",

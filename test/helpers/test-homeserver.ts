@@ -1737,6 +1737,10 @@ export class TestHomeserver {
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
+      // Synapse's _validate_event_relation: a relation's parent, when known, is in the same room.
+      const relatesTo = body(ctx)["m.relates_to"];
+      const parent = isObject(relatesTo) ? this.eventIndex.get(String(relatesTo.event_id)) : undefined;
+      if (parent && parent.room !== room) throw err(400, "M_UNKNOWN", "Relations must be in the same room");
       const ev = this.sendEvent(room, rq.userId, type, body(ctx), undefined, {
         txnId,
         txnScope: rq.txnScope,

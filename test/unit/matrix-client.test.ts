@@ -41,6 +41,7 @@ describe("MatrixClient against a scripted homeserver", () => {
   /** Scripted answers to /whoami, in order; then the bot. */
   const whoami: [number, unknown][] = [];
   const seen: { method: string; url: string; auth: string | undefined }[] = [];
+  const joins: string[] = [];
   const clients: MatrixClient[] = [];
 
   /** A client of the scripted homeserver (started), or of `url` (not started). */
@@ -67,7 +68,10 @@ describe("MatrixClient against a scripted homeserver", () => {
       req.on("end", () => {
         const url = req.url!;
         // What the bridge library asks on start-up and for joins: always fine here.
-        if (url.includes("/join/")) return json(res, 200, { room_id: "!room:test.local" });
+        if (url.includes("/join/")) {
+          joins.push(url);
+          return json(res, 200, { room_id: "!room:test.local" });
+        }
         if (url.includes("/versions")) return json(res, 200, { versions: ["v1.11"] });
         if (url.includes("/whoami")) {
           const [status, body] = whoami.shift() ?? [200, { user_id: BOT }];
@@ -128,6 +132,25 @@ describe("MatrixClient against a scripted homeserver", () => {
     const bad = await send(c).catch((e: unknown) => e);
     assert.ok(bad instanceof PermanentError);
     assert.match(bad.message, /400 M_BAD_JSON nope/);
+  });
+
+  test("429 with only a Retry-After header (Matrix 1.10, or a proxy) → RetryableError carrying it", async () => {
+    handler = (_req, res) => res.writeHead(429, { "retry-after": "3" }).end("slow down");
+    const limited = await send(await client()).catch((e: unknown) => e);
+    assert.ok(limited instanceof RetryableError);
+    assert.equal(limited.retryAfterMs, 3000);
+  });
+
+  test("a room on another server is joined with the servers its alias lookup named (via)", async () => {
+    handler = (_req, res) =>
+      json(res, 200, { room_id: "!far:other.org", servers: ["other.org", "third.org"] });
+    const c = await client();
+    assert.equal(await c.resolveRoom("#far:other.org"), "!far:other.org");
+    joins.length = 0;
+    await c.joinBot("!far:other.org");
+    assert.deepEqual(joins, [
+      "/_matrix/client/v3/join/!far%3Aother.org?via=other.org&server_name=other.org&via=third.org&server_name=third.org",
+    ]);
   });
 
   test("a 200 without JSON is retried, not taken for success", async () => {
