@@ -26,9 +26,11 @@ export const DEFAULTS = {
   metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
 } as const;
 
+// Narrower than the localpart grammar: Synapse refuses a registration whose sender_localpart
+// changes when URL-quoted ('=' and '/' do), and ghost ids are built from the prefix.
 const localpart = z
   .string()
-  .regex(/^[a-z0-9._=/-]+$/, "must be a Matrix localpart: lower-case letters, digits and ._=-/ only");
+  .regex(/^[a-z0-9._-]+$/, "must be a Matrix localpart: lower-case letters, digits and ._- only");
 
 export const homeserverSchema = z.strictObject(
   {
@@ -125,7 +127,8 @@ export const routeSchema = z.strictObject({
     .describe("Stable id: job ids and stored state refer to it"),
   room: z
     .string()
-    .regex(/^[#!][^:]+:.+$/, "must be a room alias (#name:server) or a room id (!id:server)")
+    // Room ids of room version 12 have no server part (!<hash>).
+    .regex(/^(#[^:]+:.+|![^:]+(:.+)?)$/, "must be a room alias (#name:server) or a room id (!id:server)")
     .describe("Room alias or id; an alias on our own domain that does not exist yet is created"),
   invite: z
     .array(z.string().regex(/^@[^:]+:.+$/, "must be a user id"))

@@ -1,4 +1,5 @@
 /** Matrix user ids for the bot and the ghosts, and the namespace regexes that cover them. */
+import { hash } from "node:crypto";
 import type { ConnectorDefinition } from "../connector.js";
 
 /** Escapes a string for use inside a regular expression. */
@@ -30,14 +31,29 @@ export interface GhostNaming {
   readonly domain: string;
 }
 
-/** `@<prefix><tag>_<account>_<encoded sender>:<domain>`. Account names have no `_`, so this parses. */
+/** The spec's limit on a whole user id; homeservers refuse to register a longer one. */
+const MAX_USER_ID_BYTES = 255;
+
+/**
+ * `@<prefix><tag>_<account>_<encoded sender>:<domain>`. Account names have no `_`, so this parses.
+ * A sender too long for that (a deep MQTT topic, say) keeps the start of its encoding and gets a
+ * hash of the whole, so it stays unique.
+ */
 export function ghostUserId(
   naming: GhostNaming,
   ghostTag: string,
   account: string,
   senderId: string,
 ): string {
-  return `@${naming.ghostPrefix}${ghostTag}_${account}_${encodeLocalpart(senderId)}:${naming.domain}`;
+  const head = `@${naming.ghostPrefix}${ghostTag}_${account}_`;
+  const tail = `:${naming.domain}`;
+  let local = encodeLocalpart(senderId);
+  const room = MAX_USER_ID_BYTES - head.length - tail.length;
+  if (local.length > room) {
+    const digest = hash("sha256", senderId, "hex").slice(0, 16);
+    local = `${local.slice(0, Math.max(0, room - digest.length - 1))}-${digest}`;
+  }
+  return head + local + tail;
 }
 
 /** Anchored regex for every ghost of one connector (what registration.yaml lists). */

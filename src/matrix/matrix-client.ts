@@ -42,6 +42,13 @@ export function classifyMatrixError(status: number, body: MatrixErrorBody, what:
   return new PermanentError(detail);
 }
 
+/** The same kind of error, its message led by what we were doing (the path alone may not say). */
+function relabel(err: unknown, what: string): unknown {
+  if (err instanceof PermanentError) return new PermanentError(`${what}: ${err.message}`);
+  if (err instanceof RetryableError) return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs);
+  return err;
+}
+
 /**
  * `Retry-After` (Matrix 1.10 prefers it to `retry_after_ms`; a proxy may send only the header): delay
  * in seconds, or an HTTP date.
@@ -212,7 +219,11 @@ export class MatrixClient {
     const cached = this.roomIds.get(room);
     if (cached) return cached;
     const path = `/_matrix/client/v3/directory/room/${encodeURIComponent(room)}`;
-    const { room_id: id, servers } = await this.request("GET", path, this.opts.botUserId);
+    const { room_id: id, servers } = await this.request("GET", path, this.opts.botUserId).catch(
+      (err: unknown) => {
+        throw relabel(err, `resolving ${room}`);
+      },
+    );
     if (typeof id !== "string") throw new RetryableError(`GET ${path}: no room_id in the answer`);
     if (Array.isArray(servers))
       this.noteServers(
@@ -498,18 +509,19 @@ export class MatrixClient {
     txnId: string,
   ): Promise<string> {
     if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
-    await this.ensureJoined(sender.userId, roomId);
     const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(type)}/${encodeURIComponent(txnId)}`;
+    const send = async () => {
+      await this.ensureJoined(sender.userId, roomId);
+      return String((await this.request("PUT", path, sender.userId, content)).event_id);
+    };
     try {
-      const res = await this.request("PUT", path, sender.userId, content);
-      return String(res.event_id);
+      return await send();
     } catch (err) {
-      // Kicked or left since we cached the join: forget it so the retry joins again.
-      if (err instanceof PermanentError && err.message.includes("M_FORBIDDEN")) {
-        this.joined.delete(`${sender.userId}|${roomId}`);
-        throw new RetryableError(err.message);
-      }
-      throw err;
+      if (!(err instanceof PermanentError && err.message.includes("M_FORBIDDEN"))) throw err;
+      // Kicked or left since we cached the join: join again and send once more. Refused again,
+      // the room does not let this sender post (power levels): a retry would not change that.
+      this.joined.delete(`${sender.userId}|${roomId}`);
+      return await send();
     }
   }
 

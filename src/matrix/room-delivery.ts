@@ -75,7 +75,8 @@ export class RoomDelivery {
       userId: this.ghostIds.get(`${tag}\u0000${job.account}\u0000${job.sender.id}`, () =>
         ghostUserId(this.naming, tag, job.account, job.sender.id),
       ),
-      displayName: job.sender.displayName ?? job.sender.id,
+      // Synapse refuses display names over 256 characters.
+      displayName: (job.sender.displayName ?? job.sender.id).slice(0, 256),
     };
     let content = toMatrixContent(job.body);
     if (job.attachment) {

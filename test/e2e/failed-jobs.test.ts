@@ -25,11 +25,11 @@ function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
   );
 }
 
-/** A bridge with one inbound route, from `topic` into `room`. */
+/** A bridge with one inbound route, from `topic` into `room` (created first with `preset`, if given). */
 async function bridgeWithRoute(
-  route: { id: string; room: string; topic: string },
+  route: { id: string; room: string; topic: string; preset?: "public_chat" | "private_chat" },
   queue?: Record<string, unknown>,
-): Promise<{ h: Harness; bridge: RunningBridge }> {
+): Promise<{ h: Harness; bridge: RunningBridge; roomId: string }> {
   const h = await harness({
     bridges: { mqtt: { home: { embedded: { port: 0 } } } },
     queue,
@@ -41,7 +41,10 @@ async function bridgeWithRoute(
       },
     ],
   });
-  return { h, bridge: await start({ config: h.config, registration: h.registration, connectors }) };
+  const roomId = route.preset
+    ? h.hs.createRoom({ creator: h.alice, alias: route.room, preset: route.preset })
+    : "";
+  return { h, roomId, bridge: await start({ config: h.config, registration: h.registration, connectors }) };
 }
 
 async function publishOnce(bridge: RunningBridge, clientId: string, topic: string, body: string) {
@@ -117,10 +120,15 @@ test("failed-jobs without a reachable Redis fails at once with a clear message",
 describe("failed relays can be put back on their queues", () => {
   let h: Harness;
   let bridge: RunningBridge;
+  let room: string;
 
   before(async () => {
-    ({ h, bridge } = await bridgeWithRoute(
-      { id: "closed", room: "#closed:test.local", topic: "closed/#" },
+    ({
+      h,
+      bridge,
+      roomId: room,
+    } = await bridgeWithRoute(
+      { id: "closed", room: "#closed:test.local", topic: "closed/#", preset: "private_chat" },
       { maxAttempts: 2 },
     ));
   });
@@ -131,7 +139,6 @@ describe("failed relays can be put back on their queues", () => {
   });
 
   test("a message that gave up (bot not invited) is delivered after `failed-jobs --retry`", async () => {
-    const room = h.hs.createRoom({ creator: h.alice, alias: "#closed:test.local", preset: "private_chat" });
     await publishOnce(bridge, "knocker", "closed/door", "let me in");
     const jobs = await failedJobsOf(bridge);
     assert.equal(jobs.length, 1);
@@ -147,5 +154,37 @@ describe("failed relays can be put back on their queues", () => {
     const [message] = await h.hs.waitForMessages(room, 1, 20_000);
     assert.equal(message!.content.body, "let me in");
     assert.deepEqual(await bridge.failedJobs(), []);
+  });
+});
+
+describe("a room where the device's ghost may not post", () => {
+  let h: Harness;
+  let bridge: RunningBridge;
+  let room: string;
+
+  before(async () => {
+    ({
+      h,
+      bridge,
+      roomId: room,
+    } = await bridgeWithRoute(
+      { id: "announce", room: "#announce:test.local", topic: "announce/#", preset: "public_chat" },
+      { maxAttempts: 5 },
+    ));
+  });
+
+  after(async () => {
+    await bridge?.stop();
+    await h?.cleanup();
+  });
+
+  test("fails at once, not after every retry: joining again does not change power levels", async () => {
+    h.hs.sendState(room, h.alice, "m.room.power_levels", "", {
+      users: { [h.alice]: 100 },
+      events_default: 50,
+    });
+    await publishOnce(bridge, "speaker", "announce/now", "hello");
+    const [failed] = await failedJobsOf(bridge);
+    assert.match(failed!.reason, /^permanent: .*M_FORBIDDEN/);
   });
 });

@@ -56,6 +56,22 @@ test("validate-config exits non-zero and prints the path for each broken config"
   }
 });
 
+test("room ids of room version 12 (no server part) are accepted; '=' in the bot's localpart is not", () => {
+  const base = { homeserver: { url: "http://hs:8008", domain: "example.org" } };
+  const route = (room: string) => ({
+    id: "r",
+    room,
+    endpoints: [{ account: "mqtt.default", direction: "in", topic: "t" }],
+  });
+  for (const room of ["!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM", "!abc:example.org", "#a:example.org"])
+    assert.doesNotThrow(() => validateConfig({ ...base, routes: [route(room)] }, connectors), room);
+  // Synapse refuses a registration whose sender_localpart changes when URL-quoted.
+  assert.throws(
+    () => validateConfig({ ...base, appservice: { botLocalpart: "bot=1" } }, connectors),
+    /appservice\.botLocalpart: must be a Matrix localpart/,
+  );
+});
+
 test("the sample config is valid and has defaults filled", () => {
   const cfg = validateConfig(sampleConfigInline(), connectors);
   assert.equal(cfg.appservice.port, 9993);

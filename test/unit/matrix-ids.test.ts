@@ -80,6 +80,16 @@ test("the encoding is reversible (distinct inputs give distinct outputs)", () =>
 
 // --- ghostUserId / botUserId ----------------------------------------------------------------------
 
+test("a sender too long for a user id (255 bytes) keeps its start and a hash of the whole", () => {
+  const deep = `site/${"building/floor/".repeat(20)}sensor`;
+  const a = ghostUserId(naming, "mqtt", "home", `${deep}/1`);
+  const b = ghostUserId(naming, "mqtt", "home", `${deep}/2`);
+  assert.equal(a.length, 255);
+  assert.notEqual(a, b);
+  assert.ok(a.startsWith("@_tb_mqtt_home_site=2fbuilding"), a);
+  assert.match(a.slice(1, a.indexOf(":")), LOCALPART);
+});
+
 test("ghostUserId is @<prefix><tag>_<account>_<encoded sender>:<domain>", () => {
   assert.equal(ghostUserId(naming, "mqtt", "home", "Dev_1"), "@_tb_mqtt_home__dev__1:example.org");
   assert.equal(ghostUserId(naming, "mqtt", "home", "a:b@c"), "@_tb_mqtt_home_a=3ab=40c:example.org");
