@@ -36,6 +36,8 @@ export interface StartOptions {
   config: Config;
   registration: Registration;
   connectors: readonly ConnectorDefinition[];
+  /** Aborting it while start() still waits (for the homeserver, say) stops what started and rejects. */
+  signal?: AbortSignal;
 }
 
 export interface RunningBridge {
@@ -51,7 +53,12 @@ export interface RunningBridge {
 
 const log = moduleLogger("app");
 
-export async function start({ config, registration, connectors }: StartOptions): Promise<RunningBridge> {
+export async function start({
+  config,
+  registration,
+  connectors,
+  signal,
+}: StartOptions): Promise<RunningBridge> {
   const names = new Set<string>();
   for (const c of connectors) {
     if (names.has(c.name)) throw new Error(`two connectors are named "${c.name}"`);
@@ -59,6 +66,7 @@ export async function start({ config, registration, connectors }: StartOptions):
   }
   const cleanups: (() => Promise<void>)[] = [];
   const lifetime = new AbortController();
+  signal?.addEventListener("abort", () => lifetime.abort(), { once: true });
   const stop = async () => {
     lifetime.abort();
     for (const cleanup of cleanups.reverse()) {

@@ -8,9 +8,11 @@ import { parseArgs } from "node:util";
 import { connectors } from "../bridges/index.js";
 import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
+import type { RunningBridge } from "./app.js";
 import { ConfigError, errorMessage } from "./errors.js";
 import {
   buildRegistration,
+  registrationExists,
   continuwuityInstructions,
   loadRegistration,
   synapseInstructions,
@@ -109,7 +111,7 @@ function readConfig(options: Options): Config {
 }
 
 function generateRegistration(config: Config, options: Options): Registration {
-  if (existsSync(options.registration) && !options.force) {
+  if (registrationExists(options.registration) && !options.force) {
     throw new Error(
       `${options.registration} exists; use --force to replace it (the homeserver must then be updated too)`,
     );
@@ -150,7 +152,7 @@ function generateConfigFiles(check: boolean): number {
 async function startBridge(options: Options): Promise<void> {
   const config = readConfig(options);
   let registration: Registration;
-  if (existsSync(options.registration)) {
+  if (registrationExists(options.registration)) {
     registration = loadRegistration(options.registration);
   } else {
     registration = generateRegistration(config, options);
@@ -161,22 +163,34 @@ async function startBridge(options: Options): Promise<void> {
     console.log("");
   }
   const { start } = await import("./app.js");
-  const app = await start({ config, registration, connectors });
-  let stopping = false;
-  const shutdown = (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    console.error(`${signal}: stopping`);
-    app.stop().then(
+  // Signals are handled from the start: start() may wait long for the homeserver, and what it
+  // started by then (a private redis-server) must stop with it. As PID 1 in a container, a signal
+  // without a handler would even be ignored.
+  const stopping = new AbortController();
+  let app: RunningBridge | undefined;
+  const stopApp = (running: RunningBridge) =>
+    running.stop().then(
       () => process.exit(0),
       (err: unknown) => {
         console.error(`error while stopping: ${errorMessage(err)}`);
         process.exit(1);
       },
     );
+  const shutdown = (signal: string) => {
+    if (stopping.signal.aborted) return;
+    console.error(`${signal}: stopping`);
+    stopping.abort();
+    if (app) void stopApp(app); // else start() stops what it started, and rejects
   };
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
+  try {
+    app = await start({ config, registration, connectors, signal: stopping.signal });
+  } catch (err) {
+    if (stopping.signal.aborted) process.exit(0);
+    throw err;
+  }
+  if (stopping.signal.aborted) await stopApp(app);
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -209,8 +223,13 @@ async function main(argv: string[]): Promise<number> {
         const ids = options.ids && new Set(options.ids);
         const requeued = await failed.retryFailedJobs(readConfig(options), connectors, ids);
         console.log(`requeued ${requeued} failed relay(s)`);
+        if (ids && requeued < ids.size) {
+          console.error(`${ids.size - requeued} of the given --id are not in the failed list`);
+          return 1;
+        }
         return 0;
       }
+      if (options.ids) throw new Error("--id goes with --retry (failed-jobs --retry --id ID)");
       const limit = Number(options.limit ?? 100);
       if (!Number.isInteger(limit) || limit < 1) throw new Error("--limit must be a positive integer");
       console.log(

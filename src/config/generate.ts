@@ -11,6 +11,9 @@ import { buildConfigSchema } from "./schema.js";
 
 type JsonSchema = {
   description?: string;
+  type?: string;
+  required?: string[];
+  allOf?: JsonSchema[];
   properties?: Record<string, JsonSchema>;
   items?: JsonSchema;
   additionalProperties?: JsonSchema | boolean;
@@ -64,8 +67,39 @@ export function configJsonSchema(connectors: readonly ConnectorDefinition[]): Re
   const schema = z.toJSONSchema(buildConfigSchema(connectors), {
     io: "input",
     unrepresentable: "any",
-  }) as Record<string, unknown>;
+  }) as JsonSchema;
+  allowSecretFiles(schema);
   return { ...schema, title: "tribridge config.yaml" };
+}
+
+/**
+ * Every string key may come from a file instead (`<key>File`, see resolveSecretFiles): the schema
+ * says so, or editors would flag the sample's own `passwordFile`. A required key is then satisfied
+ * by either.
+ */
+function allowSecretFiles(schema: JsonSchema | undefined): void {
+  if (!schema || typeof schema !== "object") return;
+  for (const sub of [
+    ...Object.values(schema.properties ?? {}),
+    ...(schema.anyOf ?? []),
+    ...(schema.allOf ?? []),
+    ...(schema.items ? [schema.items] : []),
+    ...(typeof schema.additionalProperties === "object" ? [schema.additionalProperties] : []),
+  ])
+    allowSecretFiles(sub);
+  const props = schema.properties;
+  if (!props) return;
+  const secrets = Object.keys(props).filter((key) => props[key]!.type === "string" && !props[`${key}File`]);
+  for (const key of secrets) {
+    props[`${key}File`] = { type: "string", description: `Read ${key} from this file (trimmed)` };
+  }
+  const requiredSecrets = (schema.required ?? []).filter((key) => secrets.includes(key));
+  if (requiredSecrets.length === 0) return;
+  schema.required = schema.required!.filter((key) => !requiredSecrets.includes(key));
+  schema.allOf = [
+    ...(schema.allOf ?? []),
+    ...requiredSecrets.map((key) => ({ anyOf: [{ required: [key] }, { required: [`${key}File`] }] })),
+  ];
 }
 
 function childSchema(schema: JsonSchema | undefined, key: string | number): JsonSchema | undefined {

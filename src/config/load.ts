@@ -64,19 +64,35 @@ const ENV_PREFIX = "TRIBRIDGE__";
 
 /**
  * `TRIBRIDGE__queue__redisUrl=redis://…` sets `queue.redisUrl`. Segments are the config keys as
- * written (case-sensitive); a numeric segment indexes an array. Values are parsed as YAML scalars.
+ * written (case-sensitive); a numeric segment indexes an array. See envValue for the values.
  */
 export function applyEnvOverrides(raw: Record<string, unknown>, env: NodeJS.ProcessEnv): void {
   for (const [name, value] of Object.entries(env)) {
     if (!name.startsWith(ENV_PREFIX) || value === undefined) continue;
     const segments = name.slice(ENV_PREFIX.length).split("__");
     let node: Record<string, unknown> = raw;
-    segments.slice(0, -1).forEach((seg) => {
+    segments.slice(0, -1).forEach((seg, i) => {
       const next = node[seg];
-      if (typeof next !== "object" || next === null) node[seg] = {};
+      if (typeof next !== "object" || next === null) node[seg] = /^\d+$/.test(segments[i + 1]!) ? [] : {};
       node = node[seg] as Record<string, unknown>;
     });
-    node[segments.at(-1)!] = parseYaml(value);
+    node[segments.at(-1)!] = envValue(name, value);
+  }
+}
+
+/**
+ * A value as written, except a plain number, `true`/`false`, or YAML in quotes or brackets
+ * (`'"123456"'` for a string of digits, `[a, b]` for a list). Not YAML throughout: a password such
+ * as `s3cr3t #42` or `@me:example.org` would be cut at a comment or refused.
+ */
+function envValue(name: string, value: string): unknown {
+  if (/^-?\d+(\.\d+)?$/.test(value)) return Number(value);
+  if (value === "true" || value === "false") return value === "true";
+  if (!/^\s*["'[{]/.test(value)) return value;
+  try {
+    return parseYaml(value);
+  } catch (err) {
+    throw new ConfigError(name, `not valid YAML: ${(err as Error).message.split("\n")[0]}`);
   }
 }
 
@@ -116,7 +132,12 @@ export function resolveSecretFiles(node: unknown, baseDir: string, path: Propert
 }
 
 function issuesToErrors(issues: readonly z.core.$ZodIssue[], prefix: PropertyKey[] = []): ConfigError[] {
-  return issues.map((issue) => new ConfigError(formatPath([...prefix, ...issue.path]), issue.message));
+  return issues.flatMap((issue) =>
+    // A typo names the key itself, so the message points at the line to fix.
+    issue.code === "unrecognized_keys"
+      ? issue.keys.map((key) => new ConfigError(formatPath([...prefix, ...issue.path, key]), "unknown key"))
+      : [new ConfigError(formatPath([...prefix, ...issue.path]), issue.message)],
+  );
 }
 
 /** Validates an already-parsed YAML document. Throws ConfigErrors. */
@@ -206,9 +227,17 @@ export function validateConfig(
     });
     return { id: route.id, room: route.room, invite: route.invite, endpoints };
   });
+  const { appservice } = cfg;
+  if (appservice.url === undefined && ["0.0.0.0", "::", "[::]"].includes(appservice.bind))
+    errors.push(
+      new ConfigError(
+        "appservice.url",
+        `is required with bind ${appservice.bind}: the homeserver cannot reach that address; set the URL it ` +
+          "reaches tribridge at, e.g. http://tribridge:9993",
+      ),
+    );
   if (errors.length > 0) throw new ConfigErrors(errors);
 
-  const { appservice } = cfg;
   return {
     homeserver: cfg.homeserver,
     appservice: { ...appservice, url: appservice.url ?? `http://${appservice.bind}:${appservice.port}` },

@@ -35,7 +35,7 @@ const localpart = z
 export const homeserverSchema = z.strictObject(
   {
     url: z
-      .url({ error: "must be a URL such as http://localhost:8008" })
+      .url({ protocol: /^https?$/, error: "must be an http(s) URL such as http://localhost:8008" })
       .describe("Client-Server API base URL"),
     domain: z
       .string()
@@ -52,7 +52,7 @@ export const appserviceSchema = z.strictObject({
   bind: z.string().default(DEFAULTS.appserviceBind).describe("Address the appservice HTTP listener binds"),
   port: z.number().int().min(1).max(65535).default(DEFAULTS.appservicePort),
   url: z
-    .url()
+    .url({ protocol: /^https?$/, error: "must be an http(s) URL such as http://tribridge:9993" })
     .optional()
     .describe("URL the homeserver uses to reach this bridge (default http://<bind>:<port>)"),
   botLocalpart: localpart.default(DEFAULTS.botLocalpart),

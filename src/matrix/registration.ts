@@ -2,7 +2,7 @@
  * The appservice registration file: generated once (random tokens), given to the homeserver, and
  * read by tribridge at start.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { AppServiceRegistration } from "matrix-appservice-bridge";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
@@ -72,7 +72,26 @@ export function registrationYaml(reg: Registration): string {
 }
 
 export function writeRegistration(file: string, reg: Registration): void {
-  writeFileSync(file, registrationYaml(reg), { mode: 0o600 });
+  const header =
+    "# Written by tribridge: these tokens are secrets. Register this file with the homeserver.\n";
+  writeFileSync(file, header + registrationYaml(reg), { mode: 0o600 });
+  chmodSync(file, 0o600); // `mode` applies only to a new file; this may replace the sample
+}
+
+const PLACEHOLDER_TOKEN = /^(CHANGE_ME|placeholder)/i;
+
+/**
+ * Whether `file` holds a registration of its own: it exists and its tokens are not the committed
+ * sample's placeholders (which `start` and `generate-registration` replace without --force).
+ */
+export function registrationExists(file: string): boolean {
+  if (!existsSync(file)) return false;
+  try {
+    const r = parseYaml(readFileSync(file, "utf8")) as Partial<Registration> | null;
+    return !PLACEHOLDER_TOKEN.test(String(r?.as_token)) || !PLACEHOLDER_TOKEN.test(String(r?.hs_token));
+  } catch {
+    return true; // unreadable: loadRegistration says why
+  }
 }
 
 export function loadRegistration(file: string): Registration {
@@ -88,7 +107,7 @@ export function loadRegistration(file: string): Registration {
       throw new ConfigError(key, `missing in registration ${file} (run: tribridge generate-registration)`);
     }
   }
-  if (/^(CHANGE_ME|placeholder)/i.test(r!.as_token!) || /^(CHANGE_ME|placeholder)/i.test(r!.hs_token!)) {
+  if (PLACEHOLDER_TOKEN.test(r!.as_token!) || PLACEHOLDER_TOKEN.test(r!.hs_token!)) {
     throw new ConfigError(
       "as_token",
       `registration ${file} holds placeholder tokens (run: tribridge generate-registration)`,

@@ -20,6 +20,9 @@ const INSTALL_HINT =
   "redis-server was not found. Install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) " +
   "or set queue.redisUrl to an existing Redis (with appendonly yes and maxmemory-policy noeviction).";
 
+/** sun_path is 108 bytes on Linux, with a terminating NUL. */
+const MAX_SOCKET_PATH_BYTES = 107;
+
 /** Where the embedded redis-server listens while the bridge runs. */
 export function embeddedRedisSocket(dataDir: string): string {
   // Unix socket paths are limited to ~107 bytes; keep it short and inside the data dir.
@@ -76,8 +79,13 @@ async function adoptLeftover(dir: string, socket: string, log: Logger): Promise<
 
 export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<EmbeddedRedis> {
   const dir = resolve(dataDir, "redis");
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
   const socket = embeddedRedisSocket(dataDir);
+  if (Buffer.byteLength(socket) > MAX_SOCKET_PATH_BYTES)
+    throw new Error(
+      `dataDir is too deep for the embedded Redis: its socket ${socket} is over ` +
+        `${MAX_SOCKET_PATH_BYTES} bytes (a unix socket limit). Use a shorter dataDir or set queue.redisUrl`,
+    );
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
   const leftover = await adoptLeftover(dir, socket, log);
   if (leftover) return leftover;
   if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
@@ -103,14 +111,18 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
       "--daemonize",
       "no",
     ],
-    { stdio: ["ignore", "ignore", "pipe"] },
+    { stdio: ["ignore", "pipe", "pipe"] },
   );
   let exited = false;
-  let stderr = "";
-  child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
+  // redis-server logs to stdout, its reasons for not starting (a bad AOF file, say) included.
+  let output = "";
+  const keep = (d: Buffer) => (output = (output + d.toString()).slice(-4000));
+  child.stdout?.on("data", keep);
+  child.stderr?.on("data", keep);
+  const reason = () => lastLine(output) || "no output";
   child.on("exit", (code) => {
     exited = true;
-    if (code) log.error({ code, stderr }, "embedded redis-server exited");
+    if (code) log.error({ code, output: reason() }, "embedded redis-server exited");
   });
 
   const url = `unix://${socket}`;
@@ -136,5 +148,10 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
     }
   }
   child.kill("SIGKILL");
-  throw new Error(`embedded redis-server did not start: ${stderr.trim() || "no output"}`);
+  throw new Error(`embedded redis-server did not start: ${reason()}`);
+}
+
+/** The last line of redis-server's log: where it says why it stopped. */
+function lastLine(output: string): string {
+  return output.trim().split("\n").at(-1) ?? "";
 }

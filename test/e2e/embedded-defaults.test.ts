@@ -5,8 +5,8 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -15,7 +15,7 @@ import { connectors } from "../../bridges/index.js";
 import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { validateConfig } from "../../src/config/load.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import { freePort, harness, type Harness } from "../helpers/fixture.js";
+import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 function redisServersUsing(dir: string): number {
   const ps = spawnSync("ps", ["-eo", "args"], { encoding: "utf8" }).stdout;
@@ -117,6 +117,51 @@ describe("tribridge start on a machine where the MQTT port is taken", () => {
       r.stderr.trim(),
       `tribridge: embedded MQTT broker: port ${busyPort} on 127.0.0.1 is already in use (set embedded.port to a free port, or stop the other broker)`,
     );
+    assert.equal(redisServersUsing(cwd), 0, "the private redis-server was stopped");
+  });
+});
+
+describe("tribridge start, first run from a clone, while the homeserver is not up yet", () => {
+  const cwd = mkdtempSync(join(tmpdir(), "tribridge-cli-"));
+
+  test("replaces the sample registration, and SIGTERM while it waits stops it and its redis-server", async () => {
+    copyFileSync("registration.yaml", join(cwd, "registration.yaml")); // the committed sample
+    const child = spawn(
+      process.execPath,
+      [
+        "--import",
+        import.meta.resolve("tsx"),
+        resolve("src/index.ts"),
+        "start",
+        "--homeserver",
+        `http://127.0.0.1:${await freePort()}`,
+        "--domain",
+        "test.local",
+      ],
+      {
+        cwd,
+        env: {
+          ...process.env,
+          TRIBRIDGE_LOG_LEVEL: "warn",
+          TRIBRIDGE__appservice__port: String(await freePort()),
+          TRIBRIDGE__bridges__mqtt__default__embedded__port: String(await freePort()),
+        },
+      },
+    );
+    let stdout = "";
+    child.stdout.on("data", (c: Buffer) => (stdout += c.toString()));
+    const exited = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
+    await waitFor(
+      "waiting for the homeserver",
+      () => stdout.includes("homeserver not reachable yet"),
+      30_000,
+    );
+    assert.match(stdout, /No registration found: generated registration\.yaml/);
+    assert.match(readFileSync(join(cwd, "registration.yaml"), "utf8"), /as_token: [0-9a-f]{64}/);
+    assert.equal(redisServersUsing(cwd), 1);
+
+    child.kill("SIGTERM");
+    assert.equal(await exited, 0);
     assert.equal(redisServersUsing(cwd), 0, "the private redis-server was stopped");
   });
 });

@@ -147,6 +147,8 @@ describe("failed relays can be put back on their queues", () => {
     h.hs.inviteUser(room, h.alice, "@tribridge:test.local");
     const other = failedJobsCli(h.rawConfig, "--retry", "--id", "not-a-failed-relay");
     assert.equal(other.stdout.trim(), "requeued 0 failed relay(s)");
+    assert.equal(other.status, 1);
+    assert.match(other.stderr, /1 of the given --id are not in the failed list/);
     const r = failedJobsCli(h.rawConfig, "--retry", "--id", jobs[0]!.id);
     assert.equal(r.status, 0, r.stderr);
     assert.equal(r.stdout.trim(), "requeued 1 failed relay(s)");

@@ -1,9 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Ajv2020 } from "ajv/dist/2020.js";
+import { parse as parseYaml } from "yaml";
 import { connectors } from "../../bridges/index.js";
 import { ConfigErrors, loadConfig, validateConfig } from "../../src/config/load.js";
 import { sampleConfigInline } from "../../src/config/generate.js";
@@ -21,8 +23,12 @@ const cases: [file: string, message: string][] = [
     "open-broker.yaml",
     "bridges.mqtt.home.embedded.users: a broker listening on 0.0.0.0 needs users (or allowAnonymous: true)",
   ],
-  ["typo-key.yaml", 'queue: Unrecognized key: "redisURL"'],
+  ["typo-key.yaml", "queue.redisURL: unknown key"],
   ["bad-admin.yaml", "appservice.admins[0]: must be a user id, or @*:<server> for every user of a server"],
+  [
+    "wildcard-bind.yaml",
+    "appservice.url: is required with bind 0.0.0.0: the homeserver cannot reach that address; set the URL it reaches tribridge at, e.g. http://tribridge:9993",
+  ],
   ["live-out.yaml", 'routes[0].endpoints[1].live: only for endpoints that relay in ("in" or "inout")'],
 ];
 
@@ -72,6 +78,15 @@ test("room ids of room version 12 (no server part) are accepted; '=' in the bot'
   );
 });
 
+test("config.schema.json accepts the sample (its *File secrets included) and rejects a broken config", () => {
+  const validate = new Ajv2020({ strict: false, validateFormats: false }).compile(
+    JSON.parse(readFileSync("config/config.schema.json", "utf8")) as object,
+  );
+  const sample = parseYaml(readFileSync("config/config.sample.yaml", "utf8")) as unknown;
+  assert.equal(validate(sample), true, JSON.stringify(validate.errors));
+  assert.equal(validate(parseYaml(readFileSync(join(BAD, "bad-port.yaml"), "utf8"))), false);
+});
+
 test("the sample config is valid and has defaults filled", () => {
   const cfg = validateConfig(sampleConfigInline(), connectors);
   assert.equal(cfg.appservice.port, 9993);
@@ -107,6 +122,32 @@ test("environment overrides and *File secrets", () => {
   assert.equal(cfg.appservice.port, 9000);
   const users = (cfg.accounts[0]?.config as { embedded: { users: { password: string }[] } }).embedded.users;
   assert.equal(users[0]?.password, "s3cret");
+});
+
+test("environment values: strings as written, plain numbers and booleans, quoted or bracketed YAML", () => {
+  const cfg = validateConfig(
+    {
+      homeserver: { url: "http://hs:8008", domain: "example.org" },
+      bridges: { mqtt: { home: { url: "mqtt://broker:1883" } } },
+    },
+    connectors,
+    {
+      TRIBRIDGE__bridges__mqtt__home__password: "s3cr3t #42",
+      TRIBRIDGE__bridges__mqtt__home__username: '"123456"',
+      TRIBRIDGE__bridges__mqtt__home__cleanSession: "false",
+      TRIBRIDGE__appservice__admins__0: "@me:example.org",
+      TRIBRIDGE__appservice__admins__1: "@*:example.com",
+    },
+  );
+  const home = cfg.accounts[0]?.config as { password: string; username: string; cleanSession: boolean };
+  assert.equal(home.password, "s3cr3t #42");
+  assert.equal(home.username, "123456");
+  assert.equal(home.cleanSession, false);
+  assert.deepEqual(cfg.appservice.admins, ["@me:example.org", "@*:example.com"]);
+  assert.throws(
+    () => validateConfig({}, connectors, { TRIBRIDGE__appservice__admins: "[oops" }),
+    /TRIBRIDGE__appservice__admins: not valid YAML/,
+  );
 });
 
 test("both a key and its *File is an error naming the key", () => {

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -11,6 +11,7 @@ import { ConfigError } from "../../src/errors.js";
 import {
   buildRegistration,
   loadRegistration,
+  registrationExists,
   registrationYaml,
   writeRegistration,
 } from "../../src/matrix/registration.js";
@@ -107,6 +108,18 @@ test("loadRegistration accepts a generated registration", () => {
     writeRegistration(file, reg);
     assert.deepEqual(loadRegistration(file), reg);
     assert.equal(statSync(file).mode & 0o777, 0o600, "tokens are not world-readable");
+  });
+});
+
+test("the committed sample does not count as a registration; writing one over it makes it private", () => {
+  withTempDir((dir) => {
+    const file = join(dir, "registration.yaml");
+    assert.equal(registrationExists(file), false);
+    writeFileSync(file, readFileSync(SAMPLE, "utf8"), { mode: 0o644 });
+    assert.equal(registrationExists(file), false, "placeholder tokens: replaced without --force");
+    writeRegistration(file, buildRegistration(config, connectors));
+    assert.equal(registrationExists(file), true);
+    assert.equal(statSync(file).mode & 0o777, 0o600);
   });
 });
 
