@@ -13,7 +13,7 @@ import type {
   InboundMessage,
 } from "./connector.js";
 import type { Config, ResolvedEndpoint } from "./config/load.js";
-import { PermanentError, errorMessage } from "./errors.js";
+import { ConfigError, PermanentError, errorMessage } from "./errors.js";
 import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./failed-jobs.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
@@ -23,7 +23,7 @@ import { botUserId } from "./matrix/ids.js";
 import { Commands, adminMatcher, formatStatus } from "./matrix/commands.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
-import type { Registration } from "./matrix/registration.js";
+import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
@@ -64,6 +64,8 @@ export async function start({
     if (names.has(c.name)) throw new Error(`two connectors are named "${c.name}"`);
     names.add(c.name);
   }
+  const mismatch = registrationMismatch(registration, config, connectors);
+  if (mismatch) throw new ConfigError("", `the registration does not fit the config: ${mismatch}`);
   const cleanups: (() => Promise<void>)[] = [];
   const lifetime = new AbortController();
   signal?.addEventListener("abort", () => lifetime.abort(), { once: true });

@@ -208,7 +208,8 @@ async function main(argv: string[]): Promise<number> {
       printRegistrationHelp(loadRegistration(options.registration), options.registration);
       return 0;
     case "validate-config": {
-      const config = readConfig(options);
+      // What is checked is a file: the quick start's "no config.yaml" does not apply here.
+      const config = readConfig({ ...options, configGiven: true });
       const endpoints = config.routes.reduce((n, r) => n + r.endpoints.length, 0);
       console.log(
         `config OK: ${config.accounts.length} account(s), ${config.routes.length} route(s), ${endpoints} endpoint(s)`,

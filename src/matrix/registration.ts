@@ -8,7 +8,7 @@ import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
 import { ConfigError } from "../errors.js";
 import type { Config } from "../config/load.js";
-import { escapeRegex, namespaceRegexes } from "./ids.js";
+import { escapeRegex, ghostUserId, namespaceRegexes } from "./ids.js";
 
 export interface Registration {
   id: string;
@@ -114,6 +114,30 @@ export function loadRegistration(file: string): Registration {
     );
   }
   return r as Registration;
+}
+
+/**
+ * Why this registration cannot serve this config, if it cannot: the bot or the ghosts the config
+ * names fall outside it (botLocalpart, ghostPrefix or the domain changed since it was generated).
+ * The homeserver would refuse every request as them.
+ */
+export function registrationMismatch(
+  reg: Registration,
+  config: Pick<Config, "appservice" | "homeserver">,
+  connectors: readonly ConnectorDefinition[],
+): string | undefined {
+  const { domain } = config.homeserver;
+  const fix = "run `tribridge generate-registration --force` and register the new file with the homeserver";
+  if (reg.sender_localpart !== config.appservice.botLocalpart)
+    return `its sender_localpart is ${reg.sender_localpart}, the config's appservice.botLocalpart ${config.appservice.botLocalpart}: ${fix}`;
+  const users = reg.namespaces.users.map((n) => new RegExp(n.regex));
+  const naming = { ghostPrefix: config.appservice.ghostPrefix, domain };
+  for (const c of connectors) {
+    const ghost = ghostUserId(naming, c.ghostTag, "account", "device");
+    if (!users.some((re) => re.test(ghost)))
+      return `ghosts such as ${ghost} are outside its user namespaces (appservice.ghostPrefix or homeserver.domain changed?): ${fix}`;
+  }
+  return undefined;
 }
 
 /** The message to paste in continuwuity's / conduwuit's admin room. */

@@ -12,6 +12,7 @@ import {
   buildRegistration,
   loadRegistration,
   registrationExists,
+  registrationMismatch,
   registrationYaml,
   writeRegistration,
 } from "../../src/matrix/registration.js";
@@ -62,6 +63,25 @@ test("route aliases on our own server are reserved (not exclusively), so tribrid
   assert.deepEqual(buildRegistration(withRoutes, connectors).namespaces.aliases, [
     { exclusive: false, regex: "^#plant:example\\.org$" },
   ]);
+});
+
+test("a registration generated for another ghostPrefix, domain or bot does not fit the config", () => {
+  const reg = buildRegistration(config, connectors);
+  assert.equal(registrationMismatch(reg, config, connectors), undefined);
+  const renamed = (appservice: object, domain = "example.org") =>
+    validateConfig({ homeserver: { url: "http://hs:8008", domain }, appservice }, connectors);
+  assert.match(
+    registrationMismatch(reg, renamed({ ghostPrefix: "_x_" }), connectors)!,
+    /ghosts such as @_x_mqtt_account_device:example\.org are outside its user namespaces/,
+  );
+  assert.match(
+    registrationMismatch(reg, renamed({}, "other.org"), connectors)!,
+    /outside its user namespaces/,
+  );
+  assert.match(
+    registrationMismatch(reg, renamed({ botLocalpart: "bridge" }), connectors)!,
+    /sender_localpart is tribridge, the config's appservice\.botLocalpart bridge: run `tribridge generate-registration --force`/,
+  );
 });
 
 test("rate_limited is false", () => {
