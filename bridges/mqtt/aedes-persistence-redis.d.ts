@@ -6,5 +6,9 @@ declare module "aedes-persistence-redis" {
     /** Offline messages delivered on CONNECT at most (default 1000). */
     maxSessionDelivery?: number;
   }
-  export default function redisPersistence(options?: RedisPersistenceOptions): unknown;
+  interface RedisPersistence {
+    /** The stored wills, but those of the brokers named in `brokers` (id → last heartbeat). */
+    streamWill(brokers: Record<string, number>): AsyncIterable<{ clientId: string; brokerId: string }>;
+  }
+  export default function redisPersistence(options?: RedisPersistenceOptions): RedisPersistence;
 }

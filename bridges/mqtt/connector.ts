@@ -45,7 +45,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
       this.embedded = new EmbeddedBroker(
         config.embedded,
         ctx.log,
-        (msg, client) => this.ingest({ ...msg }, this.trackerFor(client, msg.clientId)),
+        (msg, client) => this.ingest({ ...msg }, client && this.trackerFor(client, msg.clientId)),
         ctx.redis,
       );
       await this.embedded.start();
@@ -56,7 +56,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
       ctx.setState("up");
     } else if (config.url) {
       const external = new ExternalClient(this.account, { ...config, url: config.url }, ctx, (msg) =>
-        this.ingest({ ...msg, clientId: undefined }, this.externalTrackerFor(msg.connection)),
+        this.ingest({ ...msg, clientId: undefined }, this.externalTrackerFor(msg.connection, msg.resumed)),
       );
       this.external = external;
       await external.start();
@@ -66,18 +66,19 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   private trackerFor(client: Client, clientId: string): RedeliveryTracker {
     let tracker = this.embeddedTrackers.get(client);
     if (!tracker) {
-      tracker = new RedeliveryTracker(this.ctx.store, `client:${clientId}`, MQTT_DEFAULTS.dedupeWindowMs);
+      const id = `client:${clientId}`;
+      tracker = new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs, !client.clean);
       this.embeddedTrackers.set(client, tracker);
     }
     return tracker;
   }
 
-  private externalTrackerFor(connection: number): RedeliveryTracker {
+  private externalTrackerFor(connection: number, resumed: boolean): RedeliveryTracker {
     if (this.externalTracker?.connection !== connection) {
       const id = `session:${this.external?.clientId ?? this.account}`;
       this.externalTracker = {
         connection,
-        tracker: new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs),
+        tracker: new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs, resumed),
       };
     }
     return this.externalTracker.tracker;
@@ -114,11 +115,19 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     return bindings;
   }
 
-  private async ingest(p: Publish, tracker: RedeliveryTracker): Promise<void> {
-    const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && p.retain));
+  /** `tracker` is null for a message that cannot be redelivered (a will). */
+  private async ingest(p: Publish, tracker: RedeliveryTracker | null): Promise<void> {
+    if (p.retain && p.payload.byteLength === 0) {
+      this.ctx.log.debug({ topic: p.topic, clientId: p.clientId }, "retained message deleted; not relayed");
+      return;
+    }
+    // Retained messages replayed on subscribe come from an external broker: on the embedded one,
+    // every publish is live.
+    const replayed = p.retain && this.external !== undefined;
+    const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && replayed));
     if (matched.length === 0) return;
     const identity =
-      p.qos > 0 && p.messageId !== undefined
+      tracker && p.qos > 0 && p.messageId !== undefined
         ? await tracker.lookup(p.messageId, p.dup, p.topic, p.payload)
         : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false, durable: undefined };
     if (identity.redelivered) this.ctx.log.debug({ remoteId: identity.remoteId }, "redelivered publish");

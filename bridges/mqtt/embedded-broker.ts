@@ -4,7 +4,8 @@
  * Ingest happens in aedes' `authorizePublish` hook because it is the last hook before the PUBACK
  * (aedes writes the PUBACK before `published`): a QoS 1 message is durably enqueued before the device
  * hears it was received. If enqueueing fails, the hook errors and aedes drops the connection without
- * PUBACK, so the device sends it again.
+ * PUBACK, so the device sends it again. A publish the broker refuses (ACL, size) is acknowledged and
+ * dropped instead, as Mosquitto does: refused with a disconnect, a device would re-send it forever.
  */
 import { createServer as createNetServer, type Server as NetServer } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
@@ -18,7 +19,7 @@ import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
 import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
-import { topicMatches } from "./topic.js";
+import { filterCovers, topicFilterProblem, topicMatches, topicNameProblem } from "./topic.js";
 
 export interface IncomingPublish extends Publish {
   clientId: string;
@@ -27,7 +28,7 @@ export interface IncomingPublish extends Publish {
 
 type User = EmbeddedBrokerConfig["users"][number];
 
-function authError(message: string, returnCode: 4 | 5): AuthenticateError {
+function authError(message: string, returnCode: 2 | 4 | 5): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
 
@@ -38,26 +39,10 @@ function sameSecret(a: string, b: Buffer): boolean {
   return timingSafeEqual(ha, hb);
 }
 
-/** Whether every topic that `inner` matches is matched by `outer` (both valid filters). */
-export function filterCovers(outer: string, inner: string): boolean {
-  const o = outer.split("/");
-  const n = inner.split("/");
-  for (let i = 0; i < o.length; i++) {
-    const ol = o[i];
-    if (ol === "#") return !(inner.startsWith("$") && i === 0);
-    const nl = n[i];
-    if (nl === undefined) return false;
-    if (ol === "+") {
-      if (nl === "#") return false;
-      if (i === 0 && nl.startsWith("$")) return false;
-      continue;
-    }
-    if (ol !== nl) return false;
-  }
-  return o.length === n.length;
-}
-
 const SYS_PREFIX = "$SYS";
+
+/** A will as aedes stores it: with the client it belongs to and the broker (run) that stored it. */
+type StoredWill = PublishPacket & { clientId?: string; brokerId?: string };
 
 function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string }): Redis {
   const options = { keyPrefix, maxRetriesPerRequest: null, connectionName: "tribridge-mqtt-persistence" };
@@ -65,6 +50,17 @@ function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string })
     ? new Redis({ ...options, path: url.slice("unix://".length) })
     : new Redis(url, options);
   redis.on("error", () => undefined); // reconnects by itself; the broker reports what fails
+  // aedes-persistence-redis sends these without awaiting them: one that fails because the
+  // connection is closing (a will published as the broker stops) would be an unhandled rejection.
+  const unawaited = redis as unknown as Record<"lrem" | "rpush", (...args: unknown[]) => Promise<unknown>>;
+  for (const name of ["lrem", "rpush"] as const) {
+    const command = unawaited[name].bind(redis);
+    unawaited[name] = (...args) => {
+      const reply = command(...args);
+      reply.catch(() => undefined);
+      return reply;
+    };
+  }
   return redis;
 }
 
@@ -75,11 +71,18 @@ export class EmbeddedBroker {
   private readonly usersByClient = new WeakMap<Client, User | undefined>();
   private readonly anonymous: boolean;
   private persistenceConnection: Redis | undefined;
+  /** Clients that sent an empty client id but asked to resume a session. */
+  private readonly unidentified = new WeakSet<Client>();
+  /** Publishes authorizePublish acknowledged without passing them on. */
+  private readonly dropped = new WeakSet<PublishPacket>();
+  /** Client ids with a will that a previous run stored, whose devices have not connected since. */
+  private readonly staleWills = new Set<string>();
 
   constructor(
     private readonly config: EmbeddedBrokerConfig,
     private readonly log: Logger,
-    private readonly onPublish: (msg: IncomingPublish, client: Client) => Promise<void>,
+    /** `client` is null for a will a previous run stored (see authorizePublish). */
+    private readonly onPublish: (msg: IncomingPublish, client: Client | null) => Promise<void>,
     private readonly redis: { url: string; keyPrefix: string },
     private readonly onClientGone: (client: Client) => void = () => {},
   ) {
@@ -92,10 +95,16 @@ export class EmbeddedBroker {
   tlsPort = 0;
 
   async start(): Promise<void> {
-    // Retained messages and the sessions/offline queues of devices survive restarts in Redis.
+    // Retained messages, wills and the sessions/offline queues of devices survive restarts in Redis.
     this.persistenceConnection = redisConnection(this.redis);
+    const persistence = redisPersistence({ conn: this.persistenceConnection });
     const broker = await Aedes.createBroker({
-      persistence: redisPersistence({ conn: this.persistenceConnection }),
+      persistence,
+      preConnect: (client, packet, done) => {
+        // [MQTT-3.1.3-8] no client id, no session to resume: refused in authenticate (CONNACK 2)
+        if (packet.clientId === "" && !packet.clean) this.unidentified.add(client);
+        done(null, true);
+      },
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
       authorizeSubscribe: (client, sub, done) => done(null, this.authorizeSubscribe(client, sub)),
@@ -112,7 +121,33 @@ export class EmbeddedBroker {
     (broker as unknown as EventEmitter).on("error", (err: Error) =>
       this.log.warn({ err: err.message }, "mqtt broker error"),
     );
+    this.skipDropped(broker);
+    for await (const will of persistence.streamWill({}))
+      if (will.brokerId !== broker.id) this.staleWills.add(will.clientId);
 
+    try {
+      await this.listenAll(broker);
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
+  }
+
+  /**
+   * Once authorizePublish lets a publish through, aedes acknowledges it and hands it to
+   * `broker.publish` (retained store, subscribers): a dropped one stops there.
+   */
+  private skipDropped(broker: Aedes): void {
+    type PublishFn = (packet: PublishPacket, client: unknown, done?: (err?: Error) => void) => void;
+    const publish = broker.publish.bind(broker) as PublishFn;
+    const skipping: PublishFn = (packet, client, done) => {
+      if (!this.dropped.has(packet)) return publish(packet, client, done);
+      (typeof client === "function" ? (client as () => void) : done)?.();
+    };
+    broker.publish = skipping as Aedes["publish"];
+  }
+
+  private async listenAll(broker: Aedes): Promise<void> {
     const tcp = createNetServer((socket) => broker.handle(socket));
     this.port = await this.listen(tcp, this.config.port, "port");
     if (this.config.tls) {
@@ -123,14 +158,16 @@ export class EmbeddedBroker {
     }
     if (this.config.websocketPort !== undefined) {
       const http = createHttpServer((_req, res) => res.writeHead(426, { Upgrade: "websocket" }).end());
+      this.websocketPort = await this.listen(http, this.config.websocketPort, "websocketPort");
+      // Made once listening: it re-emits the server's errors, which would end the process unheard.
       this.wss = new WebSocketServer({
         server: http,
         // MQTT over WebSocket uses the "mqtt" subprotocol (MQTT 3.1.1 §6.0).
         handleProtocols: (protocols) =>
           protocols.has("mqtt") ? "mqtt" : protocols.has("mqttv3.1") ? "mqttv3.1" : false,
       });
+      this.wss.on("error", (err) => this.log.warn({ err: err.message }, "mqtt websocket server error"));
       this.wss.on("connection", (ws, req) => broker.handle(createWebSocketStream(ws), req));
-      this.websocketPort = await this.listen(http, this.config.websocketPort, "websocketPort");
     }
   }
 
@@ -157,10 +194,14 @@ export class EmbeddedBroker {
     password: Buffer | undefined,
     done: (error: AuthenticateError | null, success: boolean | null) => void,
   ): void {
+    if (this.unidentified.has(client)) {
+      this.log.warn("mqtt connect refused: empty client id with cleanSession false");
+      return done(authError("identifier rejected", 2), false);
+    }
     if (username === undefined) {
       if (this.anonymous) {
         this.usersByClient.set(client, undefined);
-        return this.checkWill(client, done);
+        return this.admit(client, done);
       }
       this.log.warn({ clientId: client.id }, "mqtt connect refused: no username");
       return done(authError("not authorized", 5), false);
@@ -178,58 +219,65 @@ export class EmbeddedBroker {
       return done(authError("client id not allowed", 5), false);
     }
     this.usersByClient.set(client, user);
-    this.checkWill(client, done);
+    this.admit(client, done);
   }
 
   /**
-   * A will must be publishable by its client, checked at CONNECT: aedes publishes the wills a
-   * previous run of the broker left behind with no client (and so no ACL) to check them against.
+   * A will must be publishable by its client, checked at CONNECT: a will that a previous run stored
+   * is published with no client (and so no ACL) to check it against. Connecting voids such a will.
    */
-  private checkWill(
+  private admit(
     client: Client,
     done: (error: AuthenticateError | null, success: boolean | null) => void,
   ): void {
     const will = (client as Client & { _will?: { topic?: string } })._will;
-    if (will?.topic === undefined || this.mayPublish(client, will.topic)) return done(null, true);
-    this.log.warn({ clientId: client.id, topic: will.topic }, "mqtt connect refused: will topic not allowed");
-    done(authError("will topic not allowed", 5), false);
+    if (will?.topic !== undefined && (topicNameProblem(will.topic) || !this.mayPublish(client, will.topic))) {
+      this.log.warn(
+        { clientId: client.id, topic: will.topic },
+        "mqtt connect refused: will topic not allowed",
+      );
+      return done(authError("will topic not allowed", 5), false);
+    }
+    this.staleWills.delete(client.id);
+    done(null, true);
   }
 
-  private mayPublish(client: Client, topic: string): boolean {
+  private mayPublish(client: Client | null, topic: string): boolean {
     if (topic.startsWith(SYS_PREFIX)) return false; // [MQTT-4.7.2-1] $SYS belongs to the broker
-    const user = this.usersByClient.get(client);
+    const user = client ? this.usersByClient.get(client) : undefined;
     return !user || user.publish.some((f) => topicMatches(f, topic));
   }
 
   private authorizePublish(
     client: Client | null,
-    packet: PublishPacket,
+    packet: StoredWill,
     done: (err?: Error | null) => void,
   ): void {
-    if (!client) return done(null);
-    if (!this.mayPublish(client, packet.topic)) {
+    const problem = topicNameProblem(packet.topic);
+    if (problem) {
+      // e.g. U+0000: a malformed packet, the connection is closed [MQTT-1.5.3-2]
       this.log.warn(
-        { clientId: client.id, topic: packet.topic },
-        "mqtt publish refused by ACL; disconnecting client",
+        { clientId: client?.id, topic: packet.topic, problem },
+        "mqtt publish refused: bad topic",
       );
-      return done(new Error("publish not authorized"));
+      return done(new Error(`topic ${problem}`));
     }
+    // A will a previous run stored, brought by aedes' sweep (~4 minutes after the start): void if
+    // its device has connected since, else published now, its connection being gone.
+    const staleWill = packet.brokerId !== undefined && packet.brokerId !== this.broker?.id;
+    if (staleWill && !this.staleWills.delete(packet.clientId ?? "")) return this.drop(packet, done);
+    const publisher = staleWill ? null : client;
+    const clientId = staleWill ? packet.clientId : client?.id;
+    if (clientId === undefined) return done(null);
     const payload = Buffer.isBuffer(packet.payload) ? packet.payload : Buffer.from(packet.payload);
-    if (payload.byteLength > this.config.maxPayloadBytes) {
-      this.log.warn(
-        {
-          clientId: client.id,
-          topic: packet.topic,
-          bytes: payload.byteLength,
-          max: this.config.maxPayloadBytes,
-        },
-        "mqtt publish refused: payload too large; disconnecting client",
-      );
-      return done(new Error("payload too large"));
+    const refused = this.refusal(publisher, packet.topic, payload.byteLength);
+    if (refused) {
+      this.log.warn({ clientId, topic: packet.topic, reason: refused }, "mqtt publish refused; dropped");
+      return this.drop(packet, done);
     }
     const msg: IncomingPublish = {
-      clientId: client.id,
-      username: this.usersByClient.get(client)?.username,
+      clientId,
+      username: publisher ? this.usersByClient.get(publisher)?.username : undefined,
       topic: packet.topic,
       payload,
       qos: packet.qos,
@@ -237,23 +285,37 @@ export class EmbeddedBroker {
       dup: packet.dup,
       messageId: packet.messageId,
     };
-    this.onPublish(msg, client).then(
+    this.onPublish(msg, publisher).then(
       () => done(null),
       (err: unknown) => {
         this.log.warn(
-          { clientId: client.id, err: (err as Error).message },
+          { clientId, err: (err as Error).message },
           "mqtt publish not enqueued; not acknowledged",
         );
+        if (staleWill) this.staleWills.add(clientId); // it stays stored: the next sweep tries again
         done(err as Error);
       },
     );
   }
 
+  private refusal(client: Client | null, topic: string, bytes: number): string | undefined {
+    if (!this.mayPublish(client, topic)) return "not allowed for this client";
+    const max = this.config.maxPayloadBytes;
+    if (bytes > max) return `payload of ${bytes} bytes exceeds maxPayloadBytes ${max}`;
+    return undefined;
+  }
+
+  /** Lets aedes acknowledge the publish, and nothing else (see skipDropped). */
+  private drop(packet: PublishPacket, done: (err?: Error | null) => void): void {
+    this.dropped.add(packet);
+    done(null);
+  }
+
   private authorizeSubscribe(client: Client, sub: Subscription): Subscription | null {
     const user = this.usersByClient.get(client);
-    const allowed = user
-      ? user.subscribe.some((f) => filterCovers(f, sub.topic))
-      : !sub.topic.startsWith(SYS_PREFIX);
+    const allowed =
+      !topicFilterProblem(sub.topic) &&
+      (user ? user.subscribe.some((f) => filterCovers(f, sub.topic)) : !sub.topic.startsWith(SYS_PREFIX));
     if (!allowed) {
       this.log.warn({ clientId: client.id, filter: sub.topic }, "mqtt subscribe refused by ACL");
       return null; // SUBACK failure 0x80 [MQTT-3.9.3-2]
@@ -277,8 +339,21 @@ export class EmbeddedBroker {
     const closed = this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     this.wss?.close();
     const broker = this.broker;
-    if (broker) await new Promise<void>((resolve) => broker.close(() => resolve()));
+    if (broker) {
+      // Stopping is not the devices' doing: their wills stay stored, for the next run to void or
+      // publish (see authorizePublish), as after a crash.
+      const clients = (broker as unknown as { clients: Record<string, { will: unknown }> }).clients;
+      for (const client of Object.values(clients)) client.will = null;
+      await new Promise<void>((resolve) => broker.close(() => resolve()));
+    }
     await Promise.all(closed);
-    this.persistenceConnection?.disconnect();
+    const redis = this.persistenceConnection;
+    if (redis) {
+      // quit() lets the commands aedes still has queued finish (disconnect() would fail them
+      // unhandled); a Redis that is away must not hold the stop up.
+      const away = new Promise((resolve) => setTimeout(resolve, 2000).unref());
+      await Promise.race([redis.quit().catch(() => undefined), away]);
+      redis.disconnect();
+    }
   }
 }

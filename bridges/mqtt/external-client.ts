@@ -2,8 +2,13 @@
  * A connection to an external broker (Mosquitto, EMQX, …) through mqtt.js, MQTT 3.1.1 or 5.
  *
  * Acknowledgement is held until the message is enqueued: mqtt.js' `handleMessage` hook delays the
- * PUBACK until its callback. With `cleanSession: false` (default) the broker keeps our session, so
- * QoS>0 messages published while tribridge is down arrive when it comes back.
+ * PUBACK until its callback. So subscriptions are QoS 1 at most: for QoS 2, mqtt.js sends PUBREC
+ * before the hook, and a message that then fails to enqueue would be lost (redeliveries of QoS 1
+ * are dropped anyway). With `cleanSession: false` (default) the broker keeps our session, so QoS>0
+ * messages published while tribridge is down arrive when it comes back.
+ *
+ * What the session holds is recorded in the store, so that a route added or removed while
+ * tribridge was down is subscribed or unsubscribed on the next connect.
  *
  * With `shareGroup`, several instances subscribe as one shared-subscription group and the broker
  * gives each message to one of them. Each instance then has its own client id (and session).
@@ -15,24 +20,41 @@
  * device's message that happens to match is let through once our echoes are accounted for.
  */
 import { createHash } from "node:crypto";
-import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from "mqtt";
+import mqtt, {
+  type IClientOptions,
+  type IClientSubscribeOptions,
+  type IPublishPacket,
+  type MqttClient,
+} from "mqtt";
 import { RetryableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
 import type { Publish } from "./publish.js";
-import { topicMatches } from "./topic.js";
+import { coveringFilters, topicMatches } from "./topic.js";
 import type { MqttAccount } from "./schema.js";
 
 export interface ExternalPublish extends Omit<Publish, "clientId"> {
   /** Increments on every (re)connect: redelivery detection is per connection. */
   connection: number;
+  /** The broker resumed our session on this connection: only then can it redeliver [MQTT-4.4.0-1]. */
+  resumed: boolean;
 }
+
+type SubscribeQos = 0 | 1;
 
 const OWN_ECHO_TTL_MS = 60_000;
 
 export class ExternalClient {
   private client: MqttClient | undefined;
-  private subscribed = new Map<string, 0 | 1 | 2>();
+  /** The routes' topic filters. */
+  private filters = new Map<string, 0 | 1 | 2>();
+  /** The subscriptions they need (shared-subscription names), with their QoS. */
+  private wanted = new Map<string, SubscribeQos>();
+  /** The subscriptions the broker's session holds, as far as we know. */
+  private session = new Map<string, SubscribeQos>();
+  private resubscribeAll = false;
+  private syncing = Promise.resolve();
   private connection = 0;
+  private resumed = false;
   readonly clientId: string;
 
   constructor(
@@ -61,15 +83,16 @@ export class ExternalClient {
       reconnectPeriod: c.reconnectPeriodMs,
       connectTimeout: c.connectTimeoutMs,
       clean: c.cleanSession,
-      resubscribe: true,
+      resubscribe: false, // see sync()
       // MQTT 5: keep the session for a day after we disconnect (3.1.1 keeps it until clean).
       properties: c.protocolVersion === 5 && !c.cleanSession ? { sessionExpiryInterval: 86_400 } : undefined,
     };
   }
 
-  start(): Promise<void> {
+  async start(): Promise<void> {
     const { ctx } = this;
     ctx.setState("connecting");
+    this.session = await this.loadSession();
     const client = mqtt.connect(this.config.url, this.options());
     this.client = client;
     client.handleMessage = (packet, done) => {
@@ -87,14 +110,23 @@ export class ExternalClient {
         },
       );
     };
-    client.on("connect", (connack) => {
+    // Taken as the CONNACK arrives: the broker may send messages before mqtt.js emits "connect".
+    client.on("packetreceive", (packet) => {
+      if (packet.cmd !== "connack" || (packet.returnCode ?? packet.reasonCode ?? 0) !== 0) return;
       this.connection++;
+      this.resumed = packet.sessionPresent;
+      // A new session holds nothing. MQTT 5: all again once per run (retain handling 1 makes that
+      // harmless), in case the record missed one; MQTT 3.1.1 would replay retained messages.
+      if (!this.resumed) this.session = new Map();
+      else if (this.connection === 1 && this.config.protocolVersion === 5) this.resubscribeAll = true;
+    });
+    client.on("connect", (connack) => {
       ctx.setState("up");
       ctx.log.info(
         { url: this.config.url, sessionPresent: connack.sessionPresent },
         "connected to mqtt broker",
       );
-      if (!connack.sessionPresent) void this.resubscribeAll();
+      void this.sync();
     });
     client.on("reconnect", () => ctx.setState("connecting", "reconnecting"));
     client.on("offline", () => ctx.setState("connecting", "broker unreachable"));
@@ -104,13 +136,12 @@ export class ExternalClient {
     });
     ctx.signal.addEventListener("abort", () => client.end(true), { once: true });
     // Do not wait for the broker: an unreachable broker is a state, not a start-up failure.
-    return Promise.resolve();
   }
 
   /** Whether our own publish to `topic` comes back to us (see the class comment). */
   private echoes(topic: string): boolean {
     if (this.config.protocolVersion === 5 && this.config.shareGroup === undefined) return false;
-    for (const filter of this.subscribed.keys()) if (topicMatches(filter, topic)) return true;
+    for (const filter of this.filters.keys()) if (topicMatches(filter, topic)) return true;
     return false;
   }
 
@@ -131,6 +162,7 @@ export class ExternalClient {
       dup: packet.dup,
       messageId: packet.messageId,
       connection: this.connection,
+      resumed: this.resumed,
     });
   }
 
@@ -140,37 +172,81 @@ export class ExternalClient {
     return shareGroup ? `$share/${shareGroup}/${filter}` : filter;
   }
 
-  /** Makes the subscriptions match `filters` (filter → QoS). */
+  /** Makes the subscriptions match the routes' `filters` (filter → QoS). */
   async subscribe(filters: Map<string, 0 | 1 | 2>): Promise<void> {
-    const client = this.client;
-    if (!client) return;
-    const gone = [...this.subscribed.keys()].filter((f) => !filters.has(f));
-    this.subscribed = new Map(filters);
-    if (gone.length > 0 && client.connected)
-      await client.unsubscribeAsync(gone.map((f) => this.subscriptionOf(f)));
-    if (client.connected) await this.resubscribeAll();
+    this.filters = new Map(filters);
+    this.wanted = new Map(
+      [...coveringFilters(filters)].map(([f, qos]) => [this.subscriptionOf(f), qos === 0 ? 0 : 1]),
+    );
+    await this.sync();
   }
 
-  private async resubscribeAll(): Promise<void> {
+  /**
+   * Brings the broker's session in line with `wanted`, one run at a time (ours, not mqtt.js': its
+   * `resubscribe` knows nothing of a previous run). The record only ever names subscriptions the
+   * session has: written after a SUBACK, and before an UNSUBSCRIBE.
+   */
+  private sync(): Promise<void> {
+    this.syncing = this.syncing.then(() => this.syncNow());
+    return this.syncing;
+  }
+
+  private async syncNow(): Promise<void> {
     const client = this.client;
-    if (!client || this.subscribed.size === 0) return;
-    const { shareGroup } = this.config;
-    // [MQTT-3.8.3-3] no-local: the broker does not send us our own publishes back; not allowed on
-    // a shared subscription [MQTT-3.8.3-4].
-    const noLocal = this.config.protocolVersion === 5 && !shareGroup;
-    const map = Object.fromEntries(
-      [...this.subscribed].map(([f, qos]) => [this.subscriptionOf(f), noLocal ? { qos, nl: true } : { qos }]),
-    );
+    if (!client?.connected) return;
+    const connection = this.connection;
+    const gone = [...this.session.keys()].filter((s) => !this.wanted.has(s));
+    const added = [...this.wanted].filter(([s, qos]) => this.resubscribeAll || this.session.get(s) !== qos);
     try {
-      const granted = await client.subscribeAsync(map);
-      for (const g of granted) {
-        // 0x80 and up: refused (MQTT 5 says why, e.g. 0x9E shared subscriptions not supported).
-        if (g.qos >= 128)
-          this.ctx.log.warn({ filter: g.topic, reasonCode: g.qos }, "broker refused subscription");
+      if (gone.length > 0) {
+        for (const s of gone) this.session.delete(s);
+        await this.saveSession();
+        await client.unsubscribeAsync(gone);
       }
+      if (added.length > 0) {
+        const codes = await client
+          .subscribeAsync(Object.fromEntries(added.map(([s, qos]) => [s, this.subscribeOptions(qos)])))
+          .then(
+            (granted) => granted.map((g) => g.qos as number),
+            (err: Error & { packet?: { granted?: number[] } }) => {
+              if (!err.packet?.granted) throw err;
+              return err.packet.granted;
+            },
+          );
+        if (connection !== this.connection) return; // the next connect syncs again
+        added.forEach(([s, qos], i) => {
+          // 0x80 and up: refused (MQTT 5 says why, e.g. 0x9E shared subscriptions not supported).
+          const code = codes[i] ?? 0x80;
+          if (code < 0x80) this.session.set(s, qos);
+          else this.ctx.log.warn({ filter: s, reasonCode: code }, "broker refused subscription");
+        });
+        this.resubscribeAll = false;
+      }
+      await this.saveSession();
     } catch (err) {
       this.ctx.log.warn({ err: (err as Error).message }, "subscribe failed; retried on reconnect");
     }
+  }
+
+  private subscribeOptions(qos: SubscribeQos): IClientSubscribeOptions {
+    if (this.config.protocolVersion !== 5) return { qos };
+    // rh 1: retained messages only for a subscription the session does not have yet. No-local
+    // [MQTT-3.8.3-3]: the broker does not send us our own publishes back; not allowed on a shared
+    // subscription [MQTT-3.8.3-4].
+    return this.config.shareGroup ? { qos, rh: 1 } : { qos, rh: 1, nl: true };
+  }
+
+  private sessionKey(): string {
+    return `subscriptions:${this.clientId}`;
+  }
+
+  private async loadSession(): Promise<Map<string, SubscribeQos>> {
+    const saved = await this.ctx.store.get(this.sessionKey());
+    return new Map(saved ? Object.entries(JSON.parse(saved) as Record<string, SubscribeQos>) : []);
+  }
+
+  private saveSession(): Promise<void> {
+    return this.ctx.store.set(this.sessionKey(), JSON.stringify(Object.fromEntries(this.session)));
   }
 
   async publish(

@@ -2,11 +2,13 @@
  * Drops redelivered QoS>0 PUBLISHes, so a message re-sent after a lost PUBACK is relayed once.
  *
  * [MQTT-4.4.0-1] a sender re-sends unacknowledged PUBLISHes with their original Packet Identifier
- * after reconnecting; [MQTT-3.3.1-1] says it sets DUP, but common clients (mqtt.js among them) do
- * not. So a publish counts as a redelivery when it carries DUP, or when its packet id was last used
- * by an *earlier* connection of the same client for the same topic and payload and has not been
- * reused on this one. The record of (packet id → message) is written before the PUBACK, durably,
- * and forgotten after `windowMs`.
+ * when it reconnects and resumes its session; [MQTT-3.3.1-1] says it sets DUP, but common clients
+ * (mqtt.js among them) do not. So a publish counts as a redelivery when it carries DUP, or, in a
+ * resumed session, when its packet id was last used by an *earlier* connection of the same client
+ * for the same topic and payload and has not been reused on this one. In a new session packet ids
+ * start over (a rebooted device, a broker numbering from 1 again): nothing there is a redelivery of
+ * an earlier connection. The record of (packet id → message) is written before the PUBACK, durably,
+ * and counts for `windowMs`.
  */
 import { hash, randomUUID } from "node:crypto";
 import type { KeyValueStore } from "../../src/connector.js";
@@ -15,6 +17,8 @@ interface Seen {
   connection: string;
   digest: string;
   remoteId: string;
+  /** ms since epoch */
+  at: number;
 }
 
 export interface PublishIdentity {
@@ -41,6 +45,8 @@ export class RedeliveryTracker {
     private readonly store: KeyValueStore,
     private readonly clientId: string,
     private readonly windowMs: number,
+    /** The client resumed its session, so earlier connections' records count. */
+    private readonly resumed = true,
   ) {}
 
   private key(): string {
@@ -48,6 +54,7 @@ export class RedeliveryTracker {
   }
 
   private loadEarlier(): Promise<Map<number, Seen>> {
+    if (!this.resumed) this.earlier ??= Promise.resolve(new Map());
     this.earlier ??= this.store.getMap(this.key()).then((fields) => {
       const map = new Map<number, Seen>();
       for (const [id, value] of Object.entries(fields)) {
@@ -89,18 +96,19 @@ export class RedeliveryTracker {
     const fresh = !this.usedHere.has(messageId);
     this.usedHere.add(messageId);
     const earlier = await this.loadEarlier();
+    const now = Date.now();
     if (fresh || dup) {
       const before = earlier.get(messageId);
-      if (before && before.digest === digest && (dup || before.connection !== this.connection)) {
+      const recent = before !== undefined && now - before.at < this.windowMs;
+      if (recent && before.digest === digest && (dup || before.connection !== this.connection)) {
         return { remoteId: before.remoteId, redelivered: true, durable: Promise.resolve() };
       }
     }
     // A packet id is reused once acknowledged, so the sequence number keeps remote ids unique.
     const remoteId = `${this.clientId}/${this.connection}/${messageId}/${++this.sequence}`;
-    const seen: Seen = { connection: this.connection, digest, remoteId };
+    const seen: Seen = { connection: this.connection, digest, remoteId, at: now };
     earlier.set(messageId, seen);
     // Refreshing the expiry on every write costs a command per message; every half window is enough.
-    const now = Date.now();
     const refresh = now - this.expirySetAt > this.windowMs / 2;
     if (refresh) this.expirySetAt = now;
     return { remoteId, redelivered: false, durable: this.record(messageId, seen, refresh) };

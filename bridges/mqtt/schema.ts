@@ -6,7 +6,7 @@ import type { Direction } from "../../src/connector.js";
 export const MQTT_DEFAULTS = {
   embeddedHost: "127.0.0.1", // loopback unless you say otherwise: no open broker by accident
   embeddedPort: 1883,
-  maxPayloadBytes: 256 * 1024, // larger publishes are refused and the client disconnected
+  maxPayloadBytes: 256 * 1024, // larger publishes are acknowledged and dropped (embedded broker)
   keepaliveSec: 30,
   reconnectPeriodMs: 2_000,
   connectTimeoutMs: 10_000,

@@ -56,6 +56,40 @@ export function topicMatches(filter: string, topic: string): boolean {
   return f.length === t.length;
 }
 
+/** Whether every topic that `inner` matches is matched by `outer` (both valid filters). */
+export function filterCovers(outer: string, inner: string): boolean {
+  const o = outer.split("/");
+  const n = inner.split("/");
+  for (let i = 0; i < o.length; i++) {
+    const ol = o[i];
+    if (ol === "#") return !(inner.startsWith("$") && i === 0);
+    const nl = n[i];
+    if (nl === undefined) return false;
+    if (ol === "+") {
+      if (nl === "#") return false;
+      if (i === 0 && nl.startsWith("$")) return false;
+      continue;
+    }
+    if (ol !== nl) return false;
+  }
+  return o.length === n.length;
+}
+
+/**
+ * The filters that no other one covers, each with the highest QoS among those it covers: a broker
+ * may send one copy of a message per matching subscription (MQTT 5 §3.3.4; Mosquitto does).
+ */
+export function coveringFilters<Q extends number>(filters: ReadonlyMap<string, Q>): Map<string, Q> {
+  const kept = new Map<string, Q>();
+  for (const [filter, qos] of filters) {
+    if ([...filters.keys()].some((other) => other !== filter && filterCovers(other, filter))) continue;
+    let max = qos;
+    for (const [inner, q] of filters) if (q > max && filterCovers(filter, inner)) max = q;
+    kept.set(filter, max);
+  }
+  return kept;
+}
+
 /** The level at 1-based `index` of `topic`, or undefined. */
 export function topicLevel(topic: string, index: number): string | undefined {
   return topic.split("/")[index - 1];

@@ -1,12 +1,13 @@
 /**
  * The embedded broker's gatekeeping, driven by real mqtt.js clients on a real socket: passwords,
- * client ids, topic ACLs, $SYS, payload limits, and "enqueue before PUBACK".
+ * client ids, topic ACLs, $SYS, payload limits, and "enqueue before PUBACK"; its listeners.
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
+import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
@@ -126,19 +127,76 @@ describe("embedded broker security", () => {
     assert.ok(!ingested.some((m) => m.clientId === "sensor-retry"));
   });
 
-  test("a publish outside the ACL, to $SYS, or over the size limit disconnects the client, unrelayed", async () => {
-    for (const [topic, payload] of [
-      ["sensors/other/temp", "x"],
-      ["$SYS/fake", "x"],
-      ["sensors/sensor/big", "x".repeat(2000)],
-    ] as const) {
-      const c = await connect({ username: "sensor", password: "s3cret", clientId: `bad-${randomUUID()}` });
-      const closed = new Promise<void>((r) => c.once("close", () => r()));
-      void c.publishAsync(topic, payload, { qos: 1 }).catch(() => undefined);
-      await closed;
-      assert.ok(!ingested.some((m) => m.topic === topic), topic);
-    }
-  });
+  test(
+    "a publish outside the ACL, to $SYS, or over the size limit is acknowledged and dropped; the client stays connected",
+    { timeout: 10_000 },
+    async () => {
+      const watcher = await connect({ username: "admin", password: "adm", clientId: "watcher" });
+      const passedOn: string[] = [];
+      watcher.on("message", (topic) => passedOn.push(topic));
+      await watcher.subscribeAsync(["sensors/#", "$SYS/fake"], { qos: 1 });
+      // a persistent session: refused with a disconnect, mqtt.js would re-send it forever
+      const c = await connect({ username: "sensor", password: "s3cret", clientId: "refused", clean: false });
+      let closed = false;
+      c.on("close", () => (closed = true));
+      const refused = [
+        ["sensors/other/temp", "x", 1],
+        ["$SYS/fake", "x", 1],
+        ["sensors/sensor/big", "x".repeat(2000), 1],
+        ["sensors/sensor/big2", "x".repeat(2000), 2],
+        ["sensors/other/qos0", "x", 0],
+      ] as const;
+      for (const [topic, payload, qos] of refused) await c.publishAsync(topic, payload, { qos }); // acknowledged
+      await c.publishAsync("sensors/sensor/after", "fine", { qos: 1 });
+      await waitFor("passed on", () => passedOn.includes("sensors/sensor/after"));
+      assert.equal(closed, false);
+      assert.deepEqual(passedOn, ["sensors/sensor/after"]);
+      for (const [topic] of refused) assert.ok(!ingested.some((m) => m.topic === topic), topic);
+      assert.ok(ingested.some((m) => m.topic === "sensors/sensor/after"));
+    },
+  );
+
+  test(
+    "[MQTT-4.7.3-2] a topic with U+0000 is refused: publish (connection closed), subscribe (0x80), will",
+    { timeout: 10_000 },
+    async () => {
+      const c = await connect({ username: "sensor", password: "s3cret", clientId: "nul-publisher" });
+      let closed = false;
+      c.on("close", () => (closed = true));
+      void c.publishAsync("sensors/sensor/a\u0000b", "x", { qos: 1 }).catch(() => undefined);
+      await waitFor("closed", () => closed);
+      assert.ok(!ingested.some((m) => m.topic.includes("\u0000")));
+      const admin = await connect({ username: "admin", password: "adm", clientId: "nul-subscriber" });
+      const granted = await admin.subscribeAsync("a/\u0000/#", { qos: 1 }).then(
+        () => "granted",
+        (err: { packet?: { granted?: number[] } }) => err.packet?.granted,
+      );
+      assert.deepEqual(granted, [128]);
+      const will = {
+        topic: "sensors/sensor/\u0000",
+        payload: Buffer.from("x"),
+        qos: 1 as const,
+        retain: false,
+      };
+      assert.match(
+        await refused({ username: "sensor", password: "s3cret", clientId: "nul-will", will }),
+        /Not authorized/,
+      );
+    },
+  );
+
+  test(
+    "[MQTT-3.1.3-8] an empty client id with cleanSession false gets CONNACK 2 (identifier rejected)",
+    { timeout: 10_000 },
+    async () => {
+      const socket = createConnection(broker.port, "127.0.0.1");
+      const reply = new Promise<Buffer>((resolve) => socket.once("data", resolve));
+      // CONNECT, MQTT 3.1.1, flags 0 (cleanSession false, no credentials), keep-alive 30 s, client id ""
+      socket.write(Buffer.from([0x10, 12, 0, 4, ...Buffer.from("MQTT"), 4, 0x00, 0, 30, 0, 0]));
+      assert.deepEqual([...(await reply)], [0x20, 2, 0, 2]);
+      socket.destroy();
+    },
+  );
 
   test("[MQTT-3.9.3] subscriptions outside the ACL get SUBACK 0x80; $SYS only for a user who names it", async () => {
     const sensor = await connect({ username: "sensor", password: "s3cret", clientId: "sensor-sub" });
@@ -154,6 +212,31 @@ describe("embedded broker security", () => {
     const adminGranted = await admin.subscribeAsync(["$SYS/#"], { qos: 0 });
     assert.equal(adminGranted[0]?.qos, 0);
   });
+});
+
+test("a websocketPort already in use is a readable start error, and the other ports are let go", async () => {
+  const taken = createServer();
+  const port = await new Promise<number>((resolve) =>
+    taken.listen(0, "127.0.0.1", () => resolve((taken.address() as { port: number }).port)),
+  );
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const broker = new EmbeddedBroker(
+    embeddedBrokerSchema.parse({ port: 0, websocketPort: port }),
+    log,
+    async () => {},
+    { url: REDIS_URL, keyPrefix: `${prefix}:` },
+  );
+  try {
+    await assert.rejects(broker.start(), {
+      message: `embedded MQTT broker: port ${port} on 127.0.0.1 is already in use (set embedded.websocketPort to a free port, or stop the other broker)`,
+    });
+    const again = createServer();
+    await new Promise<void>((resolve) => again.listen(broker.port, "127.0.0.1", () => resolve()));
+    await new Promise((resolve) => again.close(resolve));
+  } finally {
+    await new Promise((resolve) => taken.close(resolve));
+    await deleteKeys(prefix);
+  }
 });
 
 test("MQTT over WebSocket reaches the same ingest", async () => {

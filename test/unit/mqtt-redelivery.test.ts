@@ -67,6 +67,43 @@ test("[MQTT-4.4.0-1] a new connection re-sending the same packet id, topic and p
   assert.deepEqual(again, { remoteId: first.remoteId, redelivered: true });
 });
 
+test("[MQTT-4.4.0-1] in a new session (not resumed), the same packet id, topic and payload is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "client:dev1", WINDOW).identify(
+    1,
+    false,
+    "a/b",
+    payload("on"),
+  );
+  // the device rebooted: a clean session, packet ids from 1 again
+  const next = await new RedeliveryTracker(store, "client:dev1", WINDOW, false).identify(
+    1,
+    false,
+    "a/b",
+    payload("on"),
+  );
+  assert.equal(next.redelivered, false);
+  assert.notEqual(next.remoteId, first.remoteId);
+});
+
+test("in a new session, DUP=1 on the same connection is still a redelivery", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW, false);
+  const first = await t.identify(4, false, "a/b", payload("on"));
+  assert.deepEqual(await t.identify(4, true, "a/b", payload("on")), {
+    remoteId: first.remoteId,
+    redelivered: true,
+  });
+});
+
+test("a record older than the window makes no redelivery, however busy the client kept its map", async () => {
+  const store = new MemoryStore();
+  await new RedeliveryTracker(store, "c", 50).identify(7, false, "a/b", payload("on"));
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  const later = await new RedeliveryTracker(store, "c", 50).identify(7, false, "a/b", payload("on"));
+  assert.equal(later.redelivered, false);
+});
+
 test("a redelivery seen by a third connection still maps to the original remoteId", async () => {
   const store = new MemoryStore();
   const first = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));

@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
+  coveringFilters,
   hasWildcard,
   topicFilterProblem,
   topicLevel,
@@ -147,4 +148,32 @@ test("topicLevel returns empty levels as ''", () => {
   assert.equal(topicLevel("/a", 1), "");
   assert.equal(topicLevel("a//b", 2), "");
   assert.equal(topicLevel("a/", 2), "");
+});
+
+test("coveringFilters keeps the filters no other covers, each with the highest QoS it covers", () => {
+  const filters = new Map<string, 0 | 1 | 2>([
+    ["home/#", 0],
+    ["home/door", 1],
+    ["home/+", 0],
+    ["garden/+/t", 0],
+    ["garden/bed/t", 2],
+    ["$SYS/broker/uptime", 1],
+    ["#", 0],
+  ]);
+  assert.deepEqual(
+    coveringFilters(filters),
+    new Map([
+      ["#", 2], // covers all but $SYS
+      ["$SYS/broker/uptime", 1],
+    ]),
+  );
+  filters.delete("#");
+  assert.deepEqual(
+    coveringFilters(filters),
+    new Map([
+      ["home/#", 1],
+      ["garden/+/t", 2],
+      ["$SYS/broker/uptime", 1],
+    ]),
+  );
 });
