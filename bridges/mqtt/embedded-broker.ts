@@ -9,7 +9,8 @@
  */
 import { createServer as createNetServer, type Server as NetServer } from "node:net";
 import { createServer as createTlsServer } from "node:tls";
-import { createServer as createHttpServer, type Server as HttpServer } from "node:http";
+import { createServer as createHttpServer, type IncomingMessage, type Server as HttpServer } from "node:http";
+import type { Duplex } from "node:stream";
 import { timingSafeEqual, createHash } from "node:crypto";
 import type { EventEmitter } from "node:events";
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from "aedes";
@@ -17,6 +18,7 @@ import redisPersistence from "aedes-persistence-redis";
 import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
+import { PACKET_OVERHEAD_BYTES, guardPacketSize } from "./packet-size-guard.js";
 import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
 import { filterCovers, topicFilterProblem, topicMatches, topicNameProblem } from "./topic.js";
@@ -147,12 +149,24 @@ export class EmbeddedBroker {
     broker.publish = skipping as Aedes["publish"];
   }
 
+  /** Hands a connection to aedes, closing it should a packet announce more than the size limit. */
+  private handle(broker: Aedes, stream: Duplex, req?: IncomingMessage): void {
+    broker.handle(stream, req);
+    const max = this.config.maxPayloadBytes + PACKET_OVERHEAD_BYTES;
+    guardPacketSize(stream, max, (declared) =>
+      this.log.warn(
+        { declared, maxPayloadBytes: this.config.maxPayloadBytes },
+        "mqtt connection closed: a packet larger than the size limit was coming",
+      ),
+    );
+  }
+
   private async listenAll(broker: Aedes): Promise<void> {
-    const tcp = createNetServer((socket) => broker.handle(socket));
+    const tcp = createNetServer((socket) => this.handle(broker, socket));
     this.port = await this.listen(tcp, this.config.port, "port");
     if (this.config.tls) {
       const tls = createTlsServer({ cert: this.config.tls.cert, key: this.config.tls.key }, (socket) =>
-        broker.handle(socket),
+        this.handle(broker, socket),
       );
       this.tlsPort = await this.listen(tls, this.config.tls.port, "tls.port");
     }
@@ -167,7 +181,7 @@ export class EmbeddedBroker {
           protocols.has("mqtt") ? "mqtt" : protocols.has("mqttv3.1") ? "mqttv3.1" : false,
       });
       this.wss.on("error", (err) => this.log.warn({ err: err.message }, "mqtt websocket server error"));
-      this.wss.on("connection", (ws, req) => broker.handle(createWebSocketStream(ws), req));
+      this.wss.on("connection", (ws, req) => this.handle(broker, createWebSocketStream(ws), req));
     }
   }
 

@@ -198,6 +198,27 @@ describe("embedded broker security", () => {
     },
   );
 
+  test(
+    "a packet announcing more than the size limit closes the connection before its body arrives, even before CONNECT",
+    { timeout: 10_000 },
+    async () => {
+      const socket = createConnection(broker.port, "127.0.0.1");
+      await new Promise<void>((r) => socket.once("connect", () => r()));
+      const closed = new Promise<void>((r) => socket.once("close", () => r()));
+      socket.on("error", () => undefined); // reset by the broker: what this test wants
+      // PUBLISH, remaining length 200 MB (varint 0x80 0x84 0xaf 0x5f), then a first slice of the body
+      socket.write(Buffer.from([0x30, 0x80, 0x84, 0xaf, 0x5f]));
+      socket.write(Buffer.alloc(64 * 1024));
+      await closed;
+      assert.ok(socket.destroyed);
+
+      // A client within the limit, speaking after that, is served as before.
+      const ok = await connect({ username: "sensor", password: "s3cret", clientId: "after-guard" });
+      await ok.publishAsync("sensors/sensor/guard", "x".repeat(1000), { qos: 1 });
+      await waitFor("ingested", () => ingested.some((m) => m.topic === "sensors/sensor/guard"));
+    },
+  );
+
   test("[MQTT-3.9.3] subscriptions outside the ACL get SUBACK 0x80; $SYS only for a user who names it", async () => {
     const sensor = await connect({ username: "sensor", password: "s3cret", clientId: "sensor-sub" });
     // mqtt.js rejects when any return code is a failure; the SUBACK is on the error.
