@@ -169,6 +169,7 @@ export async function start({
           const message = await renderOutbound(matrix, job, id, {
             attachments: withFiles,
             maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
+            maxTextBytes: def.capabilities.maxTextBytes,
           });
           await instance.send(message, binding);
         },

@@ -19,15 +19,27 @@ function decodeUtf8(payload: Uint8Array): string | undefined {
   }
 }
 
+/** Image formats told by their first bytes, so a camera's snapshot shows as an image in the room. */
+const IMAGE_SIGNATURES: { bytes: number[]; offset?: number; mimeType: string; ext: string }[] = [
+  { bytes: [0xff, 0xd8, 0xff], mimeType: "image/jpeg", ext: "jpg" },
+  { bytes: [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a], mimeType: "image/png", ext: "png" },
+  { bytes: [0x47, 0x49, 0x46, 0x38], mimeType: "image/gif", ext: "gif" },
+  { bytes: [0x57, 0x45, 0x42, 0x50], offset: 8, mimeType: "image/webp", ext: "webp" }, // RIFF....WEBP
+];
+
+function fileTypeOf(payload: Uint8Array): { mimeType: string; ext: string } {
+  const image = IMAGE_SIGNATURES.find(({ bytes, offset = 0 }) =>
+    bytes.every((b, i) => payload[offset + i] === b),
+  );
+  return image ?? { mimeType: "application/octet-stream", ext: "bin" };
+}
+
 function asFile(topic: string, payload: Uint8Array, notice: boolean): DecodedPayload {
-  const name = `${topic.replaceAll("/", "_")}.bin`;
+  const { mimeType, ext } = fileTypeOf(payload);
+  const name = `${topic.replaceAll("/", "_")}.${ext}`;
   return {
     body: { text: `${name} (${payload.byteLength} bytes)`, notice },
-    attachment: {
-      name,
-      mimeType: "application/octet-stream",
-      dataBase64: Buffer.from(payload).toString("base64"),
-    },
+    attachment: { name, mimeType, dataBase64: Buffer.from(payload).toString("base64") },
   };
 }
 
@@ -53,6 +65,7 @@ export function renderTemplate(template: string, value: unknown): string {
 
 /** A JSON value as one readable line: `temperature: 21.5 · humidity: 40`. */
 export function renderJson(value: unknown): string {
+  if (typeof value === "string") return value;
   if (typeof value !== "object" || value === null || Array.isArray(value)) return JSON.stringify(value);
   return Object.entries(value)
     .map(([k, v]) => `${k}: ${scalarText(v)}`)
@@ -69,6 +82,8 @@ export function decodePayload(topic: string, payload: Uint8Array, ep: MqttEndpoi
   try {
     value = JSON.parse(text);
   } catch {
+    // Devices mix plain states ("ON", "online") with JSON on one topic: shown as they are.
+    if (!/^\s*[[{]/.test(text)) return { body: { text, notice } };
     return { body: { text: `(not valid JSON) ${text}`, notice }, problem: "payload is not valid JSON" };
   }
   const rendered = ep.template ? renderTemplate(ep.template, value) : renderJson(value);

@@ -8,6 +8,7 @@ import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { MatrixEvent } from "./appservice-server.js";
+import { plainBody } from "./format.js";
 
 export const COMMAND_PREFIX = "!tribridge";
 
@@ -50,13 +51,14 @@ export function formatStatus(
 }
 
 export function isCommand(ev: MatrixEvent): boolean {
-  const body = ev.content.body;
-  return (
-    ev.type === "m.room.message" &&
-    ev.content.msgtype === "m.text" &&
-    typeof body === "string" &&
-    (body === COMMAND_PREFIX || body.startsWith(`${COMMAND_PREFIX} `))
-  );
+  const body = commandText(ev);
+  return body !== undefined && (body === COMMAND_PREFIX || body.startsWith(`${COMMAND_PREFIX} `));
+}
+
+/** A text message's own words (a reply to the bot's answer carries the answer's quote first). */
+function commandText(ev: MatrixEvent): string | undefined {
+  if (ev.type !== "m.room.message" || ev.content.msgtype !== "m.text") return undefined;
+  return plainBody(ev.content)?.trim();
 }
 
 /** Whether `userId` is an admin: listed, or on a server listed as `@*:<server>`. */
@@ -86,7 +88,7 @@ export class Commands {
   private async run(ev: MatrixEvent): Promise<string> {
     if (!this.o.isAdmin(ev.sender))
       return `Only tribridge's admins (appservice.admins in its config) can use its commands.`;
-    const [verb = "help", ...args] = String(ev.content.body).slice(COMMAND_PREFIX.length).trim().split(/\s+/);
+    const [verb = "help", ...args] = commandText(ev)!.slice(COMMAND_PREFIX.length).trim().split(/\s+/);
     this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb }, "command");
     try {
       switch (verb) {

@@ -93,7 +93,7 @@ export class EventIntake {
     if (!fromMatrixContent(ev.content, ev.sender)) {
       log.debug(
         { eventId: ev.event_id, msgtype: ev.content.msgtype },
-        "room message not relayed (edit or unsupported msgtype)",
+        "room message not relayed (an edit, empty, or a msgtype not relayed)",
       );
     } else {
       const job = {
@@ -146,15 +146,18 @@ export async function renderOutbound(
   matrix: MatrixClient,
   job: ToRemoteJob,
   id: string,
-  files: Pick<Capabilities, "attachments" | "maxAttachmentBytes">,
+  limits: Pick<Capabilities, "attachments" | "maxAttachmentBytes" | "maxTextBytes">,
 ): Promise<OutboundMessage> {
   const displayName = await matrix.displayName(job.roomId, job.sender);
   const body = fromMatrixContent(job.content, displayName);
   if (!body) throw new PermanentError("not a message tribridge relays");
+  const textBytes = Buffer.byteLength(body.text);
+  if (limits.maxTextBytes !== undefined && textBytes > limits.maxTextBytes)
+    throw new PermanentError(`text of ${textBytes} bytes; the far side takes at most ${limits.maxTextBytes}`);
   const message = { id, sender: { userId: job.sender, displayName }, body, timestamp: job.timestamp };
   const { msgtype, url, info, filename } = job.content;
-  if (!files.attachments || !MEDIA_MSGTYPES.has(String(msgtype)) || typeof url !== "string") return message;
-  const max = files.maxAttachmentBytes ?? DEFAULT_MAX_ATTACHMENT_BYTES;
+  if (!limits.attachments || !MEDIA_MSGTYPES.has(String(msgtype)) || typeof url !== "string") return message;
+  const max = limits.maxAttachmentBytes ?? DEFAULT_MAX_ATTACHMENT_BYTES;
   const { data, mimeType } = await matrix.download(url, max);
   const declaredType = (info as { mimetype?: unknown } | undefined)?.mimetype;
   const attachment: Attachment = {

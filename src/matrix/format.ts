@@ -66,12 +66,9 @@ export function fromMatrixContent(
 ): MessageBody | undefined {
   const relates = content["m.relates_to"] as { rel_type?: string } | undefined;
   if (relates?.rel_type === "m.replace") return undefined; // edits: the far side has no way to change a sent message
-  const raw = typeof content.body === "string" ? content.body : undefined;
-  if (raw === undefined) return undefined;
-  // Only a reply carries a fallback quote; a message that merely starts with "> " is a quote.
-  const isReply =
-    (content["m.relates_to"] as { "m.in_reply_to"?: unknown } | undefined)?.["m.in_reply_to"] !== undefined;
-  const body = isReply ? stripReplyFallback(raw) : raw;
+  const body = plainBody(content);
+  // Nothing to say: an empty publish would also delete a retained value, or read as a query.
+  if (body === undefined || body.trim() === "") return undefined;
   switch (content.msgtype) {
     case "m.text":
       return { text: body };
@@ -84,14 +81,33 @@ export function fromMatrixContent(
     case "m.audio":
     case "m.video":
       return { text: `${body} (${String(content.url ?? "")})` };
+    case "m.location":
+      return { text: `${body} (${String(content.geo_uri ?? "")})` };
     default:
       return undefined;
   }
 }
 
-/** Removes the `> <@user> quoted` lines of a reply fallback (Client-Server API §Rich replies). */
+/**
+ * The message's own text: `body` without the quote of a reply fallback, or undefined if there is
+ * none. Matrix 1.13 dropped reply fallbacks, so a reply may well start with a quote of its own.
+ */
+export function plainBody(content: Record<string, unknown>): string | undefined {
+  if (typeof content.body !== "string") return undefined;
+  const relates = content["m.relates_to"] as
+    { "m.in_reply_to"?: unknown; is_falling_back?: boolean } | undefined;
+  // In a thread, a client's m.in_reply_to with is_falling_back is for older clients: no quote.
+  const reply = relates?.["m.in_reply_to"] !== undefined && relates.is_falling_back !== true;
+  return reply ? stripReplyFallback(content.body) : content.body;
+}
+
+/**
+ * Removes the quote of a reply fallback (Client-Server API §Rich replies): `> <@user:server> …`
+ * (or `> * <@user…` for an emote) lines and the blank line after them. Text that does not start
+ * that way is the sender's own, quotes included.
+ */
 export function stripReplyFallback(body: string): string {
-  if (!body.startsWith("> ")) return body;
+  if (!/^> \*? ?<[@!]/.test(body) || !body.includes("\n")) return body;
   const lines = body.split("\n");
   let i = 0;
   while (i < lines.length && lines[i]!.startsWith("> ")) i++;

@@ -23,6 +23,9 @@ export interface ToMatrixJob {
   stream?: string;
 }
 
+/** The longest text posted as a message; room for the event's other fields and signatures. */
+const MAX_TEXT_BYTES = 60_000;
+
 /** A chain of upgrades longer than this is not followed further (a loop of tombstones, say). */
 const MAX_UPGRADE_HOPS = 10;
 
@@ -65,6 +68,17 @@ export class RoomDelivery {
     return roomId;
   }
 
+  /**
+   * A text too long for one event (65,536 bytes in all, Client-Server API §Size limits; an edit
+   * carries it twice) goes whole, as a text file, rather than being refused or cut.
+   */
+  private textAsFile(job: ToMatrixJob, live: boolean): Attachment | undefined {
+    const bytes = Buffer.byteLength(job.body.text);
+    if (bytes <= (live ? MAX_TEXT_BYTES / 2 : MAX_TEXT_BYTES)) return undefined;
+    const name = `${(job.stream ?? job.sender.id).replace(/[^A-Za-z0-9._-]+/g, "_")}.txt`;
+    return { name, mimeType: "text/plain", dataBase64: Buffer.from(job.body.text).toString("base64") };
+  }
+
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
     const found = this.routes.inbound(job.endpointId);
     if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
@@ -78,11 +92,12 @@ export class RoomDelivery {
       // Synapse refuses display names over 256 characters.
       displayName: (job.sender.displayName ?? job.sender.id).slice(0, 256),
     };
+    const attachment = job.attachment ?? this.textAsFile(job, found.endpoint.live);
     let content = toMatrixContent(job.body);
-    if (job.attachment) {
-      const data = Buffer.from(job.attachment.dataBase64, "base64");
-      const mxc = await this.matrix.upload(sender, data, job.attachment.name, job.attachment.mimeType);
-      content = fileContent(job.attachment.name, job.attachment.mimeType, data.byteLength, mxc);
+    if (attachment) {
+      const data = Buffer.from(attachment.dataBase64, "base64");
+      const mxc = await this.matrix.upload(sender, data, attachment.name, attachment.mimeType);
+      content = fileContent(attachment.name, attachment.mimeType, data.byteLength, mxc);
     }
     // A live endpoint's stream keeps one message per room, edited with each reading (see
     // LiveMessages); after a room upgrade the stream starts over in the new room.

@@ -120,6 +120,19 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     assert.equal(h.hs.membershipOf(room, GHOST("sensor3")), "join");
   });
 
+  test("a text too long for one Matrix event arrives whole, as a text file", async () => {
+    const device = await connect(port, "sensor4");
+    clients.push(device);
+    const text = "0123456789".repeat(7_000); // 70 KB: over the 65,536-byte event limit
+    await device.publishAsync("greenhouse/sensor4/temperature", text, { qos: 1 });
+    const file = await waitFor("the file", () =>
+      h.hs.messages(room).find((m) => m.sender === GHOST("sensor4") && m.content.msgtype === "m.file"),
+    );
+    assert.equal(file.content.body, "greenhouse_sensor4_temperature.txt");
+    assert.equal(h.hs.mediaContent(String(file.content.url))?.data.toString(), text);
+    assert.deepEqual(await bridge.failedJobs(), []);
+  });
+
   test("a device's last will, published when its connection drops, reaches the room as that device", async () => {
     const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, {
       clientId: "sensor9",
@@ -160,17 +173,24 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
   test("binary payloads become files in the room, uploaded as the device", async () => {
     const device = await connect(port, "camera1");
     clients.push(device);
-    const bytes = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x00, 0xff, 0x10]);
+    const bytes = Buffer.from([0x00, 0xff, 0x10, 0x89, 0x50]);
+    const jpeg = Buffer.from([0xff, 0xd8, 0xff, 0xe0, 0x00, 0x10, 0x4a, 0x46]);
     await device.publishAsync("greenhouse/camera1/snapshot", bytes, { qos: 1 });
-    const file = await waitFor("file message", () =>
-      h.hs.messages(room).find((m) => m.content.msgtype === "m.file"),
-    );
-    assert.equal(file.sender, GHOST("camera1"));
-    assert.equal(file.content.body, "greenhouse_camera1_snapshot.bin");
-    assert.deepEqual(file.content.info, { mimetype: "application/octet-stream", size: bytes.byteLength });
-    const stored = h.hs.mediaContent(String(file.content.url));
+    await device.publishAsync("greenhouse/camera1/snapshot", jpeg, { qos: 1 });
+    const [file, image] = await waitFor("two file messages", () => {
+      const files = h.hs.messages(room).filter((m) => m.sender === GHOST("camera1"));
+      return files.length === 2 && files;
+    });
+    assert.equal(file!.content.msgtype, "m.file");
+    assert.equal(file!.content.body, "greenhouse_camera1_snapshot.bin");
+    assert.deepEqual(file!.content.info, { mimetype: "application/octet-stream", size: bytes.byteLength });
+    const stored = h.hs.mediaContent(String(file!.content.url));
     assert.ok(stored, "uploaded to the media repository");
     assert.deepEqual(stored.data, bytes);
+    // A JPEG (told by its first bytes) shows as an image.
+    assert.equal(image!.content.msgtype, "m.image");
+    assert.equal(image!.content.body, "greenhouse_camera1_snapshot.jpg");
+    assert.deepEqual(image!.content.info, { mimetype: "image/jpeg", size: jpeg.byteLength });
   });
 
   test("a room message is published to the mapped topic; the bridge's own publish is not re-ingested", async () => {

@@ -29,6 +29,21 @@ test("a command is an m.text message that is !tribridge or starts with '!tribrid
   assert.equal(isCommand(ev(42)), false);
 });
 
+test("a command sent as a reply to the bot's answer is still a command (its fallback quote aside)", () => {
+  const reply: MatrixEvent = {
+    event_id: "$e",
+    room_id: "!r:x",
+    sender: "@a:x",
+    type: "m.room.message",
+    content: {
+      msgtype: "m.text",
+      body: "> <@tribridge:x> 2 failed relays\n\n!tribridge retry all",
+      "m.relates_to": { "m.in_reply_to": { event_id: "$answer" } },
+    },
+  };
+  assert.equal(isCommand(reply), true);
+});
+
 test("status: connectors with their reason, queues with their backlog and failed list", () => {
   const text = formatStatus(
     3,

@@ -104,11 +104,13 @@ test("fromMatrixContent: other relations (threads) are relayed", () => {
   assert.deepEqual(fromMatrixContent(threaded, "A"), { text: "in thread" });
 });
 
+test("fromMatrixContent: a shared location is its description and geo URI", () => {
+  assert.deepEqual(fromMatrixContent({ msgtype: "m.location", body: "here", geo_uri: "geo:1,2" }, "A"), {
+    text: "here (geo:1,2)",
+  });
+});
+
 test("fromMatrixContent: unknown msgtype, missing msgtype or missing body gives undefined", () => {
-  assert.equal(
-    fromMatrixContent({ msgtype: "m.location", body: "here", geo_uri: "geo:1,2" }, "A"),
-    undefined,
-  );
   assert.equal(fromMatrixContent({ msgtype: "org.example.custom", body: "x" }, "A"), undefined);
   assert.equal(fromMatrixContent({ body: "no msgtype" }, "A"), undefined);
   assert.equal(fromMatrixContent({ msgtype: "m.text" }, "A"), undefined);
@@ -137,6 +139,19 @@ test("[spec: rich replies] a message that is not a reply keeps its leading quote
   });
 });
 
+test("[spec: rich replies, Matrix 1.13] a reply without a fallback keeps its own leading quote", () => {
+  const reply = (body: string, relates: Record<string, unknown>) =>
+    fromMatrixContent({ msgtype: "m.text", body, "m.relates_to": relates }, "A");
+  const inReplyTo = { "m.in_reply_to": { event_id: "$q" } };
+  assert.deepEqual(reply("> 22", inReplyTo), { text: "> 22" });
+  assert.deepEqual(reply("> manual says 20\n\nset 22", inReplyTo), { text: "> manual says 20\n\nset 22" });
+  // A thread message's m.in_reply_to for older clients (is_falling_back) has no quote to strip.
+  const thread = { rel_type: "m.thread", event_id: "$root", is_falling_back: true, ...inReplyTo };
+  assert.deepEqual(reply("> <@bob:x> looks like a fallback\n\nbut is not", thread), {
+    text: "> <@bob:x> looks like a fallback\n\nbut is not",
+  });
+});
+
 // --- stripReplyFallback ---------------------------------------------------------------------------
 
 test("[spec: rich replies] stripReplyFallback removes the '> ' lines and the blank line after them", () => {
@@ -150,6 +165,8 @@ test("stripReplyFallback keeps only one blank line's worth: a second blank line 
 
 test("stripReplyFallback leaves bodies without a fallback alone", () => {
   assert.equal(stripReplyFallback("hello"), "hello");
+  assert.equal(stripReplyFallback("> no sender quoted\n\ntext"), "> no sender quoted\n\ntext");
+  assert.equal(stripReplyFallback("> <@b:x> one line only"), "> <@b:x> one line only");
   assert.equal(stripReplyFallback(">no space"), ">no space");
   assert.equal(stripReplyFallback("text\n> quoted later"), "text\n> quoted later");
   assert.equal(stripReplyFallback(""), "");

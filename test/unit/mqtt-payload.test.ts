@@ -82,15 +82,27 @@ test("json: invalid JSON becomes '(not valid JSON) <text>' with a problem", () =
   assert.equal(d.attachment, undefined);
 });
 
+test("binary: images are told by their first bytes (JPEG, PNG, GIF, WebP), the rest is .bin", () => {
+  const kind = (b: number[]) => {
+    const a = decodePayload("cam/snap", new Uint8Array(b), ep({ format: "binary" })).attachment!;
+    return `${a.name} ${a.mimeType}`;
+  };
+  assert.equal(kind([0xff, 0xd8, 0xff, 0xdb]), "cam_snap.jpg image/jpeg");
+  assert.equal(kind([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0]), "cam_snap.png image/png");
+  assert.equal(kind([...Buffer.from("GIF89a")]), "cam_snap.gif image/gif");
+  assert.equal(kind([...Buffer.from("RIFF\0\0\0\0WEBPVP8 ")]), "cam_snap.webp image/webp");
+  assert.equal(kind([0x89, 0x50, 0x4e, 0x47]), "cam_snap.bin application/octet-stream");
+});
+
 test("json: invalid UTF-8 becomes a file attachment with a problem", () => {
   const d = decodePayload("a/b", notUtf8, ep({ format: "json" }));
   assert.equal(d.problem, "payload is not UTF-8 text");
   assert.equal(d.attachment?.name, "a_b.bin");
 });
 
-test("json: scalars and arrays render as JSON", () => {
+test("json: numbers, arrays and null render as JSON, a string as itself", () => {
   assert.equal(decodePayload("t", bytes("42"), ep({ format: "json" })).body.text, "42");
-  assert.equal(decodePayload("t", bytes('"on"'), ep({ format: "json" })).body.text, '"on"');
+  assert.equal(decodePayload("t", bytes('"on"'), ep({ format: "json" })).body.text, "on");
   assert.equal(decodePayload("t", bytes("[1, 2]"), ep({ format: "json" })).body.text, "[1,2]");
   assert.equal(decodePayload("t", bytes("null"), ep({ format: "json" })).body.text, "null");
 });
@@ -118,10 +130,15 @@ test("json: template renders nested objects and arrays as JSON, array items by i
   assert.equal(renderTemplate("{{tags}} {{pos}} {{tags.1}}", value), '["a","b"] {"x":1,"y":2} b');
 });
 
-test("json: template with invalid JSON still reports the problem and shows the text", () => {
-  const d = decodePayload("t", bytes("nope"), ep({ format: "json", template: "{{a}}" }));
+test("json: a plain state on a JSON topic (Tasmota's ON) is shown as it is, with no complaint", () => {
+  const d = decodePayload("t", bytes("ON"), ep({ format: "json", template: "{{a}}" }));
+  assert.deepEqual(d, { body: { text: "ON", notice: true } });
+});
+
+test("json: template with broken JSON still reports the problem and shows the text", () => {
+  const d = decodePayload("t", bytes("{nope"), ep({ format: "json", template: "{{a}}" }));
   assert.equal(d.problem, "payload is not valid JSON");
-  assert.equal(d.body.text, "(not valid JSON) nope");
+  assert.equal(d.body.text, "(not valid JSON) {nope");
 });
 
 test("renderTemplate leaves text without placeholders alone", () => {
@@ -142,7 +159,7 @@ test("renderJson", () => {
   assert.equal(renderJson([1, "a"]), '[1,"a"]');
   assert.equal(renderJson(3.5), "3.5");
   assert.equal(renderJson(null), "null");
-  assert.equal(renderJson("s"), '"s"');
+  assert.equal(renderJson("s"), "s");
 });
 
 // --- encode ---------------------------------------------------------------------------------------
