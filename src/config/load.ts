@@ -25,6 +25,8 @@ export interface ResolvedEndpoint {
   readonly direction: Direction;
   /** Into the room: one message per sender and stream, edited with each new reading. */
   readonly live: boolean;
+  /** Out of the room: m.notice messages (bots') too. */
+  readonly notices: boolean;
   /** The connector's own fields, as its endpointSchema produced them. */
   readonly spec: unknown;
 }
@@ -202,10 +204,17 @@ export function validateConfig(
         );
         return;
       }
-      const { account: _a, direction, live, ...fields } = ep;
+      const { account: _a, direction, live, notices, ...fields } = ep;
       if (live && direction === "out")
         errors.push(
           new ConfigError(formatPath([...at, "live"]), 'only for endpoints that relay in ("in" or "inout")'),
+        );
+      if (notices && direction === "in")
+        errors.push(
+          new ConfigError(
+            formatPath([...at, "notices"]),
+            'only for endpoints that relay out ("out" or "inout")',
+          ),
         );
       const spec = def.endpointSchema.safeParse(fields);
       if (!spec.success) {
@@ -222,6 +231,7 @@ export function validateConfig(
         account,
         direction,
         live,
+        notices,
         spec: spec.data,
       });
     });

@@ -118,6 +118,13 @@ export const endpointBaseSchema = z.looseObject({
       "Into the room, one message per sender and stream (e.g. MQTT topic), edited with each new " +
         "reading instead of a new message each time; for direction in or inout",
     ),
+  notices: z
+    .boolean()
+    .default(false)
+    .describe(
+      "Out of the room, m.notice messages too (what bots post, e.g. another bridge's alerts); for " +
+        "direction out or inout",
+    ),
 });
 
 export const routeSchema = z.strictObject({

@@ -102,13 +102,18 @@ export class EventIntake {
         content: ev.content,
         timestamp: ev.origin_server_ts ?? Date.now(),
       };
+      // A notice is a bot's (another bridge's alerts, say): relayed only where asked for.
+      const notice = ev.content.msgtype === "m.notice";
       await Promise.all(
-        routes.outboundForRoom(ev.room_id).map((endpoint) =>
-          this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
-            ...job,
-            endpointId: endpoint.id,
-          }),
-        ),
+        routes
+          .outboundForRoom(ev.room_id)
+          .filter((endpoint) => !notice || endpoint.notices)
+          .map((endpoint) =>
+            this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
+              ...job,
+              endpointId: endpoint.id,
+            }),
+          ),
       );
     }
     await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);

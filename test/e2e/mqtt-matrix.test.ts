@@ -49,7 +49,13 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
             { account: "mqtt.home", direction: "out", topic: "greenhouse/commands" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/json-out", format: "json" },
             { account: "mqtt.home", direction: "out", topic: "greenhouse/files", format: "binary" },
-            { account: "mqtt.home", direction: "inout", topic: "greenhouse/chat", sender: { name: "chat" } },
+            {
+              account: "mqtt.home",
+              direction: "inout",
+              topic: "greenhouse/chat",
+              sender: { name: "chat" },
+              notices: true,
+            },
           ],
         },
       ],
@@ -220,6 +226,18 @@ describe("MQTT ⇄ Matrix through the embedded broker", () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(h.hs.messages(room).filter((m) => m.content.body === "open the window").length, 1);
     assert.equal(received.filter(([t]) => t === "greenhouse/chat").length, 1);
+  });
+
+  test("a notice (a bot's message) is published only where the endpoint asks for notices", async () => {
+    const listener = await connect(port, "notice-listener");
+    clients.push(listener);
+    const received: [string, string][] = [];
+    listener.on("message", (topic, payload) => received.push([topic, payload.toString()]));
+    await listener.subscribeAsync(["greenhouse/commands", "greenhouse/chat"], { qos: 1 });
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.notice", body: "front door opened" });
+    await waitFor("the notice on the chat topic", () => received.length > 0);
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(received, [["greenhouse/chat", "front door opened"]]);
   });
 
   test("a file posted in the room: its bytes to a binary topic, its name to a text topic; too large → failed list", async () => {

@@ -29,6 +29,7 @@ const cases: [file: string, message: string][] = [
     "wildcard-bind.yaml",
     "appservice.url: is required with bind 0.0.0.0: the homeserver cannot reach that address; set the URL it reaches tribridge at, e.g. http://tribridge:9993",
   ],
+  ["notices-in.yaml", 'routes[0].endpoints[0].notices: only for endpoints that relay out ("out" or "inout")'],
   ["live-out.yaml", 'routes[0].endpoints[1].live: only for endpoints that relay in ("in" or "inout")'],
 ];
 
