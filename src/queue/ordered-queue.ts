@@ -19,7 +19,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
 import { BoundedCache } from "../bounded-cache.js";
-import { PermanentError, RetryableError, errorMessage } from "../errors.js";
+import { ConfigError, PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { connectRedis } from "../store/redis-store.js";
 
@@ -96,6 +96,12 @@ class Shard<T> {
   private leaseTimer: NodeJS.Timeout | undefined;
   private readonly leaseKey: string;
   private stopped = false;
+  /** The start in progress: one at a time, or two workers could end up consuming one shard. */
+  private starting: Promise<void> | undefined;
+  /** Bumped whenever the lease is taken or lost: a renewal answer about an older one is ignored. */
+  private leaseGeneration = 0;
+  /** Aborted when this shard stops consuming (lease lost): its batch stops between two items. */
+  private consuming: AbortController | undefined;
   private pending: PendingBatch<T> | undefined;
   private writing = false;
 
@@ -109,37 +115,47 @@ class Shard<T> {
   }
 
   /** Takes the lease, or keeps trying in the background while another instance holds it. */
-  async start(redis: Redis): Promise<void> {
-    if (this.stopped) return;
+  start(redis: Redis): Promise<void> {
+    this.starting ??= this.takeLease(redis).finally(() => (this.starting = undefined));
+    return this.starting;
+  }
+
+  private async takeLease(redis: Redis): Promise<void> {
+    if (this.stopped || this.worker) return;
     const { instanceId } = this.owner.opts;
-    const holder = await redis.get(this.leaseKey);
-    const mine =
-      holder === instanceId || (await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS, "NX")) === "OK";
+    // Still ours from before a restart of this instance: its jobs' locks may be broken at once.
+    const restarted = (await redis.get(this.leaseKey)) === instanceId;
+    const mine = restarted || (await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS, "NX")) === "OK";
     if (!mine) {
       this.leaseTimer = setTimeout(() => void this.start(redis).catch(() => undefined), LEASE_RENEW_MS);
       return;
     }
     await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS);
+    const generation = ++this.leaseGeneration;
     this.leaseTimer = setInterval(() => {
       redis.eval(RENEW_LEASE, 1, this.leaseKey, instanceId, LEASE_MS).then(
         (ok) => {
-          if (ok === 0 && !this.stopped) {
-            // Lapsed (Redis restarted, or this process stalled) or taken over: stop consuming, then
-            // compete for it again like a starting instance.
-            this.owner.opts.log.warn(
-              { shard: this.name },
-              "lost shard lease; pausing this shard until it is regained",
-            );
-            clearInterval(this.leaseTimer);
-            void this.stopWorker().then(() => this.start(redis).catch(() => undefined));
-          }
+          if (ok !== 0 || this.stopped || generation !== this.leaseGeneration) return;
+          // Lapsed (Redis was away, or this process stalled) or taken over: stop consuming at once
+          // (another instance may be delivering this shard by now), then compete for it again.
+          this.leaseGeneration++;
+          this.owner.opts.log.warn(
+            { shard: this.name },
+            "lost shard lease; pausing this shard until it is regained",
+          );
+          clearInterval(this.leaseTimer);
+          this.consuming?.abort();
+          void this.stopWorker()
+            .then(() => this.start(redis))
+            .catch(() => undefined);
         },
         (err: unknown) => this.owner.opts.log.warn({ err: errorMessage(err) }, "lease renewal failed"),
       );
     }, LEASE_RENEW_MS);
-    await this.requeueOrphans(redis);
-    if (this.stopped) return;
-    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token), {
+    await this.requeueOrphans(redis, restarted);
+    if (this.stopped || generation !== this.leaseGeneration) return;
+    const consuming = (this.consuming = new AbortController());
+    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token, consuming.signal), {
       connection: this.owner.workerConnection,
       prefix: this.owner.opts.prefix,
       concurrency: 1,
@@ -204,11 +220,20 @@ class Shard<T> {
     if (into === null) await addBatch(this.queue, items, batchId, this.owner.opts);
   }
 
-  /** Jobs left active by a crashed holder of this lease go back to the head of the line. */
-  private async requeueOrphans(redis: Redis): Promise<void> {
+  /**
+   * Jobs left active by an earlier holder of this lease go back to the head of the line, before
+   * anything behind them runs. After a restart of this instance at once; after a takeover, once
+   * the other instance's job lock has expired (it may only be stalled, and stops when it notices).
+   */
+  private async requeueOrphans(redis: Redis, restarted: boolean): Promise<void> {
     const active = await this.queue.getActive();
     for (const job of active) {
-      await redis.del(`${this.owner.opts.prefix}:${this.name}:${job.id}:lock`);
+      const lock = `${this.owner.opts.prefix}:${this.name}:${job.id}:lock`;
+      if (restarted) await redis.del(lock);
+      while (!this.stopped && (await redis.exists(lock)) === 1) await sleep(500);
+      if (this.stopped) return;
+      // Put back meanwhile by the instance that held it (it noticed it lost the lease): nothing to do.
+      if ((await job.getState()) !== "active") continue;
       await job.moveToWait("0");
       this.owner.opts.log.info({ shard: this.name, jobId: job.id }, "requeued job interrupted by a restart");
     }
@@ -224,6 +249,7 @@ class Shard<T> {
     this.stopped = true;
     clearTimeout(this.leaseTimer);
     clearInterval(this.leaseTimer);
+    await this.starting;
     await this.stopWorker();
     await redis.eval(
       `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end`,
@@ -433,7 +459,34 @@ export class OrderedQueue<T> {
   }
 
   async start(): Promise<void> {
+    await this.checkShardCount();
     await Promise.all(this.shards.map((s) => s.start(this.producer)));
+  }
+
+  /**
+   * A room's items are in the shard its key hashes to for `shards`: with another count, items
+   * queued before would sit in shards no one consumes, or run beside the room's newer ones.
+   */
+  private async checkShardCount(): Promise<void> {
+    const { prefix, name, shards } = this.opts;
+    const key = `${prefix}:${name}:shard-count`;
+    const before = Number((await this.producer.get(key)) ?? shards);
+    if (before !== shards) {
+      const queues = Array.from(
+        { length: Math.max(before, shards) },
+        (_, i) => new Queue(`${name}-${i}`, { connection: this.producer, prefix }),
+      );
+      const counts = await Promise.all(queues.map((q) => q.getJobCounts("waiting", "active")));
+      await Promise.all(queues.map((q) => q.close()));
+      const batches = counts.reduce((n, c) => n + (c.waiting ?? 0) + (c.active ?? 0), 0);
+      if (batches > 0)
+        throw new ConfigError(
+          "queue.shards",
+          `was ${before} when the ${batches} batch(es) still queued in ${name} were written; set it back ` +
+            `to ${before} until they are delivered, then change it`,
+        );
+    }
+    await this.producer.set(key, String(shards));
   }
 
   /**
@@ -471,7 +524,8 @@ export class OrderedQueue<T> {
    * Progress is recorded as it goes, so a restart resumes after what was delivered (give or take
    * the last few: delivery is at least once, and idempotent where `id` allows).
    */
-  async runJob(job: Job, token: string | undefined): Promise<void> {
+  async runJob(job: Job, token: string | undefined, consuming: AbortSignal): Promise<void> {
+    const signal = AbortSignal.any([this.stopping.signal, consuming]);
     const { items } = job.data as BatchData<T>;
     const saved = (job.progress as { done?: number[] } | number | undefined) ?? {};
     const done = new Set(typeof saved === "object" && Array.isArray(saved.done) ? saved.done : []);
@@ -493,7 +547,7 @@ export class OrderedQueue<T> {
     const results = await Promise.allSettled(
       [...byKey.values()].map(async (indices) => {
         for (const index of indices) {
-          await this.deliver(items[index]!);
+          await this.deliver(items[index]!, signal);
           done.add(index);
           if (++unsaved >= PROGRESS_EVERY && done.size < items.length) {
             unsaved = 0;
@@ -505,19 +559,20 @@ export class OrderedQueue<T> {
     );
     const failure = results.find((r) => r.status === "rejected");
     if (!failure) return;
-    if (this.stopping.signal.aborted) {
-      // Shutting down mid-batch: keep what was delivered, and put the job back at the head of its shard.
-      await job.updateProgress({ done: [...done] });
-      await job.moveToWait(token);
+    if (signal.aborted) {
+      // Stopping, or the lease lost, mid-batch: keep what was delivered, and put the job back at
+      // the head of its shard. Already moved by the instance that took the lease over: nothing to do.
+      await job.updateProgress({ done: [...done] }).catch(() => undefined);
+      await job.moveToWait(token).catch(() => undefined);
       throw new WaitingError();
     }
     throw failure.reason;
   }
 
-  private async deliver(item: QueueItem<T>): Promise<void> {
+  private async deliver(item: QueueItem<T>, signal: AbortSignal): Promise<void> {
     const { retry, log } = this.opts;
     for (let attempt = 1; ; attempt++) {
-      this.stopping.signal.throwIfAborted();
+      signal.throwIfAborted();
       try {
         await this.opts.process(item.data, { id: item.id, attempt });
         this.opts.observe?.delivered(item.at === undefined ? NaN : Date.now() - item.at);
@@ -530,7 +585,7 @@ export class OrderedQueue<T> {
             : `gave up after ${attempt} attempts: ${errorMessage(err)}`;
           log.error({ itemId: item.id, reason }, "relay failed; moved to the failed list");
           this.opts.observe?.failed(permanent ? "permanent" : "exhausted");
-          await this.recordFailure(item, reason);
+          await this.recordFailureDurably(item, reason, signal);
           return;
         }
         const delay = retryDelayMs(
@@ -548,7 +603,23 @@ export class OrderedQueue<T> {
           "relay failed; retrying",
         );
         this.opts.observe?.retried();
-        await sleep(delay, undefined, { signal: this.stopping.signal });
+        await sleep(delay, undefined, { signal });
+      }
+    }
+  }
+
+  /** The failed list is where "nothing is lost" ends: a write to it that fails is tried again. */
+  private async recordFailureDurably(item: QueueItem<T>, reason: string, signal: AbortSignal): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.recordFailure(item, reason);
+      } catch (err) {
+        const delay = Math.min(30_000, 250 * 2 ** attempt);
+        this.opts.log.warn(
+          { itemId: item.id, err: errorMessage(err), retryInMs: delay },
+          "could not write to the failed list; trying again",
+        );
+        await sleep(delay, undefined, { signal });
       }
     }
   }

@@ -674,3 +674,46 @@ test("the failed list is capped at keepFailed", async (t) => {
   const failed = await q.failedJobs();
   assert.ok(failed.length <= 2, `failed list holds ${failed.length} items with keepFailed 2`);
 });
+
+test("queue.shards changed while items are queued: start refuses, naming the key; once drained it may change", async (t) => {
+  const s = scope(t);
+  const queued = s.make<Item>(async () => undefined, { shards: 4 });
+  await queued.start();
+  await s.stop(queued as OrderedQueue<unknown>);
+  const producer = s.make<Item>(async () => undefined, { shards: 4 });
+  await producer.add("!room", "i1", { n: 1 }); // queued, not consumed: producer not started
+  await s.stop(producer as OrderedQueue<unknown>);
+
+  const other = s.make<Item>(async () => undefined, { shards: 2 });
+  await assert.rejects(
+    other.start(),
+    /queue\.shards: was 4 when the 1 batch\(es\) still queued in q were written/,
+  );
+
+  const delivered: number[] = [];
+  const same = s.make<Item>(async (d) => void delivered.push(d.n), { shards: 4 });
+  await same.start();
+  await waitFor("delivered", () => delivered.length === 1);
+  await s.stop(same as OrderedQueue<unknown>);
+  await s.make<Item>(async () => undefined, { shards: 2 }).start(); // nothing queued: fine
+});
+
+test("the failed list unwritable for a while: the item lands there once it can be written", async (t) => {
+  const s = scope(t);
+  const q = s.make<Item>(async () => {
+    throw new PermanentError("refused");
+  });
+  const dead = (q as unknown as { dead: Queue }).dead;
+  const add = dead.add.bind(dead);
+  let refusals = 2;
+  dead.add = ((...args: Parameters<Queue["add"]>) =>
+    refusals-- > 0 ? Promise.reject(new Error("OOM command not allowed")) : add(...args)) as Queue["add"];
+  await q.add("A", "lost?", { n: 1 });
+  await q.start();
+  const [failed] = await waitFor("the failed list", async () => {
+    const jobs = await q.failedJobs();
+    return jobs.length > 0 && jobs;
+  });
+  assert.equal(failed!.id, "lost?");
+  assert.match(failed!.reason, /permanent: refused/);
+});

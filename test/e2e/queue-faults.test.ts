@@ -1,0 +1,167 @@
+/**
+ * Faults around the queue's shard leases, against real Redis servers: Redis away for longer than
+ * a lease, and an instance stalled past its lease while another takes over. Order per room holds,
+ * nothing is delivered twice, and no worker outlives its queue.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomUUID } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Redis } from "ioredis";
+import { moduleLogger } from "../../src/log.js";
+import { OrderedQueue } from "../../src/queue/ordered-queue.js";
+import { REDIS_URL, deleteKeys, freePort, waitFor } from "../helpers/fixture.js";
+
+const log = moduleLogger("queue-faults");
+log.level = "silent";
+const retry = { maxAttempts: 5, initialDelayMs: 10, maxDelayMs: 50 };
+
+/** Inversions and repeats in a delivery log of increasing numbers. */
+function disorder(delivered: number[]): { inversions: number; repeats: number } {
+  return {
+    inversions: delivered.filter((v, i) => i > 0 && v < delivered[i - 1]!).length,
+    repeats: delivered.length - new Set(delivered).size,
+  };
+}
+
+test("Redis away for longer than a lease: one worker per shard when it is back, order kept, nothing twice", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-pause-"));
+  const port = await freePort();
+  const server = spawn(
+    "redis-server",
+    ["--port", String(port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", dir, "--save", ""],
+    { stdio: "ignore" },
+  );
+  const url = `redis://127.0.0.1:${port}`;
+  const probe = new Redis(url, { lazyConnect: true });
+  t.after(async () => {
+    probe.disconnect();
+    server.kill("SIGCONT");
+    server.kill("SIGTERM");
+    await new Promise((r) => server.once("exit", r));
+    rmSync(dir, { recursive: true, force: true });
+  });
+  await waitFor("redis-server", () =>
+    probe.connect().then(
+      () => true,
+      () => false,
+    ),
+  );
+
+  const delivered: number[] = [];
+  let inFlight = 0;
+  let mostInFlight = 0;
+  const q = new OrderedQueue<{ n: number }>({
+    name: "q",
+    prefix: "pause",
+    redisUrl: url,
+    shards: 1,
+    retry,
+    keepCompleted: 100,
+    keepFailed: 100,
+    instanceId: "only",
+    log,
+    process: async ({ n }) => {
+      mostInFlight = Math.max(mostInFlight, ++inFlight);
+      await sleep(50);
+      delivered.push(n);
+      inFlight--;
+    },
+  });
+  await q.start();
+  const total = 150;
+  let added = 0;
+  const adding = (async () => {
+    for (; added < total; added++) {
+      await q.add("room", `i${added}`, { n: added });
+      await sleep(20);
+    }
+  })();
+  await sleep(1000);
+  server.kill("SIGSTOP"); // away: lease renewals queue up, the lease expires (10 s)
+  await sleep(12_000);
+  server.kill("SIGCONT");
+  await adding;
+  await waitFor("every item", () => new Set(delivered).size === total, 60_000);
+  await q.stop();
+
+  assert.deepEqual(disorder(delivered), { inversions: 0, repeats: 0 });
+  assert.equal(mostInFlight, 1, "one item of the room at a time");
+  const ours = async () =>
+    String(await probe.client("LIST"))
+      .split("\n")
+      .filter((line) => /name=tribridge-/.test(line) || /name=bull/.test(line));
+  // Disconnecting is asynchronous on the server's side; a worker left running would stay.
+  await waitFor("no connection of the queue outlives stop()", async () => (await ours()).length === 0, 5000);
+});
+
+test("an instance stalled past its lease: the other takes its shard over without delivering twice", async (t) => {
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const redis = new Redis(REDIS_URL);
+  const children: ChildProcess[] = [];
+  t.after(async () => {
+    for (const c of children) {
+      c.kill("SIGCONT");
+      c.kill("SIGKILL");
+    }
+    redis.disconnect();
+    await deleteKeys(prefix);
+  });
+  const producer = new OrderedQueue<{ n: number }>({
+    name: "q",
+    prefix,
+    redisUrl: REDIS_URL,
+    shards: 1,
+    retry,
+    keepCompleted: 100,
+    keepFailed: 100,
+    instanceId: "producer",
+    log,
+    process: async () => undefined,
+  });
+  const total = 80;
+  await Promise.all(Array.from({ length: total }, (_, n) => producer.add("room", `i${n}`, { n })));
+  await producer.stop();
+
+  const instance = (id: string) => {
+    const child = spawn(
+      process.execPath,
+      [
+        "--import",
+        "tsx",
+        fileURLToPath(new URL("../helpers/queue-instance.ts", import.meta.url)),
+        prefix,
+        id,
+      ],
+      { stdio: "ignore", env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "silent" } },
+    );
+    children.push(child);
+    return child;
+  };
+  const entries = () => redis.lrange(`${prefix}:log`, 0, -1);
+  const a = instance("A");
+  await waitFor("A delivering", async () => (await entries()).length >= 15, 20_000);
+  a.kill("SIGSTOP"); // stalled: no lease renewal, no lock renewal
+  instance("B");
+  await sleep(13_000); // past A's lease: B takes the shard, and waits for A's job lock
+  a.kill("SIGCONT"); // A notices it lost the lease and stops between two items
+  await waitFor(
+    "every item",
+    async () => new Set((await entries()).map((e) => e.slice(1))).size === total,
+    60_000,
+  );
+  await sleep(500);
+
+  const log_ = await entries();
+  const delivered = log_.map((e) => Number(e.slice(1)));
+  assert.deepEqual(disorder(delivered), { inversions: 0, repeats: 0 }, log_.join(" "));
+  assert.ok(
+    log_.some((e) => e.startsWith("B")),
+    "B took over",
+  );
+});
