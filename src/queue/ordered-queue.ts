@@ -322,7 +322,16 @@ redis.call("ZADD", KEYS[2], ARGV[6], ARGV[4])
 redis.call("ZREMRANGEBYRANK", KEYS[2], 0, -1 - tonumber(ARGV[5]))
 return id`;
 
+/** The bytes of data of the jobs waiting in a shard. KEYS: wait list. ARGV: job key prefix. */
+const WAITING_BYTES = `
+local total = 0
+for _, id in ipairs(redis.call("LRANGE", KEYS[1], 0, -1)) do
+  total = total + redis.call("HSTRLEN", ARGV[1] .. id, "data")
+end
+return total`;
+
 type WritingRedis = Redis & {
+  waitingBytes(waitKey: string, jobKeyPrefix: string): Promise<number>;
   writeToWaiting(
     waitKey: string,
     appendedKey: string,
@@ -430,6 +439,7 @@ export class OrderedQueue<T> {
     // pipeline it creates, which costs more than the writes it saves.
     this.producer = connectRedis(opts.redisUrl, `${opts.name}-producer`) as WritingRedis;
     this.producer.defineCommand("writeToWaiting", { numberOfKeys: 2, lua: WRITE_TO_WAITING });
+    this.producer.defineCommand("waitingBytes", { numberOfKeys: 1, lua: WAITING_BYTES });
     this.workerConnection = connectRedis(opts.redisUrl, `${opts.name}-worker`);
     this.shards = Array.from(
       { length: opts.shards },
@@ -490,19 +500,20 @@ export class OrderedQueue<T> {
   }
 
   /**
-   * Waiting jobs other than each shard's newest are full (a write joins the newest until it reaches
-   * MAX_JOB_BYTES), so their count times that size is the backlog's size, without reading it.
+   * The size of the waiting jobs' data, summed in Redis. Cheap: waiting jobs other than a shard's
+   * newest are full (a write joins the newest while it is under MAX_JOB_BYTES), so there are few.
    */
   private async measureBacklog(): Promise<void> {
     const max = this.opts.maxBacklogBytes!;
-    let jobs: number;
+    let bytes: number;
     try {
-      const lengths = await Promise.all(this.shards.map((s) => this.producer.llen(s.queue.keys.wait!)));
-      jobs = lengths.reduce((a, b) => a + b, 0);
+      const sizes = await Promise.all(
+        this.shards.map((s) => this.producer.waitingBytes(s.queue.keys.wait!, s.queue.toKey(""))),
+      );
+      bytes = sizes.reduce((a, b) => a + b, 0);
     } catch {
       return; // Redis unreachable: add() fails on its own
     }
-    const bytes = jobs * MAX_JOB_BYTES;
     if (!this.holding && bytes >= max) {
       this.holding = true;
       this.opts.log.warn(
