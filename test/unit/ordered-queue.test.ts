@@ -451,6 +451,16 @@ test("back-pressure: beyond maxBacklogBytes add() holds new items, and lets them
   assert.equal((await q.backlog()).holding, false);
 });
 
+test("back-pressure counts real bytes: one item larger than a job's cap is enough to hold", async (t) => {
+  const s = scope(t);
+  const q = s.make<{ pad: string }>(async () => undefined, {
+    maxBacklogBytes: 256 * 1024,
+    backlogCheckMs: 20,
+  });
+  await q.add("K", "camera frame", { pad: "x".repeat(300 * 1024) }); // one job, over 256 KiB
+  await waitFor("the queue to hold new items", async () => (await q.backlog()).holding);
+});
+
 test("back-pressure: adds still held when the queue stops are rejected, not left hanging", async (t) => {
   const s = scope(t);
   const q = s.make<{ pad: string }>(async () => undefined, { maxBacklogBytes: 1, backlogCheckMs: 20 });
