@@ -13,13 +13,9 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
-import { moduleLogger } from "../../src/log.js";
 import { OrderedQueue } from "../../src/queue/ordered-queue.js";
 import { REDIS_URL, deleteKeys, freePort, waitFor } from "../helpers/fixture.js";
-
-const log = moduleLogger("queue-faults");
-log.level = "silent";
-const retry = { maxAttempts: 5, initialDelayMs: 10, maxDelayMs: 50 };
+import { testQueueOptions } from "../helpers/queues.js";
 
 /** Inversions and repeats in a delivery log of increasing numbers. */
 function disorder(delivered: number[]): { inversions: number; repeats: number } {
@@ -56,23 +52,18 @@ test("Redis away for longer than a lease: one worker per shard when it is back, 
   const delivered: number[] = [];
   let inFlight = 0;
   let mostInFlight = 0;
-  const q = new OrderedQueue<{ n: number }>({
-    name: "q",
-    prefix: "pause",
-    redisUrl: url,
-    shards: 1,
-    retry,
-    keepCompleted: 100,
-    keepFailed: 100,
-    instanceId: "only",
-    log,
-    process: async ({ n }) => {
-      mostInFlight = Math.max(mostInFlight, ++inFlight);
-      await sleep(50);
-      delivered.push(n);
-      inFlight--;
-    },
-  });
+  const q = new OrderedQueue<{ n: number }>(
+    testQueueOptions(
+      "pause",
+      async ({ n }) => {
+        mostInFlight = Math.max(mostInFlight, ++inFlight);
+        await sleep(50);
+        delivered.push(n);
+        inFlight--;
+      },
+      { redisUrl: url },
+    ),
+  );
   await q.start();
   const total = 150;
   let added = 0;
@@ -112,18 +103,7 @@ test("an instance stalled past its lease: the other takes its shard over without
     redis.disconnect();
     await deleteKeys(prefix);
   });
-  const producer = new OrderedQueue<{ n: number }>({
-    name: "q",
-    prefix,
-    redisUrl: REDIS_URL,
-    shards: 1,
-    retry,
-    keepCompleted: 100,
-    keepFailed: 100,
-    instanceId: "producer",
-    log,
-    process: async () => undefined,
-  });
+  const producer = new OrderedQueue<{ n: number }>(testQueueOptions(prefix, async () => undefined));
   const total = 80;
   await Promise.all(Array.from({ length: total }, (_, n) => producer.add("room", `i${n}`, { n })));
   await producer.stop();

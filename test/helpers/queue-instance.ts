@@ -4,26 +4,21 @@
  */
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
-import { moduleLogger } from "../../src/log.js";
 import { OrderedQueue } from "../../src/queue/ordered-queue.js";
 import { REDIS_URL } from "./fixture.js";
+import { testQueueOptions } from "./queues.js";
 
 const [prefix, instanceId] = process.argv.slice(2) as [string, string];
 const redis = new Redis(REDIS_URL);
-const queue = new OrderedQueue<{ n: number }>({
-  name: "q",
-  prefix,
-  redisUrl: REDIS_URL,
-  shards: 1,
-  retry: { maxAttempts: 5, initialDelayMs: 10, maxDelayMs: 50 },
-  keepCompleted: 100,
-  keepFailed: 100,
-  instanceId,
-  log: moduleLogger("queue-instance"),
-  process: async ({ n }) => {
-    await sleep(100);
-    await redis.rpush(`${prefix}:log`, `${instanceId}${n}`);
-  },
-});
+const queue = new OrderedQueue<{ n: number }>(
+  testQueueOptions(
+    prefix,
+    async ({ n }) => {
+      await sleep(100);
+      await redis.rpush(`${prefix}:log`, `${instanceId}${n}`);
+    },
+    { instanceId },
+  ),
+);
 await queue.start();
 process.on("SIGTERM", () => void queue.stop().then(() => process.exit(0)));

@@ -16,6 +16,7 @@ import { PermanentError, RetryableError } from "../../src/errors.js";
 import { moduleLogger } from "../../src/log.js";
 import { OrderedQueue, shardOf, type OrderedQueueOptions } from "../../src/queue/ordered-queue.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
+import { testQueueOptions } from "../helpers/queues.js";
 
 const log = moduleLogger("ordered-queue-test");
 // Failures are the point of several tests; keep their error logs out of the test output.
@@ -36,19 +37,7 @@ function scope(t: TestContext) {
   const s = {
     prefix,
     make<T>(process: Process<T>, over: Partial<OrderedQueueOptions<T>> = {}): OrderedQueue<T> {
-      const q = new OrderedQueue<T>({
-        name: "q",
-        prefix,
-        redisUrl: REDIS_URL,
-        shards: 1,
-        retry: { maxAttempts: 5, initialDelayMs: 10, maxDelayMs: 50 },
-        keepCompleted: 100,
-        keepFailed: 100,
-        instanceId: "inst-1",
-        log,
-        process,
-        ...over,
-      });
+      const q = new OrderedQueue<T>(testQueueOptions(prefix, process, { log, ...over }));
       queues.push(q as OrderedQueue<unknown>);
       return q;
     },
