@@ -30,7 +30,7 @@ export interface IncomingPublish extends Publish {
 
 type User = EmbeddedBrokerConfig["users"][number];
 
-function authError(message: string, returnCode: 2 | 4 | 5): AuthenticateError {
+function authError(message: string, returnCode: 2 | 3 | 4 | 5): AuthenticateError {
   return Object.assign(new Error(message), { returnCode }) as AuthenticateError;
 }
 
@@ -42,6 +42,7 @@ function sameSecret(a: string, b: Buffer): boolean {
 }
 
 const SYS_PREFIX = "$SYS";
+const CLIENT_OWNER_TTL_SEC = 30 * 24 * 3600;
 
 /** A will as aedes stores it: with the client it belongs to and the broker (run) that stored it. */
 type StoredWill = PublishPacket & { clientId?: string; brokerId?: string };
@@ -110,6 +111,9 @@ export class EmbeddedBroker {
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
       authorizeSubscribe: (client, sub, done) => done(null, this.authorizeSubscribe(client, sub)),
+      // Also for messages queued in a session while it was offline: a session taken over by another
+      // user (see claimClientId) must not hand over what that user may not read.
+      authorizeForward: (client, packet) => (this.mayReceive(client, packet.topic) ? packet : null),
       heartbeatInterval: 60_000, // 1 minute; $SYS heartbeat
       connectTimeout: 30_000,
     });
@@ -176,6 +180,8 @@ export class EmbeddedBroker {
       // Made once listening: it re-emits the server's errors, which would end the process unheard.
       this.wss = new WebSocketServer({
         server: http,
+        // ws buffers a whole message before the packet-size guard sees it: cap it the same way.
+        maxPayload: this.config.maxPayloadBytes + PACKET_OVERHEAD_BYTES,
         // MQTT over WebSocket uses the "mqtt" subprotocol (MQTT 3.1.1 §6.0).
         handleProtocols: (protocols) =>
           protocols.has("mqtt") ? "mqtt" : protocols.has("mqttv3.1") ? "mqttv3.1" : false,
@@ -215,7 +221,7 @@ export class EmbeddedBroker {
     if (username === undefined) {
       if (this.anonymous) {
         this.usersByClient.set(client, undefined);
-        return this.admit(client, done);
+        return this.claimThenAdmit(client, undefined, done);
       }
       this.log.warn({ clientId: client.id }, "mqtt connect refused: no username");
       return done(authError("not authorized", 5), false);
@@ -233,7 +239,48 @@ export class EmbeddedBroker {
       return done(authError("client id not allowed", 5), false);
     }
     this.usersByClient.set(client, user);
-    this.admit(client, done);
+    this.claimThenAdmit(client, user, done);
+  }
+
+  private claimThenAdmit(
+    client: Client,
+    user: User | undefined,
+    done: (error: AuthenticateError | null, success: boolean | null) => void,
+  ): void {
+    this.claimClientId(client.id, user).then(
+      (claimed) => {
+        if (claimed) return this.admit(client, done);
+        this.log.warn(
+          { clientId: client.id, username: user?.username },
+          "mqtt connect refused: client id belongs to another user",
+        );
+        done(authError("client id not allowed", 5), false);
+      },
+      (err: unknown) => {
+        this.log.warn(
+          { clientId: client.id, err: (err as Error).message },
+          "mqtt connect refused: store unavailable",
+        );
+        done(authError("server unavailable", 3), false);
+      },
+    );
+  }
+
+  /**
+   * A client id belongs to the user who first connected with it (for 30 days after its last
+   * connection): another user reusing it would take over its session, and speak in rooms as its
+   * device. A user who lists the id in `clientIds` may take it, and users take ids over from
+   * anonymous clients, not the other way round.
+   */
+  private async claimClientId(clientId: string, user: User | undefined): Promise<boolean> {
+    const redis = this.persistenceConnection!;
+    const key = `client-owner:${clientId}`;
+    const owner = user?.username ?? "";
+    const current = await redis.get(key);
+    const mayTake =
+      current === null || current === owner || current === "" || !!user?.clientIds?.includes(clientId);
+    if (mayTake) await redis.set(key, owner, "EX", CLIENT_OWNER_TTL_SEC);
+    return mayTake;
   }
 
   /**
@@ -254,6 +301,11 @@ export class EmbeddedBroker {
     }
     this.staleWills.delete(client.id);
     done(null, true);
+  }
+
+  private mayReceive(client: Client, topic: string): boolean {
+    const user = this.usersByClient.get(client);
+    return user ? user.subscribe.some((f) => topicMatches(f, topic)) : !topic.startsWith(SYS_PREFIX);
   }
 
   private mayPublish(client: Client | null, topic: string): boolean {

@@ -123,7 +123,7 @@ export class ExternalClient {
     client.on("connect", (connack) => {
       ctx.setState("up");
       ctx.log.info(
-        { url: this.config.url, sessionPresent: connack.sessionPresent },
+        { url: withoutCredentials(this.config.url), sessionPresent: connack.sessionPresent },
         "connected to mqtt broker",
       );
       void this.sync();
@@ -257,7 +257,7 @@ export class ExternalClient {
     timeoutMs: number,
   ): Promise<void> {
     const client = this.client;
-    if (!client?.connected) throw new RetryableError(`mqtt broker ${this.config.url} not connected`);
+    if (!client?.connected) throw new RetryableError(`mqtt broker ${withoutCredentials(this.config.url)} not connected`);
     if (this.echoes(topic)) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
@@ -279,4 +279,9 @@ export class ExternalClient {
   async stop(): Promise<void> {
     await this.client?.endAsync();
   }
+}
+
+/** The URL as it may be logged: `mqtt://user:pass@host` would put a password in the logs. */
+function withoutCredentials(url: string): string {
+  return url.replace(/\/\/[^/@]*@/, "//");
 }

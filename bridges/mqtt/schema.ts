@@ -1,3 +1,4 @@
+import { isIPv4 } from "node:net";
 import { z } from "zod";
 import { hasWildcard, topicFilterProblem, topicNameProblem } from "./topic.js";
 import type { Direction } from "../../src/connector.js";
@@ -113,7 +114,7 @@ export type MqttAccount = z.output<typeof mqttAccountSchema>;
 export type EmbeddedBrokerConfig = z.output<typeof embeddedBrokerSchema>;
 
 export function isLoopback(host: string): boolean {
-  return host === "localhost" || host === "::1" || host.startsWith("127.");
+  return host === "localhost" || host === "::1" || (isIPv4(host) && host.startsWith("127."));
 }
 
 export const payloadFormats = ["text", "json", "binary"] as const;

@@ -74,8 +74,9 @@ export function registrationYaml(reg: Registration): string {
 export function writeRegistration(file: string, reg: Registration): void {
   const header =
     "# Written by tribridge: these tokens are secrets. Register this file with the homeserver.\n";
+  // `mode` applies only to a new file, and this may replace the sample: private before the tokens.
+  if (existsSync(file)) chmodSync(file, 0o600);
   writeFileSync(file, header + registrationYaml(reg), { mode: 0o600 });
-  chmodSync(file, 0o600); // `mode` applies only to a new file; this may replace the sample
 }
 
 const PLACEHOLDER_TOKEN = /^(CHANGE_ME|placeholder)/i;

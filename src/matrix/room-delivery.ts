@@ -23,6 +23,16 @@ export interface ToMatrixJob {
   stream?: string;
 }
 
+/**
+ * A far side's name as a ghost's display name: without control and bidirectional-override
+ * characters (a device named "Admin\u202e…" must not read as something else in a client), and
+ * within Synapse's 256 characters.
+ */
+export function displayNameOf(name: string): string {
+  const shown = name.replace(/[\p{Cc}\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/gu, "").trim();
+  return (shown || "device").slice(0, 256);
+}
+
 /** The longest text posted as a message; room for the event's other fields and signatures. */
 const MAX_TEXT_BYTES = 60_000;
 
@@ -89,8 +99,7 @@ export class RoomDelivery {
       userId: this.ghostIds.get(`${tag}\u0000${job.account}\u0000${job.sender.id}`, () =>
         ghostUserId(this.naming, tag, job.account, job.sender.id),
       ),
-      // Synapse refuses display names over 256 characters.
-      displayName: (job.sender.displayName ?? job.sender.id).slice(0, 256),
+      displayName: displayNameOf(job.sender.displayName ?? job.sender.id),
     };
     const attachment = job.attachment ?? this.textAsFile(job, found.endpoint.live);
     let content = toMatrixContent(job.body);

@@ -7,6 +7,7 @@ import {
   stripReplyFallback,
   toMatrixContent,
 } from "../../src/matrix/format.js";
+import { displayNameOf } from "../../src/matrix/room-delivery.js";
 
 // --- toMatrixContent ------------------------------------------------------------------------------
 
@@ -174,4 +175,12 @@ test("stripReplyFallback leaves bodies without a fallback alone", () => {
 
 test("stripReplyFallback: a reply without a blank separator line", () => {
   assert.equal(stripReplyFallback("> <@b:x> q\nanswer"), "answer");
+});
+
+test("a device's name as a display name: no control or bidi-override characters, at most 256", () => {
+  assert.equal(displayNameOf("Room Admin\u202e nimda"), "Room Admin nimda");
+  assert.equal(displayNameOf("line\nbreak\u0000"), "linebreak");
+  assert.equal(displayNameOf("\u202e"), "device");
+  assert.equal(displayNameOf("x".repeat(300)).length, 256);
+  assert.equal(displayNameOf("Küche 🌡️"), "Küche 🌡️");
 });

@@ -11,6 +11,7 @@ import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
+import { WebSocket } from "ws";
 import { EmbeddedBroker, type IncomingPublish } from "../../bridges/mqtt/embedded-broker.js";
 import { embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
 import { moduleLogger } from "../../src/log.js";
@@ -41,6 +42,9 @@ describe("embedded broker security", () => {
         },
         { username: "pinned", password: "pw", clientIds: ["pinned-1"] },
         { username: "admin", password: "adm", subscribe: ["$SYS/#", "#"] },
+        { username: "bob", password: "b", subscribe: ["secret/#"] },
+        { username: "carol", password: "c", subscribe: ["public/#"] },
+        { username: "dave", password: "d", subscribe: ["public/#"], clientIds: ["bob-dev"] },
       ],
     });
     broker = new EmbeddedBroker(
@@ -219,6 +223,35 @@ describe("embedded broker security", () => {
     },
   );
 
+  test("a client id is its first user's: another user cannot take its session; one pinned to it gets only what its ACL allows", async () => {
+    const bob = await connect({ username: "bob", password: "b", clientId: "bob-dev", clean: false });
+    await bob.subscribeAsync("secret/#", { qos: 1 });
+    await bob.endAsync();
+    const admin = await connect({ username: "admin", password: "adm", clientId: "admin-1" });
+    await admin.publishAsync("secret/door-code", "4711", { qos: 1 }); // queued in bob-dev's session
+
+    assert.match(
+      await refused({ username: "carol", password: "c", clientId: "bob-dev", clean: false }),
+      /Not authorized|client id not allowed/i,
+    );
+
+    // dave lists bob-dev in clientIds (the operator moved the device to him): he takes the
+    // session, but not the message his ACL does not let him read.
+    const heard: string[] = [];
+    const dave = await mqtt.connectAsync(url(), {
+      username: "dave",
+      password: "d",
+      clientId: "bob-dev",
+      clean: false,
+      reconnectPeriod: 0,
+      manualConnect: false,
+    });
+    clients.push(dave);
+    dave.on("message", (topic) => heard.push(topic));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(heard, []);
+  });
+
   test("[MQTT-3.9.3] subscriptions outside the ACL get SUBACK 0x80; $SYS only for a user who names it", async () => {
     const sensor = await connect({ username: "sensor", password: "s3cret", clientId: "sensor-sub" });
     // mqtt.js rejects when any return code is a failure; the SUBACK is on the error.
@@ -264,7 +297,7 @@ test("MQTT over WebSocket reaches the same ingest", async () => {
   const prefix = `test-${randomUUID().slice(0, 8)}`;
   const ingested: IncomingPublish[] = [];
   const broker = new EmbeddedBroker(
-    embeddedBrokerSchema.parse({ port: 0, websocketPort: 0 }),
+    embeddedBrokerSchema.parse({ port: 0, websocketPort: 0, maxPayloadBytes: 1024 }),
     log,
     async (msg) => void ingested.push(msg),
     { url: REDIS_URL, keyPrefix: `${prefix}:` },
@@ -281,6 +314,15 @@ test("MQTT over WebSocket reaches the same ingest", async () => {
       ingested.map((m) => [m.clientId, m.topic, m.payload.toString()]),
       [["ws-device", "ws/topic", "over websocket"]],
     );
+
+    // A WebSocket message far over the size limit is refused by ws itself (1009), before it is
+    // buffered whole, even before CONNECT.
+    const ws = new WebSocket(`ws://127.0.0.1:${broker.websocketPort}`, "mqtt");
+    ws.on("error", () => undefined);
+    await new Promise((r) => ws.once("open", r));
+    const closed = new Promise<number>((r) => ws.once("close", (code) => r(code)));
+    ws.send(Buffer.alloc(2 * 1024 * 1024));
+    assert.equal(await closed, 1009);
   } finally {
     await broker.stop();
     await deleteKeys(prefix);

@@ -214,5 +214,6 @@ test("account: unknown keys are refused", () => {
 
 test("isLoopback", () => {
   for (const h of ["localhost", "::1", "127.0.0.1", "127.1.2.3"]) assert.equal(isLoopback(h), true, h);
-  for (const h of ["0.0.0.0", "::", "10.0.0.1", "example.org"]) assert.equal(isLoopback(h), false, h);
+  for (const h of ["0.0.0.0", "::", "10.0.0.1", "example.org", "127.attacker.example"])
+    assert.equal(isLoopback(h), false, h);
 });
