@@ -257,7 +257,8 @@ export class ExternalClient {
     timeoutMs: number,
   ): Promise<void> {
     const client = this.client;
-    if (!client?.connected) throw new RetryableError(`mqtt broker ${withoutCredentials(this.config.url)} not connected`);
+    if (!client?.connected)
+      throw new RetryableError(`mqtt broker ${withoutCredentials(this.config.url)} not connected`);
     if (this.echoes(topic)) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
