@@ -10,6 +10,7 @@ import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
 import type { RunningBridge } from "./app.js";
 import { ConfigError, errorMessage } from "./errors.js";
+import { rootLogger } from "./log.js";
 import {
   buildRegistration,
   registrationExists,
@@ -184,6 +185,11 @@ async function startBridge(options: Options): Promise<void> {
   };
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
+  // A library's stray rejection (a command on a connection that is closing, say) must not take
+  // every relay down: nothing is acknowledged before it is durable, so logging it loses nothing.
+  process.on("unhandledRejection", (err) =>
+    rootLogger.error({ err: errorMessage(err) }, "unhandled rejection (a bug: please report it)"),
+  );
   try {
     app = await start({ config, registration, connectors, signal: stopping.signal });
   } catch (err) {
