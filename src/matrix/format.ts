@@ -67,8 +67,11 @@ export function fromMatrixContent(
   const relates = content["m.relates_to"] as { rel_type?: string } | undefined;
   if (relates?.rel_type === "m.replace") return undefined; // edits: the far side has no way to change a sent message
   const body = plainBody(content);
-  // Nothing to say: an empty publish would also delete a retained value, or read as a query.
-  if (body === undefined || body.trim() === "") return undefined;
+  if (body === undefined) return undefined;
+  // Nothing said: an empty publish would also delete a retained value, or read as a query.
+  const textual =
+    content.msgtype === "m.text" || content.msgtype === "m.notice" || content.msgtype === "m.emote";
+  if (textual && body.trim() === "") return undefined;
   switch (content.msgtype) {
     case "m.text":
       return { text: body };

@@ -105,6 +105,14 @@ test("fromMatrixContent: other relations (threads) are relayed", () => {
   assert.deepEqual(fromMatrixContent(threaded, "A"), { text: "in thread" });
 });
 
+test("fromMatrixContent: nothing said is not relayed; a file without a caption still is", () => {
+  assert.equal(fromMatrixContent({ msgtype: "m.text", body: "  \n" }, "A"), undefined);
+  assert.equal(fromMatrixContent({ msgtype: "m.emote", body: "" }, "A"), undefined);
+  assert.deepEqual(fromMatrixContent({ msgtype: "m.file", body: "", url: "mxc://x/y" }, "A"), {
+    text: " (mxc://x/y)",
+  });
+});
+
 test("fromMatrixContent: a shared location is its description and geo URI", () => {
   assert.deepEqual(fromMatrixContent({ msgtype: "m.location", body: "here", geo_uri: "geo:1,2" }, "A"), {
     text: "here (geo:1,2)",
