@@ -43,6 +43,14 @@ function sameSecret(a: string, b: Buffer): boolean {
 
 const SYS_PREFIX = "$SYS";
 const CLIENT_OWNER_TTL_SEC = 30 * 24 * 3600;
+/** Atomic, so two users connecting with one client id at once cannot both claim it (see claimClientId). */
+const CLAIM_CLIENT_ID = `
+local owner = redis.call("GET", KEYS[1])
+if owner == false or owner == ARGV[1] or owner == "" or ARGV[3] == "1" then
+  redis.call("SET", KEYS[1], ARGV[1], "EX", ARGV[2])
+  return 1
+end
+return 0`;
 
 /** A will as aedes stores it: with the client it belongs to and the broker (run) that stored it. */
 type StoredWill = PublishPacket & { clientId?: string; brokerId?: string };
@@ -273,14 +281,16 @@ export class EmbeddedBroker {
    * anonymous clients, not the other way round.
    */
   private async claimClientId(clientId: string, user: User | undefined): Promise<boolean> {
-    const redis = this.persistenceConnection!;
-    const key = `client-owner:${clientId}`;
-    const owner = user?.username ?? "";
-    const current = await redis.get(key);
-    const mayTake =
-      current === null || current === owner || current === "" || !!user?.clientIds?.includes(clientId);
-    if (mayTake) await redis.set(key, owner, "EX", CLIENT_OWNER_TTL_SEC);
-    return mayTake;
+    const pinned = user?.clientIds?.includes(clientId) ? "1" : "0";
+    const claimed = await this.persistenceConnection!.eval(
+      CLAIM_CLIENT_ID,
+      1,
+      `client-owner:${clientId}`,
+      user?.username ?? "",
+      CLIENT_OWNER_TTL_SEC,
+      pinned,
+    );
+    return claimed === 1;
   }
 
   /**

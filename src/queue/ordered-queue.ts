@@ -145,14 +145,25 @@ class Shard<T> {
           );
           clearInterval(this.leaseTimer);
           this.consuming?.abort();
-          void this.stopWorker()
+          // After a start still in progress (it sees the new generation and stands down).
+          void Promise.resolve(this.starting?.catch(() => undefined))
+            .then(() => this.stopWorker())
             .then(() => this.start(redis))
             .catch(() => undefined);
         },
         (err: unknown) => this.owner.opts.log.warn({ err: errorMessage(err) }, "lease renewal failed"),
       );
     }, LEASE_RENEW_MS);
-    await this.requeueOrphans(redis, restarted);
+    try {
+      await this.requeueOrphans(redis, restarted);
+    } catch (err) {
+      // The lease is kept renewed by nothing but a worker's life: give it up, and try again soon.
+      this.leaseGeneration++;
+      clearInterval(this.leaseTimer);
+      this.owner.opts.log.warn({ shard: this.name, err: errorMessage(err) }, "shard start failed; retrying");
+      this.leaseTimer = setTimeout(() => void this.start(redis).catch(() => undefined), LEASE_RENEW_MS);
+      return;
+    }
     if (this.stopped || generation !== this.leaseGeneration) return;
     const consuming = (this.consuming = new AbortController());
     this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token, consuming.signal), {
@@ -249,6 +260,7 @@ class Shard<T> {
     this.stopped = true;
     clearTimeout(this.leaseTimer);
     clearInterval(this.leaseTimer);
+    this.consuming?.abort();
     await this.starting;
     await this.stopWorker();
     await redis.eval(
@@ -428,7 +440,6 @@ export class OrderedQueue<T> {
   private readonly shardIndexes = new BoundedCache<string, number>();
   /** Items that failed for good, with the reason: the failed list. */
   private readonly dead: Queue;
-  private readonly stopping = new AbortController();
   private backlogMonitor: NodeJS.Timeout | undefined;
   /** Whether add() holds new items (see maxBacklogBytes), and the adds it holds. */
   private holding = false;
@@ -535,8 +546,8 @@ export class OrderedQueue<T> {
    * Progress is recorded as it goes, so a restart resumes after what was delivered (give or take
    * the last few: delivery is at least once, and idempotent where `id` allows).
    */
-  async runJob(job: Job, token: string | undefined, consuming: AbortSignal): Promise<void> {
-    const signal = AbortSignal.any([this.stopping.signal, consuming]);
+  /** `signal`: aborted when this shard stops consuming (the lease lost, or the queue stopping). */
+  async runJob(job: Job, token: string | undefined, signal: AbortSignal): Promise<void> {
     const { items } = job.data as BatchData<T>;
     const saved = (job.progress as { done?: number[] } | number | undefined) ?? {};
     const done = new Set(typeof saved === "object" && Array.isArray(saved.done) ? saved.done : []);
@@ -674,7 +685,6 @@ export class OrderedQueue<T> {
   }
 
   async stop(): Promise<void> {
-    this.stopping.abort();
     clearInterval(this.backlogMonitor);
     for (const h of this.held.splice(0)) h.reject(new Error(`queue ${this.opts.name} is stopping`));
     await Promise.all(this.shards.map((s) => s.stop(this.producer)));

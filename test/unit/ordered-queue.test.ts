@@ -720,3 +720,26 @@ test("the failed list unwritable for a while: the item lands there once it can b
   assert.equal(failed!.id, "lost?");
   assert.match(failed!.reason, /permanent: refused/);
 });
+
+test("a lease lost while the shard is still starting (waiting for an orphan's lock): the shard starts again", async (t) => {
+  const s = scope(t);
+  const redis = new Redis(REDIS_URL);
+  s.onCleanup(async () => redis.disconnect());
+  // An orphan: an active job whose lock another instance still holds for a few seconds.
+  const shard = new Queue("q-0", { connection: redis, prefix: s.prefix });
+  s.onCleanup(() => shard.close());
+  await shard.add("relay", { items: [{ id: "orphan", key: "k", data: { n: 1 } }] }, { jobId: "jorphan" });
+  await redis.lmove(`${s.prefix}:q-0:wait`, `${s.prefix}:q-0:active`, "RIGHT", "LEFT");
+  await redis.set(`${s.prefix}:q-0:jorphan:lock`, "other-token", "PX", 5000);
+
+  const delivered: string[] = [];
+  const q = s.make<Item>(async (_d, { id }) => void delivered.push(id), { instanceId: "me" });
+  const starting = q.start();
+  await sleep(1000);
+  await redis.del(`${s.prefix}:lease:q-0`); // the lease lapses meanwhile (Redis lost it)
+  await starting;
+  await waitFor("the orphan", () => delivered.includes("orphan"), 20_000);
+  await q.add("k", "fresh", { n: 2 });
+  await waitFor("a new item, so the shard consumes again", () => delivered.includes("fresh"), 20_000);
+  assert.deepEqual(delivered, ["orphan", "fresh"]);
+});
