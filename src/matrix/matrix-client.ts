@@ -42,6 +42,16 @@ export function classifyMatrixError(status: number, body: MatrixErrorBody, what:
   return new PermanentError(detail);
 }
 
+/**
+ * Whether the homeserver refused for good with this errcode or HTTP status (classifyMatrixError
+ * puts both in the message: `<what>: <status> <errcode> <error>`).
+ */
+function refusedWith(err: unknown, code: string | number): boolean {
+  return (
+    err instanceof PermanentError && err.message.includes(typeof code === "number" ? `: ${code} ` : code)
+  );
+}
+
 /** The same kind of error, its message led by what we were doing (the path alone may not say). */
 function relabel(err: unknown, what: string): unknown {
   if (err instanceof PermanentError) return new PermanentError(`${what}: ${err.message}`);
@@ -265,7 +275,7 @@ export class MatrixClient {
       return await this.resolveRoom(room);
     } catch (err) {
       const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
-      if (!(err instanceof PermanentError && /: 404 /.test(err.message)) || !ownAlias) throw err;
+      if (!refusedWith(err, 404) || !ownAlias) throw err;
       if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
         throw new RetryableError(
           `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
@@ -312,7 +322,7 @@ export class MatrixClient {
       return content.replacement_room;
     } catch (err) {
       // 404: never upgraded.
-      if (!(err instanceof PermanentError && /: 404 /.test(err.message)))
+      if (!refusedWith(err, 404))
         this.opts.log.warn(
           { roomId, err: errorMessage(err) },
           "could not check whether the room was upgraded",
@@ -345,8 +355,8 @@ export class MatrixClient {
       joined = this.join(userId, roomId).catch((err: unknown) => {
         this.joined.delete(key);
         // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
-        throw err instanceof PermanentError && err.message.includes("M_FORBIDDEN")
-          ? new RetryableError(`${err.message} (invite ${this.opts.botUserId} to the room)`)
+        throw refusedWith(err, "M_FORBIDDEN")
+          ? new RetryableError(`${errorMessage(err)} (invite ${this.opts.botUserId} to the room)`)
           : err;
       });
       this.joined.set(key, joined);
@@ -365,8 +375,7 @@ export class MatrixClient {
     try {
       await join();
     } catch (err) {
-      const forbidden = err instanceof PermanentError && err.message.includes("M_FORBIDDEN");
-      if (!forbidden || userId === this.opts.botUserId) throw err;
+      if (!refusedWith(err, "M_FORBIDDEN") || userId === this.opts.botUserId) throw err;
       const invite = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/invite`;
       await this.request("POST", invite, this.opts.botUserId, { user_id: userId });
       await join();
@@ -517,7 +526,7 @@ export class MatrixClient {
     try {
       return await send();
     } catch (err) {
-      if (!(err instanceof PermanentError && err.message.includes("M_FORBIDDEN"))) throw err;
+      if (!refusedWith(err, "M_FORBIDDEN")) throw err;
       // Kicked or left since we cached the join: join again and send once more. Refused again,
       // the room does not let this sender post (power levels): a retry would not change that.
       this.joined.delete(`${sender.userId}|${roomId}`);

@@ -636,7 +636,7 @@ export class OrderedQueue<T> {
       try {
         return await this.recordFailure(item, reason);
       } catch (err) {
-        const delay = Math.min(30_000, 250 * 2 ** attempt);
+        const delay = retryDelayMs(this.opts.retry, attempt);
         this.opts.log.warn(
           { itemId: item.id, err: errorMessage(err), retryInMs: delay },
           "could not write to the failed list; trying again",
