@@ -2,7 +2,8 @@
 import { createServer } from "node:net";
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
-import { connectors } from "../../bridges/index.js";
+import { connectors as installedConnectors } from "../../bridges/index.js";
+import type { ConnectorDefinition } from "../../src/connector.js";
 import { validateConfig, type Config } from "../../src/config/load.js";
 import { buildRegistration, type Registration } from "../../src/matrix/registration.js";
 import { TestHomeserver } from "./test-homeserver.js";
@@ -41,7 +42,10 @@ export async function harness(raw: {
   routes?: unknown;
   queue?: Record<string, unknown>;
   metrics?: Record<string, unknown>;
+  /** The connectors the config is validated against (default: the installed ones). */
+  connectors?: readonly ConnectorDefinition[];
 }): Promise<Harness> {
+  const connectors = raw.connectors ?? installedConnectors;
   const asPort = await freePort();
   const prefix = `test-${randomUUID().slice(0, 8)}`;
   const base = {
