@@ -17,6 +17,9 @@
  *
  * A connector module may import only `src/connector.ts`, `src/errors.ts`, `src/log.ts` and npm
  * packages (lint enforces this). Register it in `bridges/index.ts`; nothing else changes.
+ *
+ * Every connector passes the conformance suite in `test/conformance/`: describe your far side in a
+ * `ConformanceTarget` (see `mqtt.test.ts` there) and call `connectorConformance` with it.
  */
 import type { z } from "zod";
 import type { Logger } from "./log.js";
@@ -209,6 +212,9 @@ export interface Connector<E> {
    * room, in order. Throw `PermanentError` when retrying cannot help (invalid address, rejected by
    * policy), `RetryableError` when it may (far side down, rate-limited). Must not resolve before the
    * far side has accepted the message as far as the protocol can tell (e.g. PUBACK for QoS 1).
+   * Idempotent by `message.id`: the queue may hand over a message already sent (a crash between
+   * the send and its record), and the far side must get it once (remember sent ids in `ctx.store`,
+   * or give the far side an id it deduplicates by, such as a Message-ID).
    */
   send(message: OutboundMessage, endpoint: EndpointBinding<E>): Promise<SendResult>;
   /**

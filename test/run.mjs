@@ -1,11 +1,12 @@
 #!/usr/bin/env node
-// Runs the test files under the given folders (default: test/unit test/e2e) with node:test + tsx.
+// Runs the test files under the given folders (default: test/unit test/conformance test/e2e) with node:test + tsx.
 // Node 20's --test cannot glob, so the files are listed here.
 import { existsSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 
-const roots = process.argv.slice(2).length > 0 ? process.argv.slice(2) : ["test/unit", "test/e2e"];
+const roots =
+  process.argv.slice(2).length > 0 ? process.argv.slice(2) : ["test/unit", "test/conformance", "test/e2e"];
 const files = [];
 function walk(p) {
   if (statSync(p).isDirectory()) for (const name of readdirSync(p).sort()) walk(join(p, name));

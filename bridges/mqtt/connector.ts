@@ -17,6 +17,11 @@ import { topicLevel, topicMatches } from "./topic.js";
 import { relaysIn } from "../../src/connector.js";
 
 const PUBLISH_TIMEOUT_MS = 30_000;
+/**
+ * How long a sent message's id is remembered: the queue may hand the same message over again (a
+ * crash after the publish, before the queue recorded it), and a device must not run a command twice.
+ */
+const SENT_TTL_MS = 24 * 3600_000;
 
 export class MqttConnector implements Connector<MqttEndpoint> {
   private embedded: EmbeddedBroker | undefined;
@@ -160,6 +165,8 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   }
 
   async send(message: OutboundMessage, endpoint: EndpointBinding<MqttEndpoint>): Promise<SendResult> {
+    const sentKey = `sent:${message.id}`;
+    if ((await this.ctx.store.get(sentKey)) !== undefined) return {};
     const { topic, qos, retain } = endpoint.spec;
     const payload = encodePayload(message, endpoint.spec);
     if (this.embedded) {
@@ -170,6 +177,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     } else if (this.external) {
       await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS);
     }
+    await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
     return {};
   }
 

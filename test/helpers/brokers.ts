@@ -16,10 +16,13 @@ export interface Broker {
 
 export const hasMosquitto = !spawnSync("mosquitto", ["-h"]).error;
 
-/** A Mosquitto of its own (anonymous, loopback, no persistence); undefined when not installed. */
-export async function startMosquitto(): Promise<Broker | undefined> {
+/**
+ * A Mosquitto of its own (anonymous, loopback, no persistence) on `port` (default: a free one);
+ * undefined when not installed.
+ */
+export async function startMosquitto(port?: number): Promise<Broker | undefined> {
   if (!hasMosquitto) return undefined;
-  const port = await freePort();
+  port ??= await freePort();
   const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
   const conf = join(dir, "mosquitto.conf");
   writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);

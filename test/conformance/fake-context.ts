@@ -1,0 +1,87 @@
+/**
+ * The one ConnectorContext the conformance suite gives every connector: a real Redis store (with a
+ * fresh prefix) and an `emit` the test controls — it records what it was handed, and can be held
+ * (the enqueue is slow) or made to fail (Redis is away), as the core's emit can.
+ */
+import { randomUUID } from "node:crypto";
+import { Redis } from "ioredis";
+import type { ConnectorContext, ConnectorState, InboundMessage } from "../../src/connector.js";
+import { moduleLogger } from "../../src/log.js";
+import { RedisKeyValueStore } from "../../src/store/redis-store.js";
+import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
+
+export class FakeContext {
+  readonly prefix = `test-${randomUUID().slice(0, 8)}`;
+  readonly emitted: InboundMessage[] = [];
+  readonly states: { state: ConnectorState; reason?: string }[] = [];
+  /** Emits that arrived after stop() — the contract allows none. */
+  readonly emittedAfterStop: InboundMessage[] = [];
+  private readonly redis = new Redis(REDIS_URL);
+  private readonly lifetime = new AbortController();
+  private held: { release: () => void; promise: Promise<void> } | undefined;
+  private failures: Error[] = [];
+  private stopped = false;
+  readonly ctx: ConnectorContext;
+
+  constructor(name: string) {
+    const log = moduleLogger("conformance", { connector: name });
+    log.level = process.env.TRIBRIDGE_LOG_LEVEL ?? "silent";
+    this.ctx = {
+      log,
+      signal: this.lifetime.signal,
+      store: new RedisKeyValueStore(this.redis, `${this.prefix}:kv:`),
+      redis: { url: REDIS_URL, keyPrefix: `${this.prefix}:own:` },
+      instanceId: `conformance-${this.prefix}`,
+      emit: (message) => this.emit(message),
+      setState: (state, reason) => this.states.push(reason === undefined ? { state } : { state, reason }),
+    };
+  }
+
+  private async emit(message: InboundMessage): Promise<void> {
+    if (this.stopped) this.emittedAfterStop.push(message);
+    const failure = this.failures.shift();
+    if (failure) throw failure;
+    await this.held?.promise;
+    this.emitted.push(message);
+  }
+
+  /** Emits from now on wait (the enqueue is slow) until `release`. */
+  hold(): void {
+    let release!: () => void;
+    const promise = new Promise<void>((resolve) => (release = resolve));
+    this.held = { release, promise };
+  }
+
+  release(): void {
+    this.held?.release();
+    this.held = undefined;
+  }
+
+  /** The next emit rejects, as the core's does when Redis is away. */
+  failNextEmit(err = new Error("enqueue failed: redis unreachable")): void {
+    this.failures.push(err);
+  }
+
+  emittedFor(endpointId: string): InboundMessage[] {
+    return this.emitted.filter((m) => m.endpointIds.includes(endpointId));
+  }
+
+  get state(): ConnectorState | undefined {
+    return this.states.at(-1)?.state;
+  }
+
+  /** Stops `connector` the way the core does: the signal aborts first, then stop(). */
+  async stop(connector: { stop(): Promise<void> }): Promise<void> {
+    this.lifetime.abort();
+    this.release();
+    await connector.stop();
+    this.stopped = true;
+  }
+
+  async close(): Promise<void> {
+    this.lifetime.abort();
+    this.release();
+    this.redis.disconnect();
+    await deleteKeys(this.prefix);
+  }
+}
