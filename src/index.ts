@@ -2,6 +2,7 @@
 /**
  * The `tribridge` command. The only module that prints to the terminal for the user and exits.
  */
+import "./library-warnings.js"; // first: before anything loads the libraries it quiets
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
