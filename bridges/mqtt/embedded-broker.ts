@@ -63,6 +63,7 @@ function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string })
   redis.on("error", () => undefined); // reconnects by itself; the broker reports what fails
   // aedes-persistence-redis sends these without awaiting them: one that fails because the
   // connection is closing (a will published as the broker stops) would be an unhandled rejection.
+  // (Which commands those are is checked in test/unit/dependency-internals.test.ts.)
   const unawaited = redis as unknown as Record<"lrem" | "rpush", (...args: unknown[]) => Promise<unknown>>;
   for (const name of ["lrem", "rpush"] as const) {
     const command = unawaited[name].bind(redis);
@@ -149,7 +150,8 @@ export class EmbeddedBroker {
 
   /**
    * Once authorizePublish lets a publish through, aedes acknowledges it and hands it to
-   * `broker.publish` (retained store, subscribers): a dropped one stops there.
+   * `broker.publish` (retained store, subscribers): a dropped one stops there. (aedes internals,
+   * as are `_will`, `broker.clients` and the will sweep: see test/unit/dependency-internals.test.ts.)
    */
   private skipDropped(broker: Aedes): void {
     type PublishFn = (packet: PublishPacket, client: unknown, done?: (err?: Error) => void) => void;
