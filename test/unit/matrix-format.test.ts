@@ -292,7 +292,7 @@ test("[spec: rich replies] fromMatrixContent strips the HTML reply fallback (mx-
     "m.relates_to": { "m.in_reply_to": { event_id: "$q" } },
   };
   assert.deepEqual(fromMatrixContent(reply, "A", { html: true }), {
-    text: "ok, <b>done</b>",
+    text: "ok, **done**",
     html: "ok, <b>done</b>",
   });
 });
