@@ -167,6 +167,7 @@ export async function start({
           const binding = bindingOf(endpoint);
           const withFiles = def.capabilities.attachments && (instance.usesAttachments?.(binding) ?? true);
           const message = await renderOutbound(matrix, job, id, {
+            html: def.capabilities.html,
             attachments: withFiles,
             maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
             maxTextBytes: def.capabilities.maxTextBytes,

@@ -52,7 +52,14 @@ export function relaysOut(direction: Direction): boolean {
 
 /** What the far side can carry. The core adapts messages to it (e.g. drops HTML it cannot show). */
 export interface Capabilities {
-  /** The far side can show HTML; when false, `OutboundMessage.body.html` is never set. */
+  /**
+   * The far side can show HTML. When true, a room text, notice or emote posted with HTML
+   * (`format: org.matrix.custom.html`) reaches `send` with `body.html` besides `body.text`: its
+   * `formatted_body` sanitized to the same allowlist as inbound HTML (see `MessageBody.html`), the
+   * reply fallback (`<mx-reply>`) removed, an emote prefixed like its text (`* Alice waves`). Links
+   * and `mxc://` images are left as they are. Media captions go as text only. When false,
+   * `OutboundMessage.body.html` is never set. Does not affect inbound HTML.
+   */
   readonly html: boolean;
   /**
    * The far side can carry files: a file, image, audio or video posted in a room is downloaded
@@ -86,9 +93,23 @@ export interface RemoteSender {
 }
 
 export interface MessageBody {
-  /** Plain text; always present (the core renders a fallback when only `html` exists). */
+  /**
+   * Plain text; always present. Inbound, when it is empty (or only white space) and `html` shows
+   * something, the core derives the room message's text from the sanitized HTML.
+   */
   readonly text: string;
-  /** Optional HTML; the core sanitizes it before it reaches a room. */
+  /**
+   * Optional HTML. Inbound, any HTML may be given: the core sanitizes it to the subset the Matrix
+   * spec allows in `formatted_body` (Client-Server API §m.room.message msgtypes: its tags and
+   * per-tag attributes, links to http(s)/ftp/mailto/magnet only, nesting at most 100 deep, where
+   * deeper tags are dropped and their text kept) and posts it beside `text`. Scripts, styles, event
+   * handlers and other elements outside the list go (their text stays, except for script, style,
+   * iframe and the like); an image not on the media repository is never shown inline: a named
+   * http(s) one becomes a link, others leave their alt text. Links to Matrix users become plain text
+   * and the message mentions nobody. The room gets `text` alone when nothing shows after
+   * sanitizing, when the HTML is over 1 MiB or nested over 1,000 deep, or when text and HTML
+   * together do not fit one event. Outbound: set only for connectors with `capabilities.html`.
+   */
   readonly html?: string;
   /** A machine message (telemetry, status) rather than something a person said: shown as m.notice. */
   readonly notice?: boolean;

@@ -151,10 +151,10 @@ export async function renderOutbound(
   matrix: MatrixClient,
   job: ToRemoteJob,
   id: string,
-  limits: Pick<Capabilities, "attachments" | "maxAttachmentBytes" | "maxTextBytes">,
+  limits: Pick<Capabilities, "html" | "attachments" | "maxAttachmentBytes" | "maxTextBytes">,
 ): Promise<OutboundMessage> {
   const displayName = await matrix.displayName(job.roomId, job.sender);
-  const body = fromMatrixContent(job.content, displayName);
+  const body = fromMatrixContent(job.content, displayName, { html: limits.html });
   if (!body) throw new PermanentError("not a message tribridge relays");
   const textBytes = Buffer.byteLength(body.text);
   if (limits.maxTextBytes !== undefined && textBytes > limits.maxTextBytes)

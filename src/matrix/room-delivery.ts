@@ -102,7 +102,8 @@ export class RoomDelivery {
       displayName: displayNameOf(job.sender.displayName ?? job.sender.id),
     };
     const attachment = job.attachment ?? this.textAsFile(job, found.endpoint.live);
-    let content = toMatrixContent(job.body);
+    // Text and HTML within what textAsFile allows the text alone: an edit carries both twice.
+    let content = toMatrixContent(job.body, found.endpoint.live ? MAX_TEXT_BYTES / 2 : MAX_TEXT_BYTES);
     if (attachment) {
       const data = Buffer.from(attachment.dataBase64, "base64");
       const mxc = await this.matrix.upload(sender, data, attachment.name, attachment.mimeType);

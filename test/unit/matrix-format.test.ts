@@ -4,6 +4,7 @@ import {
   escapeHtml,
   fileContent,
   fromMatrixContent,
+  replacementContent,
   stripReplyFallback,
   toMatrixContent,
 } from "../../src/matrix/format.js";
@@ -32,11 +33,68 @@ test("[spec: user and room mentions] m.mentions is always {} so remote text ping
   }
 });
 
-test("toMatrixContent never passes remote HTML through", () => {
-  const c = toMatrixContent({ text: "plain", html: "<b>bold</b><script>x</script>" });
-  assert.equal(c.format, undefined);
-  assert.equal(c.formatted_body, undefined);
-  assert.equal(c.body, "plain");
+test("[spec: m.room.message msgtypes] toMatrixContent posts the connector's HTML, sanitized", () => {
+  const c = toMatrixContent({ text: "bold", html: "<b>bold</b><script>alert(1)</script>" });
+  assert.deepEqual(c, {
+    msgtype: "m.text",
+    body: "bold",
+    format: "org.matrix.custom.html",
+    formatted_body: "<b>bold</b>",
+    "m.mentions": {},
+  });
+  assert.equal(toMatrixContent({ text: "t", html: "<i>t</i>", notice: true }).msgtype, "m.notice");
+});
+
+test("toMatrixContent: hostile HTML arrives sanitized", () => {
+  const html =
+    '<p onclick="x">hi <img src="https://evil.example/pixel.gif"><iframe src="https://evil.example"></iframe>' +
+    '<span data-mx-evil="1" data-mx-color="#ff0000">red</span> <a href="javascript:alert(1)">js</a></p>' +
+    "<div>".repeat(500) +
+    "deep" +
+    "</div>".repeat(500);
+  const c = toMatrixContent({ text: "hi red js deep", html });
+  const out = String(c.formatted_body);
+  assert.equal(c.body, "hi red js deep");
+  assert.ok(out.startsWith('<p>hi <span data-mx-color="#ff0000">red</span> <span>js</span></p>'), out);
+  assert.doesNotMatch(out, /script|iframe|evil|onclick|javascript|data-mx-evil/);
+  assert.equal(out.match(/<div>/g)?.length, 100, "nesting within the spec's 100");
+});
+
+test("toMatrixContent: HTML that shows nothing, too deep or too large: the text alone", () => {
+  for (const html of ["", "<script>x</script>", "<p> </p>", "<b>".repeat(5000) + "x"]) {
+    const c = toMatrixContent({ text: "plain", html });
+    assert.equal(c.format, undefined);
+    assert.equal(c.formatted_body, undefined);
+    assert.equal(c.body, "plain");
+  }
+});
+
+test("toMatrixContent: text and HTML over the byte budget: the text alone", () => {
+  const html = `<b>${"x".repeat(100)}</b>`;
+  assert.equal(toMatrixContent({ text: "x".repeat(100), html }, 300).formatted_body, html);
+  assert.equal(toMatrixContent({ text: "x".repeat(100), html }, 200).formatted_body, undefined);
+  // JSON escapes count: quotes in attributes take two bytes each.
+  const link = '<a href="https://e.example">e</a>';
+  assert.equal(toMatrixContent({ text: "e", html: link }, 1 + link.length).formatted_body, undefined);
+  assert.equal(toMatrixContent({ text: "e", html: link }, 1 + link.length + 6).formatted_body, link);
+});
+
+test("toMatrixContent: an empty text with HTML gets its text from the HTML", () => {
+  const c = toMatrixContent({
+    text: "",
+    html: "<h1>Alert</h1><p>pump <b>2</b> &amp; 3 &lt; 4</p><ul><li>a</li><li>b</li></ul>",
+  });
+  assert.equal(c.body, "Alert\npump 2 & 3 < 4\na\nb");
+  assert.equal(c.format, "org.matrix.custom.html");
+});
+
+test("[spec: user and room mentions] remote HTML mentions nobody: user links become text, m.mentions {}", () => {
+  const c = toMatrixContent({
+    text: "@room Alice",
+    html: '@room <a href="https://matrix.to/#/@alice:example.org">Alice</a>',
+  });
+  assert.deepEqual(c["m.mentions"], {});
+  assert.equal(c.formatted_body, "@room <span>Alice</span>");
 });
 
 test("fileContent: images are m.image, other files m.file, with mentions {}", () => {
@@ -49,6 +107,23 @@ test("fileContent: images are m.image, other files m.file, with mentions {}", ()
     "m.mentions": {},
   });
   assert.equal(fileContent("a.bin", "application/octet-stream", 1, "mxc://hs/x").msgtype, "m.file");
+});
+
+test("[spec: event replacements] an edit carries the formatted body in m.new_content, with a * fallback", () => {
+  const content = toMatrixContent({ text: "21 °C", html: "<b>21</b> °C", notice: true });
+  assert.deepEqual(replacementContent("$orig", content), {
+    msgtype: "m.notice",
+    body: "* 21 °C",
+    format: "org.matrix.custom.html",
+    formatted_body: "* <b>21</b> °C",
+    "m.mentions": {},
+    "m.new_content": content,
+    "m.relates_to": { rel_type: "m.replace", event_id: "$orig" },
+  });
+  const plain = replacementContent("$orig", toMatrixContent({ text: "22 °C" }));
+  assert.equal(plain.formatted_body, undefined);
+  assert.equal(plain.format, undefined);
+  assert.equal((plain["m.new_content"] as Record<string, unknown>).formatted_body, undefined);
 });
 
 test("escapeHtml", () => {
@@ -159,6 +234,79 @@ test("[spec: rich replies, Matrix 1.13] a reply without a fallback keeps its own
   assert.deepEqual(reply("> <@bob:x> looks like a fallback\n\nbut is not", thread), {
     text: "> <@bob:x> looks like a fallback\n\nbut is not",
   });
+});
+
+test("fromMatrixContent: HTML reaches a far side that shows it, sanitized; never one that does not", () => {
+  const content = {
+    msgtype: "m.text",
+    body: "**hi** there",
+    format: "org.matrix.custom.html",
+    formatted_body: '<b>hi</b> there<img src="x" onerror="alert(1)"><script>x</script>',
+  };
+  assert.deepEqual(fromMatrixContent(content, "A", { html: true }), {
+    text: "**hi** there",
+    html: "<b>hi</b> there",
+  });
+  assert.deepEqual(fromMatrixContent(content, "A", { html: false }), { text: "**hi** there" });
+  assert.deepEqual(fromMatrixContent(content, "A"), { text: "**hi** there" });
+  assert.deepEqual(fromMatrixContent({ ...content, msgtype: "m.notice" }, "A", { html: true }), {
+    text: "**hi** there",
+    html: "<b>hi</b> there",
+    notice: true,
+  });
+});
+
+test("fromMatrixContent: no HTML without format org.matrix.custom.html, or when nothing shows", () => {
+  const base = { msgtype: "m.text", body: "hi" };
+  for (const extra of [
+    { formatted_body: "<b>hi</b>" },
+    { format: "org.example.other", formatted_body: "<b>hi</b>" },
+    { format: "org.matrix.custom.html", formatted_body: 42 },
+    { format: "org.matrix.custom.html", formatted_body: "<p> </p>" },
+  ]) {
+    assert.deepEqual(fromMatrixContent({ ...base, ...extra }, "A", { html: true }), { text: "hi" });
+  }
+});
+
+test("fromMatrixContent: an emote's HTML is prefixed like its text, the name escaped", () => {
+  const emote = {
+    msgtype: "m.emote",
+    body: "waves",
+    format: "org.matrix.custom.html",
+    formatted_body: "<i>waves</i>",
+  };
+  assert.deepEqual(fromMatrixContent(emote, "<Al & Ice>", { html: true }), {
+    text: "* <Al & Ice> waves",
+    html: "* &lt;Al &amp; Ice&gt; <i>waves</i>",
+  });
+});
+
+test("[spec: rich replies] fromMatrixContent strips the HTML reply fallback (mx-reply) too", () => {
+  const reply = {
+    msgtype: "m.text",
+    body: "> <@bob:example.org> turn it on\n\nok, **done**",
+    format: "org.matrix.custom.html",
+    formatted_body:
+      '<mx-reply><blockquote><a href="https://matrix.to/#/!r:x/$q">In reply to</a> ' +
+      '<a href="https://matrix.to/#/@bob:example.org">@bob:example.org</a><br>turn it on</blockquote></mx-reply>ok, <b>done</b>',
+    "m.relates_to": { "m.in_reply_to": { event_id: "$q" } },
+  };
+  assert.deepEqual(fromMatrixContent(reply, "A", { html: true }), {
+    text: "ok, **done**",
+    html: "ok, <b>done</b>",
+  });
+});
+
+test("fromMatrixContent: a media caption goes as text only", () => {
+  const image = {
+    msgtype: "m.image",
+    body: "a <b>cat</b>",
+    filename: "cat.jpg",
+    url: "mxc://x/y",
+    format: "org.matrix.custom.html",
+    formatted_body: "a <b>cat</b>",
+  };
+  assert.deepEqual(fromMatrixContent(image, "A", { html: true }), { text: "a <b>cat</b> (mxc://x/y)" });
 });
 
 // --- stripReplyFallback ---------------------------------------------------------------------------
