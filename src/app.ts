@@ -30,6 +30,7 @@ import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queu
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { RouteTable } from "./routing/route-table.js";
+import { redisKeys } from "./store/keys.js";
 import { MAIN_CONNECTION, RedisKeyValueStore, connectRedis } from "./store/redis-store.js";
 
 export interface StartOptions {
@@ -215,8 +216,8 @@ export async function start({
       const instance = def.create(account, accountConfig, {
         log: clog,
         signal: lifetime.signal,
-        store: new RedisKeyValueStore(redis, `${prefix}:kv:${ref}:`),
-        redis: { url: redisUrl, keyPrefix: `${prefix}:${ref}:` },
+        store: new RedisKeyValueStore(redis, redisKeys.connectorStore(prefix, ref)),
+        redis: { url: redisUrl, keyPrefix: redisKeys.connectorOwn(prefix, ref) },
         instanceId,
         emit,
         setState: (state, reason) => {
@@ -304,9 +305,9 @@ export async function start({
     const server = new AppserviceServer(
       registration.hs_token,
       {
-        seenTransaction: async (fp) => (await redis.exists(`${prefix}:txn:${fp}`)) === 1,
+        seenTransaction: async (fp) => (await redis.exists(redisKeys.transaction(prefix, fp))) === 1,
         markTransaction: async (fp) =>
-          void (await redis.set(`${prefix}:txn:${fp}`, "1", "EX", SEEN_EVENT_TTL_SEC)),
+          void (await redis.set(redisKeys.transaction(prefix, fp), "1", "EX", SEEN_EVENT_TTL_SEC)),
         onEvents: (events) => intake.handle(events),
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,

@@ -9,6 +9,7 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
+import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { fromMatrixContent } from "./format.js";
 import { isCommand, type Commands } from "./commands.js";
@@ -76,7 +77,7 @@ export class EventIntake {
       if (typeof target === "string") await this.o.live.forget(target);
       return;
     }
-    const seenKey = `${this.o.prefix}:seen-event:${ev.event_id}`;
+    const seenKey = redisKeys.seenEvent(this.o.prefix, ev.event_id);
     if (isCommand(ev)) {
       if ((await redis.exists(seenKey)) === 1) return;
       await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);

@@ -6,6 +6,7 @@
  */
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
+import { redisKeys } from "../store/keys.js";
 
 /** A stream silent this long starts a new message: edits of a month-old message would go unseen. */
 const REMEMBER_SEC = 30 * 24 * 3600;
@@ -25,7 +26,7 @@ export class LiveMessages {
 
   private keyOf(s: LiveStream): string {
     const identity = [s.roomId, s.endpointId, s.senderId, s.stream].join("\u0000");
-    return `${this.prefix}:live:${hash("sha256", identity, "hex")}`;
+    return redisKeys.liveStream(this.prefix, hash("sha256", identity, "hex"));
   }
 
   /** The event the stream's next reading edits, if there is one; remembered for longer. */
@@ -43,13 +44,13 @@ export class LiveMessages {
     await this.redis
       .multi()
       .set(key, eventId, "EX", REMEMBER_SEC)
-      .set(`${this.prefix}:live-event:${eventId}`, key, "EX", REMEMBER_SEC)
+      .set(redisKeys.liveEvent(this.prefix, eventId), key, "EX", REMEMBER_SEC)
       .exec();
   }
 
   /** A live message was redacted: its stream's next reading posts a new message. */
   async forget(eventId: string): Promise<void> {
-    const eventKey = `${this.prefix}:live-event:${eventId}`;
+    const eventKey = redisKeys.liveEvent(this.prefix, eventId);
     const key = await this.redis.get(eventKey);
     if (key === null) return;
     // Only if the stream still shows this event (not one posted since).

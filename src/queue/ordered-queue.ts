@@ -21,6 +21,7 @@ import type { Redis } from "ioredis";
 import { BoundedCache } from "../bounded-cache.js";
 import { ConfigError, PermanentError, RetryableError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
+import { redisKeys } from "../store/keys.js";
 import { connectRedis } from "../store/redis-store.js";
 
 export interface RetryPolicy {
@@ -111,7 +112,7 @@ class Shard<T> {
     producer: Redis,
   ) {
     this.queue = new Queue(name, { connection: producer, prefix: owner.opts.prefix });
-    this.leaseKey = `${owner.opts.prefix}:lease:${name}`;
+    this.leaseKey = redisKeys.shardLease(owner.opts.prefix, name);
   }
 
   /** Takes the lease, or keeps trying in the background while another instance holds it. */
@@ -239,7 +240,7 @@ class Shard<T> {
   private async requeueOrphans(redis: Redis, restarted: boolean): Promise<void> {
     const active = await this.queue.getActive();
     for (const job of active) {
-      const lock = `${this.owner.opts.prefix}:${this.name}:${job.id}:lock`;
+      const lock = redisKeys.jobLock(this.owner.opts.prefix, this.name, job.id!);
       if (restarted) await redis.del(lock);
       while (!this.stopped && (await redis.exists(lock)) === 1) await sleep(500);
       if (this.stopped) return;
@@ -490,7 +491,7 @@ export class OrderedQueue<T> {
    */
   private async checkShardCount(): Promise<void> {
     const { prefix, name, shards } = this.opts;
-    const key = `${prefix}:${name}:shard-count`;
+    const key = redisKeys.shardCount(prefix, name);
     const before = Number((await this.producer.get(key)) ?? shards);
     if (before !== shards) {
       const queues = Array.from(

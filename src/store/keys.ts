@@ -1,0 +1,30 @@
+/**
+ * Every Redis key family tribridge writes, in one place. All keys live under the config's
+ * `queue.prefix` (`<prefix>:…`), so several bridges can share one Redis and a test can delete
+ * everything of its own with `<prefix>:*`. Connectors never import this module: the core hands them
+ * their two prefixes through the ConnectorContext (`store`, `redis.keyPrefix`).
+ *
+ * Besides the families below, BullMQ keeps each queue under `<prefix>:<queue>:…`, where `<queue>`
+ * is a shard (`to-matrix-3`) or a failed list (`to-matrix-failed`); queue names never contain '.'
+ * or ':' and so never collide with a connector's `<connector>.<account>`.
+ */
+export const redisKeys = {
+  /** A homeserver transaction (fingerprint: txnId and body) fully handled; kept while it may be retried. */
+  transaction: (prefix: string, fingerprint: string) => `${prefix}:txn:${fingerprint}`,
+  /** A Matrix event already relayed or answered: the dedupe that does not trust txnIds alone. */
+  seenEvent: (prefix: string, eventId: string) => `${prefix}:seen-event:${eventId}`,
+  /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
+  liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
+  /** A live message's event id → its liveStream key, so that a redaction finds its stream. */
+  liveEvent: (prefix: string, eventId: string) => `${prefix}:live-event:${eventId}`,
+  /** Which instance consumes a shard queue (`to-matrix-3`). */
+  shardLease: (prefix: string, shardQueue: string) => `${prefix}:lease:${shardQueue}`,
+  /** The shard count a queue's items were written with (`to-matrix`, not a shard). */
+  shardCount: (prefix: string, queue: string) => `${prefix}:${queue}:shard-count`,
+  /** BullMQ's own lock of an active job (bullmq 5's key layout): read and broken, never written. */
+  jobLock: (prefix: string, shardQueue: string, jobId: string) => `${prefix}:${shardQueue}:${jobId}:lock`,
+  /** A connector account's KeyValueStore (`ctx.store`): `<prefix>:kv:<connector>.<account>:<key>`. */
+  connectorStore: (prefix: string, ref: string) => `${prefix}:kv:${ref}:`,
+  /** Keys a connector account's own libraries keep (`ctx.redis.keyPrefix`: a library's own persistence). */
+  connectorOwn: (prefix: string, ref: string) => `${prefix}:${ref}:`,
+} as const;
