@@ -14,7 +14,7 @@ import type {
 } from "./connector.js";
 import type { Config, ResolvedEndpoint } from "./config/load.js";
 import { ConfigError, PermanentError, errorMessage } from "./errors.js";
-import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./failed-jobs.js";
+import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./queue/failed-jobs.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";

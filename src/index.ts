@@ -226,7 +226,7 @@ async function main(argv: string[]): Promise<number> {
     case "generate-config-files":
       return generateConfigFiles(options.check);
     case "failed-jobs": {
-      const failed = await import("./failed-jobs.js");
+      const failed = await import("./queue/failed-jobs.js");
       if (options.retry) {
         const ids = options.ids && new Set(options.ids);
         const requeued = await failed.retryFailedJobs(readConfig(options), connectors, ids);

@@ -4,13 +4,13 @@
  * bridge runs.
  */
 import { existsSync } from "node:fs";
-import type { Config } from "./config/load.js";
-import type { ConnectorDefinition } from "./connector.js";
-import { embeddedRedisSocket } from "./queue/embedded-redis.js";
+import type { Config } from "../config/load.js";
+import type { ConnectorDefinition } from "../connector.js";
+import { embeddedRedisSocket } from "./embedded-redis.js";
 import type { Redis } from "ioredis";
-import { readFailedJobs, requeueFailedJobs, type FailedJob } from "./queue/ordered-queue.js";
-import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
-import { connectRedis } from "./store/redis-store.js";
+import { readFailedJobs, requeueFailedJobs, type FailedJob } from "./ordered-queue.js";
+import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue-names.js";
+import { connectRedis } from "../store/redis-store.js";
 
 function redisUrlOf(config: Config): string {
   if (config.queue.redisUrl) return config.queue.redisUrl;
