@@ -5,31 +5,26 @@
 import { createHash } from "node:crypto";
 import { hostname } from "node:os";
 import type { Redis } from "ioredis";
-import type {
-  Connector,
-  ConnectorDefinition,
-  ConnectorState,
-  EndpointBinding,
-  InboundMessage,
-} from "./connector.js";
-import type { Config, ResolvedEndpoint } from "./config/load.js";
-import { ConfigError, PermanentError, errorMessage } from "./errors.js";
+import type { Connector, ConnectorDefinition, ConnectorState, InboundMessage } from "./connector.js";
+import type { Config } from "./config/load.js";
+import { ConfigError, errorMessage } from "./errors.js";
 import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./queue/failed-jobs.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
-import { EventIntake, SEEN_EVENT_TTL_SEC, renderOutbound, type ToRemoteJob } from "./matrix/event-intake.js";
+import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
 import { Commands, adminMatcher, formatStatus } from "./matrix/commands.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
+import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
-import { RouteTable } from "./routing/route-table.js";
+import { RouteTable, bindingOf } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MAIN_CONNECTION, RedisKeyValueStore, connectRedis } from "./store/redis-store.js";
 
@@ -146,12 +141,8 @@ export async function start({
     // Connector instances, one per account.
     const instances = new Map<string, Connector<unknown>>();
     const states: Record<string, { state: ConnectorState; reason?: string }> = {};
-    const bindingOf = (e: ResolvedEndpoint): EndpointBinding<unknown> => ({
-      id: e.id,
-      direction: e.direction,
-      spec: e.spec,
-    });
-
+    // Matrix → remote: the to-<connector> queues' worker.
+    const remote = new RemoteDelivery(matrix, routes, (ref) => instances.get(ref));
     const toRemote = new Map<string, OrderedQueue<ToRemoteJob>>();
     for (const def of connectorsInUse(config.accounts, connectors)) {
       const queue = new OrderedQueue<ToRemoteJob>({
@@ -159,22 +150,7 @@ export async function start({
         name: toConnectorQueue(def.name),
         log: moduleLogger("queue", { queue: toConnectorQueue(def.name) }),
         observe: metrics?.queueObserver(toConnectorQueue(def.name)),
-        process: async (job, { id }) => {
-          const endpoint = routes.outbound(job.endpointId);
-          if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
-          const instance = instances.get(`${endpoint.connector}.${endpoint.account}`);
-          if (!instance)
-            throw new PermanentError(`account ${endpoint.connector}.${endpoint.account} is not running`);
-          const binding = bindingOf(endpoint);
-          const withFiles = def.capabilities.attachments && (instance.usesAttachments?.(binding) ?? true);
-          const message = await renderOutbound(matrix, job, id, {
-            html: def.capabilities.html,
-            attachments: withFiles,
-            maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
-            maxTextBytes: def.capabilities.maxTextBytes,
-          });
-          await instance.send(message, binding);
-        },
+        process: (job, { id }) => remote.deliver(def, job, id),
       });
       toRemote.set(def.name, queue);
       cleanups.push(() => queue.stop());

@@ -2,7 +2,7 @@
  * The compiled routes: which endpoints a room relays out to, and which room an endpoint relays in
  * to. Rooms are configured as aliases or ids; ids are learnt at start-up.
  */
-import { relaysIn, relaysOut } from "../connector.js";
+import { relaysIn, relaysOut, type EndpointBinding } from "../connector.js";
 import type { ResolvedEndpoint, ResolvedRoute } from "../config/load.js";
 
 export class RouteTable {
@@ -67,4 +67,9 @@ export class RouteTable {
       r.endpoints.filter((e) => e.connector === connector && e.account === account),
     );
   }
+}
+
+/** An endpoint as its connector sees it (Connector.watch, Connector.send). */
+export function bindingOf(e: ResolvedEndpoint): EndpointBinding<unknown> {
+  return { id: e.id, direction: e.direction, spec: e.spec };
 }
