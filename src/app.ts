@@ -7,19 +7,20 @@ import { hostname } from "node:os";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState, InboundMessage } from "./connector.js";
 import type { Config } from "./config/load.js";
+import { bridgeCommands } from "./control.js";
 import { ConfigError, errorMessage } from "./errors.js";
-import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./queue/failed-jobs.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
-import { Commands, adminMatcher, formatStatus } from "./matrix/commands.js";
+import { adminMatcher } from "./matrix/commands.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
+import { followRoomUpgrades } from "./matrix/room-upgrade.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, jobIdFor, type FailedJob } from "./queue/ordered-queue.js";
@@ -209,42 +210,24 @@ export async function start({
       await instance.watch(routes.endpointsOf(name, account).map(bindingOf));
     }
 
-    // Commands to the bot (!tribridge …), for admins, in any room the bot is in.
-    const isAdmin = adminMatcher(config.appservice.admins);
     const queueStates = async () =>
       Object.fromEntries(
         await Promise.all(
           [toMatrix, ...toRemote.values()].map(async (q) => [q.opts.name, await q.backlog()] as const),
         ),
       );
-    /** Failed relays, oldest first: all of them, or, asked from a route's room, that room's. */
-    const failedFor = async (roomId: string) => {
-      const all = await readAllFailedJobs(redis, config, connectors, config.queue.keepFailedJobs);
-      if (!routes.isRouteRoom(roomId)) return all;
-      return all.filter((job) => {
-        const endpointId = String((job.data as { endpointId?: unknown }).endpointId);
-        const routeId = routes.inbound(endpointId)?.route.id ?? routes.outbound(endpointId)?.routeId;
-        return routeId !== undefined && routes.roomIdOf(routeId) === roomId;
-      });
-    };
-    const commands = new Commands({
+    // The control surface: commands to the bot (!tribridge …), for admins, in any room it is in.
+    const isAdmin = adminMatcher(config.appservice.admins);
+    const commands = bridgeCommands({
+      config,
+      connectors,
+      routes,
+      redis,
+      matrix,
+      bot,
       isAdmin,
-      control: {
-        status: async () => formatStatus(routes.routes.length, states, await queueStates()),
-        failed: async (limit, roomId) => formatFailedJobs((await failedFor(roomId)).slice(0, limit)),
-        retry: async (ids, roomId) => {
-          const mine = new Set(
-            (await failedFor(roomId)).map((job) => job.id).filter((id) => !ids || ids.has(id)),
-          );
-          return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
-        },
-      },
-      reply: async (roomId, text, txnId) => {
-        const asBot = { userId: bot, displayName: config.appservice.botDisplayName };
-        const content = { msgtype: "m.notice", body: text, "m.mentions": {} };
-        await matrix.sendAs(asBot, roomId, "m.room.message", content, txnId);
-      },
-      log: moduleLogger("commands"),
+      connectorStates: () => states,
+      queueStates,
     });
 
     // Matrix → remote: transactions from the homeserver.
@@ -258,22 +241,7 @@ export async function start({
       live,
       commands,
       isAdmin,
-      upgraded: (oldRoomId, newRoomId, upgradedBy) => {
-        const moved = routes.replaceRoom(oldRoomId, newRoomId);
-        matrix.noteServers(newRoomId, [upgradedBy.slice(upgradedBy.indexOf(":") + 1)]);
-        log.info(
-          { oldRoomId, newRoomId, routes: moved },
-          "a route's room was upgraded; relaying through the new room",
-        );
-        matrix
-          .joinBot(newRoomId)
-          .catch((err: unknown) =>
-            log.warn(
-              { roomId: newRoomId, err: errorMessage(err) },
-              `cannot join the upgraded room yet; invite ${bot}`,
-            ),
-          );
-      },
+      upgraded: followRoomUpgrades(routes, matrix, bot, log),
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       log,
     });

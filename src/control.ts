@@ -1,0 +1,64 @@
+/**
+ * The control surface of a running bridge: the commands admins give the bot (`!tribridge status`,
+ * `failed`, `retry`; see matrix/commands.ts), answered from the connectors' states, the queues'
+ * backlogs and the failed lists, as a notice from the bot.
+ */
+import type { Redis } from "ioredis";
+import type { Config } from "./config/load.js";
+import type { ConnectorDefinition, ConnectorState } from "./connector.js";
+import { moduleLogger } from "./log.js";
+import { Commands, formatStatus } from "./matrix/commands.js";
+import type { MatrixClient } from "./matrix/matrix-client.js";
+import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./queue/failed-jobs.js";
+import type { OrderedQueue } from "./queue/ordered-queue.js";
+import type { RouteTable } from "./routing/route-table.js";
+
+type Backlog = Awaited<ReturnType<OrderedQueue<unknown>["backlog"]>>;
+
+export interface BridgeCommandsOptions {
+  config: Config;
+  connectors: readonly ConnectorDefinition[];
+  routes: RouteTable;
+  redis: Redis;
+  matrix: MatrixClient;
+  /** The bot's user id: it answers. */
+  bot: string;
+  isAdmin(userId: string): boolean;
+  connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
+  /** Each queue's backlog, by queue name. */
+  queueStates(): Promise<Record<string, Backlog>>;
+}
+
+/** The commands to the bot (!tribridge …), for admins, in any room the bot is in. */
+export function bridgeCommands(o: BridgeCommandsOptions): Commands {
+  const { config, connectors, routes, redis, matrix, bot, isAdmin, queueStates } = o;
+  /** Failed relays, oldest first: all of them, or, asked from a route's room, that room's. */
+  const failedFor = async (roomId: string) => {
+    const all = await readAllFailedJobs(redis, config, connectors, config.queue.keepFailedJobs);
+    if (!routes.isRouteRoom(roomId)) return all;
+    return all.filter((job) => {
+      const endpointId = String((job.data as { endpointId?: unknown }).endpointId);
+      const routeId = routes.inbound(endpointId)?.route.id ?? routes.outbound(endpointId)?.routeId;
+      return routeId !== undefined && routes.roomIdOf(routeId) === roomId;
+    });
+  };
+  return new Commands({
+    isAdmin,
+    control: {
+      status: async () => formatStatus(routes.routes.length, o.connectorStates(), await queueStates()),
+      failed: async (limit, roomId) => formatFailedJobs((await failedFor(roomId)).slice(0, limit)),
+      retry: async (ids, roomId) => {
+        const mine = new Set(
+          (await failedFor(roomId)).map((job) => job.id).filter((id) => !ids || ids.has(id)),
+        );
+        return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
+      },
+    },
+    reply: async (roomId, text, txnId) => {
+      const asBot = { userId: bot, displayName: config.appservice.botDisplayName };
+      const content = { msgtype: "m.notice", body: text, "m.mentions": {} };
+      await matrix.sendAs(asBot, roomId, "m.room.message", content, txnId);
+    },
+    log: moduleLogger("commands"),
+  });
+}
