@@ -1,0 +1,111 @@
+/**
+ * Runs the connectors: one instance per configured account, each with its own context (its
+ * `emit` enqueues into the to-matrix queue; its store and Redis prefix are its own), started one
+ * after another and given the endpoints the routes bind to it. Keeps the state each reports.
+ */
+import type { Redis } from "ioredis";
+import type { Config } from "./config/load.js";
+import type {
+  Connector,
+  ConnectorContext,
+  ConnectorDefinition,
+  ConnectorState,
+  InboundMessage,
+} from "./connector.js";
+import type { Lifetime } from "./lifetime.js";
+import { moduleLogger, type Logger } from "./log.js";
+import type { ToMatrixJob } from "./matrix/room-delivery.js";
+import type { Metrics } from "./metrics.js";
+import { jobIdFor, type OrderedQueue } from "./queue/ordered-queue.js";
+import { bindingOf, type RouteTable } from "./routing/route-table.js";
+import { redisKeys } from "./store/keys.js";
+import { RedisKeyValueStore } from "./store/redis-store.js";
+
+export interface ConnectorHostOptions {
+  config: Config;
+  connectors: readonly ConnectorDefinition[];
+  routes: RouteTable;
+  redis: Redis;
+  redisUrl: string;
+  instanceId: string;
+  /** Where what the connectors receive is enqueued. */
+  toMatrix: OrderedQueue<ToMatrixJob>;
+  metrics: Metrics | undefined;
+  lifetime: Lifetime;
+}
+
+export class ConnectorHost {
+  private readonly instances = new Map<string, Connector<unknown>>();
+  /** By `<connector>.<account>`; the record itself stays, entries are replaced (metrics read it live). */
+  readonly states: Record<string, { state: ConnectorState; reason?: string }> = {};
+
+  constructor(private readonly o: ConnectorHostOptions) {}
+
+  /** The running instance of `<connector>.<account>`. */
+  instance(ref: string): Connector<unknown> | undefined {
+    return this.instances.get(ref);
+  }
+
+  /** Creates, starts and watches every account's connector; each stops with the lifetime. */
+  async start(): Promise<void> {
+    const { config, connectors, routes, redis, redisUrl, instanceId, lifetime } = this.o;
+    const prefix = config.queue.prefix;
+    const defs = new Map(connectors.map((c) => [c.name, c]));
+    const states = this.states;
+    for (const { connector: name, account, config: accountConfig } of config.accounts) {
+      const def = defs.get(name)!;
+      const ref = `${name}.${account}`;
+      const clog = moduleLogger("connector", { connector: name, account });
+      states[ref] = { state: "connecting" };
+      const instance = def.create(account, accountConfig, {
+        log: clog,
+        signal: lifetime.signal,
+        store: new RedisKeyValueStore(redis, redisKeys.connectorStore(prefix, ref)),
+        redis: { url: redisUrl, keyPrefix: redisKeys.connectorOwn(prefix, ref) },
+        instanceId,
+        emit: this.emitter(name, account, clog),
+        setState: (state, reason) => {
+          const prev = states[ref];
+          if (prev?.state !== state || prev.reason !== reason)
+            clog.info({ state, reason }, "connector state");
+          states[ref] = reason === undefined ? { state } : { state, reason };
+        },
+      });
+      await instance.start();
+      lifetime.onStop(() => instance.stop());
+      this.instances.set(ref, instance);
+      await instance.watch(routes.endpointsOf(name, account).map(bindingOf));
+    }
+  }
+
+  /** ConnectorContext.emit of one account: one to-matrix item per endpoint the message matched. */
+  private emitter(name: string, account: string, clog: Logger): ConnectorContext["emit"] {
+    const { routes, toMatrix, metrics } = this.o;
+    const ref = `${name}.${account}`;
+    return async (msg: InboundMessage): Promise<void> => {
+      for (const endpointId of msg.endpointIds) {
+        const found = routes.inbound(endpointId);
+        if (!found) {
+          clog.warn({ endpointId }, "connector emitted for an endpoint that relays nothing in; not relayed");
+          continue;
+        }
+        const jobId = jobIdFor("in", ref, msg.remoteId, endpointId);
+        const job: ToMatrixJob = {
+          endpointId,
+          connector: name,
+          account,
+          sender: msg.sender,
+          body: msg.body,
+        };
+        if (msg.attachment) job.attachment = msg.attachment;
+        if (msg.stream !== undefined) job.stream = msg.stream;
+        // A live message shows only the latest reading: older ones still queued can be skipped.
+        const latest = found.endpoint.live
+          ? `${endpointId}\u0000${msg.sender.id}\u0000${msg.stream ?? ""}`
+          : undefined;
+        await toMatrix.add(found.route.room, jobId, job, { latest });
+        metrics?.received.inc({ connector: name, account });
+      }
+    };
+  }
+}

@@ -1,0 +1,40 @@
+/**
+ * What a running bridge has started, undone in reverse order when it stops, and the signal its
+ * parts watch to end their loops. Each part registers its own undo as soon as it has started, so
+ * a start that fails half-way stops exactly what it started.
+ */
+import { errorMessage } from "./errors.js";
+import type { Logger } from "./log.js";
+
+export class Lifetime {
+  private readonly cleanups: (() => Promise<void>)[] = [];
+  private readonly lifetime = new AbortController();
+
+  /** `signal`: aborting it aborts this lifetime's signal too (stop() is still the caller's). */
+  constructor(
+    private readonly log: Logger,
+    signal?: AbortSignal,
+  ) {
+    signal?.addEventListener("abort", () => this.lifetime.abort(), { once: true });
+  }
+
+  /** Aborted when the bridge stops: end reconnect loops and timers when it fires. */
+  get signal(): AbortSignal {
+    return this.lifetime.signal;
+  }
+
+  /** Runs `cleanup` at stop, before those registered earlier. */
+  onStop(cleanup: () => Promise<void>): void {
+    this.cleanups.push(cleanup);
+  }
+
+  /** Aborts the signal, then runs every cleanup, newest first; one that fails does not stop the rest. */
+  async stop(): Promise<void> {
+    this.lifetime.abort();
+    for (const cleanup of this.cleanups.reverse()) {
+      await cleanup().catch((err: unknown) =>
+        this.log.warn({ err: errorMessage(err) }, "error while stopping"),
+      );
+    }
+  }
+}
