@@ -247,6 +247,18 @@ export interface Connector<E> {
   stop(): Promise<void>;
 }
 
+/** See ConnectorDefinition.sample. */
+export interface SampleConfig {
+  /** Under `bridges.<name>`, by account name. */
+  readonly accounts: Readonly<Record<string, unknown>>;
+  /** A route of its own: `id` (its room in the sample is `#<id>:example.org`) and its endpoints. */
+  readonly route: {
+    readonly id: string;
+    /** Each with `account` (`<name>.<account>`), `direction` and the connector's own fields. */
+    readonly endpoints: readonly Readonly<Record<string, unknown>>[];
+  };
+}
+
 /** The declaration of a protocol. Pure: no I/O in any member. */
 export interface ConnectorDefinition<Account = unknown, E = unknown> {
   /** Lower-case name: config key `bridges.<name>`, account refs `<name>.<account>`, queue `to-<name>`. */
@@ -268,6 +280,16 @@ export interface ConnectorDefinition<Account = unknown, E = unknown> {
    * Omit for a connector that needs explicit configuration.
    */
   readonly defaultAccounts?: Readonly<Record<string, Account>>;
+  /**
+   * This protocol's part of the generated sample config (`config/config.sample.yaml`, `npm run
+   * gen:config`): example accounts and one example route's endpoints, written as a user writes
+   * them; the generator adds every default and the schema's descriptions as comments. Omit it and
+   * the sample has no `bridges.<name>` block and no route for this protocol.
+   *
+   * The sample must pass `validate-config` as a user copies it (a test checks): no `<key>File`
+   * here, since its file would not exist there; explain secrets in the schema's `describe` instead.
+   */
+  readonly sample?: SampleConfig;
   /**
    * Checks that need more than the schema: a field that depends on the direction, or on the account
    * (e.g. `sender: clientId` only for an embedded broker). Return problems as `[relativePath, reason]`;

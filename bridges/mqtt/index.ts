@@ -1,5 +1,6 @@
 import type { ConnectorDefinition } from "../../src/connector.js";
 import { MqttConnector } from "./connector.js";
+import { mqttSampleConfig } from "./sample-config.js";
 import {
   MQTT_DEFAULTS,
   checkMqttEndpoint,
@@ -18,6 +19,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   endpointSchema: mqttEndpointSchema,
   // No bridges.mqtt block at all: an embedded broker on the standard port, loopback only.
   defaultAccounts: { default: mqttAccountSchema.parse({ embedded: {} }) },
+  sample: mqttSampleConfig,
   checkEndpoint: checkMqttEndpoint,
   create: (account, config, ctx) => new MqttConnector(account, config, ctx),
 };

@@ -30,7 +30,12 @@ export const embeddedUserSchema = z.strictObject({
 });
 
 export const embeddedBrokerSchema = z.strictObject({
-  host: z.string().default(MQTT_DEFAULTS.embeddedHost),
+  host: z
+    .string()
+    .default(MQTT_DEFAULTS.embeddedHost)
+    .describe(
+      "Address to listen on: 127.0.0.1 for this machine only; 0.0.0.0 for devices elsewhere (with users)",
+    ),
   port: z.number().int().min(0).max(65535).default(MQTT_DEFAULTS.embeddedPort),
   websocketPort: z
     .number()
@@ -50,7 +55,13 @@ export const embeddedBrokerSchema = z.strictObject({
     .boolean()
     .optional()
     .describe("Default: true only when listening on loopback with no users"),
-  users: z.array(embeddedUserSchema).default([]),
+  users: z
+    .array(embeddedUserSchema)
+    .default([])
+    .describe(
+      "Who may connect, e.g. [{ username: sensor-1, passwordFile: /run/secrets/sensor-1, " +
+        "publish: [greenhouse/#], subscribe: [greenhouse/commands] }]; required unless host is loopback",
+    ),
   maxPayloadBytes: z.number().int().min(1).max(268_435_455).default(MQTT_DEFAULTS.maxPayloadBytes),
 });
 

@@ -91,7 +91,7 @@ export const queueSchema = z.strictObject({
     .default(DEFAULTS.maxBacklogMb)
     .describe(
       "Messages waiting in Redis, per queue, beyond which new ones are held at their source " +
-        "(MQTT not acknowledged, homeserver transactions not answered) until it drains; 0 = no limit",
+        "(not acknowledged to the far side, homeserver transactions not answered) until it drains; 0 = no limit",
     ),
 });
 
@@ -105,7 +105,10 @@ export const directionSchema = z.enum(["in", "out", "inout"]);
 
 const accountRef = z
   .string()
-  .regex(/^[a-z][a-z0-9]*\.[a-z][a-z0-9-]*$/, 'must be "<bridge>.<account>", e.g. "mqtt.home"');
+  .regex(
+    /^[a-z][a-z0-9]*\.[a-z][a-z0-9-]*$/,
+    'must be "<bridge>.<account>", an account under bridges.<bridge>',
+  );
 
 /** The core's view of an endpoint: connector fields are checked by that connector's endpointSchema. */
 export const endpointBaseSchema = z.looseObject({
@@ -115,8 +118,8 @@ export const endpointBaseSchema = z.looseObject({
     .boolean()
     .default(false)
     .describe(
-      "Into the room, one message per sender and stream (e.g. MQTT topic), edited with each new " +
-        "reading instead of a new message each time; for direction in or inout",
+      "Into the room, one message per sender and stream (each connector says what a stream is), edited " +
+        "with each new reading instead of a new message each time; for direction in or inout",
     ),
   notices: z
     .boolean()

@@ -1,14 +1,14 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Ajv2020 } from "ajv/dist/2020.js";
 import { parse as parseYaml } from "yaml";
 import { connectors } from "../../bridges/index.js";
 import { ConfigErrors, loadConfig, validateConfig } from "../../src/config/load.js";
-import { sampleConfigInline } from "../../src/config/generate.js";
+import { sampleConfig } from "../../src/config/generate.js";
 
 const BAD = "test/fixtures/bad-configs";
 
@@ -79,21 +79,39 @@ test("room ids of room version 12 (no server part) are accepted; '=' in the bot'
   );
 });
 
-test("config.schema.json accepts the sample (its *File secrets included) and rejects a broken config", () => {
+test("config.schema.json accepts the sample and *File secrets, and rejects a broken config", () => {
   const validate = new Ajv2020({ strict: false, validateFormats: false }).compile(
     JSON.parse(readFileSync("config/config.schema.json", "utf8")) as object,
   );
-  const sample = parseYaml(readFileSync("config/config.sample.yaml", "utf8")) as unknown;
+  const sample = parseYaml(readFileSync("config/config.sample.yaml", "utf8")) as {
+    bridges: { mqtt: { home: { embedded: Record<string, unknown> } } };
+  };
+  assert.equal(validate(sample), true, JSON.stringify(validate.errors));
+  sample.bridges.mqtt.home.embedded.users = [{ username: "sensor", passwordFile: "/run/secrets/sensor" }];
   assert.equal(validate(sample), true, JSON.stringify(validate.errors));
   assert.equal(validate(parseYaml(readFileSync(join(BAD, "bad-port.yaml"), "utf8"))), false);
 });
 
 test("the sample config is valid and has defaults filled", () => {
-  const cfg = validateConfig(sampleConfigInline(), connectors);
+  const cfg = validateConfig(sampleConfig(connectors), connectors);
   assert.equal(cfg.appservice.port, 9993);
   assert.equal(cfg.appservice.url, "http://127.0.0.1:9993");
   assert.equal(cfg.routes[0]?.endpoints.length, 2);
   assert.equal(cfg.routes[0]?.endpoints[0]?.id, "greenhouse.0");
+});
+
+test("config.sample.yaml passes validate-config as a user copies it", () => {
+  // Copied elsewhere, with no environment: a *File it names would have to exist there.
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-sample-"));
+  copyFileSync("config/config.sample.yaml", join(dir, "config.yaml"));
+  const cfg = loadConfig(join(dir, "config.yaml"), connectors, {});
+  assert.deepEqual(
+    cfg.accounts.map((a) => `${a.connector}.${a.account}`),
+    connectors
+      .filter((c) => c.sample)
+      .flatMap((c) => Object.keys(c.sample!.accounts).map((a) => `${c.name}.${a}`)),
+  );
+  assert.equal(cfg.routes.length, connectors.filter((c) => c.sample).length);
 });
 
 test("no bridges.mqtt block: an embedded broker on 1883, loopback", () => {
