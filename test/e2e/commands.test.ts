@@ -5,10 +5,9 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 describe("commands to the bot", () => {
   let h: Harness;
@@ -54,9 +53,9 @@ describe("commands to the bot", () => {
     bot = h.hs.appserviceUserId;
     room = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
     h.hs.joinRoom(room, bob);
-    bridge = await start({ config, registration: h.registration, connectors });
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "lab-device" });
+    const started = await startBridge({ config, registration: h.registration });
+    bridge = started.bridge;
+    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${started.ports.mqtt}`, { clientId: "lab-device" });
     await device.subscribeAsync("lab/chat", { qos: 1 });
     device.on("message", (_topic, payload) => published.push(payload.toString()));
   });

@@ -12,10 +12,10 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import mqtt from "mqtt";
 import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { validateConfig } from "../../src/config/load.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 function redisServersUsing(dir: string): number {
   const ps = spawnSync("ps", ["-eo", "args"], { encoding: "utf8" }).stdout;
@@ -50,11 +50,11 @@ describe("no queue.redisUrl: a private redis-server", () => {
     const raw = structuredClone(h.rawConfig) as { queue: Record<string, unknown> };
     delete raw.queue.redisUrl;
     const config = validateConfig({ ...raw, dataDir }, connectors);
-    bridge = await start({ config, registration: h.registration, connectors });
+    const started = await startBridge({ config, registration: h.registration });
+    bridge = started.bridge;
     assert.equal(redisServersUsing(dataDir), 1);
 
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "d1" });
+    const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${started.ports.mqtt}`, { clientId: "d1" });
     await device.publishAsync("e/1", "through the embedded redis", { qos: 1 });
     await h.hs.waitForMessages(room, 1);
     await device.endAsync();

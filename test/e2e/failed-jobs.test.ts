@@ -10,10 +10,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { stringify } from "yaml";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge, type StartedBridge } from "../helpers/start-bridge.js";
 
 function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
   const file = join(mkdtempSync(join(tmpdir(), "tribridge-failed-")), "config.yaml");
@@ -29,7 +28,7 @@ function failedJobsCli(config: Record<string, unknown>, ...args: string[]) {
 async function bridgeWithRoute(
   route: { id: string; room: string; topic: string; preset?: "public_chat" | "private_chat" },
   queue?: Record<string, unknown>,
-): Promise<{ h: Harness; bridge: RunningBridge; roomId: string }> {
+): Promise<StartedBridge & { h: Harness; roomId: string }> {
   const h = await harness({
     bridges: { mqtt: { home: { embedded: { port: 0 } } } },
     queue,
@@ -44,11 +43,10 @@ async function bridgeWithRoute(
   const roomId = route.preset
     ? h.hs.createRoom({ creator: h.alice, alias: route.room, preset: route.preset })
     : "";
-  return { h, roomId, bridge: await start({ config: h.config, registration: h.registration, connectors }) };
+  return { h, roomId, ...(await startBridge(h)) };
 }
 
-async function publishOnce(bridge: RunningBridge, clientId: string, topic: string, body: string) {
-  const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+async function publishOnce(port: number, clientId: string, topic: string, body: string) {
   const device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId });
   await device.publishAsync(topic, body, { qos: 1 });
   await device.endAsync();
@@ -64,10 +62,11 @@ function failedJobsOf(bridge: RunningBridge) {
 describe("failed relays are listed with their reason", () => {
   let h: Harness;
   let bridge: RunningBridge;
+  let ports: StartedBridge["ports"];
 
   before(async () => {
     // An alias on another server that does not exist: the bridge may not create it.
-    ({ h, bridge } = await bridgeWithRoute({
+    ({ h, bridge, ports } = await bridgeWithRoute({
       id: "elsewhere",
       room: "#nowhere:other.example",
       topic: "lost/#",
@@ -84,7 +83,7 @@ describe("failed relays are listed with their reason", () => {
     assert.equal(empty.status, 0, empty.stderr);
     assert.equal(empty.stdout.trim(), "No failed relays.");
 
-    await publishOnce(bridge, "lonely", "lost/thing", "hello?");
+    await publishOnce(ports.mqtt, "lonely", "lost/thing", "hello?");
     const jobs = await failedJobsOf(bridge);
     assert.equal(jobs.length, 1);
     assert.equal(jobs[0]!.queue, "to-matrix");
@@ -120,12 +119,14 @@ test("failed-jobs without a reachable Redis fails at once with a clear message",
 describe("failed relays can be put back on their queues", () => {
   let h: Harness;
   let bridge: RunningBridge;
+  let ports: StartedBridge["ports"];
   let room: string;
 
   before(async () => {
     ({
       h,
       bridge,
+      ports,
       roomId: room,
     } = await bridgeWithRoute(
       { id: "closed", room: "#closed:test.local", topic: "closed/#", preset: "private_chat" },
@@ -139,7 +140,7 @@ describe("failed relays can be put back on their queues", () => {
   });
 
   test("a message that gave up (bot not invited) is delivered after `failed-jobs --retry`", async () => {
-    await publishOnce(bridge, "knocker", "closed/door", "let me in");
+    await publishOnce(ports.mqtt, "knocker", "closed/door", "let me in");
     const jobs = await failedJobsOf(bridge);
     assert.equal(jobs.length, 1);
     assert.match(jobs[0]!.reason, /^gave up after 2 attempts: .*M_FORBIDDEN/);
@@ -163,6 +164,7 @@ test("a room where the ghost may not post: fails at once, as joining again does 
   const {
     h,
     bridge,
+    ports,
     roomId: room,
   } = await bridgeWithRoute(
     { id: "announce", room: "#announce:test.local", topic: "announce/#", preset: "public_chat" },
@@ -176,7 +178,7 @@ test("a room where the ghost may not post: fails at once, as joining again does 
     users: { [h.alice]: 100 },
     events_default: 50,
   });
-  await publishOnce(bridge, "speaker", "announce/now", "hello");
+  await publishOnce(ports.mqtt, "speaker", "announce/now", "hello");
   const [failed] = await failedJobsOf(bridge);
   assert.match(failed!.reason, /^permanent: .*M_FORBIDDEN/);
 });

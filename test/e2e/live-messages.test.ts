@@ -5,10 +5,9 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 import { privateRoomBridge, type PrivateRoomBridge } from "../helpers/private-room.js";
 import type { RecordedEvent } from "../helpers/test-homeserver.js";
 
@@ -63,8 +62,9 @@ describe("live messages", () => {
       ],
     });
     room = h.hs.createRoom({ creator: h.alice, alias: "#sensors:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    const started = await startBridge(h);
+    bridge = started.bridge;
+    port = started.ports.mqtt;
   });
 
   after(async () => {

@@ -7,11 +7,10 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { Metrics } from "../../src/metrics.js";
 import { LAB_ROUTE, freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 /** The value of one sample, e.g. sample(text, 'tribridge_messages_relayed_total{queue="to-matrix"}'). */
 function sample(text: string, series: string): number | undefined {
@@ -46,9 +45,9 @@ describe("metrics", () => {
       ],
     });
     room = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "probe" });
+    const started = await startBridge(h);
+    bridge = started.bridge;
+    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${started.ports.mqtt}`, { clientId: "probe" });
   });
 
   after(async () => {

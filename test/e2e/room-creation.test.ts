@@ -6,10 +6,9 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { LAB_ROUTE, freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 for (const reserved of [true, false]) {
   describe(`a route's room does not exist, alias ${reserved ? "" : "not "}reserved by the registration`, () => {
@@ -27,9 +26,9 @@ for (const reserved of [true, false]) {
         ? h.registration
         : { ...h.registration, namespaces: { ...h.registration.namespaces, aliases: [] } };
       assert.equal(h.registration.namespaces.aliases.length, 1);
-      bridge = await start({ config: h.config, registration, connectors });
-      const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-      device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "probe" });
+      const started = await startBridge({ config: h.config, registration });
+      bridge = started.bridge;
+      device = await mqtt.connectAsync(`mqtt://127.0.0.1:${started.ports.mqtt}`, { clientId: "probe" });
     });
 
     after(async () => {

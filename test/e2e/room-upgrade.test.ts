@@ -6,9 +6,9 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { start, type RunningBridge } from "../../src/app.js";
 import { LAB_ROUTE, freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 describe("a route's room is upgraded", () => {
   let h: Harness;
@@ -25,9 +25,12 @@ describe("a route's room is upgraded", () => {
       routes: [LAB_ROUTE],
     });
     oldRoom = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: "probe", reconnectPeriod: 200 });
+    const started = await startBridge(h);
+    bridge = started.bridge;
+    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${started.ports.mqtt}`, {
+      clientId: "probe",
+      reconnectPeriod: 200,
+    });
     await device.subscribeAsync("lab/cmd", { qos: 1 });
     device.on("message", (_t, payload) => commands.push(payload.toString()));
   });

@@ -1,8 +1,7 @@
 /** A bridge whose one route leads into a private room that has not invited the bot yet. */
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { harness, type Harness } from "./fixture.js";
+import { startBridge } from "./start-bridge.js";
 
 export interface PrivateRoomBridge {
   h: Harness;
@@ -31,7 +30,12 @@ export async function privateRoomBridge(
     ],
   });
   const room = h.hs.createRoom({ creator: h.alice, alias: "#private:test.local", preset: "private_chat" });
-  const bridge = await start({ config: h.config, registration: h.registration, connectors });
-  const port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
-  return { h, bridge, room, port, invite: () => h.hs.inviteUser(room, h.alice, h.hs.appserviceUserId) };
+  const { bridge, ports } = await startBridge(h);
+  return {
+    h,
+    bridge,
+    room,
+    port: ports.mqtt,
+    invite: () => h.hs.inviteUser(room, h.alice, h.hs.appserviceUserId),
+  };
 }
