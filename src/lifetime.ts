@@ -28,10 +28,13 @@ export class Lifetime {
     this.cleanups.push(cleanup);
   }
 
-  /** Aborts the signal, then runs every cleanup, newest first; one that fails does not stop the rest. */
+  /**
+   * Aborts the signal, then runs every cleanup, newest first; one that fails does not stop the rest.
+   * Each runs once: a second stop() (a signal during a failed start, say) finds nothing left to undo.
+   */
   async stop(): Promise<void> {
     this.lifetime.abort();
-    for (const cleanup of this.cleanups.reverse()) {
+    for (let cleanup = this.cleanups.pop(); cleanup; cleanup = this.cleanups.pop()) {
       await cleanup().catch((err: unknown) =>
         this.log.warn({ err: errorMessage(err) }, "error while stopping"),
       );
