@@ -251,6 +251,13 @@ function newToken(prefix: string): string {
   return prefix + randomChunk(24).toString("base64url");
 }
 
+/** An event's relation, as Synapse's relation_from_event reads it: string `rel_type` and `event_id`. */
+function relationOf(content: Json): { relType: string; eventId: string } | undefined {
+  const r = content["m.relates_to"];
+  if (!isObject(r) || typeof r.rel_type !== "string" || typeof r.event_id !== "string") return undefined;
+  return { relType: r.rel_type, eventId: r.event_id };
+}
+
 function isObject(v: unknown): v is Json {
   return v !== null && typeof v === "object" && !Array.isArray(v);
 }
@@ -302,6 +309,8 @@ export class TestHomeserver {
   private readonly rooms = new Map<string, Room>();
   private readonly aliases = new Map<string, { roomId: string; creator: string }>();
   private readonly eventIndex = new Map<string, StoredEvent>();
+  /** Event ids some event has a relation (rel_type) to: Synapse accepts further relations to them. */
+  private readonly relationTargets = new Set<string>();
   private readonly txnCache = new Map<string, string>(); // txn scope + path -> event id
   private readonly media = new Map<string, { data: Buffer; contentType: string; filename?: string }>();
   private readonly routes: Route[] = [];
@@ -485,6 +494,7 @@ export class TestHomeserver {
     );
   }
 
+  /** As a client's send: refused (throws) as the HTTP endpoint would refuse it, relations included. */
   sendMessage(
     roomId: string,
     sender: string,
@@ -492,6 +502,7 @@ export class TestHomeserver {
     type = "m.room.message",
   ): string {
     const room = this.requireRoom(this.resolveRoom(roomId));
+    this.validateRelation(room, content);
     return this.sendEvent(room, sender, type, content, undefined, {}).event_id;
   }
 
@@ -873,6 +884,8 @@ export class TestHomeserver {
     room.events.push(ev);
     if (type === "m.room.message") room.messages.push(ev);
     this.eventIndex.set(ev.event_id, { room, event: ev, txnScope: meta.txnScope });
+    const relation = relationOf(content);
+    if (relation) this.relationTargets.add(relation.eventId);
 
     // AS API §Registration ("interested" in an event), Synapse's is_interested_in_event.
     const interested =
@@ -986,6 +999,31 @@ export class TestHomeserver {
       throw forbidden(`You cannot ban user ${target}.`);
     }
     return this.emitMembership(room, sender, target, { ...extra, membership: "ban" }, meta);
+  }
+
+  /**
+   * Synapse's _validate_event_relation (handlers/message.py), for a relation — an `m.relates_to`
+   * with a string `rel_type` and `event_id` (events/utils relation_from_event; a bare
+   * `m.in_reply_to` is none, so a reply to an unknown event is accepted):
+   * - its parent, when known, is in the same room ("Relations must be in the same room");
+   * - an unknown parent is refused unless some event already relates to it ("Can't send relation
+   *   to unknown event");
+   * - CS API §Threading, server behaviour: an `m.thread` whose parent itself has a relation is
+   *   refused, 400 M_UNKNOWN ("Cannot start threads from an event with a relation"). A redacted
+   *   parent has lost its relation (Synapse deletes its event_relations row), so it may be a root.
+   */
+  private validateRelation(room: Room, content: Json): void {
+    const relation = relationOf(content);
+    if (!relation) return;
+    const parent = this.eventIndex.get(relation.eventId);
+    if (parent) {
+      if (parent.room !== room) throw err(400, "M_UNKNOWN", "Relations must be in the same room");
+    } else if (!this.relationTargets.has(relation.eventId)) {
+      throw err(400, "M_UNKNOWN", "Can't send relation to unknown event");
+    }
+    if (relation.relType === "m.thread" && parent && relationOf(parent.event.content)) {
+      throw err(400, "M_UNKNOWN", "Cannot start threads from an event with a relation");
+    }
   }
 
   /** Message events: CS API §Sending events + Room versions §Authorization rules. */
@@ -1737,10 +1775,7 @@ export class TestHomeserver {
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
-      // Synapse's _validate_event_relation: a relation's parent, when known, is in the same room.
-      const relatesTo = body(ctx)["m.relates_to"];
-      const parent = isObject(relatesTo) ? this.eventIndex.get(String(relatesTo.event_id)) : undefined;
-      if (parent && parent.room !== room) throw err(400, "M_UNKNOWN", "Relations must be in the same room");
+      this.validateRelation(room, body(ctx));
       const ev = this.sendEvent(room, rq.userId, type, body(ctx), undefined, {
         txnId,
         txnScope: rq.txnScope,

@@ -316,6 +316,59 @@ describe("TestHomeserver: rooms and events", () => {
     });
   });
 
+  it("relations as Synapse validates them: replies to unknown events pass; relations to unknown events, across rooms, and threads off a related event are refused", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const roomId = hs.createRoom({ creator: alice, preset: "public_chat" });
+      const other = hs.createRoom({ creator: alice, preset: "public_chat" });
+      await call(hs, "POST", `${C}/join/${enc(roomId)}`, { token: AS_TOKEN });
+      let n = 0;
+      const send = (content: Record<string, unknown>, room = roomId) =>
+        call(hs, "PUT", `${C}/rooms/${enc(room)}/send/m.room.message/r${++n}`, {
+          token: AS_TOKEN,
+          body: { msgtype: "m.text", body: "x", ...content },
+        });
+      const refused = async (content: Record<string, unknown>, error: string) => {
+        const r = await send(content);
+        assert.equal(r.status, 400, JSON.stringify(r.body));
+        assert.equal(r.body.errcode, "M_UNKNOWN");
+        assert.equal(r.body.error, error);
+      };
+      const root = hs.sendMessage(roomId, alice, { msgtype: "m.text", body: "root" });
+      const elsewhere = hs.sendMessage(other, alice, { msgtype: "m.text", body: "elsewhere" });
+
+      // A bare m.in_reply_to is no relation (no rel_type): accepted whatever it names.
+      assert.equal((await send({ "m.relates_to": { "m.in_reply_to": { event_id: "$nope" } } })).status, 200);
+      await refused(
+        { "m.relates_to": { rel_type: "m.thread", event_id: "$nope" } },
+        "Can't send relation to unknown event",
+      );
+      await refused(
+        { "m.relates_to": { rel_type: "m.thread", event_id: elsewhere } },
+        "Relations must be in the same room",
+      );
+
+      // A thread off a plain event, and off a reply (no rel_type), is fine; off a thread child is not.
+      const child = await send({ "m.relates_to": { rel_type: "m.thread", event_id: root } });
+      assert.equal(child.status, 200, JSON.stringify(child.body));
+      const reply = await send({ "m.relates_to": { "m.in_reply_to": { event_id: root } } });
+      const offReply = await send({
+        "m.relates_to": { rel_type: "m.thread", event_id: reply.body.event_id },
+      });
+      assert.equal(offReply.status, 200, JSON.stringify(offReply.body));
+      const nested = { rel_type: "m.thread", event_id: child.body.event_id };
+      await refused({ "m.relates_to": nested }, "Cannot start threads from an event with a relation");
+      assert.throws(() =>
+        hs.sendMessage(roomId, alice, { msgtype: "m.text", body: "x", "m.relates_to": nested }),
+      );
+
+      // Redacted, the child has lost its relation and may be a root.
+      const redact = `${C}/rooms/${enc(roomId)}/redact/${enc(child.body.event_id as string)}/red1`;
+      assert.equal((await call(hs, "PUT", redact, { token: AS_TOKEN, body: {} })).status, 200);
+      assert.equal((await send({ "m.relates_to": nested })).status, 200);
+    });
+  });
+
   it("join rules: private needs an invite, public does not", async () => {
     await withHs(async (hs) => {
       const alice = hs.registerUser("alice");
