@@ -30,6 +30,7 @@ import { OrderedQueue, type FailedJob, type OrderedQueueOptions } from "./queue/
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
+import { MessageMap } from "./store/message-map.js";
 import { MAIN_CONNECTION, connectRedis } from "./store/redis-store.js";
 
 export interface StartOptions {
@@ -103,7 +104,8 @@ export async function start({
 
     // Remote → Matrix: connectors emit into the to-matrix queue, whose worker posts as ghosts.
     const live = new LiveMessages(redis, prefix);
-    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live);
+    const messages = new MessageMap(redis, prefix);
+    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages);
     const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id));
     // Typed by hand: the metrics above read it, which TypeScript cannot infer in a cycle.
     const host: ConnectorHost = new ConnectorHost({
@@ -119,7 +121,7 @@ export async function start({
     });
 
     // Matrix → remote: a to-<connector> queue per connector in use, whose worker calls its send.
-    const remote = new RemoteDelivery(matrix, routes, (ref) => host.instance(ref));
+    const remote = new RemoteDelivery(matrix, routes, (ref) => host.instance(ref), messages, log);
     const toRemote = new Map(
       connectorsInUse(config.accounts, connectors).map((def) => [
         def.name,
@@ -160,6 +162,7 @@ export async function start({
       isAdmin,
       upgraded: followRoomUpgrades(routes, matrix, bot, log),
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
+      capabilitiesOf: (name) => connectors.find((c) => c.name === name)?.capabilities,
       log,
     });
     const server = new AppserviceServer(

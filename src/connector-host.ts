@@ -96,9 +96,12 @@ export class ConnectorHost {
           account,
           sender: msg.sender,
           body: msg.body,
+          remoteId: msg.remoteId,
         };
         if (msg.attachment) job.attachment = msg.attachment;
         if (msg.stream !== undefined) job.stream = msg.stream;
+        if (msg.replyTo !== undefined) job.replyTo = msg.replyTo;
+        if (msg.thread !== undefined) job.thread = msg.thread;
         // A live message shows only the latest reading: older ones still queued can be skipped.
         const latest = found.endpoint.live
           ? `${endpointId}\u0000${msg.sender.id}\u0000${msg.stream ?? ""}`

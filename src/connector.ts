@@ -71,6 +71,25 @@ export interface Capabilities {
   readonly maxAttachmentBytes?: number;
   /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
   readonly maxTextBytes?: number;
+  /**
+   * The far side groups messages into conversations that live long (mail threads). Replies and
+   * threads are mapped whatever this says (`replyTo`, `thread`); it decides how long the core
+   * remembers which Matrix event each message is: 90 days when true, 7 days otherwise (a device's
+   * telemetry would fill Redis with references nobody follows). Default false.
+   */
+  readonly threads?: boolean;
+  /**
+   * The far side can change a message it was sent: the core calls `Connector.edit` for Matrix
+   * edits (`m.replace`) of messages `send` delivered to that endpoint. Default false: edits are
+   * not relayed.
+   */
+  readonly edits?: boolean;
+  /**
+   * The far side can take back (or clear) a message it was sent: the core calls
+   * `Connector.redact` for Matrix redactions of messages `send` delivered to that endpoint.
+   * Default false: redactions are not relayed.
+   */
+  readonly redactions?: boolean;
 }
 
 /**
@@ -141,6 +160,22 @@ export interface InboundMessage {
    * with `live: true` keeps one room message per sender and stream, edited with each new reading.
    */
   readonly stream?: string;
+  /**
+   * The `remoteId` of the message this one answers, within the account (a mail's In-Reply-To),
+   * when the far side says. Either one this connector emitted, or one `send` returned. When the
+   * core knows it, the message is posted as a Matrix reply to that message's event, inside its
+   * thread if it is in one. Unknown (never relayed, or forgotten: see `Capabilities.threads`):
+   * posted as a plain message. Ignored on `live: true` endpoints.
+   */
+  readonly replyTo?: string;
+  /**
+   * The `remoteId` of the first message of the conversation this one belongs to (a mail's first
+   * References entry), when the far side has conversations. When the core knows it and `replyTo`
+   * does not already place the message in a thread, the message is posted in the Matrix thread of
+   * that message's event (which becomes the thread's root). Unknown: no thread. May equal
+   * `replyTo`. Ignored on `live: true` endpoints.
+   */
+  readonly thread?: string;
 }
 
 /** A message from a Matrix room, handed to `Connector.send` for one endpoint. */
@@ -155,11 +190,61 @@ export interface OutboundMessage {
   readonly attachment?: Attachment;
   /** ms since epoch, from the Matrix event. */
   readonly timestamp: number;
+  /**
+   * The remote id of the message this one answers, in this endpoint's account: resolved by the
+   * core from the event's `m.relates_to.m.in_reply_to` (in a thread: the reply target, or, when
+   * the client only fell back to a reply, the latest message in the thread it knew). Either a
+   * `remoteId` this account emitted or one its `send` returned (preferring this endpoint's).
+   * Absent when the event answers nothing, or nothing this account relayed (or long ago).
+   */
+  readonly replyTo?: string;
+  /**
+   * The remote id of the root of the Matrix thread (`rel_type: m.thread`) the event is in, in this
+   * endpoint's account, resolved as `replyTo` is. Absent when it is in no thread, or its root was
+   * never relayed by this account.
+   */
+  readonly thread?: string;
 }
 
-/** What `send` reports back. `remoteId` lets the core map later replies/edits to this message. */
+/**
+ * What `send` reports back. `remoteId`: the message's identity on the far side, within the account
+ * (a Message-ID), stable for one `OutboundMessage.id` (a repeated send reports the same). The
+ * core remembers it, so that a message that later answers it (`InboundMessage.replyTo`, `thread`)
+ * is posted as a reply to this event, and so that edits and redactions of this event reach it
+ * (`Connector.edit`, `redact`). Omit it when the far side has no way to refer to a message.
+ */
 export interface SendResult {
   readonly remoteId?: string;
+}
+
+/**
+ * A Matrix edit (`m.replace`) of a message `send` delivered to this endpoint, for `Connector.edit`.
+ */
+export interface OutboundEdit {
+  /** Stable for this (edit event, endpoint) pair, also across retries: as `OutboundMessage.id`. */
+  readonly id: string;
+  /** The `SendResult.remoteId` of the original message on this endpoint. */
+  readonly remoteId: string;
+  /** Who edited: the original's sender (the core relays no edit by anyone else, as Matrix clients show none). */
+  readonly sender: { readonly userId: string; readonly displayName: string };
+  /** The whole new message (`m.new_content`), not a difference, rendered as `send`'s body. */
+  readonly body: MessageBody;
+  /** ms since epoch, from the edit event. */
+  readonly timestamp: number;
+}
+
+/** A Matrix redaction of a message `send` delivered to this endpoint, for `Connector.redact`. */
+export interface OutboundRedaction {
+  /** Stable for this (redaction event, endpoint) pair, also across retries: as `OutboundMessage.id`. */
+  readonly id: string;
+  /** The `SendResult.remoteId` of the redacted message on this endpoint. */
+  readonly remoteId: string;
+  /** Who redacted: the original's sender, or a moderator. */
+  readonly sender: { readonly userId: string; readonly displayName: string };
+  /** The reason the redacting user gave, if any. */
+  readonly reason?: string;
+  /** ms since epoch, from the redaction event. */
+  readonly timestamp: number;
 }
 
 /** A small durable key-value store, private to one connector account (IMAP cursors, dedupe maps). */
@@ -238,6 +323,23 @@ export interface Connector<E> {
    * or give the far side an id it deduplicates by, such as a Message-ID).
    */
   send(message: OutboundMessage, endpoint: EndpointBinding<E>): Promise<SendResult>;
+  /**
+   * Changes a message `send` delivered to `endpoint` (a Matrix edit). Called only when the
+   * definition's `capabilities.edits` is true and the original's `SendResult.remoteId` is known;
+   * otherwise the edit is not relayed (nothing is lost: the far side never had the original, or
+   * cannot change it). Called from the same queue as `send`, in the room's order, so after the
+   * original's send; may be called again for the same `edit.id` (make that harmless). Errors as
+   * for `send`. `remoteId` in the result: when the edit made a new message on the far side (a
+   * correction mail), its id, so that an answer to it is posted as a reply to the original event.
+   */
+  edit?(edit: OutboundEdit, endpoint: EndpointBinding<E>): Promise<SendResult>;
+  /**
+   * Takes back a message `send` delivered to `endpoint` (a Matrix redaction): delete it, or clear
+   * what it set, where the far side can. Called only when `capabilities.redactions` is true and
+   * the original's `SendResult.remoteId` is known; otherwise not relayed. Same queue, order,
+   * repeats and errors as `edit`. A redaction the endpoint has no use for resolves doing nothing.
+   */
+  redact?(redaction: OutboundRedaction, endpoint: EndpointBinding<E>): Promise<void>;
   /**
    * Whether messages to `endpoint` use `attachment` (when `capabilities.attachments`; default: all
    * endpoints). Lets the core skip downloading files that only their names reach.

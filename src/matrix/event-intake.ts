@@ -12,6 +12,7 @@ import type { RouteTable } from "../routing/route-table.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { fromMatrixContent } from "./format.js";
+import { relationsOf } from "./relations.js";
 import { isCommand, type Commands } from "./commands.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
@@ -24,6 +25,15 @@ export interface ToRemoteJob {
   /** The event's content; rendered for the far side when delivered, with the sender's current name. */
   content: Record<string, unknown>;
   timestamp: number;
+  /** The event's id; absent in items queued by tribridge 0.1 (their remote ids are not remembered). */
+  eventId?: string;
+  /**
+   * Absent: a new message. `edit`: `content` is an edit's (`m.replace`, with `m.new_content`), for
+   * `Connector.edit`. `redaction`: takes back the event `redacts` (`content.reason`), for
+   * `Connector.redact`.
+   */
+  kind?: "edit" | "redaction";
+  redacts?: string;
 }
 
 /** How long an event id is remembered: longer than any homeserver keeps retrying a transaction. */
@@ -48,6 +58,8 @@ export interface EventIntakeOptions {
    */
   upgraded(oldRoomId: string, newRoomId: string, upgradedBy: string): void;
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
+  /** What a connector can do, by name: edits and redactions are queued only where it can act on them. */
+  capabilitiesOf(connector: string): Capabilities | undefined;
   log: Logger;
 }
 
@@ -71,13 +83,18 @@ export class EventIntake {
       if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
+    const seenKey = redisKeys.seenEvent(this.o.prefix, ev.event_id);
     if (ev.type === "m.room.redaction") {
       // Room v11 moved `redacts` into the content.
       const target = ev.redacts ?? ev.content.redacts;
-      if (typeof target === "string") await this.o.live.forget(target);
+      if (typeof target !== "string") return;
+      await this.o.live.forget(target);
+      if (!routes.isRouteRoom(ev.room_id) || (await redis.exists(seenKey)) === 1) return;
+      const reason = typeof ev.content.reason === "string" ? { reason: ev.content.reason } : {};
+      await this.relay(ev, reason, "redactions", { kind: "redaction", redacts: target });
+      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
       return;
     }
-    const seenKey = redisKeys.seenEvent(this.o.prefix, ev.event_id);
     if (isCommand(ev)) {
       if ((await redis.exists(seenKey)) === 1) return;
       await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
@@ -91,33 +108,59 @@ export class EventIntake {
     }
     if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
     if ((await redis.exists(seenKey)) === 1) return;
-    if (!fromMatrixContent(ev.content, ev.sender)) {
+    if (relationsOf(ev.content).replaces !== undefined) {
+      await this.relay(ev, ev.content, "edits", { kind: "edit" });
+    } else if (!fromMatrixContent(ev.content, ev.sender)) {
       log.debug(
         { eventId: ev.event_id, msgtype: ev.content.msgtype },
-        "room message not relayed (an edit, empty, or a msgtype not relayed)",
+        "room message not relayed (empty, or a msgtype not relayed)",
       );
     } else {
-      const job = {
-        roomId: ev.room_id,
-        sender: ev.sender,
-        content: ev.content,
-        timestamp: ev.origin_server_ts ?? Date.now(),
-      };
-      // A notice is a bot's (another bridge's alerts, say): relayed only where asked for.
-      const notice = ev.content.msgtype === "m.notice";
-      await Promise.all(
-        routes
-          .outboundForRoom(ev.room_id)
-          .filter((endpoint) => !notice || endpoint.notices)
-          .map((endpoint) =>
-            this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
-              ...job,
-              endpointId: endpoint.id,
-            }),
-          ),
-      );
+      await this.relay(ev, ev.content);
     }
     await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+  }
+
+  /**
+   * Enqueues an event once per outbound endpoint of its room; an edit or a redaction (`change`)
+   * only for connectors whose capabilities say they can act on it.
+   */
+  private async relay(
+    ev: MatrixEvent,
+    content: Record<string, unknown>,
+    capability?: "edits" | "redactions",
+    change?: Pick<ToRemoteJob, "kind" | "redacts">,
+  ): Promise<void> {
+    const job = {
+      roomId: ev.room_id,
+      sender: ev.sender,
+      content,
+      timestamp: ev.origin_server_ts ?? Date.now(),
+      eventId: ev.event_id,
+      ...change,
+    };
+    // A notice is a bot's (another bridge's alerts, say): relayed only where asked for. An edit
+    // says what it is in its new content.
+    const shown = isObject(content["m.new_content"]) ? content["m.new_content"] : content;
+    const notice = shown.msgtype === "m.notice";
+    const endpoints = this.o.routes
+      .outboundForRoom(ev.room_id)
+      .filter((endpoint) => !notice || endpoint.notices)
+      .filter((endpoint) => !capability || this.o.capabilitiesOf(endpoint.connector)?.[capability]);
+    if (capability && endpoints.length === 0) {
+      this.o.log.debug(
+        { eventId: ev.event_id, kind: change?.kind },
+        "no endpoint of the room takes it; not relayed",
+      );
+    }
+    await Promise.all(
+      endpoints.map((endpoint) =>
+        this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
+          ...job,
+          endpointId: endpoint.id,
+        }),
+      ),
+    );
   }
 
   private noteMembership(ev: MatrixEvent, userId: string): void {
@@ -173,4 +216,8 @@ export async function renderOutbound(
     dataBase64: data.toString("base64"),
   };
   return { ...message, attachment };
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
 }

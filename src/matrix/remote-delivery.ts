@@ -1,13 +1,27 @@
 /**
- * Queue → remote: hands a room message to the connector of its endpoint's account (the worker of
- * each to-<connector> queue). One call per queued item; the item id is the message's id, so the
- * connector can make a repeat harmless.
+ * Queue → remote: hands an item of a to-<connector> queue to the connector of its endpoint's
+ * account: a message (`send`, with the remote ids of what it answers; its own remote id is
+ * remembered afterwards), an edit (`edit`) or a redaction (`redact`) of a message sent there
+ * before. One call per queued item; the item id is its id towards the connector, so the connector
+ * can make a repeat harmless.
  */
-import type { Connector, ConnectorDefinition } from "../connector.js";
+import type { Connector, ConnectorDefinition, EndpointBinding } from "../connector.js";
 import { PermanentError } from "../errors.js";
+import type { Logger } from "../log.js";
 import { bindingOf, type RouteTable } from "../routing/route-table.js";
+import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
 import { renderOutbound, type ToRemoteJob } from "./event-intake.js";
+import { fromMatrixContent } from "./format.js";
 import type { MatrixClient } from "./matrix-client.js";
+import { relationsOf } from "./relations.js";
+
+/** One item's delivery: the connector, the endpoint and the map of its account. */
+interface Target {
+  def: ConnectorDefinition;
+  instance: Connector<unknown>;
+  binding: EndpointBinding<unknown>;
+  messages: AccountMessages;
+}
 
 export class RemoteDelivery {
   constructor(
@@ -15,24 +29,133 @@ export class RemoteDelivery {
     private readonly routes: RouteTable,
     /** The running connector of `<connector>.<account>`, if it runs. */
     private readonly instanceOf: (ref: string) => Connector<unknown> | undefined,
+    private readonly messages: MessageMap,
+    private readonly log: Logger,
   ) {}
 
   /** Delivers one item of `def`'s queue. */
   async deliver(def: ConnectorDefinition, job: ToRemoteJob, id: string): Promise<void> {
-    const { matrix, routes } = this;
-    const endpoint = routes.outbound(job.endpointId);
+    const endpoint = this.routes.outbound(job.endpointId);
     if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
-    const instance = this.instanceOf(`${endpoint.connector}.${endpoint.account}`);
-    if (!instance)
-      throw new PermanentError(`account ${endpoint.connector}.${endpoint.account} is not running`);
-    const binding = bindingOf(endpoint);
+    const ref = `${endpoint.connector}.${endpoint.account}`;
+    const instance = this.instanceOf(ref);
+    if (!instance) throw new PermanentError(`account ${ref} is not running`);
+    const messages = this.messages.account(ref, retentionFor(def.capabilities));
+    const target = { def, instance, binding: bindingOf(endpoint), messages };
+    switch (job.kind) {
+      case undefined:
+        return this.send(target, job, id);
+      case "edit":
+        return this.edit(target, job, id);
+      case "redaction":
+        return this.redact(target, job, id);
+    }
+  }
+
+  private async send({ def, instance, binding, messages }: Target, job: ToRemoteJob, id: string) {
     const withFiles = def.capabilities.attachments && (instance.usesAttachments?.(binding) ?? true);
-    const message = await renderOutbound(matrix, job, id, {
+    const rendered = await renderOutbound(this.matrix, job, id, {
       html: def.capabilities.html,
       attachments: withFiles,
       maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
       maxTextBytes: def.capabilities.maxTextBytes,
     });
-    await instance.send(message, binding);
+    // Resolved now, not when the event came in: what it answers may have been relayed just before
+    // (the queue keeps the room's order, so that send is done).
+    const relations = relationsOf(job.content);
+    const [replyTo, thread] = await messages.remoteIdsOf(binding.id, [relations.replyTo, relations.thread]);
+    const message = {
+      ...rendered,
+      ...(replyTo !== undefined && { replyTo }),
+      ...(thread !== undefined && { thread }),
+    };
+    const result = await instance.send(message, binding);
+    if (result.remoteId === undefined || job.eventId === undefined) return;
+    const event = {
+      eventId: job.eventId,
+      roomId: job.roomId,
+      sender: job.sender,
+      threadRoot: relations.thread,
+    };
+    await messages.sent(event, binding.id, result.remoteId);
+  }
+
+  /**
+   * What `send` returned for the original on this endpoint, or undefined (logged at debug) when the
+   * change is not relayed: the connector cannot act on it, or the far side never had the original.
+   */
+  private async original(
+    { def, instance, binding, messages }: Target,
+    job: ToRemoteJob,
+    member: "edit" | "redact",
+    original: string | undefined,
+  ) {
+    const capability = member === "edit" ? "edits" : "redactions";
+    const context = { eventId: job.eventId, original, endpointId: binding.id };
+    if (!instance[member] || !def.capabilities[capability]) {
+      this.log.debug(context, `the connector takes no ${capability}; not relayed`);
+      return undefined;
+    }
+    const sent = original === undefined ? undefined : await messages.sentTo(binding.id, original);
+    if (!sent) this.log.debug(context, "not relayed: the original was not sent there (or long ago)");
+    return sent;
+  }
+
+  private async edit(target: Target, job: ToRemoteJob, id: string) {
+    const { def, instance, binding, messages } = target;
+    const original = relationsOf(job.content).replaces;
+    const sent = await this.original(target, job, "edit", original);
+    if (!sent || original === undefined || !instance.edit) return;
+    // Client-Server API §Event replacements, validity: the same sender as the original.
+    if (sent.sender !== job.sender) {
+      this.log.debug(
+        { eventId: job.eventId, original },
+        "an edit by someone else than the sender; not relayed",
+      );
+      return;
+    }
+    const newContent = job.content["m.new_content"];
+    const displayName = await this.matrix.displayName(job.roomId, job.sender);
+    const body =
+      typeof newContent === "object" && newContent !== null
+        ? fromMatrixContent(newContent as Record<string, unknown>, displayName, {
+            html: def.capabilities.html,
+          })
+        : undefined;
+    if (!body) {
+      this.log.debug({ eventId: job.eventId }, "an edit without new content tribridge relays; not relayed");
+      return;
+    }
+    const textBytes = Buffer.byteLength(body.text);
+    const max = def.capabilities.maxTextBytes;
+    if (max !== undefined && textBytes > max)
+      throw new PermanentError(`text of ${textBytes} bytes; the far side takes at most ${max}`);
+    const edit = {
+      id,
+      remoteId: sent.remoteId,
+      sender: { userId: job.sender, displayName },
+      body,
+      timestamp: job.timestamp,
+    };
+    const result = await instance.edit(edit, binding);
+    if (result.remoteId !== undefined && result.remoteId !== sent.remoteId) {
+      const event = { eventId: original, roomId: job.roomId, threadRoot: sent.threadRoot };
+      await messages.alsoKnownAs(result.remoteId, event);
+    }
+  }
+
+  private async redact(target: Target, job: ToRemoteJob, id: string) {
+    const sent = await this.original(target, job, "redact", job.redacts);
+    if (!sent || !target.instance.redact) return;
+    const displayName = await this.matrix.displayName(job.roomId, job.sender);
+    const reason = typeof job.content.reason === "string" ? { reason: job.content.reason } : {};
+    const redaction = {
+      id,
+      remoteId: sent.remoteId,
+      sender: { userId: job.sender, displayName },
+      ...reason,
+      timestamp: job.timestamp,
+    };
+    await target.instance.redact(redaction, target.binding);
   }
 }

@@ -6,10 +6,12 @@ import { BoundedCache } from "../bounded-cache.js";
 import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.js";
 import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
+import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
 import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
+import { inboundRelation } from "./relations.js";
 
 /** A remote message on its way into a room (the to-matrix queue's item). */
 export interface ToMatrixJob {
@@ -21,6 +23,12 @@ export interface ToMatrixJob {
   attachment?: Attachment;
   /** See InboundMessage.stream. */
   stream?: string;
+  /** See InboundMessage.remoteId; absent in items queued by tribridge 0.1 (then not remembered). */
+  remoteId?: string;
+  /** See InboundMessage.replyTo. */
+  replyTo?: string;
+  /** See InboundMessage.thread. */
+  thread?: string;
 }
 
 /**
@@ -41,6 +49,7 @@ const MAX_UPGRADE_HOPS = 10;
 
 export class RoomDelivery {
   private readonly ghostTags: Map<string, string>;
+  private readonly definitions: Map<string, ConnectorDefinition>;
   /** Ghost user ids by connector tag, account and sender: a handful of devices send most messages. */
   private readonly ghostIds = new BoundedCache<string, string>();
 
@@ -50,8 +59,15 @@ export class RoomDelivery {
     private readonly naming: GhostNaming,
     connectors: readonly ConnectorDefinition[],
     private readonly live: LiveMessages,
+    private readonly messages: MessageMap,
   ) {
     this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
+    this.definitions = new Map(connectors.map((c) => [c.name, c]));
+  }
+
+  private messagesOf(job: ToMatrixJob): AccountMessages {
+    const capabilities = this.definitions.get(job.connector)?.capabilities ?? {};
+    return this.messages.account(`${job.connector}.${job.account}`, retentionFor(capabilities));
   }
 
   /**
@@ -114,7 +130,8 @@ export class RoomDelivery {
     const stream = found.endpoint.live
       ? { roomId, endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" }
       : undefined;
-    const original = stream && (await this.live.current(stream));
+    if (!stream) return this.post(job, sender, roomId, content, txnId);
+    const original = await this.live.current(stream);
     if (original) {
       try {
         await this.matrix.sendAs(
@@ -134,6 +151,41 @@ export class RoomDelivery {
       }
     }
     const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
-    if (stream) await this.live.remember(stream, eventId);
+    await this.live.remember(stream, eventId);
+  }
+
+  /**
+   * Posts a message of an endpoint that is not live: as a reply, in a thread, when it refers to
+   * messages the map knows; then remembers which event it is.
+   */
+  private async post(
+    job: ToMatrixJob,
+    sender: { userId: string; displayName: string },
+    roomId: string,
+    content: Record<string, unknown>,
+    txnId: string,
+  ): Promise<void> {
+    const messages = this.messagesOf(job);
+    const [reply, conversation] =
+      job.replyTo === undefined && job.thread === undefined
+        ? []
+        : await messages.eventsIn(roomId, [job.replyTo, job.thread]);
+    const relation = inboundRelation(reply, conversation);
+    let eventId: string;
+    let threadRoot = relation?.threadRoot;
+    if (!relation) eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+    else {
+      const related = { ...content, "m.relates_to": relation.relatesTo };
+      try {
+        eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", related, txnId);
+      } catch (err) {
+        // Refused for good with the relation (its target gone, say): a plain message rather than
+        // none, under a transaction id of its own, so a repeat of this item posts it once.
+        if (!(err instanceof PermanentError)) throw err;
+        eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, `${txnId}-plain`);
+        threadRoot = undefined;
+      }
+    }
+    if (job.remoteId !== undefined) await messages.received(job.remoteId, roomId, eventId, threadRoot);
   }
 }

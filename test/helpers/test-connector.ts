@@ -11,7 +11,9 @@ import type {
   ConnectorDefinition,
   EndpointBinding,
   InboundMessage,
+  OutboundEdit,
   OutboundMessage,
+  OutboundRedaction,
   SendResult,
 } from "../../src/connector.js";
 
@@ -28,6 +30,10 @@ export interface SentMessage {
 
 export class TestConnector implements Connector<TestEndpoint> {
   readonly sent: SentMessage[] = [];
+  /** What `edit` was called with (when the definition has edits), in order; repeats of an id once. */
+  readonly edits: { edit: OutboundEdit; endpoint: EndpointBinding<TestEndpoint> }[] = [];
+  /** What `redact` was called with, in order; repeats of an id once. */
+  readonly redactions: { redaction: OutboundRedaction; endpoint: EndpointBinding<TestEndpoint> }[] = [];
   watched: readonly EndpointBinding<TestEndpoint>[] = [];
   /** Thrown by the next `send` calls, one each, before anything is recorded. */
   readonly failures: Error[] = [];
@@ -69,6 +75,16 @@ export class TestConnector implements Connector<TestEndpoint> {
     return { remoteId };
   }
 
+  async edit(edit: OutboundEdit, endpoint: EndpointBinding<TestEndpoint>): Promise<SendResult> {
+    if (!this.edits.some((e) => e.edit.id === edit.id)) this.edits.push({ edit, endpoint });
+    return {};
+  }
+
+  async redact(redaction: OutboundRedaction, endpoint: EndpointBinding<TestEndpoint>): Promise<void> {
+    if (!this.redactions.some((r) => r.redaction.id === redaction.id))
+      this.redactions.push({ redaction, endpoint });
+  }
+
   /** What was sent to `channel`, in order. */
   sentTo(channel: string): OutboundMessage[] {
     return this.sent.filter((s) => s.endpoint.spec.channel === channel).map((s) => s.message);
@@ -77,10 +93,14 @@ export class TestConnector implements Connector<TestEndpoint> {
   async stop(): Promise<void> {}
 }
 
-/** A definition named `name` (default "test"), with the given capabilities. */
+/**
+ * A definition named `name` (default "test"), with the given capabilities. `withoutChanges`: its
+ * instances have no `edit` and `redact` members (whatever the capabilities say).
+ */
 export function testConnector(
   capabilities: Partial<Capabilities> = {},
   name = "test",
+  withoutChanges = false,
 ): ConnectorDefinition<Record<string, never>, TestEndpoint> {
   return {
     name,
@@ -89,6 +109,10 @@ export function testConnector(
     capabilities: { html: false, attachments: false, ...capabilities },
     accountSchema: z.object({}).strict() as unknown as z.ZodType<Record<string, never>>,
     endpointSchema: z.object({ channel: z.string().min(1) }).strict(),
-    create: (account, _config, ctx) => new TestConnector(account, ctx),
+    create: (account, _config, ctx) => {
+      const instance = new TestConnector(account, ctx);
+      if (!withoutChanges) return instance;
+      return Object.assign(instance, { edit: undefined, redact: undefined });
+    },
   };
 }
