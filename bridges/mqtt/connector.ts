@@ -4,6 +4,7 @@ import type {
   ConnectorContext,
   EndpointBinding,
   OutboundMessage,
+  OutboundRedaction,
   SendResult,
 } from "../../src/connector.js";
 import { PermanentError } from "../../src/errors.js";
@@ -14,7 +15,7 @@ import type { Publish } from "./publish.js";
 import { RedeliveryTracker, qos0RemoteId } from "./redelivery.js";
 import { MQTT_DEFAULTS, type MqttAccount, type MqttEndpoint } from "./schema.js";
 import { topicLevel, topicMatches } from "./topic.js";
-import { relaysIn } from "../../src/connector.js";
+import { relaysIn, relaysOut } from "../../src/connector.js";
 
 const PUBLISH_TIMEOUT_MS = 30_000;
 /**
@@ -30,6 +31,10 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   private readonly bindingsByTopic = new Map<string, EndpointBinding<MqttEndpoint>[]>();
   private readonly embeddedTrackers = new WeakMap<Client, RedeliveryTracker>();
   private externalTracker: { connection: number; tracker: RedeliveryTracker } | undefined;
+  /** Topics an endpoint with clearRetainedOnRedact publishes to: whose retained value is tracked. */
+  private retainedTopics = new Set<string>();
+  /** Per tracked topic, the publish or clearing under way: one at a time, so the record stays true. */
+  private readonly topicTurns = new Map<string, Promise<unknown>>();
 
   constructor(
     private readonly account: string,
@@ -92,6 +97,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   async watch(endpoints: readonly EndpointBinding<MqttEndpoint>[]): Promise<void> {
     this.inbound = endpoints.filter((e) => relaysIn(e.direction));
     this.bindingsByTopic.clear();
+    this.retainedTopics = new Set(
+      endpoints
+        .filter((e) => relaysOut(e.direction) && e.spec.clearRetainedOnRedact)
+        .map((e) => e.spec.topic),
+    );
     if (this.external) {
       const filters = new Map<string, 0 | 1 | 2>();
       for (const e of this.inbound) {
@@ -122,6 +132,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
 
   /** `tracker` is null for a message that cannot be redelivered (a will). */
   private async ingest(p: Publish, tracker: RedeliveryTracker | null): Promise<void> {
+    // Someone else retained a value on a topic whose value we track: a redaction must not clear it.
+    // An external broker does not say which messages it holds retained: any message there counts.
+    if (this.retainedTopics.has(p.topic) && (p.retain || this.external)) {
+      await this.inTurn(p.topic, () => this.ctx.store.delete(retainedKey(p.topic)));
+    }
     if (p.retain && p.payload.byteLength === 0) {
       this.ctx.log.debug({ topic: p.topic, clientId: p.clientId }, "retained message deleted; not relayed");
       return;
@@ -164,25 +179,77 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     return endpoint.spec.format === "binary";
   }
 
+  /**
+   * The remote id is the message's own id (stable per event and endpoint): MQTT has no message ids
+   * of its own. A redaction finds the publish by it.
+   */
   async send(message: OutboundMessage, endpoint: EndpointBinding<MqttEndpoint>): Promise<SendResult> {
     const sentKey = `sent:${message.id}`;
-    if ((await this.ctx.store.get(sentKey)) !== undefined) return {};
-    const { topic, qos, retain } = endpoint.spec;
+    if ((await this.ctx.store.get(sentKey)) !== undefined) return { remoteId: message.id };
+    const { topic, retain } = endpoint.spec;
     const payload = encodePayload(message, endpoint.spec);
-    if (this.embedded) {
-      const max = this.config.embedded?.maxPayloadBytes ?? Infinity;
-      if (payload.byteLength > max)
-        throw new PermanentError(`payload of ${payload.byteLength} bytes exceeds ${max}`);
-      await this.embedded.publish(topic, payload, qos, retain);
-    } else if (this.external) {
-      await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS);
+    const max = this.embedded ? (this.config.embedded?.maxPayloadBytes ?? Infinity) : Infinity;
+    if (payload.byteLength > max)
+      throw new PermanentError(`payload of ${payload.byteLength} bytes exceeds ${max}`);
+    if (retain && this.retainedTopics.has(topic)) {
+      // Recorded before the publish: the record is never older than the broker's value, so a
+      // redaction can clear only the value its own message set (or one that never got there).
+      await this.inTurn(topic, async () => {
+        await this.ctx.store.set(retainedKey(topic), message.id, MQTT_DEFAULTS.retainedMemoryMs);
+        await this.publish(endpoint.spec, payload);
+      });
+    } else {
+      await this.publish(endpoint.spec, payload);
     }
     await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
-    return {};
+    return { remoteId: message.id };
+  }
+
+  /**
+   * A redaction clears the retained value its message set, on an endpoint with
+   * clearRetainedOnRedact, as long as no newer value was retained on the topic since.
+   */
+  async redact(redaction: OutboundRedaction, endpoint: EndpointBinding<MqttEndpoint>): Promise<void> {
+    const { topic } = endpoint.spec;
+    if (!endpoint.spec.clearRetainedOnRedact) return;
+    await this.inTurn(topic, async () => {
+      const current = await this.ctx.store.get(retainedKey(topic));
+      if (current !== redaction.remoteId) {
+        this.ctx.log.debug({ topic, redaction: redaction.id }, "a newer value is retained; not cleared");
+        return;
+      }
+      // [MQTT-3.3.1-10]: a retained PUBLISH with an empty payload removes the retained message.
+      await this.publish(endpoint.spec, Buffer.alloc(0));
+      await this.ctx.store.delete(retainedKey(topic));
+      this.ctx.log.info({ topic }, "retained value cleared: the message that set it was redacted");
+    });
+  }
+
+  private async publish(spec: MqttEndpoint, payload: Buffer): Promise<void> {
+    const { topic, qos, retain } = spec;
+    if (this.embedded) await this.embedded.publish(topic, payload, qos, retain);
+    else if (this.external) await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS);
+  }
+
+  /** Runs `work` after what is under way for `topic` (sends of several rooms may share a topic). */
+  private inTurn<T>(topic: string, work: () => Promise<T>): Promise<T> {
+    const previous = this.topicTurns.get(topic) ?? Promise.resolve();
+    const next = previous.then(work, work);
+    const settled = next.catch(() => undefined);
+    this.topicTurns.set(topic, settled);
+    void settled.then(() => {
+      if (this.topicTurns.get(topic) === settled) this.topicTurns.delete(topic);
+    });
+    return next;
   }
 
   async stop(): Promise<void> {
     await this.embedded?.stop();
     await this.external?.stop();
   }
+}
+
+/** The store key of the remote id whose publish set `topic`'s retained value (clearRetainedOnRedact). */
+function retainedKey(topic: string): string {
+  return `retained:${topic}`;
 }

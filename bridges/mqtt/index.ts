@@ -14,7 +14,16 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   name: "mqtt",
   ghostTag: "mqtt",
   description: "MQTT accounts: an embedded broker, or a connection to an external one",
-  capabilities: { html: false, attachments: true, maxTextBytes: MQTT_DEFAULTS.maxPayloadBytes },
+  // No threads; no edits (a device would run an edited command again); redactions clear a retained
+  // value where an endpoint says so (clearRetainedOnRedact).
+  capabilities: {
+    html: false,
+    attachments: true,
+    maxTextBytes: MQTT_DEFAULTS.maxPayloadBytes,
+    threads: false,
+    edits: false,
+    redactions: true,
+  },
   accountSchema: mqttAccountSchema,
   endpointSchema: mqttEndpointSchema,
   // No bridges.mqtt block at all: an embedded broker on the standard port, loopback only.

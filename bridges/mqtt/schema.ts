@@ -12,6 +12,7 @@ export const MQTT_DEFAULTS = {
   reconnectPeriodMs: 2_000,
   connectTimeoutMs: 10_000,
   dedupeWindowMs: 10 * 60_000, // how long a QoS>0 message id is remembered to drop redeliveries
+  retainedMemoryMs: 30 * 24 * 3600_000, // which message set a topic's retained value (clearRetainedOnRedact)
 } as const;
 
 const filterList = z.array(
@@ -134,6 +135,13 @@ export const mqttEndpointSchema = z.strictObject({
   topic: z.string().describe("Topic filter (+, # allowed) for in; a concrete topic for out"),
   qos: z.union([z.literal(0), z.literal(1), z.literal(2)]).default(1),
   retain: z.boolean().default(false).describe("out: publish retained"),
+  clearRetainedOnRedact: z
+    .boolean()
+    .default(false)
+    .describe(
+      "out, with retain: redacting the room message that set the retained value clears it " +
+        "(an empty retained publish), unless a newer value has been retained since",
+    ),
   format: z
     .enum(payloadFormats)
     .default("text")
@@ -183,5 +191,8 @@ export function checkMqttEndpoint(
     }
   }
   if (ep.template !== undefined && ep.format !== "json") problems.push(["template", "needs format: json"]);
+  if (ep.clearRetainedOnRedact && !ep.retain) problems.push(["clearRetainedOnRedact", "needs retain: true"]);
+  if (ep.clearRetainedOnRedact && direction === "in")
+    problems.push(["clearRetainedOnRedact", 'only for direction "out" or "inout"']);
   return problems;
 }

@@ -26,6 +26,7 @@ test("endpoint defaults: qos 1, not retained, text, notice, keeps retained", () 
     topic: "a/b",
     qos: 1,
     retain: false,
+    clearRetainedOnRedact: false,
     format: "text",
     notice: true,
     ignoreRetained: false,
@@ -53,6 +54,17 @@ test("[MQTT-3.3.2-2] wildcards are not allowed for direction out", () => {
 test("[MQTT-3.3.2-2] wildcards are not allowed for direction inout", () => {
   assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "home/#" }), "inout", external), [
     ["topic", 'wildcards are not allowed for direction "inout"'],
+  ]);
+});
+
+test("clearRetainedOnRedact needs retain: true and a direction that publishes", () => {
+  const clearing = { topic: "home/lamp/set", clearRetainedOnRedact: true };
+  assert.deepEqual(checkMqttEndpoint(endpoint({ ...clearing, retain: true }), "out", embedded), []);
+  assert.deepEqual(checkMqttEndpoint(endpoint(clearing), "inout", embedded), [
+    ["clearRetainedOnRedact", "needs retain: true"],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(endpoint({ ...clearing, retain: true }), "in", embedded), [
+    ["clearRetainedOnRedact", 'only for direction "out" or "inout"'],
   ]);
 });
 
