@@ -225,7 +225,7 @@ export interface OutboundEdit {
   readonly id: string;
   /** The `SendResult.remoteId` of the original message on this endpoint. */
   readonly remoteId: string;
-  /** Who edited: the original's sender (the core relays no edit by anyone else, as Matrix clients show none). */
+  /** Who edited: the original's sender (the core relays no one else's edit: Matrix clients show none). */
   readonly sender: { readonly userId: string; readonly displayName: string };
   /** The whole new message (`m.new_content`), not a difference, rendered as `send`'s body. */
   readonly body: MessageBody;

@@ -105,7 +105,7 @@ export function fromMatrixContent(
   options: { html?: boolean } = {},
 ): MessageBody | undefined {
   const relates = content["m.relates_to"] as { rel_type?: string } | undefined;
-  if (relates?.rel_type === "m.replace") return undefined; // edits: the far side has no way to change a sent message
+  if (relates?.rel_type === "m.replace") return undefined; // an edit is no new message (Connector.edit)
   const body = plainBody(content);
   if (body === undefined) return undefined;
   // Nothing said: an empty publish would also delete a retained value, or read as a query.
