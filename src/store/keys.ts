@@ -17,6 +17,14 @@ export const redisKeys = {
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */
   liveEvent: (prefix: string, eventId: string) => `${prefix}:live-event:${eventId}`,
+  /**
+   * A relayed message's event → its remote ids in one connector account (`in`, `out:<endpointId>`),
+   * its sender and thread root (src/store/message-map.ts).
+   */
+  messageEvent: (prefix: string, ref: string, eventId: string) => `${prefix}:msg-event:${ref}:${eventId}`,
+  /** A remote id of one connector account (long ones hashed) → its event per room, and thread root. */
+  messageRemote: (prefix: string, ref: string, remoteKeyPart: string) =>
+    `${prefix}:msg-remote:${ref}:${remoteKeyPart}`,
   /** Which instance consumes a shard queue (`to-matrix-3`). */
   shardLease: (prefix: string, shardQueue: string) => `${prefix}:lease:${shardQueue}`,
   /** The shard count a queue's items were written with (`to-matrix`, not a shard). */

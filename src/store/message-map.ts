@@ -25,6 +25,7 @@
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
 import type { Capabilities } from "../connector.js";
+import { redisKeys } from "./keys.js";
 
 const DAY_MS = 24 * 3600 * 1000;
 
@@ -33,11 +34,11 @@ export function retentionFor(capabilities: Pick<Capabilities, "threads">): numbe
   return (capabilities.threads ? 90 : 7) * DAY_MS;
 }
 
-/** Key names of the map (see the module comment). */
+/** Key names of the map (see the module comment; the families are named in keys.ts). */
 export const messageMapKeys = {
-  event: (prefix: string, ref: string, eventId: string) => `${prefix}:msg-event:${ref}:${eventId}`,
+  event: (prefix: string, ref: string, eventId: string) => redisKeys.messageEvent(prefix, ref, eventId),
   remote: (prefix: string, ref: string, remoteId: string) =>
-    `${prefix}:msg-remote:${ref}:${remoteKeyPart(remoteId)}`,
+    redisKeys.messageRemote(prefix, ref, remoteKeyPart(remoteId)),
 };
 
 /** Remote ids are the far side's (a Message-ID may be long): a long one is hashed into the key. */
