@@ -219,15 +219,33 @@ export function connectorConformance<Account, E>(target: ConformanceTarget<Accou
       assert.equal(m!.body.text, "try again");
     });
 
-    test("send() delivers; the same OutboundMessage.id again does not deliver twice", async () => {
+    test("send() delivers; the same OutboundMessage.id again does not deliver twice, and reports the same remote id", async () => {
       const ep = binding("commands", "out");
       await connector.watch([ep]);
       await far.listen("commands");
-      await connector.send(outbound("event-1", "turn on"), ep);
-      await connector.send(outbound("event-1", "turn on"), ep);
+      const first = await connector.send(outbound("event-1", "turn on"), ep);
+      const again = await connector.send(outbound("event-1", "turn on"), ep);
       await connector.send(outbound("event-2", "turn off"), ep);
       await waitFor("both commands", () => far.heard("commands").length >= 2);
       assert.deepEqual(far.heard("commands"), ["turn on", "turn off"]);
+      assert.equal(again.remoteId, first.remoteId, "SendResult.remoteId is stable for one message id");
+    });
+
+    test("capabilities edits/redactions come with edit()/redact(); a redaction of what was never sent changes nothing", async () => {
+      if (def.capabilities.edits) assert.equal(typeof connector.edit, "function");
+      if (def.capabilities.redactions) assert.equal(typeof connector.redact, "function");
+      if (!connector.redact) return;
+      const ep = binding("commands", "out");
+      await connector.watch([ep]);
+      await far.listen("commands");
+      const sender = { userId: "@alice:example.org", displayName: "Alice" };
+      await connector.redact(
+        { id: "redaction-1", remoteId: "never-sent", sender, timestamp: Date.now() },
+        ep,
+      );
+      await connector.send(outbound("event-after", "after"), ep);
+      await waitFor("the message after", () => far.heard("commands").length >= 1);
+      assert.deepEqual(far.heard("commands"), ["after"]);
     });
 
     if (target.refusedForGood) {

@@ -6,10 +6,9 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
-import { connectors } from "../../bridges/index.js";
-import type { MqttConnector } from "../../bridges/mqtt/connector.js";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { startBridge } from "../helpers/start-bridge.js";
 
 interface Seen {
   topic: string;
@@ -50,8 +49,10 @@ describe("MQTT: redactions clear retained values; edits are not published", () =
       ],
     });
     room = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    port = (bridge.connector("mqtt.home") as MqttConnector).ports!.tcp;
+    ({
+      bridge,
+      ports: { mqtt: port },
+    } = await startBridge(h));
     watcher = await connect("watcher");
     watcher.on("message", (topic, payload, packet) =>
       seen.push({ topic, payload: payload.toString(), retain: packet.retain }),
