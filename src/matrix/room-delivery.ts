@@ -179,10 +179,14 @@ export class RoomDelivery {
       try {
         eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", related, txnId);
       } catch (err) {
-        // Refused for good with the relation (its target gone, say): a plain message rather than
-        // none, under a transaction id of its own, so a repeat of this item posts it once.
+        // Refused for good with the relation (a "root" that has a relation of its own, say): a
+        // plain reply, or a plain message, rather than none — under a transaction id of its own,
+        // so a repeat of this item posts it once. A bare m.in_reply_to is never refused.
         if (!(err instanceof PermanentError)) throw err;
-        eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, `${txnId}-plain`);
+        const plain = reply
+          ? { ...content, "m.relates_to": { "m.in_reply_to": { event_id: reply.eventId } } }
+          : content;
+        eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", plain, `${txnId}-plain`);
         threadRoot = undefined;
       }
     }

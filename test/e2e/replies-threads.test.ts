@@ -198,6 +198,18 @@ describe("replies, threads, edits and redactions", () => {
     assert.equal(sent.message.replyTo, undefined);
   });
 
+  test("a thread the homeserver refuses (its root has a relation of its own) degrades to a plain reply", async () => {
+    const { eventId: first } = await fromAlice();
+    // A message with a relation other than a thread's is relayed, and cannot be a thread root.
+    const { sent } = await fromAlice({ "m.relates_to": { rel_type: "m.reference", event_id: first } });
+    const { eventId: other, sent: otherSent } = await fromAlice();
+    const reply = await fromRemote({ remoteId: "r-x1", replyTo: otherSent.remoteId, thread: sent.remoteId });
+    assert.deepEqual(relatesTo(reply), { "m.in_reply_to": { event_id: other } });
+    const plainOne = await fromRemote({ remoteId: "r-x2", thread: sent.remoteId });
+    assert.equal(relatesTo(plainOne), undefined);
+    assert.deepEqual(await bridge.failedJobs(), []);
+  });
+
   test("[spec: event replacements] an edit reaches a connector that takes edits, and no other", async () => {
     const { eventId, sent } = await fromAlice();
     h.hs.sendMessage(room, h.alice, {
