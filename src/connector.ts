@@ -80,8 +80,8 @@ export interface Capabilities {
   readonly threads?: boolean;
   /**
    * The far side can change a message it was sent: the core calls `Connector.edit` for Matrix
-   * edits (`m.replace`) of messages `send` delivered to that endpoint. Default false: edits are
-   * not relayed.
+   * edits (`m.replace`, by the original's sender) of messages `send` delivered to that endpoint.
+   * Default false: edits are not relayed.
    */
   readonly edits?: boolean;
   /**
@@ -172,8 +172,9 @@ export interface InboundMessage {
    * The `remoteId` of the first message of the conversation this one belongs to (a mail's first
    * References entry), when the far side has conversations. When the core knows it and `replyTo`
    * does not already place the message in a thread, the message is posted in the Matrix thread of
-   * that message's event (which becomes the thread's root). Unknown: no thread. May equal
-   * `replyTo`. Ignored on `live: true` endpoints.
+   * that message's event (which becomes the thread's root; if that event is itself in a thread,
+   * in that thread, as threads do not nest). Unknown: no thread. May equal `replyTo`. Ignored on
+   * `live: true` endpoints.
    */
   readonly thread?: string;
 }
