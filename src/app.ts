@@ -28,6 +28,7 @@ import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.j
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, type FailedJob, type OrderedQueueOptions } from "./queue/ordered-queue.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
+import { recordedEndpointLayout } from "./routing/legacy-endpoint-ids.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MessageMap } from "./store/message-map.js";
@@ -68,7 +69,7 @@ export async function start({
   try {
     const { redis, redisUrl } = await openRedis(config, lifetime);
     const prefix = config.queue.prefix;
-    const routes = new RouteTable(config.routes);
+    const routes = new RouteTable(config.routes, await recordedEndpointLayout(redis, prefix, config.routes));
     const domain = config.homeserver.domain;
     const bot = botUserId(registration.sender_localpart, domain);
     const naming = { ghostPrefix: config.appservice.ghostPrefix, domain };

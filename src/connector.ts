@@ -94,8 +94,10 @@ export interface Capabilities {
 
 /**
  * One endpoint of one route, as handed to `Connector.watch`. `spec` is the object the
- * definition's `endpointSchema` produced from the route's config; `id` is opaque and stable
- * across restarts for the same config — report it back in `InboundMessage.endpointIds`.
+ * definition's `endpointSchema` produced from the route's config; `id` is opaque (no ':') and
+ * stays the same across restarts and when the config reorders or inserts endpoints — it changes
+ * only with the endpoint's identity (see `ConnectorDefinition.endpointKey`). Report it back in
+ * `InboundMessage.endpointIds`.
  */
 export interface EndpointBinding<E> {
   readonly id: string;
@@ -374,10 +376,29 @@ export interface ConnectorDefinition<Account = unknown, E = unknown> {
   /** Schema of `bridges.<name>.<account>`. Supplies defaults; the sample config is generated from it. */
   readonly accountSchema: z.ZodType<Account>;
   /**
-   * Schema of the connector's own fields in a route endpoint (besides `account` and `direction`,
-   * which the core owns). Must not use the keys `account` or `direction`.
+   * Schema of the connector's own fields in a route endpoint (besides `account`, `direction`, `id`,
+   * `live` and `notices`, which the core owns). Must not use those keys.
    */
   readonly endpointSchema: z.ZodType<E>;
+  /**
+   * What makes an endpoint the *same* endpoint from one config to the next: the fields that say
+   * where messages go to or come from (MQTT: the topic), not how they look or how hard the far side
+   * is tried (a payload format, a QoS). The core hashes it, with the account and direction, into
+   * the endpoint's id (`<route>.<hash>`, see `EndpointBinding.id`), unless the config gives the
+   * endpoint an explicit `id`. Messages queued or failed for an endpoint follow that id: change the
+   * key and they no longer reach it (they wait in the failed list as "no longer configured").
+   *
+   * Called while the config is loaded, once per endpoint, after `endpointSchema` (defaults are
+   * filled) and `checkEndpoint`. Pure and deterministic: the same string for the same endpoint on
+   * every machine, at every start, and in later versions of the connector (a new key for an old
+   * config re-identifies its endpoints). Leave out only fields that cannot tell two endpoints
+   * apart: two endpoints of one route with the same account, direction and key are a config error
+   * (the user is told to give one an explicit `id`). Any characters; the core hashes it.
+   *
+   * Omitted: the whole endpoint, as canonical JSON (keys sorted). Safe, but any change of any
+   * field, even a cosmetic one, then makes it a new endpoint.
+   */
+  endpointKey?(endpoint: E): string;
   /**
    * Accounts to run when the config has no `bridges.<name>` block at all, e.g. an embedded broker.
    * Omit for a connector that needs explicit configuration.

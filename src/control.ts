@@ -4,6 +4,7 @@
  * backlogs and the failed lists, as a notice from the bot.
  */
 import type { Redis } from "ioredis";
+import { routeIdOf } from "./config/endpoint-ids.js";
 import type { Config } from "./config/load.js";
 import type { ConnectorDefinition, ConnectorState } from "./connector.js";
 import { moduleLogger } from "./log.js";
@@ -37,9 +38,9 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
     const all = await readAllFailedJobs(redis, config, connectors, config.queue.keepFailedJobs);
     if (!routes.isRouteRoom(roomId)) return all;
     return all.filter((job) => {
-      const endpointId = String((job.data as { endpointId?: unknown }).endpointId);
-      const routeId = routes.inbound(endpointId)?.route.id ?? routes.outbound(endpointId)?.routeId;
-      return routeId !== undefined && routes.roomIdOf(routeId) === roomId;
+      // By the id's route, so that items of endpoints no longer configured are listed too.
+      const routeId = routeIdOf(String((job.data as { endpointId?: unknown }).endpointId));
+      return routes.roomIdOf(routeId) === roomId;
     });
   };
   return new Commands({

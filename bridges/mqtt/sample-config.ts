@@ -18,7 +18,7 @@ export const mqttSampleConfig: SampleConfig = {
         sender: { topicLevel: 2 },
         live: true,
       },
-      { account: "mqtt.home", direction: "out", topic: "greenhouse/commands", qos: 1 },
+      { account: "mqtt.home", direction: "out", id: "commands", topic: "greenhouse/commands", qos: 1 },
     ],
   },
 };

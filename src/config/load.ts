@@ -8,6 +8,7 @@ import { parse as parseYaml, YAMLParseError } from "yaml";
 import type { z } from "zod";
 import type { ConnectorDefinition, Direction } from "../connector.js";
 import { ConfigError, formatPath } from "../errors.js";
+import { derivedEndpointId, endpointKeyOf, explicitEndpointId } from "./endpoint-ids.js";
 import {
   buildConfigSchema,
   type AppserviceConfig,
@@ -17,7 +18,10 @@ import {
 } from "./schema.js";
 
 export interface ResolvedEndpoint {
-  /** Stable while the config keeps this endpoint at this place: `<routeId>.<index>`. */
+  /**
+   * `<routeId>.<id>` with an explicit `id`, else `<routeId>.<hash8>` of its account, direction and
+   * connector's endpointKey: the same wherever the endpoint stands in its route (endpoint-ids.ts).
+   */
   readonly id: string;
   readonly routeId: string;
   readonly connector: string;
@@ -142,6 +146,28 @@ function issuesToErrors(issues: readonly z.core.$ZodIssue[], prefix: PropertyKey
   );
 }
 
+/** Two endpoints of one route with one id: the second is refused, saying how to tell them apart. */
+function sameIdError(
+  at: PropertyKey[],
+  explicitId: string | undefined,
+  first: { at: string; explicit: boolean },
+  identity: { account: string; direction: Direction; key: string },
+): ConfigError {
+  if (explicitId !== undefined)
+    return new ConfigError(formatPath([...at, "id"]), `"${explicitId}" is already the id of ${first.at}`);
+  if (first.explicit)
+    return new ConfigError(
+      formatPath(at),
+      `its derived id is the id given to ${first.at}; give this endpoint an explicit id`,
+    );
+  const key = identity.key.length > 80 ? `${identity.key.slice(0, 80)}…` : identity.key;
+  return new ConfigError(
+    formatPath(at),
+    `the same endpoint as ${first.at} (${identity.account}, ${identity.direction}, ${key}): ` +
+      "messages queued for one would be taken for the other; give one of them an explicit id",
+  );
+}
+
 /** Validates an already-parsed YAML document. Throws ConfigErrors. */
 export function validateConfig(
   raw: unknown,
@@ -180,6 +206,8 @@ export function validateConfig(
 
   const routes: ResolvedRoute[] = cfg.routes.map((route, ri) => {
     const endpoints: ResolvedEndpoint[] = [];
+    /** The endpoints of this route so far, by id: where each stands, and whether its id was given. */
+    const taken = new Map<string, { at: string; explicit: boolean }>();
     route.endpoints.forEach((ep, ei) => {
       const at: PropertyKey[] = ["routes", ri, "endpoints", ei];
       const [connectorName, account] = ep.account.split(".") as [string, string];
@@ -204,7 +232,7 @@ export function validateConfig(
         );
         return;
       }
-      const { account: _a, direction, live, notices, ...fields } = ep;
+      const { id: explicitId, account: _a, direction, live, notices, ...fields } = ep;
       if (live && direction === "out")
         errors.push(
           new ConfigError(formatPath([...at, "live"]), 'only for endpoints that relay in ("in" or "inout")'),
@@ -224,8 +252,19 @@ export function validateConfig(
       for (const [rel, reason] of def.checkEndpoint?.(spec.data, direction, accountConfig) ?? []) {
         errors.push(new ConfigError(`${formatPath(at)}.${rel}`, reason));
       }
+      const key = endpointKeyOf(def, spec.data);
+      const id =
+        explicitId === undefined
+          ? derivedEndpointId(route.id, ep.account, direction, key)
+          : explicitEndpointId(route.id, explicitId);
+      const first = taken.get(id);
+      if (first) {
+        errors.push(sameIdError(at, explicitId, first, { account: ep.account, direction, key }));
+        return;
+      }
+      taken.set(id, { at: formatPath(at), explicit: explicitId !== undefined });
       endpoints.push({
-        id: `${route.id}.${ei}`,
+        id,
         routeId: route.id,
         connector: def.name,
         account,

@@ -5,6 +5,7 @@
  */
 import { z } from "zod";
 import type { ConnectorDefinition } from "../connector.js";
+import { EXPLICIT_ID } from "./endpoint-ids.js";
 
 /** Every default in one place, with its unit. */
 export const DEFAULTS = {
@@ -114,6 +115,15 @@ const accountRef = z
 export const endpointBaseSchema = z.looseObject({
   account: accountRef,
   direction: directionSchema,
+  id: z
+    .string()
+    .regex(EXPLICIT_ID, "a lower-case letter, then letters, digits, _ and - (at most 64)")
+    .optional()
+    .describe(
+      "Stable name within the route; queued and failed messages refer to it. Default: derived from " +
+        "the account, direction and the fields that identify the endpoint (each connector says " +
+        "which), so reordering endpoints changes nothing; set one to keep them when you change those",
+    ),
   live: z
     .boolean()
     .default(false)

@@ -35,8 +35,7 @@ export class RemoteDelivery {
 
   /** Delivers one item of `def`'s queue. */
   async deliver(def: ConnectorDefinition, job: ToRemoteJob, id: string): Promise<void> {
-    const endpoint = this.routes.outbound(job.endpointId);
-    if (!endpoint) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
+    const endpoint = this.routes.queuedOutbound(job.endpointId, def.name);
     const ref = `${endpoint.connector}.${endpoint.account}`;
     const instance = this.instanceOf(ref);
     if (!instance) throw new PermanentError(`account ${ref} is not running`);

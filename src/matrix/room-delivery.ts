@@ -106,8 +106,7 @@ export class RoomDelivery {
   }
 
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
-    const found = this.routes.inbound(job.endpointId);
-    if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
+    const found = this.routes.queuedInbound(job.endpointId, job);
     const tag = this.ghostTags.get(job.connector);
     if (!tag) throw new PermanentError(`connector ${job.connector} is not installed`);
     const roomId = await this.roomIdFor(found.route.id);

@@ -4,13 +4,19 @@
  */
 import { relaysIn, relaysOut, type EndpointBinding } from "../connector.js";
 import type { ResolvedEndpoint, ResolvedRoute } from "../config/load.js";
+import { PermanentError } from "../errors.js";
+import { resolveLegacyId, type EndpointLayout } from "./legacy-endpoint-ids.js";
 
 export class RouteTable {
   private readonly endpoints = new Map<string, { route: ResolvedRoute; endpoint: ResolvedEndpoint }>();
   private readonly routesByRoomId = new Map<string, ResolvedRoute[]>();
   private readonly roomIdByRoute = new Map<string, string>();
 
-  constructor(readonly routes: readonly ResolvedRoute[]) {
+  /** `legacyLayout`: how to read the positional ids of earlier versions (legacy-endpoint-ids.ts). */
+  constructor(
+    readonly routes: readonly ResolvedRoute[],
+    private readonly legacyLayout: EndpointLayout = {},
+  ) {
     for (const route of routes) {
       for (const endpoint of route.endpoints) this.endpoints.set(endpoint.id, { route, endpoint });
       if (route.room.startsWith("!")) this.setRoomId(route.id, route.room);
@@ -50,6 +56,47 @@ export class RouteTable {
     return found && relaysOut(found.endpoint.direction) ? found.endpoint : undefined;
   }
 
+  /**
+   * The endpoint a queued item relays into Matrix through, and its route: for the items of the
+   * to-matrix queue, which may have waited through config changes. Throws PermanentError (the item
+   * goes to the failed list with the reason) when no endpoint of that id relays in any more; a
+   * retry works once it is configured again. Never another endpoint than the one it was queued for.
+   */
+  queuedInbound(
+    endpointId: string,
+    from: { connector: string; account: string },
+  ): { route: ResolvedRoute; endpoint: ResolvedEndpoint } {
+    const id =
+      resolveLegacyId(
+        this.legacyLayout,
+        endpointId,
+        (e) => e.connector === from.connector && e.account === from.account && relaysIn(e.direction),
+      ) ?? endpointId;
+    const found = this.endpoints.get(id);
+    if (!found) throw new PermanentError(`endpoint ${described(id, endpointId)} is no longer configured`);
+    if (!relaysIn(found.endpoint.direction))
+      throw new PermanentError(`endpoint ${described(id, endpointId)} no longer relays into Matrix`);
+    return found;
+  }
+
+  /** As queuedInbound, for the items of the to-`<connector>` queue, out of Matrix. */
+  queuedOutbound(endpointId: string, connector: string): ResolvedEndpoint {
+    const id =
+      resolveLegacyId(
+        this.legacyLayout,
+        endpointId,
+        (e) => e.connector === connector && relaysOut(e.direction),
+      ) ?? endpointId;
+    const found = this.endpoints.get(id);
+    if (!found) throw new PermanentError(`endpoint ${described(id, endpointId)} is no longer configured`);
+    if (!relaysOut(found.endpoint.direction))
+      throw new PermanentError(`endpoint ${described(id, endpointId)} no longer relays out of Matrix`);
+    // An explicit id moved to another connector's account: this queue's messages are not for it.
+    if (found.endpoint.connector !== connector)
+      throw new PermanentError(`endpoint ${described(id, endpointId)} is no longer a ${connector} endpoint`);
+    return found.endpoint;
+  }
+
   /** Endpoints that a message in `roomId` goes out to. */
   outboundForRoom(roomId: string): ResolvedEndpoint[] {
     return (this.routesByRoomId.get(roomId) ?? []).flatMap((r) =>
@@ -72,4 +119,9 @@ export class RouteTable {
 /** An endpoint as its connector sees it (Connector.watch, Connector.send). */
 export function bindingOf(e: ResolvedEndpoint): EndpointBinding<unknown> {
   return { id: e.id, direction: e.direction, spec: e.spec };
+}
+
+/** An endpoint id as a failed item's reason shows it, with the id it was queued under if other. */
+function described(id: string, queuedAs: string): string {
+  return id === queuedAs ? id : `${id} (queued as ${queuedAs} by an earlier version)`;
 }

@@ -25,6 +25,11 @@ export const redisKeys = {
   /** A remote id of one connector account (long ones hashed) → its event per room, and thread root. */
   messageRemote: (prefix: string, ref: string, remoteKeyPart: string) =>
     `${prefix}:msg-remote:${ref}:${remoteKeyPart}`,
+  /**
+   * The routes' endpoints (ids, in config order) at the first start of a version with stable
+   * endpoint ids: how positional ids queued by earlier versions are read (legacy-endpoint-ids.ts).
+   */
+  endpointLayout: (prefix: string) => `${prefix}:endpoint-layout`,
   /** Which instance consumes a shard queue (`to-matrix-3`). */
   shardLease: (prefix: string, shardQueue: string) => `${prefix}:lease:${shardQueue}`,
   /** The shard count a queue's items were written with (`to-matrix`, not a shard). */
