@@ -136,6 +136,15 @@ export function connectorConformance<Account, E>(target: ConformanceTarget<Accou
       }
     });
 
+    test("endpointKey, if given: pure, the same for the same endpoint, another for another channel", () => {
+      if (!def.endpointKey) return; // the core's default applies: the whole endpoint
+      const spec = (channel: string) => def.endpointSchema.parse(target.endpoint(channel));
+      const key = def.endpointKey(spec("alpha"));
+      assert.equal(typeof key, "string");
+      assert.equal(def.endpointKey(spec("alpha")), key);
+      assert.notEqual(def.endpointKey(spec("beta")), key);
+    });
+
     test("imports only src/{connector,errors,log} and npm packages, nothing of Matrix", () => {
       for (const file of sourceFiles(target.sourceDir)) {
         const text = readFileSync(file, "utf8");
