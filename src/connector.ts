@@ -50,6 +50,14 @@ export function relaysOut(direction: Direction): boolean {
   }
 }
 
+/**
+ * The core's back-off, for a connector's own retry loops (e.g. reconnecting where its library does
+ * not): `await setTimeout(backoffDelayMs(policy, attempt, err.retryAfterMs), undefined, { signal: ctx.signal })`
+ * with `attempt` counting failures in a row (back to 1 after a success). Capped, exponential,
+ * jittered, and never shorter than what the far side asked for. Never a tight loop without it.
+ */
+export { backoffDelayMs, type BackoffPolicy } from "./backoff.js";
+
 /** What the far side can carry. The core adapts messages to it (e.g. drops HTML it cannot show). */
 export interface Capabilities {
   /**

@@ -7,7 +7,8 @@
 import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Pool } from "undici";
-import { PermanentError, RetryableError, errorMessage } from "../errors.js";
+import { backoffDelayMs } from "../backoff.js";
+import { PermanentError, RetryableError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { routeLibraryLogs } from "./library-logging.js";
 import {
@@ -29,6 +30,8 @@ export interface MatrixClientOptions {
 }
 
 const REQUEST_TIMEOUT_MS = 30_000;
+/** Waiting for the homeserver to answer and accept our as_token at start-up: 1 s, 2 s, … 30 s. */
+const START_BACKOFF = { initialDelayMs: 1_000, maxDelayMs: 30_000 };
 
 /** Whether the homeserver could reach our appservice port; `undefined` when it cannot tell us. */
 export type PingResult =
@@ -119,9 +122,9 @@ export class MatrixClient {
         await this.bridge.initialise();
         break;
       } catch (err) {
-        const delay = Math.min(30_000, 500 * 2 ** attempt);
         // The library's own requests (initialise) fail with its errors: typed the same way.
         const failure = this.toQueueError(err, "starting");
+        const delay = Math.round(backoffDelayMs(START_BACKOFF, attempt, retryAfterMsOf(failure)));
         const tokenRefused =
           failure instanceof MatrixPermanentError &&
           (failure.status === 401 || failure.errcode === "M_UNKNOWN_TOKEN");

@@ -18,16 +18,16 @@ import { hash } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
+import { backoffDelayMs, type BackoffPolicy } from "../backoff.js";
 import { BoundedCache } from "../bounded-cache.js";
-import { ConfigError, PermanentError, RetryableError, errorMessage } from "../errors.js";
+import { ConfigError, PermanentError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { redisKeys } from "../store/keys.js";
 import { connectRedis } from "../store/redis-store.js";
 
-export interface RetryPolicy {
+/** In-place retries of one item: back off (see backoffDelayMs) up to `maxAttempts` in all. */
+export interface RetryPolicy extends BackoffPolicy {
   maxAttempts: number;
-  initialDelayMs: number;
-  maxDelayMs: number;
 }
 
 export interface OrderedQueueOptions<T> {
@@ -83,12 +83,6 @@ export function jobIdFor(...parts: string[]): string {
 
 export function shardOf(key: string, shards: number): number {
   return hash("sha1", key, "buffer").readUInt32BE(0) % shards;
-}
-
-export function retryDelayMs(policy: RetryPolicy, attempt: number, retryAfterMs?: number): number {
-  const exponential = Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** (attempt - 1));
-  const jittered = exponential / 2 + Math.random() * (exponential / 2);
-  return Math.max(jittered, Math.min(retryAfterMs ?? 0, policy.maxDelayMs * 10));
 }
 
 class Shard<T> {
@@ -611,11 +605,7 @@ export class OrderedQueue<T> {
           await this.recordFailureDurably(item, reason, signal);
           return;
         }
-        const delay = retryDelayMs(
-          retry,
-          attempt,
-          err instanceof RetryableError ? err.retryAfterMs : undefined,
-        );
+        const delay = backoffDelayMs(retry, attempt, retryAfterMsOf(err));
         log.warn(
           {
             itemId: item.id,
@@ -637,7 +627,7 @@ export class OrderedQueue<T> {
       try {
         return await this.recordFailure(item, reason);
       } catch (err) {
-        const delay = retryDelayMs(this.opts.retry, attempt);
+        const delay = backoffDelayMs(this.opts.retry, attempt);
         this.opts.log.warn(
           { itemId: item.id, err: errorMessage(err), retryInMs: delay },
           "could not write to the failed list; trying again",

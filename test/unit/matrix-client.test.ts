@@ -272,7 +272,8 @@ describe("MatrixClient against a scripted homeserver", () => {
     whoami.push([200, { user_id: "@someone-else:test.local" }]);
     const started = Date.now();
     await client();
-    assert.ok(Date.now() - started >= 2_000, "two back-offs (1 s, then 2 s)");
+    // Steps of 1 s, then 2 s, each jittered within its upper half.
+    assert.ok(Date.now() - started >= 1_500, "two back-offs (1 s, then 2 s)");
     const warnings = logged.filter((l) => l.level === 40).map((l) => l.msg);
     assert.match(warnings[0]!, /does not accept this appservice's as_token.*registration-help/);
     assert.match(warnings[1]!, /refused the bridge's first request/);

@@ -201,7 +201,7 @@ test("a transient failure is retried in place: the key's next item waits, attemp
 test("RetryableError.retryAfterMs is honoured, capped at 10 × maxDelayMs", async (t) => {
   const s = scope(t);
   // retry: initialDelayMs 10, maxDelayMs 50 → the exponential step is ≤ 10 ms on attempt 1 and the
-  // retryAfterMs cap is 500 ms (retryDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
+  // retryAfterMs cap is 500 ms (backoffDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
   const seen = new Map<string, number[]>();
   const q = s.make<{ retryAfterMs: number }>(async (data, { id, attempt }) => {
     const times = seen.get(id) ?? [];
