@@ -26,6 +26,9 @@ interface Item {
   n: number;
 }
 
+/** Short shard leases, for the tests about them: taken over, lost and regained in well under a second. */
+const SHORT_LEASE = { leaseMs: 1_000, renewMs: 200 };
+
 type Process<T> = OrderedQueueOptions<T>["process"];
 
 /** A fresh prefix; queues made through it are stopped and its keys deleted by cleanup(). */
@@ -616,8 +619,14 @@ test("lease: a second instance waits while another holds a shard, and takes over
   const s = scope(t);
   const byA: string[] = [];
   const byB: string[] = [];
-  const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), { instanceId: "inst-a" });
-  const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), { instanceId: "inst-b" });
+  const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), {
+    instanceId: "inst-a",
+    lease: SHORT_LEASE,
+  });
+  const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), {
+    instanceId: "inst-b",
+    lease: SHORT_LEASE,
+  });
   await a.start();
   await b.start();
   await b.add("K", "l1", { n: 1 });
@@ -626,7 +635,7 @@ test("lease: a second instance waits while another holds a shard, and takes over
   assert.equal(byB.length, 0);
   await s.stop(a as OrderedQueue<unknown>);
   await b.add("K", "l2", { n: 2 });
-  // b retries the lease every 3 s.
+  // b retries the lease every renewMs.
   await waitFor("l2 by b", () => byB.includes("l2"), 5_000);
   assert.deepEqual(byA, ["l1"]);
   assert.deepEqual(byB, ["l2"]);
@@ -640,7 +649,10 @@ test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken ba
     { write: (line: string) => void messages.push((JSON.parse(line) as { msg: string }).msg) },
   );
   const delivered: string[] = [];
-  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), { log: capture });
+  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), {
+    log: capture,
+    lease: SHORT_LEASE,
+  });
   await q.start();
   await q.add("K", "before", { n: 1 });
   await waitFor("before", () => delivered.includes("before"));
@@ -650,7 +662,7 @@ test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken ba
   redis.disconnect();
   await waitFor("the lease renewal to notice", () => messages.some((m) => m.includes("lease lost")), 5_000);
   await q.add("K", "after", { n: 2 });
-  // Another instance would retry the lease every 3 s; this one should too.
+  // Another instance would retry the lease every renewMs; this one should too.
   await waitFor("an item added after the lease lapsed", () => delivered.includes("after"), 6_000);
 });
 
@@ -726,12 +738,15 @@ test("a lease lost while the shard is still starting (waiting for an orphan's lo
   s.onCleanup(() => shard.close());
   await shard.add("relay", { items: [{ id: "orphan", key: "k", data: { n: 1 } }] }, { jobId: "jorphan" });
   await redis.lmove(`${s.prefix}:q-0:wait`, `${s.prefix}:q-0:active`, "RIGHT", "LEFT");
-  await redis.set(`${s.prefix}:q-0:jorphan:lock`, "other-token", "PX", 5000);
+  await redis.set(`${s.prefix}:q-0:jorphan:lock`, "other-token", "PX", 2000);
 
   const delivered: string[] = [];
-  const q = s.make<Item>(async (_d, { id }) => void delivered.push(id), { instanceId: "me" });
+  const q = s.make<Item>(async (_d, { id }) => void delivered.push(id), {
+    instanceId: "me",
+    lease: SHORT_LEASE,
+  });
   const starting = q.start();
-  await sleep(1000);
+  await waitFor("the lease", async () => (await redis.get(`${s.prefix}:lease:q-0`)) === "me");
   await redis.del(`${s.prefix}:lease:q-0`); // the lease lapses meanwhile (Redis lost it)
   await starting;
   await waitFor("the orphan", () => delivered.includes("orphan"), 20_000);
