@@ -122,7 +122,22 @@ export class Lease {
     if (this.current) await this.end(this.current.generation, { reason: "stopping" });
     await this.attempting;
     await this.ending;
-    if (this.wrote) await this.opts.redis.eval(RELEASE, 1, this.opts.key, this.opts.holder);
+    if (this.wrote) await this.giveUp();
+  }
+
+  /**
+   * Deletes the key if it still holds our id, so another instance takes over at once. Best effort:
+   * unanswered (Redis away), the key lapses within leaseMs anyway.
+   */
+  private async giveUp(): Promise<void> {
+    try {
+      await this.withinLease(this.opts.redis.eval(RELEASE, 1, this.opts.key, this.opts.holder));
+    } catch (err) {
+      this.opts.log.warn(
+        { lease: this.opts.key, holder: this.opts.holder, err: errorMessage(err) },
+        `could not give the lease up; it lapses within ${this.leaseMs} ms`,
+      );
+    }
   }
 
   private attempt(): Promise<void> {
@@ -170,7 +185,8 @@ export class Lease {
       { lease: this.opts.key, holder: this.opts.holder, restarted: taken.restarted },
       "lease taken",
     );
-    const started = this.opts.acquired({ signal: controller.signal, restarted: taken.restarted });
+    const holdingOf = { signal: controller.signal, restarted: taken.restarted };
+    const started = Promise.resolve().then(() => this.opts.acquired(holdingOf)); // a throw is a rejection
     holding.settled = started.then(
       () => undefined,
       () => undefined,
@@ -274,8 +290,7 @@ export class Lease {
           "winding down after the lease failed",
         );
       }
-      if (opts.giveUp)
-        await this.opts.redis.eval(RELEASE, 1, this.opts.key, this.opts.holder).catch(() => undefined); // lapses anyway
+      if (opts.giveUp) await this.giveUp();
     })().finally(() => (this.ending = undefined));
     return this.ending;
   }

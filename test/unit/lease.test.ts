@@ -12,7 +12,7 @@ import { Lease, type LeaseHolding } from "../../src/queue/lease.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
 
 const log = moduleLogger("lease-test");
-log.level = process.env.LEASE_LOG ?? "silent";
+log.level = "silent";
 
 const LEASE_MS = 1_500;
 const RENEW_MS = 250;
