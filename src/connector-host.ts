@@ -16,6 +16,7 @@ import type { Lifetime } from "./lifetime.js";
 import { moduleLogger, type Logger } from "./log.js";
 import type { ToMatrixJob } from "./matrix/room-delivery.js";
 import type { Metrics } from "./metrics.js";
+import { ExclusiveRuns } from "./queue/exclusive-runs.js";
 import { jobIdFor, type OrderedQueue } from "./queue/ordered-queue.js";
 import { bindingOf, type RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
@@ -57,6 +58,15 @@ export class ConnectorHost {
       const ref = `${name}.${account}`;
       const clog = moduleLogger("connector", { connector: name, account });
       states[ref] = { state: "connecting" };
+      const exclusive = new ExclusiveRuns({
+        redis,
+        prefix,
+        account: ref,
+        holder: instanceId,
+        log: clog,
+        signal: lifetime.signal,
+      });
+      lifetime.onStop(() => exclusive.stop()); // after the connector's stop: its leases handed over at once
       const instance = def.create(account, accountConfig, {
         log: clog,
         signal: lifetime.signal,
@@ -64,6 +74,7 @@ export class ConnectorHost {
         redis: { url: redisUrl, keyPrefix: redisKeys.connectorOwn(prefix, ref) },
         instanceId,
         emit: this.emitter(name, account, clog),
+        runExclusive: (exclusiveName, run) => exclusive.run(exclusiveName, run),
         setState: (state, reason) => {
           const prev = states[ref];
           if (prev?.state !== state || prev.reason !== reason)

@@ -50,6 +50,14 @@ export function relaysOut(direction: Direction): boolean {
   }
 }
 
+/**
+ * The core's back-off, for a connector's own retry loops (e.g. reconnecting where its library does
+ * not): `await setTimeout(backoffDelayMs(policy, attempt, err.retryAfterMs), undefined, { signal: ctx.signal })`
+ * with `attempt` counting failures in a row (back to 1 after a success). Capped, exponential,
+ * jittered, and never shorter than what the far side asked for. Never a tight loop without it.
+ */
+export { backoffDelayMs, type BackoffPolicy } from "./backoff.js";
+
 /** What the far side can carry. The core adapts messages to it (e.g. drops HTML it cannot show). */
 export interface Capabilities {
   /**
@@ -299,6 +307,43 @@ export interface ConnectorContext {
    * relaying, "degraded" when partly working, "down" when it gave up until config changes.
    */
   setState(state: ConnectorState, reason?: string): void;
+  /**
+   * Runs `run` in one tribridge instance at a time, of all those sharing this Redis: for work that
+   * must not happen twice, such as the one IMAP IDLE reader of a mailbox. `name` says what is
+   * exclusive within this account (e.g. the mailbox, "INBOX"); instances compete for the same name.
+   *
+   * When: from `start` or `watch` (never from `create`), once per name; it returns at once. In the
+   * background, the instances compete for a lease in Redis (`<prefix>:lease:<connector>.<account>:<name>`).
+   * The holder calls `run(signal)`; the others wait, and try again every few seconds.
+   *
+   * Loss: when this instance can no longer be sure it holds the lease — Redis away or this process
+   * stalled for longer than the lease (10 s), or the key gone — `signal` aborts. Stop at once (close
+   * the connection, stop reading; returning or throwing is fine): another instance may start its
+   * own `run` a moment later. When this instance takes the lease again, `run` is called again with
+   * a new signal. A `run` that returns or throws while the lease is still held is logged and called
+   * again after a back-off, the lease kept meanwhile.
+   *
+   * Handing over: an instance that dies hands `name` to another once its lease runs out (10 s after
+   * its last renewal); one that stops (`ctx.signal`, or the handle's `stop()`) hands it over at once.
+   *
+   * Must not: do the guarded work outside `run`, or go on with it after `signal` aborts; keep `run`
+   * from settling after the abort (the lease is given up, and competed for again, only once `run`
+   * has settled: a `run` that hangs is logged, and blocks its name); call it again for a name that
+   * runs, before that run's `stop()` has resolved (it throws). Progress that must survive a
+   * handover (an IMAP cursor) belongs in `store`, written before it is acknowledged, as `emit` says.
+   */
+  runExclusive(name: string, run: (signal: AbortSignal) => Promise<void>): ExclusiveRun;
+}
+
+/** A name competed for with `ConnectorContext.runExclusive`. */
+export interface ExclusiveRun {
+  /** Whether this instance holds the name's lease now (and so runs `run`). */
+  readonly held: boolean;
+  /**
+   * Stops competing for the name (e.g. a mailbox no longer watched): aborts `run` if it runs, waits
+   * for it to settle and hands the lease over at once. Not needed at shutdown: `ctx.signal` does it.
+   */
+  stop(): Promise<void>;
 }
 
 /** One account's live connection. Created by `ConnectorDefinition.create`. */

@@ -43,6 +43,11 @@ export function formatPath(segments: readonly PropertyKey[]): string {
   return out;
 }
 
+/** How long the far side asked us to wait before retrying, if `err` says (see `backoffDelayMs`). */
+export function retryAfterMsOf(err: unknown): number | undefined {
+  return err instanceof RetryableError ? err.retryAfterMs : undefined;
+}
+
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }

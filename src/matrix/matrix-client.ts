@@ -7,9 +7,17 @@
 import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Pool } from "undici";
-import { PermanentError, RetryableError, errorMessage } from "../errors.js";
+import { backoffDelayMs } from "../backoff.js";
+import { PermanentError, RetryableError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { routeLibraryLogs } from "./library-logging.js";
+import {
+  MatrixPermanentError,
+  MatrixRetryableError,
+  classifyMatrixError,
+  relabel,
+  type MatrixErrorBody,
+} from "./matrix-error.js";
 import type { Registration } from "./registration.js";
 
 export interface MatrixClientOptions {
@@ -21,43 +29,13 @@ export interface MatrixClientOptions {
   log: Logger;
 }
 
-interface MatrixErrorBody {
-  errcode?: string;
-  error?: string;
-  retry_after_ms?: number;
-}
-
 const REQUEST_TIMEOUT_MS = 30_000;
+/** Waiting for the homeserver to answer and accept our as_token at start-up: 1 s, 2 s, … 30 s. */
+const START_BACKOFF = { initialDelayMs: 1_000, maxDelayMs: 30_000 };
 
 /** Whether the homeserver could reach our appservice port; `undefined` when it cannot tell us. */
 export type PingResult =
   { reachable: true; durationMs: number } | { reachable: false | undefined; detail: string };
-
-/** Maps an HTTP failure from the homeserver to the queue's error types. */
-export function classifyMatrixError(status: number, body: MatrixErrorBody, what: string): Error {
-  const detail = `${what}: ${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
-  if (status === 429 || body.errcode === "M_LIMIT_EXCEEDED")
-    return new RetryableError(detail, body.retry_after_ms);
-  if (status >= 500 || status === 408) return new RetryableError(detail);
-  return new PermanentError(detail);
-}
-
-/**
- * Whether the homeserver refused for good with this errcode or HTTP status (classifyMatrixError
- * puts both in the message: `<what>: <status> <errcode> <error>`).
- */
-function refusedWith(err: unknown, code: string | number): boolean {
-  return (
-    err instanceof PermanentError && err.message.includes(typeof code === "number" ? `: ${code} ` : code)
-  );
-}
-
-/** The same kind of error, its message led by what we were doing (the path alone may not say). */
-function relabel(err: unknown, what: string): unknown {
-  if (err instanceof PermanentError) return new PermanentError(`${what}: ${err.message}`);
-  if (err instanceof RetryableError) return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs);
-  return err;
-}
 
 /**
  * `Retry-After` (Matrix 1.10 prefers it to `retry_after_ms`; a proxy may send only the header): delay
@@ -144,14 +122,18 @@ export class MatrixClient {
         await this.bridge.initialise();
         break;
       } catch (err) {
-        const delay = Math.min(30_000, 500 * 2 ** attempt);
-        const detail = errorMessage(err);
+        // The library's own requests (initialise) fail with its errors: typed the same way.
+        const failure = this.toQueueError(err, "starting");
+        const delay = Math.round(backoffDelayMs(START_BACKOFF, attempt, retryAfterMsOf(failure)));
+        const tokenRefused =
+          failure instanceof MatrixPermanentError &&
+          (failure.status === 401 || failure.errcode === "M_UNKNOWN_TOKEN");
         this.opts.log.warn(
-          { err: detail, retryInMs: delay },
-          /: 401 |M_UNKNOWN_TOKEN/.test(detail)
+          { err: errorMessage(err), retryInMs: delay },
+          tokenRefused
             ? "the homeserver does not accept this appservice's as_token: registration.yaml is not " +
                 "registered with it yet (see `tribridge registration-help`), or it was regenerated since"
-            : err instanceof RetryableError
+            : failure instanceof RetryableError
               ? "homeserver not reachable yet"
               : "the homeserver refused the bridge's first request",
         );
@@ -275,7 +257,8 @@ export class MatrixClient {
       return await this.resolveRoom(room);
     } catch (err) {
       const ownAlias = room.startsWith("#") && room.endsWith(`:${this.opts.domain}`);
-      if (!refusedWith(err, 404) || !ownAlias) throw err;
+      const missing = err instanceof MatrixPermanentError && err.status === 404;
+      if (!missing || !ownAlias) throw err;
       if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
         throw new RetryableError(
           `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
@@ -322,7 +305,7 @@ export class MatrixClient {
       return content.replacement_room;
     } catch (err) {
       // 404: never upgraded.
-      if (!refusedWith(err, 404))
+      if (!(err instanceof MatrixPermanentError && err.status === 404))
         this.opts.log.warn(
           { roomId, err: errorMessage(err) },
           "could not check whether the room was upgraded",
@@ -355,8 +338,8 @@ export class MatrixClient {
       joined = this.join(userId, roomId).catch((err: unknown) => {
         this.joined.delete(key);
         // Not invited (yet): someone may still invite the bot, so keep retrying for a while.
-        throw refusedWith(err, "M_FORBIDDEN")
-          ? new RetryableError(`${errorMessage(err)} (invite ${this.opts.botUserId} to the room)`)
+        throw err instanceof MatrixPermanentError && err.errcode === "M_FORBIDDEN"
+          ? new MatrixRetryableError(err, `invite ${this.opts.botUserId} to the room`)
           : err;
       });
       this.joined.set(key, joined);
@@ -375,7 +358,8 @@ export class MatrixClient {
     try {
       await join();
     } catch (err) {
-      if (!refusedWith(err, "M_FORBIDDEN") || userId === this.opts.botUserId) throw err;
+      const forbidden = err instanceof MatrixPermanentError && err.errcode === "M_FORBIDDEN";
+      if (!forbidden || userId === this.opts.botUserId) throw err;
       const invite = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/invite`;
       await this.request("POST", invite, this.opts.botUserId, { user_id: userId });
       await join();
@@ -526,7 +510,7 @@ export class MatrixClient {
     try {
       return await send();
     } catch (err) {
-      if (!refusedWith(err, "M_FORBIDDEN")) throw err;
+      if (!(err instanceof MatrixPermanentError && err.errcode === "M_FORBIDDEN")) throw err;
       // Kicked or left since we cached the join: join again and send once more. Refused again,
       // the room does not let this sender post (power levels): a retry would not change that.
       this.joined.delete(`${sender.userId}|${roomId}`);

@@ -18,16 +18,17 @@ import { hash } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
+import { backoffDelayMs, type BackoffPolicy } from "../backoff.js";
 import { BoundedCache } from "../bounded-cache.js";
-import { ConfigError, PermanentError, RetryableError, errorMessage } from "../errors.js";
+import { ConfigError, PermanentError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { redisKeys } from "../store/keys.js";
 import { connectRedis } from "../store/redis-store.js";
+import { Lease, type LeaseHolding, type LeaseTimings } from "./lease.js";
 
-export interface RetryPolicy {
+/** In-place retries of one item: back off (see backoffDelayMs) up to `maxAttempts` in all. */
+export interface RetryPolicy extends BackoffPolicy {
   maxAttempts: number;
-  initialDelayMs: number;
-  maxDelayMs: number;
 }
 
 export interface OrderedQueueOptions<T> {
@@ -49,6 +50,11 @@ export interface OrderedQueueOptions<T> {
   backlogCheckMs?: number;
   /** Identifies this process; a restarted process with the same id takes its leases back at once. */
   instanceId: string;
+  /**
+   * Timings of the shard leases (see Lease): a dead instance's shards are taken over within
+   * `leaseMs` (default 10 s) of its last renewal, renewed every `renewMs` (default 3 s).
+   */
+  lease?: LeaseTimings;
   log: Logger;
   /** Delivers one item. Throw PermanentError to fail it now, anything else to retry it. */
   process(data: T, info: { id: string; attempt: number }): Promise<void>;
@@ -72,10 +78,6 @@ export interface FailedJob {
   data: unknown;
 }
 
-const LEASE_MS = 10_000;
-const LEASE_RENEW_MS = 3_000;
-const RENEW_LEASE = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) else return 0 end`;
-
 /** Job ids: a hash of the source identity. BullMQ forbids ':' and plain integers in custom ids. */
 export function jobIdFor(...parts: string[]): string {
   return `j${hash("sha256", parts.join("\u0000"), "hex").slice(0, 40)}`;
@@ -85,89 +87,43 @@ export function shardOf(key: string, shards: number): number {
   return hash("sha1", key, "buffer").readUInt32BE(0) % shards;
 }
 
-export function retryDelayMs(policy: RetryPolicy, attempt: number, retryAfterMs?: number): number {
-  const exponential = Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** (attempt - 1));
-  const jittered = exponential / 2 + Math.random() * (exponential / 2);
-  return Math.max(jittered, Math.min(retryAfterMs ?? 0, policy.maxDelayMs * 10));
-}
-
 class Shard<T> {
   readonly queue: Queue;
   private worker: Worker | undefined;
-  private leaseTimer: NodeJS.Timeout | undefined;
-  private readonly leaseKey: string;
-  private stopped = false;
-  /** The start in progress: one at a time, or two workers could end up consuming one shard. */
-  private starting: Promise<void> | undefined;
-  /** Bumped whenever the lease is taken or lost: a renewal answer about an older one is ignored. */
-  private leaseGeneration = 0;
-  /** Aborted when this shard stops consuming (lease lost): its batch stops between two items. */
-  private consuming: AbortController | undefined;
+  /** Held while this instance consumes the shard: one consumer per shard over all instances. */
+  private readonly lease: Lease;
   private pending: PendingBatch<T> | undefined;
   private writing = false;
 
   constructor(
     private readonly owner: OrderedQueue<T>,
     readonly name: string,
-    producer: Redis,
+    private readonly producer: Redis,
   ) {
     this.queue = new Queue(name, { connection: producer, prefix: owner.opts.prefix });
-    this.leaseKey = redisKeys.shardLease(owner.opts.prefix, name);
+    this.lease = new Lease({
+      ...owner.opts.lease,
+      redis: producer,
+      key: redisKeys.shardLease(owner.opts.prefix, name),
+      holder: owner.opts.instanceId,
+      log: owner.opts.log.child({ shard: name }),
+      acquired: (holding) => this.consume(holding),
+      // Lost (another instance may be delivering this shard by now) or stopping: its batch stops
+      // between two items (the lease's signal), and its worker closes.
+      released: () => this.stopWorker(),
+    });
   }
 
   /** Takes the lease, or keeps trying in the background while another instance holds it. */
-  start(redis: Redis): Promise<void> {
-    this.starting ??= this.takeLease(redis).finally(() => (this.starting = undefined));
-    return this.starting;
+  start(): Promise<void> {
+    return this.lease.start();
   }
 
-  private async takeLease(redis: Redis): Promise<void> {
-    if (this.stopped || this.worker) return;
-    const { instanceId } = this.owner.opts;
+  private async consume({ signal, restarted }: LeaseHolding): Promise<void> {
     // Still ours from before a restart of this instance: its jobs' locks may be broken at once.
-    const restarted = (await redis.get(this.leaseKey)) === instanceId;
-    const mine = restarted || (await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS, "NX")) === "OK";
-    if (!mine) {
-      this.leaseTimer = setTimeout(() => void this.start(redis).catch(() => undefined), LEASE_RENEW_MS);
-      return;
-    }
-    await redis.set(this.leaseKey, instanceId, "PX", LEASE_MS);
-    const generation = ++this.leaseGeneration;
-    this.leaseTimer = setInterval(() => {
-      redis.eval(RENEW_LEASE, 1, this.leaseKey, instanceId, LEASE_MS).then(
-        (ok) => {
-          if (ok !== 0 || this.stopped || generation !== this.leaseGeneration) return;
-          // Lapsed (Redis was away, or this process stalled) or taken over: stop consuming at once
-          // (another instance may be delivering this shard by now), then compete for it again.
-          this.leaseGeneration++;
-          this.owner.opts.log.warn(
-            { shard: this.name },
-            "lost shard lease; pausing this shard until it is regained",
-          );
-          clearInterval(this.leaseTimer);
-          this.consuming?.abort();
-          // After a start still in progress (it sees the new generation and stands down).
-          void Promise.resolve(this.starting?.catch(() => undefined))
-            .then(() => this.stopWorker())
-            .then(() => this.start(redis))
-            .catch(() => undefined);
-        },
-        (err: unknown) => this.owner.opts.log.warn({ err: errorMessage(err) }, "lease renewal failed"),
-      );
-    }, LEASE_RENEW_MS);
-    try {
-      await this.requeueOrphans(redis, restarted);
-    } catch (err) {
-      // The lease is kept renewed by nothing but a worker's life: give it up, and try again soon.
-      this.leaseGeneration++;
-      clearInterval(this.leaseTimer);
-      this.owner.opts.log.warn({ shard: this.name, err: errorMessage(err) }, "shard start failed; retrying");
-      this.leaseTimer = setTimeout(() => void this.start(redis).catch(() => undefined), LEASE_RENEW_MS);
-      return;
-    }
-    if (this.stopped || generation !== this.leaseGeneration) return;
-    const consuming = (this.consuming = new AbortController());
-    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token, consuming.signal), {
+    await this.requeueOrphans(restarted, signal);
+    if (signal.aborted) return;
+    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token, signal), {
       connection: this.owner.workerConnection,
       prefix: this.owner.opts.prefix,
       concurrency: 1,
@@ -237,13 +193,14 @@ class Shard<T> {
    * anything behind them runs. After a restart of this instance at once; after a takeover, once
    * the other instance's job lock has expired (it may only be stalled, and stops when it notices).
    */
-  private async requeueOrphans(redis: Redis, restarted: boolean): Promise<void> {
+  private async requeueOrphans(restarted: boolean, signal: AbortSignal): Promise<void> {
     const active = await this.queue.getActive();
+    const redis = this.producer;
     for (const job of active) {
       const lock = redisKeys.jobLock(this.owner.opts.prefix, this.name, job.id!);
       if (restarted) await redis.del(lock);
-      while (!this.stopped && (await redis.exists(lock)) === 1) await sleep(500);
-      if (this.stopped) return;
+      while (!signal.aborted && (await redis.exists(lock)) === 1) await sleep(500);
+      if (signal.aborted) return;
       // Put back meanwhile by the instance that held it (it noticed it lost the lease): nothing to do.
       if ((await job.getState()) !== "active") continue;
       await job.moveToWait("0");
@@ -257,19 +214,9 @@ class Shard<T> {
     await w?.close();
   }
 
-  async stop(redis: Redis): Promise<void> {
-    this.stopped = true;
-    clearTimeout(this.leaseTimer);
-    clearInterval(this.leaseTimer);
-    this.consuming?.abort();
-    await this.starting;
-    await this.stopWorker();
-    await redis.eval(
-      `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end`,
-      1,
-      this.leaseKey,
-      this.owner.opts.instanceId,
-    );
+  /** Stops consuming (a batch in flight goes back to the head of the shard) and gives the lease up. */
+  async stop(): Promise<void> {
+    await this.lease.stop();
     await this.queue.close();
   }
 }
@@ -482,7 +429,7 @@ export class OrderedQueue<T> {
 
   async start(): Promise<void> {
     await this.checkShardCount();
-    await Promise.all(this.shards.map((s) => s.start(this.producer)));
+    await Promise.all(this.shards.map((s) => s.start()));
   }
 
   /**
@@ -611,11 +558,7 @@ export class OrderedQueue<T> {
           await this.recordFailureDurably(item, reason, signal);
           return;
         }
-        const delay = retryDelayMs(
-          retry,
-          attempt,
-          err instanceof RetryableError ? err.retryAfterMs : undefined,
-        );
+        const delay = backoffDelayMs(retry, attempt, retryAfterMsOf(err));
         log.warn(
           {
             itemId: item.id,
@@ -637,7 +580,7 @@ export class OrderedQueue<T> {
       try {
         return await this.recordFailure(item, reason);
       } catch (err) {
-        const delay = retryDelayMs(this.opts.retry, attempt);
+        const delay = backoffDelayMs(this.opts.retry, attempt);
         this.opts.log.warn(
           { itemId: item.id, err: errorMessage(err), retryInMs: delay },
           "could not write to the failed list; trying again",
@@ -688,7 +631,7 @@ export class OrderedQueue<T> {
   async stop(): Promise<void> {
     clearInterval(this.backlogMonitor);
     for (const h of this.held.splice(0)) h.reject(new Error(`queue ${this.opts.name} is stopping`));
-    await Promise.all(this.shards.map((s) => s.stop(this.producer)));
+    await Promise.all(this.shards.map((s) => s.stop()));
     await this.dead.close();
     this.producer.disconnect();
     this.workerConnection.disconnect();

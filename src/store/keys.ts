@@ -32,6 +32,8 @@ export const redisKeys = {
   endpointLayout: (prefix: string) => `${prefix}:endpoint-layout`,
   /** Which instance consumes a shard queue (`to-matrix-3`). */
   shardLease: (prefix: string, shardQueue: string) => `${prefix}:lease:${shardQueue}`,
+  /** Which instance runs a connector account's exclusive work `name` (ctx.runExclusive: a mailbox's reader). */
+  connectorLease: (prefix: string, ref: string, name: string) => `${prefix}:lease:${ref}:${name}`,
   /** The shard count a queue's items were written with (`to-matrix`, not a shard). */
   shardCount: (prefix: string, queue: string) => `${prefix}:${queue}:shard-count`,
   /** BullMQ's own lock of an active job (bullmq 5's key layout): read and broken, never written. */

@@ -1,12 +1,14 @@
 /**
  * The one ConnectorContext the conformance suite gives every connector: a real Redis store (with a
- * fresh prefix) and an `emit` the test controls — it records what it was handed, and can be held
- * (the enqueue is slow) or made to fail (Redis is away), as the core's emit can.
+ * fresh prefix), the core's own runExclusive on it, and an `emit` the test controls — it records
+ * what it was handed, and can be held (the enqueue is slow) or made to fail (Redis is away), as the
+ * core's emit can.
  */
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
 import type { ConnectorContext, ConnectorState, InboundMessage } from "../../src/connector.js";
 import { moduleLogger } from "../../src/log.js";
+import { ExclusiveRuns } from "../../src/queue/exclusive-runs.js";
 import { RedisKeyValueStore } from "../../src/store/redis-store.js";
 import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
 
@@ -21,18 +23,29 @@ export class FakeContext {
   private held: { release: () => void; promise: Promise<void> } | undefined;
   private failures: Error[] = [];
   private stopped = false;
+  private readonly exclusive: ExclusiveRuns;
   readonly ctx: ConnectorContext;
 
   constructor(name: string) {
     const log = moduleLogger("conformance", { connector: name });
     log.level = process.env.TRIBRIDGE_LOG_LEVEL ?? "silent";
+    const instanceId = `conformance-${this.prefix}`;
+    this.exclusive = new ExclusiveRuns({
+      redis: this.redis,
+      prefix: this.prefix,
+      account: `${name}.conformance`,
+      holder: instanceId,
+      log,
+      signal: this.lifetime.signal,
+    });
     this.ctx = {
       log,
       signal: this.lifetime.signal,
       store: new RedisKeyValueStore(this.redis, `${this.prefix}:kv:`),
       redis: { url: REDIS_URL, keyPrefix: `${this.prefix}:own:` },
-      instanceId: `conformance-${this.prefix}`,
+      instanceId,
       emit: (message) => this.emit(message),
+      runExclusive: (exclusiveName, run) => this.exclusive.run(exclusiveName, run),
       setState: (state, reason) => this.states.push(reason === undefined ? { state } : { state, reason }),
     };
   }
@@ -81,6 +94,7 @@ export class FakeContext {
   async close(): Promise<void> {
     this.lifetime.abort();
     this.release();
+    await this.exclusive.stop();
     this.redis.disconnect();
     await deleteKeys(this.prefix);
   }

@@ -1,7 +1,8 @@
 /**
  * Faults around the queue's shard leases, against real Redis servers: Redis away for longer than
  * a lease, and an instance stalled past its lease while another takes over. Order per room holds,
- * nothing is delivered twice, and no worker outlives its queue.
+ * nothing is delivered twice, and no worker outlives its queue. Leases are short here (LEASE), so
+ * outlasting one takes about two seconds, not twelve.
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -13,9 +14,12 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
+import { pino } from "pino";
 import { OrderedQueue } from "../../src/queue/ordered-queue.js";
 import { REDIS_URL, deleteKeys, freePort, waitFor } from "../helpers/fixture.js";
 import { testQueueOptions } from "../helpers/queues.js";
+
+const LEASE = { leaseMs: 2_000, renewMs: 400 };
 
 /** Inversions and repeats in a delivery log of increasing numbers. */
 function disorder(delivered: number[]): { inversions: number; repeats: number } {
@@ -52,6 +56,11 @@ test("Redis away for longer than a lease: one worker per shard when it is back, 
   const delivered: number[] = [];
   let inFlight = 0;
   let mostInFlight = 0;
+  const warnings: string[] = [];
+  const log = pino(
+    { level: "warn" },
+    { write: (line: string) => void warnings.push((JSON.parse(line) as { msg: string }).msg) },
+  );
   const q = new OrderedQueue<{ n: number }>(
     testQueueOptions(
       "pause",
@@ -61,7 +70,7 @@ test("Redis away for longer than a lease: one worker per shard when it is back, 
         delivered.push(n);
         inFlight--;
       },
-      { redisUrl: url },
+      { redisUrl: url, lease: LEASE, log },
     ),
   );
   await q.start();
@@ -73,9 +82,11 @@ test("Redis away for longer than a lease: one worker per shard when it is back, 
       await sleep(20);
     }
   })();
-  await sleep(1000);
-  server.kill("SIGSTOP"); // away: lease renewals queue up, the lease expires (10 s)
-  await sleep(12_000);
+  await waitFor("items flowing", () => delivered.length >= 10);
+  server.kill("SIGSTOP"); // away: lease renewals queue up, the lease expires
+  // Away until the queue has counted its lease lost (it may have expired in Redis by then).
+  await waitFor("the lease lost", () => warnings.some((w) => w.includes("lease lost")), 4 * LEASE.leaseMs);
+  await sleep(LEASE.renewMs); // and a little longer: past the expiry in Redis for certain
   server.kill("SIGCONT");
   await adding;
   await waitFor("every item", () => new Set(delivered).size === total, 60_000);
@@ -103,11 +114,6 @@ test("an instance stalled past its lease: the other takes its shard over without
     redis.disconnect();
     await deleteKeys(prefix);
   });
-  const producer = new OrderedQueue<{ n: number }>(testQueueOptions(prefix, async () => undefined));
-  const total = 80;
-  await Promise.all(Array.from({ length: total }, (_, n) => producer.add("room", `i${n}`, { n })));
-  await producer.stop();
-
   const instance = (id: string) => {
     const child = spawn(
       process.execPath,
@@ -117,6 +123,8 @@ test("an instance stalled past its lease: the other takes its shard over without
         fileURLToPath(new URL("../helpers/queue-instance.ts", import.meta.url)),
         prefix,
         id,
+        String(LEASE.leaseMs),
+        String(LEASE.renewMs),
       ],
       { stdio: "ignore", env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "silent" } },
     );
@@ -124,11 +132,23 @@ test("an instance stalled past its lease: the other takes its shard over without
     return child;
   };
   const entries = () => redis.lrange(`${prefix}:log`, 0, -1);
-  const a = instance("A");
+  const leaseHolder = () => redis.get(`${prefix}:lease:q-0`);
+  // Two instances, both up (one holding the shard, the other waiting for it) before anything is
+  // queued: their start-ups (seconds each on a busy machine) overlap and do not decide the timing.
+  const started = { P: instance("P"), Q: instance("Q") };
+  await waitFor("both instances", async () => (await redis.llen(`${prefix}:ready`)) === 2, 60_000);
+  // A: the one that took the shard; B: the other.
+  const aId = (await leaseHolder()) as "P" | "Q";
+  const bId = aId === "P" ? "Q" : "P";
+  const a = started[aId];
+  const producer = new OrderedQueue<{ n: number }>(testQueueOptions(prefix, async () => undefined));
+  const total = 80;
+  await Promise.all(Array.from({ length: total }, (_, n) => producer.add("room", `i${n}`, { n })));
+  await producer.stop();
   await waitFor("A delivering", async () => (await entries()).length >= 15, 20_000);
   a.kill("SIGSTOP"); // stalled: no lease renewal, no lock renewal
-  instance("B");
-  await sleep(13_000); // past A's lease: B takes the shard, and waits for A's job lock
+  // Past A's lease: B takes the shard, and waits for A's job lock.
+  await waitFor("B to take the lease", async () => (await leaseHolder()) === bId, 30_000);
   a.kill("SIGCONT"); // A notices it lost the lease and stops between two items
   await waitFor(
     "every item",
@@ -141,7 +161,7 @@ test("an instance stalled past its lease: the other takes its shard over without
   const delivered = log_.map((e) => Number(e.slice(1)));
   assert.deepEqual(disorder(delivered), { inversions: 0, repeats: 0 }, log_.join(" "));
   assert.ok(
-    log_.some((e) => e.startsWith("B")),
+    log_.some((e) => e.startsWith(bId)),
     "B took over",
   );
 });

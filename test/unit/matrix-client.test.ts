@@ -10,6 +10,12 @@ import type { AddressInfo } from "node:net";
 import { PermanentError, RetryableError } from "../../src/errors.js";
 import { pino } from "pino";
 import { MatrixClient } from "../../src/matrix/matrix-client.js";
+import {
+  MatrixPermanentError,
+  MatrixRetryableError,
+  classifyMatrixError,
+  relabel,
+} from "../../src/matrix/matrix-error.js";
 import type { Registration } from "../../src/matrix/registration.js";
 import { freePort } from "../helpers/fixture.js";
 
@@ -134,6 +140,49 @@ describe("MatrixClient against a scripted homeserver", () => {
     assert.match(bad.message, /400 M_BAD_JSON nope/);
   });
 
+  test("a refusal carries its status, errcode, words and what we were doing as fields", async () => {
+    const c = await client();
+    handler = (_req, res) => json(res, 429, { errcode: "M_LIMIT_EXCEEDED", retry_after_ms: 1234 });
+    const limited = await send(c).catch((e: unknown) => e);
+    assert.ok(limited instanceof MatrixRetryableError);
+    assert.equal(limited.permanent, false);
+    assert.equal(limited.status, 429);
+    assert.equal(limited.errcode, "M_LIMIT_EXCEEDED");
+    assert.equal(limited.retryAfterMs, 1234);
+    assert.equal(limited.what, "PUT /_matrix/client/v3/rooms/!room%3Atest.local/send/m.room.message/txn1");
+
+    handler = (_req, res) => json(res, 403, { errcode: "M_FORBIDDEN", error: "power levels" });
+    const refused = await send(c).catch((e: unknown) => e);
+    assert.ok(refused instanceof MatrixPermanentError);
+    assert.deepEqual([refused.permanent, refused.status, refused.errcode], [true, 403, "M_FORBIDDEN"]);
+    assert.equal(refused.error, "power levels");
+
+    handler = (_req, res) => res.writeHead(503, { "content-type": "text/html" }).end("<h1>down</h1>");
+    const down = await send(c).catch((e: unknown) => e);
+    assert.ok(down instanceof MatrixRetryableError);
+    assert.deepEqual([down.status, down.errcode, down.retryAfterMs], [503, undefined, undefined]);
+  });
+
+  test("decisions read the fields, not the text: a refusal whose words name another errcode is not it", async () => {
+    const c = await client();
+    // Sending is retried once after a rejoin only for M_FORBIDDEN (kicked since the join was cached).
+    handler = (_req, res) => json(res, 400, { errcode: "M_BAD_JSON", error: "this is not M_FORBIDDEN" });
+    assert.ok((await send(c).catch((e: unknown) => e)) instanceof MatrixPermanentError);
+    assert.equal(seen.filter((s) => s.method === "PUT").length, 1, "not retried");
+    // Answered for real, the same send rejoins and tries once more.
+    handler = (_req, res) => json(res, 403, { errcode: "M_FORBIDDEN", error: "not in room" });
+    seen.length = 0;
+    assert.ok((await send(c).catch((e: unknown) => e)) instanceof MatrixPermanentError);
+    assert.equal(seen.filter((s) => s.method === "PUT").length, 2, "rejoined and sent once more");
+
+    // An alias lookup that fails other than with 404 is not taken for a missing room.
+    handler = (_req, res) => json(res, 403, { errcode: "M_FORBIDDEN", error: "GET x: 404 " });
+    const lookup = await c.resolveOrCreateRoom("#mine:test.local", []).catch((e: unknown) => e);
+    assert.ok(lookup instanceof MatrixPermanentError);
+    assert.equal(lookup.status, 403);
+    assert.match(lookup.what, /^resolving #mine:test.local: GET \/_matrix\/client\/v3\/directory\/room\//);
+  });
+
   test("429 with only a Retry-After header (Matrix 1.10, or a proxy) → RetryableError carrying it", async () => {
     handler = (_req, res) => res.writeHead(429, { "retry-after": "3" }).end("slow down");
     const limited = await send(await client()).catch((e: unknown) => e);
@@ -223,7 +272,8 @@ describe("MatrixClient against a scripted homeserver", () => {
     whoami.push([200, { user_id: "@someone-else:test.local" }]);
     const started = Date.now();
     await client();
-    assert.ok(Date.now() - started >= 2_000, "two back-offs (1 s, then 2 s)");
+    // Steps of 1 s, then 2 s, each jittered within its upper half.
+    assert.ok(Date.now() - started >= 1_500, "two back-offs (1 s, then 2 s)");
     const warnings = logged.filter((l) => l.level === 40).map((l) => l.msg);
     assert.match(warnings[0]!, /does not accept this appservice's as_token.*registration-help/);
     assert.match(warnings[1]!, /refused the bridge's first request/);
@@ -264,5 +314,45 @@ describe("MatrixClient against a scripted homeserver", () => {
     await c.reportReachability();
     assert.equal(logged[0]!.level, 50);
     assert.match(logged[0]!.msg, /cannot reach tribridge at null.*Check `url` in registration.yaml/);
+  });
+});
+
+describe("Matrix errors, typed", () => {
+  test("classified as the queue needs: PermanentError or RetryableError, with the fields kept", () => {
+    const cases: [number, string | undefined, boolean][] = [
+      [400, "M_BAD_JSON", true],
+      [403, "M_FORBIDDEN", true],
+      [404, "M_NOT_FOUND", true],
+      [408, undefined, false],
+      [429, "M_LIMIT_EXCEEDED", false],
+      [400, "M_LIMIT_EXCEEDED", false],
+      [500, "M_UNKNOWN", false],
+      [502, undefined, false],
+    ];
+    for (const [status, errcode, permanent] of cases) {
+      const err = classifyMatrixError(status, { errcode, error: "words", retry_after_ms: 5 }, "GET /x");
+      assert.equal(err instanceof PermanentError, permanent, `${status} ${errcode}`);
+      assert.equal(err instanceof RetryableError, !permanent, `${status} ${errcode}`);
+      assert.equal(err.permanent, permanent);
+      assert.deepEqual([err.status, err.errcode, err.error, err.what], [status, errcode, "words", "GET /x"]);
+      assert.equal(err.message, `GET /x: ${status} ${errcode ?? ""} words`);
+    }
+    const limited = classifyMatrixError(429, { retry_after_ms: 700 }, "PUT /y");
+    assert.ok(limited instanceof RetryableError);
+    assert.equal(limited.retryAfterMs, 700, "the queue reads retryAfterMs from RetryableError");
+  });
+
+  test("relabel leads the message with what we did and keeps class and fields", () => {
+    const err = classifyMatrixError(404, { errcode: "M_NOT_FOUND", error: "no" }, "GET /d");
+    const relabelled = relabel(err, "resolving #a:b");
+    assert.ok(relabelled instanceof MatrixPermanentError);
+    assert.equal(relabelled.message, "resolving #a:b: GET /d: 404 M_NOT_FOUND no");
+    assert.deepEqual([relabelled.status, relabelled.errcode], [404, "M_NOT_FOUND"]);
+    const retry = relabel(classifyMatrixError(429, { retry_after_ms: 9 }, "GET /d"), "x");
+    assert.ok(retry instanceof MatrixRetryableError);
+    assert.equal(retry.retryAfterMs, 9);
+    const plain = relabel(new RetryableError("socket closed", 3), "x");
+    assert.ok(plain instanceof RetryableError);
+    assert.deepEqual([plain.message, plain.retryAfterMs], ["x: socket closed", 3]);
   });
 });

@@ -41,6 +41,9 @@ before(async () => {
       onEmit(m);
     },
     setState: () => {},
+    runExclusive: () => {
+      throw new Error("the MQTT connector runs nothing exclusively");
+    },
   };
   connector = new MqttConnector("home", mqttAccountSchema.parse({ embedded: { port: 0 } }), ctx);
   await connector.start();

@@ -45,6 +45,9 @@ for (const { name, account } of cases) {
         instanceId: randomUUID(),
         emit: () => Promise.resolve(),
         setState: (s) => void (state = s),
+        runExclusive: () => {
+          throw new Error("the MQTT connector runs nothing exclusively");
+        },
       };
       const config = mqttAccountSchema.parse({ url: `mqtt://127.0.0.1:${broker.port}`, ...account });
       client = new ExternalClient("plant", { ...config, url: config.url! }, ctx, async (m) => {

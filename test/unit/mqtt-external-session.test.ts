@@ -52,6 +52,9 @@ function context(store = "store"): { ctx: ConnectorContext; emitted: InboundMess
     instanceId: "instance-1",
     emit: async (m) => void emitted.push(m),
     setState: (s) => void (state = s),
+    runExclusive: () => {
+      throw new Error("the MQTT connector runs nothing exclusively");
+    },
   };
   return { ctx, emitted, state: () => state };
 }

@@ -26,6 +26,9 @@ interface Item {
   n: number;
 }
 
+/** Short shard leases, for the tests about them: taken over, lost and regained in well under a second. */
+const SHORT_LEASE = { leaseMs: 1_000, renewMs: 200 };
+
 type Process<T> = OrderedQueueOptions<T>["process"];
 
 /** A fresh prefix; queues made through it are stopped and its keys deleted by cleanup(). */
@@ -201,7 +204,7 @@ test("a transient failure is retried in place: the key's next item waits, attemp
 test("RetryableError.retryAfterMs is honoured, capped at 10 × maxDelayMs", async (t) => {
   const s = scope(t);
   // retry: initialDelayMs 10, maxDelayMs 50 → the exponential step is ≤ 10 ms on attempt 1 and the
-  // retryAfterMs cap is 500 ms (retryDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
+  // retryAfterMs cap is 500 ms (backoffDelayMs: max(jittered, min(retryAfterMs, 10 × maxDelayMs))).
   const seen = new Map<string, number[]>();
   const q = s.make<{ retryAfterMs: number }>(async (data, { id, attempt }) => {
     const times = seen.get(id) ?? [];
@@ -616,8 +619,14 @@ test("lease: a second instance waits while another holds a shard, and takes over
   const s = scope(t);
   const byA: string[] = [];
   const byB: string[] = [];
-  const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), { instanceId: "inst-a" });
-  const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), { instanceId: "inst-b" });
+  const a = s.make<{ n: number }>(async (_d, { id }) => void byA.push(id), {
+    instanceId: "inst-a",
+    lease: SHORT_LEASE,
+  });
+  const b = s.make<{ n: number }>(async (_d, { id }) => void byB.push(id), {
+    instanceId: "inst-b",
+    lease: SHORT_LEASE,
+  });
   await a.start();
   await b.start();
   await b.add("K", "l1", { n: 1 });
@@ -626,7 +635,7 @@ test("lease: a second instance waits while another holds a shard, and takes over
   assert.equal(byB.length, 0);
   await s.stop(a as OrderedQueue<unknown>);
   await b.add("K", "l2", { n: 2 });
-  // b retries the lease every 3 s.
+  // b retries the lease every renewMs.
   await waitFor("l2 by b", () => byB.includes("l2"), 5_000);
   assert.deepEqual(byA, ["l1"]);
   assert.deepEqual(byB, ["l2"]);
@@ -640,7 +649,10 @@ test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken ba
     { write: (line: string) => void messages.push((JSON.parse(line) as { msg: string }).msg) },
   );
   const delivered: string[] = [];
-  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), { log: capture });
+  const q = s.make<{ n: number }>(async (_d, { id }) => void delivered.push(id), {
+    log: capture,
+    lease: SHORT_LEASE,
+  });
   await q.start();
   await q.add("K", "before", { n: 1 });
   await waitFor("before", () => delivered.includes("before"));
@@ -648,13 +660,9 @@ test("lease: a shard whose lease lapsed (e.g. during a Redis outage) is taken ba
   const redis = new Redis(REDIS_URL);
   await redis.del(`${s.prefix}:lease:q-0`);
   redis.disconnect();
-  await waitFor(
-    "the lease renewal to notice",
-    () => messages.some((m) => m.includes("lost shard lease")),
-    5_000,
-  );
+  await waitFor("the lease renewal to notice", () => messages.some((m) => m.includes("lease lost")), 5_000);
   await q.add("K", "after", { n: 2 });
-  // Another instance would retry the lease every 3 s; this one should too.
+  // Another instance would retry the lease every renewMs; this one should too.
   await waitFor("an item added after the lease lapsed", () => delivered.includes("after"), 6_000);
 });
 
@@ -730,12 +738,15 @@ test("a lease lost while the shard is still starting (waiting for an orphan's lo
   s.onCleanup(() => shard.close());
   await shard.add("relay", { items: [{ id: "orphan", key: "k", data: { n: 1 } }] }, { jobId: "jorphan" });
   await redis.lmove(`${s.prefix}:q-0:wait`, `${s.prefix}:q-0:active`, "RIGHT", "LEFT");
-  await redis.set(`${s.prefix}:q-0:jorphan:lock`, "other-token", "PX", 5000);
+  await redis.set(`${s.prefix}:q-0:jorphan:lock`, "other-token", "PX", 2000);
 
   const delivered: string[] = [];
-  const q = s.make<Item>(async (_d, { id }) => void delivered.push(id), { instanceId: "me" });
+  const q = s.make<Item>(async (_d, { id }) => void delivered.push(id), {
+    instanceId: "me",
+    lease: SHORT_LEASE,
+  });
   const starting = q.start();
-  await sleep(1000);
+  await waitFor("the lease", async () => (await redis.get(`${s.prefix}:lease:q-0`)) === "me");
   await redis.del(`${s.prefix}:lease:q-0`); // the lease lapses meanwhile (Redis lost it)
   await starting;
   await waitFor("the orphan", () => delivered.includes("orphan"), 20_000);
