@@ -62,13 +62,26 @@ export interface Capabilities {
    */
   readonly html: boolean;
   /**
-   * The far side can carry files: a file, image, audio or video posted in a room is downloaded
-   * and handed over as `OutboundMessage.attachment` (the body still names it). When false, only
-   * the body is sent, naming the file and its mxc:// URI.
+   * The far side can carry files. Out: a file, image, audio or video posted in a room is downloaded
+   * and handed over in `OutboundMessage.attachments` (the body still names it). When false, only
+   * the body is sent, naming the file and its mxc:// URI. In: `InboundMessage.attachments` are
+   * posted in the room whatever this says.
    */
   readonly attachments: boolean;
-  /** Largest file downloaded for `attachments` (default 16 MiB); a larger one fails permanently. */
+  /**
+   * Largest single file, in bytes, relayed either way; a message with a larger one fails permanently,
+   * whole (the failed list names the file and its size), never relayed without it.
+   * Out: a larger file is not downloaded (default 16 MiB). In: every attachment is checked against
+   * it before any part of the message is posted; unset, only the homeserver's upload limit applies
+   * (Synapse: `max_upload_size`, 50M by default), which fails the message the same way.
+   */
   readonly maxAttachmentBytes?: number;
+  /**
+   * Most files in one message (at least 1; unset: no limit), either way. A message with more fails
+   * permanently, whole, before any part of it is relayed. Out of rooms a message has at most one
+   * file (a Matrix event carries one); into rooms, each file of a message becomes an event of its own.
+   */
+  readonly maxAttachments?: number;
   /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
   readonly maxTextBytes?: number;
   /**
@@ -151,8 +164,19 @@ export interface InboundMessage {
    */
   readonly remoteId: string;
   readonly sender: RemoteSender;
+  /**
+   * With `attachments`: the message's own words, posted before the files, or "" when the files are
+   * all there is (a binary payload; a mail without text) — a blank text is then not posted.
+   */
   readonly body: MessageBody;
-  readonly attachment?: Attachment;
+  /**
+   * Files that came with the message (a mail's attachments, a binary payload), in order. A Matrix
+   * event carries one file, so the core posts the text first (its event is the message's), then one
+   * event per file (m.image, m.audio, m.video by `mimeType`, else m.file), all as the same ghost,
+   * each idempotent on its own, so a retry posts none twice. Checked against `maxAttachmentBytes`,
+   * `maxAttachments` and the homeserver's upload limit before anything is posted: see `Capabilities`.
+   */
+  readonly attachments?: readonly Attachment[];
   /** When the far side says it happened (ms since epoch), if it says. */
   readonly timestamp?: number;
   /**
@@ -188,7 +212,13 @@ export interface OutboundMessage {
   readonly id: string;
   readonly sender: { readonly userId: string; readonly displayName: string };
   readonly body: MessageBody;
-  readonly attachment?: Attachment;
+  /**
+   * The room message's file, downloaded, when `capabilities.attachments` and `usesAttachments` say
+   * the endpoint uses it (the body still names it). A Matrix event carries one file, so this holds
+   * one today; read it as a list. Never more than `maxAttachments` nor larger than
+   * `maxAttachmentBytes`: the core fails such a message before `send` is called.
+   */
+  readonly attachments?: readonly Attachment[];
   /** ms since epoch, from the Matrix event. */
   readonly timestamp: number;
   /**
@@ -342,7 +372,7 @@ export interface Connector<E> {
    */
   redact?(redaction: OutboundRedaction, endpoint: EndpointBinding<E>): Promise<void>;
   /**
-   * Whether messages to `endpoint` use `attachment` (when `capabilities.attachments`; default: all
+   * Whether messages to `endpoint` use `attachments` (when `capabilities.attachments`; default: all
    * endpoints). Lets the core skip downloading files that only their names reach.
    */
   usesAttachments?(endpoint: EndpointBinding<E>): boolean;
