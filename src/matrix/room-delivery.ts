@@ -26,6 +26,8 @@ export interface ToMatrixJob {
   attachments?: readonly Attachment[];
   /** One file that was the whole message, as versions before `attachments` queued it (still read). */
   attachment?: Attachment;
+  /** In a completed job, in place of its files: what they were, without their bytes. */
+  delivered?: { name: string; mimeType: string; bytes: number }[];
   /** See InboundMessage.stream. */
   stream?: string;
   /** See InboundMessage.remoteId; absent in items queued by tribridge 0.1 (then not remembered). */
@@ -47,6 +49,19 @@ function partTxnId(itemId: string, n: number): string {
 
 function filesOf(job: ToMatrixJob): readonly Attachment[] {
   return job.attachments ?? (job.attachment ? [job.attachment] : []);
+}
+
+/**
+ * What a completed job keeps of a delivered item (OrderedQueue's `keptWhenDelivered`): its files'
+ * names, types and sizes, not their bytes, which `queue.keepCompletedJobs` per shard would
+ * otherwise hold in Redis long after they are in the homeserver's media repository.
+ */
+export function keptWhenDelivered(job: ToMatrixJob): ToMatrixJob | undefined {
+  const files = filesOf(job);
+  if (files.length === 0) return undefined;
+  const { attachments: _files, attachment: _file, ...rest } = job;
+  const delivered = files.map((f) => ({ name: f.name, mimeType: f.mimeType, bytes: attachmentBytes(f) }));
+  return { ...rest, delivered };
 }
 
 /**
@@ -124,6 +139,8 @@ export class RoomDelivery {
   }
 
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
+    if (job.delivered)
+      throw new PermanentError("a completed job's record, without its files: delivered before");
     const found = this.routes.inbound(job.endpointId);
     if (!found) throw new PermanentError(`endpoint ${job.endpointId} is no longer configured`);
     const tag = this.ghostTags.get(job.connector);

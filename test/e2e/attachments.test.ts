@@ -1,9 +1,10 @@
 /** Several attachments per message, both ways, each within the connector's and the homeserver's limits. */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { Redis } from "ioredis";
 import { start, type RunningBridge } from "../../src/app.js";
 import type { Attachment } from "../../src/connector.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { REDIS_URL, harness, waitFor, type Harness } from "../helpers/fixture.js";
 import { testConnector, type TestConnector } from "../helpers/test-connector.js";
 
 const file = (name: string, mimeType: string, bytes: number, seed = 1): [Attachment, Buffer] => {
@@ -108,6 +109,36 @@ describe("attachments", () => {
       txnIds.slice(1),
       [1, 2, 3].map((n) => `${txnIds[0]}-${n}`),
     );
+  });
+
+  test("a delivered item's files do not stay in Redis with its completed job", async () => {
+    const redis = new Redis(REDIS_URL);
+    try {
+      const [photo] = file("photo.png", "image/png", 5000, 3);
+      const jobData = async () => {
+        const data: string[] = [];
+        let cursor = "0";
+        do {
+          const [next, keys] = await redis.scan(cursor, "MATCH", `${h.prefix}:to-matrix-*`, "TYPE", "hash");
+          for (const key of keys) {
+            const value = await redis.hget(key, "data");
+            if (value) data.push(value);
+          }
+          cursor = next;
+        } while (cursor !== "0");
+        return data;
+      };
+      const kept = await waitFor("the completed job's record without the bytes", async () => {
+        const all = await jobData();
+        return (
+          all.some((d) => d.includes('"delivered"')) && !all.some((d) => d.includes(photo.dataBase64)) && all
+        );
+      });
+      const record = kept.find((d) => d.includes('"delivered"'))!;
+      assert.ok(record.includes('{"name":"photo.png","mimeType":"image/png","bytes":5000}'), record);
+    } finally {
+      redis.disconnect();
+    }
   });
 
   test("a send answered with an error after the homeserver stored it, and a failed upload: retried, nothing posted twice", async () => {

@@ -2,6 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { PermanentError, RetryableError } from "../../src/errors.js";
 import { aboutFile, attachmentBytes, checkAttachments, fileMsgtype } from "../../src/matrix/attachments.js";
+import { keptWhenDelivered, type ToMatrixJob } from "../../src/matrix/room-delivery.js";
 
 test("fileMsgtype: m.image, m.audio, m.video by the MIME type's top level, else m.file", () => {
   assert.equal(fileMsgtype("image/png"), "m.image");
@@ -47,4 +48,34 @@ test("aboutFile: the same kind of error, led by the file; retryAfterMs kept", ()
   assert.equal((retryable as Error).message, 'attachment "a.png": 429');
   const other = new Error("x");
   assert.equal(aboutFile("a", 1, other), other);
+});
+
+test("keptWhenDelivered: a delivered item keeps its files' names, types and sizes, not their bytes", () => {
+  const job: ToMatrixJob = {
+    endpointId: "r.e",
+    connector: "mqtt",
+    account: "home",
+    sender: { id: "cam" },
+    body: { text: "" },
+    attachments: [
+      { name: "a.jpg", mimeType: "image/jpeg", dataBase64: Buffer.alloc(300).toString("base64") },
+    ],
+    stream: "cam/snap",
+  };
+  assert.deepEqual(keptWhenDelivered(job), {
+    endpointId: "r.e",
+    connector: "mqtt",
+    account: "home",
+    sender: { id: "cam" },
+    body: { text: "" },
+    delivered: [{ name: "a.jpg", mimeType: "image/jpeg", bytes: 300 }],
+    stream: "cam/snap",
+  });
+  // An item queued by an earlier version, with its one `attachment`.
+  const { attachments: _a, ...legacy } = job;
+  assert.deepEqual(keptWhenDelivered({ ...legacy, attachment: job.attachments![0]! })?.delivered, [
+    { name: "a.jpg", mimeType: "image/jpeg", bytes: 300 },
+  ]);
+  // Nothing to drop: kept as it is.
+  assert.equal(keptWhenDelivered({ ...legacy }), undefined);
 });
