@@ -67,14 +67,14 @@ describe("attachments", () => {
       return failed?.reason;
     });
 
-  test("text and three files: the text, then one event per file, in order, as the ghost; the media are the bytes", async () => {
+  test("text and three files: the text (with its HTML), then one event per file, in order, as the ghost; the media are the bytes", async () => {
     const [photo, photoBytes] = file("photo.png", "image/png", 5000, 3);
     const [voice, voiceBytes] = file("voice.ogg", "audio/ogg", 3000, 5);
     const [report, reportBytes] = file("report.pdf", "application/pdf", 7000, 7);
     await capped.emit("files", {
       remoteId: "m1",
       sender: { id: "bob", displayName: "Bob" },
-      body: { text: "three files for you" },
+      body: { text: "three files for you", html: "<b>three</b> files for you" },
       attachments: [photo, voice, report],
     });
     const posted = await waitFor("four events", () => {
@@ -91,6 +91,8 @@ describe("attachments", () => {
         ["m.file", "report.pdf"],
       ],
     );
+    // The text with its HTML (sanitized; the test connector's HTML is harmless).
+    assert.equal(posted[0]!.content.formatted_body, "<b>three</b> files for you");
     const expected = [
       [photoBytes, "image/png"],
       [voiceBytes, "audio/ogg"],
