@@ -69,8 +69,8 @@ export interface Capabilities {
    */
   readonly attachments: boolean;
   /**
-   * Largest single file, in bytes, relayed either way; a message with a larger one fails permanently,
-   * whole (the failed list names the file and its size), never relayed without it.
+   * Largest single file, in bytes, relayed either way; a message with a larger one fails
+   * permanently, whole (the failed list names the file and its size), never relayed without it.
    * Out: a larger file is not downloaded (default 16 MiB). In: every attachment is checked against
    * it before any part of the message is posted; unset, only the homeserver's upload limit applies
    * (Synapse: `max_upload_size`, 50M by default), which fails the message the same way.
@@ -79,7 +79,7 @@ export interface Capabilities {
   /**
    * Most files in one message (at least 1; unset: no limit), either way. A message with more fails
    * permanently, whole, before any part of it is relayed. Out of rooms a message has at most one
-   * file (a Matrix event carries one); into rooms, each file of a message becomes an event of its own.
+   * file (a Matrix event carries one); into rooms, each file becomes an event of its own.
    */
   readonly maxAttachments?: number;
   /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
@@ -159,7 +159,7 @@ export interface MessageBody {
  * nothing is queued: the file is downloaded when the message is delivered.
  */
 export interface Attachment {
-  /** The file's name as its sender gave it (out of rooms: a Matrix client's): never use it as a path. */
+  /** The name its sender gave the file (out of rooms, a Matrix client): never use it as a path. */
   readonly name: string;
   /** e.g. "image/jpeg": into rooms it chooses m.image, m.audio, m.video or m.file. */
   readonly mimeType: string;
@@ -179,15 +179,17 @@ export interface InboundMessage {
   readonly sender: RemoteSender;
   /**
    * With `attachments`: the message's own words, posted before the files, or "" when the files are
-   * all there is (a binary payload; a mail without text) — a blank text is then not posted.
+   * all there is (a binary payload; a mail without text): with a blank text and no HTML that
+   * shows, only the files are posted.
    */
   readonly body: MessageBody;
   /**
    * Files that came with the message (a mail's attachments, a binary payload), in order. A Matrix
-   * event carries one file, so the core posts the text first (its event is the message's), then one
-   * event per file (m.image, m.audio, m.video by `mimeType`, else m.file), all as the same ghost,
-   * each idempotent on its own, so a retry posts none twice. Checked against `maxAttachmentBytes`,
-   * `maxAttachments` and the homeserver's upload limit before anything is posted: see `Capabilities`.
+   * event carries one file, so the core posts the text first (its event is the message's), then
+   * one event per file (m.image, m.audio, m.video by `mimeType`, else m.file), all as the same
+   * ghost, each idempotent on its own, so a retry posts none twice. Checked against
+   * `maxAttachmentBytes`, `maxAttachments` and the homeserver's upload limit before anything is
+   * posted: see `Capabilities`.
    */
   readonly attachments?: readonly Attachment[];
   /** When the far side says it happened (ms since epoch), if it says. */
