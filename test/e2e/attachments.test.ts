@@ -143,6 +143,47 @@ describe("attachments", () => {
     }
   });
 
+  test("[spec: threading] a message with files in a thread: every part in it; its remote id maps to its text", async () => {
+    const ghost = GHOST("capped", "frank");
+    await capped.emit("files", { remoteId: "t-root", sender: { id: "frank" }, body: { text: "root" } });
+    const [root] = await waitFor(
+      "the root",
+      () => messagesOf(cappedRoom, ghost).length >= 1 && messagesOf(cappedRoom, ghost),
+    );
+    const [a] = file("a.png", "image/png", 100, 3);
+    const [b] = file("b.pdf", "application/pdf", 100, 5);
+    await capped.emit("files", {
+      remoteId: "t-files",
+      sender: { id: "frank" },
+      body: { text: "two files in the thread" },
+      attachments: [a, b],
+      thread: "t-root",
+    });
+    await capped.emit("files", {
+      remoteId: "t-answer",
+      sender: { id: "frank" },
+      body: { text: "re" },
+      replyTo: "t-files",
+    });
+    const posted = await waitFor("five events", () => {
+      const m = messagesOf(cappedRoom, ghost);
+      return m.length >= 5 && m;
+    });
+    const [, text, first, second, answer] = posted;
+    const inThread = (replyTo: string, fallingBack: boolean) => ({
+      rel_type: "m.thread",
+      event_id: root!.event_id,
+      is_falling_back: fallingBack,
+      "m.in_reply_to": { event_id: replyTo },
+    });
+    assert.deepEqual(text!.content["m.relates_to"], inThread(root!.event_id, true));
+    // Each file a fallback reply to the latest event in the thread: the part before it.
+    assert.deepEqual(first!.content["m.relates_to"], inThread(text!.event_id, true));
+    assert.deepEqual(second!.content["m.relates_to"], inThread(first!.event_id, true));
+    // An answer to the message answers its first event, the text.
+    assert.deepEqual(answer!.content["m.relates_to"], inThread(text!.event_id, false));
+  });
+
   test("a send answered with an error after the homeserver stored it, and a failed upload: retried, nothing posted twice", async () => {
     const sends = /\/rooms\/[^/]+\/send\/m\.room\.message\//;
     // The 2nd upload fails; later, the 2nd event (the first file) is stored but its answer lost.
