@@ -22,7 +22,7 @@ import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
-import { RoomDelivery, type ToMatrixJob } from "./matrix/room-delivery.js";
+import { RoomDelivery, keptWhenDelivered, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { followRoomUpgrades } from "./matrix/room-upgrade.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
@@ -91,13 +91,18 @@ export async function start({
     const metrics: Metrics | undefined = config.metrics.enabled
       ? new Metrics({ queues: () => queueStates(), connectors: () => host.states })
       : undefined;
-    const relayQueue = <T>(name: string, process: OrderedQueueOptions<T>["process"]) => {
+    const relayQueue = <T>(
+      name: string,
+      process: OrderedQueueOptions<T>["process"],
+      more?: Pick<OrderedQueueOptions<T>, "keptWhenDelivered">,
+    ) => {
       const queue = new OrderedQueue<T>({
         ...queueOptions(config, redisUrl, instanceId),
         name,
         log: moduleLogger("queue", { queue: name }),
         observe: metrics?.queueObserver(name),
         process,
+        ...more,
       });
       lifetime.onStop(() => queue.stop());
       return queue;
@@ -107,7 +112,9 @@ export async function start({
     const live = new LiveMessages(redis, prefix);
     const messages = new MessageMap(redis, prefix);
     const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages);
-    const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id));
+    const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id), {
+      keptWhenDelivered,
+    });
     // Typed by hand: the metrics above read it, which TypeScript cannot infer in a cycle.
     const host: ConnectorHost = new ConnectorHost({
       config,

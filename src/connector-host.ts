@@ -109,7 +109,7 @@ export class ConnectorHost {
           body: msg.body,
           remoteId: msg.remoteId,
         };
-        if (msg.attachment) job.attachment = msg.attachment;
+        if (msg.attachments?.length) job.attachments = msg.attachments;
         if (msg.stream !== undefined) job.stream = msg.stream;
         if (msg.replyTo !== undefined) job.replyTo = msg.replyTo;
         if (msg.thread !== undefined) job.thread = msg.thread;

@@ -70,13 +70,26 @@ export interface Capabilities {
    */
   readonly html: boolean;
   /**
-   * The far side can carry files: a file, image, audio or video posted in a room is downloaded
-   * and handed over as `OutboundMessage.attachment` (the body still names it). When false, only
-   * the body is sent, naming the file and its mxc:// URI.
+   * The far side can carry files. Out: a file, image, audio or video posted in a room is downloaded
+   * and handed over in `OutboundMessage.attachments` (the body still names it). When false, only
+   * the body is sent, naming the file and its mxc:// URI. In: `InboundMessage.attachments` are
+   * posted in the room whatever this says.
    */
   readonly attachments: boolean;
-  /** Largest file downloaded for `attachments` (default 16 MiB); a larger one fails permanently. */
+  /**
+   * Largest single file, in bytes, relayed either way; a message with a larger one fails
+   * permanently, whole (the failed list names the file and its size), never relayed without it.
+   * Out: a larger file is not downloaded (default 16 MiB). In: every attachment is checked against
+   * it before any part of the message is posted; unset, only the homeserver's upload limit applies
+   * (Synapse: `max_upload_size`, 50M by default), which fails the message the same way.
+   */
   readonly maxAttachmentBytes?: number;
+  /**
+   * Most files in one message (at least 1; unset: no limit), either way. A message with more fails
+   * permanently, whole, before any part of it is relayed. Out of rooms a message has at most one
+   * file (a Matrix event carries one); into rooms, each file becomes an event of its own.
+   */
+  readonly maxAttachments?: number;
   /** Longest text the far side accepts, in UTF-8 bytes. Longer bodies fail the job permanently. */
   readonly maxTextBytes?: number;
   /**
@@ -144,10 +157,23 @@ export interface MessageBody {
   readonly notice?: boolean;
 }
 
+/**
+ * One file of a message. Into rooms it travels inside the queued job, in Redis (measured with
+ * `bench/attachment-redis.ts`; README §Attachments): base64 makes it 4/3 of its size, so a 5 MiB
+ * file takes 7.0 MiB of Redis memory while it waits (and as much on disk in the AOF until its next
+ * rewrite), in a job of its own (over the queue's 128 KiB job size, nothing joins it); it counts in
+ * full towards `queue.maxBacklogMb`, which holds new messages at their source when reached
+ * (256 MiB: about 36 such files). Once posted its bytes are dropped (the completed job keeps name,
+ * type and size: about 1 KiB); a message that failed keeps them in the failed list, for a retry,
+ * until it is retried or pushed out by newer failures (`queue.keepFailedJobs`). Out of rooms
+ * nothing is queued: the file is downloaded when the message is delivered.
+ */
 export interface Attachment {
+  /** The name its sender gave the file (out of rooms, a Matrix client): never use it as a path. */
   readonly name: string;
+  /** e.g. "image/jpeg": into rooms it chooses m.image, m.audio, m.video or m.file. */
   readonly mimeType: string;
-  /** Base64, so the job stays JSON in Redis. */
+  /** The bytes, base64, so the job stays JSON in Redis. */
   readonly dataBase64: string;
 }
 
@@ -161,8 +187,21 @@ export interface InboundMessage {
    */
   readonly remoteId: string;
   readonly sender: RemoteSender;
+  /**
+   * With `attachments`: the message's own words, posted before the files, or "" when the files are
+   * all there is (a binary payload; a mail without text): with a blank text and no HTML that
+   * shows, only the files are posted.
+   */
   readonly body: MessageBody;
-  readonly attachment?: Attachment;
+  /**
+   * Files that came with the message (a mail's attachments, a binary payload), in order. A Matrix
+   * event carries one file, so the core posts the text first (its event is the message's), then
+   * one event per file (m.image, m.audio, m.video by `mimeType`, else m.file), all as the same
+   * ghost, each idempotent on its own, so a retry posts none twice. Checked against
+   * `maxAttachmentBytes`, `maxAttachments` and the homeserver's upload limit before anything is
+   * posted: see `Capabilities`.
+   */
+  readonly attachments?: readonly Attachment[];
   /** When the far side says it happened (ms since epoch), if it says. */
   readonly timestamp?: number;
   /**
@@ -198,7 +237,13 @@ export interface OutboundMessage {
   readonly id: string;
   readonly sender: { readonly userId: string; readonly displayName: string };
   readonly body: MessageBody;
-  readonly attachment?: Attachment;
+  /**
+   * The room message's file, downloaded, when `capabilities.attachments` and `usesAttachments` say
+   * the endpoint uses it (the body still names it). A Matrix event carries one file, so this holds
+   * one today; read it as a list. Never more than `maxAttachments` nor larger than
+   * `maxAttachmentBytes`: the core fails such a message before `send` is called.
+   */
+  readonly attachments?: readonly Attachment[];
   /** ms since epoch, from the Matrix event. */
   readonly timestamp: number;
   /**
@@ -389,7 +434,7 @@ export interface Connector<E> {
    */
   redact?(redaction: OutboundRedaction, endpoint: EndpointBinding<E>): Promise<void>;
   /**
-   * Whether messages to `endpoint` use `attachment` (when `capabilities.attachments`; default: all
+   * Whether messages to `endpoint` use `attachments` (when `capabilities.attachments`; default: all
    * endpoints). Lets the core skip downloading files that only their names reach.
    */
   usesAttachments?(endpoint: EndpointBinding<E>): boolean;

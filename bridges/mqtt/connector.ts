@@ -167,7 +167,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
           remoteId: identity.remoteId,
           sender: { id: sender },
           body: decoded.body,
-          attachment: decoded.attachment,
+          ...(decoded.attachment && { attachments: [decoded.attachment] }),
           stream: p.topic,
         });
       }),

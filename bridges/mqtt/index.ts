@@ -19,6 +19,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   capabilities: {
     html: false,
     attachments: true,
+    maxAttachments: 1, // a payload is one file
     maxTextBytes: MQTT_DEFAULTS.maxPayloadBytes,
     threads: false,
     edits: false,

@@ -3,6 +3,7 @@ import type { Attachment, MessageBody, OutboundMessage } from "../../src/connect
 import type { MqttEndpoint } from "./schema.js";
 
 export interface DecodedPayload {
+  /** A file's text is "": the file is all there is (see InboundMessage.body). */
   body: MessageBody;
   attachment?: Attachment;
   /** Set when the payload was not what the endpoint's format expects (logged by the caller). */
@@ -38,7 +39,7 @@ function asFile(topic: string, payload: Uint8Array, notice: boolean): DecodedPay
   const { mimeType, ext } = fileTypeOf(payload);
   const name = `${topic.replaceAll("/", "_")}.${ext}`;
   return {
-    body: { text: `${name} (${payload.byteLength} bytes)`, notice },
+    body: { text: "", notice },
     attachment: { name, mimeType, dataBase64: Buffer.from(payload).toString("base64") },
   };
 }
@@ -105,8 +106,9 @@ export function encodePayload(message: OutboundMessage, ep: MqttEndpoint): Buffe
         "utf8",
       );
     case "binary":
-      return message.attachment
-        ? Buffer.from(message.attachment.dataBase64, "base64")
+      // One file at most (`maxAttachments: 1`): a payload is one file.
+      return message.attachments?.[0]
+        ? Buffer.from(message.attachments[0].dataBase64, "base64")
         : Buffer.from(message.body.text, "utf8");
   }
 }

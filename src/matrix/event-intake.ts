@@ -3,7 +3,7 @@
  * membership knowledge current, and enqueues each new room message once per outbound endpoint.
  */
 import type { Redis } from "ioredis";
-import type { Attachment, Capabilities, OutboundMessage } from "../connector.js";
+import type { Capabilities, OutboundMessage } from "../connector.js";
 import { PermanentError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
@@ -11,6 +11,7 @@ import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
+import { downloadAttachments } from "./attachments.js";
 import { fromMatrixContent } from "./format.js";
 import { relationsOf } from "./relations.js";
 import { isCommand, type Commands } from "./commands.js";
@@ -184,9 +185,6 @@ export class EventIntake {
   }
 }
 
-const MEDIA_MSGTYPES = new Set(["m.file", "m.image", "m.audio", "m.video"]);
-const DEFAULT_MAX_ATTACHMENT_BYTES = 16 * 1024 * 1024;
-
 /**
  * Renders a queued room message for the far side, with the sender's current display name, and
  * the file itself when it is a media message and the endpoint takes files.
@@ -195,7 +193,10 @@ export async function renderOutbound(
   matrix: MatrixClient,
   job: ToRemoteJob,
   id: string,
-  limits: Pick<Capabilities, "html" | "attachments" | "maxAttachmentBytes" | "maxTextBytes">,
+  limits: Pick<
+    Capabilities,
+    "html" | "attachments" | "maxAttachmentBytes" | "maxAttachments" | "maxTextBytes"
+  >,
 ): Promise<OutboundMessage> {
   const displayName = await matrix.displayName(job.roomId, job.sender);
   const body = fromMatrixContent(job.content, displayName, { html: limits.html });
@@ -204,18 +205,9 @@ export async function renderOutbound(
   if (limits.maxTextBytes !== undefined && textBytes > limits.maxTextBytes)
     throw new PermanentError(`text of ${textBytes} bytes; the far side takes at most ${limits.maxTextBytes}`);
   const message = { id, sender: { userId: job.sender, displayName }, body, timestamp: job.timestamp };
-  const { msgtype, url, info, filename } = job.content;
-  if (!limits.attachments || !MEDIA_MSGTYPES.has(String(msgtype)) || typeof url !== "string") return message;
-  const max = limits.maxAttachmentBytes ?? DEFAULT_MAX_ATTACHMENT_BYTES;
-  const { data, mimeType } = await matrix.download(url, max);
-  const declaredType = (info as { mimetype?: unknown } | undefined)?.mimetype;
-  const attachment: Attachment = {
-    // `filename` is set when `body` is a caption (Client-Server API §m.file, v1.10).
-    name: String(typeof filename === "string" ? filename : (job.content.body ?? "file")),
-    mimeType: typeof declaredType === "string" ? declaredType : (mimeType ?? "application/octet-stream"),
-    dataBase64: data.toString("base64"),
-  };
-  return { ...message, attachment };
+  if (!limits.attachments) return message;
+  const attachments = await downloadAttachments(matrix, job.content, limits);
+  return attachments.length > 0 ? { ...message, attachments } : message;
 }
 
 function isObject(v: unknown): v is Record<string, unknown> {

@@ -1,5 +1,6 @@
 /** Message bodies ⇄ Matrix `m.room.message` content. */
 import type { MessageBody } from "../connector.js";
+import { fileMsgtype } from "./attachments.js";
 import { sanitizeMatrixHtml } from "./html.js";
 
 /** `format` of a `formatted_body` in HTML (Client-Server API §m.room.message msgtypes). */
@@ -76,15 +77,15 @@ export function replacementContent(
   };
 }
 
+/** A file event (Client-Server API §m.file, §m.image, §m.audio, §m.video), its msgtype by MIME type. */
 export function fileContent(
   name: string,
   mimeType: string,
   size: number,
   mxc: string,
 ): Record<string, unknown> {
-  const image = mimeType.startsWith("image/");
   return {
-    msgtype: image ? "m.image" : "m.file",
+    msgtype: fileMsgtype(mimeType),
     body: name,
     filename: name,
     url: mxc,

@@ -54,10 +54,8 @@ export class RemoteDelivery {
   private async send({ def, instance, binding, messages }: Target, job: ToRemoteJob, id: string) {
     const withFiles = def.capabilities.attachments && (instance.usesAttachments?.(binding) ?? true);
     const rendered = await renderOutbound(this.matrix, job, id, {
-      html: def.capabilities.html,
+      ...def.capabilities,
       attachments: withFiles,
-      maxAttachmentBytes: def.capabilities.maxAttachmentBytes,
-      maxTextBytes: def.capabilities.maxTextBytes,
     });
     // Resolved now, not when the event came in: what it answers may have been relayed just before
     // (the queue keeps the room's order, so that send is done).

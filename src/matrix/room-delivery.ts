@@ -1,12 +1,14 @@
 /**
- * Queue → Matrix: posts a remote message in its route's room as the sender's ghost. One call per
- * queued item; the item id is the transaction id, so a repeat cannot post twice.
+ * Queue → Matrix: posts a remote message in its route's room as the sender's ghost: its text, then
+ * one event per attachment. One call per queued item; each event's transaction id is derived from
+ * the item id, so a repeat cannot post any of them twice.
  */
 import { BoundedCache } from "../bounded-cache.js";
 import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.js";
 import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
 import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
+import { aboutFile, attachmentBytes, checkAttachments } from "./attachments.js";
 import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
 import type { LiveMessages } from "./live-messages.js";
@@ -20,7 +22,12 @@ export interface ToMatrixJob {
   account: string;
   sender: { id: string; displayName?: string };
   body: MessageBody;
+  /** See InboundMessage.attachments: each travels base64 in the job (what that costs: README). */
+  attachments?: readonly Attachment[];
+  /** One file that was the whole message, as versions before `attachments` queued it (still read). */
   attachment?: Attachment;
+  /** In a completed job, in place of its files: what they were, without their bytes. */
+  delivered?: { name: string; mimeType: string; bytes: number }[];
   /** See InboundMessage.stream. */
   stream?: string;
   /** See InboundMessage.remoteId; absent in items queued by tribridge 0.1 (then not remembered). */
@@ -29,6 +36,32 @@ export interface ToMatrixJob {
   replyTo?: string;
   /** See InboundMessage.thread. */
   thread?: string;
+}
+
+/**
+ * The transaction id of a message's `n`-th event (its text, then one per file): the item's id for
+ * the first (as before messages had several), `<item>-<n>` after it, so that a repeat after a
+ * crash between two of them posts none twice.
+ */
+function partTxnId(itemId: string, n: number): string {
+  return n === 0 ? itemId : `${itemId}-${n}`;
+}
+
+function filesOf(job: ToMatrixJob): readonly Attachment[] {
+  return job.attachments ?? (job.attachment ? [job.attachment] : []);
+}
+
+/**
+ * What a completed job keeps of a delivered item (OrderedQueue's `keptWhenDelivered`): its files'
+ * names, types and sizes, not their bytes, which `queue.keepCompletedJobs` per shard would
+ * otherwise hold in Redis long after they are in the homeserver's media repository.
+ */
+export function keptWhenDelivered(job: ToMatrixJob): ToMatrixJob | undefined {
+  const files = filesOf(job);
+  if (files.length === 0) return undefined;
+  const { attachments: _files, attachment: _file, ...rest } = job;
+  const delivered = files.map((f) => ({ name: f.name, mimeType: f.mimeType, bytes: attachmentBytes(f) }));
+  return { ...rest, delivered };
 }
 
 /**
@@ -106,9 +139,18 @@ export class RoomDelivery {
   }
 
   async deliver(job: ToMatrixJob, txnId: string): Promise<void> {
+    if (job.delivered)
+      throw new PermanentError("a completed job's record, without its files: delivered before");
     const found = this.routes.queuedInbound(job.endpointId, job);
     const tag = this.ghostTags.get(job.connector);
     if (!tag) throw new PermanentError(`connector ${job.connector} is not installed`);
+    const files = filesOf(job);
+    // Before anything is posted: a message is relayed whole or not at all.
+    checkAttachments(
+      files.map((f) => ({ name: f.name, bytes: attachmentBytes(f) })),
+      this.definitions.get(job.connector)?.capabilities ?? {},
+      `the ${job.connector} connector`,
+    );
     const roomId = await this.roomIdFor(found.route.id);
     const sender = {
       userId: this.ghostIds.get(`${tag}\u0000${job.account}\u0000${job.sender.id}`, () =>
@@ -116,28 +158,40 @@ export class RoomDelivery {
       ),
       displayName: displayNameOf(job.sender.displayName ?? job.sender.id),
     };
-    const attachment = job.attachment ?? this.textAsFile(job, found.endpoint.live);
     // Text and HTML within what textAsFile allows the text alone: an edit carries both twice.
-    let content = toMatrixContent(job.body, found.endpoint.live ? MAX_TEXT_BYTES / 2 : MAX_TEXT_BYTES);
-    if (attachment) {
-      const data = Buffer.from(attachment.dataBase64, "base64");
-      const mxc = await this.matrix.upload(sender, data, attachment.name, attachment.mimeType);
-      content = fileContent(attachment.name, attachment.mimeType, data.byteLength, mxc);
+    const text = toMatrixContent(job.body, found.endpoint.live ? MAX_TEXT_BYTES / 2 : MAX_TEXT_BYTES);
+    // The text first, unless the files are all there is: nothing said (an MQTT binary payload), or
+    // an item of an earlier version with `attachment`, which was its file alone.
+    const withText = files.length === 0 || (!job.attachment && String(text.body).trim() !== "");
+    const textFile = withText ? this.textAsFile(job, found.endpoint.live) : undefined;
+    // All files are uploaded before any event is sent: one the homeserver refuses (413 M_TOO_LARGE
+    // over its upload limit) fails the message with nothing of it in the room.
+    const contents: Record<string, unknown>[] = [];
+    if (withText && !textFile) contents.push(text);
+    for (const file of textFile ? [textFile, ...files] : files) {
+      const data = Buffer.from(file.dataBase64, "base64");
+      try {
+        const mxc = await this.matrix.upload(sender, data, file.name, file.mimeType);
+        contents.push(fileContent(file.name, file.mimeType, data.byteLength, mxc));
+      } catch (err) {
+        throw aboutFile(file.name, data.byteLength, err);
+      }
     }
     // A live endpoint's stream keeps one message per room, edited with each reading (see
     // LiveMessages); after a room upgrade the stream starts over in the new room.
     const stream = found.endpoint.live
       ? { roomId, endpointId: found.endpoint.id, senderId: job.sender.id, stream: job.stream ?? "" }
       : undefined;
-    if (!stream) return this.post(job, sender, roomId, content, txnId);
-    const original = await this.live.current(stream);
+    if (!stream) return this.post(job, sender, roomId, contents, txnId);
+    // A reading with several parts (a text and files, say) cannot be one edit: it is posted anew.
+    const original = contents.length === 1 && (await this.live.current(stream));
     if (original) {
       try {
         await this.matrix.sendAs(
           sender,
           roomId,
           "m.room.message",
-          replacementContent(original, content),
+          replacementContent(original, contents[0]!),
           txnId,
         );
         return;
@@ -149,19 +203,30 @@ export class RoomDelivery {
         txnId = `${txnId}-new`;
       }
     }
-    const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
-    await this.live.remember(stream, eventId);
+    let first: string | undefined;
+    for (const [n, content] of contents.entries()) {
+      const eventId = await this.matrix.sendAs(
+        sender,
+        roomId,
+        "m.room.message",
+        content,
+        partTxnId(txnId, n),
+      );
+      first ??= eventId;
+    }
+    await this.live.remember(stream, first!);
   }
 
   /**
    * Posts a message of an endpoint that is not live: as a reply, in a thread, when it refers to
-   * messages the map knows; then remembers which event it is.
+   * messages the map knows; then remembers which event it is: the first (its text, else its first
+   * file), the one a remote id maps to. The parts after it follow, in the same thread if any.
    */
   private async post(
     job: ToMatrixJob,
     sender: { userId: string; displayName: string },
     roomId: string,
-    content: Record<string, unknown>,
+    contents: readonly Record<string, unknown>[],
     txnId: string,
   ): Promise<void> {
     const messages = this.messagesOf(job);
@@ -170,6 +235,7 @@ export class RoomDelivery {
         ? []
         : await messages.eventsIn(roomId, [job.replyTo, job.thread]);
     const relation = inboundRelation(reply, conversation);
+    const [content, ...parts] = contents as [Record<string, unknown>, ...Record<string, unknown>[]];
     let eventId: string;
     let threadRoot = relation?.threadRoot;
     if (!relation) eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
@@ -188,6 +254,21 @@ export class RoomDelivery {
         eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", plain, `${txnId}-plain`);
         threadRoot = undefined;
       }
+    }
+    // The parts after it, in the same thread, each a fallback reply to the one before (§Threading:
+    // to the latest event in the thread), as a client posts several files into a thread.
+    let previous = eventId;
+    for (const [i, part] of parts.entries()) {
+      const inThread = threadRoot !== undefined && {
+        "m.relates_to": {
+          rel_type: "m.thread",
+          event_id: threadRoot,
+          is_falling_back: true,
+          "m.in_reply_to": { event_id: previous },
+        },
+      };
+      const posted = inThread ? { ...part, ...inThread } : part;
+      previous = await this.matrix.sendAs(sender, roomId, "m.room.message", posted, partTxnId(txnId, i + 1));
     }
     if (job.remoteId !== undefined) await messages.received(job.remoteId, roomId, eventId, threadRoot);
   }

@@ -60,6 +60,12 @@ export interface OrderedQueueOptions<T> {
   process(data: T, info: { id: string; attempt: number }): Promise<void>;
   /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
   observe?: QueueObserver;
+  /**
+   * What a completed job keeps of a delivered item, when less than all of it (undefined: all).
+   * Completed jobs are kept for inspection (`keepCompleted` per shard): without this, an item's
+   * bulk (an attachment's bytes) would stay in Redis with them.
+   */
+  keptWhenDelivered?(data: T): T | undefined;
 }
 
 export interface QueueObserver {
@@ -528,7 +534,7 @@ export class OrderedQueue<T> {
       }),
     );
     const failure = results.find((r) => r.status === "rejected");
-    if (!failure) return;
+    if (!failure) return this.slimDelivered(job, items);
     if (signal.aborted) {
       // Stopping, or the lease lost, mid-batch: keep what was delivered, and put the job back at
       // the head of its shard. Already moved by the instance that took the lease over: nothing to do.
@@ -537,6 +543,30 @@ export class OrderedQueue<T> {
       throw new WaitingError();
     }
     throw failure.reason;
+  }
+
+  /**
+   * Rewrites a delivered batch as `keptWhenDelivered` says, before BullMQ keeps it as completed.
+   * Every item is recorded as delivered first: a crash between the two writes re-runs the job
+   * without delivering anything again (never a slimmed item). A failure only costs the memory.
+   */
+  private async slimDelivered(job: Job, items: QueueItem<T>[]): Promise<void> {
+    const keep = this.opts.keptWhenDelivered;
+    if (!keep) return;
+    let slimmed = false;
+    const kept = items.map((item) => {
+      const data = keep(item.data);
+      if (data === undefined) return item;
+      slimmed = true;
+      return { ...item, data };
+    });
+    if (!slimmed) return;
+    try {
+      await job.updateProgress({ done: items.map((_, index) => index) });
+      await job.updateData({ items: kept } satisfies BatchData<T>);
+    } catch (err) {
+      this.opts.log.warn({ jobId: job.id, err: errorMessage(err) }, "delivered batch kept whole");
+    }
   }
 
   private async deliver(item: QueueItem<T>, signal: AbortSignal): Promise<void> {

@@ -6,7 +6,7 @@ import { connectors as installedConnectors } from "../../bridges/index.js";
 import type { ConnectorDefinition } from "../../src/connector.js";
 import { validateConfig, type Config } from "../../src/config/load.js";
 import { buildRegistration, type Registration } from "../../src/matrix/registration.js";
-import { TestHomeserver } from "./test-homeserver.js";
+import { TestHomeserver, type TestHomeserverOptions } from "./test-homeserver.js";
 
 export const REDIS_URL = process.env.TRIBRIDGE_TEST_REDIS ?? "redis://127.0.0.1:6379";
 export const SERVER_NAME = "test.local";
@@ -44,6 +44,8 @@ export async function harness(raw: {
   metrics?: Record<string, unknown>;
   /** The connectors the config is validated against (default: the installed ones). */
   connectors?: readonly ConnectorDefinition[];
+  /** Settings of the test homeserver (e.g. its upload limit). */
+  homeserver?: Pick<TestHomeserverOptions, "maxUploadBytes">;
 }): Promise<Harness> {
   const connectors = raw.connectors ?? installedConnectors;
   const asPort = await freePort();
@@ -68,6 +70,7 @@ export async function harness(raw: {
     registration,
     serverName: SERVER_NAME,
     retry: { initialDelayMs: 50, maxDelayMs: 1000 },
+    ...raw.homeserver,
   });
   const { url } = await hs.start();
   const rawConfig = { ...base, homeserver: { url, domain: SERVER_NAME } };

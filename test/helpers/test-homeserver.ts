@@ -48,6 +48,31 @@ export interface TestHomeserverOptions {
   maxEventsPerTransaction?: number;
   /** Time after which a push/query request to the appservice is abandoned (counts as a network error). Default 30000. */
   pushTimeoutMs?: number;
+  /** Largest upload to the content repository (Synapse `max_upload_size`, default 50M); larger → 413 M_TOO_LARGE. */
+  maxUploadBytes?: number;
+}
+
+/**
+ * A failure the next matching client requests meet (`failRequests`): what a homeserver under load,
+ * or a proxy in front of it, answers now and then.
+ */
+export interface RequestFault {
+  method?: string;
+  /** Tested against the request path (without its query string). */
+  path: RegExp;
+  /** Matching requests let through before the fault strikes. Default 0. */
+  skip?: number;
+  /** How many matching requests fail, after `skip`. Default 1. */
+  times?: number;
+  /** Default 500 M_UNKNOWN. */
+  status?: number;
+  errcode?: string;
+  /**
+   * "before" (default): refused, nothing done. "after": done (the event stored, the upload kept), and
+   * then answered with the error, as when a proxy gives up on a response, or the connection drops,
+   * after the homeserver did the work: the client cannot tell, and must retry idempotently.
+   */
+  when?: "before" | "after";
 }
 
 export interface RecordedEvent {
@@ -317,6 +342,7 @@ export class TestHomeserver {
   private readonly waiters = new Set<{ check: () => boolean }>();
 
   private readonly requestLog: RequestLogEntry[] = [];
+  private readonly faults: (RequestFault & { skipped: number; failed: number })[] = [];
   private readonly pushLog: PushAttempt[] = [];
 
   // AS API §Pushing events state.
@@ -342,6 +368,7 @@ export class TestHomeserver {
       authMode: opts.authMode ?? "header",
       maxEventsPerTransaction: opts.maxEventsPerTransaction ?? 100,
       pushTimeoutMs: opts.pushTimeoutMs ?? 30_000,
+      maxUploadBytes: opts.maxUploadBytes ?? MAX_UPLOAD_BYTES,
       initialDelayMs: opts.retry?.initialDelayMs ?? 200,
       maxDelayMs: opts.retry?.maxDelayMs ?? 8000,
     };
@@ -647,6 +674,26 @@ export class TestHomeserver {
   resumePush(): void {
     this.paused = false;
     this.schedulePump();
+  }
+
+  /** The next client requests matching `fault` fail as it says (see RequestFault). */
+  failRequests(fault: RequestFault): void {
+    this.faults.push({ ...fault, skipped: 0, failed: 0 });
+  }
+
+  /** The fault the request meets now, if any (counted as met). */
+  private faultFor(method: string, path: string, when: "before" | "after"): MatrixError | undefined {
+    const f = this.faults.find(
+      (f) =>
+        (f.when ?? "before") === when && (f.method === undefined || f.method === method) && f.path.test(path),
+    );
+    if (!f) return undefined;
+    if (f.skipped < (f.skip ?? 0)) {
+      f.skipped++;
+      return undefined;
+    }
+    if (++f.failed >= (f.times ?? 1)) this.faults.splice(this.faults.indexOf(f), 1);
+    return err(f.status ?? 500, f.errcode ?? "M_UNKNOWN", "injected fault");
   }
 
   /** Next *new* transaction gets this id (simulates Synapse restarting its counter at 1). */
@@ -1394,7 +1441,7 @@ export class TestHomeserver {
       segs,
       auth,
       body,
-      maxBody: body === "raw" ? MAX_UPLOAD_BYTES : MAX_JSON_BODY,
+      maxBody: body === "raw" ? this.opts.maxUploadBytes : MAX_JSON_BODY,
       allowEmptyLast: pattern.endsWith(":stateKey"),
       handler,
     });
@@ -1466,8 +1513,12 @@ export class TestHomeserver {
         log.userId = requester.userId;
       }
       const ctx: Ctx = { req, path, params, query, token, requester, body, raw };
+      const before = this.faultFor(method, path, "before");
+      if (before) throw before;
       const reply = await route.handler(ctx);
       if (ctx.requester) log.userId = ctx.requester.userId;
+      const after = this.faultFor(method, path, "after");
+      if (after) throw after;
       this.send(res, reply, log);
     } catch (e) {
       const me =
@@ -1990,7 +2041,7 @@ export class TestHomeserver {
       return ok({ content_uri: `mxc://${this.serverName}/${id}` });
     };
     r("POST", "/_matrix/media/{mv}/upload", "user", "raw", upload);
-    const config = (): Reply => ok({ "m.upload.size": MAX_UPLOAD_BYTES });
+    const config = (): Reply => ok({ "m.upload.size": this.opts.maxUploadBytes });
     r("GET", "/_matrix/media/{mv}/config", "user", "none", config);
     r("GET", "/_matrix/client/v1/media/config", "user", "none", config);
     const download = (ctx: Ctx): Reply => {

@@ -97,7 +97,7 @@ test("[spec: user and room mentions] remote HTML mentions nobody: user links bec
   assert.equal(c.formatted_body, "@room <span>Alice</span>");
 });
 
-test("fileContent: images are m.image, other files m.file, with mentions {}", () => {
+test("fileContent: images are m.image, audio m.audio, video m.video, other files m.file, with mentions {}", () => {
   assert.deepEqual(fileContent("a.png", "image/png", 10, "mxc://hs/abc"), {
     msgtype: "m.image",
     body: "a.png",
@@ -107,6 +107,8 @@ test("fileContent: images are m.image, other files m.file, with mentions {}", ()
     "m.mentions": {},
   });
   assert.equal(fileContent("a.bin", "application/octet-stream", 1, "mxc://hs/x").msgtype, "m.file");
+  assert.equal(fileContent("a.ogg", "audio/ogg", 1, "mxc://hs/x").msgtype, "m.audio");
+  assert.equal(fileContent("a.mp4", "video/mp4", 1, "mxc://hs/x").msgtype, "m.video");
 });
 
 test("[spec: event replacements] an edit carries the formatted body in m.new_content, with a * fallback", () => {

@@ -39,7 +39,7 @@ test("text: an empty payload is an empty text", () => {
 test("text: invalid UTF-8 becomes a file attachment with a problem", () => {
   const d = decodePayload("home/kitchen/temp", notUtf8, ep({ format: "text" }));
   assert.equal(d.problem, "payload is not UTF-8 text");
-  assert.deepEqual(d.body, { text: "home_kitchen_temp.bin (5 bytes)", notice: true });
+  assert.deepEqual(d.body, { text: "", notice: true }); // the file is all there is
   assert.deepEqual(d.attachment, {
     name: "home_kitchen_temp.bin",
     mimeType: "application/octet-stream",
@@ -52,7 +52,7 @@ test("text: invalid UTF-8 becomes a file attachment with a problem", () => {
 test("binary: always a file attachment, without a problem, even when the bytes are text", () => {
   const d = decodePayload("cam/front/snapshot", bytes("hello"), ep({ format: "binary", notice: false }));
   assert.equal(d.problem, undefined);
-  assert.deepEqual(d.body, { text: "cam_front_snapshot.bin (5 bytes)", notice: false });
+  assert.deepEqual(d.body, { text: "", notice: false });
   assert.equal(d.attachment?.name, "cam_front_snapshot.bin");
   assert.equal(d.attachment?.mimeType, "application/octet-stream");
   assert.equal(Buffer.from(d.attachment!.dataBase64, "base64").toString("utf8"), "hello");
@@ -186,7 +186,7 @@ test("encode binary: the attachment's bytes when there is one", () => {
     {
       ...message,
       body: { text: "photo.jpg" },
-      attachment: { name: "photo.jpg", mimeType: "image/jpeg", dataBase64: data.toString("base64") },
+      attachments: [{ name: "photo.jpg", mimeType: "image/jpeg", dataBase64: data.toString("base64") }],
     },
     ep({ format: "binary" }),
   );

@@ -371,6 +371,39 @@ test("an identical batch added again (e.g. a replayed transaction) is stored and
   assert.deepEqual(delivered.slice(2), ["x1", "x3"]);
 });
 
+test("keptWhenDelivered: a completed job keeps what it says of its items, recorded as all delivered", async (t) => {
+  const s = scope(t);
+  const delivered: string[] = [];
+  const q = s.make<{ text: string; bulk?: string }>(
+    async (data) => {
+      delivered.push(data.text);
+    },
+    { keptWhenDelivered: (data) => (data.bulk === undefined ? undefined : { text: data.text }) },
+  );
+  await Promise.all([
+    q.add("A", "x1", { text: "one", bulk: "x".repeat(1000) }),
+    q.add("A", "x2", { text: "two" }),
+  ]);
+  await q.start();
+  await waitFor("delivery", () => delivered.length >= 2);
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
+  const shard = new Queue("q-0", { connection: redis, prefix: s.prefix });
+  s.onCleanup(async () => {
+    await shard.close();
+    redis.disconnect();
+  });
+  const [job] = await waitFor("the completed job", async () => {
+    const jobs = await shard.getCompleted();
+    return jobs.length > 0 && jobs;
+  });
+  assert.deepEqual(
+    job!.data.items.map((i: { data: unknown }) => i.data),
+    [{ text: "one" }, { text: "two" }],
+  );
+  assert.deepEqual(job!.progress, { done: [0, 1] });
+  assert.deepEqual(delivered, ["one", "two"]);
+});
+
 test("dedupe of an identical batch lasts only as long as its completed job is kept", async (t) => {
   const s = scope(t);
   const delivered: string[] = [];
