@@ -18,6 +18,7 @@ import redisPersistence from "aedes-persistence-redis";
 import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
+import { guardMalformedPackets } from "./malformed-packet-guard.js";
 import { PACKET_OVERHEAD_BYTES, guardPacketSize } from "./packet-size-guard.js";
 import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
@@ -163,9 +164,15 @@ export class EmbeddedBroker {
     broker.publish = skipping as Aedes["publish"];
   }
 
-  /** Hands a connection to aedes, closing it should a packet announce more than the size limit. */
+  /** Hands a connection to aedes, closing it on a malformed packet or one larger than the size limit. */
   private handle(broker: Aedes, stream: Duplex, req?: IncomingMessage): void {
-    broker.handle(stream, req);
+    const client = broker.handle(stream, req);
+    guardMalformedPackets(client, (problem, packet) =>
+      this.log.warn(
+        { clientId: client.id ?? undefined, packet, problem },
+        "mqtt connection closed: malformed packet",
+      ),
+    );
     const max = this.config.maxPayloadBytes + PACKET_OVERHEAD_BYTES;
     guardPacketSize(stream, max, (declared) =>
       this.log.warn(

@@ -16,6 +16,7 @@ import { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
+import { RawClient, connect as connectPacket, publish, subscribe, unsubscribe } from "../helpers/mqtt-raw.js";
 
 const root = new URL("../../", import.meta.url);
 const manifest = JSON.parse(readFileSync(new URL("package.json", root), "utf8")) as {
@@ -331,6 +332,73 @@ describe("aedes and aedes-persistence-redis: what bridges/mqtt/embedded-broker.t
         "aedes",
         "the will sweep (authorizePublish with no client, the will with clientId and brokerId)",
         `${BROKER} authorizePublish`,
+      ),
+    );
+  });
+
+  test("each connection is parsed by client._parser (mqtt-packet): _parseString reads every string at _list[_pos], _parsePayload a whole packet, and _emitError there keeps it from aedes", async () => {
+    const GUARD = "bridges/mqtt/malformed-packet-guard.ts";
+    const { broker, port } = await run({});
+    type Parser = {
+      _list: { slice(start: number, end: number): Buffer };
+      _pos: number;
+      packet: { cmd: string };
+      error: Error | null;
+      _parseString(...args: unknown[]): string | null;
+      _parsePayload(...args: unknown[]): boolean;
+      _emitError(err: Error): void;
+    };
+    const strings: string[] = [];
+    const handle = broker.handle;
+    broker.handle = (conn, req) => {
+      const client = handle(conn, req);
+      const parser = (client as unknown as { _parser?: Parser })._parser;
+      assert.ok(
+        parser && typeof parser._parseString === "function" && typeof parser._parsePayload === "function",
+        changed("aedes", "client._parser (or mqtt-packet its Parser methods)", GUARD),
+      );
+      const { _parseString: parseString, _parsePayload: parsePayload } = parser;
+      parser._parseString = function (this: Parser, ...args) {
+        const at = this._pos;
+        const decoded = parseString.apply(this, args);
+        const raw = this._list.slice(at + 2, this._pos).toString("utf8");
+        strings.push(`${this.packet.cmd} ${raw}${decoded === raw ? "" : ` (decoded ${decoded})`}`);
+        return decoded;
+      };
+      parser._parsePayload = function (this: Parser, ...args) {
+        const parsed = parsePayload.apply(this, args);
+        if (parsed && this.packet.cmd === "unsubscribe") this._emitError(new Error("refused"));
+        return parsed;
+      };
+      return client;
+    };
+    const raw = await RawClient.open(port);
+    const fields = { clientId: "dev-s", will: { topic: "w/t" }, username: "user", password: "secret" };
+    raw.send(connectPacket(fields));
+    await raw.reply(4);
+    raw.send(subscribe(1, "s/+"), publish("p/t", "payload", 1, 2));
+    await raw.reply(4 + 5 + 4);
+    raw.send(unsubscribe(3, "s/+"));
+    await raw.waitClosed().catch(() => undefined);
+    assert.deepEqual(
+      strings,
+      [
+        "connect MQTT",
+        "connect dev-s",
+        "connect w/t",
+        "connect user",
+        "subscribe s/+",
+        "publish p/t",
+        "unsubscribe s/+",
+      ],
+      changed("mqtt-packet", "which strings _parseString reads, or where (_list, _pos)", GUARD),
+    );
+    assert.ok(
+      raw.closed && raw.received.length === 4 + 5 + 4,
+      changed(
+        "aedes",
+        "(or its mqtt-packet) what an _emitError in _parsePayload does (the packet still reached aedes, or the connection stayed open)",
+        GUARD,
       ),
     );
   });
