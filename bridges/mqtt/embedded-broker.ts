@@ -13,7 +13,14 @@ import { createServer as createHttpServer, type IncomingMessage, type Server as 
 import type { Duplex } from "node:stream";
 import { timingSafeEqual, createHash } from "node:crypto";
 import type { EventEmitter } from "node:events";
-import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from "aedes";
+import {
+  Aedes,
+  type AuthenticateError,
+  type Client,
+  type ConnectPacket,
+  type PublishPacket,
+  type Subscription,
+} from "aedes";
 import redisPersistence from "aedes-persistence-redis";
 import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
@@ -114,6 +121,7 @@ export class EmbeddedBroker {
     const broker = await Aedes.createBroker({
       persistence,
       preConnect: (client, packet, done) => {
+        this.refuseUnsupportedProtocol(packet);
         // [MQTT-3.1.3-8] no client id, no session to resume: refused in authenticate (CONNACK 2)
         if (packet.clientId === "" && !packet.clean) this.unidentified.add(client);
         done(null, true);
@@ -147,6 +155,22 @@ export class EmbeddedBroker {
       await this.stop();
       throw err;
     }
+  }
+
+  /**
+   * [MQTT-3.1.2-2] a protocol level this MQTT 3.1.1 broker does not speak (MQTT 5 is level 5) gets
+   * CONNACK 0x01 "unacceptable protocol version" and the connection is closed: aedes does both,
+   * right after this hook. The log says what to do about it.
+   */
+  private refuseUnsupportedProtocol(packet: ConnectPacket): void {
+    const level = packet.protocolVersion;
+    if (level === 3 || level === 4) return;
+    this.log.warn(
+      { clientId: packet.clientId, protocolLevel: level },
+      level === 5
+        ? "mqtt connect refused: the embedded broker speaks MQTT 3.1.1, not MQTT 5; connect the device with MQTT 3.1.1 (protocol version 4), or run an external broker that speaks MQTT 5 (e.g. Mosquitto) and give this account its url instead of embedded"
+        : "mqtt connect refused: unsupported protocol level; the embedded broker speaks MQTT 3.1.1 (protocol version 4) and 3.1",
+    );
   }
 
   /**

@@ -163,6 +163,17 @@ describe("embedded broker: MQTT 3.1.1 conformance", () => {
     await raw.waitClosed();
     assert.deepEqual(raw.received, connack(0, 0));
   });
+
+  test("[MQTT-3.1.2-2] an MQTT 5 CONNECT gets CONNACK 0x01 (unacceptable protocol version), is closed, and the log says to use an external broker", async () => {
+    const raw = await open();
+    raw.send(connect({ clientId: "v5-device", protocolLevel: 5 }));
+    await raw.waitClosed();
+    assert.deepEqual(raw.received, connack(0, 1));
+    const line = lines.find((l) => l.clientId === "v5-device" && l.level >= 40);
+    assert.ok(line, "a warning names the client");
+    assert.match(line.msg, /MQTT 5/);
+    assert.match(line.msg, /external broker/);
+  });
 });
 
 /** How many `command` calls Redis refused (wrong arity and the like), from INFO commandstats. */
