@@ -29,6 +29,7 @@ import { guardMalformedPackets } from "./malformed-packet-guard.js";
 import { PACKET_OVERHEAD_BYTES, guardPacketSize } from "./packet-size-guard.js";
 import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
+import { SessionPresence } from "./session-presence.js";
 import { filterCovers, topicFilterProblem, topicMatches, topicNameProblem } from "./topic.js";
 
 export interface IncomingPublish extends Publish {
@@ -50,6 +51,7 @@ function sameSecret(a: string, b: Buffer): boolean {
 }
 
 const SYS_PREFIX = "$SYS";
+/** How long a client id stays its user's, and a session without subscriptions is kept, after the last CONNECT. */
 const CLIENT_OWNER_TTL_SEC = 30 * 24 * 3600;
 /** Atomic, so two users connecting with one client id at once cannot both claim it (see claimClientId). */
 const CLAIM_CLIENT_ID = `
@@ -91,6 +93,7 @@ export class EmbeddedBroker {
   private readonly usersByClient = new WeakMap<Client, User | undefined>();
   private readonly anonymous: boolean;
   private persistenceConnection: Redis | undefined;
+  private sessions: SessionPresence | undefined;
   /** Clients that sent an empty client id but asked to resume a session. */
   private readonly unidentified = new WeakSet<Client>();
   /** Publishes authorizePublish acknowledged without passing them on. */
@@ -118,6 +121,7 @@ export class EmbeddedBroker {
     // Retained messages, wills and the sessions/offline queues of devices survive restarts in Redis.
     this.persistenceConnection = redisConnection(this.redis);
     const persistence = redisPersistence({ conn: this.persistenceConnection });
+    this.sessions = new SessionPresence(this.persistenceConnection, CLIENT_OWNER_TTL_SEC);
     const broker = await Aedes.createBroker({
       persistence,
       preConnect: (client, packet, done) => {
@@ -136,6 +140,7 @@ export class EmbeddedBroker {
       connectTimeout: 30_000,
     });
     this.broker = broker;
+    this.sessions.attach(broker);
     broker.on("clientError", (client: Client, err: Error) =>
       this.log.info({ clientId: client.id, err: err.message }, "mqtt client error"),
     );
@@ -329,6 +334,7 @@ export class EmbeddedBroker {
   /**
    * A will must be publishable by its client, checked at CONNECT: a will that a previous run stored
    * is published with no client (and so no ACL) to check it against. Connecting voids such a will.
+   * An admitted client's session is recorded for its CONNACK (see session-presence.ts).
    */
   private admit(
     client: Client,
@@ -342,8 +348,24 @@ export class EmbeddedBroker {
       );
       return done(authError("will topic not allowed", 5), false);
     }
-    this.staleWills.delete(client.id);
-    done(null, true);
+    this.sessions!.open(client).then(
+      () => {
+        this.staleWills.delete(client.id);
+        done(null, true);
+      },
+      (err: unknown) => {
+        this.log.warn(
+          { clientId: client.id, err: (err as Error).message },
+          "mqtt connect refused: store unavailable",
+        );
+        done(authError("server unavailable", 3), false);
+      },
+    );
+  }
+
+  /** Whether `client`'s CONNACK said its session was there [MQTT-3.2.2-2]. */
+  sessionResumed(client: Client): boolean {
+    return this.sessions?.resumed(client) ?? false;
   }
 
   private mayReceive(client: Client, topic: string): boolean {

@@ -9,6 +9,7 @@ import { after, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { createServer, type AddressInfo, type Server } from "node:net";
 import { Aedes, type AedesOptions, type Client, type PublishPacket } from "aedes";
 import redisPersistence from "aedes-persistence-redis";
@@ -400,6 +401,47 @@ describe("aedes and aedes-persistence-redis: what bridges/mqtt/embedded-broker.t
         "(or its mqtt-packet) what an _emitError in _parsePayload does (the packet still reached aedes, or the connection stayed open)",
         GUARD,
       ),
+    );
+  });
+
+  test("aedes writes its CONNACK through mqtt-packet's writeToStream, looked up at each call, to client.conn, and emits that packet as connackSent", async () => {
+    const PRESENCE = "bridges/mqtt/session-presence.ts";
+    type Write = (packet: { cmd?: string }, stream: unknown, options?: unknown) => boolean;
+    const mqttPacket = createRequire(import.meta.resolve("aedes"))("mqtt-packet") as { writeToStream: Write };
+    const original = mqttPacket.writeToStream;
+    const written: { packet: { cmd?: string }; stream: unknown }[] = [];
+    mqttPacket.writeToStream = (packet, stream, options) => {
+      if (packet.cmd === "connack") written.push({ packet, stream });
+      return original(packet, stream, options);
+    };
+    cleanups.push(async () => void (mqttPacket.writeToStream = original));
+    const { broker, port } = await run({});
+    const sent: { packet: unknown; client: Client }[] = [];
+    broker.on("connackSent", (packet, client) => sent.push({ packet, client }));
+    await connect(port, { clientId: "dev-c", clean: false }); // a new session: session present false
+    mqttPacket.writeToStream = original;
+    assert.equal(
+      written.length,
+      1,
+      changed(
+        "aedes",
+        "how it writes a CONNACK (not through mqtt-packet's writeToStream, as resolved from aedes)",
+        PRESENCE,
+      ),
+    );
+    assert.equal(
+      written[0]!.stream,
+      clientsOf(broker)["dev-c"]?.conn,
+      changed("aedes", "the stream it writes a CONNACK to (not client.conn)", PRESENCE),
+    );
+    assert.ok(
+      sent[0]?.packet === written[0]!.packet && sent[0].client === clientsOf(broker)["dev-c"],
+      changed("aedes", "the connackSent event (not the packet it wrote)", PRESENCE),
+    );
+    assert.deepEqual(
+      { ...written[0]!.packet },
+      { cmd: "connack", returnCode: 0, sessionPresent: false },
+      changed("aedes", "the CONNACK packet's fields (cmd, returnCode, sessionPresent)", PRESENCE),
     );
   });
 

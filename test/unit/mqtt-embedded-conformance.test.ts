@@ -174,6 +174,42 @@ describe("embedded broker: MQTT 3.1.1 conformance", () => {
     assert.match(line.msg, /MQTT 5/);
     assert.match(line.msg, /external broker/);
   });
+
+  test("[MQTT-3.2.2-2] a device that only publishes, reconnecting with cleanSession 0, gets session present 1", async () => {
+    const first = await connected({ clientId: "publish-only", clean: false });
+    assert.equal(first.sessionPresent, 0, "a new session");
+    first.raw.send(publish("d/publish-only", "ON", 1, 1));
+    await first.raw.reply(4 + 4);
+    first.raw.send(DISCONNECT);
+    await first.raw.waitClosed();
+    const again = await connected({ clientId: "publish-only", clean: false });
+    assert.equal(again.sessionPresent, 1, "its session is still there");
+    again.raw.send(DISCONNECT);
+  });
+
+  test("[MQTT-3.2.2-1] cleanSession 1 ends the session: 0 then, and 0 on the next cleanSession 0 connect", async () => {
+    const first = await connected({ clientId: "cleaned", clean: false });
+    first.raw.send(DISCONNECT);
+    await first.raw.waitClosed();
+    const clean = await connected({ clientId: "cleaned", clean: true });
+    assert.equal(clean.sessionPresent, 0);
+    clean.raw.send(DISCONNECT);
+    await clean.raw.waitClosed();
+    const fresh = await connected({ clientId: "cleaned", clean: false });
+    assert.equal(fresh.sessionPresent, 0, "the session was discarded");
+    fresh.raw.send(DISCONNECT);
+  });
+
+  test("[MQTT-3.2.2-2] a subscriber reconnecting with cleanSession 0 still gets session present 1", async () => {
+    const first = await connected({ clientId: "subscriber", clean: false });
+    first.raw.send(subscribe(1, "cmd/#"));
+    await first.raw.reply(4 + 5);
+    first.raw.send(DISCONNECT);
+    await first.raw.waitClosed();
+    const again = await connected({ clientId: "subscriber", clean: false });
+    assert.equal(again.sessionPresent, 1);
+    again.raw.send(DISCONNECT);
+  });
 });
 
 /** How many `command` calls Redis refused (wrong arity and the like), from INFO commandstats. */
