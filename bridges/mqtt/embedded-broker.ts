@@ -31,6 +31,7 @@ import type { Publish } from "./publish.js";
 import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
 import { SessionPresence } from "./session-presence.js";
 import { filterCovers, topicFilterProblem, topicMatches, topicNameProblem } from "./topic.js";
+import { topicLimitProblem } from "./topic-limits.js";
 
 export interface IncomingPublish extends Publish {
   clientId: string;
@@ -341,9 +342,10 @@ export class EmbeddedBroker {
     done: (error: AuthenticateError | null, success: boolean | null) => void,
   ): void {
     const will = (client as Client & { _will?: { topic?: string } })._will;
-    if (will?.topic !== undefined && (topicNameProblem(will.topic) || !this.mayPublish(client, will.topic))) {
+    const refused = will?.topic === undefined ? undefined : this.topicRefusal(client, will.topic);
+    if (refused) {
       this.log.warn(
-        { clientId: client.id, topic: will.topic },
+        { clientId: client.id, topic: will?.topic, reason: refused },
         "mqtt connect refused: will topic not allowed",
       );
       return done(authError("will topic not allowed", 5), false);
@@ -429,8 +431,17 @@ export class EmbeddedBroker {
     );
   }
 
-  private refusal(client: Client | null, topic: string, bytes: number): string | undefined {
+  /** Why `client` may not publish to `topic` (null: a stored will, checked at its CONNECT). */
+  private topicRefusal(client: Client | null, topic: string): string | undefined {
+    const problem = topicNameProblem(topic) ?? topicLimitProblem(topic, this.config);
+    if (problem) return problem;
     if (!this.mayPublish(client, topic)) return "not allowed for this client";
+    return undefined;
+  }
+
+  private refusal(client: Client | null, topic: string, bytes: number): string | undefined {
+    const refused = this.topicRefusal(client, topic);
+    if (refused) return refused;
     const max = this.config.maxPayloadBytes;
     if (bytes > max) return `payload of ${bytes} bytes exceeds maxPayloadBytes ${max}`;
     return undefined;
@@ -444,11 +455,14 @@ export class EmbeddedBroker {
 
   private authorizeSubscribe(client: Client, sub: Subscription): Subscription | null {
     const user = this.usersByClient.get(client);
-    const allowed =
-      !topicFilterProblem(sub.topic) &&
-      (user ? user.subscribe.some((f) => filterCovers(f, sub.topic)) : !sub.topic.startsWith(SYS_PREFIX));
-    if (!allowed) {
-      this.log.warn({ clientId: client.id, filter: sub.topic }, "mqtt subscribe refused by ACL");
+    const refused =
+      topicFilterProblem(sub.topic) ??
+      topicLimitProblem(sub.topic, this.config) ??
+      ((user ? user.subscribe.some((f) => filterCovers(f, sub.topic)) : !sub.topic.startsWith(SYS_PREFIX))
+        ? undefined
+        : "not allowed for this client");
+    if (refused) {
+      this.log.warn({ clientId: client.id, filter: sub.topic, reason: refused }, "mqtt subscribe refused");
       return null; // SUBACK failure 0x80 [MQTT-3.9.3-2]
     }
     return sub;

@@ -1,6 +1,7 @@
 import { isIPv4 } from "node:net";
 import { z } from "zod";
 import { hasWildcard, topicFilterProblem, topicNameProblem } from "./topic.js";
+import { topicLimitProblem } from "./topic-limits.js";
 import type { Direction } from "../../src/connector.js";
 
 /** Defaults of the MQTT connector, with units. */
@@ -8,6 +9,8 @@ export const MQTT_DEFAULTS = {
   embeddedHost: "127.0.0.1", // loopback unless you say otherwise: no open broker by accident
   embeddedPort: 1883,
   maxPayloadBytes: 256 * 1024, // larger publishes are acknowledged and dropped (embedded broker)
+  maxTopicBytes: 1024, // longer topics and filters are refused (embedded broker); MQTT allows 65,535
+  maxTopicLevels: 32, // deeper topics and filters are refused (embedded broker); at most 100
   keepaliveSec: 30,
   reconnectPeriodMs: 2_000,
   connectTimeoutMs: 10_000,
@@ -64,6 +67,23 @@ export const embeddedBrokerSchema = z.strictObject({
         "publish: [greenhouse/#], subscribe: [greenhouse/commands] }]; required unless host is loopback",
     ),
   maxPayloadBytes: z.number().int().min(1).max(268_435_455).default(MQTT_DEFAULTS.maxPayloadBytes),
+  maxTopicBytes: z
+    .number()
+    .int()
+    .min(1)
+    .max(65_535)
+    .default(MQTT_DEFAULTS.maxTopicBytes)
+    .describe(
+      "A longer topic is refused: a publish acknowledged and dropped, a subscription SUBACK 0x80, a will at CONNECT",
+    ),
+  maxTopicLevels: z
+    .number()
+    .int()
+    .min(1)
+    // aedes' topic routing (qlobber) cannot match deeper topics; it closes the connection of a client that uses one
+    .max(100)
+    .default(MQTT_DEFAULTS.maxTopicLevels)
+    .describe("A topic with more levels (a/b/c has 3) is refused like a longer one; at most 100"),
 });
 
 export const mqttAccountSchema = z
@@ -170,7 +190,10 @@ export function checkMqttEndpoint(
   account: MqttAccount,
 ): [string, string][] {
   const problems: [string, string][] = [];
-  const filterProblem = topicFilterProblem(ep.topic);
+  const filterProblem =
+    topicFilterProblem(ep.topic) ??
+    // devices could never publish or subscribe to it: the broker refuses them such topics
+    (account.embedded && topicLimitProblem(ep.topic, account.embedded));
   if (filterProblem) problems.push(["topic", filterProblem]);
   else if (direction !== "in") {
     if (hasWildcard(ep.topic))

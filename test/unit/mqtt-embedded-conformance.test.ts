@@ -1,15 +1,17 @@
 /**
  * The embedded broker against MQTT 3.1.1 where clients get it wrong or push it: malformed strings,
- * empty (un)subscriptions, an MQTT 5 CONNECT, session present for every kind of session. Raw
+ * empty (un)subscriptions, an MQTT 5 CONNECT, session present for every kind of session, topics
+ * longer or deeper than the configured limits. Raw
  * packets on a real socket where mqtt.js would not send them, mqtt.js elsewhere; real Redis.
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
+import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { pino } from "pino";
 import { EmbeddedBroker, type IncomingPublish } from "../../bridges/mqtt/embedded-broker.js";
-import { embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
+import { MQTT_DEFAULTS, embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
 import {
   RawClient,
@@ -218,3 +220,88 @@ async function rejectedCalls(command: string): Promise<number> {
   const match = new RegExp(`cmdstat_${command}:.*rejected_calls=(\\d+)`).exec(info);
   return Number(match?.[1] ?? 0);
 }
+
+describe("embedded broker: limits on topic length and levels", () => {
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const ingested: IncomingPublish[] = [];
+  const brokers: EmbeddedBroker[] = [];
+  const clients: MqttClient[] = [];
+
+  after(async () => {
+    await Promise.all(clients.map((c) => c.endAsync(true)));
+    for (const b of brokers) await b.stop();
+    await deleteKeys(prefix);
+  });
+
+  async function start(config: Record<string, unknown>): Promise<EmbeddedBroker> {
+    const broker = new EmbeddedBroker(
+      embeddedBrokerSchema.parse({ port: 0, ...config }),
+      log,
+      async (msg) => void ingested.push(msg),
+      { url: REDIS_URL, keyPrefix: `${prefix}:${brokers.length}:` },
+    );
+    brokers.push(broker);
+    await broker.start();
+    return broker;
+  }
+
+  async function device(broker: EmbeddedBroker, options: IClientOptions): Promise<MqttClient> {
+    const client = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, {
+      reconnectPeriod: 0,
+      connectTimeout: 2000,
+      ...options,
+    });
+    clients.push(client);
+    return client;
+  }
+
+  /** Publishes each topic (acknowledged), then one within the limits, and says which were ingested. */
+  async function ingestedOf(client: MqttClient, topics: string[]): Promise<string[]> {
+    const id = client.options.clientId!;
+    for (const topic of topics) await client.publishAsync(topic, "x", { qos: 1 });
+    await client.publishAsync(`${id}/last`, "x", { qos: 1 });
+    await waitFor("the last publish", () => ingested.some((m) => m.topic === `${id}/last`));
+    return ingested.filter((m) => m.clientId === id && m.topic !== `${id}/last`).map((m) => m.topic);
+  }
+
+  const levels = (n: number) => Array.from({ length: n }, (_, i) => `l${i}`).join("/");
+  const granted = (client: MqttClient, filters: string[]) =>
+    client.subscribeAsync(filters, { qos: 1 }).then(
+      (g) => g.map((s) => s.qos),
+      (err: { packet?: { granted?: number[] } }) => err.packet?.granted,
+    );
+
+  test("by default a topic over 1024 bytes or 32 levels is refused: publish acknowledged and dropped, subscription 0x80", async () => {
+    assert.deepEqual([MQTT_DEFAULTS.maxTopicBytes, MQTT_DEFAULTS.maxTopicLevels], [1024, 32]);
+    const broker = await start({});
+    const c = await device(broker, { clientId: "deep" });
+    const atLimit = [`deep/${"x".repeat(1024 - 5)}`, `deep/${levels(31)}`];
+    const over = [`deep/${"x".repeat(1024 - 4)}`, `deep/${levels(32)}`];
+    assert.deepEqual(await ingestedOf(c, [...over, ...atLimit]), atLimit);
+    assert.deepEqual(await granted(c, [...over, ...atLimit]), [128, 128, 1, 1]);
+    assert.equal(c.connected, true, "the device stays connected");
+  });
+
+  test("maxTopicBytes and maxTopicLevels: publish acknowledged and dropped, subscription 0x80, will refused at CONNECT", async () => {
+    const broker = await start({ maxTopicBytes: 16, maxTopicLevels: 3 });
+    const c = await device(broker, { clientId: "dev" });
+    const over = ["dev/12345678901234", "dev/a/b/c", "dev/é12345678901"]; // 17 bytes, 4 levels, 17 bytes (é is 2)
+    const within = ["dev/123456789012", "dev/a/b"];
+    assert.deepEqual(await ingestedOf(c, [...over, ...within]), within);
+    assert.deepEqual(
+      await granted(c, ["dev/+/+/#", "dev/1234567890123", "dev/+/#", "dev/#"]),
+      [128, 128, 1, 1],
+    );
+    await assert.rejects(
+      device(broker, {
+        clientId: "dev-will",
+        will: { topic: "dev/a/b/gone", payload: Buffer.from("x"), qos: 1, retain: false },
+      }),
+      /Not authorized/,
+    );
+    await device(broker, {
+      clientId: "dev-will",
+      will: { topic: "dev/gone", payload: Buffer.from("x"), qos: 1, retain: false },
+    });
+  });
+});

@@ -84,6 +84,17 @@ test("an invalid filter is reported once, whatever the direction", () => {
   ]);
 });
 
+test("a topic beyond the embedded broker's maxTopicBytes or maxTopicLevels is a problem (devices could not use it)", () => {
+  const small = mqttAccountSchema.parse({ embedded: { maxTopicBytes: 8, maxTopicLevels: 2 } });
+  assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "a/b/c" }), "in", small), [
+    ["topic", "topic of 3 levels exceeds maxTopicLevels 2"],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "abcd/efgh" }), "out", small), [
+    ["topic", "topic of 9 bytes exceeds maxTopicBytes 8"],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "a/b/c" }), "in", external), []);
+});
+
 test("sender clientId needs an embedded broker", () => {
   assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "a/b", sender: "clientId" }), "in", external), [
     ["sender", "clientId is only known with an embedded broker; use { topicLevel: N }"],
