@@ -77,7 +77,9 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     let tracker = this.embeddedTrackers.get(client);
     if (!tracker) {
       const id = `client:${clientId}`;
-      tracker = new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs, !client.clean);
+      // What the broker answered, not what the client asked: cleanSession 0 may start a new session.
+      const resumed = this.embedded?.sessionResumed(client) ?? false;
+      tracker = new RedeliveryTracker(this.ctx.store, id, MQTT_DEFAULTS.dedupeWindowMs, resumed);
       this.embeddedTrackers.set(client, tracker);
     }
     return tracker;

@@ -21,7 +21,7 @@ import {
   type PublishPacket,
   type Subscription,
 } from "aedes";
-import redisPersistence from "aedes-persistence-redis";
+import redisPersistence, { type RedisPersistence } from "aedes-persistence-redis";
 import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
@@ -95,6 +95,7 @@ export class EmbeddedBroker {
   private readonly anonymous: boolean;
   private persistenceConnection: Redis | undefined;
   private sessions: SessionPresence | undefined;
+  private persistence: RedisPersistence | undefined;
   /** Clients that sent an empty client id but asked to resume a session. */
   private readonly unidentified = new WeakSet<Client>();
   /** Publishes authorizePublish acknowledged without passing them on. */
@@ -122,6 +123,7 @@ export class EmbeddedBroker {
     // Retained messages, wills and the sessions/offline queues of devices survive restarts in Redis.
     this.persistenceConnection = redisConnection(this.redis);
     const persistence = redisPersistence({ conn: this.persistenceConnection });
+    this.persistence = persistence;
     this.sessions = new SessionPresence(this.persistenceConnection, CLIENT_OWNER_TTL_SEC);
     const broker = await Aedes.createBroker({
       persistence,
@@ -132,7 +134,8 @@ export class EmbeddedBroker {
         done(null, true);
       },
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
-      authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
+      authorizePublish: (client, packet, done) =>
+        this.unlessHeld(client, packet, done, () => this.authorizePublish(client, packet, done)),
       authorizeSubscribe: (client, sub, done) => done(null, this.authorizeSubscribe(client, sub)),
       // Also for messages queued in a session while it was offline: a session taken over by another
       // user (see claimClientId) must not hand over what that user may not read.
@@ -379,6 +382,25 @@ export class EmbeddedBroker {
     if (topic.startsWith(SYS_PREFIX)) return false; // [MQTT-4.7.2-1] $SYS belongs to the broker
     const user = client ? this.usersByClient.get(client) : undefined;
     return !user || user.publish.some((f) => topicMatches(f, topic));
+  }
+
+  /**
+   * [MQTT-4.3.3-2] until its PUBREL, a QoS 2 packet id the broker holds stands for the message it
+   * was sent with: a re-send (DUP or not, on this connection or a resumed one) was taken in already,
+   * and aedes answers it with PUBREC alone. Anything else goes on to `authorize`.
+   */
+  private unlessHeld(
+    client: Client | null,
+    packet: PublishPacket,
+    done: (err?: Error | null) => void,
+    authorize: () => void,
+  ): void {
+    if (!client || packet.qos !== 2 || packet.messageId === undefined) return authorize();
+    this.persistence!.incomingGetPacket(client, packet).then(
+      () => done(null),
+      // not held; or the store failed, and the publish is taken in: a duplicate at worst, never a loss
+      () => authorize(),
+    );
   }
 
   private authorizePublish(

@@ -1,14 +1,15 @@
 /**
  * Drops redelivered QoS>0 PUBLISHes, so a message re-sent after a lost PUBACK is relayed once.
  *
- * [MQTT-4.4.0-1] a sender re-sends unacknowledged PUBLISHes with their original Packet Identifier
- * when it reconnects and resumes its session; [MQTT-3.3.1-1] says it sets DUP, but common clients
- * (mqtt.js among them) do not. So a publish counts as a redelivery when it carries DUP, or, in a
- * resumed session, when its packet id was last used by an *earlier* connection of the same client
- * for the same topic and payload and has not been reused on this one. In a new session packet ids
- * start over (a rebooted device, a broker numbering from 1 again): nothing there is a redelivery of
- * an earlier connection. The record of (packet id → message) is written before the PUBACK, durably,
- * and counts for `windowMs`.
+ * A publish is a redelivery only when its sender says so and can mean it: DUP set [MQTT-3.3.1-1],
+ * with the packet id, topic and payload of a publish the same client sent before, on this
+ * connection or, when this connection resumed the session (CONNACK session present 1), on an
+ * earlier one [MQTT-4.4.0-1]. Anything else is a new message, whatever its packet id, topic and
+ * payload: a device that rebooted numbers its packets from 1 again and may well say "ON" twice,
+ * and a client that re-sends without DUP (mqtt.js does) cannot be told apart from it. Such a
+ * re-send is relayed again: a duplicate in the room, where the other way would silently lose what
+ * the device said. The record (packet id → message) is written before the PUBACK, durably, and
+ * counts for `windowMs`.
  */
 import { hash, randomUUID } from "node:crypto";
 import type { KeyValueStore } from "../../src/connector.js";
@@ -34,7 +35,6 @@ function digestOf(topic: string, payload: Uint8Array): string {
 /** One per client connection (or per external-broker session connection). */
 export class RedeliveryTracker {
   private readonly connection = randomUUID();
-  private readonly usedHere = new Set<number>();
   private earlier: Promise<Map<number, Seen>> | undefined;
   private expirySetAt = 0;
   private sequence = 0;
@@ -45,7 +45,7 @@ export class RedeliveryTracker {
     private readonly store: KeyValueStore,
     private readonly clientId: string,
     private readonly windowMs: number,
-    /** The client resumed its session, so earlier connections' records count. */
+    /** This connection resumed the client's session (session present), so earlier connections' records count. */
     private readonly resumed = true,
   ) {}
 
@@ -93,14 +93,13 @@ export class RedeliveryTracker {
     payload: Uint8Array,
   ): Promise<PublishIdentity & { durable: Promise<void> }> {
     const digest = digestOf(topic, payload);
-    const fresh = !this.usedHere.has(messageId);
-    this.usedHere.add(messageId);
+    // This connection's records, and earlier connections' when the session was resumed.
     const earlier = await this.loadEarlier();
     const now = Date.now();
-    if (fresh || dup) {
+    if (dup) {
       const before = earlier.get(messageId);
       const recent = before !== undefined && now - before.at < this.windowMs;
-      if (recent && before.digest === digest && (dup || before.connection !== this.connection)) {
+      if (recent && before.digest === digest) {
         return { remoteId: before.remoteId, redelivered: true, durable: Promise.resolve() };
       }
     }

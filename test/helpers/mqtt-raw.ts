@@ -67,10 +67,19 @@ export function connect(c: ConnectFields): Buffer {
   );
 }
 
-export function publish(topic: Bytes, payload: Bytes, qos: 0 | 1 = 1, messageId = 1): Buffer {
+export function publish(
+  topic: Bytes,
+  payload: Bytes,
+  qos: 0 | 1 | 2 = 1,
+  messageId = 1,
+  dup = false,
+): Buffer {
   const id = qos > 0 ? [Buffer.from([messageId >> 8, messageId & 0xff])] : [];
-  return packet(0x30 | (qos << 1), mqttString(topic), ...id, bytes(payload));
+  return packet(0x30 | (dup ? 0x08 : 0) | (qos << 1), mqttString(topic), ...id, bytes(payload));
 }
+
+/** [MQTT-3.6.1-1] PUBREL has flags 0010. */
+export const pubrel = (messageId: number) => Buffer.from([0x62, 2, messageId >> 8, messageId & 0xff]);
 
 export function subscribe(messageId: number, ...filters: Bytes[]): Buffer {
   const pairs = filters.map((f) => Buffer.concat([mqttString(f), Buffer.from([1])]));

@@ -18,6 +18,7 @@ import {
   connack,
   connect,
   publish,
+  pubrel,
   subscribe,
   unsubscribe,
   type ConnectFields,
@@ -187,6 +188,28 @@ describe("embedded broker: MQTT 3.1.1 conformance", () => {
     const again = await connected({ clientId: "publish-only", clean: false });
     assert.equal(again.sessionPresent, 1, "its session is still there");
     again.raw.send(DISCONNECT);
+  });
+
+  test("[MQTT-4.3.3-2] a QoS 2 publish re-sent before PUBREL, with or without DUP, on the same or a resumed connection, is taken in once", async () => {
+    const topic = "d/qos2-device";
+    const count = () => ingested.filter((m) => m.topic === topic).length;
+    const first = await connected({ clientId: "qos2-device", clean: false });
+    first.raw.send(publish(topic, "ON", 2, 5));
+    assert.deepEqual((await first.raw.reply(4 + 4)).slice(4), [0x50, 2, 0, 5], "PUBREC");
+    first.raw.send(publish(topic, "ON", 2, 5)); // the PUBREC was taken for lost, say; no DUP (as mqtt.js)
+    await first.raw.reply(4 + 4 + 4);
+    first.raw.close(); // gone before its PUBREL
+    const again = await connected({ clientId: "qos2-device", clean: false });
+    assert.equal(again.sessionPresent, 1);
+    again.raw.send(publish(topic, "ON", 2, 5), publish(topic, "ON", 2, 5, true));
+    assert.deepEqual((await again.raw.reply(4 + 8)).slice(4), [0x50, 2, 0, 5, 0x50, 2, 0, 5], "PUBRECs");
+    again.raw.send(pubrel(5));
+    assert.deepEqual((await again.raw.reply(4 + 8 + 4)).slice(12), [0x70, 2, 0, 5], "PUBCOMP");
+    // Released: the same packet id now starts a new message.
+    again.raw.send(publish(topic, "ON", 2, 5));
+    await again.raw.reply(4 + 8 + 4 + 4); // its PUBREC: taken in by now
+    assert.equal(count(), 2, "taken in once before the PUBREL, once after");
+    again.raw.send(pubrel(5), DISCONNECT);
   });
 
   test("[MQTT-3.2.2-1] cleanSession 1 ends the session: 0 then, and 0 on the next cleanSession 0 connect", async () => {

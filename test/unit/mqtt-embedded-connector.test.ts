@@ -1,13 +1,13 @@
 /**
- * What the MQTT connector relays from devices on its embedded broker: redeliveries only within a
- * resumed session, live retained publishes, and no empty message for a deleted retained one. Real
+ * What the MQTT connector relays from devices on its embedded broker: redeliveries (DUP) only within
+ * a resumed session, live retained publishes, and no empty message for a deleted retained one. Real
  * broker, real mqtt.js devices, real Redis.
  */
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
-import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
+import mqtt, { Store, type IClientOptions, type MqttClient, type Packet } from "mqtt";
 import { MqttConnector } from "../../bridges/mqtt/connector.js";
 import { mqttAccountSchema, mqttEndpointSchema, type MqttEndpoint } from "../../bridges/mqtt/schema.js";
 import type { ConnectorContext, EndpointBinding, InboundMessage } from "../../src/connector.js";
@@ -101,17 +101,51 @@ test("a rebooted device (new session, packet ids from 1) saying the same thing a
   assert.notEqual(relayed[0]!.remoteId, relayed[1]!.remoteId);
 });
 
-test("a device resuming its session re-sends a message whose PUBACK it never got: same remoteId", async () => {
-  const d = await device({ clientId: "door-persistent", clean: false, reconnectPeriod: 100 });
-  // The connection drops after the message is enqueued, before the PUBACK reaches the device.
+/** An outgoing store that marks what it keeps as DUP, so a re-send carries it [MQTT-3.3.1-1] (mqtt.js does not). */
+class DupOnResend extends Store {
+  override put(packet: Packet, cb: Parameters<Store["put"]>[1]): this {
+    return super.put(packet.cmd === "publish" ? { ...packet, dup: true } : packet, cb);
+  }
+}
+
+/** The device's connection drops after the first copy of `topic` is enqueued, before its PUBACK. */
+async function resendAfterLostPuback(topic: string, options: IClientOptions): Promise<InboundMessage[]> {
+  const d = await device({ clean: false, reconnectPeriod: 100, ...options });
   onEmit = (m) => {
-    if (m.stream === "door/back" && bodies("door/back").length === 1) d.stream.destroy();
+    if (m.stream === topic && bodies(topic).length === 1) d.stream.destroy();
   };
-  void d.publishAsync("door/back", "ajar", { qos: 1 });
-  await waitFor("re-sent", () => bodies("door/back").length === 2);
+  void d.publishAsync(topic, "ajar", { qos: 1 });
+  await waitFor("re-sent", () => bodies(topic).length === 2);
   onEmit = () => {};
-  const [first, again] = bodies("door/back");
+  return bodies(topic);
+}
+
+test("[MQTT-4.4.0-1] a device resuming its session re-sends, with DUP, a message whose PUBACK it never got: same remoteId", async () => {
+  const [first, again] = await resendAfterLostPuback("door/back", {
+    clientId: "door-persistent",
+    outgoingStore: new DupOnResend(),
+  });
   assert.equal(again!.remoteId, first!.remoteId, "the core drops it as the same message");
+});
+
+test("a re-send without DUP (mqtt.js) is relayed again: it cannot be told from a rebooted device's new message", async () => {
+  const [first, again] = await resendAfterLostPuback("door/side", { clientId: "door-mqttjs" });
+  assert.notEqual(again!.remoteId, first!.remoteId, "a duplicate in the room, rather than a loss");
+});
+
+test("a rebooted device with cleanSession 0 (new connection, packet ids from 1) saying ON, ON again: all four relayed", async () => {
+  for (let boot = 1; boot <= 2; boot++) {
+    const d = await device({ clientId: "plug-persistent", clean: false, messageIdProvider: new FromOne() });
+    await d.publishAsync("door/plug", "ON", { qos: 1 });
+    await d.publishAsync("door/plug", "ON", { qos: 1 });
+    await d.endAsync();
+  }
+  const relayed = bodies("door/plug");
+  assert.deepEqual(
+    relayed.map((m) => m.body.text),
+    ["ON", "ON", "ON", "ON"],
+  );
+  assert.equal(new Set(relayed.map((m) => m.remoteId)).size, 4, "none taken for a redelivery of another");
 });
 
 test("ignoreRetained does not skip live retained publishes (Tasmota PowerRetain, Zigbee2MQTT retain)", async () => {

@@ -49,7 +49,7 @@ test("a first publish is not a redelivery and gets a remoteId naming the client"
   assert.ok(id.remoteId.startsWith("client:dev1/"), id.remoteId);
 });
 
-test("[MQTT-4.4.0-1] a new connection re-sending the same packet id, topic and payload without DUP is a redelivery", async () => {
+test("[MQTT-3.3.1-1] without DUP, a resumed session's publish with an earlier connection's packet id, topic and payload is a new message", async () => {
   const store = new MemoryStore();
   const first = await new RedeliveryTracker(store, "client:dev1", WINDOW).identify(
     7,
@@ -57,14 +57,23 @@ test("[MQTT-4.4.0-1] a new connection re-sending the same packet id, topic and p
     "a/b",
     payload("on"),
   );
-  // the PUBACK was lost; mqtt.js reconnects and re-sends with the same id, DUP unset
+  // a device that rebooted, or one that re-sends without DUP (mqtt.js): the two look alike
   const again = await new RedeliveryTracker(store, "client:dev1", WINDOW).identify(
     7,
     false,
     "a/b",
     payload("on"),
   );
-  assert.deepEqual(again, { remoteId: first.remoteId, redelivered: true });
+  assert.equal(again.redelivered, false);
+  assert.notEqual(again.remoteId, first.remoteId);
+});
+
+test("[MQTT-4.4.0-1] DUP=1 on a new connection that did not resume the session is a new message", async () => {
+  const store = new MemoryStore();
+  const first = await new RedeliveryTracker(store, "c", WINDOW).identify(3, false, "t", payload("x"));
+  const next = await new RedeliveryTracker(store, "c", WINDOW, false).identify(3, true, "t", payload("x"));
+  assert.equal(next.redelivered, false);
+  assert.notEqual(next.remoteId, first.remoteId);
 });
 
 test("[MQTT-4.4.0-1] in a new session (not resumed), the same packet id, topic and payload is a new message", async () => {
@@ -107,7 +116,7 @@ test("a record older than the window makes no redelivery, however busy the clien
 test("a redelivery seen by a third connection still maps to the original remoteId", async () => {
   const store = new MemoryStore();
   const first = await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
-  await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "a/b", payload("on"));
+  await new RedeliveryTracker(store, "c", WINDOW).identify(7, true, "a/b", payload("on"));
   const third = await new RedeliveryTracker(store, "c", WINDOW).identify(7, true, "a/b", payload("on"));
   assert.deepEqual(third, { remoteId: first.remoteId, redelivered: true });
 });
@@ -211,7 +220,7 @@ test("the records of publishes identified in one tick are written in one call", 
 test("a redelivery writes nothing", async () => {
   const store = new MemoryStore();
   await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
-  await new RedeliveryTracker(store, "c", WINDOW).identify(7, false, "t", payload("on"));
+  await new RedeliveryTracker(store, "c", WINDOW).identify(7, true, "t", payload("on"));
   assert.equal(store.mapWrites.length, 1);
 });
 
