@@ -28,9 +28,10 @@ import type { Logger } from "../../src/log.js";
 import { guardMalformedPackets } from "./malformed-packet-guard.js";
 import { PACKET_OVERHEAD_BYTES, guardPacketSize } from "./packet-size-guard.js";
 import type { Publish } from "./publish.js";
-import { isLoopback, type EmbeddedBrokerConfig } from "./schema.js";
+import { Acl } from "./acl.js";
+import { aclRulesSchema, anonymousAllowed, type EmbeddedBrokerConfig } from "./schema.js";
 import { SessionPresence } from "./session-presence.js";
-import { filterCovers, topicFilterProblem, topicMatches, topicNameProblem } from "./topic.js";
+import { topicFilterProblem, topicNameProblem } from "./topic.js";
 import { topicLimitProblem } from "./topic-limits.js";
 
 export interface IncomingPublish extends Publish {
@@ -93,6 +94,10 @@ export class EmbeddedBroker {
   private wss: WebSocketServer | undefined;
   private readonly usersByClient = new WeakMap<Client, User | undefined>();
   private readonly anonymous: boolean;
+  private readonly anonymousAcl: Acl;
+  private readonly userAcls = new Map<User, Acl>();
+  /** Each admitted client's ACL: its user's, or the anonymous one. */
+  private readonly acls = new WeakMap<Client, Acl>();
   private persistenceConnection: Redis | undefined;
   private sessions: SessionPresence | undefined;
   private persistence: RedisPersistence | undefined;
@@ -111,7 +116,9 @@ export class EmbeddedBroker {
     private readonly redis: { url: string; keyPrefix: string },
     private readonly onClientGone: (client: Client) => void = () => {},
   ) {
-    this.anonymous = config.allowAnonymous ?? (config.users.length === 0 && isLoopback(config.host));
+    this.anonymous = anonymousAllowed(config);
+    this.anonymousAcl = new Acl(config.anonymous ?? aclRulesSchema.parse({}));
+    for (const user of config.users) this.userAcls.set(user, new Acl(user));
   }
 
   /** The TCP port actually bound (useful with port 0). */
@@ -271,6 +278,7 @@ export class EmbeddedBroker {
     if (username === undefined) {
       if (this.anonymous) {
         this.usersByClient.set(client, undefined);
+        this.acls.set(client, this.anonymousAcl);
         return this.claimThenAdmit(client, undefined, done);
       }
       this.log.warn({ clientId: client.id }, "mqtt connect refused: no username");
@@ -289,6 +297,7 @@ export class EmbeddedBroker {
       return done(authError("client id not allowed", 5), false);
     }
     this.usersByClient.set(client, user);
+    this.acls.set(client, this.userAcls.get(user)!);
     this.claimThenAdmit(client, user, done);
   }
 
@@ -374,14 +383,13 @@ export class EmbeddedBroker {
   }
 
   private mayReceive(client: Client, topic: string): boolean {
-    const user = this.usersByClient.get(client);
-    return user ? user.subscribe.some((f) => topicMatches(f, topic)) : !topic.startsWith(SYS_PREFIX);
+    return this.acls.get(client)?.mayReceive(topic) ?? false;
   }
 
+  /** `client` null: a will a previous run stored, checked against its client's ACL at CONNECT. */
   private mayPublish(client: Client | null, topic: string): boolean {
     if (topic.startsWith(SYS_PREFIX)) return false; // [MQTT-4.7.2-1] $SYS belongs to the broker
-    const user = client ? this.usersByClient.get(client) : undefined;
-    return !user || user.publish.some((f) => topicMatches(f, topic));
+    return client === null || (this.acls.get(client)?.mayPublish(topic) ?? false);
   }
 
   /**
@@ -476,13 +484,10 @@ export class EmbeddedBroker {
   }
 
   private authorizeSubscribe(client: Client, sub: Subscription): Subscription | null {
-    const user = this.usersByClient.get(client);
     const refused =
       topicFilterProblem(sub.topic) ??
       topicLimitProblem(sub.topic, this.config) ??
-      ((user ? user.subscribe.some((f) => filterCovers(f, sub.topic)) : !sub.topic.startsWith(SYS_PREFIX))
-        ? undefined
-        : "not allowed for this client");
+      (this.acls.get(client)?.maySubscribe(sub.topic) ? undefined : "not allowed for this client");
     if (refused) {
       this.log.warn({ clientId: client.id, filter: sub.topic, reason: refused }, "mqtt subscribe refused");
       return null; // SUBACK failure 0x80 [MQTT-3.9.3-2]

@@ -22,6 +22,27 @@ const filterList = z.array(
   z.string().refine((f) => !topicFilterProblem(f), { error: "not a valid topic filter" }),
 );
 
+/** What a user, or an anonymous client, may publish to and subscribe to (see acl.ts). */
+const aclFields = {
+  publish: filterList
+    .default(["#"])
+    .describe("Topic filters it may publish to ('#' does not cover $-topics: name them)"),
+  subscribe: filterList.default(["#"]).describe("Topic filters it may subscribe to, and receive messages on"),
+  deny: z
+    .strictObject({
+      publish: filterList.default([]).describe("Topics it may not publish to, though `publish` covers them"),
+      subscribe: filterList
+        .default([])
+        .describe(
+          "Topics it may not subscribe to or receive, though `subscribe` covers them: a subscription inside them gets SUBACK 0x80, a wider one does not deliver them",
+        ),
+    })
+    .optional()
+    .describe("Refused where the allow lists allow: deny wins"),
+};
+
+export const aclRulesSchema = z.strictObject(aclFields);
+
 export const embeddedUserSchema = z.strictObject({
   username: z.string().min(1),
   password: z.string().min(1).describe("Or passwordFile: a file holding it"),
@@ -29,8 +50,7 @@ export const embeddedUserSchema = z.strictObject({
     .array(z.string().min(1))
     .optional()
     .describe("Client ids this user may connect with (default: any)"),
-  publish: filterList.default(["#"]).describe("Topic filters this user may publish to"),
-  subscribe: filterList.default(["#"]).describe("Topic filters this user may subscribe to"),
+  ...aclFields,
 });
 
 export const embeddedBrokerSchema = z.strictObject({
@@ -64,7 +84,13 @@ export const embeddedBrokerSchema = z.strictObject({
     .default([])
     .describe(
       "Who may connect, e.g. [{ username: sensor-1, passwordFile: /run/secrets/sensor-1, " +
-        "publish: [greenhouse/#], subscribe: [greenhouse/commands] }]; required unless host is loopback",
+        "publish: [greenhouse/#], subscribe: [greenhouse/commands], deny: { publish: [greenhouse/commands] } }]; " +
+        "required unless host is loopback",
+    ),
+  anonymous: aclRulesSchema
+    .optional()
+    .describe(
+      "What anonymous clients may publish and subscribe to, as for a user (default: every topic but $-topics)",
     ),
   maxPayloadBytes: z.number().int().min(1).max(268_435_455).default(MQTT_DEFAULTS.maxPayloadBytes),
   maxTopicBytes: z
@@ -140,10 +166,24 @@ export const mqttAccountSchema = z
         message: `a broker listening on ${e.host} needs users (or allowAnonymous: true)`,
       });
     }
+    if (e?.anonymous && !anonymousAllowed(e)) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["embedded", "anonymous"],
+        message: "anonymous clients cannot connect to this broker: set allowAnonymous: true, or remove this",
+      });
+    }
   });
 
 export type MqttAccount = z.output<typeof mqttAccountSchema>;
 export type EmbeddedBrokerConfig = z.output<typeof embeddedBrokerSchema>;
+
+/** Whether clients without a user name may connect: allowAnonymous, or a loopback broker without users. */
+export function anonymousAllowed(
+  e: Pick<EmbeddedBrokerConfig, "allowAnonymous" | "users" | "host">,
+): boolean {
+  return e.allowAnonymous ?? (e.users.length === 0 && isLoopback(e.host));
+}
 
 export function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || (isIPv4(host) && host.startsWith("127."));

@@ -272,6 +272,106 @@ describe("embedded broker security", () => {
   });
 });
 
+describe("embedded broker: deny rules in ACLs, for users and anonymous clients", () => {
+  const prefix = `test-${randomUUID().slice(0, 8)}`;
+  const ingested: IncomingPublish[] = [];
+  const brokers: EmbeddedBroker[] = [];
+  const clients: MqttClient[] = [];
+
+  after(async () => {
+    await Promise.all(clients.map((c) => c.endAsync(true)));
+    for (const b of brokers) await b.stop();
+    await deleteKeys(prefix);
+  });
+
+  async function start(config: Record<string, unknown>): Promise<string> {
+    const broker = new EmbeddedBroker(
+      embeddedBrokerSchema.parse({ port: 0, ...config }),
+      log,
+      async (msg) => void ingested.push(msg),
+      { url: REDIS_URL, keyPrefix: `${prefix}:${brokers.length}:` },
+    );
+    brokers.push(broker);
+    await broker.start();
+    return `mqtt://127.0.0.1:${broker.port}`;
+  }
+
+  async function connect(url: string, options: IClientOptions): Promise<MqttClient> {
+    const client = await mqtt.connectAsync(url, { reconnectPeriod: 0, connectTimeout: 2000, ...options });
+    clients.push(client);
+    return client;
+  }
+
+  const granted = (client: MqttClient, filters: string[]) =>
+    client.subscribeAsync(filters, { qos: 1 }).then(
+      (g) => g.map((s) => s.qos),
+      (err: { packet?: { granted?: number[] } }) => err.packet?.granted,
+    );
+
+  /** Publishes `topics` as `from`, then a marker; the topics `to` received by the time the marker came. */
+  async function delivered(from: MqttClient, to: MqttClient, topics: string[]): Promise<string[]> {
+    const heard: string[] = [];
+    to.on("message", (topic) => heard.push(topic));
+    for (const topic of topics) await from.publishAsync(topic, "x", { qos: 1 });
+    const marker = `public/marker-${randomUUID().slice(0, 8)}`;
+    await from.publishAsync(marker, "x", { qos: 1 });
+    await waitFor("the marker", () => heard.includes(marker));
+    return heard.filter((t) => t !== marker);
+  }
+
+  test("a user's deny rules win over its allow lists: publish dropped, subscription 0x80, nothing denied delivered through a wider one, retained included", async () => {
+    const url = await start({
+      users: [
+        {
+          username: "ops",
+          password: "o",
+          deny: { publish: ["commands/#"], subscribe: ["secret/#"] },
+        },
+        { username: "admin", password: "a" },
+      ],
+    });
+    const admin = await connect(url, { username: "admin", password: "a", clientId: "admin" });
+    await admin.publishAsync("secret/door-code", "4711", { qos: 1, retain: true });
+    const ops = await connect(url, { username: "ops", password: "o", clientId: "ops" });
+
+    await ops.publishAsync("commands/open", "x", { qos: 1 }); // acknowledged
+    await ops.publishAsync("status/ops", "x", { qos: 1 });
+    await waitFor("status", () => ingested.some((m) => m.topic === "status/ops"));
+    assert.ok(!ingested.some((m) => m.topic === "commands/open"), "the denied publish was dropped");
+
+    const heard: string[] = [];
+    ops.on("message", (topic) => heard.push(topic));
+    assert.deepEqual(await granted(ops, ["secret/#", "secret/+/code", "#"]), [128, 128, 1]);
+    assert.deepEqual(await delivered(admin, ops, ["secret/other", "public/news"]), ["public/news"]);
+    assert.ok(!heard.includes("secret/door-code"), "the retained message on a denied topic was held back");
+    assert.equal(ops.connected, true);
+
+    await assert.rejects(
+      connect(url, {
+        ...{ username: "ops", password: "o", clientId: "ops-will" },
+        will: { topic: "commands/gone", payload: Buffer.from("x"), qos: 1, retain: false },
+      }),
+      /Not authorized/,
+    );
+  });
+
+  test("anonymous clients' deny rules (the Paho interoperability suite's test/nosubscribe)", async () => {
+    const url = await start({
+      allowAnonymous: true,
+      anonymous: { deny: { subscribe: ["test/nosubscribe"] } },
+    });
+    const a = await connect(url, { clientId: "anon-a" });
+    const b = await connect(url, { clientId: "anon-b" });
+    assert.deepEqual(await granted(a, ["test/nosubscribe"]), [128]);
+    assert.deepEqual(await granted(a, ["#", "test/+"]), [1, 1]);
+    assert.deepEqual(await delivered(b, a, ["test/nosubscribe", "test/other"]), ["test/other"]); // one copy: aedes sends one per client
+    assert.ok(
+      ingested.some((m) => m.topic === "test/nosubscribe"),
+      "publishing there is not denied",
+    );
+  });
+});
+
 test("a websocketPort already in use is a readable start error, and the other ports are let go", async () => {
   const taken = createServer();
   const port = await new Promise<number>((resolve) =>

@@ -205,6 +205,18 @@ test("account: non-loopback embedded broker without users is an error", () => {
   assert.equal(issues({ embedded: { host: "192.168.1.10" } }).length, 1);
 });
 
+test("account: anonymous rules where anonymous clients cannot connect are an error", () => {
+  const anonymous = { deny: { subscribe: ["test/nosubscribe"] } };
+  assert.deepEqual(issues({ embedded: { users: [{ username: "u", password: "p" }], anonymous } }), [
+    {
+      path: ["embedded", "anonymous"],
+      message: "anonymous clients cannot connect to this broker: set allowAnonymous: true, or remove this",
+    },
+  ]);
+  assert.deepEqual(issues({ embedded: { anonymous } }), [], "a loopback broker without users");
+  assert.deepEqual(issues({ embedded: { host: "0.0.0.0", allowAnonymous: true, anonymous } }), []);
+});
+
 test("account: non-loopback embedded broker with users, or explicit allowAnonymous, is ok", () => {
   assert.deepEqual(issues({ embedded: { host: "0.0.0.0", users: [{ username: "u", password: "p" }] } }), []);
   assert.deepEqual(issues({ embedded: { host: "0.0.0.0", allowAnonymous: true } }), []);
