@@ -113,7 +113,7 @@ export class MatrixClient {
 
   /**
    * Waits until the homeserver answers and accepts our as_token (retrying with back-off, and saying
-   * which of the two is missing), then sets the bot's profile.
+   * which of the two is missing), then registers the bot and sets its profile (see setUpBot).
    */
   async start(signal: AbortSignal): Promise<void> {
     for (let attempt = 1; ; attempt++) {
@@ -140,10 +140,41 @@ export class MatrixClient {
         await sleep(delay, undefined, { signal });
       }
     }
+    await this.setUpBot();
+  }
+
+  /**
+   * Registers the bot user, then sets its display name. The as_token acts as the appservice's own
+   * user (`sender_localpart`) without a registration, but a homeserver creates no profile for it
+   * until it is registered: Synapse answers GET /profile with 404 and fails PUT …/displayname. So
+   * it is registered like a ghost (Client-Server API §POST /_matrix/client/v3/register with
+   * `type: m.login.application_service`, Application Service API §Server admin style permissions),
+   * without a device (`inhibit_login`); M_USER_IN_USE means an earlier start did it. Never throws:
+   * a bot without its display name still relays.
+   */
+  private async setUpBot(): Promise<void> {
+    const { botUserId, botDisplayName, registration, log } = this.opts;
     try {
-      await this.bridge.getIntent(this.opts.botUserId).ensureProfile(this.opts.botDisplayName);
+      const { status, data } = await this.dispatch("POST /register", {
+        method: "POST",
+        path: `${this.basePath}/_matrix/client/v3/register`,
+        body: {
+          type: "m.login.application_service",
+          username: registration.sender_localpart,
+          inhibit_login: true,
+        },
+      });
+      const body = errorBodyOf(data);
+      if (status === 200) log.info({ userId: botUserId }, "registered the bot user");
+      else if (body.errcode !== "M_USER_IN_USE")
+        throw classifyMatrixError(status, body, `registering ${botUserId}`);
+      const path = `/_matrix/client/v3/profile/${encodeURIComponent(botUserId)}/displayname`;
+      // 404: no display name yet (the spec's answer; Synapse's is 200 without one).
+      const current = await this.request("GET", path, botUserId).catch(() => ({}) as Record<string, unknown>);
+      if (current.displayname !== botDisplayName)
+        await this.request("PUT", path, botUserId, { displayname: botDisplayName });
     } catch (err) {
-      this.opts.log.warn({ err: errorMessage(err) }, "could not set the bot's display name");
+      log.warn({ err: errorMessage(err) }, "could not register the bot user or set its display name");
     }
   }
 
