@@ -207,9 +207,13 @@ export class MatrixClient {
       const body = errorBodyOf(data) as MatrixErrorBody & { duration_ms?: number };
       if (status === 200) return { reachable: true, durationMs: Number(body.duration_ms) };
       const detail = `${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
-      // A homeserver older than the endpoint answers as for any unknown one.
-      if ((status === 404 || status === 405) && (body.errcode ?? "M_UNRECOGNIZED") === "M_UNRECOGNIZED")
-        return { reachable: undefined, detail };
+      // A homeserver older than the endpoint answers as for any unknown one: 404 or 405, with
+      // M_UNRECOGNIZED or no Matrix error at all (a proxy), or, Synapse before 1.84, 400
+      // M_UNRECOGNIZED. It does not say whether it reaches us.
+      const unknownEndpoint =
+        body.errcode === "M_UNRECOGNIZED" ||
+        (body.errcode === undefined && (status === 404 || status === 405));
+      if (unknownEndpoint) return { reachable: undefined, detail: `no appservice ping: ${detail}` };
       return { reachable: false, detail };
     } catch (err) {
       return { reachable: undefined, detail: `could not ask: ${errorMessage(err)}` };
@@ -225,7 +229,8 @@ export class MatrixClient {
     else if (result.reachable === undefined)
       this.opts.log.info(
         { detail: result.detail },
-        "could not check that the homeserver reaches tribridge (no appservice ping before Matrix v1.7, or no answer)",
+        "could not check that the homeserver reaches tribridge (no appservice ping before Matrix v1.7 " +
+          "and Synapse 1.84, or no answer): the first room event to arrive will show it does",
       );
     else
       this.opts.log.error(

@@ -309,6 +309,11 @@ describe("MatrixClient against a scripted homeserver", () => {
 
     answer(404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
     assert.equal((await c.ping()).reachable, undefined);
+    // Synapse before 1.84 answers an unknown endpoint 400 M_UNRECOGNIZED.
+    answer(400, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+    assert.equal((await c.ping()).reachable, undefined);
+    answer(405, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+    assert.equal((await c.ping()).reachable, undefined);
     handler = (_req, res) => res.writeHead(404).end();
     assert.equal((await c.ping()).reachable, undefined);
 
@@ -425,6 +430,21 @@ describe("MatrixClient against the test homeserver", () => {
         logged.filter((l) => l.level >= 40),
         [],
       );
+    });
+  });
+
+  test("a homeserver without the ping endpoint (Synapse before 1.84: 400 M_UNRECOGNIZED) is not reported unreachable", async () => {
+    await withClient({ appservicePing: "absent" }, async (c) => {
+      const result = await c.ping();
+      assert.equal(result.reachable, undefined, JSON.stringify(result));
+      logged.length = 0;
+      await c.reportReachability();
+      assert.deepEqual(
+        logged.filter((l) => l.level >= 40).map((l) => l.msg),
+        [],
+        "no error: events may well arrive",
+      );
+      assert.match(logged[0]!.msg, /no appservice ping/);
     });
   });
 
