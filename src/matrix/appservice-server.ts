@@ -42,7 +42,11 @@ export interface AppserviceHandlers {
 export type TransactionOutcome =
   "relayed" | "echo" | "duplicate" | "unauthorized" | "forbidden" | "malformed";
 
-const MAX_BODY_BYTES = 32 * 1024 * 1024;
+/** The largest transaction body read; a larger one is answered 413 M_TOO_LARGE. */
+export const MAX_BODY_BYTES = 32 * 1024 * 1024;
+/** After a 413, what more of the body is read (and dropped) so the answer arrives, not a reset. */
+const DRAIN_MAX_BYTES = 2 * MAX_BODY_BYTES;
+const DRAIN_TIMEOUT_MS = 10_000;
 const TRANSACTION_PATH = /^(?:\/_matrix\/app\/v1)?\/transactions\/([^/]+)$/;
 const USER_PATH = /^(?:\/_matrix\/app\/v1)?\/users\/([^/]+)$/;
 const ROOM_PATH = /^(?:\/_matrix\/app\/v1)?\/rooms\/([^/]+)$/;
@@ -65,20 +69,44 @@ function tokenOf(req: IncomingMessage, url: URL): string | undefined {
   return url.searchParams.get("access_token") ?? undefined;
 }
 
+const tooLarge = () => Object.assign(new Error(`body larger than ${MAX_BODY_BYTES} bytes`), { status: 413 });
+
+/**
+ * The request body, up to MAX_BODY_BYTES; over that (declared or read), rejects with status 413
+ * and leaves the rest of the body to drainAfterTooLarge.
+ */
 function readBody(req: IncomingMessage): Promise<Buffer> {
+  if (Number(req.headers["content-length"]) > MAX_BODY_BYTES) return Promise.reject(tooLarge());
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    req.on("data", (c: Buffer) => {
+    const onData = (c: Buffer) => {
       size += c.length;
-      if (size > MAX_BODY_BYTES) {
-        reject(Object.assign(new Error("body too large"), { status: 413 }));
-        req.destroy();
-      } else chunks.push(c);
-    });
+      if (size <= MAX_BODY_BYTES) return void chunks.push(c);
+      req.off("data", onData);
+      chunks.length = 0;
+      reject(tooLarge());
+    };
+    req.on("data", onData);
     req.on("end", () => resolve(Buffer.concat(chunks)));
     req.on("error", reject);
   });
+}
+
+/**
+ * After a 413 answer (sent with `Connection: close`): the client may still be writing its body.
+ * Closing the socket now would turn our answer into a reset on its side (unread data makes the
+ * kernel send RST), so the rest is read and dropped, within bounds, and the socket closes after.
+ */
+function drainAfterTooLarge(req: IncomingMessage): void {
+  let drained = 0;
+  const timer = setTimeout(() => req.socket.destroy(), DRAIN_TIMEOUT_MS).unref();
+  req.on("data", (c: Buffer) => {
+    drained += c.length;
+    if (drained > DRAIN_MAX_BYTES) req.socket.destroy();
+  });
+  req.on("close", () => clearTimeout(timer));
+  req.resume();
 }
 
 export class AppserviceServer {
@@ -102,11 +130,16 @@ export class AppserviceServer {
       this.handle(req, res).catch((err: unknown) => {
         const status = (err as { status?: number }).status ?? 500;
         this.log.warn({ err: errorMessage(err), status }, "appservice request failed");
-        if (!res.headersSent)
-          send(res, status, {
-            errcode: status === 413 ? "M_TOO_LARGE" : "M_UNKNOWN",
-            error: errorMessage(err),
-          });
+        if (res.headersSent) return;
+        if (status === 413) {
+          // Client-Server API §Standard error response: M_TOO_LARGE. The answer first, then close.
+          res.setHeader("Connection", "close");
+          drainAfterTooLarge(req);
+        }
+        send(res, status, {
+          errcode: status === 413 ? "M_TOO_LARGE" : "M_UNKNOWN",
+          error: errorMessage(err),
+        });
       });
     });
     server.keepAliveTimeout = 65_000;

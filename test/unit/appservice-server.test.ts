@@ -5,6 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { request as httpRequest } from "node:http";
 import { setTimeout as sleep } from "node:timers/promises";
 import { moduleLogger } from "../../src/log.js";
 import {
@@ -356,6 +357,61 @@ test("a malformed percent-encoding in the txnId → 400, not 500", async () => {
   await withServer(async (c) => {
     const r = await c.request("PUT", "/_matrix/app/v1/transactions/%E0%A4%A", { body: { events: [] } });
     assert.equal(r.status, 400);
+  });
+});
+
+test("a body over the limit gets 413 M_TOO_LARGE before the connection closes (declared or chunked)", async () => {
+  await withServer(async (c, h) => {
+    const port = Number(new URL(c.base).port);
+    const big = Buffer.alloc(40 * 1024 * 1024, 0x20); // the limit is 32 MiB
+    for (const declared of [true, false]) {
+      const answer = await new Promise<{ status: number; body: string; connection?: string }>(
+        (resolve, reject) => {
+          const req = httpRequest(
+            {
+              host: "127.0.0.1",
+              port,
+              method: "PUT",
+              path: "/_matrix/app/v1/transactions/big",
+              headers: {
+                authorization: `Bearer ${HS_TOKEN}`,
+                "content-type": "application/json",
+                ...(declared ? { "content-length": big.length } : {}),
+              },
+            },
+            (res) => {
+              const chunks: Buffer[] = [];
+              res.on("data", (d: Buffer) => chunks.push(d));
+              res.on("end", () =>
+                resolve({
+                  status: res.statusCode!,
+                  body: Buffer.concat(chunks).toString(),
+                  connection: res.headers.connection,
+                }),
+              );
+            },
+          );
+          req.on("error", reject); // a reset: what the homeserver saw before
+          // Written in pieces, as a homeserver's client does: the answer may come while it writes.
+          let at = 0;
+          const writeMore = () => {
+            while (at < big.length) {
+              const ok = req.write(big.subarray(at, at + 65536));
+              at += 65536;
+              if (!ok) return void req.once("drain", writeMore);
+            }
+            req.end();
+          };
+          writeMore();
+        },
+      );
+      assert.equal(answer.status, 413, `declared: ${declared}`);
+      assert.equal(JSON.parse(answer.body).errcode, "M_TOO_LARGE");
+      assert.equal(answer.connection, "close");
+    }
+    assert.equal(h.touched, false);
+    // The server still answers.
+    assert.equal((await c.txn("after", [event("$after")])).status, 200);
   });
 });
 
