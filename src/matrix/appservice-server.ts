@@ -11,6 +11,8 @@ import { hash, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { errorMessage } from "../errors.js";
 import { close, listen } from "../http-listen.js";
+import { LogLimiter } from "../log-limiter.js";
+import { isUserId } from "./ids.js";
 
 export interface MatrixEvent {
   event_id: string;
@@ -116,6 +118,8 @@ export class AppserviceServer {
   port = 0;
 
   private readonly hsTokenDigest: Buffer;
+  /** Refused events are logged at most once a minute per kind of problem. */
+  private readonly refusals = new LogLimiter();
 
   constructor(
     hsToken: string,
@@ -204,9 +208,7 @@ export class AppserviceServer {
       observe("malformed");
       return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
     }
-    const events = parsed.events.filter(isEvent);
-    const dropped = parsed.events.length - events.length;
-    if (dropped > 0) this.log.warn({ txnId, dropped }, "transaction had malformed events; ignored them");
+    const events = this.wellFormed(txnId, parsed.events);
     // Under load most transactions only echo what our ghosts sent: nothing to do, nothing to remember.
     if (events.every((ev) => this.handlers.ignores(ev))) {
       observe("echo");
@@ -225,6 +227,31 @@ export class AppserviceServer {
     send(res, 200, {});
   }
 
+  /**
+   * The events that are what AS API §Pushing events says a transaction holds (client-format
+   * events, Client-Server API §Room event format). The others are refused here, so nothing after
+   * this reads a field of the wrong type (a `content` that is a list, a `sender` that is no user
+   * id) or relays an event from no one; each kind of problem logged at a bounded rate.
+   */
+  private wellFormed(txnId: string, raw: unknown[]): MatrixEvent[] {
+    const events: MatrixEvent[] = [];
+    const problems = new Map<string, number>();
+    for (const e of raw) {
+      const problem = problemOf(e);
+      if (problem === undefined) events.push(e as MatrixEvent);
+      else problems.set(problem, (problems.get(problem) ?? 0) + 1);
+    }
+    for (const [problem, count] of problems) {
+      const gate = this.refusals.pass(problem, count);
+      if (gate)
+        this.log.warn(
+          { txnId, problem, count, refusedSinceLastLine: gate.heldBack },
+          "refused events from the homeserver that are not well-formed",
+        );
+    }
+    return events;
+  }
+
   close(): Promise<void> {
     return close(this.server);
   }
@@ -238,16 +265,22 @@ function decodePathSegment(segment: string): string | undefined {
   }
 }
 
-function isEvent(e: unknown): e is MatrixEvent {
-  const o = e as Partial<MatrixEvent> | null;
-  return (
-    typeof o === "object" &&
-    o !== null &&
-    typeof o.event_id === "string" &&
-    typeof o.room_id === "string" &&
-    typeof o.sender === "string" &&
-    typeof o.type === "string" &&
-    typeof o.content === "object" &&
-    o.content !== null
-  );
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === "object" && v !== null && !Array.isArray(v);
+const nonEmpty = (v: unknown): v is string => typeof v === "string" && v !== "";
+
+/** What is wrong with an event of a transaction, if anything (Client-Server API §Room event format). */
+function problemOf(e: unknown): string | undefined {
+  if (!isObject(e)) return "not an object";
+  if (!nonEmpty(e.event_id)) return "event_id is not a string";
+  if (!nonEmpty(e.type)) return "type is not a string";
+  // `!opaque:server`, or, from room version 12, `!` and a hash without a server name.
+  if (typeof e.room_id !== "string" || !/^!.+/.test(e.room_id)) return "room_id is not a room id";
+  if (!isUserId(e.sender)) return "sender is not a user id (Appendix §User Identifiers)";
+  if (!isObject(e.content)) return "content is not an object";
+  if (e.state_key !== undefined && typeof e.state_key !== "string") return "state_key is not a string";
+  if (e.redacts !== undefined && typeof e.redacts !== "string") return "redacts is not a string";
+  if (e.origin_server_ts !== undefined && !Number.isInteger(e.origin_server_ts))
+    return "origin_server_ts is not an integer";
+  return undefined;
 }
