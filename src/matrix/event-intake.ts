@@ -9,7 +9,7 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
-import { redisKeys } from "../store/keys.js";
+import { SeenEvents } from "../store/seen-events.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { downloadAttachments } from "./attachments.js";
 import { fromMatrixContent } from "./format.js";
@@ -65,15 +65,25 @@ export interface EventIntakeOptions {
 }
 
 export class EventIntake {
-  constructor(private readonly o: EventIntakeOptions) {}
+  private readonly seen: SeenEvents;
 
-  /** Every event takes the same awaits, so their items are enqueued in the order of the transaction. */
+  constructor(private readonly o: EventIntakeOptions) {
+    this.seen = new SeenEvents(o.redis, o.prefix, SEEN_EVENT_TTL_SEC);
+  }
+
+  /**
+   * Every event takes the same awaits, so their items are enqueued in the order of the transaction.
+   * An event the transaction holds twice is handled once: handled at once, both copies would pass
+   * the seen-check before either is recorded.
+   */
   async handle(events: readonly MatrixEvent[]): Promise<void> {
-    await Promise.all(events.map((ev) => this.handleOne(ev)));
+    const ids = new Set<string>();
+    const unique = events.filter((ev) => !ids.has(ev.event_id) && ids.add(ev.event_id));
+    await Promise.all(unique.map((ev) => this.handleOne(ev)));
   }
 
   private async handleOne(ev: MatrixEvent): Promise<void> {
-    const { routes, redis, log } = this.o;
+    const { routes, log } = this.o;
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
@@ -84,21 +94,20 @@ export class EventIntake {
       if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
-    const seenKey = redisKeys.seenEvent(this.o.prefix, ev.event_id);
     if (ev.type === "m.room.redaction") {
       // Room v11 moved `redacts` into the content.
       const target = ev.redacts ?? ev.content.redacts;
       if (typeof target !== "string") return;
       await this.o.live.forget(target);
-      if (!routes.isRouteRoom(ev.room_id) || (await redis.exists(seenKey)) === 1) return;
+      if (!routes.isRouteRoom(ev.room_id)) return;
       const reason = typeof ev.content.reason === "string" ? { reason: ev.content.reason } : {};
-      await this.relay(ev, reason, "redactions", { kind: "redaction", redacts: target });
-      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+      await this.seen.once(ev.event_id, () =>
+        this.relay(ev, reason, "redactions", { kind: "redaction", redacts: target }),
+      );
       return;
     }
     if (isCommand(ev)) {
-      if ((await redis.exists(seenKey)) === 1) return;
-      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+      if (!(await this.seen.once(ev.event_id, async () => undefined))) return;
       // Not a relay: answered on the side, without holding up the transaction.
       this.o.commands
         .handle(ev)
@@ -108,18 +117,21 @@ export class EventIntake {
       return;
     }
     if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
-    if ((await redis.exists(seenKey)) === 1) return;
+    await this.seen.once(ev.event_id, () => this.relayMessage(ev));
+  }
+
+  /** A room message: an edit, or a message tribridge relays, is enqueued (see relay). */
+  private async relayMessage(ev: MatrixEvent): Promise<void> {
     if (relationsOf(ev.content).replaces !== undefined) {
       await this.relay(ev, ev.content, "edits", { kind: "edit" });
     } else if (!fromMatrixContent(ev.content, ev.sender)) {
-      log.debug(
+      this.o.log.debug(
         { eventId: ev.event_id, msgtype: ev.content.msgtype },
         "room message not relayed (empty, or a msgtype not relayed)",
       );
     } else {
       await this.relay(ev, ev.content);
     }
-    await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
   }
 
   /**

@@ -11,7 +11,10 @@
 export const redisKeys = {
   /** A homeserver transaction (fingerprint: txnId and body) fully handled; kept while it may be retried. */
   transaction: (prefix: string, fingerprint: string) => `${prefix}:txn:${fingerprint}`,
-  /** A Matrix event already relayed or answered: the dedupe that does not trust txnIds alone. */
+  /**
+   * A Matrix event already relayed or answered ("1"), or being handled ("claim:<uuid>", for a
+   * while): the dedupe that does not trust txnIds alone (see seen-events.ts).
+   */
   seenEvent: (prefix: string, eventId: string) => `${prefix}:seen-event:${eventId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
