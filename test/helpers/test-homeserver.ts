@@ -231,6 +231,12 @@ const LOG_LIMIT = 10_000;
 const DEFAULT_ROOM_VERSION = "10";
 const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
 const MEMBERSHIPS: readonly string[] = ["join", "invite", "leave", "ban", "knock"];
+/** `m.room.encryption` content as clients send it (CS API §m.room.encryption). */
+const MEGOLM = {
+  algorithm: "m.megolm.v1.aes-sha2",
+  rotation_period_ms: 604800000,
+  rotation_period_msgs: 100,
+};
 const SPEC_VERSIONS = [
   "r0.5.0",
   "r0.6.0",
@@ -511,6 +517,11 @@ export class TestHomeserver {
     invite?: string[];
     preset?: "public_chat" | "private_chat" | "trusted_private_chat";
     isDirect?: boolean;
+    /**
+     * With end-to-end encryption on from the start (`m.room.encryption` in initial_state), as Element
+     * creates private rooms, and as Synapse does for every room with `encryption_enabled_by_default_for_room_type`.
+     */
+    encrypted?: boolean;
   }): string {
     this.requireUser(opts.creator);
     let aliasLocal: string | undefined;
@@ -529,6 +540,7 @@ export class TestHomeserver {
         topic: opts.topic,
         invite: opts.invite,
         is_direct: opts.isDirect,
+        initial_state: opts.encrypted ? [{ type: "m.room.encryption", content: MEGOLM } as Json] : undefined,
       },
     );
   }
@@ -554,6 +566,30 @@ export class TestHomeserver {
   ): string {
     const room = this.requireRoom(this.resolveRoom(roomId));
     return this.putState(room, { userId: sender, isAs: false, txnScope: "" }, type, stateKey, content, {});
+  }
+
+  /** Turns end-to-end encryption on (CS API §Enabling end-to-end encryption); it cannot be turned off. */
+  enableEncryption(roomId: string, sender: string): string {
+    return this.sendState(roomId, sender, "m.room.encryption", "", MEGOLM);
+  }
+
+  /**
+   * An encrypted message as a client sends it (`m.room.encrypted`, m.megolm.v1.aes-sha2): opaque to the
+   * homeserver and to an appservice without the room's keys. The homeserver does not check the room is encrypted.
+   */
+  sendEncrypted(roomId: string, sender: string): string {
+    return this.sendMessage(
+      roomId,
+      sender,
+      {
+        algorithm: MEGOLM.algorithm,
+        ciphertext: randomChunk(96).toString("base64").replace(/=+$/, ""),
+        device_id: "TESTDEVICE",
+        sender_key: randomChunk(32).toString("base64").replace(/=+$/, ""),
+        session_id: randomChunk(32).toString("base64").replace(/=+$/, ""),
+      },
+      "m.room.encrypted",
+    );
   }
 
   joinRoom(roomIdOrAlias: string, userId: string): string {

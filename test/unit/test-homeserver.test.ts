@@ -621,3 +621,22 @@ describe("TestHomeserver: appservice ping (AS API §Pinging)", () => {
     );
   });
 });
+
+describe("TestHomeserver: end-to-end encryption state (CS API §End-to-End Encryption)", () => {
+  it("a room can be created encrypted or have encryption enabled; encrypted events are opaque", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const encrypted = hs.createRoom({ creator: alice, encrypted: true });
+      assert.equal(hs.stateEvent(encrypted, "m.room.encryption")?.content.algorithm, "m.megolm.v1.aes-sha2");
+      const plain = hs.createRoom({ creator: alice });
+      assert.equal(hs.stateEvent(plain, "m.room.encryption"), undefined);
+      hs.enableEncryption(plain, alice);
+      assert.equal(hs.stateEvent(plain, "m.room.encryption")?.content.algorithm, "m.megolm.v1.aes-sha2");
+      const id = hs.sendEncrypted(encrypted, alice);
+      const ev = hs.events(encrypted).find((e) => e.event_id === id)!;
+      assert.equal(ev.type, "m.room.encrypted");
+      assert.equal(typeof ev.content.ciphertext, "string");
+      assert.equal(ev.content.body, undefined);
+    });
+  });
+});
