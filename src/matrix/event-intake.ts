@@ -15,6 +15,7 @@ import { downloadAttachments } from "./attachments.js";
 import { fromMatrixContent } from "./format.js";
 import { relationsOf } from "./relations.js";
 import { isCommand, type Commands } from "./commands.js";
+import type { EncryptedRooms } from "./encrypted-rooms.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 
@@ -61,6 +62,8 @@ export interface EventIntakeOptions {
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   /** What a connector can do, by name: edits and redactions are queued only where it can act on them. */
   capabilitiesOf(connector: string): Capabilities | undefined;
+  /** Told of rooms with end-to-end encryption and of the events in them no one here can read. */
+  encryption: Pick<EncryptedRooms, "enabled" | "undecryptable" | "joined">;
   log: Logger;
 }
 
@@ -94,6 +97,9 @@ export class EventIntake {
       if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
+    // Client-Server API §End-to-End Encryption: not supported yet, and said so (encrypted-rooms.ts).
+    if (ev.type === "m.room.encryption" && ev.state_key === "") return this.o.encryption.enabled(ev);
+    if (ev.type === "m.room.encrypted") return this.o.encryption.undecryptable(ev);
     if (ev.type === "m.room.redaction") {
       // Room v11 moved `redacts` into the content.
       const target = ev.redacts ?? ev.content.redacts;
@@ -189,6 +195,7 @@ export class EventIntake {
       matrix
         .joinBot(ev.room_id)
         .then(() => log.info({ roomId: ev.room_id, invitedBy }, "joined a room after an invite"))
+        .then(() => this.o.encryption.joined(ev.room_id))
         .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
     }
     if (membership === "leave" || membership === "ban") {

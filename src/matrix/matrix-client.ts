@@ -350,6 +350,24 @@ export class MatrixClient {
     }
   }
 
+  /**
+   * The content of a state event of a room, as the bot reads it (Client-Server API §GET
+   * /rooms/{roomId}/state/{eventType}/{stateKey}); undefined when the room has none (404).
+   */
+  async roomState(roomId: string, type: string, stateKey = ""): Promise<Record<string, unknown> | undefined> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/${encodeURIComponent(type)}/${encodeURIComponent(stateKey)}`;
+    const what = `GET ${path}`;
+    const { status, data } = await this.dispatch(what, { method: "GET", path: this.basePath + path });
+    if (status === 404) return undefined;
+    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
+    try {
+      const content = JSON.parse(data.toString("utf8")) as unknown;
+      return typeof content === "object" && content !== null ? (content as Record<string, unknown>) : {};
+    } catch (err) {
+      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
+    }
+  }
+
   /** Registers the ghost (m.login.application_service) and sets its display name, once. */
   private ensureGhost(userId: string, displayName: string): Promise<void> {
     let ready = this.readyGhosts.get(userId);

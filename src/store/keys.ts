@@ -16,6 +16,10 @@ export const redisKeys = {
    * while): the dedupe that does not trust txnIds alone (see seen-events.ts).
    */
   seenEvent: (prefix: string, eventId: string) => `${prefix}:seen-event:${eventId}`,
+  /** A room known to be end-to-end encrypted (see encrypted-rooms.ts), for every instance to read. */
+  encryptedRoom: (prefix: string, roomId: string) => `${prefix}:encrypted-room:${roomId}`,
+  /** The room was told that tribridge cannot use it while encrypted: the notice goes once. */
+  encryptionNotice: (prefix: string, roomId: string) => `${prefix}:encryption-notice:${roomId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */

@@ -61,6 +61,7 @@ describe("EventIntake: each event once", () => {
           await sleep(20); // a Redis write takes a while: long enough for the other to look
           enqueued.push(id);
         }),
+      encryption: { enabled: () => undefined, undecryptable: () => undefined, joined: async () => undefined },
       log,
     });
   }
