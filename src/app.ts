@@ -16,6 +16,7 @@ import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { adminMatcher } from "./matrix/commands.js";
+import { EncryptedRooms } from "./matrix/encrypted-rooms.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
@@ -108,10 +109,21 @@ export async function start({
       return queue;
     };
 
+    // Rooms with end-to-end encryption, not supported yet: told so, and never posted into in plaintext.
+    const encryption = new EncryptedRooms({
+      matrix,
+      routes,
+      redis,
+      prefix,
+      bot: { userId: bot, displayName: config.appservice.botDisplayName },
+      observeUndecryptable: metrics && ((room) => metrics.undecryptable(room)),
+      log: moduleLogger("encryption"),
+    });
+
     // Remote → Matrix: connectors emit into the to-matrix queue, whose worker posts as ghosts.
     const live = new LiveMessages(redis, prefix);
     const messages = new MessageMap(redis, prefix);
-    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages);
+    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages, encryption);
     const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id), {
       keptWhenDelivered,
     });
@@ -156,6 +168,7 @@ export async function start({
       isAdmin,
       connectorStates: () => host.states,
       queueStates,
+      encryptedRooms: () => encryption.statusLines(),
     });
     // Transactions from the homeserver: room messages into the to-<connector> queues.
     const intake = new EventIntake({
@@ -171,6 +184,7 @@ export async function start({
       upgraded: followRoomUpgrades(routes, matrix, bot, log),
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       capabilitiesOf: (name) => connectors.find((c) => c.name === name)?.capabilities,
+      encryption,
       log,
     });
     const server = new AppserviceServer(
@@ -192,7 +206,7 @@ export async function start({
 
     await matrix.start(lifetime.signal);
     void matrix.reportReachability();
-    await joinRouteRooms(routes, delivery, bot);
+    await joinRouteRooms(routes, delivery, encryption, bot);
 
     for (const q of queues) await q.start();
     let metricsPort: number | undefined;
@@ -266,16 +280,35 @@ function queueOptions(config: Config, redisUrl: string, instanceId: string) {
   };
 }
 
-/** Joins each route's room at start; one that cannot be joined yet is tried again when a relay needs it. */
-async function joinRouteRooms(routes: RouteTable, delivery: RoomDelivery, bot: string): Promise<void> {
+/**
+ * Joins each route's room at start, and learns whether it is encrypted (which tells the room, the
+ * first time); one that cannot be joined yet is tried again when a relay needs it.
+ */
+async function joinRouteRooms(
+  routes: RouteTable,
+  delivery: RoomDelivery,
+  encryption: EncryptedRooms,
+  bot: string,
+): Promise<void> {
   for (const route of routes.routes) {
+    let roomId: string;
     try {
-      await delivery.roomIdFor(route.id);
+      roomId = await delivery.roomIdFor(route.id);
     } catch (err) {
       log.warn(
         { route: route.id, room: route.room, err: errorMessage(err) },
         `cannot join the route's room yet; invite ${bot}`,
       );
+      continue;
     }
+    // Read again before the first relay into the room, if it cannot be read now.
+    await encryption
+      .check(roomId)
+      .catch((err: unknown) =>
+        log.warn(
+          { route: route.id, roomId, err: errorMessage(err) },
+          "could not read whether the room is encrypted",
+        ),
+      );
   }
 }

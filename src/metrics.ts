@@ -34,6 +34,7 @@ export class Metrics {
   private readonly failed: Counter<"queue" | "reason">;
   private readonly relaySeconds: Histogram<"queue">;
   private readonly transactions: Counter<"outcome">;
+  private readonly undecryptableEvents: Counter<"room">;
   private server: Server | undefined;
 
   constructor(sources: MetricSources) {
@@ -80,6 +81,14 @@ export class Metrics {
       name: "tribridge_transactions_total",
       help: "Transactions pushed by the homeserver, by outcome",
       labelNames: ["outcome"],
+      registers,
+    });
+    this.undecryptableEvents = new Counter({
+      name: "tribridge_undecryptable_events_total",
+      help:
+        "Events in end-to-end encrypted rooms (m.room.encrypted) that tribridge cannot read and so " +
+        "did not relay, by room: a route's room, or another (a room for commands)",
+      labelNames: ["room"],
       registers,
     });
     const queueGauge = (name: string, help: string, pick: (q: QueueState) => number) =>
@@ -142,6 +151,10 @@ export class Metrics {
 
   transaction(outcome: TransactionOutcome): void {
     this.transactions.inc({ outcome });
+  }
+
+  undecryptable(room: "route" | "other"): void {
+    this.undecryptableEvents.inc({ room });
   }
 
   /** Serves GET /metrics on bind:port; resolves with the port bound. */

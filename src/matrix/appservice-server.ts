@@ -11,6 +11,8 @@ import { hash, timingSafeEqual } from "node:crypto";
 import type { Logger } from "../log.js";
 import { errorMessage } from "../errors.js";
 import { close, listen } from "../http-listen.js";
+import { LogLimiter } from "../log-limiter.js";
+import { isUserId } from "./ids.js";
 
 export interface MatrixEvent {
   event_id: string;
@@ -42,7 +44,11 @@ export interface AppserviceHandlers {
 export type TransactionOutcome =
   "relayed" | "echo" | "duplicate" | "unauthorized" | "forbidden" | "malformed";
 
-const MAX_BODY_BYTES = 32 * 1024 * 1024;
+/** The largest transaction body read; a larger one is answered 413 M_TOO_LARGE. */
+export const MAX_BODY_BYTES = 32 * 1024 * 1024;
+/** After a 413, what more of the body is read (and dropped) so the answer arrives, not a reset. */
+const DRAIN_MAX_BYTES = 2 * MAX_BODY_BYTES;
+const DRAIN_TIMEOUT_MS = 10_000;
 const TRANSACTION_PATH = /^(?:\/_matrix\/app\/v1)?\/transactions\/([^/]+)$/;
 const USER_PATH = /^(?:\/_matrix\/app\/v1)?\/users\/([^/]+)$/;
 const ROOM_PATH = /^(?:\/_matrix\/app\/v1)?\/rooms\/([^/]+)$/;
@@ -65,20 +71,44 @@ function tokenOf(req: IncomingMessage, url: URL): string | undefined {
   return url.searchParams.get("access_token") ?? undefined;
 }
 
+const tooLarge = () => Object.assign(new Error(`body larger than ${MAX_BODY_BYTES} bytes`), { status: 413 });
+
+/**
+ * The request body, up to MAX_BODY_BYTES; over that (declared or read), rejects with status 413
+ * and leaves the rest of the body to drainAfterTooLarge.
+ */
 function readBody(req: IncomingMessage): Promise<Buffer> {
+  if (Number(req.headers["content-length"]) > MAX_BODY_BYTES) return Promise.reject(tooLarge());
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    req.on("data", (c: Buffer) => {
+    const onData = (c: Buffer) => {
       size += c.length;
-      if (size > MAX_BODY_BYTES) {
-        reject(Object.assign(new Error("body too large"), { status: 413 }));
-        req.destroy();
-      } else chunks.push(c);
-    });
+      if (size <= MAX_BODY_BYTES) return void chunks.push(c);
+      req.off("data", onData);
+      chunks.length = 0;
+      reject(tooLarge());
+    };
+    req.on("data", onData);
     req.on("end", () => resolve(Buffer.concat(chunks)));
     req.on("error", reject);
   });
+}
+
+/**
+ * After a 413 answer (sent with `Connection: close`): the client may still be writing its body.
+ * Closing the socket now would turn our answer into a reset on its side (unread data makes the
+ * kernel send RST), so the rest is read and dropped, within bounds, and the socket closes after.
+ */
+function drainAfterTooLarge(req: IncomingMessage): void {
+  let drained = 0;
+  const timer = setTimeout(() => req.socket.destroy(), DRAIN_TIMEOUT_MS).unref();
+  req.on("data", (c: Buffer) => {
+    drained += c.length;
+    if (drained > DRAIN_MAX_BYTES) req.socket.destroy();
+  });
+  req.on("close", () => clearTimeout(timer));
+  req.resume();
 }
 
 export class AppserviceServer {
@@ -88,6 +118,8 @@ export class AppserviceServer {
   port = 0;
 
   private readonly hsTokenDigest: Buffer;
+  /** Refused events are logged at most once a minute per kind of problem. */
+  private readonly refusals = new LogLimiter();
 
   constructor(
     hsToken: string,
@@ -102,11 +134,16 @@ export class AppserviceServer {
       this.handle(req, res).catch((err: unknown) => {
         const status = (err as { status?: number }).status ?? 500;
         this.log.warn({ err: errorMessage(err), status }, "appservice request failed");
-        if (!res.headersSent)
-          send(res, status, {
-            errcode: status === 413 ? "M_TOO_LARGE" : "M_UNKNOWN",
-            error: errorMessage(err),
-          });
+        if (res.headersSent) return;
+        if (status === 413) {
+          // Client-Server API §Standard error response: M_TOO_LARGE. The answer first, then close.
+          res.setHeader("Connection", "close");
+          drainAfterTooLarge(req);
+        }
+        send(res, status, {
+          errcode: status === 413 ? "M_TOO_LARGE" : "M_UNKNOWN",
+          error: errorMessage(err),
+        });
       });
     });
     server.keepAliveTimeout = 65_000;
@@ -171,9 +208,7 @@ export class AppserviceServer {
       observe("malformed");
       return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
     }
-    const events = parsed.events.filter(isEvent);
-    const dropped = parsed.events.length - events.length;
-    if (dropped > 0) this.log.warn({ txnId, dropped }, "transaction had malformed events; ignored them");
+    const events = this.wellFormed(txnId, parsed.events);
     // Under load most transactions only echo what our ghosts sent: nothing to do, nothing to remember.
     if (events.every((ev) => this.handlers.ignores(ev))) {
       observe("echo");
@@ -192,6 +227,31 @@ export class AppserviceServer {
     send(res, 200, {});
   }
 
+  /**
+   * The events that are what AS API §Pushing events says a transaction holds (client-format
+   * events, Client-Server API §Room event format). The others are refused here, so nothing after
+   * this reads a field of the wrong type (a `content` that is a list, a `sender` that is no user
+   * id) or relays an event from no one; each kind of problem logged at a bounded rate.
+   */
+  private wellFormed(txnId: string, raw: unknown[]): MatrixEvent[] {
+    const events: MatrixEvent[] = [];
+    const problems = new Map<string, number>();
+    for (const e of raw) {
+      const problem = problemOf(e);
+      if (problem === undefined) events.push(e as MatrixEvent);
+      else problems.set(problem, (problems.get(problem) ?? 0) + 1);
+    }
+    for (const [problem, count] of problems) {
+      const gate = this.refusals.pass(problem, count);
+      if (gate)
+        this.log.warn(
+          { txnId, problem, count, refusedSinceLastLine: gate.heldBack },
+          "refused events from the homeserver that are not well-formed",
+        );
+    }
+    return events;
+  }
+
   close(): Promise<void> {
     return close(this.server);
   }
@@ -205,16 +265,22 @@ function decodePathSegment(segment: string): string | undefined {
   }
 }
 
-function isEvent(e: unknown): e is MatrixEvent {
-  const o = e as Partial<MatrixEvent> | null;
-  return (
-    typeof o === "object" &&
-    o !== null &&
-    typeof o.event_id === "string" &&
-    typeof o.room_id === "string" &&
-    typeof o.sender === "string" &&
-    typeof o.type === "string" &&
-    typeof o.content === "object" &&
-    o.content !== null
-  );
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === "object" && v !== null && !Array.isArray(v);
+const nonEmpty = (v: unknown): v is string => typeof v === "string" && v !== "";
+
+/** What is wrong with an event of a transaction, if anything (Client-Server API §Room event format). */
+function problemOf(e: unknown): string | undefined {
+  if (!isObject(e)) return "not an object";
+  if (!nonEmpty(e.event_id)) return "event_id is not a string";
+  if (!nonEmpty(e.type)) return "type is not a string";
+  // `!opaque:server`, or, from room version 12, `!` and a hash without a server name.
+  if (typeof e.room_id !== "string" || !/^!.+/.test(e.room_id)) return "room_id is not a room id";
+  if (!isUserId(e.sender)) return "sender is not a user id (Appendix §User Identifiers)";
+  if (!isObject(e.content)) return "content is not an object";
+  if (e.state_key !== undefined && typeof e.state_key !== "string") return "state_key is not a string";
+  if (e.redacts !== undefined && typeof e.redacts !== "string") return "redacts is not a string";
+  if (e.origin_server_ts !== undefined && !Number.isInteger(e.origin_server_ts))
+    return "origin_server_ts is not an integer";
+  return undefined;
 }

@@ -32,11 +32,12 @@ ${COMMAND_PREFIX} retry all: put every failed relay back on its queue
 ${COMMAND_PREFIX} retry ID…: put these failed relays back
 In a route's room, failed and retry are about that room's relays; elsewhere, about all.`;
 
-/** The status command's answer. */
+/** The status command's answer; `more`: lines of other parts (e.g. encrypted rooms), as they are. */
 export function formatStatus(
   routes: number,
   connectors: Record<string, { state: string; reason?: string }>,
   queues: Record<string, { waiting: number; active: number; failedList: number; holding: boolean }>,
+  more: readonly string[] = [],
 ): string {
   const lines = [`tribridge is running with ${routes} route(s).`];
   for (const [ref, { state, reason }] of Object.entries(connectors))
@@ -47,6 +48,7 @@ export function formatStatus(
       `${name}: ${q.waiting} batch(es) waiting, ${q.active} being delivered, ${q.failedList} failed${holding}`,
     );
   }
+  lines.push(...more);
   return lines.join("\n");
 }
 

@@ -9,12 +9,13 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { ResolvedEndpoint } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
-import { redisKeys } from "../store/keys.js";
+import { SeenEvents } from "../store/seen-events.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { downloadAttachments } from "./attachments.js";
 import { fromMatrixContent } from "./format.js";
 import { relationsOf } from "./relations.js";
 import { isCommand, type Commands } from "./commands.js";
+import type { EncryptedRooms } from "./encrypted-rooms.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 
@@ -61,19 +62,31 @@ export interface EventIntakeOptions {
   enqueue(endpoint: ResolvedEndpoint, roomId: string, id: string, job: ToRemoteJob): Promise<void>;
   /** What a connector can do, by name: edits and redactions are queued only where it can act on them. */
   capabilitiesOf(connector: string): Capabilities | undefined;
+  /** Told of rooms with end-to-end encryption and of the events in them no one here can read. */
+  encryption: Pick<EncryptedRooms, "enabled" | "undecryptable" | "joined">;
   log: Logger;
 }
 
 export class EventIntake {
-  constructor(private readonly o: EventIntakeOptions) {}
+  private readonly seen: SeenEvents;
 
-  /** Every event takes the same awaits, so their items are enqueued in the order of the transaction. */
+  constructor(private readonly o: EventIntakeOptions) {
+    this.seen = new SeenEvents(o.redis, o.prefix, SEEN_EVENT_TTL_SEC);
+  }
+
+  /**
+   * Every event takes the same awaits, so their items are enqueued in the order of the transaction.
+   * An event the transaction holds twice is handled once: handled at once, both copies would pass
+   * the seen-check before either is recorded.
+   */
   async handle(events: readonly MatrixEvent[]): Promise<void> {
-    await Promise.all(events.map((ev) => this.handleOne(ev)));
+    const ids = new Set<string>();
+    const unique = events.filter((ev) => !ids.has(ev.event_id) && ids.add(ev.event_id));
+    await Promise.all(unique.map((ev) => this.handleOne(ev)));
   }
 
   private async handleOne(ev: MatrixEvent): Promise<void> {
-    const { routes, redis, log } = this.o;
+    const { routes, log } = this.o;
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
@@ -84,21 +97,23 @@ export class EventIntake {
       if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
-    const seenKey = redisKeys.seenEvent(this.o.prefix, ev.event_id);
+    // Client-Server API §End-to-End Encryption: not supported yet, and said so (encrypted-rooms.ts).
+    if (ev.type === "m.room.encryption" && ev.state_key === "") return this.o.encryption.enabled(ev);
+    if (ev.type === "m.room.encrypted") return this.o.encryption.undecryptable(ev);
     if (ev.type === "m.room.redaction") {
       // Room v11 moved `redacts` into the content.
       const target = ev.redacts ?? ev.content.redacts;
       if (typeof target !== "string") return;
       await this.o.live.forget(target);
-      if (!routes.isRouteRoom(ev.room_id) || (await redis.exists(seenKey)) === 1) return;
+      if (!routes.isRouteRoom(ev.room_id)) return;
       const reason = typeof ev.content.reason === "string" ? { reason: ev.content.reason } : {};
-      await this.relay(ev, reason, "redactions", { kind: "redaction", redacts: target });
-      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+      await this.seen.once(ev.event_id, () =>
+        this.relay(ev, reason, "redactions", { kind: "redaction", redacts: target }),
+      );
       return;
     }
     if (isCommand(ev)) {
-      if ((await redis.exists(seenKey)) === 1) return;
-      await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
+      if (!(await this.seen.once(ev.event_id, async () => undefined))) return;
       // Not a relay: answered on the side, without holding up the transaction.
       this.o.commands
         .handle(ev)
@@ -108,18 +123,21 @@ export class EventIntake {
       return;
     }
     if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
-    if ((await redis.exists(seenKey)) === 1) return;
+    await this.seen.once(ev.event_id, () => this.relayMessage(ev));
+  }
+
+  /** A room message: an edit, or a message tribridge relays, is enqueued (see relay). */
+  private async relayMessage(ev: MatrixEvent): Promise<void> {
     if (relationsOf(ev.content).replaces !== undefined) {
       await this.relay(ev, ev.content, "edits", { kind: "edit" });
     } else if (!fromMatrixContent(ev.content, ev.sender)) {
-      log.debug(
+      this.o.log.debug(
         { eventId: ev.event_id, msgtype: ev.content.msgtype },
         "room message not relayed (empty, or a msgtype not relayed)",
       );
     } else {
       await this.relay(ev, ev.content);
     }
-    await redis.set(seenKey, "1", "EX", SEEN_EVENT_TTL_SEC);
   }
 
   /**
@@ -177,6 +195,7 @@ export class EventIntake {
       matrix
         .joinBot(ev.room_id)
         .then(() => log.info({ roomId: ev.room_id, invitedBy }, "joined a room after an invite"))
+        .then(() => this.o.encryption.joined(ev.room_id))
         .catch((err: unknown) => log.warn({ err: errorMessage(err) }, "join after invite failed"));
     }
     if (membership === "leave" || membership === "ban") {

@@ -127,12 +127,20 @@ export function fromMatrixContent(
     case "m.file":
     case "m.audio":
     case "m.video":
-      return { text: `${body} (${String(content.url ?? "")})` };
+      return { text: withLink(body, content.url) };
     case "m.location":
-      return { text: `${body} (${String(content.geo_uri ?? "")})` };
+      return { text: withLink(body, content.geo_uri) };
     default:
       return undefined;
   }
+}
+
+/**
+ * `body (link)`, or the body alone when the link (a media `url`, a location's `geo_uri`) is
+ * missing or not a string: an event of the wrong shape never shows "[object Object]".
+ */
+function withLink(body: string, link: unknown): string {
+  return typeof link === "string" && link !== "" ? `${body} (${link})` : body;
 }
 
 /**

@@ -61,6 +61,22 @@ export function ghostNamespaceRegex(naming: GhostNaming, ghostTag: string): stri
   return `^@${escapeRegex(naming.ghostPrefix + ghostTag)}_[^:]+:${escapeRegex(naming.domain)}$`;
 }
 
+/**
+ * A server name (Appendix §Server Name): an IPv4 address, a bracketed IPv6 address or a DNS name,
+ * with an optional port.
+ */
+const SERVER_NAME = String.raw`(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,255})(?::[0-9]{1,5})?`;
+/**
+ * A user id (Appendix §User Identifiers): `@localpart:server_name`, at most 255 bytes. The
+ * localpart as ids may still have it (§Historical User IDs): any printable ASCII but `:`, at
+ * least one character.
+ */
+const USER_ID = new RegExp(String.raw`^@[\x21-\x39\x3B-\x7E]+:${SERVER_NAME}$`);
+
+export function isUserId(s: unknown): s is string {
+  return typeof s === "string" && s.length <= MAX_USER_ID_BYTES && USER_ID.test(s); // ASCII: length = bytes
+}
+
 export function botUserId(botLocalpart: string, domain: string): string {
   return `@${botLocalpart}:${domain}`;
 }

@@ -113,7 +113,7 @@ export class MatrixClient {
 
   /**
    * Waits until the homeserver answers and accepts our as_token (retrying with back-off, and saying
-   * which of the two is missing), then sets the bot's profile.
+   * which of the two is missing), then registers the bot and sets its profile (see setUpBot).
    */
   async start(signal: AbortSignal): Promise<void> {
     for (let attempt = 1; ; attempt++) {
@@ -140,10 +140,41 @@ export class MatrixClient {
         await sleep(delay, undefined, { signal });
       }
     }
+    await this.setUpBot();
+  }
+
+  /**
+   * Registers the bot user, then sets its display name. The as_token acts as the appservice's own
+   * user (`sender_localpart`) without a registration, but a homeserver creates no profile for it
+   * until it is registered: Synapse answers GET /profile with 404 and fails PUT …/displayname. So
+   * it is registered like a ghost (Client-Server API §POST /_matrix/client/v3/register with
+   * `type: m.login.application_service`, Application Service API §Server admin style permissions),
+   * without a device (`inhibit_login`); M_USER_IN_USE means an earlier start did it. Never throws:
+   * a bot without its display name still relays.
+   */
+  private async setUpBot(): Promise<void> {
+    const { botUserId, botDisplayName, registration, log } = this.opts;
     try {
-      await this.bridge.getIntent(this.opts.botUserId).ensureProfile(this.opts.botDisplayName);
+      const { status, data } = await this.dispatch("POST /register", {
+        method: "POST",
+        path: `${this.basePath}/_matrix/client/v3/register`,
+        body: {
+          type: "m.login.application_service",
+          username: registration.sender_localpart,
+          inhibit_login: true,
+        },
+      });
+      const body = errorBodyOf(data);
+      if (status === 200) log.info({ userId: botUserId }, "registered the bot user");
+      else if (body.errcode !== "M_USER_IN_USE")
+        throw classifyMatrixError(status, body, `registering ${botUserId}`);
+      const path = `/_matrix/client/v3/profile/${encodeURIComponent(botUserId)}/displayname`;
+      // 404: no display name yet (the spec's answer; Synapse's is 200 without one).
+      const current = await this.request("GET", path, botUserId).catch(() => ({}) as Record<string, unknown>);
+      if (current.displayname !== botDisplayName)
+        await this.request("PUT", path, botUserId, { displayname: botDisplayName });
     } catch (err) {
-      this.opts.log.warn({ err: errorMessage(err) }, "could not set the bot's display name");
+      log.warn({ err: errorMessage(err) }, "could not register the bot user or set its display name");
     }
   }
 
@@ -176,9 +207,13 @@ export class MatrixClient {
       const body = errorBodyOf(data) as MatrixErrorBody & { duration_ms?: number };
       if (status === 200) return { reachable: true, durationMs: Number(body.duration_ms) };
       const detail = `${status} ${body.errcode ?? ""} ${body.error ?? ""}`.trim();
-      // A homeserver older than the endpoint answers as for any unknown one.
-      if ((status === 404 || status === 405) && (body.errcode ?? "M_UNRECOGNIZED") === "M_UNRECOGNIZED")
-        return { reachable: undefined, detail };
+      // A homeserver older than the endpoint answers as for any unknown one: 404 or 405, with
+      // M_UNRECOGNIZED or no Matrix error at all (a proxy), or, Synapse before 1.84, 400
+      // M_UNRECOGNIZED. It does not say whether it reaches us.
+      const unknownEndpoint =
+        body.errcode === "M_UNRECOGNIZED" ||
+        (body.errcode === undefined && (status === 404 || status === 405));
+      if (unknownEndpoint) return { reachable: undefined, detail: `no appservice ping: ${detail}` };
       return { reachable: false, detail };
     } catch (err) {
       return { reachable: undefined, detail: `could not ask: ${errorMessage(err)}` };
@@ -194,7 +229,8 @@ export class MatrixClient {
     else if (result.reachable === undefined)
       this.opts.log.info(
         { detail: result.detail },
-        "could not check that the homeserver reaches tribridge (no appservice ping before Matrix v1.7, or no answer)",
+        "could not check that the homeserver reaches tribridge (no appservice ping before Matrix v1.7 " +
+          "and Synapse 1.84, or no answer): the first room event to arrive will show it does",
       );
     else
       this.opts.log.error(
@@ -311,6 +347,24 @@ export class MatrixClient {
           "could not check whether the room was upgraded",
         );
       return undefined;
+    }
+  }
+
+  /**
+   * The content of a state event of a room, as the bot reads it (Client-Server API §GET
+   * /rooms/{roomId}/state/{eventType}/{stateKey}); undefined when the room has none (404).
+   */
+  async roomState(roomId: string, type: string, stateKey = ""): Promise<Record<string, unknown> | undefined> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/${encodeURIComponent(type)}/${encodeURIComponent(stateKey)}`;
+    const what = `GET ${path}`;
+    const { status, data } = await this.dispatch(what, { method: "GET", path: this.basePath + path });
+    if (status === 404) return undefined;
+    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
+    try {
+      const content = JSON.parse(data.toString("utf8")) as unknown;
+      return typeof content === "object" && content !== null ? (content as Record<string, unknown>) : {};
+    } catch (err) {
+      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
     }
   }
 

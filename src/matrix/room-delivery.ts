@@ -11,6 +11,7 @@ import { retentionFor, type AccountMessages, type MessageMap } from "../store/me
 import { aboutFile, attachmentBytes, checkAttachments } from "./attachments.js";
 import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
+import type { EncryptedRooms } from "./encrypted-rooms.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 import { inboundRelation } from "./relations.js";
@@ -93,6 +94,8 @@ export class RoomDelivery {
     connectors: readonly ConnectorDefinition[],
     private readonly live: LiveMessages,
     private readonly messages: MessageMap,
+    /** Refuses a room with end-to-end encryption: nothing is posted into it in plaintext. */
+    private readonly encryption?: Pick<EncryptedRooms, "refusePlaintext">,
   ) {
     this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
     this.definitions = new Map(connectors.map((c) => [c.name, c]));
@@ -152,6 +155,7 @@ export class RoomDelivery {
       `the ${job.connector} connector`,
     );
     const roomId = await this.roomIdFor(found.route.id);
+    await this.encryption?.refusePlaintext(roomId);
     const sender = {
       userId: this.ghostIds.get(`${tag}\u0000${job.account}\u0000${job.sender.id}`, () =>
         ghostUserId(this.naming, tag, job.account, job.sender.id),

@@ -11,8 +11,15 @@
 export const redisKeys = {
   /** A homeserver transaction (fingerprint: txnId and body) fully handled; kept while it may be retried. */
   transaction: (prefix: string, fingerprint: string) => `${prefix}:txn:${fingerprint}`,
-  /** A Matrix event already relayed or answered: the dedupe that does not trust txnIds alone. */
+  /**
+   * A Matrix event already relayed or answered ("1"), or being handled ("claim:<uuid>", for a
+   * while): the dedupe that does not trust txnIds alone (see seen-events.ts).
+   */
   seenEvent: (prefix: string, eventId: string) => `${prefix}:seen-event:${eventId}`,
+  /** A room known to be end-to-end encrypted (see encrypted-rooms.ts), for every instance to read. */
+  encryptedRoom: (prefix: string, roomId: string) => `${prefix}:encrypted-room:${roomId}`,
+  /** The room was told that tribridge cannot use it while encrypted: the notice goes once. */
+  encryptionNotice: (prefix: string, roomId: string) => `${prefix}:encryption-notice:${roomId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */

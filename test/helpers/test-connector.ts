@@ -34,6 +34,8 @@ export class TestConnector implements Connector<TestEndpoint> {
   readonly edits: { edit: OutboundEdit; endpoint: EndpointBinding<TestEndpoint> }[] = [];
   /** What `redact` was called with, in order; repeats of an id once. */
   readonly redactions: { redaction: OutboundRedaction; endpoint: EndpointBinding<TestEndpoint> }[] = [];
+  /** Every `send` call, repeats included (`sent` has each message once, as a far side would show it). */
+  readonly calls: SentMessage[] = [];
   watched: readonly EndpointBinding<TestEndpoint>[] = [];
   /** Thrown by the next `send` calls, one each, before anything is recorded. */
   readonly failures: Error[] = [];
@@ -65,6 +67,7 @@ export class TestConnector implements Connector<TestEndpoint> {
   }
 
   async send(message: OutboundMessage, endpoint: EndpointBinding<TestEndpoint>): Promise<SendResult> {
+    this.calls.push({ message, endpoint, remoteId: "" });
     const failure = this.failures.shift();
     if (failure) throw failure;
     // Idempotent by message id, as the contract asks: a repeat reports the first send's remote id.

@@ -50,6 +50,11 @@ export interface TestHomeserverOptions {
   pushTimeoutMs?: number;
   /** Largest upload to the content repository (Synapse `max_upload_size`, default 50M); larger → 413 M_TOO_LARGE. */
   maxUploadBytes?: number;
+  /**
+   * The appservice ping endpoint (AS API §Pinging, Matrix v1.7). Default "supported". "absent": a homeserver
+   * from before it, answering as Synapse before 1.84 does for an unknown endpoint (400 M_UNRECOGNIZED).
+   */
+  appservicePing?: "supported" | "absent";
 }
 
 /**
@@ -226,6 +231,12 @@ const LOG_LIMIT = 10_000;
 const DEFAULT_ROOM_VERSION = "10";
 const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
 const MEMBERSHIPS: readonly string[] = ["join", "invite", "leave", "ban", "knock"];
+/** `m.room.encryption` content as clients send it (CS API §m.room.encryption). */
+const MEGOLM = {
+  algorithm: "m.megolm.v1.aes-sha2",
+  rotation_period_ms: 604800000,
+  rotation_period_msgs: 100,
+};
 const SPEC_VERSIONS = [
   "r0.5.0",
   "r0.6.0",
@@ -319,6 +330,12 @@ export class TestHomeserver {
     maxDelayMs: number;
   };
   private readonly senderId: string;
+  /**
+   * Whether the AS sender user was registered (POST /register). Synapse lets the as_token act as the sender
+   * without that (whoami, joins, sends), but has no profile for it until it is: GET /profile answers 404 and
+   * PUT /profile/…/displayname 500 (its profile-size check reads a row that does not exist).
+   */
+  private senderRegistered = false;
   private readonly userNs: { exclusive: boolean; re: RegExp }[];
   private readonly aliasNs: { exclusive: boolean; re: RegExp }[];
   private readonly roomNs: { exclusive: boolean; re: RegExp }[];
@@ -369,6 +386,7 @@ export class TestHomeserver {
       maxEventsPerTransaction: opts.maxEventsPerTransaction ?? 100,
       pushTimeoutMs: opts.pushTimeoutMs ?? 30_000,
       maxUploadBytes: opts.maxUploadBytes ?? MAX_UPLOAD_BYTES,
+      appservicePing: opts.appservicePing ?? "supported",
       initialDelayMs: opts.retry?.initialDelayMs ?? 200,
       maxDelayMs: opts.retry?.maxDelayMs ?? 8000,
     };
@@ -391,7 +409,7 @@ export class TestHomeserver {
       const mod = base.protocol === "https:" ? https : http;
       this.pushTarget = { mod, base, prefix: base.pathname.replace(/\/+$/, "") };
     }
-    // The AS sender user always exists (it is what the as_token authenticates as).
+    // The AS sender user can always act (it is what the as_token authenticates as); see senderRegistered.
     this.createUser(this.senderId);
     this.defineRoutes();
   }
@@ -499,6 +517,11 @@ export class TestHomeserver {
     invite?: string[];
     preset?: "public_chat" | "private_chat" | "trusted_private_chat";
     isDirect?: boolean;
+    /**
+     * With end-to-end encryption on from the start (`m.room.encryption` in initial_state), as Element
+     * creates private rooms, and as Synapse does for every room with `encryption_enabled_by_default_for_room_type`.
+     */
+    encrypted?: boolean;
   }): string {
     this.requireUser(opts.creator);
     let aliasLocal: string | undefined;
@@ -517,6 +540,7 @@ export class TestHomeserver {
         topic: opts.topic,
         invite: opts.invite,
         is_direct: opts.isDirect,
+        initial_state: opts.encrypted ? [{ type: "m.room.encryption", content: MEGOLM } as Json] : undefined,
       },
     );
   }
@@ -542,6 +566,30 @@ export class TestHomeserver {
   ): string {
     const room = this.requireRoom(this.resolveRoom(roomId));
     return this.putState(room, { userId: sender, isAs: false, txnScope: "" }, type, stateKey, content, {});
+  }
+
+  /** Turns end-to-end encryption on (CS API §Enabling end-to-end encryption); it cannot be turned off. */
+  enableEncryption(roomId: string, sender: string): string {
+    return this.sendState(roomId, sender, "m.room.encryption", "", MEGOLM);
+  }
+
+  /**
+   * An encrypted message as a client sends it (`m.room.encrypted`, m.megolm.v1.aes-sha2): opaque to the
+   * homeserver and to an appservice without the room's keys. The homeserver does not check the room is encrypted.
+   */
+  sendEncrypted(roomId: string, sender: string): string {
+    return this.sendMessage(
+      roomId,
+      sender,
+      {
+        algorithm: MEGOLM.algorithm,
+        ciphertext: randomChunk(96).toString("base64").replace(/=+$/, ""),
+        device_id: "TESTDEVICE",
+        sender_key: randomChunk(32).toString("base64").replace(/=+$/, ""),
+        session_id: randomChunk(32).toString("base64").replace(/=+$/, ""),
+      },
+      "m.room.encrypted",
+    );
   }
 
   joinRoom(roomIdOrAlias: string, userId: string): string {
@@ -602,8 +650,9 @@ export class TestHomeserver {
     return [...this.rooms.keys()];
   }
 
+  /** A registered user's profile; undefined for an unknown user, and for the AS sender until it registers. */
   profile(userId: string): { displayname?: string; avatar_url?: string } | undefined {
-    const u = this.users.get(userId);
+    const u = this.registeredUser(userId);
     if (!u) return undefined;
     const p: { displayname?: string; avatar_url?: string } = {};
     if (u.displayname !== undefined) p.displayname = u.displayname;
@@ -612,7 +661,7 @@ export class TestHomeserver {
   }
 
   isRegistered(userId: string): boolean {
-    return this.users.has(userId);
+    return this.registeredUser(userId) !== undefined;
   }
 
   resolveAlias(alias: string): string | undefined {
@@ -802,6 +851,12 @@ export class TestHomeserver {
       throw err(400, "M_INVALID_USERNAME", "User ID may not be longer than 255");
     if (this.users.has(userId)) throw err(400, "M_USER_IN_USE", "User ID already taken.");
     return userId;
+  }
+
+  /** The user, if it was registered: the AS sender acts without that, but has no profile until it is. */
+  private registeredUser(userId: string): User | undefined {
+    if (userId === this.senderId && !this.senderRegistered) return undefined;
+    return this.users.get(userId);
   }
 
   private requireUser(userId: string): User {
@@ -1969,13 +2024,13 @@ export class TestHomeserver {
     // CS API §Profiles.
     r("GET", `${C}/profile/:userId`, "none", "none", async (ctx) => {
       const u = await this.lookupUserWithQuery(ctx.params[0]!);
-      if (!u) throw notFound("Profile was not found");
+      if (!u || !this.registeredUser(u.userId)) throw notFound("Profile was not found");
       return ok(this.profile(u.userId));
     });
     for (const field of ["displayname", "avatar_url"] as const) {
       r("GET", `${C}/profile/:userId/${field}`, "none", "none", async (ctx) => {
         const u = await this.lookupUserWithQuery(ctx.params[0]!);
-        if (!u) throw notFound("Profile was not found");
+        if (!u || !this.registeredUser(u.userId)) throw notFound("Profile was not found");
         // Spec: 404 when the user has no such field (Synapse answers 200 {} instead).
         if (u[field] === undefined) throw notFound(`The user has no ${field}`);
         return ok({ [field]: u[field] });
@@ -1989,6 +2044,8 @@ export class TestHomeserver {
         if (typeof v === "string" && v.length > (field === "displayname" ? 256 : 1000)) {
           throw badJson(`${field} is too long`);
         }
+        // Synapse: no profile row for an unregistered AS sender; its profile-size check fails on that.
+        if (!this.registeredUser(target)) throw err(500, "M_UNKNOWN", "Internal server error");
         this.setProfileField(this.requireUser(target), field, (v ?? undefined) as string | undefined);
         return ok({});
       });
@@ -2023,7 +2080,8 @@ export class TestHomeserver {
     });
 
     // AS API §Pinging (CS API POST /_matrix/client/v1/appservice/{appserviceId}/ping).
-    r("POST", "/_matrix/client/v1/appservice/:appserviceId/ping", "user", "json?", (ctx) =>
+    const pingAuth = this.opts.appservicePing === "absent" ? "none" : "user"; // unknown: refused before auth
+    r("POST", "/_matrix/client/v1/appservice/:appserviceId/ping", pingAuth, "json?", (ctx) =>
       this.handlePing(ctx),
     );
 
@@ -2079,7 +2137,8 @@ export class TestHomeserver {
    * POST /register. Behaviour (Synapse):
    * - type m.login.application_service: needs the as_token (401 M_MISSING_TOKEN / M_UNKNOWN_TOKEN); `user_id`
    *   masquerading is not applied; username must be a valid localpart (400 M_INVALID_USERNAME), in the AS user
-   *   namespace (400 M_EXCLUSIVE) and free (400 M_USER_IN_USE). The AS sender always exists → M_USER_IN_USE.
+   *   namespace (400 M_EXCLUSIVE) and free (400 M_USER_IN_USE). The AS sender can register once (it acts before
+   *   that, without a profile), then M_USER_IN_USE.
    * - an access token with another (or missing) type: 400 M_UNKNOWN, as Synapse ("An access token should not be
    *   provided on requests to /register (except if type is m.login.application_service)").
    * - no token: normal registration is disabled here → 403 M_FORBIDDEN (use registerUser()).
@@ -2107,8 +2166,13 @@ export class TestHomeserver {
       if (!this.userInterests(userId)) {
         throw err(400, "M_EXCLUSIVE", "Invalid user localpart for this application service.");
       }
-      this.checkNewUser(b.username);
-      this.createUser(userId);
+      if (userId === this.senderId && !this.senderRegistered) {
+        // The sender acted before (see senderRegistered): registering it creates its profile.
+        this.senderRegistered = true;
+      } else {
+        this.checkNewUser(b.username);
+        this.createUser(userId);
+      }
       const resp: Json = { user_id: userId, home_server: this.serverName };
       if (b.inhibit_login !== true) {
         const token = newToken("syt_");
@@ -2129,6 +2193,8 @@ export class TestHomeserver {
   }
 
   private async handlePing(ctx: Ctx): Promise<Reply> {
+    // Synapse before 1.84 has no such endpoint: 400 M_UNRECOGNIZED, as it answered any unknown one.
+    if (this.opts.appservicePing === "absent") throw err(400, "M_UNRECOGNIZED", "Unrecognized request");
     const rq = ctx.requester!;
     if (!rq.isAs || ctx.token !== this.registration.as_token || ctx.params[0] !== this.registration.id) {
       throw forbidden("Provided access token does not belong to the specified appservice");

@@ -5,8 +5,10 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { request as httpRequest } from "node:http";
 import { setTimeout as sleep } from "node:timers/promises";
-import { moduleLogger } from "../../src/log.js";
+import { pino } from "pino";
+import { moduleLogger, type Logger } from "../../src/log.js";
 import {
   AppserviceServer,
   type AppserviceHandlers,
@@ -90,9 +92,12 @@ interface Reply {
   body: unknown;
 }
 
-async function withServer(fn: (srv: Client, h: MemoryHandlers) => Promise<void>): Promise<void> {
+async function withServer(
+  fn: (srv: Client, h: MemoryHandlers) => Promise<void>,
+  logger: Logger = log,
+): Promise<void> {
   const handlers = new MemoryHandlers();
-  const server = new AppserviceServer(HS_TOKEN, handlers, log);
+  const server = new AppserviceServer(HS_TOKEN, handlers, logger);
   await server.listen(0, "127.0.0.1");
   try {
     await fn(new Client(`http://127.0.0.1:${server.port}`), handlers);
@@ -357,6 +362,106 @@ test("a malformed percent-encoding in the txnId → 400, not 500", async () => {
     const r = await c.request("PUT", "/_matrix/app/v1/transactions/%E0%A4%A", { body: { events: [] } });
     assert.equal(r.status, 400);
   });
+});
+
+test("a body over the limit gets 413 M_TOO_LARGE before the connection closes (declared or chunked)", async () => {
+  await withServer(async (c, h) => {
+    const port = Number(new URL(c.base).port);
+    const big = Buffer.alloc(40 * 1024 * 1024, 0x20); // the limit is 32 MiB
+    for (const declared of [true, false]) {
+      const answer = await new Promise<{ status: number; body: string; connection?: string }>(
+        (resolve, reject) => {
+          const req = httpRequest(
+            {
+              host: "127.0.0.1",
+              port,
+              method: "PUT",
+              path: "/_matrix/app/v1/transactions/big",
+              headers: {
+                authorization: `Bearer ${HS_TOKEN}`,
+                "content-type": "application/json",
+                ...(declared ? { "content-length": big.length } : {}),
+              },
+            },
+            (res) => {
+              const chunks: Buffer[] = [];
+              res.on("data", (d: Buffer) => chunks.push(d));
+              res.on("end", () =>
+                resolve({
+                  status: res.statusCode!,
+                  body: Buffer.concat(chunks).toString(),
+                  connection: res.headers.connection,
+                }),
+              );
+            },
+          );
+          req.on("error", reject); // a reset: what the homeserver saw before
+          // Written in pieces, as a homeserver's client does: the answer may come while it writes.
+          let at = 0;
+          const writeMore = () => {
+            while (at < big.length) {
+              const ok = req.write(big.subarray(at, at + 65536));
+              at += 65536;
+              if (!ok) return void req.once("drain", writeMore);
+            }
+            req.end();
+          };
+          writeMore();
+        },
+      );
+      assert.equal(answer.status, 413, `declared: ${declared}`);
+      assert.equal(JSON.parse(answer.body).errcode, "M_TOO_LARGE");
+      assert.equal(answer.connection, "close");
+    }
+    assert.equal(h.touched, false);
+    // The server still answers.
+    assert.equal((await c.txn("after", [event("$after")])).status, 200);
+  });
+});
+
+test("events whose fields have the wrong type or an invalid sender are refused; logged at a bounded rate", async () => {
+  const lines: { msg: string }[] = [];
+  const logger = pino({ level: "info" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+  await withServer(async (c, h) => {
+    const refused = [
+      { ...event("$array-content"), content: ["a"] },
+      { ...event("$state-key"), type: "m.room.member", state_key: 5, content: { membership: "join" } },
+      { ...event("$empty-sender"), sender: "" },
+      { ...event("$no-at"), sender: "alice:test.local" },
+      { ...event("$no-server"), sender: "@alice" },
+      { ...event("$empty-localpart"), sender: "@:test.local" },
+      { ...event("$space"), sender: "@al ice:test.local" },
+      { ...event("$bad-server"), sender: "@alice:test_local!" },
+      { ...event("$too-long"), sender: `@${"a".repeat(250)}:test.local` },
+      { ...event("$room"), room_id: "not-a-room" },
+      { ...event("$empty-id"), event_id: "" },
+      { ...event("$empty-type"), type: "" },
+      { ...event("$ts"), origin_server_ts: "yesterday" },
+    ];
+    const accepted = [
+      event("$ok"),
+      // Historical user ids (Appendix §Historical User IDs): any printable ASCII but ':'.
+      { ...event("$historical"), sender: "@Alice_Old!:test.local" },
+      { ...event("$ip"), sender: "@alice:[::1]:8448" },
+      { ...event("$port"), sender: "@alice:127.0.0.1:8448" },
+      // Room version 12: a room id without a server name.
+      { ...event("$v12"), room_id: "!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM" },
+    ];
+    const warnings = () => lines.filter((l) => /refused/.test(l.msg)).length;
+    let first = 0;
+    for (let i = 0; i < 50; i++) {
+      const r = await c.txn(`t${i}`, [...refused, ...accepted]);
+      assert.equal(r.status, 200);
+      if (i === 0) first = warnings();
+    }
+    assert.deepEqual(
+      h.batches[0]!.map((e) => e.event_id),
+      ["$ok", "$historical", "$ip", "$port", "$v12"],
+    );
+    assert.ok(first >= 1, "refusals are logged");
+    assert.ok(first <= refused.length, "a line per kind of problem at most");
+    assert.equal(warnings(), first, "at a bounded rate: not a line per transaction");
+  }, logger);
 });
 
 test("malformed events are dropped; the well-formed ones are delivered in order", async () => {

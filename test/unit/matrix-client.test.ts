@@ -18,6 +18,7 @@ import {
 } from "../../src/matrix/matrix-error.js";
 import type { Registration } from "../../src/matrix/registration.js";
 import { freePort } from "../helpers/fixture.js";
+import { TestHomeserver } from "../helpers/test-homeserver.js";
 
 const BOT = "@tribridge:test.local";
 const registration: Registration = {
@@ -84,6 +85,8 @@ describe("MatrixClient against a scripted homeserver", () => {
           return json(res, status, body);
         }
         if (url.includes("/profile/")) return json(res, 200, { displayname: "Bridge" });
+        if (url.includes("/register"))
+          return json(res, 400, { errcode: "M_USER_IN_USE", error: "User ID already taken." });
         seen.push({ method: req.method!, url, auth: req.headers.authorization });
         handler(req, res, Buffer.concat(chunks));
       });
@@ -306,6 +309,11 @@ describe("MatrixClient against a scripted homeserver", () => {
 
     answer(404, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
     assert.equal((await c.ping()).reachable, undefined);
+    // Synapse before 1.84 answers an unknown endpoint 400 M_UNRECOGNIZED.
+    answer(400, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+    assert.equal((await c.ping()).reachable, undefined);
+    answer(405, { errcode: "M_UNRECOGNIZED", error: "Unrecognized request" });
+    assert.equal((await c.ping()).reachable, undefined);
     handler = (_req, res) => res.writeHead(404).end();
     assert.equal((await c.ping()).reachable, undefined);
 
@@ -354,5 +362,98 @@ describe("Matrix errors, typed", () => {
     const plain = relabel(new RetryableError("socket closed", 3), "x");
     assert.ok(plain instanceof RetryableError);
     assert.deepEqual([plain.message, plain.retryAfterMs], ["x: socket closed", 3]);
+  });
+});
+
+/** MatrixClient against the test homeserver, which behaves as Synapse does where these tests look. */
+describe("MatrixClient against the test homeserver", () => {
+  const asRegistration: Registration = { ...registration, url: "http://127.0.0.1:9" };
+
+  async function withClient(
+    opts: { appservicePing?: "supported" | "absent" },
+    fn: (c: MatrixClient, hs: TestHomeserver) => Promise<void>,
+  ): Promise<void> {
+    const hs = new TestHomeserver({ registration: asRegistration, ...opts });
+    const { url } = await hs.start();
+    const c = new MatrixClient({
+      homeserverUrl: url,
+      domain: "test.local",
+      botUserId: BOT,
+      botDisplayName: "Bridge",
+      registration: asRegistration,
+      log,
+    });
+    try {
+      await fn(c, hs);
+    } finally {
+      c.stop();
+      await hs.stop();
+    }
+  }
+
+  test("start registers the bot (m.login.application_service, inhibit_login) and sets its display name", async () => {
+    await withClient({}, async (c, hs) => {
+      // Synapse: the appservice's own user acts without being registered, but has no profile.
+      assert.equal(hs.profile(BOT), undefined);
+      await c.start(new AbortController().signal);
+      assert.equal(hs.isRegistered(BOT), true, "the bot is registered");
+      assert.equal(hs.profile(BOT)?.displayname, "Bridge");
+      const register = hs.requests.filter((r) => r.path === "/_matrix/client/v3/register");
+      assert.deepEqual(
+        register.map((r) => r.status),
+        [200],
+      );
+    });
+  });
+
+  test("a bot registered before (M_USER_IN_USE) is fine: its display name is set all the same", async () => {
+    await withClient({}, async (c, hs) => {
+      const earlier = new MatrixClient({
+        homeserverUrl: hs.url,
+        domain: "test.local",
+        botUserId: BOT,
+        botDisplayName: "Old name",
+        registration: asRegistration,
+        log,
+      });
+      await earlier.start(new AbortController().signal);
+      earlier.stop();
+      assert.equal(hs.profile(BOT)?.displayname, "Old name");
+      logged.length = 0;
+      await c.start(new AbortController().signal);
+      assert.equal(hs.profile(BOT)?.displayname, "Bridge");
+      assert.deepEqual(
+        hs.requests.filter((r) => r.path === "/_matrix/client/v3/register").map((r) => r.status),
+        [200, 400],
+      );
+      assert.deepEqual(
+        logged.filter((l) => l.level >= 40),
+        [],
+      );
+    });
+  });
+
+  test("a homeserver without the ping endpoint (Synapse before 1.84: 400 M_UNRECOGNIZED) is not reported unreachable", async () => {
+    await withClient({ appservicePing: "absent" }, async (c) => {
+      const result = await c.ping();
+      assert.equal(result.reachable, undefined, JSON.stringify(result));
+      logged.length = 0;
+      await c.reportReachability();
+      assert.deepEqual(
+        logged.filter((l) => l.level >= 40).map((l) => l.msg),
+        [],
+        "no error: events may well arrive",
+      );
+      assert.match(logged[0]!.msg, /no appservice ping/);
+    });
+  });
+
+  test("a homeserver with the ping endpoint that cannot reach the bridge is reported, as an error", async () => {
+    await withClient({}, async (c) => {
+      logged.length = 0;
+      await c.reportReachability();
+      assert.equal(logged[0]!.level, 50);
+      assert.match(logged[0]!.msg, /cannot reach tribridge at http:\/\/127\.0\.0\.1:9/);
+    });
   });
 });

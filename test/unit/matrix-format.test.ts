@@ -160,7 +160,19 @@ test("fromMatrixContent: media becomes text with the url", () => {
 });
 
 test("fromMatrixContent: media without a url (e.g. encrypted file) still gives text", () => {
-  assert.deepEqual(fromMatrixContent({ msgtype: "m.file", body: "f.bin" }, "A"), { text: "f.bin ()" });
+  assert.deepEqual(fromMatrixContent({ msgtype: "m.file", body: "f.bin" }, "A"), { text: "f.bin" });
+});
+
+test("fromMatrixContent: a url or geo_uri of the wrong type is left out, never '[object Object]'", () => {
+  for (const url of [{ mxc: "x" }, 5, null, ["mxc://a/b"], ""])
+    assert.deepEqual(fromMatrixContent({ msgtype: "m.image", body: "cat.jpg", url }, "A"), {
+      text: "cat.jpg",
+    });
+  assert.deepEqual(fromMatrixContent({ msgtype: "m.location", body: "here", geo_uri: { lat: 1 } }, "A"), {
+    text: "here",
+  });
+  for (const body of [{ text: "hi" }, 42, null, ["hi"]])
+    assert.equal(fromMatrixContent({ msgtype: "m.text", body }, "A"), undefined);
 });
 
 test("[spec: event replacements] edits (rel_type m.replace) are not relayed", () => {

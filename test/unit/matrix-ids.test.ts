@@ -7,8 +7,10 @@ import {
   escapeRegex,
   ghostNamespaceRegex,
   ghostUserId,
+  isUserId,
   namespaceRegexes,
 } from "../../src/matrix/ids.js";
+import { LogLimiter } from "../../src/log-limiter.js";
 
 const naming = { ghostPrefix: "_tb_", domain: "example.org", botLocalpart: "tribridge" };
 const LOCALPART = /^[a-z0-9._=-]*$/;
@@ -162,4 +164,45 @@ test("namespace regexes handle a domain with a port", () => {
   const re = new RegExp(ghostNamespaceRegex(n, "mqtt"));
   assert.equal(re.test(ghostUserId(n, "mqtt", "home", "d")), true);
   assert.equal(re.test("@_tb_mqtt_home_d:localhost"), false);
+});
+
+test("[spec: Appendix, User Identifiers] isUserId: @localpart:server_name, historical localparts, ≤ 255 bytes", () => {
+  for (const ok of [
+    "@alice:example.org",
+    "@_tb_mqtt_home_dev:example.org",
+    "@Alice!Old#1:example.org", // historical: any printable ASCII but ':'
+    "@a:127.0.0.1:8448",
+    "@a:[::1]",
+    "@a:[2001:db8::1]:8448",
+    `@${"a".repeat(240)}:example.org`,
+  ])
+    assert.equal(isUserId(ok), true, ok);
+  for (const bad of [
+    "",
+    "@",
+    "@:example.org",
+    "alice:example.org",
+    "@alice",
+    "@alice:",
+    "@al ice:example.org",
+    "@alicé:example.org",
+    "@alice:exa_mple.org",
+    "@alice:example.org:port",
+    "@alice:example.org:123456",
+    `@${"a".repeat(250)}:example.org`,
+    5,
+    null,
+    { user: "@a:b" },
+  ])
+    assert.equal(isUserId(bad), false, JSON.stringify(bad));
+});
+
+test("LogLimiter: one line per key per interval, with how many it held back", () => {
+  const limiter = new LogLimiter(1000);
+  assert.deepEqual(limiter.pass("a", 1, 0), { heldBack: 0 });
+  assert.equal(limiter.pass("a", 3, 10), undefined);
+  assert.deepEqual(limiter.pass("b", 1, 20), { heldBack: 0 });
+  assert.equal(limiter.pass("a", 1, 999), undefined);
+  assert.deepEqual(limiter.pass("a", 1, 1000), { heldBack: 4 });
+  assert.equal(limiter.pass("a", 1, 1500), undefined);
 });

@@ -215,11 +215,32 @@ describe("TestHomeserver: registration", () => {
       assert.equal(dup.status, 400);
       assert.equal(dup.body.errcode, "M_USER_IN_USE");
 
+      // The AS sender acts without registering, but has a profile only once registered (as Synapse).
+      assert.equal(hs.isRegistered(hs.appserviceUserId), false);
+      const noProfile = await call(hs, "GET", `${C}/profile/${enc(hs.appserviceUserId)}`);
+      assert.equal(noProfile.status, 404);
+      const noName = await call(hs, "PUT", `${C}/profile/${enc(hs.appserviceUserId)}/displayname`, {
+        token: AS_TOKEN,
+        body: { displayname: "Bot" },
+      });
+      assert.equal(noName.status, 500);
       const bot = await call(hs, "POST", `${C}/register`, {
+        token: AS_TOKEN,
+        body: { type: "m.login.application_service", username: "bridgebot", inhibit_login: true },
+      });
+      assert.equal(bot.status, 200, JSON.stringify(bot.body));
+      assert.equal(bot.body.user_id, hs.appserviceUserId);
+      const named = await call(hs, "PUT", `${C}/profile/${enc(hs.appserviceUserId)}/displayname`, {
+        token: AS_TOKEN,
+        body: { displayname: "Bot" },
+      });
+      assert.equal(named.status, 200);
+      assert.deepEqual(hs.profile(hs.appserviceUserId), { displayname: "Bot" });
+      const botAgain = await call(hs, "POST", `${C}/register`, {
         token: AS_TOKEN,
         body: { type: "m.login.application_service", username: "bridgebot" },
       });
-      assert.equal(bot.body.errcode, "M_USER_IN_USE");
+      assert.equal(botAgain.body.errcode, "M_USER_IN_USE");
 
       const bad = await call(hs, "POST", `${C}/register`, {
         token: AS_TOKEN,
@@ -577,5 +598,45 @@ describe("TestHomeserver: pushing to the appservice", () => {
       await hs.stop();
       await as.close();
     }
+  });
+});
+
+describe("TestHomeserver: appservice ping (AS API §Pinging)", () => {
+  it("answers the ping; without it (appservicePing: absent) answers as Synapse before 1.84: 400 M_UNRECOGNIZED", async () => {
+    const path = `/_matrix/client/v1/appservice/tribridge-test/ping`;
+    await withHs(async (hs) => {
+      const r = await call(hs, "POST", path, { token: AS_TOKEN, body: {} });
+      assert.equal(r.status, 400);
+      assert.equal(r.body.errcode, "M_URL_NOT_SET"); // registration.url is null here
+    });
+    await withHs(
+      async (hs) => {
+        for (const token of [AS_TOKEN, undefined]) {
+          const r = await call(hs, "POST", path, { token, body: {} });
+          assert.equal(r.status, 400);
+          assert.equal(r.body.errcode, "M_UNRECOGNIZED");
+        }
+      },
+      { appservicePing: "absent" },
+    );
+  });
+});
+
+describe("TestHomeserver: end-to-end encryption state (CS API §End-to-End Encryption)", () => {
+  it("a room can be created encrypted or have encryption enabled; encrypted events are opaque", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const encrypted = hs.createRoom({ creator: alice, encrypted: true });
+      assert.equal(hs.stateEvent(encrypted, "m.room.encryption")?.content.algorithm, "m.megolm.v1.aes-sha2");
+      const plain = hs.createRoom({ creator: alice });
+      assert.equal(hs.stateEvent(plain, "m.room.encryption"), undefined);
+      hs.enableEncryption(plain, alice);
+      assert.equal(hs.stateEvent(plain, "m.room.encryption")?.content.algorithm, "m.megolm.v1.aes-sha2");
+      const id = hs.sendEncrypted(encrypted, alice);
+      const ev = hs.events(encrypted).find((e) => e.event_id === id)!;
+      assert.equal(ev.type, "m.room.encrypted");
+      assert.equal(typeof ev.content.ciphertext, "string");
+      assert.equal(ev.content.body, undefined);
+    });
   });
 });
