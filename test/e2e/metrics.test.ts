@@ -67,9 +67,13 @@ describe("metrics", () => {
     const forged = await h.hs.pushRaw("/_matrix/app/v1/transactions/x1", { events: [] }, "wrong-token");
     assert.equal(forged.status, 403);
 
-    const text = await waitFor("the failed relay to be counted", async () => {
+    // A relay is counted once it is recorded, a moment after the device has the command.
+    const text = await waitFor("the failed relay and the command to be counted", async () => {
       const t = await scrape();
-      return sample(t, 'tribridge_failed_list_length{queue="to-matrix"}') === 1 ? t : undefined;
+      const counted =
+        sample(t, 'tribridge_failed_list_length{queue="to-matrix"}') === 1 &&
+        sample(t, 'tribridge_messages_relayed_total{queue="to-mqtt"}') === 1;
+      return counted ? t : undefined;
     });
     assert.equal(sample(text, 'tribridge_messages_received_total{connector="mqtt",account="home"}'), 4);
     assert.equal(sample(text, 'tribridge_messages_relayed_total{queue="to-matrix"}'), 3);
