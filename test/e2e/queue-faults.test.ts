@@ -8,16 +8,14 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
 import { pino } from "pino";
 import { OrderedQueue } from "../../src/queue/ordered-queue.js";
-import { REDIS_URL, deleteKeys, freePort, waitFor } from "../helpers/fixture.js";
+import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
 import { testQueueOptions } from "../helpers/queues.js";
+import { startRedisServer } from "../helpers/redis-server.js";
 
 const LEASE = { leaseMs: 2_000, renewMs: 400 };
 
@@ -30,28 +28,12 @@ function disorder(delivered: number[]): { inversions: number; repeats: number } 
 }
 
 test("Redis away for longer than a lease: one worker per shard when it is back, order kept, nothing twice", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), "tribridge-pause-"));
-  const port = await freePort();
-  const server = spawn(
-    "redis-server",
-    ["--port", String(port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", dir, "--save", ""],
-    { stdio: "ignore" },
-  );
-  const url = `redis://127.0.0.1:${port}`;
-  const probe = new Redis(url, { lazyConnect: true });
+  const { url, process: server, stop } = await startRedisServer(["--appendonly", "yes"]);
+  const probe = new Redis(url);
   t.after(async () => {
     probe.disconnect();
-    server.kill("SIGCONT");
-    server.kill("SIGTERM");
-    await new Promise((r) => server.once("exit", r));
-    rmSync(dir, { recursive: true, force: true });
+    await stop();
   });
-  await waitFor("redis-server", () =>
-    probe.connect().then(
-      () => true,
-      () => false,
-    ),
-  );
 
   const delivered: number[] = [];
   let inFlight = 0;

@@ -6,15 +6,12 @@
  */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { Redis } from "ioredis";
 import { moduleLogger } from "../../src/log.js";
 import { ExclusiveRuns } from "../../src/queue/exclusive-runs.js";
-import { REDIS_URL, deleteKeys, freePort, waitFor } from "../helpers/fixture.js";
+import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
+import { startRedisServer } from "../helpers/redis-server.js";
 
 const log = moduleLogger("exclusive-test");
 log.level = "silent";
@@ -145,34 +142,9 @@ test("the holder dies (no renewal, its lease not given up): the other runs it on
 });
 
 test("Redis stops answering: the holder's run is aborted before its lease can expire; afterwards one runs", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), "tribridge-exclusive-"));
-  const port = await freePort();
-  const url = `redis://127.0.0.1:${port}`;
-  const s = scope(t, url);
-  const server = spawn(
-    "redis-server",
-    ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--save", "", "--appendonly", "no"],
-    { stdio: "ignore" },
-  );
-  // Cleaned up after the instances (their stop gives the lease back through this server).
-  s.onCleanup(async () => {
-    server.kill("SIGCONT");
-    server.kill("SIGTERM");
-    await new Promise((r) => server.once("exit", r));
-    rmSync(dir, { recursive: true, force: true });
-  });
-  await waitFor("redis-server", async () => {
-    const probe = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-    probe.on("error", () => undefined);
-    try {
-      await probe.connect();
-      return true;
-    } catch {
-      return false;
-    } finally {
-      probe.disconnect();
-    }
-  });
+  const server = await startRedisServer();
+  const s = scope(t, server.url);
+  s.onCleanup(() => server.stop()); // after the instances: their stop gives the lease back through it
   const inbox = new Tracker();
   const a = s.instance("A");
   const b = s.instance("B");
@@ -181,12 +153,12 @@ test("Redis stops answering: the holder's run is aborted before its lease can ex
   b.runExclusive("INBOX", inbox.run("B"));
 
   const paused = performance.now();
-  server.kill("SIGSTOP"); // renewals go unanswered
+  server.process.kill("SIGSTOP"); // renewals go unanswered
   await waitFor("A's run aborted", () => inbox.running.size === 0, 4 * LEASE_MS);
   const stoppedAfter = performance.now() - paused;
   assert.ok(stoppedAfter <= LEASE_MS + 200, `A stopped ${Math.round(stoppedAfter)} ms into the outage`);
   assert.match(String(inbox.starts[0]!.signal.reason), /lease lost: no renewal answered/);
-  server.kill("SIGCONT");
+  server.process.kill("SIGCONT");
   await waitFor("one instance running again", () => inbox.running.size === 1, 10_000);
   assert.equal(inbox.mostAtOnce, 1, "never two at once");
 });
