@@ -29,6 +29,7 @@ import type { RouteTable } from "../routing/route-table.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import type { MatrixClient } from "./matrix-client.js";
+import { MatrixPermanentError } from "./matrix-error.js";
 
 export interface EncryptedRoomsOptions {
   matrix: Pick<MatrixClient, "roomState" | "sendAs">;
@@ -220,7 +221,8 @@ export class EncryptedRooms {
       const member = await this.o.matrix.roomState(roomId, "m.room.member", this.o.bot.userId);
       return member?.membership === "join";
     } catch (err) {
-      if (err instanceof PermanentError) return false; // 403: not in the room
+      // 403: not in the room (nor ever was); 404: no such room.
+      if (err instanceof MatrixPermanentError && (err.status === 403 || err.status === 404)) return false;
       throw err;
     }
   }
