@@ -31,6 +31,7 @@ import type { Publish } from "./publish.js";
 import { Acl } from "./acl.js";
 import { aclRulesSchema, anonymousAllowed, type EmbeddedBrokerConfig } from "./schema.js";
 import { SessionPresence } from "./session-presence.js";
+import { SessionSubscriptions, type SubscriptionPersistence } from "./session-subscriptions.js";
 import { topicFilterProblem, topicNameProblem } from "./topic.js";
 import { topicLimitProblem } from "./topic-limits.js";
 
@@ -101,6 +102,7 @@ export class EmbeddedBroker {
   private persistenceConnection: Redis | undefined;
   private sessions: SessionPresence | undefined;
   private persistence: RedisPersistence | undefined;
+  private subscriptions: SessionSubscriptions | undefined;
   /** Clients that sent an empty client id but asked to resume a session. */
   private readonly unidentified = new WeakSet<Client>();
   /** Publishes authorizePublish acknowledged without passing them on. */
@@ -132,6 +134,12 @@ export class EmbeddedBroker {
     const persistence = redisPersistence({ conn: this.persistenceConnection });
     this.persistence = persistence;
     this.sessions = new SessionPresence(this.persistenceConnection, CLIENT_OWNER_TTL_SEC);
+    const subscriptions = new SessionSubscriptions(
+      persistence as unknown as SubscriptionPersistence,
+      this.config.maxFiltersPerSubscribe,
+      this.log,
+    );
+    this.subscriptions = subscriptions;
     const broker = await Aedes.createBroker({
       persistence,
       preConnect: (client, packet, done) => {
@@ -143,7 +151,11 @@ export class EmbeddedBroker {
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
       authorizePublish: (client, packet, done) =>
         this.unlessHeld(client, packet, done, () => this.authorizePublish(client, packet, done)),
-      authorizeSubscribe: (client, sub, done) => done(null, this.authorizeSubscribe(client, sub)),
+      authorizeSubscribe: (client, sub, done) =>
+        done(
+          null,
+          subscriptions.authorize(client, sub, () => this.authorizeSubscribe(client, sub)),
+        ),
       // Also for messages queued in a session while it was offline: a session taken over by another
       // user (see claimClientId) must not hand over what that user may not read.
       authorizeForward: (client, packet) => (this.mayReceive(client, packet.topic) ? packet : null),
@@ -207,6 +219,7 @@ export class EmbeddedBroker {
   /** Hands a connection to aedes, closing it on a malformed packet or one larger than the size limit. */
   private handle(broker: Aedes, stream: Duplex, req?: IncomingMessage): void {
     const client = broker.handle(stream, req);
+    this.subscriptions?.watch(client);
     guardMalformedPackets(client, (problem, packet) =>
       this.log.warn(
         { clientId: client.id ?? undefined, packet, problem },

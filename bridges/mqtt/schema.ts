@@ -16,6 +16,8 @@ export const MQTT_DEFAULTS = {
   connectTimeoutMs: 10_000,
   dedupeWindowMs: 10 * 60_000, // how long a QoS>0 message id is remembered to drop redeliveries
   retainedMemoryMs: 30 * 24 * 3600_000, // which message set a topic's retained value (clearRetainedOnRedact)
+  // What one client may cost the embedded broker:
+  maxFiltersPerSubscribe: 1000, // more in one SUBSCRIBE are refused (SUBACK 0x80)
 } as const;
 
 const filterList = z.array(
@@ -52,6 +54,17 @@ export const embeddedUserSchema = z.strictObject({
     .describe("Client ids this user may connect with (default: any)"),
   ...aclFields,
 });
+
+/** What one client may cost the embedded broker. */
+const brokerLimits = {
+  maxFiltersPerSubscribe: z
+    .number()
+    .int()
+    .min(1)
+    .max(65_535)
+    .default(MQTT_DEFAULTS.maxFiltersPerSubscribe)
+    .describe("Topic filters one SUBSCRIBE may carry; those past it are refused (SUBACK 0x80)"),
+};
 
 export const embeddedBrokerSchema = z.strictObject({
   host: z
@@ -110,6 +123,7 @@ export const embeddedBrokerSchema = z.strictObject({
     .max(100)
     .default(MQTT_DEFAULTS.maxTopicLevels)
     .describe("A topic with more levels (a/b/c has 3) is refused like a longer one; at most 100"),
+  ...brokerLimits,
 });
 
 export const mqttAccountSchema = z

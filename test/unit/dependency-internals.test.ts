@@ -476,6 +476,102 @@ describe("aedes and aedes-persistence-redis: what bridges/mqtt/embedded-broker.t
   });
 });
 
+describe("aedes and aedes-persistence-redis: what the embedded broker's session-subscriptions.ts relies on", () => {
+  const SUBSCRIPTIONS = "bridges/mqtt/session-subscriptions.ts";
+  let runs = 0;
+
+  async function run(options: AedesOptions) {
+    const keyPrefix = `${prefix}:sessions-${runs++}:`;
+    const conn = redis({ keyPrefix });
+    const persistence = redisPersistence({ conn });
+    const broker = await Aedes.createBroker({ persistence, ...options });
+    const clients: Client[] = [];
+    const server: Server = createServer((socket) => clients.push(broker.handle(socket)));
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    cleanups.push(
+      () => new Promise<void>((resolve) => broker.close(() => resolve())),
+      () => new Promise<void>((resolve) => server.close(() => resolve())),
+    );
+    const port = (server.address() as AddressInfo).port;
+    const connect = async (o: IClientOptions) => {
+      const c = await mqtt.connectAsync(`mqtt://127.0.0.1:${port}`, { reconnectPeriod: 0, ...o });
+      cleanups.push(() => c.endAsync(true));
+      return c;
+    };
+    return {
+      broker,
+      persistence: persistence as unknown as Record<string, (...a: unknown[]) => unknown>,
+      conn,
+      clients,
+      connect,
+    };
+  }
+
+  test("a SUBSCRIBE: the parser emits it before aedes handles it; authorizeSubscribe gets its objects; addSubscriptions is called per granted filter with the packet's list", async () => {
+    const order: string[] = [];
+    const parsed: unknown[] = [];
+    const { broker, persistence, clients, connect } = await run({
+      authorizeSubscribe: (_client, sub, done) => {
+        order.push(`authorize ${sub.topic}`);
+        done(null, sub.topic.startsWith("no/") ? null : sub);
+      },
+    });
+    const calls: { subs: unknown; cb: boolean }[] = [];
+    const add = persistence.addSubscriptions!.bind(persistence);
+    persistence.addSubscriptions = (client, subs, cb) => {
+      calls.push({ subs, cb: cb !== undefined });
+      return add(client, subs, cb);
+    };
+    const device = await connect({ clientId: "dev-s", clean: false });
+    const parser = (clients.at(-1) as Client & { _parser?: { prependListener: Client["prependListener"] } })
+      ._parser;
+    assert.ok(parser, changed("aedes", "client._parser", `${SUBSCRIPTIONS} watch()`));
+    parser.prependListener("packet", (packet: { cmd: string; subscriptions?: unknown[] }) => {
+      if (packet.cmd !== "subscribe") return;
+      order.push("parsed");
+      parsed.push(...packet.subscriptions!);
+    });
+    const authorized: unknown[] = [];
+    const auth = broker.authorizeSubscribe;
+    broker.authorizeSubscribe = (client, sub, done) => (authorized.push(sub), auth(client, sub, done));
+    await device.subscribeAsync(["a/1", "no/2", "a/3"], { qos: 1 }).catch(() => undefined);
+    assert.deepEqual(
+      order,
+      ["parsed", "authorize a/1", "authorize no/2", "authorize a/3"],
+      changed(
+        "aedes",
+        "when a SUBSCRIBE is authorized (no longer after the parser's 'packet' event)",
+        `${SUBSCRIPTIONS} watch()`,
+      ),
+    );
+    assert.ok(
+      authorized.length === 3 && authorized.every((sub, i) => sub === parsed[i]),
+      changed(
+        "aedes",
+        "the subscription objects authorizeSubscribe gets (not the parsed packet's)",
+        `${SUBSCRIPTIONS} authorize()`,
+      ),
+    );
+    assert.ok(
+      calls.length === 2 && !calls[0]!.cb && calls[0]!.subs === calls[1]!.subs,
+      changed(
+        "aedes",
+        "how it stores a SUBSCRIBE (addSubscriptions once per granted filter, with one list, as a promise)",
+        `${SUBSCRIPTIONS} storeGranted()`,
+      ),
+    );
+    assert.deepEqual(
+      (calls[0]!.subs as { topic: string }[]).map((s) => s.topic),
+      ["a/1", "no/2", "a/3"],
+      changed(
+        "aedes",
+        "the list it gives addSubscriptions (no longer the packet's)",
+        `${SUBSCRIPTIONS} storeGranted()`,
+      ),
+    );
+  });
+});
+
 /**
  * A promise that notes whether anyone awaited it (or called then/catch/finally). `await` calls
  * `then` on it because its constructor is not Promise.
