@@ -32,6 +32,7 @@ import { Acl } from "./acl.js";
 import { aclRulesSchema, anonymousAllowed, type EmbeddedBrokerConfig } from "./schema.js";
 import { SessionPresence } from "./session-presence.js";
 import { SessionSubscriptions, type SubscriptionPersistence } from "./session-subscriptions.js";
+import { deliverWholeQueues, type OutgoingPersistence } from "./offline-queue.js";
 import { topicFilterProblem, topicNameProblem } from "./topic.js";
 import { topicLimitProblem } from "./topic-limits.js";
 
@@ -140,6 +141,7 @@ export class EmbeddedBroker {
       this.log,
     );
     this.subscriptions = subscriptions;
+    deliverWholeQueues(persistence as unknown as OutgoingPersistence, this.persistenceConnection);
     const broker = await Aedes.createBroker({
       persistence,
       preConnect: (client, packet, done) => {

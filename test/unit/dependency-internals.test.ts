@@ -16,6 +16,7 @@ import redisPersistence from "aedes-persistence-redis";
 import { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
+import { outgoingKey } from "../../bridges/mqtt/offline-queue.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
 import { RawClient, connect as connectPacket, publish, subscribe, unsubscribe } from "../helpers/mqtt-raw.js";
 
@@ -476,8 +477,9 @@ describe("aedes and aedes-persistence-redis: what bridges/mqtt/embedded-broker.t
   });
 });
 
-describe("aedes and aedes-persistence-redis: what the embedded broker's session-subscriptions.ts relies on", () => {
+describe("aedes and aedes-persistence-redis: what the embedded broker's session-subscriptions.ts and offline-queue.ts rely on", () => {
   const SUBSCRIPTIONS = "bridges/mqtt/session-subscriptions.ts";
+  const QUEUE = "bridges/mqtt/offline-queue.ts";
   let runs = 0;
 
   async function run(options: AedesOptions) {
@@ -567,6 +569,60 @@ describe("aedes and aedes-persistence-redis: what the embedded broker's session-
         "aedes",
         "the list it gives addSubscriptions (no longer the packet's)",
         `${SUBSCRIPTIONS} storeGranted()`,
+      ),
+    );
+  });
+
+  test("a session's queue is the list outgoing:<encoded id> of keys of msgpack-encoded packets, read at CONNECT through persistence.outgoingStream(client)", async () => {
+    const { persistence, conn, connect } = await run({});
+    const id = "dev/q 1";
+    const device = await connect({ clientId: id, clean: false });
+    await device.subscribeAsync("q/#", { qos: 1 });
+    await device.endAsync();
+    const publisher = await connect({ clientId: "pub-q" });
+    for (const n of ["1", "2"]) await publisher.publishAsync("q/t", n, { qos: 1 });
+    await waitFor("queued", async () => (await conn.llen(outgoingKey(id))) >= 2, 2000).catch(() => undefined);
+    const keys = await conn.lrange(outgoingKey(id), 0, -1);
+    const msgpack = createRequire(createRequire(import.meta.url).resolve("aedes-persistence-redis"))(
+      "msgpack-lite",
+    ) as { decode(b: Buffer): { topic?: string; payload?: Buffer } };
+    const values = keys.length > 0 ? await conn.mgetBuffer(...keys) : [];
+    assert.deepEqual(
+      values.map((v) => v && [msgpack.decode(v).topic, msgpack.decode(v).payload?.toString()]),
+      [
+        ["q/t", "1"],
+        ["q/t", "2"],
+      ],
+      changed("aedes-persistence-redis", "the layout of a session's queue", `${QUEUE} queuedMessages()`),
+    );
+    const streamed: unknown[] = [];
+    const stream = persistence.outgoingStream!.bind(persistence);
+    persistence.outgoingStream = (client) => (streamed.push((client as Client).id), stream(client));
+    const received: string[] = [];
+    const back = mqtt.connect(`mqtt://127.0.0.1:${(device.options as { port: number }).port}`, {
+      clientId: id,
+      clean: false,
+      reconnectPeriod: 0,
+    });
+    cleanups.push(() => back.endAsync(true));
+    back.on("message", (_t, payload) => received.push(payload.toString()));
+    await waitFor("the queue", () => received.length === 2, 5000).catch(() => undefined);
+    assert.deepEqual(
+      streamed,
+      [id],
+      changed("aedes", "how it reads a session's queue at CONNECT", `${QUEUE} deliverWholeQueues()`),
+    );
+    assert.deepEqual(received, ["1", "2"], changed("aedes", "how it delivers a session's queue", QUEUE));
+    await waitFor("acknowledged", async () => (await conn.llen(outgoingKey(id))) === 0, 5000).catch(
+      () => undefined,
+    );
+    assert.equal(
+      await conn.llen(outgoingKey(id)),
+      0,
+      changed(
+        "aedes-persistence-redis",
+        "how an acknowledged message leaves the queue",
+        `${QUEUE} nextPage()`,
       ),
     );
   });
