@@ -26,7 +26,8 @@ import { Redis } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
 import { guardMalformedPackets } from "./malformed-packet-guard.js";
-import { PACKET_OVERHEAD_BYTES, guardPacketSize } from "./packet-size-guard.js";
+import { ConnectionLimits } from "./connection-limits.js";
+import { PACKET_OVERHEAD_BYTES } from "./packet-size-guard.js";
 import type { Publish } from "./publish.js";
 import { Acl } from "./acl.js";
 import { aclRulesSchema, anonymousAllowed, type EmbeddedBrokerConfig } from "./schema.js";
@@ -104,6 +105,7 @@ export class EmbeddedBroker {
   private sessions: SessionPresence | undefined;
   private persistence: RedisPersistence | undefined;
   private subscriptions: SessionSubscriptions | undefined;
+  private readonly limits: ConnectionLimits;
   /** Clients that sent an empty client id but asked to resume a session. */
   private readonly unidentified = new WeakSet<Client>();
   /** Publishes authorizePublish acknowledged without passing them on. */
@@ -122,6 +124,7 @@ export class EmbeddedBroker {
     this.anonymous = anonymousAllowed(config);
     this.anonymousAcl = new Acl(config.anonymous ?? aclRulesSchema.parse({}));
     for (const user of config.users) this.userAcls.set(user, new Acl(user));
+    this.limits = new ConnectionLimits(config, log);
   }
 
   /** The TCP port actually bound (useful with port 0). */
@@ -165,6 +168,7 @@ export class EmbeddedBroker {
       connectTimeout: 30_000,
     });
     this.broker = broker;
+    this.limits.watch(broker);
     this.sessions.attach(broker);
     broker.on("clientError", (client: Client, err: Error) =>
       this.log.info({ clientId: client.id, err: err.message }, "mqtt client error"),
@@ -218,23 +222,15 @@ export class EmbeddedBroker {
     broker.publish = skipping as Aedes["publish"];
   }
 
-  /** Hands a connection to aedes, closing it on a malformed packet or one larger than the size limit. */
+  /**
+   * Hands a connection to aedes within the limits of connection-limits.ts (too many connections
+   * authenticating, a packet larger than the size limit), closing it on a malformed packet.
+   */
   private handle(broker: Aedes, stream: Duplex, req?: IncomingMessage): void {
-    const client = broker.handle(stream, req);
+    const client = this.limits.accept(stream, () => broker.handle(stream, req));
+    if (!client) return;
     this.subscriptions?.watch(client);
-    guardMalformedPackets(client, (problem, packet) =>
-      this.log.warn(
-        { clientId: client.id ?? undefined, packet, problem },
-        "mqtt connection closed: malformed packet",
-      ),
-    );
-    const max = this.config.maxPayloadBytes + PACKET_OVERHEAD_BYTES;
-    guardPacketSize(stream, max, (declared) =>
-      this.log.warn(
-        { declared, maxPayloadBytes: this.config.maxPayloadBytes },
-        "mqtt connection closed: a packet larger than the size limit was coming",
-      ),
-    );
+    guardMalformedPackets(client, (problem, packet) => this.limits.malformed(client, problem, packet));
   }
 
   private async listenAll(broker: Aedes): Promise<void> {
@@ -534,6 +530,7 @@ export class EmbeddedBroker {
       await new Promise<void>((resolve) => broker.close(() => resolve()));
     }
     await Promise.all(closed);
+    this.limits.stop();
     const redis = this.persistenceConnection;
     if (redis) {
       // quit() lets the commands aedes still has queued finish (disconnect() would fail them

@@ -12,16 +12,26 @@ import type { Duplex } from "node:stream";
 /** Room around a payload for the rest of a PUBLISH: topic (≤ 65,535 bytes), packet id, length fields. */
 export const PACKET_OVERHEAD_BYTES = 65_536 + 16;
 
+/** Why a connection was closed: the size its packet announced, or what was wrong with it. */
+export type Refusal = number | "malformed" | "not-connect";
+
+/**
+ * The first packet, sent before the client is authenticated, must be a CONNECT [MQTT-3.1.0-1] of
+ * at most `maxFirstPacketBytes`: a connection is closed at its first byte otherwise, or as the
+ * CONNECT's header arrives.
+ */
 export function guardPacketSize(
   stream: Duplex,
   maxPacketBytes: number,
-  onRefused: (declaredBytes: number | "malformed") => void,
+  onRefused: (declaredBytes: Refusal) => void,
+  maxFirstPacketBytes = maxPacketBytes,
 ): void {
   let bodyLeft = 0; // bytes of the current packet's body still to come
   let inHeader = false; // reading a remaining-length field
+  let first = true; // the first packet (CONNECT)
   let length = 0;
   let lengthBytes = 0;
-  const refuse = (reason: number | "malformed") => {
+  const refuse = (reason: Refusal) => {
     stream.removeListener("data", watch);
     onRefused(reason);
     stream.destroy();
@@ -34,7 +44,9 @@ export function guardPacketSize(
         bodyLeft -= n;
         i += n;
       } else if (!inHeader) {
-        i++; // packet type and flags
+        // packet type and flags: CONNECT is 0x10 [MQTT-2.2.2-2]
+        if (first && chunk[i] !== 0x10) return refuse("not-connect");
+        i++;
         inHeader = true;
         length = 0;
         lengthBytes = 0;
@@ -45,7 +57,8 @@ export function guardPacketSize(
           if (lengthBytes === 4) return refuse("malformed"); // [MQTT-2.2.3]: at most 4 bytes
           continue;
         }
-        if (length > maxPacketBytes) return refuse(length);
+        if (length > (first ? maxFirstPacketBytes : maxPacketBytes)) return refuse(length);
+        first = false;
         inHeader = false;
         bodyLeft = length;
       }

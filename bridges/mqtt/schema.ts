@@ -18,6 +18,8 @@ export const MQTT_DEFAULTS = {
   retainedMemoryMs: 30 * 24 * 3600_000, // which message set a topic's retained value (clearRetainedOnRedact)
   // What one client may cost the embedded broker:
   maxFiltersPerSubscribe: 1000, // more in one SUBSCRIBE are refused (SUBACK 0x80)
+  maxConnectBytes: 16 * 1024, // a larger CONNECT closes the connection as its header arrives
+  maxPendingConnections: 100, // connections between accepted and CONNACK; more are closed at once
 } as const;
 
 const filterList = z.array(
@@ -64,6 +66,21 @@ const brokerLimits = {
     .max(65_535)
     .default(MQTT_DEFAULTS.maxFiltersPerSubscribe)
     .describe("Topic filters one SUBSCRIBE may carry; those past it are refused (SUBACK 0x80)"),
+  maxConnectBytes: z
+    .number()
+    .int()
+    .min(1024)
+    .max(268_435_455)
+    .default(MQTT_DEFAULTS.maxConnectBytes)
+    .describe("Largest CONNECT (credentials, will); a larger one closes the connection before it is read"),
+  maxPendingConnections: z
+    .number()
+    .int()
+    .min(1)
+    .default(MQTT_DEFAULTS.maxPendingConnections)
+    .describe(
+      "Connections that may be authenticating at once (before CONNACK); more are closed as they come",
+    ),
 };
 
 export const embeddedBrokerSchema = z.strictObject({

@@ -7,7 +7,7 @@
  */
 import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { createConnection, type Socket } from "node:net";
+import { createConnection, type Server, type Socket } from "node:net";
 import { Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import mqtt from "mqtt";
@@ -37,8 +37,8 @@ export interface SubscribeProbe {
 }
 
 export interface ConnectsProbe {
-  /** Connections the broker closed while they were sending their CONNECT. */
-  closed: number;
+  /** Connections the broker kept open, holding their partial CONNECTs. */
+  open: number;
   before: Memory;
   /** While the connections hold their partial CONNECTs. */
   held: Memory;
@@ -49,8 +49,11 @@ export interface ConnectsProbe {
 }
 
 export interface ChurnProbe {
+  /** In both rounds together. */
   connections: number;
   before: Memory;
+  /** After the first round of `connections`, and after the second. */
+  firstRound: Memory;
   after: Memory;
   peakRssMB: number;
   /** Log lines the broker wrote at warn level or above, and the first few of them. */
@@ -66,9 +69,11 @@ type Scenario = { config?: Record<string, unknown> } & (
       scenario: "churn";
       connections: number;
       concurrency: number;
-      kind: "garbage" | "bad-protocol" | "oversize" | "half-connect";
+      /** Each connection sends one of these and is closed (by the broker, or by the prober); "mixed" cycles through them. */
+      kind: Malformed | "mixed";
     }
 );
+type Malformed = "garbage" | "bad-protocol" | "oversize" | "half-connect";
 /** The Redis key prefix of the broker's persistence, chosen by the parent so it can clean up. */
 type Child = Scenario & { prefix: string };
 
@@ -133,6 +138,18 @@ async function memory(): Promise<Memory> {
   }
   const m = process.memoryUsage();
   return { rssMB: round(m.rss), heapMB: round(m.heapUsed), externalMB: round(m.external) };
+}
+
+/** Memory once the RSS has settled (the process gives back what its start-up used, in steps). */
+async function settledMemory(): Promise<Memory> {
+  let last = await memory();
+  for (let i = 0; i < 20; i++) {
+    await new Promise((r) => setTimeout(r, 250));
+    const now = await memory();
+    if (Math.abs(now.rssMB - last.rssMB) < 1) return now;
+    last = now;
+  }
+  return last;
 }
 
 /** Samples the RSS until stopped; returns the peak in MB. */
@@ -226,7 +243,7 @@ async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): 
     clean: false,
     reconnectPeriod: 0,
   });
-  const before = await memory();
+  const before = await settledMemory();
   const peak = peakRss();
 
   let bystanderMaxMs = 0;
@@ -287,82 +304,87 @@ async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): 
   };
 }
 
+// The clients of the "connects" and "churn" scenarios run in a process of their own (started by
+// the broker's): their sockets' buffers would otherwise count as the broker's memory.
+
+type Attack = { port: number } & (
+  Extract<Scenario, { scenario: "connects" }> | Extract<Scenario, { scenario: "churn" }>
+);
+
+/** Starts the attacking process; its stdout lines, one at a time; its stdin for "release". */
+function attacker(attack: Attack) {
+  const child = spawn(
+    process.execPath,
+    ["--import", "tsx", fileURLToPath(import.meta.url), "attack", JSON.stringify(attack)],
+    { stdio: ["pipe", "pipe", "inherit"] },
+  );
+  const lines: string[] = [];
+  let buffered = "";
+  child.stdout.on("data", (d: Buffer) => {
+    buffered += d.toString();
+    const parts = buffered.split("\n");
+    buffered = parts.pop()!;
+    lines.push(...parts);
+  });
+  const exited = new Promise<number | null>((resolve) => child.on("close", resolve));
+  return {
+    next: (timeoutMs: number) => waitFor("the attacking process", () => lines.shift(), timeoutMs),
+    release: () => child.stdin.end("release\n"),
+    exited,
+  };
+}
+
 async function connectsScenario(o: Extract<Child, { scenario: "connects" }>): Promise<ConnectsProbe> {
   const b = await startBroker(o);
-  const port = b.broker.port;
-  const before = await memory();
-  const head = connectHead(o.declaredBytes);
-  // all of the CONNECT but its last 10 bytes: the broker has to hold it, waiting for the rest
-  const body = Buffer.alloc(
-    o.declaredBytes - (head.length - 1 - remainingLength(o.declaredBytes).length) - 10,
-    0x61,
-  );
-  const sockets: Socket[] = [];
-  let closed = 0;
-  for (let i = 0; i < o.connections; i++) {
-    const s = createConnection(port, "127.0.0.1");
-    s.on("error", () => undefined);
-    s.on("close", () => closed++);
-    await new Promise<void>((r) => s.once("connect", () => r()));
-    s.write(head);
-    s.write(body);
-    sockets.push(s);
-  }
-  // Everything written is with the broker (or the connection was closed).
-  await waitFor(
-    "the CONNECTs sent",
-    () => sockets.every((s) => s.destroyed || s.writableLength === 0),
-    30_000,
-  );
-  await new Promise((r) => setTimeout(r, 200)); // the broker reads what the kernel holds
+  const before = await settledMemory();
+  const clients = attacker({ ...o, port: b.broker.port });
+  await clients.next(60_000); // all CONNECTs sent
+  // The broker has read them, and closed those it refuses (as far as it will within 5 s).
+  const server = (b.broker as unknown as { servers: Server[] }).servers[0]!;
+  const open = () => new Promise<number>((resolve) => server.getConnections((_err, n) => resolve(n)));
+  const limit = embeddedBrokerSchema.parse(o.config ?? {}).maxPendingConnections;
+  await waitFor("the refused ones closed", async () => (await open()) <= limit, 5000).catch(() => undefined);
+  await new Promise((r) => setTimeout(r, 200)); // what the kernel still holds is read
+  const stillOpen = await open();
   const held = await memory();
-  const closedWhileHeld = closed;
-  for (const s of sockets) s.destroy();
-  await waitFor("the connections closed", () => closed === o.connections, 10_000);
+  clients.release();
+  await clients.next(30_000); // all closed
+  await clients.exited;
   const connectsAfter = await waitFor("a device connects", () => connects(b.url), 10_000).catch(() => false);
   const after = await memory();
   await b.stop();
-  return { closed: closedWhileHeld, before, held, after, connectsAfter };
+  return { open: stillOpen, before, held, after, connectsAfter };
 }
 
-const MALFORMED: Record<Extract<Scenario, { scenario: "churn" }>["kind"], Buffer> = {
+const MALFORMED: Record<Malformed, Buffer> = {
   garbage: Buffer.from("GET / HTTP/1.1\r\nHost: broker\r\n\r\n"),
   "bad-protocol": Buffer.from([0x10, 12, 0, 4, ...Buffer.from("MQTX"), 4, 0x02, 0, 30, 0, 0]),
   oversize: Buffer.from([0x30, 0x80, 0x84, 0xaf, 0x5f]), // PUBLISH announcing 200 MB
-  "half-connect": Buffer.concat([connectHead(300_000), Buffer.alloc(64 * 1024, 0x61)]),
+  // a CONNECT just under the default packet limit, all but its last 10 bytes
+  "half-connect": Buffer.concat([connectHead(327_000), Buffer.alloc(327_000 - 14 - 10, 0x61)]),
 };
 
 async function churnScenario(o: Extract<Child, { scenario: "churn" }>): Promise<ChurnProbe> {
   const b = await startBroker(o);
-  const port = b.broker.port;
-  const payload = MALFORMED[o.kind];
-  const before = await memory();
+  const before = await settledMemory();
   const peak = peakRss();
-  let started = 0;
-  const one = () =>
-    new Promise<void>((resolve) => {
-      const s = createConnection(port, "127.0.0.1");
-      s.on("error", () => undefined);
-      s.on("connect", () => s.write(payload, () => (o.kind === "half-connect" ? s.end() : undefined)));
-      s.on("close", () => resolve());
-    });
-  await Promise.all(
-    Array.from({ length: o.concurrency }, async () => {
-      while (started < o.connections) {
-        started++;
-        await one();
-      }
-    }),
-  );
+  const rounds: Memory[] = [];
+  let connections = 0;
+  for (let round = 0; round < 2; round++) {
+    const clients = attacker({ ...o, port: b.broker.port });
+    connections += Number(await clients.next(300_000));
+    await clients.exited;
+    rounds.push(await memory());
+  }
   const peakRssMB = peak();
   const connectsAfter = await connects(b.url);
-  const after = await memory();
   const lines = [...b.lines];
   await b.stop();
   return {
-    connections: started,
+    connections,
     before,
-    after,
+    firstRound: rounds[0]!,
+    after: rounds[1]!,
     peakRssMB,
     logLines: lines.length,
     sample: lines.slice(0, 5),
@@ -370,17 +392,75 @@ async function churnScenario(o: Extract<Child, { scenario: "churn" }>): Promise<
   };
 }
 
+/** The attacking process: prints what it did, line by line. */
+async function attack(a: Attack): Promise<void> {
+  const say = (line: string | number) => new Promise((r) => process.stdout.write(`${line}\n`, r));
+  if (a.scenario === "connects") {
+    const head = connectHead(a.declaredBytes);
+    // all of the CONNECT but its last 10 bytes: the broker has to hold it, waiting for the rest
+    const body = Buffer.alloc(
+      a.declaredBytes - (head.length - 1 - remainingLength(a.declaredBytes).length) - 10,
+      0x61,
+    );
+    const sockets: Socket[] = [];
+    let closed = 0;
+    for (let i = 0; i < a.connections; i++) {
+      const s = createConnection(a.port, "127.0.0.1");
+      s.on("error", () => undefined);
+      s.on("close", () => closed++);
+      await new Promise<void>((r) => s.once("connect", () => r()));
+      s.write(head);
+      s.write(body);
+      sockets.push(s);
+    }
+    // Everything written is with the broker (or the connection was closed).
+    await waitFor(
+      "the CONNECTs sent",
+      () => sockets.every((s) => s.destroyed || s.writableLength === 0),
+      30_000,
+    );
+    await say("sent");
+    await new Promise((r) => process.stdin.once("data", r));
+    for (const s of sockets) s.destroy();
+    await waitFor("the connections closed", () => closed === a.connections, 10_000);
+    return void (await say("closed"));
+  }
+  const kinds = a.kind === "mixed" ? (Object.keys(MALFORMED) as Malformed[]) : [a.kind];
+  let started = 0;
+  const one = (kind: Malformed) =>
+    new Promise<void>((resolve) => {
+      const s = createConnection(a.port, "127.0.0.1");
+      s.on("error", () => undefined);
+      // half a CONNECT, then the end of the stream: the broker holds it until then
+      s.on("connect", () => s.write(MALFORMED[kind], () => (kind === "half-connect" ? s.end() : undefined)));
+      s.on("close", () => resolve());
+    });
+  await Promise.all(
+    Array.from({ length: a.concurrency }, async () => {
+      while (started < a.connections) await one(kinds[started++ % kinds.length]!);
+    }),
+  );
+  await say(started);
+}
+
+async function main(role: string, options: Child): Promise<unknown> {
+  switch (role) {
+    case "attack":
+      return attack(options as unknown as Attack);
+    case "subscribe":
+      return subscribeScenario(options as Extract<Child, { scenario: "subscribe" }>);
+    case "connects":
+      return connectsScenario(options as Extract<Child, { scenario: "connects" }>);
+    default:
+      return churnScenario(options as Extract<Child, { scenario: "churn" }>);
+  }
+}
+
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const options = JSON.parse(process.argv[3] ?? "{}") as Child;
-  const run =
-    options.scenario === "subscribe"
-      ? subscribeScenario(options)
-      : options.scenario === "connects"
-        ? connectsScenario(options)
-        : churnScenario(options);
-  run.then(
+  const role = process.argv[2] ?? "";
+  main(role, JSON.parse(process.argv[3] ?? "{}") as Child).then(
     (result) => {
-      process.stdout.write(`${JSON.stringify(result)}\n`);
+      if (role !== "attack") process.stdout.write(`${JSON.stringify(result)}\n`);
       process.exit(0);
     },
     (err: unknown) => {

@@ -11,7 +11,7 @@ import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { createServer, type AddressInfo, type Server } from "node:net";
-import { Aedes, type AedesOptions, type Client, type PublishPacket } from "aedes";
+import { Aedes, type AedesOptions, type AuthenticateError, type Client, type PublishPacket } from "aedes";
 import redisPersistence from "aedes-persistence-redis";
 import { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
@@ -477,7 +477,7 @@ describe("aedes and aedes-persistence-redis: what bridges/mqtt/embedded-broker.t
   });
 });
 
-describe("aedes and aedes-persistence-redis: what the embedded broker's session-subscriptions.ts and offline-queue.ts rely on", () => {
+describe("aedes and aedes-persistence-redis: what the embedded broker's session-subscriptions.ts, offline-queue.ts and connection-limits.ts rely on", () => {
   const SUBSCRIPTIONS = "bridges/mqtt/session-subscriptions.ts";
   const QUEUE = "bridges/mqtt/offline-queue.ts";
   let runs = 0;
@@ -569,6 +569,32 @@ describe("aedes and aedes-persistence-redis: what the embedded broker's session-
         "aedes",
         "the list it gives addSubscriptions (no longer the packet's)",
         `${SUBSCRIPTIONS} storeGranted()`,
+      ),
+    );
+  });
+
+  test("'connackSent' is emitted with the client for every CONNACK, accepted or refused", async () => {
+    const acks: { client: unknown; returnCode: number | undefined }[] = [];
+    const { broker, clients, connect } = await run({
+      authenticate: (client, _username, _password, done) =>
+        client.id === "refused"
+          ? done(Object.assign(new Error("no"), { returnCode: 5 }) as AuthenticateError, false)
+          : done(null, true),
+    });
+    broker.on("connackSent", (packet, client) => acks.push({ client, returnCode: packet.returnCode }));
+    await connect({ clientId: "accepted" });
+    await connect({ clientId: "refused" }).catch(() => undefined);
+    await waitFor("two CONNACKs", () => acks.length >= 2, 2000).catch(() => undefined);
+    assert.deepEqual(
+      acks.map((a) => [clients.indexOf(a.client as Client), a.returnCode]),
+      [
+        [0, 0],
+        [1, 5],
+      ],
+      changed(
+        "aedes",
+        "the 'connackSent' event",
+        "bridges/mqtt/connection-limits.ts (a connection's place among those authenticating is given back at its CONNACK)",
       ),
     );
   });

@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { PassThrough } from "node:stream";
-import { guardPacketSize } from "../../bridges/mqtt/packet-size-guard.js";
+import { guardPacketSize, type Refusal } from "../../bridges/mqtt/packet-size-guard.js";
 
 /** A packet: type byte, remaining length as MQTT's variable-length integer, body. */
 function packet(type: number, bodyBytes: number): Buffer {
@@ -18,9 +18,9 @@ function packet(type: number, bodyBytes: number): Buffer {
 }
 
 /** Feeds `bytes` in chunks of the given sizes (cycled); returns what the guard refused, if anything. */
-function feed(bytes: Buffer, chunkSizes: number[], max: number): number | "malformed" | undefined {
+function feed(bytes: Buffer, chunkSizes: number[], max: number): Refusal | undefined {
   const stream = new PassThrough();
-  let refused: number | "malformed" | undefined;
+  let refused: Refusal | undefined;
   guardPacketSize(stream, max, (declared) => (refused = declared));
   for (let i = 0, k = 0; i < bytes.length && !stream.destroyed; k++) {
     const size = chunkSizes[k % chunkSizes.length]!;
@@ -48,5 +48,27 @@ test("a packet over the limit is refused at its header, wherever the header is c
 });
 
 test("a remaining length longer than four bytes is malformed [MQTT-2.2.3]", () => {
-  assert.equal(feed(Buffer.from([0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), [1], 1e9), "malformed");
+  const connect = packet(0x10, 30);
+  assert.equal(
+    feed(Buffer.concat([connect, Buffer.from([0x30, 0xff, 0xff, 0xff, 0xff, 0x01])]), [1], 1e9),
+    "malformed",
+  );
+});
+
+test("[MQTT-3.1.0-1] a first packet that is not a CONNECT is refused at its first byte", () => {
+  for (const first of [0x30, 0x82, 0x11, 0x47 /* "G" of an HTTP request */])
+    assert.equal(feed(Buffer.concat([Buffer.from([first]), Buffer.alloc(100_000)]), [1], 1e9), "not-connect");
+});
+
+test("the first packet has a limit of its own (a CONNECT, before authentication), later ones the packet limit", () => {
+  const feedFirst = (bytes: Buffer) => {
+    const stream = new PassThrough();
+    let refused: number | string | undefined;
+    guardPacketSize(stream, 16_384, (declared) => (refused = declared), 1024);
+    stream.emit("data", bytes);
+    return refused;
+  };
+  assert.equal(feedFirst(packet(0x10, 1025)), 1025);
+  assert.equal(feedFirst(Buffer.concat([packet(0x10, 1024), packet(0x30, 16_384)])), undefined);
+  assert.equal(feedFirst(Buffer.concat([packet(0x10, 1024), packet(0x30, 16_385)])), 16_385);
 });
