@@ -238,13 +238,10 @@ function connectHead(declared: number): Buffer {
 async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): Promise<SubscribeProbe> {
   const b = await startBroker(o);
   const bystander = await mqtt.connectAsync(b.url, { clientId: "bystander", reconnectPeriod: 0 });
-  const subscriber = await mqtt.connectAsync(b.url, {
-    clientId: "many-filters",
-    clean: false,
-    reconnectPeriod: 0,
-  });
   const before = await settledMemory();
   const peak = peakRss();
+  const subscriber = attacker({ ...o, port: b.broker.port });
+  await subscriber.next(60_000); // connected
 
   let bystanderMaxMs = 0;
   let subscribing = true;
@@ -256,26 +253,20 @@ async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): 
       await new Promise((r) => setTimeout(r, 10));
     }
   })();
-
-  const filters = Array.from({ length: o.filters }, (_, i) => `devices/${i}/+/state`);
-  const t0 = performance.now();
-  const suback = await new Promise<number[] | null>((resolve) => {
-    const timer = setTimeout(() => resolve(null), o.deadlineMs ?? 10_000);
-    // mqtt.js reports refused filters as an error carrying the SUBACK
-    subscriber.subscribe(filters, { qos: 1 }, (err, granted) => {
-      clearTimeout(timer);
-      const codes = (err as { packet?: { granted?: number[] } } | null)?.packet?.granted;
-      resolve(codes ?? (granted ?? []).map((g) => g.qos));
-    });
-  });
-  const subackMs = suback ? Math.round(performance.now() - t0) : null;
+  subscriber.release(); // subscribe now
+  const { subackMs, codes } = JSON.parse(await subscriber.next(60_000)) as {
+    subackMs: number | null;
+    codes: number[];
+  };
   subscribing = false;
+  const granted = codes.filter((c) => c !== 128).length;
+  const refused = codes.length - granted;
   // A broker that has not answered is busy with it for long: report without waiting for it.
-  if (!suback)
+  if (subackMs === null)
     return {
       subackMs,
-      granted: 0,
-      refused: 0,
+      granted,
+      refused,
       stored: 0,
       bystanderMaxMs: Math.round(bystanderMaxMs),
       before,
@@ -283,19 +274,19 @@ async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): 
       peakRssMB: peak(),
     };
   await bystanding;
+  await subscriber.exited;
   const peakRssMB = peak();
   const after = await memory();
-
   const { Redis } = await import("ioredis");
   const redis = new Redis(REDIS_URL);
   const stored = await redis.hlen(`${b.prefix}:client:many-filters`);
   redis.disconnect();
-  await Promise.all([bystander.endAsync(true), subscriber.endAsync(true)]);
+  await bystander.endAsync(true);
   await b.stop();
   return {
     subackMs,
-    granted: suback?.filter((c) => c !== 128).length ?? 0,
-    refused: suback?.filter((c) => c === 128).length ?? 0,
+    granted,
+    refused,
     stored,
     bystanderMaxMs: Math.round(bystanderMaxMs),
     before,
@@ -307,9 +298,7 @@ async function subscribeScenario(o: Extract<Child, { scenario: "subscribe" }>): 
 // The clients of the "connects" and "churn" scenarios run in a process of their own (started by
 // the broker's): their sockets' buffers would otherwise count as the broker's memory.
 
-type Attack = { port: number } & (
-  Extract<Scenario, { scenario: "connects" }> | Extract<Scenario, { scenario: "churn" }>
-);
+type Attack = { port: number } & Scenario;
 
 /** Starts the attacking process; its stdout lines, one at a time; its stdin for "release". */
 function attacker(attack: Attack) {
@@ -395,6 +384,30 @@ async function churnScenario(o: Extract<Child, { scenario: "churn" }>): Promise<
 /** The attacking process: prints what it did, line by line. */
 async function attack(a: Attack): Promise<void> {
   const say = (line: string | number) => new Promise((r) => process.stdout.write(`${line}\n`, r));
+  if (a.scenario === "subscribe") {
+    const subscriber = await mqtt.connectAsync(`mqtt://127.0.0.1:${a.port}`, {
+      clientId: "many-filters",
+      clean: false,
+      reconnectPeriod: 0,
+    });
+    const filters = Array.from({ length: a.filters }, (_, i) => `devices/${i}/+/state`);
+    await say("connected");
+    await new Promise((r) => process.stdin.once("data", r));
+    const t0 = performance.now();
+    const codes = await new Promise<number[] | null>((resolve) => {
+      const timer = setTimeout(() => resolve(null), a.deadlineMs ?? 10_000);
+      // mqtt.js reports refused filters as an error carrying the SUBACK
+      subscriber.subscribe(filters, { qos: 1 }, (err, granted) => {
+        clearTimeout(timer);
+        const refused = (err as { packet?: { granted?: number[] } } | null)?.packet?.granted;
+        resolve(refused ?? (granted ?? []).map((g) => g.qos));
+      });
+    });
+    const subackMs = codes ? Math.round(performance.now() - t0) : null;
+    await say(JSON.stringify({ subackMs, codes: codes ?? [] }));
+    if (codes) await subscriber.endAsync(true);
+    return;
+  }
   if (a.scenario === "connects") {
     const head = connectHead(a.declaredBytes);
     // all of the CONNECT but its last 10 bytes: the broker has to hold it, waiting for the rest
