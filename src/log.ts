@@ -1,6 +1,8 @@
 import { pino, type Logger } from "pino";
 
 export type { Logger };
+/** Re-exported for bridges/, which import only src/{connector,errors,log}. */
+export { LogLimiter } from "./log-limiter.js";
 
 /**
  * The root logger. Level from TRIBRIDGE_LOG_LEVEL (default "info"); JSON lines on stdout.

@@ -10,14 +10,13 @@
  * more is closed as it comes, before anything is read from it. A connection that never sends its
  * CONNECT holds its place for aedes' connectTimeout at most.
  *
- * Malformed connections and refusals are logged through a LogSampler: a flood costs a few lines a
- * minute, not one per connection.
+ * Malformed connections and refusals are logged through a LogLimiter: a flood costs a line a minute
+ * per kind, with the count of those held back, not one per connection.
  */
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { Aedes, Client } from "aedes";
-import type { Logger } from "../../src/log.js";
-import { LogSampler } from "./log-sampler.js";
+import { LogLimiter, type Logger } from "../../src/log.js";
 import { PACKET_OVERHEAD_BYTES, guardPacketSize, type Refusal } from "./packet-size-guard.js";
 
 export interface ConnectionLimitsConfig {
@@ -30,20 +29,18 @@ export class ConnectionLimits {
   /** Connections accepted whose CONNACK has not been sent. */
   private pending = 0;
   private readonly releases = new WeakMap<Client, () => void>();
-  private readonly floods: LogSampler;
+  private readonly floods = new LogLimiter();
 
   constructor(
     private readonly config: ConnectionLimitsConfig,
-    log: Logger,
-  ) {
-    this.floods = new LogSampler(log);
-  }
+    private readonly log: Logger,
+  ) {}
 
   /** Listens to the broker for the ends of authentication, and for connections that fail before it. */
   watch(broker: Aedes): void {
     broker.on("connackSent", (_packet, client) => this.releases.get(client)?.());
     broker.on("connectionError", (client, err) =>
-      this.floods.warn(
+      this.warn(
         "before-connect",
         { remote: remoteAddress(client.conn), err: err.message },
         "mqtt connection closed before its CONNECT was accepted",
@@ -58,7 +55,7 @@ export class ConnectionLimits {
   accept(stream: Duplex, handle: () => Client): Client | undefined {
     const { maxPendingConnections, maxConnectBytes, maxPayloadBytes } = this.config;
     if (this.pending >= maxPendingConnections) {
-      this.floods.warn(
+      this.warn(
         "pending",
         { remote: remoteAddress(stream), maxPendingConnections },
         "mqtt connection refused: too many connections still authenticating",
@@ -88,7 +85,7 @@ export class ConnectionLimits {
 
   /** A packet malformed-packet-guard.ts refused: the connection is closed. */
   malformed(client: Client, problem: string, packet: string): void {
-    this.floods.warn(
+    this.warn(
       "malformed",
       { clientId: client.id ?? undefined, remote: remoteAddress(client.conn), packet, problem },
       "mqtt connection closed: malformed packet",
@@ -98,11 +95,11 @@ export class ConnectionLimits {
   private refused(stream: Duplex, declared: Refusal): void {
     const remote = remoteAddress(stream);
     if (declared === "not-connect")
-      this.floods.warn("malformed", { remote }, "mqtt connection closed: its first packet was not a CONNECT");
+      this.warn("malformed", { remote }, "mqtt connection closed: its first packet was not a CONNECT");
     else if (declared === "malformed")
-      this.floods.warn("malformed", { remote }, "mqtt connection closed: a malformed packet length");
+      this.warn("malformed", { remote }, "mqtt connection closed: a malformed packet length");
     else
-      this.floods.warn(
+      this.warn(
         "too-large",
         {
           remote,
@@ -114,8 +111,10 @@ export class ConnectionLimits {
       );
   }
 
-  stop(): void {
-    this.floods.stop();
+  /** One line a minute per kind of trouble, saying how many were not logged since the last. */
+  private warn(kind: string, fields: Record<string, unknown>, message: string): void {
+    const gate = this.floods.pass(kind);
+    if (gate) this.log.warn({ ...fields, kind, notLoggedSinceLastLine: gate.heldBack }, message);
   }
 }
 

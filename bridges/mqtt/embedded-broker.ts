@@ -530,7 +530,6 @@ export class EmbeddedBroker {
       await new Promise<void>((resolve) => broker.close(() => resolve()));
     }
     await Promise.all(closed);
-    this.limits.stop();
     const redis = this.persistenceConnection;
     if (redis) {
       // quit() lets the commands aedes still has queued finish (disconnect() would fail them

@@ -5,10 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import type { Logger } from "../../src/log.js";
-import { LogSampler } from "../../bridges/mqtt/log-sampler.js";
 import { brokerProbe, type Memory } from "../helpers/broker-probe.js";
-import { waitFor } from "../helpers/fixture.js";
 
 const grew = (from: Memory, to: Memory) => ({
   rssMB: Math.round(to.rssMB - from.rssMB),
@@ -63,20 +60,3 @@ test(
     assert.ok(r.connectsAfter, "a device connects afterwards");
   },
 );
-
-test("a LogSampler writes the first few lines of a kind per interval, then one line with how many more", async () => {
-  const lines: { fields: Record<string, unknown>; message: string }[] = [];
-  const log = {
-    warn: (fields: Record<string, unknown>, message: string) => lines.push({ fields, message }),
-  } as unknown as Logger;
-  const sampler = new LogSampler(log, 100, 3);
-  for (let i = 0; i < 1000; i++) sampler.warn("malformed", { i }, "bad connection");
-  sampler.warn("pending", {}, "too many");
-  assert.equal(lines.length, 4);
-  await waitFor("the summary", () => lines.length === 5, 5000);
-  assert.equal(lines[4]!.fields.suppressed, 997);
-  assert.deepEqual(lines[4]!.fields.last, { i: 999 });
-  sampler.warn("malformed", { i: 1000 }, "bad connection"); // a new interval
-  assert.equal(lines.length, 6);
-  sampler.stop();
-});
