@@ -393,7 +393,9 @@ async function attack(a: Attack): Promise<void> {
     const filters = Array.from({ length: a.filters }, (_, i) => `devices/${i}/+/state`);
     await say("connected");
     await new Promise((r) => process.stdin.once("data", r));
-    const t0 = performance.now();
+    // From the moment the SUBSCRIBE is written (mqtt.js builds it first: its time, not the broker's)
+    let t0 = performance.now();
+    subscriber.on("packetsend", (packet) => packet.cmd === "subscribe" && (t0 = performance.now()));
     const codes = await new Promise<number[] | null>((resolve) => {
       const timer = setTimeout(() => resolve(null), a.deadlineMs ?? 10_000);
       // mqtt.js reports refused filters as an error carrying the SUBACK
