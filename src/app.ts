@@ -41,6 +41,11 @@ export interface StartOptions {
   connectors: readonly ConnectorDefinition[];
   /** Aborting it while start() still waits (for the homeserver, say) stops what started and rejects. */
   signal?: AbortSignal;
+  /**
+   * Told when the bridge cannot go on (its private redis-server keeps dying): the caller should stop
+   * it and exit non-zero, so that a supervisor restarts it. Default: logged only.
+   */
+  onFatal?(err: Error): void;
 }
 
 export interface RunningBridge {
@@ -52,6 +57,8 @@ export interface RunningBridge {
   connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
   failedJobs(): Promise<FailedJob[]>;
   stop(): Promise<void>;
+  /** While stop() runs: the parts not stopped yet (for a stop that takes too long). */
+  notStopped(): string[];
 }
 
 const log = moduleLogger("app");
@@ -61,6 +68,7 @@ export async function start({
   registration,
   connectors,
   signal,
+  onFatal = (err) => log.error({ err: err.message }, "the bridge cannot go on; stop it"),
 }: StartOptions): Promise<RunningBridge> {
   checkNamesUnique(connectors);
   const mismatch = registrationMismatch(registration, config, connectors);
@@ -68,7 +76,7 @@ export async function start({
   const lifetime = new Lifetime(log, signal);
 
   try {
-    const { redis, redisUrl } = await openRedis(config, lifetime);
+    const { redis, redisUrl } = await openRedis(config, lifetime, onFatal);
     const prefix = config.queue.prefix;
     const routes = new RouteTable(config.routes, await recordedEndpointLayout(redis, prefix, config.routes));
     const domain = config.homeserver.domain;
@@ -105,7 +113,7 @@ export async function start({
         process,
         ...more,
       });
-      lifetime.onStop(() => queue.stop());
+      lifetime.onStop(() => queue.stop(), `queue ${name}`);
       return queue;
     };
 
@@ -224,6 +232,7 @@ export async function start({
       connectorStates: () => structuredClone(host.states),
       failedJobs: async () => (await Promise.all(queues.map((q) => q.failedJobs()))).flat(),
       stop: () => lifetime.stop(),
+      notStopped: () => lifetime.pending(),
     };
   } catch (err) {
     await lifetime.stop();
@@ -240,17 +249,25 @@ function checkNamesUnique(connectors: readonly ConnectorDefinition[]): void {
 }
 
 /** Redis: the configured one, or a private redis-server child when queue.redisUrl is absent. */
-async function openRedis(config: Config, lifetime: Lifetime): Promise<{ redis: Redis; redisUrl: string }> {
+async function openRedis(
+  config: Config,
+  lifetime: Lifetime,
+  onFatal: (err: Error) => void,
+): Promise<{ redis: Redis; redisUrl: string }> {
+  const { fsync } = config.queue;
   let redisUrl = config.queue.redisUrl;
   if (!redisUrl) {
-    const embedded: EmbeddedRedis = await startEmbeddedRedis(config.dataDir, log);
-    lifetime.onStop(() => embedded.stop());
+    const embedded: EmbeddedRedis = await startEmbeddedRedis(config.dataDir, log, {
+      fsync,
+      onGiveUp: onFatal,
+    });
+    lifetime.onStop(() => embedded.stop(), "the embedded redis-server");
     redisUrl = embedded.url;
   }
   const redis: Redis = connectRedis(redisUrl, MAIN_CONNECTION, { autoPipelining: true });
   lifetime.onStop(async () => void redis.disconnect());
   await redis.ping();
-  await warnAboutRedisSettings(redis, log);
+  if (config.queue.redisUrl) await warnAboutRedisSettings(redis, fsync, log);
   return { redis, redisUrl };
 }
 

@@ -46,6 +46,9 @@ Options:
   -h, --help
 `;
 
+/** How long a stop may take before the process exits anyway (under Docker's 10 s before SIGKILL). */
+const STOP_DEADLINE_MS = 8_000;
+
 const SAMPLE_PATH = "config/config.sample.yaml";
 const SCHEMA_PATH = "config/config.schema.json";
 
@@ -170,9 +173,10 @@ async function startBridge(options: Options): Promise<void> {
   // without a handler would even be ignored.
   const stopping = new AbortController();
   let app: RunningBridge | undefined;
+  let exitCode = 0;
   const stopApp = (running: RunningBridge) =>
     running.stop().then(
-      () => process.exit(0),
+      () => process.exit(exitCode),
       (err: unknown) => {
         console.error(`error while stopping: ${errorMessage(err)}`);
         process.exit(1);
@@ -182,7 +186,21 @@ async function startBridge(options: Options): Promise<void> {
     if (stopping.signal.aborted) return;
     console.error(`${signal}: stopping`);
     stopping.abort();
+    // A stop that waits on Redis (paused, or gone for good) would wait forever; a supervisor would
+    // kill the process anyway (Docker after 10 s), so end first and say what did not stop.
+    setTimeout(() => {
+      const waiting = app ? app.notStopped().join(", ") || "unnamed parts" : "the start-up";
+      console.error(
+        `tribridge: not stopped within ${STOP_DEADLINE_MS / 1000} s (waiting on ${waiting}); exiting`,
+      );
+      process.exit(1);
+    }, STOP_DEADLINE_MS);
     if (app) void stopApp(app); // else start() stops what it started, and rejects
+  };
+  const fatal = (err: Error) => {
+    console.error(`tribridge: ${err.message}`);
+    exitCode = 1;
+    shutdown("fatal error");
   };
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
@@ -192,9 +210,9 @@ async function startBridge(options: Options): Promise<void> {
     rootLogger.error({ err: errorMessage(err) }, "unhandled rejection (a bug: please report it)"),
   );
   try {
-    app = await start({ config, registration, connectors, signal: stopping.signal });
+    app = await start({ config, registration, connectors, signal: stopping.signal, onFatal: fatal });
   } catch (err) {
-    if (stopping.signal.aborted) process.exit(0);
+    if (stopping.signal.aborted) process.exit(exitCode);
     throw err;
   }
   if (stopping.signal.aborted) await stopApp(app);

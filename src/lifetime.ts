@@ -7,7 +7,9 @@ import { errorMessage } from "./errors.js";
 import type { Logger } from "./log.js";
 
 export class Lifetime {
-  private readonly cleanups: (() => Promise<void>)[] = [];
+  private readonly cleanups: { run: () => Promise<void>; what: string | undefined }[] = [];
+  /** What is being stopped now (see pending). */
+  private current: string | undefined;
   private readonly lifetime = new AbortController();
 
   /** `signal`: aborting it aborts this lifetime's signal too (stop() is still the caller's). */
@@ -23,9 +25,18 @@ export class Lifetime {
     return this.lifetime.signal;
   }
 
-  /** Runs `cleanup` at stop, before those registered earlier. */
-  onStop(cleanup: () => Promise<void>): void {
-    this.cleanups.push(cleanup);
+  /**
+   * Runs `cleanup` at stop, before those registered earlier. `what` names it where a stop that
+   * takes too long says what it waits for (see pending).
+   */
+  onStop(cleanup: () => Promise<void>, what?: string): void {
+    this.cleanups.push({ run: cleanup, what });
+  }
+
+  /** The named parts not stopped yet, the one being stopped first (for a stop that hangs). */
+  pending(): string[] {
+    const left = this.cleanups.map((c) => c.what).reverse();
+    return [this.current, ...left].filter((w): w is string => w !== undefined);
   }
 
   /**
@@ -35,9 +46,11 @@ export class Lifetime {
   async stop(): Promise<void> {
     this.lifetime.abort();
     for (let cleanup = this.cleanups.pop(); cleanup; cleanup = this.cleanups.pop()) {
-      await cleanup().catch((err: unknown) =>
-        this.log.warn({ err: errorMessage(err) }, "error while stopping"),
-      );
+      this.current = cleanup.what;
+      await cleanup
+        .run()
+        .catch((err: unknown) => this.log.warn({ err: errorMessage(err) }, "error while stopping"));
     }
+    this.current = undefined;
   }
 }

@@ -22,6 +22,9 @@ export const DEFAULTS = {
   keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
   keepFailedJobs: 10_000, // per shard; the failed list
   maxBacklogMb: 256, // per queue, in Redis; beyond it new messages are held at their source
+  // AOF fsync of the embedded Redis. everysec: a killed process loses nothing acknowledged, a power
+  // loss or kernel crash up to ~1 s of it; always: nothing, at the cost measured in the bench.
+  fsync: "everysec",
   dataDir: "./data",
   metricsBind: "127.0.0.1",
   metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
@@ -75,6 +78,15 @@ export const queueSchema = z.strictObject({
     .regex(/^(rediss?|unix):\/\//, "must start with redis://, rediss:// or unix://")
     .optional()
     .describe("Absent: tribridge runs a private redis-server child with AOF in dataDir"),
+  fsync: z
+    .enum(["always", "everysec"])
+    .default(DEFAULTS.fsync)
+    .describe(
+      "When the embedded Redis syncs its AOF to disk (appendfsync). everysec: up to ~1 s of acknowledged " +
+        "messages can be lost on a power loss or kernel crash (not when only a process dies); always: none, " +
+        "for a cost in throughput (npm run bench). With redisUrl it is not applied: tribridge warns at " +
+        "start when that Redis's appendfsync differs",
+    ),
   prefix: z
     .string()
     .regex(/^[A-Za-z0-9_-]+$/, "letters, digits, _ and - only")

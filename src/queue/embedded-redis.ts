@@ -7,6 +7,7 @@ import { existsSync, mkdirSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
+import { backoffDelayMs, type BackoffPolicy } from "../backoff.js";
 import type { Logger } from "../log.js";
 import { MAIN_CONNECTION, connectionName } from "../store/redis-store.js";
 
@@ -47,7 +48,12 @@ function probeConnection(socket: string): Redis {
  * server found answering on the socket is adopted — unless another tribridge is connected to it
  * (two bridges given one dataDir), which is an error.
  */
-async function adoptLeftover(dir: string, socket: string, log: Logger): Promise<EmbeddedRedis | undefined> {
+async function adoptLeftover(
+  dir: string,
+  socket: string,
+  fsync: FsyncPolicy,
+  log: Logger,
+): Promise<EmbeddedRedis | undefined> {
   if (!existsSync(socket)) return undefined;
   const probe = probeConnection(socket);
   try {
@@ -65,7 +71,11 @@ async function adoptLeftover(dir: string, socket: string, log: Logger): Promise<
     );
   }
   const pid = Number(/process_id:(\d+)/.exec(await probe.info("server"))?.[1]) || undefined;
-  log.warn({ dir, pid }, "adopted the embedded redis-server a previous run left running");
+  await probe.config("SET", "appendfsync", fsync); // queue.fsync may have changed since
+  log.warn(
+    { dir, pid },
+    "adopted the embedded redis-server a previous run left running (it is not restarted if it dies)",
+  );
   return {
     url: `unix://${socket}`,
     pid,
@@ -77,7 +87,45 @@ async function adoptLeftover(dir: string, socket: string, log: Logger): Promise<
   };
 }
 
-export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<EmbeddedRedis> {
+/** How the embedded redis-server writes its AOF to disk (queue.fsync). */
+export type FsyncPolicy = "always" | "everysec";
+
+/**
+ * When the child dies unexpectedly it is started again on the same files after a back-off; past
+ * `max` restarts within `windowMs` something is wrong that restarting will not fix (a full disk, a
+ * corrupt AOF, the OOM killer), and the bridge gives up so that its own supervisor can act.
+ */
+export interface RestartLimits extends BackoffPolicy {
+  max: number;
+  windowMs: number;
+}
+
+export const RESTART_LIMITS: RestartLimits = {
+  max: 5,
+  windowMs: 60_000, // 1 minute
+  initialDelayMs: 250, // then 0.5, 1, 2, 4 s (with jitter)
+  maxDelayMs: 4_000,
+};
+
+export interface EmbeddedRedisOptions {
+  /** Default everysec: see queue.fsync in src/config/schema.ts. */
+  fsync?: FsyncPolicy;
+  restarts?: RestartLimits;
+  /**
+   * Called once when the child died more often than `restarts` allows and is not started again:
+   * nothing can be delivered or acknowledged any more, so the bridge should stop and exit non-zero.
+   */
+  onGiveUp?(err: Error): void;
+}
+
+/** How long a (re)started redis-server has to answer on its socket (100 tries, 100 ms apart). */
+const READY_TRIES = 100;
+
+export async function startEmbeddedRedis(
+  dataDir: string,
+  log: Logger,
+  opts: EmbeddedRedisOptions = {},
+): Promise<EmbeddedRedis> {
   const dir = resolve(dataDir, "redis");
   const socket = embeddedRedisSocket(dataDir);
   if (Buffer.byteLength(socket) > MAX_SOCKET_PATH_BYTES)
@@ -86,72 +134,156 @@ export async function startEmbeddedRedis(dataDir: string, log: Logger): Promise<
         `${MAX_SOCKET_PATH_BYTES} bytes (a unix socket limit). Use a shorter dataDir or set queue.redisUrl`,
     );
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const leftover = await adoptLeftover(dir, socket, log);
+  const leftover = await adoptLeftover(dir, socket, opts.fsync ?? "everysec", log);
   if (leftover) return leftover;
   if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
-  const child: ChildProcess = spawn(
-    "redis-server",
-    [
-      "--port",
-      "0",
-      "--unixsocket",
-      socket,
-      "--unixsocketperm",
-      "700",
-      "--dir",
-      dir,
-      "--appendonly",
-      "yes",
-      "--appendfsync",
-      "everysec",
-      "--save",
-      "",
-      "--maxmemory-policy",
-      "noeviction",
-      "--daemonize",
-      "no",
-    ],
-    { stdio: ["ignore", "pipe", "pipe"] },
-  );
-  let exited = false;
-  // redis-server logs to stdout, its reasons for not starting (a bad AOF file, say) included.
-  let output = "";
-  const keep = (d: Buffer) => (output = (output + d.toString()).slice(-4000));
-  child.stdout?.on("data", keep);
-  child.stderr?.on("data", keep);
-  const reason = () => lastLine(output) || "no output";
-  child.on("exit", (code) => {
-    exited = true;
-    if (code) log.error({ code, output: reason() }, "embedded redis-server exited");
-  });
-
-  const url = `unix://${socket}`;
-  for (let i = 0; i < 100 && !exited; i++) {
-    const probe = probeConnection(socket);
-    try {
-      await probe.connect();
-      await probe.ping();
-      probe.disconnect();
-      log.info({ dir }, "embedded redis-server started");
-      return {
-        url,
-        pid: child.pid,
-        stop: async () => {
-          if (exited) return;
-          child.kill("SIGTERM");
-          await new Promise((r) => child.once("exit", r));
-        },
-      };
-    } catch {
-      probe.disconnect();
-      await sleep(100);
-    }
-  }
-  child.kill("SIGKILL");
-  throw new Error(`embedded redis-server did not start: ${reason()}`);
+  const server = new SupervisedRedis(dir, socket, opts, log);
+  await server.start();
+  return server;
 }
 
-/** The last line of redis-server's log: where it says why it stopped. */
+/** One redis-server process, with what it last said (where it says why it stopped). */
+interface Child {
+  process: ChildProcess;
+  exited: boolean;
+  output: string;
+}
+
+/** The embedded redis-server child, started again when it dies (within RestartLimits). */
+class SupervisedRedis implements EmbeddedRedis {
+  readonly url: string;
+  private child: Child | undefined;
+  private stopping = false;
+  /** When the child died unexpectedly, within the last window. */
+  private deaths: number[] = [];
+  private restartTimer: NodeJS.Timeout | undefined;
+  /** A bridge that exits without stop() (the stop deadline passed) does not leave its child paused or running. */
+  private readonly onProcessExit = () => {
+    this.child?.process.kill("SIGCONT");
+    this.child?.process.kill("SIGTERM");
+  };
+
+  constructor(
+    private readonly dir: string,
+    private readonly socket: string,
+    private readonly opts: EmbeddedRedisOptions,
+    private readonly log: Logger,
+  ) {
+    this.url = `unix://${socket}`;
+  }
+
+  get pid(): number | undefined {
+    return this.child?.process.pid;
+  }
+
+  async start(): Promise<void> {
+    process.on("exit", this.onProcessExit);
+    try {
+      await this.spawn();
+    } catch (err) {
+      process.off("exit", this.onProcessExit);
+      this.stopping = true;
+      throw err;
+    }
+    this.log.info({ dir: this.dir }, "embedded redis-server started");
+  }
+
+  /** Starts a redis-server on the data dir and resolves once it answers; rejects if it does not. */
+  private async spawn(): Promise<void> {
+    const child: Child = {
+      process: spawn("redis-server", this.args(), { stdio: ["ignore", "pipe", "pipe"] }),
+      exited: false,
+      output: "",
+    };
+    this.child = child;
+    // redis-server logs to stdout, its reasons for not starting (a bad AOF file, say) included.
+    const keep = (d: Buffer) => (child.output = (child.output + d.toString()).slice(-4000));
+    child.process.stdout?.on("data", keep);
+    child.process.stderr?.on("data", keep);
+    let ready = false;
+    child.process.on("exit", (code, signal) => {
+      child.exited = true;
+      if (ready && !this.stopping) this.died(code, signal, lastLine(child.output));
+    });
+    for (let i = 0; i < READY_TRIES && !child.exited; i++) {
+      const probe = probeConnection(this.socket);
+      try {
+        await probe.connect();
+        await probe.ping();
+        ready = true;
+        return;
+      } catch {
+        await sleep(100);
+      } finally {
+        probe.disconnect();
+      }
+    }
+    child.process.kill("SIGKILL");
+    throw new Error(`embedded redis-server did not start: ${lastLine(child.output) || "no output"}`);
+  }
+
+  private args(): string[] {
+    return [
+      ...["--port", "0", "--unixsocket", this.socket, "--unixsocketperm", "700", "--dir", this.dir],
+      ...["--appendonly", "yes", "--appendfsync", this.opts.fsync ?? "everysec", "--save", ""],
+      ...["--maxmemory-policy", "noeviction", "--daemonize", "no"],
+    ];
+  }
+
+  /** The child died while the bridge runs: start it again after a back-off, or give up. */
+  private died(code: number | null, signal: NodeJS.Signals | null, lastOutput: string): void {
+    const limits = this.opts.restarts ?? RESTART_LIMITS;
+    const now = Date.now();
+    this.deaths = [...this.deaths.filter((t) => now - t < limits.windowMs), now];
+    const why = { code, signal, lastOutput: lastOutput || "no output" };
+    if (this.deaths.length > limits.max) {
+      const message =
+        `the embedded redis-server died ${this.deaths.length} times within ${limits.windowMs / 1000} s ` +
+        `(last: ${signal ? `signal ${signal}` : `exit code ${code}`}, "${why.lastOutput}"); not restarting it`;
+      this.log.error(why, message);
+      this.opts.onGiveUp?.(new Error(message));
+      return;
+    }
+    const delayMs = Math.round(backoffDelayMs(limits, this.deaths.length));
+    this.log.error(
+      { ...why, restartInMs: delayMs, restart: this.deaths.length, maxRestarts: limits.max },
+      "embedded redis-server died; restarting it on the same files",
+    );
+    this.restartTimer = setTimeout(() => void this.restart(), delayMs);
+  }
+
+  private async restart(): Promise<void> {
+    if (this.stopping) return;
+    try {
+      await this.spawn();
+      this.log.info({ dir: this.dir }, "embedded redis-server restarted");
+    } catch {
+      // Died (or hung, and was killed) before answering: counted like any other death, with the
+      // reason it printed; the next attempt, or giving up, follows from there.
+      const child = this.child?.process;
+      if (!this.stopping)
+        this.died(child?.exitCode ?? null, child?.signalCode ?? null, lastLine(this.child?.output ?? ""));
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    clearTimeout(this.restartTimer);
+    process.off("exit", this.onProcessExit);
+    const child = this.child;
+    if (!child || child.exited) return;
+    const exited = new Promise((r) => child.process.once("exit", r));
+    child.process.kill("SIGCONT"); // a paused server would not act on SIGTERM
+    child.process.kill("SIGTERM"); // it writes the AOF out and exits
+    await exited;
+  }
+}
+
+/**
+ * The last line of redis-server's log, where it says why it stopped, without its "pid:role date
+ * time level" prefix and cut short.
+ */
 function lastLine(output: string): string {
-  return output.trim().split("\n").at(-1) ?? "";
+  const line = output.trim().split("\n").at(-1) ?? "";
+  return line.replace(/^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.\-*#] /, "").slice(0, 200);
 }

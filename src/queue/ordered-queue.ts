@@ -23,6 +23,7 @@ import { BoundedCache } from "../bounded-cache.js";
 import { ConfigError, PermanentError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { redisKeys } from "../store/keys.js";
+import { LogLimiter } from "../log-limiter.js";
 import { connectRedis } from "../store/redis-store.js";
 import { Lease, type LeaseHolding, type LeaseTimings } from "./lease.js";
 
@@ -141,9 +142,7 @@ class Shard<T> {
       removeOnComplete: { count: this.owner.opts.keepCompleted },
       removeOnFail: { count: this.owner.opts.keepFailed },
     });
-    this.worker.on("error", (err) =>
-      this.owner.opts.log.warn({ shard: this.name, err: err.message }, "worker error"),
-    );
+    this.worker.on("error", (err) => this.owner.workerError(this.name, err));
   }
 
   /**
@@ -398,6 +397,8 @@ export class OrderedQueue<T> {
   /** Whether add() holds new items (see maxBacklogBytes), and the adds it holds. */
   private holding = false;
   private readonly held: { resolve: () => void; reject: (err: Error) => void }[] = [];
+  /** Worker errors come per shard and per attempt while Redis is away: a line a minute per kind. */
+  private readonly workerErrors = new LogLimiter(60_000);
 
   constructor(readonly opts: OrderedQueueOptions<T>) {
     // Not auto-pipelined: ioredis copies every loaded Lua script (BullMQ has dozens) into each
@@ -411,6 +412,12 @@ export class OrderedQueue<T> {
       (_, i) => new Shard(this, `${opts.name}-${i}`, this.producer),
     );
     this.dead = new Queue(`${opts.name}-failed`, { connection: this.producer, prefix: opts.prefix });
+  }
+
+  /** An error a shard's BullMQ worker reports (it carries on by itself: reconnects, retries). */
+  workerError(shard: string, err: Error): void {
+    const pass = this.workerErrors.pass(err.message);
+    if (pass) this.opts.log.warn({ shard, err: err.message, heldBack: pass.heldBack }, "worker error");
   }
 
   /**

@@ -1,9 +1,12 @@
 /**
  * Checks the Redis settings tribridge depends on: AOF (or a relay accepted before a crash is
- * lost) and `maxmemory-policy noeviction` (or Redis may evict queued messages).
+ * lost), `maxmemory-policy noeviction` (or Redis may evict queued messages), and that its AOF is
+ * synced as queue.fsync says. An external Redis is only checked, never reconfigured: it is its
+ * operator's, and may serve others.
  */
 import type { Redis } from "ioredis";
 import type { Logger } from "../log.js";
+import type { FsyncPolicy } from "./embedded-redis.js";
 
 export interface RedisCheck {
   problems: string[];
@@ -11,12 +14,18 @@ export interface RedisCheck {
   checked: boolean;
 }
 
-export async function checkRedisSettings(redis: Redis): Promise<RedisCheck> {
+async function configValue(redis: Redis, name: string): Promise<string | undefined> {
+  return ((await redis.config("GET", name)) as string[])[1];
+}
+
+export async function checkRedisSettings(redis: Redis, fsync: FsyncPolicy): Promise<RedisCheck> {
   let aof: string | undefined;
   let policy: string | undefined;
+  let appendfsync: string | undefined;
   try {
-    aof = ((await redis.config("GET", "appendonly")) as string[])[1];
-    policy = ((await redis.config("GET", "maxmemory-policy")) as string[])[1];
+    aof = await configValue(redis, "appendonly");
+    policy = await configValue(redis, "maxmemory-policy");
+    appendfsync = await configValue(redis, "appendfsync");
   } catch {
     return { problems: [], checked: false };
   }
@@ -29,14 +38,23 @@ export async function checkRedisSettings(redis: Redis): Promise<RedisCheck> {
       `maxmemory-policy is '${policy}': Redis may evict queued messages (set maxmemory-policy noeviction)`,
     );
   }
+  if (aof === "yes" && appendfsync !== fsync) {
+    problems.push(
+      `appendfsync is '${appendfsync}' but queue.fsync is '${fsync}': ` +
+        (appendfsync === "no"
+          ? "acknowledged messages can be lost on a power loss (up to ~30 s of them); "
+          : "") +
+        `set appendfsync ${fsync} on that Redis, or queue.fsync to what it runs with`,
+    );
+  }
   return { problems, checked: true };
 }
 
-export async function warnAboutRedisSettings(redis: Redis, log: Logger): Promise<void> {
-  const result = await checkRedisSettings(redis);
+export async function warnAboutRedisSettings(redis: Redis, fsync: FsyncPolicy, log: Logger): Promise<void> {
+  const result = await checkRedisSettings(redis, fsync);
   if (!result.checked)
     log.warn(
-      "cannot read Redis CONFIG; make sure it runs with appendonly yes and maxmemory-policy noeviction",
+      `cannot read Redis CONFIG; make sure it runs with appendonly yes, appendfsync ${fsync} and maxmemory-policy noeviction`,
     );
   for (const p of result.problems) log.warn(`Redis: ${p}`);
 }

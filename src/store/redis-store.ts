@@ -32,14 +32,67 @@ export function connectRedis(
     ? new Redis({ ...options, path: url.slice("unix://".length) })
     : new Redis(url, options);
   // ioredis reconnects by itself; an unhandled "error" event would crash the process instead.
-  let lastError = "";
-  redis.on("error", (err: Error) => {
-    if (err.message !== lastError)
-      log.warn({ connection: name, err: err.message }, "redis connection error; reconnecting");
-    lastError = err.message;
-  });
-  redis.on("ready", () => (lastError = ""));
+  const reachability = reachabilityOf(url);
+  redis.on("error", (err: Error) => reachability.failed(redis, err));
+  redis.on("ready", () => reachability.recovered(redis));
+  redis.on("end", () => reachability.closed(redis));
   return redis;
+}
+
+/** While Redis stays unreachable, a line this often says so (with the errors held back). */
+const STILL_DOWN_LOG_MS = 30_000;
+
+/**
+ * Whether one Redis answers, over all of this process's connections to it. Each connection errs on
+ * every reconnect attempt (dozens of lines a second over a bridge's connections): instead, one line
+ * when the first connection loses Redis, one when the last is back, and "still unreachable" every
+ * STILL_DOWN_LOG_MS in between.
+ */
+class Reachability {
+  private readonly down = new Set<Redis>();
+  private downSince = 0;
+  private lastLogAt = 0;
+  private heldBack = 0;
+
+  failed(connection: Redis, err: Error): void {
+    const now = Date.now();
+    this.down.add(connection);
+    if (this.downSince === 0) {
+      this.downSince = this.lastLogAt = now;
+      this.heldBack = 0;
+      log.warn({ err: err.message }, "Redis unreachable; commands wait until it is back");
+    } else if (now - this.lastLogAt >= STILL_DOWN_LOG_MS) {
+      this.lastLogAt = now;
+      log.warn(
+        {
+          err: err.message,
+          downForS: Math.round((now - this.downSince) / 1000),
+          errorsHeldBack: this.heldBack,
+        },
+        "Redis still unreachable",
+      );
+      this.heldBack = 0;
+    } else this.heldBack++;
+  }
+
+  recovered(connection: Redis): void {
+    if (!this.down.delete(connection) || this.down.size > 0 || this.downSince === 0) return;
+    log.info({ downForMs: Date.now() - this.downSince }, "Redis reachable again");
+    this.downSince = 0;
+  }
+
+  /** A connection closed for good (the bridge stopping) waits for nothing any more. */
+  closed(connection: Redis): void {
+    if (this.down.delete(connection) && this.down.size === 0) this.downSince = 0;
+  }
+}
+
+const reachabilities = new Map<string, Reachability>();
+
+function reachabilityOf(url: string): Reachability {
+  let r = reachabilities.get(url);
+  if (!r) reachabilities.set(url, (r = new Reachability()));
+  return r;
 }
 
 const COUNT_DOWN = `

@@ -9,39 +9,16 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Redis } from "ioredis";
 import mqtt from "mqtt";
 import { stringify } from "yaml";
 import { embeddedRedisSocket } from "../../src/queue/embedded-redis.js";
 import { BridgeProcess } from "../helpers/bridge-process.js";
+import { answers, redisPidsOn } from "../helpers/embedded-redis.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 let h: Harness;
 let dataDir: string;
 let bridge: BridgeProcess | undefined;
-
-async function answers(socket: string): Promise<boolean> {
-  const probe = new Redis({
-    path: socket,
-    lazyConnect: true,
-    maxRetriesPerRequest: 0,
-    retryStrategy: () => null,
-  });
-  probe.on("error", () => undefined);
-  try {
-    await probe.connect();
-    return (await probe.ping()) === "PONG";
-  } catch {
-    return false;
-  } finally {
-    probe.disconnect();
-  }
-}
-
-function redisServersOn(socket: string): number {
-  const r = spawnSync("pgrep", ["-f", `unixsocket:${socket}`], { encoding: "utf8" });
-  return r.stdout.split("\n").filter(Boolean).length;
-}
 
 /** Publishes once the bridge's broker listens (a start through tsx takes a while on a busy machine). */
 async function publish(port: number, from: number, count: number): Promise<void> {
@@ -122,7 +99,7 @@ test(
     assert.match(second.stderr, /another tribridge is running on the embedded Redis/);
 
     await h.hs.waitForMessages(room, 40, 30_000);
-    assert.equal(redisServersOn(socket), 1, "one redis-server on the data dir, not two");
+    assert.equal(redisPidsOn(socket).length, 1, "one redis-server on the data dir, not two");
     await new Promise((r) => setTimeout(r, 500)); // a duplicate would show up by now
     assert.deepEqual(
       h.hs.messages(room).map((m) => Number(m.content.body)),
@@ -131,7 +108,7 @@ test(
 
     await bridge.kill("SIGTERM");
     bridge = undefined;
-    await waitFor("redis-server stopped with the bridge", () => redisServersOn(socket) === 0, 10_000);
+    await waitFor("redis-server stopped with the bridge", () => redisPidsOn(socket).length === 0, 10_000);
     assert.equal(await answers(socket), false);
   },
 );

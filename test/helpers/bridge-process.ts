@@ -7,9 +7,23 @@ import { stringify } from "yaml";
 import { registrationYaml } from "../../src/matrix/registration.js";
 import type { Harness } from "./fixture.js";
 
+export interface BridgeProcessOptions {
+  built?: boolean;
+  /** TRIBRIDGE_LOG_LEVEL of the bridge; default "error". */
+  logLevel?: string;
+  /** Keep what the bridge writes (its log lines on stdout, CLI messages on stderr) in `stdout`/`stderr`. */
+  capture?: boolean;
+}
+
 export class BridgeProcess {
   private child: ChildProcess | undefined;
   private readonly dir: string;
+  /** With `capture`: the log lines (JSON) the bridge wrote, over all its starts. */
+  readonly stdout: string[] = [];
+  /** With `capture`: what it wrote to stderr. */
+  stderr = "";
+  /** How the last start ended; undefined while it runs. */
+  exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
 
   /**
    * `built: true` runs the compiled CLI (`dist/`, from `npm run build`) as `npm start` does, for
@@ -17,7 +31,7 @@ export class BridgeProcess {
    */
   constructor(
     h: Harness,
-    private readonly opts: { built?: boolean } = {},
+    private readonly opts: BridgeProcessOptions = {},
   ) {
     this.dir = mkdtempSync(join(tmpdir(), "tribridge-proc-"));
     writeFileSync(join(this.dir, "config.yaml"), stringify(h.rawConfig));
@@ -25,7 +39,8 @@ export class BridgeProcess {
   }
 
   start(): void {
-    this.child = spawn(
+    this.exit = undefined;
+    const child = (this.child = spawn(
       process.execPath,
       [
         // Extra node flags for the bridge alone, e.g. BRIDGE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/p"
@@ -39,10 +54,21 @@ export class BridgeProcess {
         join(this.dir, "registration.yaml"),
       ],
       {
-        stdio: ["ignore", process.env.BRIDGE_NODE_ARGS ? "inherit" : "ignore", "inherit"],
-        env: { ...process.env, TRIBRIDGE_LOG_LEVEL: "error" },
+        stdio: this.opts.capture
+          ? ["ignore", "pipe", "pipe"]
+          : ["ignore", process.env.BRIDGE_NODE_ARGS ? "inherit" : "ignore", "inherit"],
+        env: { ...process.env, TRIBRIDGE_LOG_LEVEL: this.opts.logLevel ?? "error" },
       },
-    );
+    ));
+    child.once("exit", (code, signal) => (this.exit = { code, signal }));
+    if (!this.opts.capture) return;
+    let partial = "";
+    child.stdout?.on("data", (d: Buffer) => {
+      const lines = (partial + d.toString()).split("\n");
+      partial = lines.pop()!;
+      this.stdout.push(...lines);
+    });
+    child.stderr?.on("data", (d: Buffer) => (this.stderr += d.toString()));
   }
 
   get pid(): number | undefined {
