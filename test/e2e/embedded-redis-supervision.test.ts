@@ -4,7 +4,7 @@
  * delivered, in order, with a bounded number of log lines; killed again and again, the bridge exits
  * non-zero saying why; paused (SIGSTOP), a SIGTERM still ends the bridge within 10 s.
  */
-import { after, before, test } from "node:test";
+import { after, before, test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -20,7 +20,6 @@ let h: Harness;
 let port: number;
 let room: string;
 const dataDirs: string[] = [];
-const bridges: BridgeProcess[] = [];
 
 before(async () => {
   port = await freePort();
@@ -41,7 +40,6 @@ before(async () => {
 });
 
 after(async () => {
-  for (const b of bridges) await b.kill("SIGKILL");
   for (const dir of dataDirs) {
     for (const pid of redisPidsOn(embeddedRedisSocket(dir))) {
       process.kill(pid, "SIGCONT");
@@ -52,13 +50,13 @@ after(async () => {
   await h?.cleanup();
 });
 
-/** A bridge on a data dir of its own, its warnings and errors kept. */
-function newBridge(): { bridge: BridgeProcess; socket: string } {
+/** A bridge on a data dir of its own, its warnings and errors kept; killed when the test ends. */
+function newBridge(t: TestContext): { bridge: BridgeProcess; socket: string } {
   const dataDir = mkdtempSync(join(tmpdir(), "tribridge-sup-"));
   dataDirs.push(dataDir);
   h.rawConfig.dataDir = dataDir;
   const bridge = new BridgeProcess(h, { capture: true, logLevel: "warn" });
-  bridges.push(bridge);
+  t.after(() => bridge.kill("SIGKILL"));
   return { bridge, socket: embeddedRedisSocket(dataDir) };
 }
 
@@ -80,8 +78,8 @@ async function redisPid(socket: string): Promise<number> {
 test(
   `redis-server SIGKILLed during ${TOTAL} QoS 1 messages: restarted, each acknowledged one delivered once, in order`,
   { timeout: 120_000 },
-  async () => {
-    const { bridge, socket } = newBridge();
+  async (t) => {
+    const { bridge, socket } = newBridge(t);
     bridge.start();
     const device = await connectDevice();
     const acked: number[] = [];
@@ -127,8 +125,8 @@ test(
   {
     timeout: 90_000,
   },
-  async () => {
-    const { bridge, socket } = newBridge();
+  async (t) => {
+    const { bridge, socket } = newBridge(t);
     bridge.start();
     await (await connectDevice()).endAsync();
     const killed: number[] = [];
@@ -160,8 +158,8 @@ test(
 test(
   "SIGTERM with the redis-server paused (SIGSTOP): the bridge exits within 10 s",
   { timeout: 90_000 },
-  async () => {
-    const { bridge, socket } = newBridge();
+  async (t) => {
+    const { bridge, socket } = newBridge(t);
     bridge.start();
     const device = await connectDevice();
     const earlier = h.hs.messageCount(room);
