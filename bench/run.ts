@@ -9,6 +9,10 @@
  *   paced              MQTT → Matrix at a fixed offered rate: p50/p99 latency at 1,000 msg/s, and
  *                      whether the bridge keeps up with 3,000 msg/s for 10 s (sustained)
  *   Matrix → MQTT      homeserver transactions → queue → embedded broker → subscriber
+ *
+ * BENCH_FSYNC=compare runs the bridge rows a second time on a Redis with `appendfsync always`
+ * (queue.fsync: always) and prints them as ratios of the first (everysec): the price of losing
+ * nothing acknowledged on a power loss.
  */
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
@@ -23,7 +27,7 @@ import { BridgeProcess } from "../test/helpers/bridge-process.js";
 import { DeviceProcess, publishAll } from "./devices.js";
 import { freePort, harness, REDIS_URL, type Harness } from "../test/helpers/fixture.js";
 import { moduleLogger } from "../src/log.js";
-import { startEmbeddedRedis } from "../src/queue/embedded-redis.js";
+import { startEmbeddedRedis, type FsyncPolicy } from "../src/queue/embedded-redis.js";
 import { connectRedis } from "../src/store/redis-store.js";
 
 const N = Number(process.env.BENCH_MESSAGES ?? 10000);
@@ -39,6 +43,7 @@ const RAW = process.env.BENCH_RAW !== "0";
  * leaves the machine's Redis alone. BENCH_REDIS=shared uses the machine's Redis over TCP instead.
  */
 const SHARED_REDIS = process.env.BENCH_REDIS === "shared";
+const COMPARE_FSYNC = process.env.BENCH_FSYNC === "compare";
 
 interface BenchRedis {
   url: string;
@@ -47,7 +52,7 @@ interface BenchRedis {
   stop(): Promise<void>;
 }
 
-async function benchRedis(): Promise<BenchRedis> {
+async function benchRedis(fsync: FsyncPolicy = "everysec"): Promise<BenchRedis> {
   if (SHARED_REDIS) {
     return {
       url: REDIS_URL,
@@ -57,11 +62,14 @@ async function benchRedis(): Promise<BenchRedis> {
     };
   }
   const dir = mkdtempSync(join(tmpdir(), "tribridge-bench-"));
-  const redis = await startEmbeddedRedis(dir, moduleLogger("bench"));
+  const redis = await startEmbeddedRedis(dir, moduleLogger("bench"), { fsync });
   return {
     url: redis.url,
     pid: redis.pid,
-    describe: "own redis-server, unix socket, AOF every second (the embedded default)",
+    describe:
+      fsync === "everysec"
+        ? "own redis-server, unix socket, AOF every second (the embedded default)"
+        : "own redis-server, unix socket, AOF fsync always",
     stop: async () => {
       await redis.stop();
       rmSync(dir, { recursive: true, force: true });
@@ -196,11 +204,11 @@ interface BridgeFigures {
   cpuPerThousand: string;
 }
 
-async function bridgeBench(redis: BenchRedis): Promise<BridgeFigures> {
+async function bridgeBench(redis: BenchRedis, fsync: FsyncPolicy = "everysec"): Promise<BridgeFigures> {
   const port = await freePort();
   const rooms = Array.from({ length: ROOMS }, (_, i) => `bench${i}`);
   const h = await harness({
-    queue: { shards: 16, redisUrl: redis.url },
+    queue: { shards: 16, redisUrl: redis.url, fsync },
     bridges: { mqtt: { home: { embedded: { port } } } },
     routes: rooms.map((r, i) => ({
       id: r,
@@ -339,9 +347,43 @@ async function main(): Promise<void> {
     paced("MQTT → Matrix sustained at", b.sustained),
     ["Matrix → MQTT, end to end", `${b.matrixToMqtt} msg/s`, ratio(b.matrixToMqtt, raw?.bull8, "BullMQ(8)")],
   ];
+  if (COMPARE_FSYNC && !SHARED_REDIS) rows.push(...(await fsyncAlwaysRows(b)));
   for (const [name, value, r] of rows) console.log(`${name.padEnd(46)} ${value.padEnd(40)} ${r}`);
   console.log(`\nCPU ms per 1,000 messages MQTT → Matrix: ${b.cpuPerThousand}`);
   process.exit(0);
+}
+
+/** The bridge rows again on a Redis that syncs its AOF on every write, as ratios of `everysec`. */
+async function fsyncAlwaysRows(everysec: BridgeFigures): Promise<[string, string, string][]> {
+  const redis = await benchRedis("always");
+  process.once("exit", () => void redis.stop());
+  const a = await bridgeBench(redis, "always");
+  await redis.stop();
+  const vs = (value: number, of: number) => `${(value / of).toFixed(2)}× everysec`;
+  const paced = (name: string, f: PacedFigures, e: PacedFigures): [string, string, string] => [
+    `${name} ${f.offered.toLocaleString("en")} msg/s, fsync always`,
+    `${f.delivered} msg/s, p50 ${f.p50.toFixed(1)} ms, p99 ${f.p99.toFixed(1)} ms`,
+    `${vs(f.delivered, e.delivered)}, p50 ${vs(f.p50, e.p50)}, p99 ${vs(f.p99, e.p99)}`,
+  ];
+  return [
+    [
+      "MQTT → Matrix, end to end, fsync always",
+      `${a.mqttToMatrix} msg/s`,
+      vs(a.mqttToMatrix, everysec.mqttToMatrix),
+    ],
+    [
+      "MQTT → Matrix, accepted, fsync always",
+      `${a.mqttAccepted} msg/s`,
+      vs(a.mqttAccepted, everysec.mqttAccepted),
+    ],
+    paced("MQTT → Matrix at", a.latency, everysec.latency),
+    paced("MQTT → Matrix sustained at", a.sustained, everysec.sustained),
+    [
+      "Matrix → MQTT, end to end, fsync always",
+      `${a.matrixToMqtt} msg/s`,
+      vs(a.matrixToMqtt, everysec.matrixToMqtt),
+    ],
+  ];
 }
 
 main().catch((err: unknown) => {
