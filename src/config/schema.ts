@@ -22,8 +22,8 @@ export const DEFAULTS = {
   keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
   keepFailedJobs: 10_000, // per shard; the failed list
   maxBacklogMb: 256, // per queue, in Redis; beyond it new messages are held at their source
-  // AOF fsync of the embedded Redis. everysec: a killed process loses nothing acknowledged, a power
-  // loss or kernel crash up to ~1 s of it; always: nothing, at the cost measured in the bench.
+  // AOF fsync of the embedded Redis. everysec: a power loss or kernel crash can lose ~1 s of
+  // acknowledged messages (2 s on a slow disk); always: nothing, at the cost measured in the bench.
   fsync: "everysec",
   dataDir: "./data",
   metricsBind: "127.0.0.1",

@@ -91,7 +91,13 @@ test(
     await waitFor("some messages before the kill", () => h.hs.messageCount(room) >= 100, 60_000);
     const linesBefore = bridge.stdout.length;
     process.kill(await redisPid(socket), "SIGKILL");
+    const killedAt = Date.now();
     const atKill = h.hs.messageCount(room);
+    let resumedMs: number | undefined;
+    void waitFor("delivery after the kill", () => h.hs.messageCount(room) > atKill + 1, 60_000).then(
+      () => (resumedMs = Date.now() - killedAt),
+      () => undefined,
+    );
 
     const arrived = await h.hs.waitForMessages(room, TOTAL, 60_000).then(
       () => true,
@@ -102,7 +108,7 @@ test(
     const bodies = h.hs.messages(room).map((m) => Number(m.content.body));
     const logLines = bridge.stdout.slice(linesBefore);
     console.log(
-      `killed at ${atKill}/${TOTAL}; acknowledged ${acked.length}; delivered ${bodies.length}; ` +
+      `killed at ${atKill}/${TOTAL}; resumed after ${resumedMs} ms; acknowledged ${acked.length}; delivered ${bodies.length}; ` +
         `${logLines.length} log lines (warn+) after the kill:\n${logLines.map((l) => `  ${l.slice(0, 200)}`).join("\n")}`,
     );
     assert.ok(arrived, `all ${TOTAL} delivered within 60 s (${bodies.length})`);
@@ -130,6 +136,7 @@ test(
     bridge.start();
     await (await connectDevice()).endAsync();
     const killed: number[] = [];
+    let firstKill = 0;
     await waitFor(
       "the bridge to exit",
       () => {
@@ -137,6 +144,7 @@ test(
         const pid = redisPidsOn(socket)[0];
         if (pid !== undefined && !killed.includes(pid)) {
           killed.push(pid);
+          firstKill ||= Date.now();
           process.kill(pid, "SIGKILL");
         }
         return false;
@@ -144,7 +152,7 @@ test(
       60_000,
     );
     console.log(
-      `killed ${killed.length} times; exit ${JSON.stringify(bridge.exit)}; stderr:\n${bridge.stderr}`,
+      `killed ${killed.length} times; exited ${Date.now() - firstKill} ms after the first kill; exit ${JSON.stringify(bridge.exit)}; stderr:\n${bridge.stderr}`,
     );
     assert.deepEqual(bridge.exit, { code: 1, signal: null });
     assert.match(

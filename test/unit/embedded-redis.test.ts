@@ -4,7 +4,8 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { startEmbeddedRedis } from "../../src/queue/embedded-redis.js";
+import { Redis } from "ioredis";
+import { embeddedRedisSocket, startEmbeddedRedis } from "../../src/queue/embedded-redis.js";
 import { moduleLogger } from "../../src/log.js";
 
 const log = moduleLogger("test").child({}, { level: "fatal" }); // the failures are expected
@@ -24,4 +25,14 @@ test("a corrupt AOF file: the error carries redis-server's own reason", async (t
     startEmbeddedRedis(dataDir, log),
     /did not start: .*Bad file format reading the append only file/,
   );
+});
+
+test("queue.fsync is what the embedded redis-server runs with", async (t) => {
+  const dataDir = mkdtempSync(join(tmpdir(), "tribridge-fsync-"));
+  t.after(() => rmSync(dataDir, { recursive: true, force: true }));
+  const server = await startEmbeddedRedis(dataDir, log, { fsync: "always" });
+  t.after(() => server.stop());
+  const redis = new Redis({ path: embeddedRedisSocket(dataDir) });
+  t.after(() => redis.disconnect());
+  assert.deepEqual(await redis.config("GET", "appendfsync"), ["appendfsync", "always"]);
 });
