@@ -1,6 +1,7 @@
 /**
- * With no queue.redisUrl, tribridge runs its own redis-server child: AOF on, data in dataDir,
- * listening on a unix socket only (nothing else can reach it), stopped with the bridge.
+ * With no queue.redisUrl, tribridge runs its own redis-server child: AOF on (synced as queue.fsync
+ * says), data in dataDir, listening on a unix socket only (nothing else can reach it), started again
+ * on the same files when it dies (within RESTART_LIMITS), stopped with the bridge.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync } from "node:fs";
