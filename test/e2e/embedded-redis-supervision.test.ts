@@ -71,6 +71,15 @@ async function connectDevice(): Promise<MqttClient> {
   return client;
 }
 
+/** Once a message went through, the bridge has started. */
+async function deliverOne(): Promise<void> {
+  const device = await connectDevice();
+  const earlier = h.hs.messageCount(room);
+  await device.publishAsync("seq/counter", "up", { qos: 1 });
+  await h.hs.waitForMessages(room, earlier + 1, 30_000);
+  await device.endAsync();
+}
+
 async function redisPid(socket: string): Promise<number> {
   return waitFor("the embedded redis-server", () => redisPidsOn(socket)[0], 30_000);
 }
@@ -134,7 +143,7 @@ test(
   async (t) => {
     const { bridge, socket } = newBridge(t);
     bridge.start();
-    await (await connectDevice()).endAsync();
+    await deliverOne();
     const killed: number[] = [];
     let firstKill = 0;
     await waitFor(
@@ -169,11 +178,7 @@ test(
   async (t) => {
     const { bridge, socket } = newBridge(t);
     bridge.start();
-    const device = await connectDevice();
-    const earlier = h.hs.messageCount(room);
-    await device.publishAsync("seq/counter", "up", { qos: 1 });
-    await h.hs.waitForMessages(room, earlier + 1, 30_000);
-    await device.endAsync();
+    await deliverOne();
     const pid = await redisPid(socket);
     process.kill(pid, "SIGSTOP");
     const t0 = Date.now();
