@@ -8,8 +8,8 @@
  * payload: a device that rebooted numbers its packets from 1 again and may well say "ON" twice,
  * and a client that re-sends without DUP (mqtt.js does) cannot be told apart from it. Such a
  * re-send is relayed again: a duplicate in the room, where the other way would silently lose what
- * the device said. The record (packet id → message) is written before the PUBACK, durably, and
- * counts for `windowMs`.
+ * the device said. The record (packet id → message) is written durably before the message is
+ * enqueued (see identify), and counts for `windowMs`.
  */
 import { hash, randomUUID } from "node:crypto";
 import type { KeyValueStore } from "../../src/connector.js";
@@ -69,29 +69,19 @@ export class RedeliveryTracker {
     return this.earlier;
   }
 
-  /** Call before acknowledging a QoS>0 publish; resolves once the record is durable. */
+  /**
+   * Call before enqueueing a QoS>0 publish; resolves once its record is durable. Enqueue only then
+   * (and acknowledge once enqueued): a crash in between leaves a record without an enqueue, and
+   * the re-send is enqueued under the recorded id — a redelivery is enqueued again, never dropped,
+   * and the core relays an id once. The other order would leave an enqueue without a record, and
+   * the re-send would be relayed as a second message.
+   */
   async identify(
     messageId: number,
     dup: boolean,
     topic: string,
     payload: Uint8Array,
   ): Promise<PublishIdentity> {
-    const { durable, ...identity } = await this.lookup(messageId, dup, topic, payload);
-    await durable;
-    return identity;
-  }
-
-  /**
-   * `identify` for the hot path: resolves as soon as the identity is known, so the message can be
-   * enqueued while its record is written; acknowledge only once both are done. (Should the record
-   * fail and the enqueue succeed, a redelivery of that one message would be relayed again.)
-   */
-  async lookup(
-    messageId: number,
-    dup: boolean,
-    topic: string,
-    payload: Uint8Array,
-  ): Promise<PublishIdentity & { durable: Promise<void> }> {
     const digest = digestOf(topic, payload);
     // This connection's records, and earlier connections' when the session was resumed.
     const earlier = await this.loadEarlier();
@@ -99,9 +89,7 @@ export class RedeliveryTracker {
     if (dup) {
       const before = earlier.get(messageId);
       const recent = before !== undefined && now - before.at < this.windowMs;
-      if (recent && before.digest === digest) {
-        return { remoteId: before.remoteId, redelivered: true, durable: Promise.resolve() };
-      }
+      if (recent && before.digest === digest) return { remoteId: before.remoteId, redelivered: true };
     }
     // A packet id is reused once acknowledged, so the sequence number keeps remote ids unique.
     const remoteId = `${this.clientId}/${this.connection}/${messageId}/${++this.sequence}`;
@@ -110,7 +98,8 @@ export class RedeliveryTracker {
     // Refreshing the expiry on every write costs a command per message; every half window is enough.
     const refresh = now - this.expirySetAt > this.windowMs / 2;
     if (refresh) this.expirySetAt = now;
-    return { remoteId, redelivered: false, durable: this.record(messageId, seen, refresh) };
+    await this.record(messageId, seen, refresh);
+    return { remoteId, redelivered: false };
   }
 
   /** Writes the records of one tick together: a device sending fast costs one write per tick. */

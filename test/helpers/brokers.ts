@@ -16,16 +16,30 @@ export interface Broker {
 
 export const hasMosquitto = !spawnSync("mosquitto", ["-h"]).error;
 
+export interface MosquittoOptions {
+  /**
+   * Sessions kept in a persistence file of the broker's own (saved every second), and offline
+   * queues without a length limit (Mosquitto drops beyond 1,000 queued messages by default).
+   */
+  persistent?: boolean;
+}
+
 /**
- * A Mosquitto of its own (anonymous, loopback, no persistence) on `port` (default: a free one);
- * undefined when not installed.
+ * A Mosquitto of its own (anonymous, loopback, no persistence unless asked) on `port` (default: a
+ * free one); undefined when not installed.
  */
-export async function startMosquitto(port?: number): Promise<Broker | undefined> {
+export async function startMosquitto(
+  port?: number,
+  opts: MosquittoOptions = {},
+): Promise<Broker | undefined> {
   if (!hasMosquitto) return undefined;
   port ??= await freePort();
   const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
   const conf = join(dir, "mosquitto.conf");
-  writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
+  const persistence = opts.persistent
+    ? `persistence true\npersistence_location ${dir}/\nautosave_interval 1\nmax_queued_messages 0\n`
+    : "persistence false\n";
+  writeFileSync(conf, `listener ${port} 127.0.0.1\nallow_anonymous true\n${persistence}`);
   const child: ChildProcess = spawn("mosquitto", ["-c", conf], { stdio: "ignore" });
   await waitFor(
     "mosquitto",

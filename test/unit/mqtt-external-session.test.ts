@@ -168,6 +168,41 @@ for (const protocolVersion of [5, 4] as const) {
   });
 
   describe(`${name}: redelivery detection`, () => {
+    test("the record is durable before the message is enqueued; a re-send (DUP) after an enqueue that failed is enqueued under the recorded id", async () => {
+      const r = root();
+      const clientId = `record-${randomUUID().slice(0, 8)}`;
+      const base = context();
+      const enqueued: { remoteId: string; recorded: boolean }[] = [];
+      // An enqueue that fails (or a crash after the record) leaves a record without an enqueue.
+      const ctx: ConnectorContext = {
+        ...base.ctx,
+        emit: async (m) => {
+          const records = Object.values(await base.ctx.store.getMap(`redelivery:session:${clientId}`));
+          enqueued.push({ remoteId: m.remoteId, recorded: records.some((v) => v.includes(m.remoteId)) });
+          if (enqueued.length === 1) throw new Error("redis down");
+        },
+      };
+      const account = mqttAccountSchema.parse({
+        url: url(),
+        protocolVersion,
+        clientId,
+        reconnectPeriodMs: 100,
+      });
+      const connector = new MqttConnector("acct", account, ctx);
+      stops.push(() => connector.stop());
+      await connector.start();
+      await waitFor("connected", () => base.state() === "up");
+      await connector.watch([endpoint("light", { topic: `${r}/+` })]);
+      await device.publishAsync(`${r}/1`, "ON", { qos: 1 });
+      await waitFor("the re-send enqueued", () => enqueued.length === 2);
+      assert.deepEqual(
+        enqueued.map((e) => e.recorded),
+        [true, true],
+        "each enqueue comes after its record is in Redis",
+      );
+      assert.equal(enqueued[1]!.remoteId, enqueued[0]!.remoteId, "the re-send keeps the recorded id");
+    });
+
     test("in a new session the broker numbers from 1 again: the same id, topic and payload is a new message", async () => {
       const r = root();
       const { ctx, emitted, state } = context();
