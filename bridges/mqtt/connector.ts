@@ -148,15 +148,14 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     const replayed = p.retain && this.external !== undefined;
     const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && replayed));
     if (matched.length === 0) return;
-    // Recorded before it is enqueued (see RedeliveryTracker.identify): a redelivery is enqueued
-    // again under its recorded id, which the core relays once.
     const identity =
       tracker && p.qos > 0 && p.messageId !== undefined
-        ? await tracker.identify(p.messageId, p.dup, p.topic, p.payload)
-        : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false };
+        ? await tracker.lookup(p.messageId, p.dup, p.topic, p.payload)
+        : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false, durable: undefined };
     if (identity.redelivered) this.ctx.log.debug({ remoteId: identity.remoteId }, "redelivered publish");
-    await Promise.all(
-      matched.map((binding) => {
+    await Promise.all([
+      identity.durable,
+      ...matched.map((binding) => {
         const decoded = decodePayload(p.topic, p.payload, binding.spec);
         if (decoded.problem) {
           this.ctx.log.warn(
@@ -174,7 +173,7 @@ export class MqttConnector implements Connector<MqttEndpoint> {
           stream: p.topic,
         });
       }),
-    );
+    ]);
   }
 
   /** Only `format: binary` publishes a file's bytes; text and JSON carry its name. */

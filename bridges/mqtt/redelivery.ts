@@ -8,18 +8,19 @@
  * payload: a device that rebooted numbers its packets from 1 again and may well say "ON" twice,
  * and a client that re-sends without DUP (mqtt.js does) cannot be told apart from it. Such a
  * re-send is relayed again: a duplicate in the room, where the other way would silently lose what
- * the device said. The record (packet id → message) is written durably before the message is
- * enqueued (see identify), and counts for `windowMs`.
+ * the device said. The record (packet id → message) is written before the PUBACK, durably, and
+ * counts for `windowMs`.
  */
 import { hash, randomUUID } from "node:crypto";
 import type { KeyValueStore } from "../../src/connector.js";
 
 interface Seen {
-  connection: string;
   digest: string;
   remoteId: string;
   /** ms since epoch */
   at: number;
+  /** The session's epoch (absent in records of tribridge before 0.2, which count in any). */
+  epoch?: string;
 }
 
 export interface PublishIdentity {
@@ -28,16 +29,36 @@ export interface PublishIdentity {
   redelivered: boolean;
 }
 
+/** What a resumed connection knows of its session. */
+interface Session {
+  /** Drawn when the session starts: ids derive from it, so no two sessions derive the same ids. */
+  epoch: string;
+  /** Whether the epoch is in the store yet (ids derived from it wait for that). */
+  epochDurable: boolean;
+  /** The session's records by packet id: this connection's, and earlier ones' when resumed. */
+  earlier: Map<number, Seen>;
+}
+
+/** The field of a client's record map that holds its session's epoch (packet ids are numbers). */
+const EPOCH_FIELD = "epoch";
+
 function digestOf(topic: string, payload: Uint8Array): string {
   return hash("sha1", Buffer.concat([Buffer.from(`${topic}\0`), payload]), "base64url").slice(0, 16);
 }
 
-/** One per client connection (or per external-broker session connection). */
+/**
+ * One per client connection (or per external-broker session connection).
+ *
+ * A message's remote id is derived, not drawn: from its packet id, topic and payload, and the id of
+ * the message that used the packet id before it in the session (or the session's epoch). The record
+ * is written while the message is enqueued; should a crash keep the enqueue and lose the record,
+ * the re-send finds the same record before it (a packet id is reused only once acknowledged, and a
+ * message is acknowledged only once its record is durable), derives the same id, and the core,
+ * which takes an id once, relays it once. Drawn ids made it a second message.
+ */
 export class RedeliveryTracker {
-  private readonly connection = randomUUID();
-  private earlier: Promise<Map<number, Seen>> | undefined;
+  private session: Promise<Session> | undefined;
   private expirySetAt = 0;
-  private sequence = 0;
   private unwritten:
     { fields: Record<string, string>; refreshExpiry: boolean; written: Promise<void> } | undefined;
 
@@ -53,57 +74,83 @@ export class RedeliveryTracker {
     return `redelivery:${this.clientId}`;
   }
 
-  private loadEarlier(): Promise<Map<number, Seen>> {
-    if (!this.resumed) this.earlier ??= Promise.resolve(new Map());
-    this.earlier ??= this.store.getMap(this.key()).then((fields) => {
-      const map = new Map<number, Seen>();
-      for (const [id, value] of Object.entries(fields)) {
-        try {
-          map.set(Number(id), JSON.parse(value) as Seen);
-        } catch {
-          // an unreadable record only means we cannot detect that one redelivery
-        }
-      }
-      return map;
-    });
-    return this.earlier;
+  private loadSession(): Promise<Session> {
+    this.session ??= this.resumed ? this.resume() : this.startSession();
+    return this.session;
   }
 
-  /**
-   * Call before enqueueing a QoS>0 publish; resolves once its record is durable. Enqueue only then
-   * (and acknowledge once enqueued): a crash in between leaves a record without an enqueue, and
-   * the re-send is enqueued under the recorded id — a redelivery is enqueued again, never dropped,
-   * and the core relays an id once. The other order would leave an enqueue without a record, and
-   * the re-send would be relayed as a second message.
-   */
+  /** [MQTT-4.4.0-1] A new session: nothing of an earlier one can be redelivered, its records go. */
+  private async startSession(): Promise<Session> {
+    await this.store.delete(this.key());
+    return { epoch: randomUUID(), epochDurable: false, earlier: new Map() };
+  }
+
+  private async resume(): Promise<Session> {
+    const fields = await this.store.getMap(this.key());
+    const epoch = fields[EPOCH_FIELD];
+    const earlier = new Map<number, Seen>();
+    for (const [id, value] of Object.entries(fields)) {
+      if (id === EPOCH_FIELD) continue;
+      try {
+        const seen = JSON.parse(value) as Seen;
+        // A record of an earlier session written late (by a connection taken over) is not ours.
+        if (seen.epoch === undefined || seen.epoch === epoch) earlier.set(Number(id), seen);
+      } catch {
+        // an unreadable record only means we cannot detect that one redelivery
+      }
+    }
+    // No epoch: the records expired (or were written before epochs); one is drawn now.
+    if (epoch === undefined) return { epoch: randomUUID(), epochDurable: false, earlier };
+    return { epoch, epochDurable: true, earlier };
+  }
+
+  /** Call before acknowledging a QoS>0 publish; resolves once the record is durable. */
   async identify(
     messageId: number,
     dup: boolean,
     topic: string,
     payload: Uint8Array,
   ): Promise<PublishIdentity> {
+    const { durable, ...identity } = await this.lookup(messageId, dup, topic, payload);
+    await durable;
+    return identity;
+  }
+
+  /**
+   * `identify` for the hot path: resolves as soon as the identity is known, so the message can be
+   * enqueued while its record is written; acknowledge only once both are done. (Should the enqueue
+   * succeed and the record be lost, the re-send derives the same id: see the class comment.)
+   */
+  async lookup(
+    messageId: number,
+    dup: boolean,
+    topic: string,
+    payload: Uint8Array,
+  ): Promise<PublishIdentity & { durable: Promise<void> }> {
     const digest = digestOf(topic, payload);
-    // This connection's records, and earlier connections' when the session was resumed.
-    const earlier = await this.loadEarlier();
+    const session = await this.loadSession();
+    const before = session.earlier.get(messageId);
     const now = Date.now();
-    if (dup) {
-      const before = earlier.get(messageId);
-      const recent = before !== undefined && now - before.at < this.windowMs;
-      if (recent && before.digest === digest) return { remoteId: before.remoteId, redelivered: true };
+    if (dup && before !== undefined && now - before.at < this.windowMs && before.digest === digest) {
+      return { remoteId: before.remoteId, redelivered: true, durable: Promise.resolve() };
     }
-    // A packet id is reused once acknowledged, so the sequence number keeps remote ids unique.
-    const remoteId = `${this.clientId}/${this.connection}/${messageId}/${++this.sequence}`;
-    const seen: Seen = { connection: this.connection, digest, remoteId, at: now };
-    earlier.set(messageId, seen);
+    const chain = before?.remoteId ?? `epoch ${session.epoch}`;
+    const derived = hash("sha256", `${chain}\0${messageId}\0${digest}`, "base64url").slice(0, 22);
+    const remoteId = `${this.clientId}/${messageId}/${derived}`;
+    const seen: Seen = { digest, remoteId, at: now, epoch: session.epoch };
+    session.earlier.set(messageId, seen);
     // Refreshing the expiry on every write costs a command per message; every half window is enough.
     const refresh = now - this.expirySetAt > this.windowMs / 2;
     if (refresh) this.expirySetAt = now;
-    await this.record(messageId, seen, refresh);
-    return { remoteId, redelivered: false };
+    const durable = this.record(messageId, seen, refresh, session);
+    // Ids derived from an epoch that a crash could lose could not be derived again: the first
+    // messages of a session wait for it (with their records) before they are enqueued.
+    if (!session.epochDurable) await durable;
+    return { remoteId, redelivered: false, durable };
   }
 
   /** Writes the records of one tick together: a device sending fast costs one write per tick. */
-  private record(messageId: number, seen: Seen, refreshExpiry: boolean): Promise<void> {
+  private record(messageId: number, seen: Seen, refreshExpiry: boolean, session: Session): Promise<void> {
     let batch = this.unwritten;
     if (!batch) {
       const created = {
@@ -115,11 +162,16 @@ export class RedeliveryTracker {
         setImmediate(() => {
           this.unwritten = undefined;
           const ttl = created.refreshExpiry ? this.windowMs : undefined;
-          this.store.setInMap(this.key(), created.fields, ttl).then(resolve, reject);
+          const withEpoch = EPOCH_FIELD in created.fields;
+          this.store.setInMap(this.key(), created.fields, ttl).then(() => {
+            if (withEpoch) session.epochDurable = true;
+            resolve();
+          }, reject);
         }),
       );
       this.unwritten = batch = created;
     }
+    if (!session.epochDurable) batch.fields[EPOCH_FIELD] = session.epoch;
     batch.fields[String(messageId)] = JSON.stringify(seen);
     batch.refreshExpiry ||= refreshExpiry;
     return batch.written;

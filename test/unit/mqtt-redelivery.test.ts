@@ -199,7 +199,8 @@ test("the record is written before identify resolves, in one map per client, wit
   await t.identify(1, false, "t", payload("a"));
   assert.equal(store.mapWrites.length, 1);
   assert.equal(store.mapWrites[0]!.key, "redelivery:client:dev1");
-  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1"]);
+  // the session's epoch goes with the first records
+  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1", "epoch"]);
   assert.equal(store.mapWrites[0]!.ttlMs, WINDOW);
   // later writes within half a window do not refresh the expiry
   await t.identify(2, false, "t", payload("b"));
@@ -213,8 +214,86 @@ test("the records of publishes identified in one tick are written in one call", 
   const ids = await Promise.all([1, 2, 3].map((n) => t.identify(n, false, "t", payload(String(n)))));
   assert.equal(new Set(ids.map((i) => i.remoteId)).size, 3);
   assert.equal(store.mapWrites.length, 1);
-  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1", "2", "3"]);
+  assert.deepEqual(Object.keys(store.mapWrites[0]!.fields), ["1", "2", "3", "epoch"]);
   assert.equal(store.mapWrites[0]!.ttlMs, WINDOW);
+});
+
+/** A store whose map writes can be lost, as in a crash after the enqueue and before the record. */
+class LossyStore extends MemoryStore {
+  lose = false;
+  override async setInMap(key: string, fields: Record<string, string>, ttlMs?: number): Promise<void> {
+    if (this.lose) throw new Error("killed before the record was written");
+    return super.setInMap(key, fields, ttlMs);
+  }
+}
+
+test("a crash that kept the enqueue and lost the record: the re-send (DUP) derives the same remoteId", async () => {
+  const store = new LossyStore();
+  const before = new RedeliveryTracker(store, "session:bridge", WINDOW);
+  await before.identify(1, false, "seq/n", payload("0"));
+  store.lose = true;
+  // the hot path: enqueued with this id while its record is being written, and the record is lost
+  const enqueued = await before.lookup(2, false, "seq/n", payload("1"));
+  await assert.rejects(enqueued.durable);
+  store.lose = false;
+
+  const after = new RedeliveryTracker(store, "session:bridge", WINDOW);
+  const resent = await after.identify(2, true, "seq/n", payload("1"));
+  assert.equal(resent.remoteId, enqueued.remoteId);
+});
+
+test("the same holds for a packet id used before in the session, and for its first use after a new session's epoch", async () => {
+  const store = new LossyStore();
+  const first = new RedeliveryTracker(store, "session:bridge", WINDOW, false);
+  await first.identify(1, false, "t", payload("ON"));
+  store.lose = true;
+  const lost = await first.lookup(1, false, "t", payload("OFF")); // packet id 1 again, acknowledged before
+  const lostFirstUse = await first.lookup(2, false, "t", payload("ON"));
+  await assert.rejects(lost.durable);
+  store.lose = false;
+
+  const next = new RedeliveryTracker(store, "session:bridge", WINDOW);
+  assert.equal((await next.identify(1, true, "t", payload("OFF"))).remoteId, lost.remoteId);
+  assert.equal((await next.identify(2, true, "t", payload("ON"))).remoteId, lostFirstUse.remoteId);
+});
+
+test("ids are derived, yet no two messages share one: a packet id reused, a new session, another client", async () => {
+  const store = new MemoryStore();
+  const ids = new Set<string>();
+  for (const resumed of [false, true, false]) {
+    const t = new RedeliveryTracker(store, "client:dev1", WINDOW, resumed);
+    for (let i = 0; i < 3; i++) ids.add((await t.identify(1, false, "t", payload("ON"))).remoteId);
+  }
+  ids.add(
+    (await new RedeliveryTracker(store, "client:dev2", WINDOW).identify(1, false, "t", payload("ON")))
+      .remoteId,
+  );
+  assert.equal(ids.size, 10);
+});
+
+test("the first messages of a session wait for its epoch to be durable; later ones are not held", async () => {
+  const store = new MemoryStore();
+  const t = new RedeliveryTracker(store, "c", WINDOW, false);
+  await t.lookup(1, false, "t", payload("a"));
+  assert.equal(
+    store.mapWrites.length,
+    1,
+    "the epoch (and the first record) written before the first enqueue",
+  );
+  await t.lookup(2, false, "t", payload("b"));
+  assert.equal(store.mapWrites.length, 1, "the second record is written while the message is enqueued");
+});
+
+test("a record an earlier session's connection wrote late does not count in the new session", async () => {
+  const store = new MemoryStore();
+  const old = new RedeliveryTracker(store, "c", WINDOW);
+  await old.identify(9, false, "t", payload("x"));
+  const fresh = new RedeliveryTracker(store, "c", WINDOW, false);
+  await fresh.identify(1, false, "t", payload("y"));
+  // the old connection, taken over, still writes
+  await old.identify(5, false, "t", payload("z"));
+  const resumed = new RedeliveryTracker(store, "c", WINDOW);
+  assert.equal((await resumed.identify(5, true, "t", payload("z"))).redelivered, false);
 });
 
 test("a redelivery writes nothing", async () => {
