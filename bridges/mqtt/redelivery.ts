@@ -19,7 +19,7 @@ interface Seen {
   remoteId: string;
   /** ms since epoch */
   at: number;
-  /** The session's epoch (absent in records of tribridge before 0.2, which count in any). */
+  /** The session's epoch (absent in records written before there were epochs: those count in any). */
   epoch?: string;
 }
 
@@ -53,8 +53,9 @@ function digestOf(topic: string, payload: Uint8Array): string {
  * the message that used the packet id before it in the session (or the session's epoch). The record
  * is written while the message is enqueued; should a crash keep the enqueue and lose the record,
  * the re-send finds the same record before it (a packet id is reused only once acknowledged, and a
- * message is acknowledged only once its record is durable), derives the same id, and the core,
- * which takes an id once, relays it once. Drawn ids made it a second message.
+ * message is acknowledged only once its record is durable), derives the same id, and the core
+ * relays an id once (the queue keeps a batch it holds once, and the Matrix transaction id derives
+ * from it). Ids drawn at random made the re-send a second message.
  */
 export class RedeliveryTracker {
   private session: Promise<Session> | undefined;
