@@ -13,6 +13,11 @@
  * Another instance takes over `leaseMs` after the holder's last renewal when the holder dies, and
  * at once when it stops (`stop()` deletes the key). A process restarted with the same holder id
  * finds its own id in the key and takes the lease back at once (`restarted`).
+ *
+ * Nothing here waits without limit on what it guards either: `acquired` is no longer awaited once
+ * its signal aborted, and a wind-down (`acquired` settling, then `released`) that takes longer than
+ * `leaseMs` is logged and left behind, so that the lease is competed for again whatever Redis or
+ * the guarded work does (a BullMQ worker whose close never ends once Redis restarted, say).
  */
 import type { Redis } from "ioredis";
 import { errorMessage } from "../errors.js";
@@ -89,6 +94,8 @@ export class Lease {
   private retryTimer: NodeJS.Timeout | undefined;
   private renewTimer: NodeJS.Timeout | undefined;
   private expiryTimer: NodeJS.Timeout | undefined;
+  /** performance.now() when an attempt last found the key held by another instance. */
+  private otherSeenAt = -Infinity;
 
   constructor(private readonly opts: LeaseOptions) {
     this.leaseMs = opts.leaseMs ?? LEASE_DEFAULTS.leaseMs;
@@ -102,6 +109,25 @@ export class Lease {
   /** Whether this instance holds the lease now (as far as it can tell). */
   get held(): boolean {
     return this.current !== undefined;
+  }
+
+  /**
+   * Whether another instance holds the lease, as far as this one can tell: an attempt found the
+   * key under another id within the last lease time (attempts come every `renewMs`).
+   */
+  get heldElsewhere(): boolean {
+    return !this.held && performance.now() - this.otherSeenAt <= this.leaseMs;
+  }
+
+  /**
+   * Gives the holding up (what it guards cannot go on: a worker that stopped consuming), deletes
+   * the key, and competes for the lease again after `renewMs`. Nothing when not holding.
+   */
+  abandon(reason: string): Promise<void> {
+    const holding = this.current;
+    if (!holding || this.stopped) return Promise.resolve();
+    this.opts.log.warn({ lease: this.opts.key, holder: this.opts.holder, reason }, "giving the lease up");
+    return this.end(holding.generation, { reason, giveUp: true }).then(() => this.retryLater());
   }
 
   /**
@@ -192,7 +218,9 @@ export class Lease {
       () => undefined,
     );
     try {
-      await started;
+      // Not past the holding's end: `acquired` should settle at once then, but if it hangs the
+      // lease must still be competed for again.
+      await Promise.race([started, aborted(controller.signal)]);
     } catch (err) {
       if (!controller.signal.aborted)
         this.opts.log.warn(
@@ -211,7 +239,10 @@ export class Lease {
   private async take(): Promise<{ restarted: boolean; sentAt: number } | undefined> {
     const { redis, key, holder } = this.opts;
     const found = await redis.get(key);
-    if (found !== null && found !== holder) return undefined;
+    if (found !== null && found !== holder) {
+      this.otherSeenAt = performance.now();
+      return undefined;
+    }
     const restarted = found === holder && !this.wrote;
     this.wrote = true;
     const sentAt = performance.now();
@@ -222,14 +253,11 @@ export class Lease {
     return mine ? { restarted, sentAt } : undefined;
   }
 
-  /** An attempt still unanswered after a lease's time is given up (and tried again). */
-  private withinLease<T>(work: Promise<T>): Promise<T> {
+  /** An attempt (or a wind-down) still unfinished after a lease's time is given up (and tried again). */
+  private withinLease<T>(work: Promise<T>, what = "no answer from Redis", ms = this.leaseMs): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new Error(`no answer from Redis within ${this.leaseMs} ms`)),
-        this.leaseMs,
-      );
+      timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
     });
     return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
   }
@@ -281,17 +309,26 @@ export class Lease {
     clearTimeout(this.expiryTimer);
     holding.controller.abort(new Error(opts.reason));
     this.ending = (async () => {
-      await holding.settled;
+      const windDown = holding.settled.then(() => this.opts.released());
       try {
-        await this.opts.released();
+        // Twice a lease's time: what it guards bounds its own wind-down by one (see Shard.stopWorker).
+        await this.withinLease(windDown, "what the lease guards did not stop", 2 * this.leaseMs);
       } catch (err) {
         this.opts.log.warn(
           { lease: this.opts.key, holder: this.opts.holder, err: errorMessage(err) },
-          "winding down after the lease failed",
+          "winding down after the lease failed; competing for it again",
         );
       }
       if (opts.giveUp) await this.giveUp();
     })().finally(() => (this.ending = undefined));
     return this.ending;
   }
+}
+
+/** Rejects once `signal` aborts (with its reason); never resolves. */
+function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    if (signal.aborted) return reject(signal.reason as Error);
+    signal.addEventListener("abort", () => reject(signal.reason as Error), { once: true });
+  });
 }

@@ -94,6 +94,9 @@ export function shardOf(key: string, shards: number): number {
   return hash("sha1", key, "buffer").readUInt32BE(0) % shards;
 }
 
+/** Who consumes a shard, as this instance sees it. */
+export type ShardConsumer = "here" | "elsewhere" | "none";
+
 class Shard<T> {
   readonly queue: Queue;
   private worker: Worker | undefined;
@@ -101,6 +104,18 @@ class Shard<T> {
   private readonly lease: Lease;
   private pending: PendingBatch<T> | undefined;
   private writing = false;
+  /** Jobs of the shard this process is delivering now. */
+  private running = 0;
+  /** performance.now() when the worker was made, or last took or finished a job. */
+  private workerBusyAt = 0;
+  /** performance.now() since when the shard has had no consumer, as far as this instance knows. */
+  private unconsumedSince: number | undefined = performance.now();
+  /** Whether "no consumer" was logged (so that "consumed again" is, once). */
+  private reportedUnconsumed = false;
+  /** Whether our own job locks may be cleared at once on the next start (our worker was replaced). */
+  private ownLocksStale = false;
+  private watchdog: NodeJS.Timeout | undefined;
+  private checking = false;
 
   constructor(
     private readonly owner: OrderedQueue<T>,
@@ -123,26 +138,134 @@ class Shard<T> {
 
   /** Takes the lease, or keeps trying in the background while another instance holds it. */
   start(): Promise<void> {
+    this.watchdog = setInterval(() => void this.check(), this.lease.renewMs).unref();
     return this.lease.start();
   }
 
-  private async consume({ signal, restarted }: LeaseHolding): Promise<void> {
-    // Still ours from before a restart of this instance: its jobs' locks may be broken at once.
-    await this.requeueOrphans(restarted, signal);
-    if (signal.aborted) return;
-    this.worker = new Worker(this.name, (job, token) => this.owner.runJob(job, token, signal), {
-      connection: this.owner.workerConnection,
-      prefix: this.owner.opts.prefix,
-      concurrency: 1,
-      autorun: true,
-      // In-place retries keep a job active for long; the lock is renewed meanwhile.
-      lockDuration: 30_000,
-      stalledInterval: 30_000,
-      maxStalledCount: 1_000_000, // a stalled job is re-run, never failed for stalling
-      removeOnComplete: { count: this.owner.opts.keepCompleted },
-      removeOnFail: { count: this.owner.opts.keepFailed },
+  get leaseMs(): number {
+    return this.lease.leaseMs;
+  }
+
+  /** Who consumes the shard now: this instance (a worker running under its lease), another, or none. */
+  get consumer(): ShardConsumer {
+    if (this.lease.held && this.worker) return "here";
+    return this.lease.heldElsewhere ? "elsewhere" : "none";
+  }
+
+  /** How long the shard has had no consumer (0: it has one), in ms. */
+  unconsumedForMs(): number {
+    return this.unconsumedSince === undefined ? 0 : performance.now() - this.unconsumedSince;
+  }
+
+  /**
+   * Every renewMs: notices a worker that stopped consuming while we hold the lease (jobs waiting,
+   * none taken for a lease's time: its blocking connection died, say) and replaces it, by giving
+   * the lease up and competing again; and logs when the shard has had no consumer for longer than
+   * a lease, and when it has one again (one line each, not one per attempt).
+   */
+  private async check(): Promise<void> {
+    if (this.checking) return;
+    this.checking = true;
+    try {
+      const { leaseMs } = this.lease;
+      if (this.consumer === "here" && this.running === 0 && performance.now() - this.workerBusyAt > leaseMs) {
+        const waiting = await this.bounded(this.queue.getWaitingCount()).catch(() => 0);
+        if (waiting > 0 && this.running === 0 && performance.now() - this.workerBusyAt > leaseMs) {
+          this.ownLocksStale = true;
+          await this.lease.abandon(
+            `its worker took no job for ${Math.round(performance.now() - this.workerBusyAt)} ms with ${waiting} waiting`,
+          );
+        }
+      }
+      this.noteConsumer();
+    } finally {
+      this.checking = false;
+    }
+  }
+
+  private noteConsumer(): void {
+    const { log } = this.owner.opts;
+    if (this.consumer !== "none") {
+      if (this.reportedUnconsumed)
+        log.info(
+          { shard: this.name, consumer: this.consumer, afterMs: Math.round(this.unconsumedForMs()) },
+          "shard consumed again",
+        );
+      this.unconsumedSince = undefined;
+      this.reportedUnconsumed = false;
+      return;
+    }
+    this.unconsumedSince ??= performance.now();
+    if (!this.reportedUnconsumed && this.unconsumedForMs() > this.lease.leaseMs) {
+      this.reportedUnconsumed = true;
+      log.warn(
+        { shard: this.name, forMs: Math.round(this.unconsumedForMs()) },
+        "shard has no consumer; its messages wait until one takes its lease",
+      );
+    }
+  }
+
+  /**
+   * A Redis command while starting or stopping to consume: given up after a lease's time (Redis
+   * away, or hanging) or when `signal` aborts, so that the lease is competed for again.
+   */
+  private bounded<R>(work: Promise<R>, signal?: AbortSignal): Promise<R> {
+    const { leaseMs } = this.lease;
+    return new Promise<R>((resolve, reject) => {
+      const fail = (err: unknown) => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        reject(err instanceof Error ? err : new Error(String(err)));
+      };
+      const onAbort = () => fail(signal!.reason);
+      const timer = setTimeout(() => fail(new Error(`no answer from Redis within ${leaseMs} ms`)), leaseMs);
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      work.then((value) => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        resolve(value);
+      }, fail);
     });
-    this.worker.on("error", (err) => this.owner.workerError(this.name, err));
+  }
+
+  private async consume({ signal, restarted }: LeaseHolding): Promise<void> {
+    // Still ours from before a restart of this instance, or of a worker of ours replaced: its
+    // jobs' locks may be broken at once.
+    await this.requeueOrphans(restarted || this.ownLocksStale, signal);
+    if (signal.aborted) return;
+    const worker = new Worker(
+      this.name,
+      async (job, token) => {
+        this.running++;
+        this.workerBusyAt = performance.now();
+        try {
+          return await this.owner.runJob(job, token, signal);
+        } finally {
+          this.running--;
+          this.workerBusyAt = performance.now();
+        }
+      },
+      {
+        connection: this.owner.workerConnection,
+        prefix: this.owner.opts.prefix,
+        concurrency: 1,
+        autorun: true,
+        // In-place retries keep a job active for long; the lock is renewed meanwhile.
+        lockDuration: 30_000,
+        stalledInterval: 30_000,
+        maxStalledCount: 1_000_000, // a stalled job is re-run, never failed for stalling
+        removeOnComplete: { count: this.owner.opts.keepCompleted },
+        removeOnFail: { count: this.owner.opts.keepFailed },
+      },
+    );
+    worker.on("error", (err) => this.owner.workerError(this.name, err));
+    this.worker = worker;
+    this.workerBusyAt = performance.now();
+    // Its connections answer, or the lease is given up and competed for again.
+    await this.bounded(worker.waitUntilReady(), signal);
+    this.ownLocksStale = false;
+    this.noteConsumer();
   }
 
   /**
@@ -198,29 +321,50 @@ class Shard<T> {
    * anything behind them runs. After a restart of this instance at once; after a takeover, once
    * the other instance's job lock has expired (it may only be stalled, and stops when it notices).
    */
-  private async requeueOrphans(restarted: boolean, signal: AbortSignal): Promise<void> {
-    const active = await this.queue.getActive();
+  private async requeueOrphans(ownLocksStale: boolean, signal: AbortSignal): Promise<void> {
+    const active = await this.bounded(this.queue.getActive(), signal);
     const redis = this.producer;
     for (const job of active) {
       const lock = redisKeys.jobLock(this.owner.opts.prefix, this.name, job.id!);
-      if (restarted) await redis.del(lock);
-      while (!signal.aborted && (await redis.exists(lock)) === 1) await sleep(500);
+      if (ownLocksStale) await this.bounded(redis.del(lock), signal);
+      while (!signal.aborted && (await this.bounded(redis.exists(lock), signal)) === 1) await sleep(500);
       if (signal.aborted) return;
       // Put back meanwhile by the instance that held it (it noticed it lost the lease): nothing to do.
-      if ((await job.getState()) !== "active") continue;
-      await job.moveToWait("0");
+      if ((await this.bounded(job.getState(), signal)) !== "active") continue;
+      await this.bounded(job.moveToWait("0"), signal);
       this.owner.opts.log.info({ shard: this.name, jobId: job.id }, "requeued job interrupted by a restart");
     }
   }
 
+  /**
+   * Closes the worker, waiting for its batch to stop (the lease's signal stops it between two
+   * items). A close that does not end within a lease's time (BullMQ's waits for its blocking
+   * connection, which may never reconnect once Redis restarted) is cut short: the worker is closing
+   * already, so it takes no new job, and its connections are dropped.
+   */
   private async stopWorker(): Promise<void> {
     const w = this.worker;
     this.worker = undefined;
-    await w?.close();
+    this.noteConsumer();
+    if (!w) return;
+    try {
+      await this.bounded(w.close());
+    } catch (err) {
+      this.owner.opts.log.warn(
+        { shard: this.name, err: errorMessage(err) },
+        "worker did not close in time; dropping its connections",
+      );
+      // BullMQ's blocking connection (its own; the other one is shared by all shards, kept).
+      const blocking = (
+        w as unknown as { blockingConnection?: { disconnect(wait?: boolean): Promise<void> } }
+      ).blockingConnection;
+      await blocking?.disconnect(false).catch(() => undefined);
+    }
   }
 
   /** Stops consuming (a batch in flight goes back to the head of the shard) and gives the lease up. */
   async stop(): Promise<void> {
+    clearInterval(this.watchdog);
     await this.lease.stop();
     await this.queue.close();
   }
@@ -644,7 +788,14 @@ export class OrderedQueue<T> {
   }
 
   /** Batches waiting and being delivered over all shards, and the failed list's length (for metrics). */
-  async backlog(): Promise<{ waiting: number; active: number; failedList: number; holding: boolean }> {
+  async backlog(): Promise<{
+    waiting: number;
+    active: number;
+    failedList: number;
+    holding: boolean;
+    /** Shards without a consumer for longer than a lease (see unconsumedShards). */
+    unconsumedShards: number;
+  }> {
     const [shards, failedList] = await Promise.all([
       Promise.all(this.shards.map((s) => s.queue.getJobCounts("waiting", "active"))),
       this.dead.getWaitingCount(),
@@ -654,7 +805,22 @@ export class OrderedQueue<T> {
       active: shards.reduce((n, c) => n + (c.active ?? 0), 0),
       failedList,
       holding: this.holding,
+      unconsumedShards: this.unconsumedShards().length,
     };
+  }
+
+  /**
+   * The shards that have had no consumer for longer than a lease: no instance holds the lease, or
+   * this one does but has no worker running (see Shard.check). For status, metrics and /ready.
+   */
+  unconsumedShards(): string[] {
+    const leaseMs = this.shards[0]?.leaseMs ?? 0;
+    return this.shards.filter((s) => s.unconsumedForMs() > leaseMs).map((s) => s.name);
+  }
+
+  /** Who consumes each shard now, by shard name (see ShardConsumer). */
+  consumers(): Record<string, ShardConsumer> {
+    return Object.fromEntries(this.shards.map((s) => [s.name, s.consumer]));
   }
 
   /** Counts over all shards, for tests. */

@@ -1,0 +1,167 @@
+/**
+ * Long faults of the queue's Redis: away (killed and restarted on its files) or refusing writes
+ * (MISCONF, READONLY) for longer than a shard lease, under load. Afterwards every acknowledged item
+ * is delivered, each room's in order, and every shard has a consumer again. Leases are short here
+ * (LEASE), so outlasting one takes a second or two. TRIBRIDGE_LONG_FAULTS=1 adds the long variant:
+ * Redis killed for 40 s, ten times in a row.
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
+import { pino } from "pino";
+import { OrderedQueue, shardOf } from "../../src/queue/ordered-queue.js";
+import { waitFor } from "../helpers/fixture.js";
+import { testQueueOptions } from "../helpers/queues.js";
+import { startRedisServer, type TestRedisServer } from "../helpers/redis-server.js";
+
+const LEASE = { leaseMs: 1_000, renewMs: 300 };
+const SHARDS = 4;
+
+/** Two rooms per shard, so that a shard left without a consumer shows as its rooms standing still. */
+function roomsPerShard(): string[] {
+  const rooms: string[] = [];
+  const per = new Map<number, number>();
+  for (let i = 0; rooms.length < SHARDS * 2; i++) {
+    const room = `!room${i}`;
+    const shard = shardOf(room, SHARDS);
+    if ((per.get(shard) ?? 0) >= 2) continue;
+    per.set(shard, (per.get(shard) ?? 0) + 1);
+    rooms.push(room);
+  }
+  return rooms;
+}
+
+interface Outcome {
+  acknowledged: number;
+  lost: number;
+  duplicated: number;
+  reordered: number;
+  /** Rounds after which some room (so its shard) saw nothing delivered within `resumeMs`. */
+  stuckRounds: number;
+  /** Per round: from Redis answering again to every room delivering again (ms). */
+  resumedMs: number[];
+  warnings: Map<string, number>;
+}
+
+/**
+ * A queue under load (every room adding an item every few ms) while `fault` runs `rounds` times;
+ * after each, waits up to `resumeMs` for every room to deliver an item acknowledged after the fault.
+ */
+async function underFaults(
+  server: TestRedisServer,
+  o: { rounds: number; resumeMs: number; fault(round: number): Promise<void> },
+): Promise<Outcome> {
+  const rooms = roomsPerShard();
+  const warnings = new Map<string, number>();
+  const log = pino(
+    { level: "warn" },
+    {
+      write: (line: string) => {
+        const { msg } = JSON.parse(line) as { msg: string };
+        warnings.set(msg, (warnings.get(msg) ?? 0) + 1);
+      },
+    },
+  );
+  const delivered = new Map<string, number[]>(rooms.map((r) => [r, []]));
+  const acked = new Map<string, number[]>(rooms.map((r) => [r, []]));
+  const q = new OrderedQueue<{ room: string; n: number }>(
+    testQueueOptions(
+      `lf-${randomUUID().slice(0, 8)}`,
+      async ({ room, n }) => {
+        await sleep(2);
+        delivered.get(room)!.push(n);
+      },
+      { redisUrl: server.url, shards: SHARDS, lease: LEASE, log, instanceId: "solo" },
+    ),
+  );
+  let producing = true;
+  const producers = rooms.map(async (room) => {
+    for (let n = 0; producing; n++) {
+      await q.add(room, `${room}-${n}`, { room, n });
+      acked.get(room)!.push(n);
+      await sleep(5);
+    }
+  });
+  try {
+    await q.start();
+    let stuckRounds = 0;
+    const resumedMs: number[] = [];
+    for (let round = 0; round < o.rounds; round++) {
+      await waitFor("every room delivering", () => rooms.every((r) => delivered.get(r)!.length > 0), 10_000);
+      await sleep(300);
+      await o.fault(round);
+      if (process.env.TRIBRIDGE_TEST_TRACE) console.error(`round ${round}: fault over`);
+      const back = performance.now();
+      const mark = new Map(rooms.map((r) => [r, acked.get(r)!.at(-1) ?? -1]));
+      try {
+        await waitFor(
+          "every room delivering again",
+          () => rooms.every((r) => delivered.get(r)!.some((n) => n > mark.get(r)!)),
+          o.resumeMs,
+        );
+        resumedMs.push(Math.round(performance.now() - back));
+        if (process.env.TRIBRIDGE_TEST_TRACE) console.error(`round ${round}: resumed`, resumedMs.at(-1));
+      } catch {
+        stuckRounds++;
+        resumedMs.push(NaN);
+      }
+    }
+    producing = false;
+    await Promise.race([Promise.all(producers), sleep(10_000)]);
+    const everything = () => rooms.every((r) => acked.get(r)!.every((n) => delivered.get(r)!.includes(n)));
+    await waitFor("every acknowledged item", everything, o.resumeMs).catch(() => undefined);
+    let lost = 0;
+    let duplicated = 0;
+    let reordered = 0;
+    for (const room of rooms) {
+      const got = delivered.get(room)!;
+      const seen = new Set<number>();
+      let highest = -1;
+      for (const n of got) {
+        if (seen.has(n)) duplicated++;
+        else if (n < highest) reordered++;
+        seen.add(n);
+        highest = Math.max(highest, n);
+      }
+      lost += acked.get(room)!.filter((n) => !seen.has(n)).length;
+    }
+    const acknowledged = rooms.reduce((sum, r) => sum + acked.get(r)!.length, 0);
+    return { acknowledged, lost, duplicated, reordered, stuckRounds, resumedMs, warnings };
+  } finally {
+    producing = false;
+    await q.stop();
+  }
+}
+
+function report(name: string, outcome: Outcome): void {
+  const { warnings, ...numbers } = outcome;
+  console.log(`${name}: ${JSON.stringify(numbers)} warnings ${JSON.stringify(Object.fromEntries(warnings))}`);
+}
+
+function assertWhole(outcome: Outcome): void {
+  assert.deepEqual(
+    { lost: outcome.lost, reordered: outcome.reordered, stuckRounds: outcome.stuckRounds },
+    { lost: 0, reordered: 0, stuckRounds: 0 },
+  );
+}
+
+test(
+  "Redis killed for longer than a lease under load, restarted on its files, 4 times: all delivered, in order, every shard consumed again",
+  { timeout: 60_000 },
+  async (t) => {
+    const server = await startRedisServer(["--appendonly", "yes"]);
+    t.after(() => server.stop());
+    const outcome = await underFaults(server, {
+      rounds: 4,
+      resumeMs: 8_000,
+      fault: async () => {
+        await server.kill();
+        await sleep(4_500);
+        await server.restart();
+      },
+    });
+    report("killed 4.5 s", outcome);
+    assertWhole(outcome);
+  },
+);
