@@ -94,6 +94,8 @@ export function shardOf(key: string, shards: number): number {
   return hash("sha1", key, "buffer").readUInt32BE(0) % shards;
 }
 
+const DEL_IF = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end`;
+
 /** Who consumes a shard, as this instance sees it. */
 export type ShardConsumer = "here" | "elsewhere" | "none";
 
@@ -114,6 +116,12 @@ class Shard<T> {
   private reportedUnconsumed = false;
   /** Whether our own job locks may be cleared at once on the next start (our worker was replaced). */
   private ownLocksStale = false;
+  /**
+   * The lock tokens of the last jobs our workers took, by job id: a job left active under one of
+   * them (its worker stopped, and could not put it back: Redis refusing writes) is ours to requeue
+   * at once, not after its lock's 30 s.
+   */
+  private readonly ourLocks = new Map<string, string>();
   private watchdog: NodeJS.Timeout | undefined;
   private checking = false;
 
@@ -239,6 +247,10 @@ class Shard<T> {
       async (job, token) => {
         this.running++;
         this.workerBusyAt = performance.now();
+        if (token !== undefined) {
+          this.ourLocks.set(job.id!, token);
+          if (this.ourLocks.size > 10) this.ourLocks.delete(this.ourLocks.keys().next().value!);
+        }
         try {
           return await this.owner.runJob(job, token, signal);
         } finally {
@@ -318,15 +330,18 @@ class Shard<T> {
 
   /**
    * Jobs left active by an earlier holder of this lease go back to the head of the line, before
-   * anything behind them runs. After a restart of this instance at once; after a takeover, once
-   * the other instance's job lock has expired (it may only be stalled, and stops when it notices).
+   * anything behind them runs. After a restart of this instance, or left by a worker of ours, at
+   * once; after a takeover, once the other instance's job lock has expired (it may only be
+   * stalled, and stops when it notices).
    */
   private async requeueOrphans(ownLocksStale: boolean, signal: AbortSignal): Promise<void> {
     const active = await this.bounded(this.queue.getActive(), signal);
     const redis = this.producer;
     for (const job of active) {
       const lock = redisKeys.jobLock(this.owner.opts.prefix, this.name, job.id!);
+      const ours = this.running === 0 && this.ourLocks.has(job.id!);
       if (ownLocksStale) await this.bounded(redis.del(lock), signal);
+      else if (ours) await this.bounded(redis.eval(DEL_IF, 1, lock, this.ourLocks.get(job.id!)!), signal);
       while (!signal.aborted && (await this.bounded(redis.exists(lock), signal)) === 1) await sleep(500);
       if (signal.aborted) return;
       // Put back meanwhile by the instance that held it (it noticed it lost the lease): nothing to do.

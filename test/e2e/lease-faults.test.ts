@@ -7,7 +7,12 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
+import { mkdtempSync, openSync, rmSync, writeSync, closeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Redis } from "ioredis";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { OrderedQueue, shardOf } from "../../src/queue/ordered-queue.js";
@@ -76,9 +81,18 @@ async function underFaults(
     ),
   );
   let producing = true;
+  // As a device or homeserver does: an item refused (Redis refusing writes) is sent again.
   const producers = rooms.map(async (room) => {
     for (let n = 0; producing; n++) {
-      await q.add(room, `${room}-${n}`, { room, n });
+      for (;;) {
+        try {
+          await q.add(room, `${room}-${n}`, { room, n });
+          break;
+        } catch {
+          if (!producing) return;
+          await sleep(100);
+        }
+      }
       acked.get(room)!.push(n);
       await sleep(5);
     }
@@ -104,6 +118,18 @@ async function underFaults(
         if (process.env.TRIBRIDGE_TEST_TRACE) console.error(`round ${round}: resumed`, resumedMs.at(-1));
       } catch {
         stuckRounds++;
+        if (process.env.TRIBRIDGE_TEST_TRACE) {
+          const stuck = rooms.filter((r) => !delivered.get(r)!.some((n) => n > mark.get(r)!));
+          console.error(
+            `round ${round}: stuck rooms`,
+            stuck.map(
+              (r) =>
+                `${r}@${shardOf(r, SHARDS)} mark ${mark.get(r)} last ${delivered.get(r)!.at(-1)} acked ${acked.get(r)!.at(-1)}`,
+            ),
+            q.consumers(),
+            await q.counts(),
+          );
+        }
         resumedMs.push(NaN);
       }
     }
@@ -162,6 +188,106 @@ test(
       },
     });
     report("killed 4.5 s", outcome);
+    assertWhole(outcome);
+  },
+);
+
+/** A small tmpfs of the test's own (we run as root in CI), or undefined where mounting is refused. */
+function smallDisk(t: { after(fn: () => void): void }, size: string): string | undefined {
+  const dir = mkdtempSync(join(tmpdir(), "tribridge-disk-"));
+  try {
+    execFileSync("mount", ["-t", "tmpfs", "-o", `size=${size}`, "tmpfs", dir], { stdio: "ignore" });
+  } catch {
+    rmSync(dir, { recursive: true, force: true });
+    return undefined;
+  }
+  t.after(() => {
+    execFileSync("umount", ["-l", dir], { stdio: "ignore" });
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
+}
+
+/** Writes `file` until the disk under it is full. */
+function fill(file: string): void {
+  const fd = openSync(file, "w");
+  const chunk = Buffer.alloc(64 * 1024);
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOSPC") throw err;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test(
+  "disk full under Redis's AOF for longer than a lease (MISCONF), then freed, 3 times: all delivered, in order, every shard consumed again",
+  { timeout: 60_000 },
+  async (t) => {
+    const disk = smallDisk(t, "32m");
+    if (!disk) return t.skip("cannot mount a tmpfs here (not root?)");
+    const server = await startRedisServer(["--appendonly", "yes"], { dir: disk });
+    t.after(() => server.stop());
+    const probe = new Redis(server.url);
+    t.after(() => probe.disconnect());
+    const filler = join(disk, "filler");
+    let refusedWith = "";
+    const outcome = await underFaults(server, {
+      rounds: 3,
+      resumeMs: 8_000,
+      fault: async () => {
+        fill(filler);
+        await waitFor("Redis refusing writes", async () => {
+          try {
+            await probe.set("probe", "x");
+            return false;
+          } catch (err) {
+            refusedWith = (err as Error).message;
+            return true;
+          }
+        });
+        await sleep(4_500);
+        rmSync(filler);
+        await waitFor(
+          "Redis taking writes again",
+          () =>
+            probe.set("probe", "y").then(
+              () => true,
+              () => false,
+            ),
+          5_000,
+        );
+      },
+    });
+    report("disk full 4.5 s", outcome);
+    assert.match(refusedWith, /MISCONF/);
+    assertWhole(outcome);
+  },
+);
+
+test(
+  "Redis turned replica for longer than a lease (READONLY), then master again, 3 times: all delivered, in order, every shard consumed again",
+  { timeout: 60_000 },
+  async (t) => {
+    const server = await startRedisServer(["--appendonly", "yes"]);
+    t.after(() => server.stop());
+    const probe = new Redis(server.url);
+    t.after(() => probe.disconnect());
+    let refusedWith = "";
+    const outcome = await underFaults(server, {
+      rounds: 3,
+      resumeMs: 8_000,
+      fault: async () => {
+        // A master that is not there: the data set stays, writes are refused.
+        await probe.replicaof("127.0.0.1", 1);
+        await probe.set("probe", "x").catch((err: Error) => (refusedWith = err.message));
+        await sleep(4_500);
+        await probe.replicaof("NO", "ONE");
+      },
+    });
+    report("replica 4.5 s", outcome);
+    assert.match(refusedWith, /READONLY/);
     assertWhole(outcome);
   },
 );

@@ -24,8 +24,12 @@ export interface TestRedisServer {
   stop(): Promise<void>;
 }
 
-export async function startRedisServer(args: readonly string[] = []): Promise<TestRedisServer> {
-  const dir = mkdtempSync(join(tmpdir(), "tribridge-redis-"));
+/** `dir`: a data directory of the caller's (kept on stop), instead of a temporary one. */
+export async function startRedisServer(
+  args: readonly string[] = [],
+  opts: { dir?: string } = {},
+): Promise<TestRedisServer> {
+  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "tribridge-redis-"));
   const port = await freePort();
   const url = `redis://127.0.0.1:${port}`;
   const launch = () =>
@@ -56,7 +60,7 @@ export async function startRedisServer(args: readonly string[] = []): Promise<Te
     },
     async stop() {
       await end(server.process, "SIGTERM");
-      rmSync(dir, { recursive: true, force: true });
+      if (!opts.dir) rmSync(dir, { recursive: true, force: true });
     },
   };
   try {
