@@ -19,10 +19,23 @@ interface QueueState {
   holding: boolean;
 }
 
+/** How long a scrape waits for the queues' state from Redis (which may be away) before going on without. */
+const QUEUE_STATE_TIMEOUT_MS = 2_000;
+
+function withinMs<T>(work: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  return Promise.race([work, late]).finally(() => clearTimeout(timer));
+}
+
 /** Read when scraped: the queues' Redis state and the connectors' states. */
 export interface MetricSources {
   queues(): Promise<Record<string, QueueState>>;
   connectors(): Record<string, { state: ConnectorState }>;
+  /** Per queue, its shards without a consumer for longer than a lease (read without Redis). */
+  unconsumedShards?(): Record<string, number>;
 }
 
 export class Metrics {
@@ -98,8 +111,13 @@ export class Metrics {
         labelNames: ["queue"],
         registers,
         async collect() {
-          for (const [queue, counts] of Object.entries(await sources.queues()))
-            this.set({ queue }, pick(counts));
+          let states: Record<string, QueueState>;
+          try {
+            states = await withinMs(sources.queues(), QUEUE_STATE_TIMEOUT_MS);
+          } catch {
+            return; // Redis away or refusing: the last values stay, and the rest is still served
+          }
+          for (const [queue, counts] of Object.entries(states)) this.set({ queue }, pick(counts));
         },
       });
     queueGauge(
@@ -118,6 +136,17 @@ export class Metrics {
       "Messages in the failed list (`tribridge failed-jobs`)",
       (q) => q.failedList,
     );
+    new Gauge({
+      name: "tribridge_queue_shards_unconsumed",
+      help:
+        "Shards of the queue that have had no consumer for longer than a lease (no instance holds " +
+        "the lease, or this one holds it with no worker running): their messages wait",
+      labelNames: ["queue"],
+      registers,
+      collect() {
+        for (const [queue, n] of Object.entries(sources.unconsumedShards?.() ?? {})) this.set({ queue }, n);
+      },
+    });
     new Gauge({
       name: "tribridge_connector_state",
       help: "1 for the state each connector account is in, 0 for the others",

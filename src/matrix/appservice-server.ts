@@ -5,6 +5,8 @@
  * that makes the homeserver send it again (AS API §Pushing events). Both the v1 path and the legacy
  * unprefixed path that older Synapse uses are served. hs_token comes from `Authorization: Bearer`
  * or `?access_token=`: missing → 401 M_UNAUTHORIZED, wrong → 403 M_FORBIDDEN, before anything else.
+ * Besides: GET /health (the process answers) and GET /ready (it can do its work: 200, or 503 naming
+ * what is wrong), both without a token.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { hash, timingSafeEqual } from "node:crypto";
@@ -12,6 +14,7 @@ import type { Logger } from "../log.js";
 import { errorMessage } from "../errors.js";
 import { close, listen } from "../http-listen.js";
 import { LogLimiter } from "../log-limiter.js";
+import type { Readiness } from "../readiness.js";
 import { isUserId } from "./ids.js";
 
 export interface MatrixEvent {
@@ -38,6 +41,8 @@ export interface AppserviceHandlers {
   userExists(userId: string): boolean;
   /** Told what each pushed transaction came to (for metrics). */
   observe?(outcome: TransactionOutcome): void;
+  /** GET /ready: whether the bridge can do its work, check by check (see readiness.ts). */
+  readiness?(): Promise<Readiness>;
 }
 
 /** What a transaction pushed to us came to. */
@@ -156,6 +161,11 @@ export class AppserviceServer {
     const url = new URL(req.url ?? "/", "http://localhost");
     const path = url.pathname;
     if (path === "/health") return send(res, 200, { status: "ok" });
+    if (path === "/ready" && this.handlers.readiness) {
+      // For orchestrators and load balancers, like /health: no token. It names parts, not data.
+      const { ready, checks } = await this.handlers.readiness();
+      return send(res, ready ? 200 : 503, { status: ready ? "ready" : "not ready", checks });
+    }
 
     const known =
       TRANSACTION_PATH.test(path) ||

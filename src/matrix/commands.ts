@@ -36,7 +36,10 @@ In a route's room, failed and retry are about that room's relays; elsewhere, abo
 export function formatStatus(
   routes: number,
   connectors: Record<string, { state: string; reason?: string }>,
-  queues: Record<string, { waiting: number; active: number; failedList: number; holding: boolean }>,
+  queues: Record<
+    string,
+    { waiting: number; active: number; failedList: number; holding: boolean; unconsumedShards?: number }
+  >,
   more: readonly string[] = [],
 ): string {
   const lines = [`tribridge is running with ${routes} route(s).`];
@@ -44,8 +47,11 @@ export function formatStatus(
     lines.push(`${ref}: ${state}${reason ? ` (${reason})` : ""}`);
   for (const [name, q] of Object.entries(queues)) {
     const holding = q.holding ? "; backlog full, new messages held at their source" : "";
+    const unconsumed = q.unconsumedShards
+      ? `; ${q.unconsumedShards} shard(s) without a consumer for longer than a lease, their messages wait`
+      : "";
     lines.push(
-      `${name}: ${q.waiting} batch(es) waiting, ${q.active} being delivered, ${q.failedList} failed${holding}`,
+      `${name}: ${q.waiting} batch(es) waiting, ${q.active} being delivered, ${q.failedList} failed${holding}${unconsumed}`,
     );
   }
   lines.push(...more);
