@@ -3,14 +3,13 @@
  * No side effects at import; `start` returns a handle whose `stop` undoes everything. Each part
  * lives in its own module; `start` only says in which order they are made and started.
  */
-import { createHash } from "node:crypto";
-import { hostname } from "node:os";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState } from "./connector.js";
 import type { Config } from "./config/load.js";
 import { ConnectorHost } from "./connector-host.js";
 import { bridgeCommands } from "./control.js";
 import { ConfigError, errorMessage } from "./errors.js";
+import { InstanceClaim, instanceIdIn } from "./instance-id.js";
 import { Lifetime } from "./lifetime.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
@@ -28,7 +27,9 @@ import { followRoomUpgrades } from "./matrix/room-upgrade.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, type FailedJob, type OrderedQueueOptions } from "./queue/ordered-queue.js";
+import type { LeaseTimings } from "./queue/lease.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
+import { readiness, type ReadinessCheck } from "./readiness.js";
 import { recordedEndpointLayout } from "./routing/legacy-endpoint-ids.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
@@ -46,6 +47,8 @@ export interface StartOptions {
    * it and exit non-zero, so that a supervisor restarts it. Default: logged only.
    */
   onFatal?(err: Error): void;
+  /** Timings of the queue shards' leases (default: LEASE_DEFAULTS); tests shorten them. */
+  lease?: LeaseTimings;
 }
 
 export interface RunningBridge {
@@ -69,6 +72,7 @@ export async function start({
   connectors,
   signal,
   onFatal = (err) => log.error({ err: err.message }, "the bridge cannot go on; stop it"),
+  lease,
 }: StartOptions): Promise<RunningBridge> {
   checkNamesUnique(connectors);
   const mismatch = registrationMismatch(registration, config, connectors);
@@ -84,7 +88,16 @@ export async function start({
     const naming = { ghostPrefix: config.appservice.ghostPrefix, domain };
     const ours = registration.namespaces.users.map((n) => new RegExp(n.regex));
     const isOurs = (userId: string) => userId === bot || ours.some((r) => r.test(userId));
-    const instanceId = instanceIdOf(config);
+    const instanceId = instanceIdIn(config.dataDir);
+    const claim = new InstanceClaim({
+      redis,
+      key: redisKeys.instanceClaim(prefix, instanceId),
+      id: instanceId,
+      log,
+    });
+    await claim.take();
+    lifetime.onStop(() => claim.release(), "the instance id claim");
+    log.info({ instanceId }, "instance id");
 
     const matrix = new MatrixClient({
       homeserverUrl: config.homeserver.url,
@@ -98,7 +111,12 @@ export async function start({
 
     // Read only when scraped, which starts once everything below exists.
     const metrics: Metrics | undefined = config.metrics.enabled
-      ? new Metrics({ queues: () => queueStates(), connectors: () => host.states })
+      ? new Metrics({
+          queues: () => queueStates(),
+          connectors: () => host.states,
+          unconsumedShards: () =>
+            Object.fromEntries(queues.map((q) => [q.opts.name, q.unconsumedShards().length])),
+        })
       : undefined;
     const relayQueue = <T>(
       name: string,
@@ -107,6 +125,7 @@ export async function start({
     ) => {
       const queue = new OrderedQueue<T>({
         ...queueOptions(config, redisUrl, instanceId),
+        lease,
         name,
         log: moduleLogger("queue", { queue: name }),
         observe: metrics?.queueObserver(name),
@@ -156,7 +175,7 @@ export async function start({
         relayQueue<ToRemoteJob>(toConnectorQueue(def.name), (job, { id }) => remote.deliver(def, job, id)),
       ]),
     );
-    const queues = [toMatrix, ...toRemote.values()];
+    const queues: OrderedQueue<unknown>[] = [toMatrix, ...toRemote.values()];
     const queueStates = async () =>
       Object.fromEntries(
         await Promise.all(queues.map(async (q) => [q.opts.name, await q.backlog()] as const)),
@@ -205,6 +224,7 @@ export async function start({
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),
+        readiness: () => readiness(readinessChecks(redis, prefix, queues)),
       },
       moduleLogger("appservice"),
     );
@@ -271,12 +291,34 @@ async function openRedis(
   return { redis, redisUrl };
 }
 
-/** See ConnectorContext.instanceId: from the host, data directory, queue prefix and appservice port. */
-function instanceIdOf(config: Config): string {
-  return createHash("sha1")
-    .update(`${hostname()}|${config.dataDir}|${config.queue.prefix}|${config.appservice.port}`)
-    .digest("hex")
-    .slice(0, 16);
+/**
+ * What GET /ready checks: Redis takes writes (a write, not a PING: a Redis out of disk (MISCONF) or
+ * turned replica (READONLY) still answers PINGs), and every queue shard has a consumer.
+ */
+function readinessChecks(
+  redis: Redis,
+  prefix: string,
+  queues: readonly OrderedQueue<unknown>[],
+): ReadinessCheck[] {
+  return [
+    {
+      name: "redis",
+      check: async () => {
+        if (redis.status !== "ready") return `not connected (${redis.status})`;
+        await redis.set(redisKeys.readyProbe(prefix), String(Date.now()), "PX", 60_000);
+        return undefined;
+      },
+    },
+    {
+      name: "shards",
+      check: async () => {
+        const unconsumed = queues.flatMap((q) => q.unconsumedShards());
+        return unconsumed.length === 0
+          ? undefined
+          : `without a consumer for longer than a lease: ${unconsumed.join(", ")}`;
+      },
+    },
+  ];
 }
 
 /** What every relay queue shares, from the config. */

@@ -37,6 +37,10 @@ export const redisKeys = {
    * endpoint ids: how positional ids queued by earlier versions are read (legacy-endpoint-ids.ts).
    */
   endpointLayout: (prefix: string) => `${prefix}:endpoint-layout`,
+  /** The claim of the process running as instance `id` (see instance-id.ts). */
+  instanceClaim: (prefix: string, id: string) => `${prefix}:instance:${id}`,
+  /** Written by GET /ready to check that Redis takes writes. */
+  readyProbe: (prefix: string) => `${prefix}:ready-probe`,
   /** Which instance consumes a shard queue (`to-matrix-3`). */
   shardLease: (prefix: string, shardQueue: string) => `${prefix}:lease:${shardQueue}`,
   /** Which instance runs a connector account's exclusive work `name` (ctx.runExclusive: a mailbox's reader). */
