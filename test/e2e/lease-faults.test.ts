@@ -12,11 +12,12 @@ import { randomUUID } from "node:crypto";
 import { mkdtempSync, openSync, rmSync, writeSync, closeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { Worker } from "bullmq";
 import { Redis } from "ioredis";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { OrderedQueue, shardOf } from "../../src/queue/ordered-queue.js";
-import { waitFor } from "../helpers/fixture.js";
+import { deleteKeys, waitFor } from "../helpers/fixture.js";
 import { testQueueOptions } from "../helpers/queues.js";
 import { startRedisServer, type TestRedisServer } from "../helpers/redis-server.js";
 
@@ -44,6 +45,10 @@ interface Outcome {
   reordered: number;
   /** Rounds after which some room (so its shard) saw nothing delivered within `resumeMs`. */
   stuckRounds: number;
+  /** The most shards reported without a consumer (status, metrics, /ready) during a fault. */
+  mostUnconsumed: number;
+  /** Rounds after which some shard still had no running consumer here once the rooms delivered again. */
+  unconsumedAfter: number;
   /** Per round: from Redis answering again to every room delivering again (ms). */
   resumedMs: number[];
   warnings: Map<string, number>;
@@ -60,7 +65,7 @@ async function underFaults(
   const rooms = roomsPerShard();
   const warnings = new Map<string, number>();
   const log = pino(
-    { level: "warn" },
+    { level: "info" },
     {
       write: (line: string) => {
         const { msg } = JSON.parse(line) as { msg: string };
@@ -99,6 +104,12 @@ async function underFaults(
   });
   try {
     await q.start();
+    let mostUnconsumed = 0;
+    const watching = setInterval(
+      () => (mostUnconsumed = Math.max(mostUnconsumed, q.unconsumedShards().length)),
+      100,
+    );
+    let unconsumedAfter = 0;
     let stuckRounds = 0;
     const resumedMs: number[] = [];
     for (let round = 0; round < o.rounds; round++) {
@@ -115,6 +126,8 @@ async function underFaults(
           o.resumeMs,
         );
         resumedMs.push(Math.round(performance.now() - back));
+        const allHere = () => Object.values(q.consumers()).every((c) => c === "here");
+        await waitFor("every shard consumed here", allHere, o.resumeMs).catch(() => unconsumedAfter++);
         if (process.env.TRIBRIDGE_TEST_TRACE) console.error(`round ${round}: resumed`, resumedMs.at(-1));
       } catch {
         stuckRounds++;
@@ -153,7 +166,18 @@ async function underFaults(
       lost += acked.get(room)!.filter((n) => !seen.has(n)).length;
     }
     const acknowledged = rooms.reduce((sum, r) => sum + acked.get(r)!.length, 0);
-    return { acknowledged, lost, duplicated, reordered, stuckRounds, resumedMs, warnings };
+    clearInterval(watching);
+    return {
+      acknowledged,
+      lost,
+      duplicated,
+      reordered,
+      stuckRounds,
+      mostUnconsumed,
+      unconsumedAfter,
+      resumedMs,
+      warnings,
+    };
   } finally {
     producing = false;
     await q.stop();
@@ -165,11 +189,18 @@ function report(name: string, outcome: Outcome): void {
   console.log(`${name}: ${JSON.stringify(numbers)} warnings ${JSON.stringify(Object.fromEntries(warnings))}`);
 }
 
-function assertWhole(outcome: Outcome): void {
+function assertWhole(outcome: Outcome, rounds: number): void {
+  const { lost, reordered, stuckRounds, unconsumedAfter, mostUnconsumed, warnings } = outcome;
   assert.deepEqual(
-    { lost: outcome.lost, reordered: outcome.reordered, stuckRounds: outcome.stuckRounds },
-    { lost: 0, reordered: 0, stuckRounds: 0 },
+    { lost, reordered, stuckRounds, unconsumedAfter, mostUnconsumed },
+    { lost: 0, reordered: 0, stuckRounds: 0, unconsumedAfter: 0, mostUnconsumed: SHARDS },
   );
+  // One line per shard and state change, not per attempt.
+  for (const line of [
+    "shard has no consumer; its messages wait until one takes its lease",
+    "shard consumed again",
+  ])
+    assert.ok((warnings.get(line) ?? 0) <= SHARDS * rounds, `${line}: ${warnings.get(line)} times`);
 }
 
 test(
@@ -188,7 +219,7 @@ test(
       },
     });
     report("killed 4.5 s", outcome);
-    assertWhole(outcome);
+    assertWhole(outcome, 4);
   },
 );
 
@@ -262,7 +293,7 @@ test(
     });
     report("disk full 4.5 s", outcome);
     assert.match(refusedWith, /MISCONF/);
-    assertWhole(outcome);
+    assertWhole(outcome, 3);
   },
 );
 
@@ -288,6 +319,50 @@ test(
     });
     report("replica 4.5 s", outcome);
     assert.match(refusedWith, /READONLY/);
-    assertWhole(outcome);
+    assertWhole(outcome, 3);
+  },
+);
+
+test(
+  "a worker that stops taking jobs while the lease is held is noticed and replaced",
+  { timeout: 30_000 },
+  async (t) => {
+    const prefix = `lf-${randomUUID().slice(0, 8)}`;
+    t.after(() => deleteKeys(prefix));
+    const delivered: number[] = [];
+    const q = new OrderedQueue<{ n: number }>(
+      testQueueOptions(prefix, async ({ n }) => void delivered.push(n), { lease: LEASE }),
+    );
+    t.after(() => q.stop());
+    await q.start();
+    await q.add("room", "i0", { n: 0 });
+    await waitFor("the first item", () => delivered.includes(0));
+    // As a worker whose blocking connection hangs: it holds on, and takes nothing.
+    const shard = (q as unknown as { shards: { worker: Worker }[] }).shards[0]!;
+    await shard.worker.pause(true);
+    for (let n = 1; n <= 5; n++) await q.add("room", `i${n}`, { n });
+    await waitFor("the items behind it", () => delivered.length === 6, 15_000);
+    assert.deepEqual(delivered, [0, 1, 2, 3, 4, 5]);
+    assert.deepEqual(q.unconsumedShards(), []);
+  },
+);
+
+test(
+  "long: Redis killed for 40 s under load, restarted on its files, 10 times in a row (TRIBRIDGE_LONG_FAULTS=1)",
+  { skip: !process.env.TRIBRIDGE_LONG_FAULTS && "set TRIBRIDGE_LONG_FAULTS=1", timeout: 20 * 60_000 },
+  async (t) => {
+    const server = await startRedisServer(["--appendonly", "yes"]);
+    t.after(() => server.stop());
+    const outcome = await underFaults(server, {
+      rounds: 10,
+      resumeMs: 30_000,
+      fault: async () => {
+        await server.kill();
+        await sleep(40_000);
+        await server.restart();
+      },
+    });
+    report("killed 40 s × 10", outcome);
+    assertWhole(outcome, 10);
   },
 );
