@@ -94,6 +94,10 @@ export class Lease {
   private retryTimer: NodeJS.Timeout | undefined;
   private renewTimer: NodeJS.Timeout | undefined;
   private expiryTimer: NodeJS.Timeout | undefined;
+  /** Whether the last attempt failed (logged once, not per attempt). */
+  private attemptsFailing = false;
+  /** Whether a renewal failed in the current holding (logged once per holding). */
+  private renewalsFailing = false;
   /** performance.now() when an attempt last found the key held by another instance. */
   private otherSeenAt = -Infinity;
 
@@ -189,11 +193,14 @@ export class Lease {
     let taken: { restarted: boolean; sentAt: number } | undefined;
     try {
       taken = await this.withinLease(this.take());
+      this.attemptsFailing = false;
     } catch (err) {
-      this.opts.log.warn(
+      // Once per outage at warn; each attempt after that at debug (Redis away: every renewMs).
+      this.opts.log[this.attemptsFailing ? "debug" : "warn"](
         { lease: this.opts.key, holder: this.opts.holder, err: errorMessage(err) },
-        "could not compete for the lease; trying again",
+        "could not compete for the lease; trying again until Redis answers",
       );
+      this.attemptsFailing = true;
     }
     if (!taken || this.stopped) return this.retryLater(); // stop() gives the key up, if we took it
     const generation = ++this.generation;
@@ -268,13 +275,18 @@ export class Lease {
     redis.eval(RENEW, 1, key, holder, this.leaseMs).then(
       (ok) => {
         if (holding.generation !== this.generation) return;
+        this.renewalsFailing = false;
         if (ok === 0) return this.lose(holding, "the key expired or names another holder");
         holding.validUntil = Math.max(holding.validUntil, sentAt + this.leaseMs);
         this.armExpiry(holding);
       },
       (err: unknown) => {
-        if (holding.generation === this.generation)
-          this.opts.log.warn({ lease: key, holder, err: errorMessage(err) }, "lease renewal failed");
+        if (holding.generation !== this.generation) return;
+        this.opts.log[this.renewalsFailing ? "debug" : "warn"](
+          { lease: key, holder, err: errorMessage(err) },
+          "lease renewal failed",
+        );
+        this.renewalsFailing = true;
       },
     );
   }

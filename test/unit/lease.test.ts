@@ -39,7 +39,14 @@ function scope(t: TestContext) {
   });
   return {
     key,
-    make(holder: string, over: { acquired?: (h: LeaseHolding) => Promise<void>; redis?: Redis } = {}): Probe {
+    make(
+      holder: string,
+      over: {
+        acquired?: (h: LeaseHolding) => Promise<void>;
+        released?: () => Promise<void>;
+        redis?: Redis;
+      } = {},
+    ): Probe {
       const redis = over.redis ?? new Redis(REDIS_URL, { maxRetriesPerRequest: null });
       const probe: Probe = {
         redis,
@@ -60,7 +67,10 @@ function scope(t: TestContext) {
             holding.signal.addEventListener("abort", () => probe.abortedAt.push(performance.now()));
             await over.acquired?.(holding);
           },
-          released: async () => void probe.releasedAt.push(performance.now()),
+          released: async () => {
+            probe.releasedAt.push(performance.now());
+            await over.released?.();
+          },
         }),
       };
       made.push(probe);
@@ -227,4 +237,39 @@ test("renewMs must be below leaseMs", () => {
   assert.throws(() => new Lease({ ...opts, leaseMs: 1000, renewMs: 0 }), /renewMs \(0\) must be/);
   assert.equal(new Lease(opts).leaseMs, 10_000);
   redis.disconnect();
+});
+
+test("a wind-down that never ends (released hangs) or an acquired that hangs past its abort: the lease is competed for again", async (t) => {
+  const s = scope(t);
+  const redis = new Redis(REDIS_URL);
+  t.after(() => redis.disconnect());
+  let hang = true;
+  const a = s.make("A", {
+    // The first holding's start never settles, and neither does its wind-down (a BullMQ worker
+    // whose close waits for a connection that never comes back).
+    acquired: () => (hang ? new Promise<void>(() => undefined) : Promise.resolve()),
+    released: () => (hang ? new Promise<void>(() => undefined) : Promise.resolve()),
+  });
+  void a.lease.start();
+  await waitFor("A to take it", () => a.holdings.length === 1, 5_000);
+  hang = false;
+  await redis.del(s.key); // lapsed, as after a Redis restart
+  await waitFor("A to notice", () => a.abortedAt.length === 1, 5_000);
+  await waitFor("A to take it again", () => a.holdings.length === 2 && a.lease.held, 4 * LEASE_MS);
+});
+
+test("abandon gives the lease up (another may take it) and competes for it again", async (t) => {
+  const s = scope(t);
+  const a = s.make("A");
+  await a.lease.start();
+  assert.equal(a.lease.held, true);
+  await a.lease.abandon("its worker stopped consuming");
+  assert.equal(a.lease.held, false);
+  const b = s.make("B");
+  await b.lease.start();
+  assert.equal(b.lease.held, true, "the key was given up");
+  assert.equal(a.lease.heldElsewhere, false, "A has not looked yet");
+  await waitFor("A to see B holding it", () => a.lease.heldElsewhere, 5_000);
+  await b.lease.stop();
+  await waitFor("A to take it again", () => a.lease.held, 5_000);
 });
