@@ -188,7 +188,10 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
     appservice: appserviceSchema.prefault({}),
     queue: queueSchema.prefault({}),
     metrics: metricsSchema.prefault({}),
-    dataDir: z.string().default(DEFAULTS.dataDir).describe("Where the embedded Redis keeps its AOF, and this instance keeps its id (instance-id)"),
+    dataDir: z
+      .string()
+      .default(DEFAULTS.dataDir)
+      .describe("Where the embedded Redis keeps its AOF, and this instance keeps its id (instance-id)"),
     bridges: z.strictObject(bridgeShape).prefault({}),
     routes: z
       .array(routeSchema)
