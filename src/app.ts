@@ -24,6 +24,8 @@ import { registrationMismatch, type Registration } from "./matrix/registration.j
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, keptWhenDelivered, type ToMatrixJob } from "./matrix/room-delivery.js";
 import { followRoomUpgrades } from "./matrix/room-upgrade.js";
+import { HOMESERVER } from "./matrix/matrix-error.js";
+import { DestinationHealth } from "./queue/destination-health.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
 import { OrderedQueue, type FailedJob, type OrderedQueueOptions } from "./queue/ordered-queue.js";
@@ -109,6 +111,9 @@ export async function start({
     });
     lifetime.onStop(async () => matrix.stop());
 
+    // Whether the homeserver and each account answer, as the relays find out (shared by the queues).
+    const health = new DestinationHealth({ ...config.queue, log: moduleLogger("destinations") });
+    lifetime.onStop(async () => health.stop());
     // Read only when scraped, which starts once everything below exists.
     const metrics: Metrics | undefined = config.metrics.enabled
       ? new Metrics({
@@ -116,16 +121,18 @@ export async function start({
           connectors: () => host.states,
           unconsumedShards: () =>
             Object.fromEntries(queues.map((q) => [q.opts.name, q.unconsumedShards().length])),
+          destinations: () => health.statuses(),
         })
       : undefined;
     const relayQueue = <T>(
       name: string,
       process: OrderedQueueOptions<T>["process"],
-      more?: Pick<OrderedQueueOptions<T>, "keptWhenDelivered">,
+      more: Pick<OrderedQueueOptions<T>, "keptWhenDelivered" | "destinationOf">,
     ) => {
       const queue = new OrderedQueue<T>({
         ...queueOptions(config, redisUrl, instanceId),
         lease,
+        health,
         name,
         log: moduleLogger("queue", { queue: name }),
         observe: metrics?.queueObserver(name),
@@ -153,6 +160,7 @@ export async function start({
     const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages, encryption);
     const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id), {
       keptWhenDelivered,
+      destinationOf: () => HOMESERVER,
     });
     // Typed by hand: the metrics above read it, which TypeScript cannot infer in a cycle.
     const host: ConnectorHost = new ConnectorHost({
@@ -164,6 +172,7 @@ export async function start({
       instanceId,
       toMatrix,
       metrics,
+      health,
       lifetime,
     });
 
@@ -172,7 +181,9 @@ export async function start({
     const toRemote = new Map(
       connectorsInUse(config.accounts, connectors).map((def) => [
         def.name,
-        relayQueue<ToRemoteJob>(toConnectorQueue(def.name), (job, { id }) => remote.deliver(def, job, id)),
+        relayQueue<ToRemoteJob>(toConnectorQueue(def.name), (job, { id }) => remote.deliver(def, job, id), {
+          destinationOf: (job) => remote.destinationOf(def, job),
+        }),
       ]),
     );
     const queues: OrderedQueue<unknown>[] = [toMatrix, ...toRemote.values()];
@@ -195,7 +206,7 @@ export async function start({
       isAdmin,
       connectorStates: () => host.states,
       queueStates,
-      encryptedRooms: () => encryption.statusLines(),
+      moreStatus: () => [...health.statusLines(), ...encryption.statusLines()],
     });
     // Transactions from the homeserver: room messages into the to-<connector> queues.
     const intake = new EventIntake({
@@ -220,7 +231,10 @@ export async function start({
         seenTransaction: async (fp) => (await redis.exists(redisKeys.transaction(prefix, fp))) === 1,
         markTransaction: async (fp) =>
           void (await redis.set(redisKeys.transaction(prefix, fp), "1", "EX", SEEN_EVENT_TTL_SEC)),
-        onEvents: (events) => intake.handle(events),
+        onEvents: (events) => {
+          health.alive(HOMESERVER); // it pushes: relays waiting for it need not wait for the next probe
+          return intake.handle(events);
+        },
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),

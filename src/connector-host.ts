@@ -16,6 +16,7 @@ import type { Lifetime } from "./lifetime.js";
 import { moduleLogger, type Logger } from "./log.js";
 import type { ToMatrixJob } from "./matrix/room-delivery.js";
 import type { Metrics } from "./metrics.js";
+import type { DestinationHealth } from "./queue/destination-health.js";
 import { ExclusiveRuns } from "./queue/exclusive-runs.js";
 import { jobIdFor, type OrderedQueue } from "./queue/ordered-queue.js";
 import { bindingOf, type RouteTable } from "./routing/route-table.js";
@@ -32,6 +33,8 @@ export interface ConnectorHostOptions {
   /** Where what the connectors receive is enqueued. */
   toMatrix: OrderedQueue<ToMatrixJob>;
   metrics: Metrics | undefined;
+  /** Told when an account reports "up": relays waiting for it are let through at once. */
+  health: Pick<DestinationHealth, "alive">;
   lifetime: Lifetime;
 }
 
@@ -80,6 +83,7 @@ export class ConnectorHost {
           if (prev?.state !== state || prev.reason !== reason)
             clog.info({ state, reason }, "connector state");
           states[ref] = reason === undefined ? { state } : { state, reason };
+          if (state === "up") this.o.health.alive(ref);
         },
       });
       await instance.start();

@@ -28,8 +28,8 @@ export interface BridgeCommandsOptions {
   connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
   /** Each queue's backlog, by queue name. */
   queueStates(): Promise<Record<string, Backlog>>;
-  /** Lines on the rooms with end-to-end encryption (see EncryptedRooms.statusLines). */
-  encryptedRooms(): string[];
+  /** Lines of other parts, as they are: destinations down, rooms with end-to-end encryption. */
+  moreStatus(): string[];
 }
 
 /** The commands to the bot (!tribridge …), for admins, in any room the bot is in. */
@@ -49,7 +49,7 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
     isAdmin,
     control: {
       status: async () =>
-        formatStatus(routes.routes.length, o.connectorStates(), await queueStates(), o.encryptedRooms()),
+        formatStatus(routes.routes.length, o.connectorStates(), await queueStates(), o.moreStatus()),
       failed: async (limit, roomId) => formatFailedJobs((await failedFor(roomId)).slice(0, limit)),
       retry: async (ids, roomId) => {
         const mine = new Set(

@@ -3,8 +3,11 @@
  *
  * - `ConfigError` names the config path that is wrong; the CLI prints `path: message` and exits 1.
  * - `PermanentError` fails a relay job at once (it lands in the failed list with its reason).
- * - `RetryableError` backs the job off and tries again, honouring `retryAfterMs` when given.
- * Any other error thrown by a connector's `send` is treated as retryable.
+ * - `RetryableError` backs the job off and tries again, honouring `retryAfterMs` when given. Its
+ *   `cause` says whether the message can be at fault: only then does the attempt count towards
+ *   `queue.maxAttempts`. `UnavailableError` is the common case that cannot: the far side is down.
+ * Any other error thrown by a connector's `send` is treated as retryable (and counted), except
+ * network failures (`ECONNREFUSED`, `ETIMEDOUT`, …), which mean the far side is unreachable.
  */
 
 export class ConfigError extends Error {
@@ -22,15 +25,77 @@ export class PermanentError extends Error {
   override readonly name = "PermanentError";
 }
 
+/**
+ * Why a retry is needed, when the thrower knows it is not the message:
+ * - "unavailable": the far side as a whole is down, unreachable, timing out or failing (5xx). The
+ *   queue parks every message for that destination and probes it (see DestinationHealth).
+ * - "rate-limited": the far side asked us to slow down; the message waits as long as it says.
+ * Undefined: it may be the message's fault; the attempt counts towards `queue.maxAttempts`.
+ */
+export type RetryCause = "unavailable" | "rate-limited";
+
 export class RetryableError extends Error {
-  override readonly name = "RetryableError";
+  override readonly name: string = "RetryableError";
   constructor(
     message: string,
     /** How long the far side asked us to wait (e.g. Retry-After), if it said. */
     readonly retryAfterMs?: number,
+    readonly retry: {
+      cause?: RetryCause;
+      /**
+       * Which far side failed, when not the one the message goes to (a send to MQTT that first
+       * downloads a file from the homeserver); named as DestinationHealth knows it.
+       */
+      destination?: string;
+    } = {},
   ) {
     super(message);
   }
+}
+
+/**
+ * The far side is down, unreachable, or failing as a whole: connection refused or reset, a
+ * timeout, a 5xx, "not connected". Not the message's fault: it waits, however long, and is not
+ * counted as an attempt.
+ */
+export class UnavailableError extends RetryableError {
+  override readonly name = "UnavailableError";
+  constructor(message: string, opts: { retryAfterMs?: number; destination?: string } = {}) {
+    super(message, opts.retryAfterMs, { cause: "unavailable", destination: opts.destination });
+  }
+}
+
+/** Node's codes for a peer that cannot be reached or went away (not a refusal of the message). */
+const NETWORK_ERROR_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ECONNABORTED",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENETDOWN",
+  "EHOSTDOWN",
+  "EPIPE",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "UND_ERR_SOCKET",
+  "UND_ERR_CONNECT_TIMEOUT",
+  "UND_ERR_HEADERS_TIMEOUT",
+  "UND_ERR_BODY_TIMEOUT",
+  "UND_ERR_CLOSED",
+]);
+
+/** What the queue makes of a failed delivery (see RetryCause); "message" when it may be the message. */
+export function retryCauseOf(err: unknown): RetryCause | "permanent" | "message" {
+  if (err instanceof PermanentError) return "permanent";
+  if (err instanceof RetryableError) return err.retry.cause ?? "message";
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && NETWORK_ERROR_CODES.has(code) ? "unavailable" : "message";
+}
+
+/** The far side `err` names as failed, if it names one (RetryableError's `destination`). */
+export function failedDestinationOf(err: unknown): string | undefined {
+  return err instanceof RetryableError ? err.retry.destination : undefined;
 }
 
 /** Joins path segments the way error messages show them: `routes[2].endpoints[0].topic`. */

@@ -8,6 +8,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom
 import type { ConnectorState } from "./connector.js";
 import { close, listen } from "./http-listen.js";
 import type { TransactionOutcome } from "./matrix/appservice-server.js";
+import type { DestinationStatus } from "./queue/destination-health.js";
 import type { QueueObserver } from "./queue/ordered-queue.js";
 
 const CONNECTOR_STATES: readonly ConnectorState[] = ["connecting", "up", "degraded", "down"];
@@ -36,6 +37,7 @@ export interface MetricSources {
   connectors(): Record<string, { state: ConnectorState }>;
   /** Per queue, its shards without a consumer for longer than a lease (read without Redis). */
   unconsumedShards?(): Record<string, number>;
+  destinations(): Record<string, DestinationStatus>;
 }
 
 export class Metrics {
@@ -157,6 +159,28 @@ export class Metrics {
           const [connector, account] = ref.split(".") as [string, string];
           for (const s of CONNECTOR_STATES) this.set({ connector, account, state: s }, s === state ? 1 : 0);
         }
+      },
+    });
+    new Gauge({
+      name: "tribridge_destination_up",
+      help:
+        "1 while a far side (the homeserver, a connector account) answers, 0 while relays find it " +
+        "down or failing and wait for it (see queue.downAfterFailures)",
+      labelNames: ["destination"],
+      registers,
+      collect() {
+        for (const [destination, { state }] of Object.entries(sources.destinations()))
+          this.set({ destination }, state === "up" ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: "tribridge_destination_waiting_relays",
+      help: "Relays waiting for a far side that is down (one per room being delivered)",
+      labelNames: ["destination"],
+      registers,
+      collect() {
+        for (const [destination, { waiting }] of Object.entries(sources.destinations()))
+          this.set({ destination }, waiting);
       },
     });
   }

@@ -26,7 +26,7 @@ import mqtt, {
   type IPublishPacket,
   type MqttClient,
 } from "mqtt";
-import { RetryableError } from "../../src/errors.js";
+import { RetryableError, UnavailableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
 import type { Publish } from "./publish.js";
 import { coveringFilters, topicMatches } from "./topic.js";
@@ -258,12 +258,12 @@ export class ExternalClient {
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected)
-      throw new RetryableError(`mqtt broker ${withoutCredentials(this.config.url)} not connected`);
+      throw new UnavailableError(`mqtt broker ${withoutCredentials(this.config.url)} not connected`);
     if (this.echoes(topic)) await this.ctx.store.countUp(this.echoKey(topic, payload), OWN_ECHO_TTL_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new RetryableError(`mqtt publish not acknowledged in ${timeoutMs} ms`)),
+        () => reject(new UnavailableError(`mqtt publish not acknowledged in ${timeoutMs} ms`)),
         timeoutMs,
       );
     });
@@ -271,7 +271,11 @@ export class ExternalClient {
       await Promise.race([client.publishAsync(topic, payload, { qos, retain }), timeout]);
     } catch (err) {
       if (err instanceof RetryableError) throw err;
-      throw new RetryableError(`mqtt publish failed: ${(err as Error).message}`);
+      // An MQTT 5 PUBACK with a failure reason code is the broker refusing this publish; anything
+      // else (the connection closed under it) is the broker gone.
+      const refused = typeof (err as { code?: unknown }).code === "number";
+      const reason = `mqtt publish failed: ${(err as Error).message}`;
+      throw refused ? new RetryableError(reason) : new UnavailableError(reason);
     } finally {
       clearTimeout(timer);
     }

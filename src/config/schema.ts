@@ -16,7 +16,10 @@ export const DEFAULTS = {
   ghostPrefix: "_tb_",
   queuePrefix: "tribridge",
   queueShards: 16, // rooms are hashed onto shards; a shard relays one batch at a time, each room in order
-  maxAttempts: 12, // per message; with the delays below ≈ 8 minutes before it lands in the failed list
+  maxAttempts: 12, // per message, counting failures that can be its own; with the delays below ≈ 8 minutes
+  downAfterFailures: 3, // in a row, with nothing getting through: the destination is down, its messages wait
+  maxProbeDelayMs: 1_000, // between two probes of a destination that is down: how soon delivery resumes
+  stillDownLogMs: 60_000, // 1 minute: how often a destination that stays down is logged again
   initialRetryDelayMs: 500,
   maxRetryDelayMs: 60_000, // 1 minute
   keepCompletedJobs: 1000, // per shard, for inspection; dedupe of Matrix events does not depend on it
@@ -92,7 +95,33 @@ export const queueSchema = z.strictObject({
     .regex(/^[A-Za-z0-9_-]+$/, "letters, digits, _ and - only")
     .default(DEFAULTS.queuePrefix),
   shards: z.number().int().min(1).max(256).default(DEFAULTS.queueShards),
-  maxAttempts: z.number().int().min(1).max(1000).default(DEFAULTS.maxAttempts),
+  maxAttempts: z
+    .number()
+    .int()
+    .min(1)
+    .max(1000)
+    .default(DEFAULTS.maxAttempts)
+    .describe(
+      "Attempts per message before it goes to the failed list. Only failures that can be the message's count: " +
+        "while its destination is down (unreachable, timing out, 5xx) or rate-limiting, it waits without limit",
+    ),
+  downAfterFailures: z
+    .number()
+    .int()
+    .min(1)
+    .default(DEFAULTS.downAfterFailures)
+    .describe(
+      "Failures in a row after which a destination is logged and shown as down (it is probed from the first)",
+    ),
+  maxProbeDelayMs: z
+    .number()
+    .int()
+    .min(10)
+    .default(DEFAULTS.maxProbeDelayMs)
+    .describe(
+      "Longest wait between two probes of a destination that is down: delivery resumes within about this long",
+    ),
+  stillDownLogMs: z.number().int().min(1000).default(DEFAULTS.stillDownLogMs),
   initialRetryDelayMs: z.number().int().min(1).default(DEFAULTS.initialRetryDelayMs),
   maxRetryDelayMs: z.number().int().min(1).default(DEFAULTS.maxRetryDelayMs),
   keepCompletedJobs: z.number().int().min(0).default(DEFAULTS.keepCompletedJobs),

@@ -42,7 +42,8 @@ export function checkAttachments(
 export function aboutFile(name: string, bytes: number | undefined, err: unknown): unknown {
   const what = bytes === undefined ? `attachment "${name}"` : `attachment "${name}" of ${bytes} bytes`;
   if (err instanceof PermanentError) return new PermanentError(`${what}: ${err.message}`);
-  if (err instanceof RetryableError) return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs);
+  if (err instanceof RetryableError)
+    return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs, err.retry);
   return err;
 }
 

@@ -8,10 +8,11 @@ import { Bridge, AppServiceRegistration } from "matrix-appservice-bridge";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Pool } from "undici";
 import { backoffDelayMs } from "../backoff.js";
-import { PermanentError, RetryableError, errorMessage, retryAfterMsOf } from "../errors.js";
+import { PermanentError, RetryableError, UnavailableError, errorMessage, retryAfterMsOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { routeLibraryLogs } from "./library-logging.js";
 import {
+  HOMESERVER,
   MatrixPermanentError,
   MatrixRetryableError,
   classifyMatrixError,
@@ -424,7 +425,8 @@ export class MatrixClient {
   private toQueueError(err: unknown, what: string): Error {
     if (err instanceof PermanentError || err instanceof RetryableError) return err;
     const { status, body } = matrixErrorOf(err);
-    if (status === undefined) return new RetryableError(`${what}: ${errorMessage(err)}`);
+    if (status === undefined)
+      return new UnavailableError(`${what}: ${errorMessage(err)}`, { destination: HOMESERVER });
     return classifyMatrixError(status, body, what);
   }
 
@@ -455,7 +457,7 @@ export class MatrixClient {
 
   /**
    * The request itself, through undici's handler interface: no stream per response, which is a
-   * measurable share of a relay's cost. Network failures become RetryableError.
+   * measurable share of a relay's cost. Network failures become UnavailableError.
    */
   private dispatch(
     what: string,
@@ -514,7 +516,11 @@ export class MatrixClient {
           onComplete: () =>
             resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs }),
           onError: (err) =>
-            reject(err instanceof PermanentError ? err : new RetryableError(`${what}: ${err.message}`)),
+            reject(
+              err instanceof PermanentError
+                ? err
+                : new UnavailableError(`${what}: ${err.message}`, { destination: HOMESERVER }),
+            ),
         },
       );
     });

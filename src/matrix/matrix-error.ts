@@ -7,7 +7,10 @@
  * `PermanentError`, `MatrixRetryableError` a `RetryableError`, so the queue classifies them as it
  * does any other error; `permanent` tells them apart where code handles both.
  */
-import { PermanentError, RetryableError } from "../errors.js";
+import { PermanentError, RetryableError, type RetryCause } from "../errors.js";
+
+/** The homeserver as the queue's destination health knows it (see DestinationHealth). */
+export const HOMESERVER = "homeserver";
 
 /** The body of a failed response (Client-Server API §Standard error response). */
 export interface MatrixErrorBody {
@@ -53,7 +56,11 @@ export class MatrixPermanentError extends PermanentError implements MatrixHttpFa
   }
 }
 
-/** A refusal worth retrying (rate-limited, 5xx, 408), after `retryAfterMs` when the homeserver said. */
+/**
+ * A refusal worth retrying (rate-limited, 5xx, 408), after `retryAfterMs` when the homeserver said.
+ * Neither is the message's fault: a 429 waits as asked; a 5xx or 408 says the homeserver (or the
+ * proxy in front of it) is failing, which parks every relay to it until a probe gets through.
+ */
 export class MatrixRetryableError extends RetryableError implements MatrixHttpFailure {
   readonly permanent = false;
   readonly what: string;
@@ -62,12 +69,20 @@ export class MatrixRetryableError extends RetryableError implements MatrixHttpFa
   readonly error: string | undefined;
 
   constructor(failure: MatrixHttpFailure, note?: string) {
-    super(describe(failure, note), failure.retryAfterMs);
+    super(describe(failure, note), failure.retryAfterMs, {
+      cause: retryCauseOf(failure),
+      destination: HOMESERVER,
+    });
     this.what = failure.what;
     this.status = failure.status;
     this.errcode = failure.errcode;
     this.error = failure.error;
   }
+}
+
+function retryCauseOf({ status, errcode }: MatrixHttpFailure): RetryCause | undefined {
+  if (status === 429 || errcode === "M_LIMIT_EXCEEDED") return "rate-limited";
+  return status >= 500 || status === 408 ? "unavailable" : undefined;
 }
 
 export type MatrixHttpError = MatrixPermanentError | MatrixRetryableError;
@@ -102,7 +117,8 @@ export function relabel(err: unknown, what: string): unknown {
     return err.permanent ? new MatrixPermanentError(failure) : new MatrixRetryableError(failure);
   }
   if (err instanceof PermanentError) return new PermanentError(`${what}: ${err.message}`);
-  if (err instanceof RetryableError) return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs);
+  if (err instanceof RetryableError)
+    return new RetryableError(`${what}: ${err.message}`, err.retryAfterMs, err.retry);
   return err;
 }
 

@@ -33,6 +33,19 @@ export class RemoteDelivery {
     private readonly log: Logger,
   ) {}
 
+  /**
+   * The account an item goes to (`<connector>.<account>`, as DestinationHealth names it), or the
+   * queue's when its endpoint is no longer configured (delivering it then fails for good anyway).
+   */
+  destinationOf(def: ConnectorDefinition, job: ToRemoteJob): string {
+    try {
+      const endpoint = this.routes.queuedOutbound(job.endpointId, def.name);
+      return `${endpoint.connector}.${endpoint.account}`;
+    } catch {
+      return def.name;
+    }
+  }
+
   /** Delivers one item of `def`'s queue. */
   async deliver(def: ConnectorDefinition, job: ToRemoteJob, id: string): Promise<void> {
     const endpoint = this.routes.queuedOutbound(job.endpointId, def.name);

@@ -20,11 +20,12 @@ import { Queue, WaitingError, Worker, type Job } from "bullmq";
 import type { Redis } from "ioredis";
 import { backoffDelayMs, type BackoffPolicy } from "../backoff.js";
 import { BoundedCache } from "../bounded-cache.js";
-import { ConfigError, PermanentError, errorMessage, retryAfterMsOf } from "../errors.js";
+import { ConfigError, errorMessage, failedDestinationOf, retryAfterMsOf, retryCauseOf } from "../errors.js";
 import type { Logger } from "../log.js";
 import { redisKeys } from "../store/keys.js";
 import { LogLimiter } from "../log-limiter.js";
 import { connectRedis } from "../store/redis-store.js";
+import type { DestinationGate, DestinationHealth } from "./destination-health.js";
 import { Lease, type LeaseHolding, type LeaseTimings } from "./lease.js";
 
 /** In-place retries of one item: back off (see backoffDelayMs) up to `maxAttempts` in all. */
@@ -57,8 +58,18 @@ export interface OrderedQueueOptions<T> {
    */
   lease?: LeaseTimings;
   log: Logger;
-  /** Delivers one item. Throw PermanentError to fail it now, anything else to retry it. */
+  /**
+   * Delivers one item. Throw PermanentError to fail it now, anything else to retry it; a failure
+   * that is not the message's (see RetryCause) does not count towards `retry.maxAttempts`.
+   */
   process(data: T, info: { id: string; attempt: number }): Promise<void>;
+  /**
+   * The far sides' health, shared by the queues: an item whose destination is down waits at its
+   * gate (see DestinationHealth). Absent: every failure is retried by its item alone.
+   */
+  health?: DestinationHealth;
+  /** The destination an item goes to, as `health` names it; default: the queue's name. */
+  destinationOf?(data: T): string;
   /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
   observe?: QueueObserver;
   /**
@@ -735,33 +746,61 @@ export class OrderedQueue<T> {
     }
   }
 
+  /**
+   * Delivers one item, retrying in place until it is delivered or fails for good. Failures that
+   * can be the message's count towards `maxAttempts`, each logged. A destination found down parks
+   * the item at its gate (no attempt counted, nothing logged per attempt: the gate logs); the far
+   * side rate-limiting waits as long as it asks.
+   */
   private async deliver(item: QueueItem<T>, signal: AbortSignal): Promise<void> {
-    const { retry, log } = this.opts;
+    const { retry, log, health } = this.opts;
+    const own = health?.gate(this.opts.destinationOf?.(item.data) ?? this.opts.name);
+    let gate: DestinationGate | undefined = own;
+    let counted = 0;
     for (let attempt = 1; ; attempt++) {
       signal.throwIfAborted();
+      await gate?.admit(signal);
+      const mark = gate?.mark ?? 0;
       try {
-        await this.opts.process(item.data, { id: item.id, attempt });
+        await this.opts.process(item.data, { id: item.id, attempt: counted + 1 });
+        gate?.succeeded();
+        if (gate !== own) own?.succeeded();
         this.opts.observe?.delivered(item.at === undefined ? NaN : Date.now() - item.at);
         return;
       } catch (err) {
-        const permanent = err instanceof PermanentError;
-        if (permanent || attempt >= retry.maxAttempts) {
-          const reason = permanent
-            ? `permanent: ${err.message}`
-            : `gave up after ${attempt} attempts: ${errorMessage(err)}`;
+        const cause = retryCauseOf(err);
+        if (cause === "unavailable" && health) {
+          const failedGate = health.gate(failedDestinationOf(err) ?? own!.name);
+          if (failedGate.failed(err, failedGate === gate ? mark : failedGate.mark)) {
+            log.debug(
+              { itemId: item.id, destination: failedGate.name, err: errorMessage(err) },
+              "destination down",
+            );
+            gate = failedGate;
+            continue;
+          }
+        } else gate?.succeeded(); // it answered: whatever went wrong is this message's, not the far side's
+        gate = own;
+        if (cause === "rate-limited") {
+          const delay = backoffDelayMs(retry, attempt, retryAfterMsOf(err));
+          log.debug({ itemId: item.id, delayMs: Math.round(delay), err: errorMessage(err) }, "rate-limited");
+          await sleep(delay, undefined, { signal });
+          continue;
+        }
+        counted++;
+        if (cause === "permanent" || counted >= retry.maxAttempts) {
+          const reason =
+            cause === "permanent"
+              ? `permanent: ${errorMessage(err)}`
+              : `gave up after ${counted} attempts: ${errorMessage(err)}`;
           log.error({ itemId: item.id, reason }, "relay failed; moved to the failed list");
-          this.opts.observe?.failed(permanent ? "permanent" : "exhausted");
+          this.opts.observe?.failed(cause === "permanent" ? "permanent" : "exhausted");
           await this.recordFailureDurably(item, reason, signal);
           return;
         }
-        const delay = backoffDelayMs(retry, attempt, retryAfterMsOf(err));
+        const delay = backoffDelayMs(retry, counted, retryAfterMsOf(err));
         log.warn(
-          {
-            itemId: item.id,
-            attempt,
-            delayMs: Math.round(delay),
-            err: errorMessage(err),
-          },
+          { itemId: item.id, attempt: counted, delayMs: Math.round(delay), err: errorMessage(err) },
           "relay failed; retrying",
         );
         this.opts.observe?.retried();

@@ -101,7 +101,7 @@ describe("metrics", () => {
     const port = await freePort();
     await new Promise<void>((r) => taken.listen(port, "127.0.0.1", () => r()));
     try {
-      const m = new Metrics({ queues: async () => ({}), connectors: () => ({}) });
+      const m = new Metrics({ queues: async () => ({}), connectors: () => ({}), destinations: () => ({}) });
       await assert.rejects(m.listen(port, "127.0.0.1"), {
         message: `metrics.port ${port} on 127.0.0.1 is already in use`,
       });

@@ -39,6 +39,8 @@ export class TestConnector implements Connector<TestEndpoint> {
   watched: readonly EndpointBinding<TestEndpoint>[] = [];
   /** Thrown by the next `send` calls, one each, before anything is recorded. */
   readonly failures: Error[] = [];
+  /** While set, every `send` throws it (after `failures`): the far side down, for as long as a test wants. */
+  down: Error | undefined;
   private sequence = 0;
 
   constructor(
@@ -68,7 +70,7 @@ export class TestConnector implements Connector<TestEndpoint> {
 
   async send(message: OutboundMessage, endpoint: EndpointBinding<TestEndpoint>): Promise<SendResult> {
     this.calls.push({ message, endpoint, remoteId: "" });
-    const failure = this.failures.shift();
+    const failure = this.failures.shift() ?? this.down;
     if (failure) throw failure;
     // Idempotent by message id, as the contract asks: a repeat reports the first send's remote id.
     const earlier = this.sent.find((s) => s.message.id === message.id && s.endpoint.id === endpoint.id);

@@ -370,6 +370,8 @@ export class TestHomeserver {
   private inFlight: { txnId: string; body: string; events: number } | undefined;
   private sending = false;
   private paused = false;
+  /** See outage(). */
+  private down: "refuse" | "bad-gateway" | undefined;
   private pumpScheduled = false;
   private retryTimer: NodeJS.Timeout | undefined;
   private retryDelay: number;
@@ -723,6 +725,39 @@ export class TestHomeserver {
   resumePush(): void {
     this.paused = false;
     this.schedulePump();
+  }
+
+  /**
+   * The homeserver goes away until endOutage(), and pushes nothing meanwhile. "refuse": it stops
+   * listening (connections refused; open ones closed), as when it is stopped. "bad-gateway": a
+   * reverse proxy in front of it answers every request 502 with an HTML page.
+   */
+  async outage(kind: "refuse" | "bad-gateway"): Promise<void> {
+    this.down = kind;
+    this.pausePush();
+    if (kind === "bad-gateway") return;
+    const server = this.server!;
+    await new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+      for (const s of this.sockets) s.destroy();
+    });
+  }
+
+  /** Back after outage(): listening on the same port again, pushing what waited. */
+  async endOutage(): Promise<void> {
+    if (this.down === "refuse") {
+      const server = this.server!;
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(this.port, "127.0.0.1", () => {
+          server.off("error", reject);
+          resolve();
+        });
+      });
+    }
+    this.down = undefined;
+    this.resumePush();
   }
 
   /** The next client requests matching `fault` fail as it says (see RequestFault). */
@@ -1509,6 +1544,11 @@ export class TestHomeserver {
     const query = new URLSearchParams(q < 0 ? "" : rawUrl.slice(q + 1));
     const method = req.method ?? "GET";
     const log: RequestLogEntry = { method, path, status: 0 };
+    if (this.down === "bad-gateway") {
+      req.resume();
+      res.writeHead(502, { "content-type": "text/html" }).end("<html><body>502 Bad Gateway</body></html>");
+      return;
+    }
     try {
       if (method === "OPTIONS") {
         // CS API §Web Browser Clients: pre-flight requests.
