@@ -112,7 +112,12 @@ export async function start({
     lifetime.onStop(async () => matrix.stop());
 
     // Whether the homeserver and each account answer, as the relays find out (shared by the queues).
-    const health = new DestinationHealth({ ...config.queue, log: moduleLogger("destinations") });
+    const health: DestinationHealth = new DestinationHealth({
+      ...config.queue,
+      backlog: async (): Promise<Record<string, number>> =>
+        Object.fromEntries(Object.entries(await queueStates()).map(([q, b]) => [q, b.waiting])),
+      log: moduleLogger("destinations"),
+    });
     lifetime.onStop(async () => health.stop());
     // Read only when scraped, which starts once everything below exists.
     const metrics: Metrics | undefined = config.metrics.enabled

@@ -28,6 +28,8 @@ export interface DestinationHealthOptions {
   maxProbeDelayMs: number;
   /** How often a destination that stays down is logged again. */
   stillDownLogMs: number;
+  /** What is queued, for the "still down" line (e.g. batches waiting per queue). */
+  backlog?(): Promise<unknown>;
   log: Logger;
 }
 
@@ -141,20 +143,17 @@ export class DestinationGate {
         { destination: this.name, reason: this.reason, failures: this.failures },
         "destination down; its messages wait (not counted as attempts) and it is probed until it answers",
       );
-      this.stillDownTimer = setInterval(() => {
-        this.o.log.warn(
-          {
-            destination: this.name,
-            downMs: Date.now() - this.since,
-            waiting: this.waiters.length,
-            reason: this.reason,
-          },
-          "destination still down",
-        );
-      }, this.o.stillDownLogMs).unref();
+      this.stillDownTimer = setInterval(() => void this.logStillDown(), this.o.stillDownLogMs).unref();
     }
     this.scheduleProbe(backoffDelayMs(this.probeBackoff(), this.failures));
     return true;
+  }
+
+  private async logStillDown(): Promise<void> {
+    const backlog = await this.o.backlog?.().catch(() => "unknown (Redis unreachable)");
+    if (this.state !== "down") return;
+    const fields = { destination: this.name, downMs: Date.now() - this.since, waiting: this.waiters.length };
+    this.o.log.warn({ ...fields, backlog, reason: this.reason }, "destination still down");
   }
 
   /** A sign of life from elsewhere: probe now rather than at the next back-off step. */
@@ -179,7 +178,6 @@ export class DestinationGate {
   private scheduleProbe(delayMs: number): void {
     clearTimeout(this.probeTimer);
     this.probeTimer = setTimeout(() => this.probe(), delayMs);
-    this.probeTimer.unref();
   }
 
   /** Lets the longest-waiting relay through; with none waiting, the next one to come goes. */
