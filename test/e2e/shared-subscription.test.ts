@@ -9,7 +9,7 @@ import mqtt, { type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
 import { PLANT_ROUTE, hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
-import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { freePort, harness, tempDataDir, waitFor, type Harness } from "../helpers/fixture.js";
 
 async function receivedBy(bridge: RunningBridge): Promise<number> {
   const text = await (await fetch(`http://127.0.0.1:${bridge.metricsPort}/metrics`)).text();
@@ -42,9 +42,10 @@ for (const protocolVersion of [5, 4] as const) {
           routes: [PLANT_ROUTE],
         });
         room = h.hs.createRoom({ creator: h.alice, alias: "#plant:test.local", preset: "public_chat" });
-        // The second instance: same Redis queues and broker, its own ports (so its own instance id).
+        // The second instance: same Redis queues and broker, its own ports and data directory.
         const second = {
           ...h.config,
+          dataDir: tempDataDir(),
           appservice: { ...h.config.appservice, port: await freePort() },
           metrics: { ...h.config.metrics, port: await freePort() },
         };

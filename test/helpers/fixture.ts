@@ -1,6 +1,9 @@
 /** Shared set-up for end-to-end tests: free ports, a test homeserver, a bridge config, Redis cleanup. */
 import { createServer } from "node:net";
 import { randomUUID } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Redis } from "ioredis";
 import { connectors as installedConnectors } from "../../bridges/index.js";
 import type { ConnectorDefinition } from "../../src/connector.js";
@@ -50,7 +53,10 @@ export async function harness(raw: {
   const connectors = raw.connectors ?? installedConnectors;
   const asPort = await freePort();
   const prefix = `test-${randomUUID().slice(0, 8)}`;
+  // Its own, so that its instance id (kept there) is its own: two bridges on one dataDir are refused.
+  const dataDir = tempDataDir();
   const base = {
+    dataDir,
     homeserver: { url: "http://127.0.0.1:1", domain: SERVER_NAME },
     appservice: { port: asPort },
     queue: {
@@ -86,8 +92,14 @@ export async function harness(raw: {
     cleanup: async () => {
       await hs.stop();
       await deleteKeys(prefix);
+      rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** A fresh data directory (a bridge's `dataDir`) under the system's temporary directory. */
+export function tempDataDir(): string {
+  return mkdtempSync(join(tmpdir(), "tribridge-test-"));
 }
 
 export async function deleteKeys(prefix: string): Promise<void> {
