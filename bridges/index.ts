@@ -3,6 +3,10 @@
  * and one line here. Names must be unique (checked at start-up).
  */
 import type { ConnectorDefinition } from "../src/connector.js";
+import { emailConnector } from "./email/index.js";
 import { mqttConnector } from "./mqtt/index.js";
 
-export const connectors: readonly ConnectorDefinition[] = [mqttConnector as ConnectorDefinition];
+export const connectors: readonly ConnectorDefinition[] = [
+  mqttConnector as ConnectorDefinition,
+  emailConnector as ConnectorDefinition,
+];

@@ -259,7 +259,7 @@ case "${1:-}" in
     stop_smtp "$2" &
     stop_imap "$2" &
     wait
-    case "$DIR" in /tmp/?*) rm -rf -- "$DIR" ;; *) ;; esac
+    [ ! -f "$DIR/ports" ] || rm -rf -- "$DIR"
     ;;
   *) sed -n '2,16p' "$0" >&2; exit 2 ;;
 esac

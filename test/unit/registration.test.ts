@@ -97,7 +97,7 @@ test("namespaces has users, aliases and rooms keys; users are exclusive", () => 
   for (const u of reg.namespaces.users) assert.equal(u.exclusive, true);
   assert.deepEqual(
     reg.namespaces.users.map((u) => u.regex),
-    ["^@tribridge:example\\.org$", "^@_tb_mqtt_[^:]+:example\\.org$"],
+    ["^@tribridge:example\\.org$", "^@_tb_mqtt_[^:]+:example\\.org$", "^@_tb_mail_[^:]+:example\\.org$"],
   );
 });
 

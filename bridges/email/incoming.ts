@@ -1,0 +1,90 @@
+/**
+ * A mail read from the mailbox, as the core wants it: its Message-ID, its sender, the words it adds
+ * (quoted history and signature stripped by email-reply-parser), its files, and the mails it
+ * answers. The mail itself stays in the mailbox: search it there by its Message-ID (the posted
+ * message's remote id) for what was stripped.
+ */
+import EmailReplyParser from "email-reply-parser";
+import { simpleParser, type AddressObject, type ParsedMail } from "mailparser";
+import type { Attachment, MessageBody, RemoteSender } from "../../src/connector.js";
+import { messageIdOfContent, messageIdsIn } from "./message-ids.js";
+
+/** Longer texts are posted whole: the reply parser's expressions are not meant for megabytes. */
+const MAX_TEXT_TO_STRIP = 256 * 1024;
+
+export interface IncomingMail {
+  readonly messageId: string;
+  readonly sender: RemoteSender;
+  readonly subject: string;
+  readonly body: MessageBody;
+  readonly attachments: Attachment[];
+  readonly timestamp?: number;
+  /** The mail it answers (In-Reply-To). */
+  readonly inReplyTo?: string;
+  /** Its thread, oldest first (References; In-Reply-To when there are none). */
+  readonly references: readonly string[];
+  /** Every address it was sent to: Delivered-To, To, Cc (where a plus-address token may be). */
+  readonly recipients: readonly string[];
+}
+
+export async function parseMail(source: Buffer): Promise<IncomingMail> {
+  const mail = await simpleParser(source, {
+    skipTextToHtml: true,
+    skipTextLinks: true,
+    skipImageLinks: true,
+  });
+  const from = mail.from?.value[0];
+  const address = from?.address?.toLowerCase();
+  const inReplyTo = messageIdsIn(mail.inReplyTo)[0];
+  const references = messageIdsIn(mail.references);
+  return {
+    messageId: messageIdsIn(mail.messageId)[0] ?? messageIdOfContent(source),
+    sender: address
+      ? { id: address, displayName: from?.name?.trim() || address }
+      : { id: "unknown-sender", displayName: "(no sender)" },
+    subject: mail.subject ?? "",
+    body: bodyOf(mail),
+    attachments: mail.attachments
+      .filter((a) => !a.related) // images the HTML shows inline
+      .map((a) => ({
+        name: a.filename ?? "attachment",
+        mimeType: a.contentType,
+        dataBase64: a.content.toString("base64"),
+      })),
+    ...(mail.date && !Number.isNaN(mail.date.getTime()) && { timestamp: mail.date.getTime() }),
+    ...(inReplyTo !== undefined && { inReplyTo }),
+    references: references.length > 0 ? references : inReplyTo !== undefined ? [inReplyTo] : [],
+    recipients: recipientsOf(mail),
+  };
+}
+
+/**
+ * The words the mail adds. When the reply parser took quoted history or a signature off the text,
+ * the HTML (which still has them) is left out; a mail with nothing to strip keeps its HTML, which
+ * the core sanitizes.
+ */
+function bodyOf(mail: ParsedMail): MessageBody {
+  const text = (mail.text ?? "").replace(/\r\n/g, "\n").trim();
+  const html = typeof mail.html === "string" && mail.html.trim() ? mail.html : undefined;
+  const visible = text.length <= MAX_TEXT_TO_STRIP ? stripQuotes(text) : text;
+  if (visible !== text) return { text: visible };
+  return html === undefined ? { text } : { text, html };
+}
+
+/** The text without quoted history and signature; the whole text when nothing else is left. */
+export function stripQuotes(text: string): string {
+  const visible = new EmailReplyParser().read(text).getVisibleText().trim();
+  return visible || text;
+}
+
+function recipientsOf(mail: ParsedMail): string[] {
+  const addresses = (o: AddressObject | AddressObject[] | undefined): string[] =>
+    (Array.isArray(o) ? o : o ? [o] : []).flatMap((a) =>
+      a.value.flatMap((v) => (v.address ? [v.address.toLowerCase()] : [])),
+    );
+  const delivered = mail.headers.get("delivered-to");
+  const deliveredTo = (Array.isArray(delivered) ? delivered : [delivered])
+    .filter((d): d is string => typeof d === "string")
+    .map((d) => d.trim().toLowerCase());
+  return [...new Set([...deliveredTo, ...addresses(mail.to), ...addresses(mail.cc)])];
+}

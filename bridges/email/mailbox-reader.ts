@@ -1,0 +1,221 @@
+/**
+ * The one reader of a mailbox (the account's instance that holds its lease, see
+ * `ConnectorContext.runExclusive`): IMAP IDLE for new mail, each mail handed over in UID order, and
+ * a cursor in the store (UIDVALIDITY and the last UID handed over) that moves only once the handler
+ * has resolved, i.e. once the core has the mail. So a crash, a lost lease or a lost connection
+ * hands the same mail over again, never skips one; the handler drops what it already relayed (by
+ * Message-ID). Reconnects with the core's jittered back-off.
+ */
+import { setTimeout as sleep } from "node:timers/promises";
+import { ImapFlow } from "imapflow";
+import { backoffDelayMs, type ConnectorState, type KeyValueStore } from "../../src/connector.js";
+import { errorMessage } from "../../src/errors.js";
+import type { Logger } from "../../src/log.js";
+import { EMAIL_DEFAULTS, type EmailAccount } from "./schema.js";
+
+const RECONNECT = { initialDelayMs: 500, maxDelayMs: 60_000 };
+/** Looked at again this often even without an IDLE notice (a server that drops them). */
+const POLL_MS = 60_000;
+/** A mail whose date is this close to the cursor's may come after it in the mailbox (SEARCH SINCE is by day). */
+const DAY_MS = 24 * 3600_000;
+
+interface Cursor {
+  uidValidity: string;
+  lastUid: number;
+  /** The INTERNALDATE of the last mail handed over (ms): where to look again after a UIDVALIDITY change. */
+  at: number;
+}
+
+export interface MailboxReaderOptions {
+  config: EmailAccount;
+  store: KeyValueStore;
+  log: Logger;
+  /** Whether anything reads mail now (inbound endpoints): when not, the cursor stays where it is. */
+  reading(): boolean;
+  /**
+   * Takes one mail (its whole source): resolves once it is relayed, or known not to be relayed.
+   * `rescan`: read again after a UIDVALIDITY change, so possibly relayed before.
+   */
+  handle(source: Buffer, uid: number, rescan: boolean): Promise<void>;
+  /** A mail too large to fetch: it stays in the mailbox. */
+  tooLarge(uid: number, size: number): void;
+  setState(state: ConnectorState, reason?: string): void;
+}
+
+export class MailboxReader {
+  private wake: (() => void) | undefined;
+
+  constructor(private readonly o: MailboxReaderOptions) {}
+
+  /** Something changed (an endpoint now reads mail): look at the mailbox again. */
+  poke(): void {
+    this.wake?.();
+  }
+
+  /** Reads until `signal` aborts (the lease lost, or the bridge stopping). */
+  async run(signal: AbortSignal): Promise<void> {
+    const { log } = this.o;
+    for (let failures = 0; !signal.aborted;) {
+      this.o.setState("connecting");
+      const client = this.client();
+      const onAbort = () => client.close();
+      signal.addEventListener("abort", onAbort);
+      try {
+        await client.connect();
+        const mailbox = await client.mailboxOpen(this.o.config.mailbox);
+        log.info({ mailbox: mailbox.path, exists: mailbox.exists }, "reading mailbox");
+        this.o.setState("up");
+        failures = 0;
+        await this.readWhileConnected(client, signal);
+      } catch (err) {
+        if (!signal.aborted) log.warn({ err: errorMessage(err) }, "imap connection failed");
+      } finally {
+        signal.removeEventListener("abort", onAbort);
+        client.close();
+      }
+      if (signal.aborted) break;
+      failures++;
+      this.o.setState("connecting", "imap connection lost");
+      await sleep(backoffDelayMs(RECONNECT, failures), undefined, { signal }).catch(() => undefined);
+    }
+  }
+
+  private client(): ImapFlow {
+    const { imap } = this.o.config;
+    const client = new ImapFlow({
+      host: imap.host,
+      port: imap.port,
+      secure: imap.security === "tls",
+      ...(imap.security === "starttls" && { doSTARTTLS: true }),
+      ...(imap.security === "none" && { doSTARTTLS: false }),
+      auth: { user: imap.user, pass: imap.pass },
+      tls: { rejectUnauthorized: imap.rejectUnauthorized, ...(imap.ca !== undefined && { ca: imap.ca }) },
+      logger: false,
+      // imapflow's default waits 15 s after each command before it IDLEs; mail arriving meanwhile waits too
+      autoIdleDelay: EMAIL_DEFAULTS.idleDelayMs,
+      connectionTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
+      greetingTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
+      clientInfo: { name: "tribridge" },
+    });
+    // Errors also reject the command under way, or close the connection: both are handled there.
+    client.on("error", (err: unknown) => this.o.log.debug({ err: errorMessage(err) }, "imap error"));
+    return client;
+  }
+
+  private async readWhileConnected(client: ImapFlow, signal: AbortSignal): Promise<void> {
+    let pending = true;
+    const wakeUp = () => {
+      pending = true;
+      this.wake?.();
+    };
+    client.on("exists", wakeUp);
+    client.on("close", wakeUp);
+    this.wake = undefined;
+    for (let failures = 0; !signal.aborted && client.usable;) {
+      if (pending) {
+        pending = false;
+        try {
+          await this.catchUp(client, signal);
+          failures = 0;
+        } catch (err) {
+          if (!client.usable || signal.aborted) throw err;
+          // The mail is still there and the cursor unmoved: the same mail is tried again.
+          failures++;
+          pending = true;
+          this.o.log.warn({ err: errorMessage(err), failures }, "relaying mail failed; trying again");
+          await sleep(backoffDelayMs(RECONNECT, failures), undefined, { signal }).catch(() => undefined);
+          continue;
+        }
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => ((pending = true), resolve()), POLL_MS);
+        this.wake = () => {
+          pending = true;
+          clearTimeout(timer);
+          resolve();
+        };
+        signal.addEventListener("abort", () => this.wake?.(), { once: true });
+        if (pending || !client.usable) this.wake();
+      });
+      this.wake = undefined;
+    }
+  }
+
+  /** Hands over every mail after the cursor, in UID order, moving the cursor after each. */
+  private async catchUp(client: ImapFlow, signal: AbortSignal): Promise<void> {
+    const mailbox = client.mailbox;
+    if (!mailbox) throw new Error("no mailbox selected");
+    const uidValidity = String(mailbox.uidValidity);
+    const key = `cursor:${this.o.config.mailbox}`;
+    const stored = await this.o.store.get(key);
+    let cursor: Cursor | undefined = stored === undefined ? undefined : (JSON.parse(stored) as Cursor);
+    if (cursor === undefined) {
+      // A mailbox read for the first time: what is in it already was never meant for the rooms.
+      cursor = { uidValidity, lastUid: mailbox.uidNext - 1, at: Date.now() };
+      await this.o.store.set(key, JSON.stringify(cursor));
+      this.o.log.info(
+        { lastUid: cursor.lastUid },
+        "mailbox read for the first time: relaying mail from now on",
+      );
+    }
+    if (!this.o.reading()) return;
+    if (cursor.uidValidity !== uidValidity) return this.rescan(client, signal, cursor, uidValidity);
+    // `n:*` also names the last mail when there is none from n on: filtered out.
+    const after = cursor.lastUid;
+    const uids = ((await client.search({ uid: `${after + 1}:*` }, { uid: true })) || []).filter(
+      (u) => u > after,
+    );
+    for (const uid of uids.sort((a, b) => a - b)) {
+      if (signal.aborted || !this.o.reading()) return;
+      const at = await this.fetchAndHandle(client, uid, false);
+      cursor = { uidValidity, lastUid: uid, at: Math.max(cursor.at, at) };
+      await this.o.store.set(key, JSON.stringify(cursor));
+    }
+  }
+
+  /**
+   * The UIDs mean nothing any more (the mailbox was recreated or rebuilt): the mail since the last
+   * one handed over is read again, and the handler drops what it relayed (by Message-ID). The
+   * cursor moves to the new UIDVALIDITY only at the end: cut short, the rescan starts over.
+   */
+  private async rescan(
+    client: ImapFlow,
+    signal: AbortSignal,
+    cursor: Cursor,
+    uidValidity: string,
+  ): Promise<void> {
+    this.o.log.warn(
+      { was: cursor.uidValidity, now: uidValidity },
+      "mailbox UIDVALIDITY changed: reading again the mail since the last relayed",
+    );
+    // Mail arriving from now on has a UID from here: the catch-up after this one takes it.
+    const uidNext = client.mailbox ? client.mailbox.uidNext : 1;
+    const found = ((await client.search({ since: new Date(cursor.at - DAY_MS) }, { uid: true })) || []).sort(
+      (a, b) => a - b,
+    );
+    let at = cursor.at;
+    for (const uid of found) {
+      if (signal.aborted || !this.o.reading()) return;
+      at = Math.max(at, await this.fetchAndHandle(client, uid, true));
+    }
+    const next: Cursor = { uidValidity, lastUid: Math.max(uidNext - 1, found.at(-1) ?? 0), at };
+    await this.o.store.set(`cursor:${this.o.config.mailbox}`, JSON.stringify(next));
+  }
+
+  /** Hands one mail over (unless too large); resolves to its INTERNALDATE (ms). */
+  private async fetchAndHandle(client: ImapFlow, uid: number, rescan: boolean): Promise<number> {
+    const meta = await client.fetchOne(
+      String(uid),
+      { uid: true, size: true, internalDate: true },
+      { uid: true },
+    );
+    if (!meta) return 0; // expunged meanwhile
+    const size = meta.size ?? 0;
+    if (size > this.o.config.maxMessageBytes) this.o.tooLarge(uid, size);
+    else {
+      const full = await client.fetchOne(String(uid), { uid: true, source: true }, { uid: true });
+      if (full && full.source) await this.o.handle(full.source, uid, rescan);
+    }
+    return meta.internalDate ? new Date(meta.internalDate).getTime() : 0;
+  }
+}

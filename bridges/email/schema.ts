@@ -1,0 +1,144 @@
+import { isIPv4 } from "node:net";
+import { z } from "zod";
+import type { Direction } from "../../src/connector.js";
+
+/** Defaults of the email connector, with units. */
+export const EMAIL_DEFAULTS = {
+  mailbox: "INBOX",
+  /** imapflow waits 15 s after a command before it IDLEs, and mail arriving then waits as long. */
+  idleDelayMs: 50,
+  smtpConnections: 2, // pooled SMTP connections
+  connectTimeoutMs: 15_000,
+  /** A mail larger than this (its whole source) is not fetched: it stays in the mailbox, logged. */
+  maxMessageBytes: 25 * 1024 * 1024,
+  maxAttachmentBytes: 10 * 1024 * 1024,
+  maxAttachments: 10,
+  subject: "Messages from Matrix",
+} as const;
+
+/** Implicit TLS from the first byte, STARTTLS (required), or none (loopback and test servers only). */
+export const securities = ["tls", "starttls", "none"] as const;
+export type Security = (typeof securities)[number];
+
+/** An address the way a config writes it: `name@domain`, no display name, no angle brackets. */
+const address = z
+  .string()
+  .regex(/^[^\s@<>,;"]+@[^\s@<>,;"]+$/, "must be a mail address such as alice@example.org")
+  .transform((a) => a.toLowerCase());
+
+const serverFields = (defaultPorts: Record<Security, number>, what: string) =>
+  z
+    .strictObject({
+      host: z.string().min(1).describe(`${what} server host name`),
+      port: z
+        .number()
+        .int()
+        .min(1)
+        .max(65535)
+        .optional()
+        .describe(`Default by security: ${securities.map((s) => `${s} ${defaultPorts[s]}`).join(", ")}`),
+      security: z
+        .enum(securities)
+        .default("tls")
+        .describe(
+          "tls: implicit TLS; starttls: plain, then upgraded (required); none: no encryption (a server on this machine only)",
+        ),
+      user: z.string().min(1).describe("Login name"),
+      pass: z.string().min(1).describe("Password; or passFile: a file holding it"),
+      ca: z.string().optional().describe("PEM CA bundle to trust (a private CA); or caFile"),
+      rejectUnauthorized: z.boolean().default(true).describe("false accepts any certificate: tests only"),
+    })
+    .transform((s) => ({ ...s, port: s.port ?? defaultPorts[s.security] }));
+
+export const emailAccountSchema = z
+  .strictObject({
+    address: address.describe("The mailbox's own address: From of every mail sent, and where answers come"),
+    plusAddressing: z
+      .boolean()
+      .default(false)
+      .describe(
+        "The server delivers <local>+<token>@<domain> to this mailbox (Postfix, Dovecot, Gmail, Fastmail do): " +
+          "an endpoint's token then gives its mails a Reply-To of its own, and mail to it lands in its route",
+      ),
+    imap: serverFields({ tls: 993, starttls: 143, none: 143 }, "IMAP").describe("Where mail is read"),
+    mailbox: z.string().min(1).default(EMAIL_DEFAULTS.mailbox).describe("The folder read for new mail"),
+    smtp: serverFields({ tls: 465, starttls: 587, none: 25 }, "SMTP").describe("Where mail is sent"),
+    smtpConnections: z
+      .number()
+      .int()
+      .min(1)
+      .max(20)
+      .default(EMAIL_DEFAULTS.smtpConnections)
+      .describe("SMTP connections kept open for sending"),
+    maxMessageBytes: z
+      .number()
+      .int()
+      .min(1024)
+      .default(EMAIL_DEFAULTS.maxMessageBytes)
+      .describe("A larger incoming mail is not relayed: it stays in the mailbox, and a warning is logged"),
+  })
+  .superRefine((acc, ctx) => {
+    for (const side of ["imap", "smtp"] as const) {
+      if (acc[side].security === "none" && !isLoopback(acc[side].host))
+        ctx.addIssue({
+          code: "custom",
+          path: [side, "security"],
+          message: `"none" sends the password in the clear: only for a server on this machine (127.0.0.1, localhost)`,
+        });
+    }
+  });
+
+export type EmailAccount = z.output<typeof emailAccountSchema>;
+export type ServerConfig = EmailAccount["imap"];
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || (isIPv4(host) && host.startsWith("127."));
+}
+
+export const threadings = ["route", "thread"] as const;
+
+export const emailEndpointSchema = z.strictObject({
+  to: z.array(address).default([]).describe("out: who gets the room's messages"),
+  cc: z.array(address).default([]).describe("out: in copy"),
+  subject: z
+    .string()
+    .min(1)
+    .max(200)
+    .default(EMAIL_DEFAULTS.subject)
+    .describe("out: subject of the first mail of a thread; the others answer it (Re: …)"),
+  threading: z
+    .enum(threadings)
+    .default("route")
+    .describe(
+      "route: the room is one mail thread; thread: each Matrix thread is a mail thread of its own " +
+        "(and each message outside one starts a new one)",
+    ),
+  token: z
+    .string()
+    .regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, "lower-case letters, digits and ._- only (at most 64)")
+    .optional()
+    .describe(
+      "With plusAddressing: this endpoint's mails have Reply-To <local>+<token>@<domain>, and mail to that " +
+        "address lands here (in: when it answers no mail the bridge knows)",
+    ),
+  default: z
+    .boolean()
+    .default(false)
+    .describe("in: mail that answers nothing known and has no known token lands here"),
+});
+
+export type EmailEndpoint = z.output<typeof emailEndpointSchema>;
+
+export function checkEmailEndpoint(
+  ep: EmailEndpoint,
+  direction: Direction,
+  account: EmailAccount,
+): [string, string][] {
+  const problems: [string, string][] = [];
+  if (direction !== "in" && ep.to.length === 0)
+    problems.push(["to", "needs at least one address to send to"]);
+  if (direction === "out" && ep.default) problems.push(["default", 'only for direction "in" or "inout"']);
+  if (ep.token !== undefined && !account.plusAddressing)
+    problems.push(["token", `needs plusAddressing: true on the account (${account.address})`]);
+  return problems;
+}
