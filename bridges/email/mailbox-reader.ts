@@ -43,12 +43,15 @@ export interface MailboxReaderOptions {
 }
 
 export class MailboxReader {
+  /** Whether to look at the mailbox again (new mail, or an endpoint that now reads it). */
+  private pending = true;
   private wake: (() => void) | undefined;
 
   constructor(private readonly o: MailboxReaderOptions) {}
 
   /** Something changed (an endpoint now reads mail): look at the mailbox again. */
   poke(): void {
+    this.pending = true;
     this.wake?.();
   }
 
@@ -67,6 +70,7 @@ export class MailboxReader {
         this.o.setState("up");
         failures = 0;
         await this.readWhileConnected(client, signal);
+        if (!signal.aborted) log.warn("imap connection closed");
       } catch (err) {
         if (!signal.aborted) log.warn({ err: errorMessage(err) }, "imap connection failed");
       } finally {
@@ -103,17 +107,13 @@ export class MailboxReader {
   }
 
   private async readWhileConnected(client: ImapFlow, signal: AbortSignal): Promise<void> {
-    let pending = true;
-    const wakeUp = () => {
-      pending = true;
-      this.wake?.();
-    };
-    client.on("exists", wakeUp);
-    client.on("close", wakeUp);
+    this.pending = true;
     this.wake = undefined;
+    client.on("exists", () => this.poke());
+    client.on("close", () => this.poke());
     for (let failures = 0; !signal.aborted && client.usable;) {
-      if (pending) {
-        pending = false;
+      if (this.pending) {
+        this.pending = false;
         try {
           await this.catchUp(client, signal);
           failures = 0;
@@ -121,23 +121,24 @@ export class MailboxReader {
           if (!client.usable || signal.aborted) throw err;
           // The mail is still there and the cursor unmoved: the same mail is tried again.
           failures++;
-          pending = true;
+          this.pending = true;
           this.o.log.warn({ err: errorMessage(err), failures }, "relaying mail failed; trying again");
           await sleep(backoffDelayMs(RECONNECT, failures), undefined, { signal }).catch(() => undefined);
           continue;
         }
       }
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(() => ((pending = true), resolve()), POLL_MS);
-        this.wake = () => {
-          pending = true;
+        const done = () => {
+          this.wake = undefined;
           clearTimeout(timer);
+          signal.removeEventListener("abort", done);
           resolve();
         };
-        signal.addEventListener("abort", () => this.wake?.(), { once: true });
-        if (pending || !client.usable) this.wake();
+        const timer = setTimeout(() => this.poke(), POLL_MS);
+        signal.addEventListener("abort", done);
+        this.wake = done;
+        if (this.pending || !client.usable || signal.aborted) done();
       });
-      this.wake = undefined;
     }
   }
 

@@ -35,13 +35,20 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
   let bridge: RunningBridge | undefined;
   let support: string;
   let threads: string;
+  let restored: string;
   let seenByAlice = 0;
 
   before(async () => {
     mail = await startMailServer();
     h = await harness({
       connectors,
-      bridges: { email: { office: mail.bridgeAccount({ plusAddressing: true }) } },
+      bridges: {
+        email: {
+          office: mail.bridgeAccount({ plusAddressing: true }),
+          // The same mailbox's folder "Restored", which a test deletes and recreates.
+          archive: mail.bridgeAccount({ plusAddressing: true, mailbox: "Restored" }),
+        },
+      },
       routes: [
         {
           id: "support",
@@ -71,6 +78,11 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
           ],
         },
         {
+          id: "restored",
+          room: "#restored:test.local",
+          endpoints: [{ account: "email.archive", direction: "in", token: "restored" }],
+        },
+        {
           id: "nowhere",
           room: "#nowhere:test.local",
           endpoints: [{ account: "email.office", direction: "out", to: ["nobody@localhost"] }],
@@ -80,6 +92,8 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     support = h.hs.createRoom({ creator: h.alice, alias: "#support:test.local", preset: "public_chat" });
     threads = h.hs.createRoom({ creator: h.alice, alias: "#threads:test.local", preset: "public_chat" });
     h.hs.createRoom({ creator: h.alice, alias: "#nowhere:test.local", preset: "public_chat" });
+    restored = h.hs.createRoom({ creator: h.alice, alias: "#restored:test.local", preset: "public_chat" });
+    await mail.imap("bridge", (client) => client.mailboxCreate("Restored"));
     bridge = await start({ config: h.config, registration: h.registration, connectors });
     await waitFor("email.office up", () => bridge!.connectorStates()["email.office"]?.state === "up");
   });
@@ -100,7 +114,7 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
 
   const fromGhost = (room: string, text: string) =>
     waitFor(`"${text}" in the room`, () =>
-      h.hs.messages(room).find((m) => m.content.body === text && m.sender.startsWith("@_tb_mail_office_")),
+      h.hs.messages(room).find((m) => m.content.body === text && m.sender.startsWith("@_tb_mail_")),
     );
 
   test("a room message reaches alice's mailbox threaded; her answer comes back as her ghost, as a reply, quoted history stripped", async () => {
@@ -229,5 +243,40 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     assert.equal(new Set(mails.map((m) => m.messageId)).size, 3);
     for (let i = 1; i < 3; i++)
       assert.equal(mails[i]!.inReplyTo, mails[i - 1]!.messageId, "the thread holds");
+  });
+
+  test("a mailbox recreated (UIDVALIDITY changed) while the bridge is down: nothing lost, nothing posted again", async () => {
+    const bob = async (id: string, text: string) =>
+      Buffer.from(
+        `From: Bob <bob@localhost>\r\nTo: bridge+restored@localhost\r\nSubject: ${text}\r\n` +
+          `Message-ID: <${id}@localhost>\r\nDate: ${new Date().toUTCString()}\r\n\r\n${text}\r\n`,
+      );
+    await mail.imap("bridge", async (client) => {
+      for (const n of [1, 2, 3])
+        await client.append("Restored", await bob(`before-${n}`, `before the restore ${n}`));
+    });
+    await fromGhost(restored, "before the restore 3");
+    await bridge!.stop();
+    bridge = undefined;
+    const uidValidity = await mail.imap("bridge", async (client) => {
+      const was = (await client.mailboxOpen("Restored")).uidValidity;
+      await client.mailboxClose();
+      await client.mailboxDelete("Restored");
+      await client.mailboxCreate("Restored");
+      // The restored mailbox holds some of the old mail again, with new UIDs (so the new mail has a
+      // UID the old cursor had passed), and mail that came meanwhile.
+      await client.append("Restored", await bob("before-2", "before the restore 2"));
+      await client.append("Restored", await bob("before-3", "before the restore 3"));
+      await client.append("Restored", await bob("after-1", "after the restore"));
+      return { was, now: (await client.mailboxOpen("Restored")).uidValidity };
+    });
+    assert.notEqual(uidValidity.now, uidValidity.was);
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    await fromGhost(restored, "after the restore");
+    await new Promise((r) => setTimeout(r, 1000)); // anything posted twice would be there by now
+    assert.deepEqual(
+      h.hs.messages(restored).map((m) => m.content.body),
+      ["before the restore 1", "before the restore 2", "before the restore 3", "after the restore"],
+    );
   });
 });

@@ -32,6 +32,8 @@ export interface MailServer {
   mailbox(user: string): Promise<FetchMessageObject[]>;
   /** Waits until `user`'s INBOX holds at least `count` mails; resolves to them. */
   waitForMail(user: string, count: number, timeoutMs?: number): Promise<FetchMessageObject[]>;
+  /** Runs `work` on an IMAP connection logged in as `user`. */
+  imap<T>(user: string, work: (client: ImapFlow) => Promise<T>): Promise<T>;
   /** Empties every mailbox. */
   clear(): Promise<void>;
   stopSmtp(): Promise<void>;
@@ -76,6 +78,7 @@ export async function startMailServer(): Promise<MailServer> {
   return {
     smtpPort,
     imapPort,
+    imap,
     bridgeAccount: (extra = {}) => ({
       address: "bridge@localhost",
       imap: {
