@@ -11,6 +11,7 @@ import type {
 } from "../../src/connector.js";
 import { backoffDelayMs, relaysIn } from "../../src/connector.js";
 import { PermanentError, errorMessage } from "../../src/errors.js";
+import { LogLimiter } from "../../src/log.js";
 import { parseMail, type IncomingMail } from "./incoming.js";
 import { MailboxReader } from "./mailbox-reader.js";
 import { messageIdFor, plusAddress, splitAddress, tokenOf } from "./message-ids.js";
@@ -41,6 +42,8 @@ export class EmailConnector implements Connector<EmailEndpoint> {
   private readonly health: { imap?: ConnectorState; smtp: ConnectorState } = { smtp: "connecting" };
   private stopped = false;
   private probing = false;
+  /** Auto-replies and bounces come in floods: one line a minute per kind. */
+  private readonly automaticLog = new LogLimiter();
 
   constructor(
     _account: string,
@@ -200,6 +203,15 @@ export class EmailConnector implements Connector<EmailEndpoint> {
     const known = await this.records.get(mail.messageId);
     if (known?.own) {
       log.debug("the bridge's own mail came back: not relayed");
+      return;
+    }
+    if (mail.automatic !== undefined) {
+      const pass = this.automaticLog.pass(mail.automatic);
+      if (pass)
+        log.info(
+          { from: mail.sender.id, why: mail.automatic, heldBack: pass.heldBack },
+          "mail written by a machine: not relayed, left in the mailbox",
+        );
       return;
     }
     const matched = await this.endpointsFor(mail);

@@ -25,6 +25,8 @@ export interface IncomingMail {
   readonly references: readonly string[];
   /** Every address it was sent to: Delivered-To, To, Cc (where a plus-address token may be). */
   readonly recipients: readonly string[];
+  /** Why it was written by a machine rather than a person (an auto-reply, a bounce), if it was. */
+  readonly automatic?: string;
 }
 
 export async function parseMail(source: Buffer): Promise<IncomingMail> {
@@ -55,7 +57,36 @@ export async function parseMail(source: Buffer): Promise<IncomingMail> {
     ...(inReplyTo !== undefined && { inReplyTo }),
     references: references.length > 0 ? references : inReplyTo !== undefined ? [inReplyTo] : [],
     recipients: recipientsOf(mail),
+    ...automaticOrNot(mail),
   };
+}
+
+/**
+ * Mail no person wrote, which must not be posted (an auto-reply answering the bridge's mail would
+ * be mailed back by the room, and so on): RFC 3834 `Auto-Submitted` other than `no`; a delivery or
+ * read report (RFC 6522 `multipart/report`); a bounce (the null reverse-path, `Return-Path: <>`,
+ * RFC 5321 §4.5.5); the vacation headers of Exchange and others.
+ */
+function automaticOrNot(mail: ParsedMail): { automatic?: string } {
+  const header = (name: string) =>
+    mail.headerLines
+      .filter((h) => h.key === name)
+      .map((h) =>
+        h.line
+          .slice(h.line.indexOf(":") + 1)
+          .trim()
+          .toLowerCase(),
+      );
+  const autoSubmitted = header("auto-submitted").find((v) => !v.startsWith("no"));
+  if (autoSubmitted !== undefined) return { automatic: `Auto-Submitted: ${autoSubmitted}` };
+  if (header("content-type").some((v) => v.startsWith("multipart/report")))
+    return { automatic: "a delivery or read report (multipart/report)" };
+  if (header("return-path").some((v) => v === "<>")) return { automatic: "a bounce (Return-Path: <>)" };
+  if (header("x-autoreply").length > 0 || header("x-autorespond").length > 0)
+    return { automatic: "an auto-reply (X-Autoreply)" };
+  if (header("precedence").some((v) => v === "auto_reply"))
+    return { automatic: "an auto-reply (Precedence)" };
+  return {};
 }
 
 /**

@@ -200,6 +200,31 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     assert.ok(kept.some((m) => m.text?.includes("Anyone there?")));
   });
 
+  test("an auto-reply and a bounce to the route's address are not posted", async () => {
+    const before = h.hs.messages(support).length;
+    await mail.sendAs("alice", {
+      to: "bridge+support@localhost",
+      subject: "Out of office",
+      text: "I am away until Monday.",
+      headers: { "Auto-Submitted": "auto-replied" },
+    });
+    // A bounce is sent with the null reverse-path: the mailbox's Return-Path is then <>.
+    await mail.sendAs("alice", {
+      envelope: { from: "", to: "bridge+support@localhost" },
+      from: "MAILER-DAEMON@localhost",
+      to: "bridge+support@localhost",
+      subject: "Undelivered Mail Returned to Sender",
+      text: "This is the mail system: your message could not be delivered.",
+    });
+    await mail.sendAs("bob", {
+      to: "bridge+support@localhost",
+      subject: "marker",
+      text: "after the machines",
+    });
+    await fromGhost(support, "after the machines");
+    assert.equal(h.hs.messages(support).length, before + 1);
+  });
+
   test("a recipient the SMTP server refuses (5xx): the message is in the failed list with the server's reason", async () => {
     const nowhere = h.hs.resolveAlias("#nowhere:test.local")!;
     h.hs.sendMessage(nowhere, h.alice, { msgtype: "m.text", body: "to nobody" });

@@ -204,3 +204,18 @@ test("a new mail keeps its HTML for the core to sanitize; its files come along; 
 test("a mail that is all quote keeps its text rather than posting nothing", () => {
   assert.equal(stripQuotes("> only a quote"), "> only a quote");
 });
+
+test("mail no person wrote is marked: Auto-Submitted, reports, bounces, vacation headers; Auto-Submitted: no is a person's", async () => {
+  const automatic = async (headers: Record<string, string>) =>
+    (await parseMail(await raw({ text: "x", headers }))).automatic;
+  assert.equal(await automatic({ "Auto-Submitted": "auto-replied" }), "Auto-Submitted: auto-replied");
+  assert.equal(await automatic({ "Auto-Submitted": "no" }), undefined);
+  assert.equal(await automatic({}), undefined);
+  assert.match((await automatic({ "Return-Path": "<>" }))!, /bounce/);
+  assert.match((await automatic({ "X-Autoreply": "yes" }))!, /auto-reply/);
+  assert.match((await automatic({ Precedence: "auto_reply" }))!, /auto-reply/);
+  const report = Buffer.from(
+    'From: MAILER-DAEMON@example.org\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nundeliverable\r\n--b--\r\n',
+  );
+  assert.match((await parseMail(report)).automatic!, /multipart\/report/);
+});
