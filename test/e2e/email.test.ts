@@ -9,9 +9,9 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import type { FetchMessageObject } from "imapflow";
 import { simpleParser, type ParsedMail } from "mailparser";
-import { emailConnector } from "../../bridges/email/index.js";
+import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
-import type { ConnectorDefinition } from "../../src/connector.js";
+import { BridgeProcess } from "../helpers/bridge-process.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
 import {
   canRunMailServer,
@@ -21,7 +21,6 @@ import {
 } from "../helpers/mail-server.js";
 import type { RecordedEvent } from "../helpers/test-homeserver.js";
 
-const connectors = [emailConnector as ConnectorDefinition];
 type Relates = { rel_type?: string; event_id?: string; "m.in_reply_to"?: { event_id?: string } };
 const relatesTo = (e: RecordedEvent | undefined) => e?.content["m.relates_to"] as Relates | undefined;
 const parse = (m: FetchMessageObject): Promise<ParsedMail> => simpleParser(m.source!);
@@ -41,8 +40,9 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
   before(async () => {
     mail = await startMailServer();
     h = await harness({
-      connectors,
       bridges: {
+        // Not on the machine's MQTT port (the bridge runs one by default).
+        mqtt: { home: { embedded: { port: 0 } } },
         email: {
           office: mail.bridgeAccount({ plusAddressing: true }),
           // The same mailbox's folder "Restored", which a test deletes and recreates.
@@ -303,5 +303,33 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
       h.hs.messages(restored).map((m) => m.content.body),
       ["before the restore 1", "before the restore 2", "before the restore 3", "after the restore"],
     );
+  });
+
+  test("the bridge killed (SIGKILL) while it catches up with 50 mails: each is posted once, in order", async () => {
+    await bridge!.stop();
+    bridge = undefined;
+    const texts = Array.from({ length: 50 }, (_, i) => `catch-up mail ${i + 1}`);
+    for (const text of texts)
+      await mail.sendAs("bob", { to: "bridge+support@localhost", subject: text, text });
+    const relayed = () =>
+      h.hs
+        .messages(support)
+        .map((m) => m.content.body)
+        .filter((b): b is string => typeof b === "string" && b.startsWith("catch-up mail"));
+    await waitFor("the 50 mails in the mailbox", async () => {
+      const bridgeMail = await mail.mailbox("bridge");
+      return bridgeMail.filter((m) => m.envelope?.subject?.startsWith("catch-up mail")).length === 50;
+    });
+    const proc = new BridgeProcess(h);
+    proc.start();
+    await waitFor("the catch-up under way", () => relayed().length > 0, 30_000);
+    await proc.kill("SIGKILL");
+    const atKill = relayed().length;
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    // The killed process's lease on the mailbox, and its job lock on the room's shard, run out first.
+    await waitFor("all 50", () => relayed().length >= 50, 45_000);
+    await new Promise((r) => setTimeout(r, 1000)); // anything posted twice would be there by now
+    assert.deepEqual(relayed(), texts);
+    console.log(`# killed with ${atKill} of 50 posted`);
   });
 });
