@@ -18,6 +18,11 @@ const RECONNECT = { initialDelayMs: 500, maxDelayMs: 60_000 };
 const POLL_MS = 60_000;
 /** A mail whose date is this close to the cursor's may come after it in the mailbox (SEARCH SINCE is by day). */
 const DAY_MS = 24 * 3600_000;
+/**
+ * A mailbox read for the first time: mail from this long before the connector started is relayed
+ * (what came while it was starting, on a server whose clock is a little behind), older mail not.
+ */
+const FIRST_READ_SLACK_MS = 60_000;
 
 interface Cursor {
   uidValidity: string;
@@ -43,6 +48,7 @@ export interface MailboxReaderOptions {
 }
 
 export class MailboxReader {
+  private readonly startedAt = Date.now();
   /** Whether to look at the mailbox again (new mail, or an endpoint that now reads it). */
   private pending = true;
   private wake: (() => void) | undefined;
@@ -151,12 +157,15 @@ export class MailboxReader {
     const stored = await this.o.store.get(key);
     let cursor: Cursor | undefined = stored === undefined ? undefined : (JSON.parse(stored) as Cursor);
     if (cursor === undefined) {
-      // A mailbox read for the first time: what is in it already was never meant for the rooms.
-      cursor = { uidValidity, lastUid: mailbox.uidNext - 1, at: Date.now() };
+      cursor = {
+        uidValidity,
+        lastUid: await this.lastUidBefore(client, this.startedAt - FIRST_READ_SLACK_MS),
+        at: Date.now(),
+      };
       await this.o.store.set(key, JSON.stringify(cursor));
       this.o.log.info(
         { lastUid: cursor.lastUid },
-        "mailbox read for the first time: relaying mail from now on",
+        "mailbox read for the first time: relaying mail from its start on",
       );
     }
     if (!this.o.reading()) return;
@@ -172,6 +181,21 @@ export class MailboxReader {
       cursor = { uidValidity, lastUid: uid, at: Math.max(cursor.at, at) };
       await this.o.store.set(key, JSON.stringify(cursor));
     }
+  }
+
+  /**
+   * The last UID of the mail that arrived before `at` (ms): what a mailbox read for the first time
+   * already held, which was never meant for the rooms. UIDs grow with arrival.
+   */
+  private async lastUidBefore(client: ImapFlow, at: number): Promise<number> {
+    const uidNext = client.mailbox ? client.mailbox.uidNext : 1;
+    const today = (await client.search({ since: new Date(at) }, { uid: true })) || [];
+    if (today.length === 0) return uidNext - 1;
+    let firstAfter = Infinity;
+    for await (const m of client.fetch(today.join(","), { uid: true, internalDate: true }, { uid: true }))
+      if (m.internalDate && new Date(m.internalDate).getTime() >= at)
+        firstAfter = Math.min(firstAfter, m.uid);
+    return firstAfter === Infinity ? uidNext - 1 : firstAfter - 1;
   }
 
   /**

@@ -19,9 +19,27 @@ import { connectorConformance, type FarSide } from "./connector-conformance.js";
 let server: MailServer | undefined;
 after(() => server?.stop());
 
+interface Heard {
+  text: string;
+  messageId: string | undefined;
+  inReplyTo: string | undefined;
+}
+
+/**
+ * The mails of one channel as a mail client shows the thread: each after the one it answers.
+ * (Postfix delivers concurrently, so the mailbox's own order may differ from the order sent.)
+ */
+function threadOrder(mails: readonly Heard[]): string[] {
+  const ids = new Set(mails.map((m) => m.messageId));
+  const ordered: Heard[] = mails.filter((m) => m.inReplyTo === undefined || !ids.has(m.inReplyTo));
+  for (let i = 0; i < ordered.length; i++)
+    ordered.push(...mails.filter((m) => m.inReplyTo !== undefined && m.inReplyTo === ordered[i]!.messageId));
+  return ordered.map((m) => m.text);
+}
+
 /** Alice, reading her INBOX every 100 ms for mail from the bridge. */
 async function alice(mail: MailServer): Promise<FarSide> {
-  const heard = new Map<string, string[]>();
+  const heard = new Map<string, Heard[]>();
   const client = new ImapFlow({
     host: "127.0.0.1",
     port: mail.imapPort,
@@ -46,7 +64,12 @@ async function alice(mail: MailServer): Promise<FarSide> {
         if (!m || !m.source) continue;
         const parsed = await simpleParser(m.source);
         const channel = /bridge\+([^@]+)@/.exec(parsed.replyTo?.text ?? "")?.[1];
-        if (channel !== undefined) heard.get(channel)?.push((parsed.text ?? "").trim());
+        if (channel !== undefined)
+          heard.get(channel)?.push({
+            text: (parsed.text ?? "").trim(),
+            messageId: parsed.messageId,
+            inReplyTo: parsed.inReplyTo,
+          });
       }
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -56,7 +79,7 @@ async function alice(mail: MailServer): Promise<FarSide> {
     say: (channel, text) =>
       mail.sendAs("alice", { to: `bridge+${channel}@localhost`, subject: channel, text }),
     listen: async (channel) => void heard.set(channel, []),
-    heard: (channel) => heard.get(channel) ?? [],
+    heard: (channel) => threadOrder(heard.get(channel) ?? []),
     close: async () => {
       closed = true;
       await polling.catch(() => undefined);
@@ -72,7 +95,8 @@ if (canRunMailServer)
     sourceDir: "bridges/email",
     setUp: async () => {
       server ??= await startMailServer();
-      return { account: server.bridgeAccount({ plusAddressing: true }), tearDown: async () => {} };
+      const mail = server;
+      return { account: mail.bridgeAccount({ plusAddressing: true }), tearDown: () => mail.clear() };
     },
     farSide: () => alice(server!),
     endpoint: (channel) => ({ token: channel, to: ["alice@localhost"] }),
