@@ -25,6 +25,7 @@ import { Queue, Worker } from "bullmq";
 import mqtt from "mqtt";
 import { BridgeProcess } from "../test/helpers/bridge-process.js";
 import { DeviceProcess, publishAll } from "./devices.js";
+import { emailBench, emailBenchAvailable } from "./email.js";
 import { freePort, harness, REDIS_URL, type Harness } from "../test/helpers/fixture.js";
 import { moduleLogger } from "../src/log.js";
 import { startEmbeddedRedis, type FsyncPolicy } from "../src/queue/embedded-redis.js";
@@ -315,6 +316,8 @@ async function main(): Promise<void> {
       }
     : undefined;
   const b = await bridgeBench(redis);
+  const email =
+    process.env.BENCH_EMAIL !== "0" && emailBenchAvailable ? await emailBench(redis.url) : undefined;
   await redis.stop();
   const ratio = (value: number, of: number | undefined, name: string) =>
     of === undefined ? "" : `${(value / of).toFixed(2)}× ${name}`;
@@ -346,6 +349,26 @@ async function main(): Promise<void> {
     paced("MQTT → Matrix at", b.latency),
     paced("MQTT → Matrix sustained at", b.sustained),
     ["Matrix → MQTT, end to end", `${b.matrixToMqtt} msg/s`, ratio(b.matrixToMqtt, raw?.bull8, "BullMQ(8)")],
+    ...(email
+      ? ([
+          [
+            "mail server: SMTP send → IMAP IDLE notice",
+            `p50 ${email.rawIdle.p50.toFixed(0)} ms, p99 ${email.rawIdle.p99.toFixed(0)} ms`,
+            "",
+          ],
+          ["mail server: Postfix → mailbox, 1 connection", `${email.rawDelivery} mails/s`, ""],
+          [
+            "mail → room, end to end (one at a time)",
+            `p50 ${email.mailToRoom.p50.toFixed(0)} ms, p99 ${email.mailToRoom.p99.toFixed(0)} ms`,
+            `${(email.mailToRoom.p50 / email.rawIdle.p50).toFixed(2)}× the IDLE notice (p50)`,
+          ],
+          [
+            "room → mailbox, end to end (one room)",
+            `${email.roomToMailbox} mails/s`,
+            ratio(email.roomToMailbox, email.rawDelivery, "Postfix"),
+          ],
+        ] as [string, string, string][])
+      : []),
   ];
   if (COMPARE_FSYNC && !SHARED_REDIS) rows.push(...(await fsyncAlwaysRows(b)));
   for (const [name, value, r] of rows) console.log(`${name.padEnd(46)} ${value.padEnd(40)} ${r}`);
