@@ -46,7 +46,6 @@ export class EmailConnector implements Connector<EmailEndpoint> {
   private readonly automaticLog = new LogLimiter();
 
   constructor(
-    _account: string,
     private readonly config: EmailAccount,
     private readonly ctx: ConnectorContext,
   ) {

@@ -33,5 +33,5 @@ export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = 
   // its recipients. Subject, cc, threading and default say how, and changing them keeps the endpoint.
   endpointKey: (endpoint) =>
     endpoint.token !== undefined ? `token:${endpoint.token}` : `to:${[...endpoint.to].sort().join(",")}`,
-  create: (account, config, ctx) => new EmailConnector(account, config, ctx),
+  create: (_account, config, ctx) => new EmailConnector(config, ctx),
 };

@@ -38,10 +38,10 @@ export interface MailboxReaderOptions {
   /** Whether anything reads mail now (inbound endpoints): when not, the cursor stays where it is. */
   reading(): boolean;
   /**
-   * Takes one mail (its whole source): resolves once it is relayed, or known not to be relayed.
-   * `rescan`: read again after a UIDVALIDITY change, so possibly relayed before.
+   * Takes one mail (its whole source): resolves once it is relayed, or known not to be relayed
+   * (also one relayed before: a mail is handed over again after a crash or a UIDVALIDITY change).
    */
-  handle(source: Buffer, uid: number, rescan: boolean): Promise<void>;
+  handle(source: Buffer, uid: number): Promise<void>;
   /** A mail too large to fetch: it stays in the mailbox. */
   tooLarge(uid: number, size: number): void;
   setState(state: ConnectorState, reason?: string): void;
@@ -64,11 +64,12 @@ export class MailboxReader {
   /** Reads until `signal` aborts (the lease lost, or the bridge stopping). */
   async run(signal: AbortSignal): Promise<void> {
     const { log } = this.o;
+    this.o.setState("connecting");
     for (let failures = 0; !signal.aborted;) {
-      this.o.setState("connecting");
       const client = this.client();
       const onAbort = () => client.close();
       signal.addEventListener("abort", onAbort);
+      let lost = "imap connection closed";
       try {
         await client.connect();
         const mailbox = await client.mailboxOpen(this.o.config.mailbox);
@@ -76,16 +77,16 @@ export class MailboxReader {
         this.o.setState("up");
         failures = 0;
         await this.readWhileConnected(client, signal);
-        if (!signal.aborted) log.warn("imap connection closed");
       } catch (err) {
-        if (!signal.aborted) log.warn({ err: errorMessage(err) }, "imap connection failed");
+        lost = `imap: ${errorMessage(err)}`;
       } finally {
         signal.removeEventListener("abort", onAbort);
         client.close();
       }
       if (signal.aborted) break;
       failures++;
-      this.o.setState("connecting", "imap connection lost");
+      log.warn({ failures }, lost);
+      this.o.setState("connecting", lost);
       await sleep(backoffDelayMs(RECONNECT, failures), undefined, { signal }).catch(() => undefined);
     }
   }
@@ -177,7 +178,7 @@ export class MailboxReader {
     );
     for (const uid of uids.sort((a, b) => a - b)) {
       if (signal.aborted || !this.o.reading()) return;
-      const at = await this.fetchAndHandle(client, uid, false);
+      const at = await this.fetchAndHandle(client, uid);
       cursor = { uidValidity, lastUid: uid, at: Math.max(cursor.at, at) };
       await this.o.store.set(key, JSON.stringify(cursor));
     }
@@ -221,14 +222,14 @@ export class MailboxReader {
     let at = cursor.at;
     for (const uid of found) {
       if (signal.aborted || !this.o.reading()) return;
-      at = Math.max(at, await this.fetchAndHandle(client, uid, true));
+      at = Math.max(at, await this.fetchAndHandle(client, uid));
     }
     const next: Cursor = { uidValidity, lastUid: Math.max(uidNext - 1, found.at(-1) ?? 0), at };
     await this.o.store.set(`cursor:${this.o.config.mailbox}`, JSON.stringify(next));
   }
 
   /** Hands one mail over (unless too large); resolves to its INTERNALDATE (ms). */
-  private async fetchAndHandle(client: ImapFlow, uid: number, rescan: boolean): Promise<number> {
+  private async fetchAndHandle(client: ImapFlow, uid: number): Promise<number> {
     const meta = await client.fetchOne(
       String(uid),
       { uid: true, size: true, internalDate: true },
@@ -239,7 +240,7 @@ export class MailboxReader {
     if (size > this.o.config.maxMessageBytes) this.o.tooLarge(uid, size);
     else {
       const full = await client.fetchOne(String(uid), { uid: true, source: true }, { uid: true });
-      if (full && full.source) await this.o.handle(full.source, uid, rescan);
+      if (full && full.source) await this.o.handle(full.source, uid);
     }
     return meta.internalDate ? new Date(meta.internalDate).getTime() : 0;
   }
