@@ -1,12 +1,14 @@
 /**
  * Sending: one pooled nodemailer transport per account, and what its errors mean for the queue.
- * An SMTP reply 5xx refuses the mail for good (PermanentError, with the server's words); 4xx, a
- * refused login and network trouble may pass (RetryableError), so the message waits and is tried again.
+ * An SMTP reply 5xx refuses the mail for good (PermanentError, with the server's words); another
+ * 4xx may pass (RetryableError, counted as an attempt of that mail). A server away, closing (421)
+ * or refusing the login is not the mail's fault (UnavailableError): every mail of the account
+ * waits, however long, and is sent once it answers.
  */
 import nodemailer, { type Transporter } from "nodemailer";
 import type SMTPPool from "nodemailer/lib/smtp-pool/index.js";
 import type Mail from "nodemailer/lib/mailer/index.js";
-import { PermanentError, RetryableError } from "../../src/errors.js";
+import { PermanentError, RetryableError, UnavailableError } from "../../src/errors.js";
 import { EMAIL_DEFAULTS, type EmailAccount } from "./schema.js";
 
 export type SmtpTransport = Transporter<SMTPPool.SentMessageInfo, SMTPPool.Options>;
@@ -42,12 +44,14 @@ interface SmtpError extends Error {
 export function classifySmtpError(err: unknown): PermanentError | RetryableError {
   const e = err as SmtpError;
   const reply = e.response ?? e.message;
-  if (e.code === "EAUTH") return new RetryableError(`SMTP login refused: ${reply}`);
+  if (e.code === "EAUTH") return new UnavailableError(`SMTP login refused: ${reply}`);
+  // RFC 5321 §3.8: 421 is the server closing the transmission channel (shutting down, overloaded).
+  if (e.responseCode === 421) return new UnavailableError(`SMTP server not available: ${reply}`);
   if (typeof e.responseCode === "number" && e.responseCode >= 500)
     return new PermanentError(`SMTP server refused the mail: ${reply}`);
   if (typeof e.responseCode === "number" && e.responseCode >= 400)
     return new RetryableError(`SMTP server deferred the mail: ${reply}`);
-  return new RetryableError(`SMTP server unreachable: ${e.message ?? String(err)}`);
+  return new UnavailableError(`SMTP server unreachable: ${e.message ?? String(err)}`);
 }
 
 export type MailOptions = Mail.Options;

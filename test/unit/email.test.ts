@@ -12,7 +12,7 @@ import { emailAccountSchema, emailEndpointSchema } from "../../bridges/email/sch
 import { classifySmtpError } from "../../bridges/email/smtp.js";
 import { referencesAfter, replySubject } from "../../bridges/email/threads.js";
 import { ConfigErrors, loadConfig } from "../../src/config/load.js";
-import { PermanentError, RetryableError } from "../../src/errors.js";
+import { PermanentError, retryCauseOf } from "../../src/errors.js";
 
 const server = { host: "mail.example.org", user: "bridge", pass: "secret" };
 const account = (fields: Record<string, unknown> = {}) => ({
@@ -141,22 +141,22 @@ test("References: the parent's, then the parent; at most 10, the thread's first 
   assert.equal(replySubject("RE: Support"), "RE: Support");
 });
 
-test("SMTP errors: 5xx refuses the mail for good; 4xx, a refused login and network trouble are retried", () => {
+test("SMTP errors: 5xx refuses the mail for good; 4xx is retried; the server away, closing or refusing the login waits", () => {
   const smtp = (fields: Record<string, unknown>) => Object.assign(new Error("smtp"), fields);
   const refused = classifySmtpError(
     smtp({ code: "EENVELOPE", responseCode: 550, response: "550 5.1.1 unknown" }),
   );
   assert.ok(refused instanceof PermanentError);
   assert.match(refused.message, /550 5\.1\.1 unknown/);
-  assert.ok(
-    classifySmtpError(smtp({ responseCode: 451, response: "451 try later" })) instanceof RetryableError,
-  );
-  assert.ok(classifySmtpError(smtp({ code: "EAUTH", responseCode: 535 })) instanceof RetryableError);
-  assert.ok(
-    classifySmtpError(smtp({ code: "ECONNECTION", message: "connect ECONNREFUSED" })) instanceof
-      RetryableError,
-  );
-  assert.ok(classifySmtpError(smtp({ code: "ETIMEDOUT" })) instanceof RetryableError);
+  const deferred = classifySmtpError(smtp({ responseCode: 451, response: "451 try later" }));
+  assert.equal(retryCauseOf(deferred), "message");
+  for (const away of [
+    smtp({ code: "EAUTH", responseCode: 535 }),
+    smtp({ responseCode: 421, response: "421 shutting down" }),
+    smtp({ code: "ECONNECTION", message: "connect ECONNREFUSED" }),
+    smtp({ code: "ETIMEDOUT" }),
+  ])
+    assert.equal(retryCauseOf(classifySmtpError(away)), "unavailable");
 });
 
 /** A mail as nodemailer writes it: the bytes a mailbox holds. */
