@@ -132,7 +132,7 @@ export async function start({
     const relayQueue = <T>(
       name: string,
       process: OrderedQueueOptions<T>["process"],
-      more: Pick<OrderedQueueOptions<T>, "keptWhenDelivered" | "destinationOf">,
+      more: Pick<OrderedQueueOptions<T>, "keptWhenDelivered" | "destinationOf" | "failed">,
     ) => {
       const queue = new OrderedQueue<T>({
         ...queueOptions(config, redisUrl, instanceId),
@@ -182,12 +182,20 @@ export async function start({
     });
 
     // Matrix → remote: a to-<connector> queue per connector in use, whose worker calls its send.
-    const remote = new RemoteDelivery(matrix, routes, (ref) => host.instance(ref), messages, log);
+    const remote = new RemoteDelivery(
+      matrix,
+      { userId: bot, displayName: config.appservice.botDisplayName },
+      routes,
+      (ref) => host.instance(ref),
+      messages,
+      log,
+    );
     const toRemote = new Map(
       connectorsInUse(config.accounts, connectors).map((def) => [
         def.name,
         relayQueue<ToRemoteJob>(toConnectorQueue(def.name), (job, { id }) => remote.deliver(def, job, id), {
           destinationOf: (job) => remote.destinationOf(def, job),
+          failed: (job, { id, reason }) => remote.tellFailure(job, id, reason),
         }),
       ]),
     );

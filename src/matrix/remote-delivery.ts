@@ -26,6 +26,8 @@ interface Target {
 export class RemoteDelivery {
   constructor(
     private readonly matrix: MatrixClient,
+    /** Who answers in the room when a relay fails for good. */
+    private readonly bot: { userId: string; displayName: string },
     private readonly routes: RouteTable,
     /** The running connector of `<connector>.<account>`, if it runs. */
     private readonly instanceOf: (ref: string) => Connector<unknown> | undefined,
@@ -44,6 +46,40 @@ export class RemoteDelivery {
     } catch {
       return def.name;
     }
+  }
+
+  /**
+   * A room message that will not reach the far side (refused, or out of attempts; it is in the
+   * failed list): the bot answers it in the room, in its thread if it has one, with the reason.
+   * The transaction id derives from the item's, so a repeat posts one notice.
+   */
+  async tellFailure(job: ToRemoteJob, id: string, reason: string): Promise<void> {
+    const where = `${job.endpointId}`;
+    const what =
+      job.kind === "redaction"
+        ? "Redaction not relayed"
+        : job.kind === "edit"
+          ? "Edit not relayed"
+          : "Not delivered";
+    const content: Record<string, unknown> = {
+      msgtype: "m.notice",
+      body: `${what} to ${where}: ${reason}. It is in the failed list: \`!tribridge failed\` shows it, \`!tribridge retry\` sends it again.`,
+      "m.mentions": {},
+    };
+    const about = job.kind === "redaction" ? job.redacts : job.eventId;
+    if (about !== undefined) {
+      const { thread } = relationsOf(job.content);
+      content["m.relates_to"] =
+        thread !== undefined
+          ? {
+              rel_type: "m.thread",
+              event_id: thread,
+              is_falling_back: false,
+              "m.in_reply_to": { event_id: about },
+            }
+          : { "m.in_reply_to": { event_id: about } };
+    }
+    await this.matrix.sendAs(this.bot, job.roomId, "m.room.message", content, `${id}-failed`);
   }
 
   /** Delivers one item of `def`'s queue. */

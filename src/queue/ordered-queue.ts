@@ -70,6 +70,11 @@ export interface OrderedQueueOptions<T> {
   health?: DestinationHealth;
   /** The destination an item goes to, as `health` names it; default: the queue's name. */
   destinationOf?(data: T): string;
+  /**
+   * Told once an item is in the failed list (e.g. to say so where it came from). Best effort: a
+   * failure is logged, not retried; the failed list has the item and its reason either way.
+   */
+  failed?(data: T, info: { id: string; reason: string }): Promise<void>;
   /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
   observe?: QueueObserver;
   /**
@@ -796,6 +801,11 @@ export class OrderedQueue<T> {
           log.error({ itemId: item.id, reason }, "relay failed; moved to the failed list");
           this.opts.observe?.failed(cause === "permanent" ? "permanent" : "exhausted");
           await this.recordFailureDurably(item, reason, signal);
+          await this.opts
+            .failed?.(item.data, { id: item.id, reason })
+            .catch((tellErr: unknown) =>
+              log.warn({ itemId: item.id, err: errorMessage(tellErr) }, "could not tell of the failed relay"),
+            );
           return;
         }
         const delay = backoffDelayMs(retry, counted, retryAfterMsOf(err));
