@@ -115,6 +115,9 @@ describe("a far side down for a long time", { timeout: OUTAGE_MS + 120_000 }, ()
       assert.ok(resumedMs < 2_000, `delivery resumed ${resumedMs} ms after the homeserver answered again`);
       // "down" once, "still down" every 5 s: not a line per attempt (hundreds).
       const bound = 2 + Math.ceil(outageMs / 5_000);
+      console.log(
+        `# ${kind} for ${outageMs} ms: 0 failed, 0 reordered, resumed ${resumedMs} ms after it answered, ${warnings.lines.length} warnings`,
+      );
       assert.ok(
         warnings.lines.length <= bound,
         `${warnings.lines.length} warnings over the outage (at most ${bound}):\n${warnings.lines.slice(0, 10).join("")}`,
