@@ -13,7 +13,7 @@ import mqtt from "mqtt";
 import { stringify } from "yaml";
 import { embeddedRedisSocket } from "../../src/queue/embedded-redis.js";
 import { BridgeProcess } from "../helpers/bridge-process.js";
-import { answers, redisPidsOn } from "../helpers/embedded-redis.js";
+import { answersOn, redisPidsOn } from "../helpers/embedded-redis.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 let h: Harness;
@@ -63,7 +63,7 @@ before(async () => {
 after(async () => {
   await bridge?.kill("SIGTERM");
   const socket = embeddedRedisSocket(dataDir);
-  if (await answers(socket)) spawnSync("redis-cli", ["-s", socket, "shutdown", "nosave"]);
+  if (await answersOn(socket)) spawnSync("redis-cli", ["-s", socket, "shutdown", "nosave"]);
   await h?.cleanup();
   rmSync(dataDir, { recursive: true, force: true });
 });
@@ -82,7 +82,7 @@ test(
     await publish(port, 0, 20);
     await h.hs.waitForMessages(room, 20, 30_000);
     await bridge.kill("SIGKILL");
-    assert.equal(await answers(socket), true, "the killed bridge's redis-server is still running");
+    assert.equal(await answersOn(socket), true, "the killed bridge's redis-server is still running");
 
     // Two bridges on one data dir: the second is refused while the first is connected.
     bridge.start();
@@ -109,6 +109,6 @@ test(
     await bridge.kill("SIGTERM");
     bridge = undefined;
     await waitFor("redis-server stopped with the bridge", () => redisPidsOn(socket).length === 0, 10_000);
-    assert.equal(await answers(socket), false);
+    assert.equal(await answersOn(socket), false);
   },
 );

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import mqtt, { type MqttClient } from "mqtt";
 import { embeddedRedisSocket } from "../../src/queue/embedded-redis.js";
 import { BridgeProcess } from "../helpers/bridge-process.js";
-import { answers, redisPidsOn } from "../helpers/embedded-redis.js";
+import { answersOn, redisPidsOn } from "../helpers/embedded-redis.js";
 import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 
 const TOTAL = 600;
@@ -193,6 +193,6 @@ test(
       () => redisPidsOn(socket).length === 0,
       10_000,
     );
-    assert.equal(await answers(socket), false);
+    assert.equal(await answersOn(socket), false);
   },
 );

@@ -1,24 +1,10 @@
 /** Looks at a bridge's embedded redis-server from outside: whether it answers, and its process ids. */
 import { spawnSync } from "node:child_process";
-import { Redis } from "ioredis";
+import { answers } from "./redis-server.js";
 
-/** Whether a redis-server answers PING on `socket` (a fresh connection that fails at once). */
-export async function answers(socket: string): Promise<boolean> {
-  const probe = new Redis({
-    path: socket,
-    lazyConnect: true,
-    maxRetriesPerRequest: 0,
-    retryStrategy: () => null,
-  });
-  probe.on("error", () => undefined);
-  try {
-    await probe.connect();
-    return (await probe.ping()) === "PONG";
-  } catch {
-    return false;
-  } finally {
-    probe.disconnect();
-  }
+/** Whether a redis-server answers PING on `socket`. */
+export function answersOn(socket: string): Promise<boolean> {
+  return answers({ path: socket });
 }
 
 /** The redis-server processes listening on `socket` (their process title names it). */

@@ -74,17 +74,23 @@ export async function startRedisServer(
 
 /** Resolves once a Redis at `url` answers PING (loading done). */
 async function answering(url: string): Promise<void> {
-  // A fresh connection per try: one that failed its first connect would not try again.
-  await waitFor("redis-server", async () => {
-    const probe = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-    probe.on("error", () => undefined);
-    try {
-      await probe.connect();
-      return (await probe.ping()) === "PONG";
-    } catch {
-      return false;
-    } finally {
-      probe.disconnect();
-    }
-  });
+  await waitFor("redis-server", () => answers(url));
+}
+
+/**
+ * Whether a Redis at `url` (or on the unix socket `{ path }`) answers PING now, on a fresh
+ * connection that fails at once: one that failed its first connect would not try again.
+ */
+export async function answers(at: string | { path: string }): Promise<boolean> {
+  const options = { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null };
+  const probe = typeof at === "string" ? new Redis(at, options) : new Redis({ ...options, path: at.path });
+  probe.on("error", () => undefined);
+  try {
+    await probe.connect();
+    return (await probe.ping()) === "PONG";
+  } catch {
+    return false;
+  } finally {
+    probe.disconnect();
+  }
 }
