@@ -251,7 +251,7 @@ export async function start({
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),
-        readiness: () => readiness(readinessChecks(redis, prefix, queues)),
+        readiness: () => readiness(readinessChecks(redis, prefix, queues, health, () => host.states)),
       },
       moduleLogger("appservice"),
     );
@@ -326,6 +326,8 @@ function readinessChecks(
   redis: Redis,
   prefix: string,
   queues: readonly OrderedQueue<unknown>[],
+  health: DestinationHealth,
+  connectorStates: () => Record<string, { state: ConnectorState; reason?: string }>,
 ): ReadinessCheck[] {
   return [
     {
@@ -343,6 +345,25 @@ function readinessChecks(
         return unconsumed.length === 0
           ? undefined
           : `without a consumer for longer than a lease: ${unconsumed.join(", ")}`;
+      },
+    },
+    {
+      // Found down by the relays (a blip, "failing", is not enough): their messages wait.
+      name: "destinations",
+      check: async () => {
+        const down = Object.entries(health.statuses()).filter(([, s]) => s.state === "down");
+        return down.length === 0
+          ? undefined
+          : down.map(([name, s]) => `${name} down (${s.waiting} relay(s) waiting): ${s.reason}`).join("; ");
+      },
+    },
+    {
+      name: "connectors",
+      check: async () => {
+        const notUp = Object.entries(connectorStates()).filter(([, s]) => s.state !== "up");
+        return notUp.length === 0
+          ? undefined
+          : notUp.map(([ref, s]) => `${ref} ${s.state}${s.reason ? ` (${s.reason})` : ""}`).join("; ");
       },
     },
   ];

@@ -5,7 +5,7 @@
  * that makes the homeserver send it again (AS API §Pushing events). Both the v1 path and the legacy
  * unprefixed path that older Synapse uses are served. hs_token comes from `Authorization: Bearer`
  * or `?access_token=`: missing → 401 M_UNAUTHORIZED, wrong → 403 M_FORBIDDEN, before anything else.
- * Besides: GET /health (the process answers) and GET /ready (it can do its work: 200, or 503 naming
+ * Besides: GET /live or /health (the process answers) and GET /ready (it can do its work: 200, or 503 naming
  * what is wrong), both without a token.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
@@ -160,7 +160,7 @@ export class AppserviceServer {
     // Never log req.url: it may carry ?access_token=.
     const url = new URL(req.url ?? "/", "http://localhost");
     const path = url.pathname;
-    if (path === "/health") return send(res, 200, { status: "ok" });
+    if (path === "/live" || path === "/health") return send(res, 200, { status: "ok" });
     if (path === "/ready" && this.handlers.readiness) {
       // For orchestrators and load balancers, like /health: no token. It names parts, not data.
       const { ready, checks } = await this.handlers.readiness();

@@ -134,7 +134,7 @@ describe("a far side down for a long time", { timeout: OUTAGE_MS + 120_000 }, ()
   test("a proxy answering 502 in front of the homeserver, for 6 s: the same", () =>
     outageOfTheHomeserver("bad-gateway", 6_000));
 
-  test("the status command and metrics name a destination that is down", async () => {
+  test("the status command, metrics and /ready name a destination that is down", async () => {
     remote.down = new UnavailableError("test far side unreachable");
     try {
       h.hs.sendMessage(roomIds.get("north")!, h.alice, {
@@ -151,6 +151,13 @@ describe("a far side down for a long time", { timeout: OUTAGE_MS + 120_000 }, ()
       const metrics = await (await fetch(`http://127.0.0.1:${bridge.metricsPort}/metrics`)).text();
       assert.match(metrics, /^tribridge_destination_up\{destination="test\.a"\} 0$/m);
       assert.match(metrics, /^tribridge_destination_waiting_relays\{destination="test\.a"\} 1$/m);
+      const ready = await fetch(`http://127.0.0.1:${bridge.appservicePort}/ready`);
+      assert.equal(ready.status, 503);
+      const { checks } = (await ready.json()) as { checks: Record<string, string> };
+      assert.match(
+        checks.destinations!,
+        /^test\.a down \(1 relay\(s\) waiting\): test far side unreachable$/,
+      );
     } finally {
       remote.down = undefined;
       remote.ctx.setState("up");

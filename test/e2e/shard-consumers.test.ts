@@ -70,7 +70,10 @@ test(
     };
 
     await waitFor("ready", async () => (await ready(port)).status === 200, 20_000);
-    assert.deepEqual((await ready(port)).body, { status: "ready", checks: { redis: "ok", shards: "ok" } });
+    assert.deepEqual((await ready(port)).body, {
+      status: "ready",
+      checks: { redis: "ok", shards: "ok", destinations: "ok", connectors: "ok" },
+    });
     assert.equal(await gauge(), 0);
 
     await server.kill();

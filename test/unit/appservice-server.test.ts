@@ -152,11 +152,13 @@ const errcode = (r: Reply) => (r.body as { errcode?: string }).errcode;
 
 // --- auth -------------------------------------------------------------------------------------------
 
-test("/health answers 200 without a token", async () => {
+test("/live and /health answer 200 without a token", async () => {
   await withServer(async (c, h) => {
-    const r = await c.request("GET", "/health", { token: null });
-    assert.equal(r.status, 200);
-    assert.deepEqual(r.body, { status: "ok" });
+    for (const path of ["/live", "/health"]) {
+      const r = await c.request("GET", path, { token: null });
+      assert.equal(r.status, 200);
+      assert.deepEqual(r.body, { status: "ok" });
+    }
     assert.equal(h.touched, false);
   });
 });
