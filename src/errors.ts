@@ -85,17 +85,36 @@ const NETWORK_ERROR_CODES = new Set([
   "UND_ERR_CLOSED",
 ]);
 
+/** The queue's own Redis as DestinationHealth names it. */
+export const REDIS = "redis";
+
+/**
+ * Redis refusing every write for now, or gone: out of disk (MISCONF), turned replica (READONLY),
+ * loading its data, a cluster or failover in progress, the connection closed under a command.
+ * Not the message's fault: a relay that meets it waits for Redis like for a far side that is down.
+ */
+function isRedisAway(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  if (err.message === "Connection is closed.") return true;
+  return (
+    err.name === "ReplyError" &&
+    /^(MISCONF|READONLY|LOADING|MASTERDOWN|CLUSTERDOWN|TRYAGAIN)\b/.test(err.message)
+  );
+}
+
 /** What the queue makes of a failed delivery (see RetryCause); "message" when it may be the message. */
 export function retryCauseOf(err: unknown): RetryCause | "permanent" | "message" {
   if (err instanceof PermanentError) return "permanent";
   if (err instanceof RetryableError) return err.retry.cause ?? "message";
+  if (isRedisAway(err)) return "unavailable";
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === "string" && NETWORK_ERROR_CODES.has(code) ? "unavailable" : "message";
 }
 
-/** The far side `err` names as failed, if it names one (RetryableError's `destination`). */
+/** The far side `err` names as failed, if it names one (RetryableError's `destination`, or Redis). */
 export function failedDestinationOf(err: unknown): string | undefined {
-  return err instanceof RetryableError ? err.retry.destination : undefined;
+  if (err instanceof RetryableError) return err.retry.destination;
+  return isRedisAway(err) ? REDIS : undefined;
 }
 
 /** Joins path segments the way error messages show them: `routes[2].endpoints[0].topic`. */

@@ -151,6 +151,23 @@ test("queue: a message the far side fails on while others get through uses up an
   assert.equal(delivered.length, 40);
 });
 
+test("queue: Redis refusing writes (MISCONF) while a message is delivered waits for Redis, not counted", async (t) => {
+  let refusals = 20;
+  const delivered: number[] = [];
+  const { q, health } = queueWithHealth<{ n: number }>(t, async (data) => {
+    if (refusals-- > 0)
+      throw Object.assign(new Error("MISCONF Errors writing to the AOF file: No space left on device"), {
+        name: "ReplyError",
+      });
+    delivered.push(data.n);
+  });
+  await q.start();
+  await q.add("room", "m", { n: 1 });
+  await waitFor("delivery", () => delivered.length === 1, 20_000);
+  assert.deepEqual(await q.failedJobs(), []);
+  assert.equal(health.statuses().redis?.state, "up");
+});
+
 test("queue: a rate limit waits as long as asked, and is not an attempt", async (t) => {
   let limited = 5;
   const attempts: number[] = [];
