@@ -77,6 +77,7 @@ export class ConnectorHost {
         redis: { url: redisUrl, keyPrefix: redisKeys.connectorOwn(prefix, ref) },
         instanceId,
         emit: this.emitter(name, account, clog),
+        quarantine: this.quarantiner(name, account, clog),
         runExclusive: (exclusiveName, run) => exclusive.run(exclusiveName, run),
         setState: (state, reason) => {
           const prev = states[ref];
@@ -105,18 +106,7 @@ export class ConnectorHost {
           continue;
         }
         const jobId = jobIdFor("in", ref, msg.remoteId, endpointId);
-        const job: ToMatrixJob = {
-          endpointId,
-          connector: name,
-          account,
-          sender: msg.sender,
-          body: msg.body,
-          remoteId: msg.remoteId,
-        };
-        if (msg.attachments?.length) job.attachments = msg.attachments;
-        if (msg.stream !== undefined) job.stream = msg.stream;
-        if (msg.replyTo !== undefined) job.replyTo = msg.replyTo;
-        if (msg.thread !== undefined) job.thread = msg.thread;
+        const job = jobOf(msg, name, account, endpointId);
         // A live message shows only the latest reading: older ones still queued can be skipped.
         const latest = found.endpoint.live
           ? `${endpointId}\u0000${msg.sender.id}\u0000${msg.stream ?? ""}`
@@ -126,4 +116,48 @@ export class ConnectorHost {
       }
     };
   }
+
+  /**
+   * ConnectorContext.quarantine of one account: the message straight into the to-matrix queue's
+   * failed list, once per endpoint it names (or once, with no endpoint, when it names none).
+   */
+  private quarantiner(name: string, account: string, clog: Logger): ConnectorContext["quarantine"] {
+    const { routes, toMatrix } = this.o;
+    const ref = `${name}.${account}`;
+    return async (msg: InboundMessage, reason: string): Promise<void> => {
+      const known = msg.endpointIds.flatMap((id) => {
+        const found = routes.inbound(id);
+        return found ? [{ id, room: found.route.room }] : [];
+      });
+      const targets = known.length > 0 ? known : [{ id: "", room: `quarantine:${ref}` }];
+      for (const { id, room } of targets) {
+        const job: QuarantinedJob = { ...jobOf(msg, name, account, id), quarantined: reason };
+        await toMatrix.addFailed(room, jobIdFor("in", ref, msg.remoteId, id), job, `quarantined: ${reason}`);
+      }
+      clog.warn(
+        { remoteId: msg.remoteId, from: msg.sender.id, endpoints: known.map((k) => k.id), reason },
+        "quarantined: not posted, in the failed list",
+      );
+    };
+  }
+}
+
+/** A to-matrix job put in the failed list by ConnectorContext.quarantine, with the connector's reason. */
+export type QuarantinedJob = ToMatrixJob & { quarantined: string };
+
+/** The to-matrix job of an inbound message, for one of its endpoints. */
+function jobOf(msg: InboundMessage, connector: string, account: string, endpointId: string): ToMatrixJob {
+  const job: ToMatrixJob = {
+    endpointId,
+    connector,
+    account,
+    sender: msg.sender,
+    body: msg.body,
+    remoteId: msg.remoteId,
+  };
+  if (msg.attachments?.length) job.attachments = msg.attachments;
+  if (msg.stream !== undefined) job.stream = msg.stream;
+  if (msg.replyTo !== undefined) job.replyTo = msg.replyTo;
+  if (msg.thread !== undefined) job.thread = msg.thread;
+  return job;
 }

@@ -348,6 +348,24 @@ export interface ConnectorContext {
    */
   emit(message: InboundMessage): Promise<void>;
   /**
+   * Keeps a message out of the rooms, visibly: for one the connector received but will not post
+   * (a mail that matches no endpoint, a mail failing DMARC). Resolves once the message is durably
+   * in the failed list of the to-matrix queue, with `reason`: `tribridge failed-jobs` and
+   * `!tribridge failed` show it (`quarantined: <reason>`, with its data), nothing is posted, and
+   * the far side may then be acknowledged (move the cursor on), as after `emit`. Rejects when it
+   * could not be written (Redis down): do not acknowledge then. `message.endpointIds` may be empty
+   * (it matched none); with endpoints, it is listed once per endpoint (and in that route's room's
+   * `!tribridge failed`), else once, with no endpoint (listed in rooms that are no route's).
+   * Calling it again for the same `remoteId` (read again after a crash) lists it once while it is
+   * there. Log why yourself only if there is more to say: the core logs each one (a warning).
+   *
+   * Retrying it (`tribridge failed-jobs --retry`, `!tribridge retry`) is the operator's release:
+   * one with an endpoint is posted there, as `emit` would have posted it. One with no endpoint
+   * has nowhere to go: it fails again at once, at the end of the failed list, with its reason and
+   * why it was not posted, and is never dropped silently.
+   */
+  quarantine(message: InboundMessage, reason: string): Promise<void>;
+  /**
    * Reports connection health instead of throwing: "connecting" while (re)connecting, "up" when
    * relaying, "degraded" when partly working, "down" when it gave up until config changes.
    */

@@ -5,6 +5,7 @@
  */
 import { existsSync } from "node:fs";
 import type { Config } from "../config/load.js";
+import type { QuarantinedJob } from "../connector-host.js";
 import type { ConnectorDefinition } from "../connector.js";
 import { embeddedRedisSocket } from "./embedded-redis.js";
 import type { Redis } from "ioredis";
@@ -67,9 +68,24 @@ export async function requeueAllFailedJobs(
   let requeued = 0;
   for (const name of queueNames(config, connectors)) {
     const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };
-    requeued += await requeueFailedJobs(redis, opts, ids);
+    requeued += await requeueFailedJobs(
+      redis,
+      opts,
+      ids,
+      name === TO_MATRIX_QUEUE ? nowhereToPost : undefined,
+    );
   }
   return requeued;
+}
+
+/**
+ * A quarantined message that matched no endpoint (ConnectorContext.quarantine) cannot be posted
+ * anywhere: retried, it stays in the failed list, failed again with its reason and why.
+ */
+function nowhereToPost(item: { data: unknown }): string | undefined {
+  const job = item.data as Partial<QuarantinedJob>;
+  if (typeof job.quarantined !== "string" || job.endpointId) return undefined;
+  return `quarantined: ${job.quarantined} (retried ${new Date().toISOString()}: it matched no endpoint, so there is no room to post it in)`;
 }
 
 /** readAllFailedJobs from outside the bridge (the CLI). */

@@ -522,6 +522,7 @@ export async function requeueFailedJobs(
   connection: Redis,
   opts: Pick<OrderedQueueOptions<unknown>, "prefix" | "name" | "shards" | "keepCompleted" | "keepFailed">,
   ids?: ReadonlySet<string>,
+  undeliverable?: (item: QueueItem<unknown>, reason: string) => string | undefined,
 ): Promise<number> {
   const { prefix, name, shards } = opts;
   const dead = new Queue(`${name}-failed`, { connection, prefix });
@@ -529,8 +530,15 @@ export async function requeueFailedJobs(
   let requeued = 0;
   try {
     for (const job of await dead.getWaiting(0, -1)) {
-      const { item } = job.data as { item: QueueItem<unknown> };
+      const { item, reason } = job.data as { item: QueueItem<unknown>; reason: string };
       if (ids && !ids.has(item.id)) continue;
+      const stillFailing = undeliverable?.(item, reason);
+      if (stillFailing !== undefined) {
+        // Nowhere to deliver it: it fails again at once, at the end of the list, saying why.
+        await writeFailed(dead, item, stillFailing, Date.now());
+        await job.remove();
+        continue;
+      }
       const index = shardOf(item.key, shards);
       let queue = shardQueues.get(index);
       if (!queue) shardQueues.set(index, (queue = new Queue(`${name}-${index}`, { connection, prefix })));
@@ -542,6 +550,20 @@ export async function requeueFailedJobs(
   } finally {
     await Promise.all([dead, ...shardQueues.values()].map((q) => q.close()));
   }
+}
+
+/** One item into a failed list; the same (item, failedAt) written twice is stored once. */
+function writeFailed(
+  dead: Queue,
+  item: QueueItem<unknown>,
+  reason: string,
+  failedAt: number,
+): Promise<unknown> {
+  return dead.add(
+    "failed",
+    { item, reason, failedAt },
+    { jobId: jobIdFor("failed", item.id, String(failedAt)) },
+  );
 }
 
 /** The failed list of queue `name` read from outside a running bridge (the `failed-jobs` command). */
@@ -844,6 +866,18 @@ export class OrderedQueue<T> {
     );
     const excess = (await this.dead.getWaitingCount()) - this.opts.keepFailed;
     if (excess > 0) await this.dead.clean(0, excess, "wait"); // the oldest go first
+  }
+
+  /**
+   * Puts an item straight into the failed list, never delivered (ConnectorContext.quarantine):
+   * resolves once it is there, rejects when Redis cannot take it. An item written twice (same `id`,
+   * e.g. a mail read again after a crash) is listed once while it is there.
+   */
+  async addFailed(orderKey: string, id: string, data: T, reason: string): Promise<void> {
+    const item: QueueItem<T> = { id, at: Date.now(), key: orderKey, data };
+    await this.dead.add("failed", { item, reason, failedAt: item.at }, { jobId: jobIdFor("failed", id) });
+    const excess = (await this.dead.getWaitingCount()) - this.opts.keepFailed;
+    if (excess > 0) await this.dead.clean(0, excess, "wait");
   }
 
   /** The failed list: items that failed permanently or ran out of attempts, oldest first. */

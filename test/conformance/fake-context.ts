@@ -15,6 +15,8 @@ import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
 export class FakeContext {
   readonly prefix = `test-${randomUUID().slice(0, 8)}`;
   readonly emitted: InboundMessage[] = [];
+  /** What `quarantine` was handed, with its reason: kept out of the rooms, in the failed list. */
+  readonly quarantined: { message: InboundMessage; reason: string }[] = [];
   readonly states: { state: ConnectorState; reason?: string }[] = [];
   /** Emits that arrived after stop() — the contract allows none. */
   readonly emittedAfterStop: InboundMessage[] = [];
@@ -45,6 +47,7 @@ export class FakeContext {
       redis: { url: REDIS_URL, keyPrefix: `${this.prefix}:own:` },
       instanceId,
       emit: (message) => this.emit(message),
+      quarantine: (message, reason) => this.quarantine(message, reason),
       runExclusive: (exclusiveName, run) => this.exclusive.run(exclusiveName, run),
       setState: (state, reason) => this.states.push(reason === undefined ? { state } : { state, reason }),
     };
@@ -56,6 +59,15 @@ export class FakeContext {
     if (failure) throw failure;
     await this.held?.promise;
     this.emitted.push(message);
+  }
+
+  /** As the core's: fails when Redis is away (`failNextEmit` makes it fail too), lists a remoteId once. */
+  private async quarantine(message: InboundMessage, reason: string): Promise<void> {
+    if (this.stopped) this.emittedAfterStop.push(message);
+    const failure = this.failures.shift();
+    if (failure) throw failure;
+    if (!this.quarantined.some((q) => q.message.remoteId === message.remoteId))
+      this.quarantined.push({ message, reason });
   }
 
   /** Emits from now on wait (the enqueue is slow) until `release`. */

@@ -36,6 +36,7 @@ before(async () => {
     store: new RedisKeyValueStore(redis, `${prefix}:store:`),
     redis: { url: REDIS_URL, keyPrefix: `${prefix}:aedes:` },
     instanceId: "instance-1",
+    quarantine: () => Promise.resolve(),
     emit: async (m) => {
       emitted.push(m);
       onEmit(m);

@@ -44,6 +44,7 @@ for (const { name, account } of cases) {
         redis: { url: REDIS_URL, keyPrefix: "unused" },
         instanceId: randomUUID(),
         emit: () => Promise.resolve(),
+        quarantine: () => Promise.resolve(),
         setState: (s) => void (state = s),
         runExclusive: () => {
           throw new Error("the MQTT connector runs nothing exclusively");

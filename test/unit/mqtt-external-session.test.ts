@@ -51,6 +51,7 @@ function context(store = "store"): { ctx: ConnectorContext; emitted: InboundMess
     redis: { url: REDIS_URL, keyPrefix: `${prefix}:unused:` },
     instanceId: "instance-1",
     emit: async (m) => void emitted.push(m),
+    quarantine: () => Promise.resolve(),
     setState: (s) => void (state = s),
     runExclusive: () => {
       throw new Error("the MQTT connector runs nothing exclusively");
