@@ -214,29 +214,18 @@ export class EmailConnector implements Connector<EmailEndpoint> {
       return;
     }
     const matched = await this.endpointsFor(mail);
+    if (this.stopped) throw new Error("stopped");
     if (matched.length === 0) {
-      log.warn(
-        { from: mail.sender.id, to: mail.recipients },
-        "mail answers nothing the bridge knows, has no endpoint's token and no endpoint takes the rest (default): not relayed, left in the mailbox",
+      await this.quarantine(
+        mail,
+        [],
+        `mail to ${mail.recipients.join(", ") || "(no recipient)"} from ${mail.sender.id} answers nothing the bridge knows, ` +
+          "has no endpoint's token, and no endpoint takes the rest (default)",
       );
+      await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
       return;
     }
-    if (this.stopped) throw new Error("stopped");
-    for (const binding of matched) {
-      const message: InboundMessage = {
-        endpointIds: [binding.id],
-        remoteId: mail.messageId,
-        sender: mail.sender,
-        body: mail.body,
-        ...(mail.attachments.length > 0 && { attachments: mail.attachments }),
-        ...(mail.timestamp !== undefined && { timestamp: mail.timestamp }),
-        ...(mail.inReplyTo !== undefined && { replyTo: mail.inReplyTo }),
-        // With threading: route the room is the thread: only replies say where a mail belongs.
-        ...(binding.spec.threading === "thread" &&
-          mail.references[0] !== undefined && { thread: mail.references[0] }),
-      };
-      await this.ctx.emit(message);
-    }
+    for (const binding of matched) await this.ctx.emit(this.messageFor(mail, binding));
     const [first] = matched;
     await this.records.put(mail.messageId, {
       endpoint: first!.id,
@@ -246,6 +235,42 @@ export class EmailConnector implements Connector<EmailEndpoint> {
     });
     await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
     log.debug({ endpoints: matched.map((b) => b.id) }, "mail relayed");
+  }
+
+  /** The message of a mail for one endpoint (none: for the failed list only). */
+  private messageFor(mail: IncomingMail, binding: Binding | undefined): InboundMessage {
+    return {
+      endpointIds: binding ? [binding.id] : [],
+      remoteId: mail.messageId,
+      sender: mail.sender,
+      body: mail.body,
+      ...(mail.attachments.length > 0 && { attachments: mail.attachments }),
+      ...(mail.timestamp !== undefined && { timestamp: mail.timestamp }),
+      ...(mail.inReplyTo !== undefined && { replyTo: mail.inReplyTo }),
+      // With threading: route the room is the thread: only replies say where a mail belongs.
+      ...(binding?.spec.threading === "thread" &&
+        mail.references[0] !== undefined && { thread: mail.references[0] }),
+    };
+  }
+
+  /**
+   * A mail kept out of the rooms, into the failed list with the reason (the core logs it). With
+   * endpoints, whole, so that a retry posts it there; with none, a retry cannot post it, so its
+   * files are left out of Redis (the mail itself stays in the mailbox).
+   */
+  private async quarantine(mail: IncomingMail, bindings: readonly Binding[], reason: string): Promise<void> {
+    if (bindings.length > 0) {
+      for (const binding of bindings) await this.ctx.quarantine(this.messageFor(mail, binding), reason);
+      return;
+    }
+    const files = mail.attachments.map((a) => a.name);
+    const { attachments: _files, ...withoutFiles } = this.messageFor(mail, undefined);
+    await this.ctx.quarantine(
+      withoutFiles,
+      files.length > 0
+        ? `${reason}; its files (${files.join(", ")}) are in the mail, in the mailbox`
+        : reason,
+    );
   }
 
   /**

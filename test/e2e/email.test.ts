@@ -202,7 +202,7 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     assert.equal(relatesTo(e2)?.event_id, root, "still the same thread, three levels down");
   });
 
-  test("mail that answers nothing known and has no token is not posted; it stays in the mailbox", async () => {
+  test("mail that answers nothing known and has no token is not posted: it is in the failed list with the reason, and stays in the mailbox", async () => {
     const before = h.hs.messages(support).length + h.hs.messages(threads).length;
     await mail.sendAs("bob", { to: "bridge@localhost", subject: "hello?", text: "Anyone there?" });
     await mail.sendAs("bob", {
@@ -214,6 +214,14 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     assert.equal(h.hs.messages(support).length + h.hs.messages(threads).length, before + 1);
     const kept = await Promise.all((await mail.mailbox("bridge")).map(parse));
     assert.ok(kept.some((m) => m.text?.includes("Anyone there?")));
+    const failed = (await bridge!.failedJobs()).filter(
+      (f) => (f.data as { body?: { text?: string } }).body?.text === "Anyone there?",
+    );
+    assert.equal(failed.length, 1);
+    assert.match(
+      failed[0]!.reason,
+      /^quarantined: mail to bridge@localhost from bob@localhost answers nothing the bridge knows/,
+    );
   });
 
   test("an auto-reply and a bounce to the route's address are not posted", async () => {
