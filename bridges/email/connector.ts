@@ -6,12 +6,14 @@ import type {
   EndpointBinding,
   ExclusiveRun,
   InboundMessage,
+  MessageBody,
   OutboundMessage,
   SendResult,
 } from "../../src/connector.js";
 import { backoffDelayMs, relaysIn } from "../../src/connector.js";
 import { PermanentError, errorMessage } from "../../src/errors.js";
-import { LogLimiter } from "../../src/log.js";
+import { LogLimiter, type Logger } from "../../src/log.js";
+import { dmarcOf } from "./auth-results.js";
 import { parseMail, type IncomingMail } from "./incoming.js";
 import { MailboxReader } from "./mailbox-reader.js";
 import { messageIdFor, plusAddress, splitAddress, tokenOf } from "./message-ids.js";
@@ -225,8 +227,10 @@ export class EmailConnector implements Connector<EmailEndpoint> {
       await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
       return;
     }
-    for (const binding of matched) await this.ctx.emit(this.messageFor(mail, binding));
-    const [first] = matched;
+    const { targets, labelled } = await this.screen(mail, matched, log);
+    if (targets.length === 0) return;
+    for (const binding of targets) await this.ctx.emit(this.messageFor(labelled ?? mail, binding));
+    const [first] = targets;
     await this.records.put(mail.messageId, {
       endpoint: first!.id,
       ...(first!.spec.token !== undefined && { token: first!.spec.token }),
@@ -234,7 +238,57 @@ export class EmailConnector implements Connector<EmailEndpoint> {
       refs: mail.references,
     });
     await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
-    log.debug({ endpoints: matched.map((b) => b.id) }, "mail relayed");
+    log.debug({ endpoints: targets.map((b) => b.id) }, "mail relayed");
+  }
+
+  /**
+   * The endpoints a matched mail is posted to, once list mail, DMARC and the senders allowlists
+   * had their say; what they keep out is logged, or quarantined with the reason. `labelled`: the
+   * mail with a warning line first (`dmarcPolicy: label`).
+   */
+  private async screen(
+    mail: IncomingMail,
+    matched: readonly Binding[],
+    log: Logger,
+  ): Promise<{ targets: Binding[]; labelled?: IncomingMail }> {
+    let targets = [...matched];
+    let labelled: IncomingMail | undefined;
+    if (mail.list !== undefined) {
+      targets = targets.filter((b) => b.spec.allowLists);
+      if (targets.length < matched.length) {
+        const pass = this.automaticLog.pass(`list:${mail.list}`);
+        if (pass)
+          log.info(
+            { from: mail.sender.id, why: mail.list, heldBack: pass.heldBack },
+            "list or bulk mail, and its endpoint has no allowLists: not relayed, left in the mailbox",
+          );
+      }
+      if (targets.length === 0) return { targets };
+    }
+    const { authservId, dmarcPolicy } = this.config;
+    const dmarc = authservId === undefined ? undefined : dmarcOf(mail.authResults, authservId);
+    if (dmarc?.result === "fail") {
+      const reason = `DMARC failed for ${dmarc.domain ?? mail.sender.id} (Authentication-Results of ${authservId}): the sender may be forged`;
+      switch (dmarcPolicy) {
+        case "reject":
+          log.warn({ from: mail.sender.id, dmarcPolicy }, `${reason}: not relayed, left in the mailbox`);
+          return { targets: [] };
+        case "quarantine":
+          await this.quarantine(mail, targets, reason);
+          await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
+          return { targets: [] };
+        case "label":
+          log.info({ from: mail.sender.id, dmarcPolicy }, `${reason}: relayed with a warning`);
+          labelled = { ...mail, body: withWarning(mail.body, `⚠ ${reason}.`) };
+      }
+    }
+    const refused = targets.filter((b) => !senderAllowed(b.spec.senders, mail.sender.id));
+    if (refused.length > 0) {
+      await this.quarantine(mail, refused, `the sender ${mail.sender.id} is not in the endpoint's senders`);
+      targets = targets.filter((b) => !refused.includes(b));
+      if (targets.length === 0) await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
+    }
+    return { targets, ...(labelled && { labelled }) };
   }
 
   /** The message of a mail for one endpoint (none: for the failed list only). */
@@ -302,4 +356,22 @@ export class EmailConnector implements Connector<EmailEndpoint> {
     this.transport?.close();
     this.transport = undefined;
   }
+}
+
+/** Whether `senders` (addresses and @domains; unset: anyone) lets `address` in. */
+export function senderAllowed(senders: readonly string[] | undefined, address: string): boolean {
+  if (senders === undefined) return true;
+  const at = address.lastIndexOf("@");
+  const domain = at < 0 ? undefined : address.slice(at);
+  return senders.some((s) => s === address || (s.startsWith("@") && s === domain));
+}
+
+/** The body with a warning line first, in the text and (escaped) in the HTML. */
+function withWarning(body: MessageBody, warning: string): MessageBody {
+  const escaped = warning.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  return {
+    ...body,
+    text: `${warning}\n\n${body.text}`,
+    ...(body.html !== undefined && { html: `<p><strong>${escaped}</strong></p>${body.html}` }),
+  };
 }

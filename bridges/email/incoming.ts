@@ -27,6 +27,10 @@ export interface IncomingMail {
   readonly recipients: readonly string[];
   /** Why it was written by a machine rather than a person (an auto-reply, a bounce), if it was. */
   readonly automatic?: string;
+  /** Why it is a mailing list's or bulk mail (List-Id, List-Unsubscribe, Precedence), if it is. */
+  readonly list?: string;
+  /** Its Authentication-Results fields' values, topmost (newest) first. */
+  readonly authResults: readonly string[];
 }
 
 export async function parseMail(source: Buffer): Promise<IncomingMail> {
@@ -58,7 +62,35 @@ export async function parseMail(source: Buffer): Promise<IncomingMail> {
     references: references.length > 0 ? references : inReplyTo !== undefined ? [inReplyTo] : [],
     recipients: recipientsOf(mail),
     ...automaticOrNot(mail),
+    ...listOrNot(mail),
+    authResults: headerValues(mail, "authentication-results", false),
   };
+}
+
+/** The values of a header field, in the mail's order (unfolded; lower case unless `asIs`). */
+function headerValues(mail: ParsedMail, name: string, lowerCase = true): string[] {
+  return mail.headerLines
+    .filter((h) => h.key === name)
+    .map((h) => {
+      const value = h.line
+        .slice(h.line.indexOf(":") + 1)
+        .replace(/\r?\n[ \t]/g, " ")
+        .trim();
+      return lowerCase ? value.toLowerCase() : value;
+    });
+}
+
+/**
+ * A mailing list's mail (RFC 2919 List-Id, RFC 2369 List-Unsubscribe) or bulk mail
+ * (`Precedence: list | bulk | junk`): posted only where the endpoint allows it (`allowLists`).
+ */
+function listOrNot(mail: ParsedMail): { list?: string } {
+  const listId = headerValues(mail, "list-id")[0];
+  if (listId !== undefined) return { list: `List-Id: ${listId.slice(0, 200)}` };
+  if (headerValues(mail, "list-unsubscribe").length > 0) return { list: "List-Unsubscribe" };
+  const precedence = headerValues(mail, "precedence").find((v) => ["list", "bulk", "junk"].includes(v));
+  if (precedence !== undefined) return { list: `Precedence: ${precedence}` };
+  return {};
 }
 
 /**
@@ -68,15 +100,7 @@ export async function parseMail(source: Buffer): Promise<IncomingMail> {
  * RFC 5321 §4.5.5); the vacation headers of Exchange and others.
  */
 function automaticOrNot(mail: ParsedMail): { automatic?: string } {
-  const header = (name: string) =>
-    mail.headerLines
-      .filter((h) => h.key === name)
-      .map((h) =>
-        h.line
-          .slice(h.line.indexOf(":") + 1)
-          .trim()
-          .toLowerCase(),
-      );
+  const header = (name: string) => headerValues(mail, name);
   const autoSubmitted = header("auto-submitted").find((v) => !v.startsWith("no"));
   if (autoSubmitted !== undefined) return { automatic: `Auto-Submitted: ${autoSubmitted}` };
   if (header("content-type").some((v) => v.startsWith("multipart/report")))

@@ -16,6 +16,9 @@ export const EMAIL_DEFAULTS = {
   subject: "Messages from Matrix",
 } as const;
 
+export const dmarcPolicies = ["reject", "quarantine", "label"] as const;
+export type DmarcPolicy = (typeof dmarcPolicies)[number];
+
 /** Implicit TLS from the first byte, STARTTLS (required), or none (loopback and test servers only). */
 export const securities = ["tls", "starttls", "none"] as const;
 export type Security = (typeof securities)[number];
@@ -76,6 +79,22 @@ export const emailAccountSchema = z
       .min(1024)
       .default(EMAIL_DEFAULTS.maxMessageBytes)
       .describe("A larger incoming mail is not relayed: it stays in the mailbox, and a warning is logged"),
+    authservId: z
+      .string()
+      .min(1)
+      .transform((id) => id.toLowerCase())
+      .optional()
+      .describe(
+        "The authserv-id your receiving mail server writes in Authentication-Results (RFC 8601; usually its " +
+          "host name): only its topmost such field is believed. Unset: none is, and DMARC is not checked",
+      ),
+    dmarcPolicy: z
+      .enum(dmarcPolicies)
+      .default("quarantine")
+      .describe(
+        "With authservId, a mail whose DMARC fails: reject: not posted (logged); quarantine: into the failed " +
+          "list with the reason, not posted; label: posted, with a warning line first",
+      ),
   })
   .superRefine((acc, ctx) => {
     for (const side of ["imap", "smtp"] as const) {
@@ -125,6 +144,29 @@ export const emailEndpointSchema = z.strictObject({
     .boolean()
     .default(false)
     .describe("in: mail that answers nothing known and has no known token lands here"),
+  allowLists: z
+    .boolean()
+    .default(false)
+    .describe(
+      "in: mailing-list and bulk mail (List-Id, List-Unsubscribe, Precedence: list, bulk or junk) is posted " +
+        "here too; false: it is not posted (logged), it stays in the mailbox",
+    ),
+  senders: z
+    .array(
+      z
+        .string()
+        .regex(
+          /^([^\s@<>,;"]+@|@)[^\s@<>,;"]+$/,
+          "must be an address (alice@example.org) or a domain (@example.org)",
+        )
+        .transform((a) => a.toLowerCase()),
+    )
+    .min(1)
+    .optional()
+    .describe(
+      "in: only mail From these addresses or @domains is posted here; other mail goes to the failed list " +
+        "(quarantined, with the reason). Unset: anyone's",
+    ),
 });
 
 export type EmailEndpoint = z.output<typeof emailEndpointSchema>;
@@ -138,6 +180,9 @@ export function checkEmailEndpoint(
   if (direction !== "in" && ep.to.length === 0)
     problems.push(["to", "needs at least one address to send to"]);
   if (direction === "out" && ep.default) problems.push(["default", 'only for direction "in" or "inout"']);
+  if (direction === "out" && ep.allowLists)
+    problems.push(["allowLists", 'only for direction "in" or "inout"']);
+  if (direction === "out" && ep.senders) problems.push(["senders", 'only for direction "in" or "inout"']);
   if (ep.token !== undefined && !account.plusAddressing)
     problems.push(["token", `needs plusAddressing: true on the account (${account.address})`]);
   return problems;

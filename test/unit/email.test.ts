@@ -106,6 +106,7 @@ test("endpoint defaults: threading route, no token, not the default", () => {
     subject: "Messages from Matrix",
     threading: "route",
     default: false,
+    allowLists: false,
   });
   assert.equal(emailEndpointSchema.safeParse({ to: ["Alice <alice@example.org>"] }).success, false);
   assert.equal(emailEndpointSchema.safeParse({ token: "Has Spaces" }).success, false);
