@@ -49,14 +49,7 @@ export async function parseMail(source: Buffer): Promise<IncomingMail> {
       ? { id: address, displayName: from?.name?.trim() || address }
       : { id: "unknown-sender", displayName: "(no sender)" },
     subject: mail.subject ?? "",
-    body: bodyOf(mail),
-    attachments: mail.attachments
-      .filter((a) => !a.related) // images the HTML shows inline
-      .map((a) => ({
-        name: a.filename ?? "attachment",
-        mimeType: a.contentType,
-        dataBase64: a.content.toString("base64"),
-      })),
+    ...contentOf(mail, source),
     ...(mail.date && !Number.isNaN(mail.date.getTime()) && { timestamp: mail.date.getTime() }),
     ...(inReplyTo !== undefined && { inReplyTo }),
     references: references.length > 0 ? references : inReplyTo !== undefined ? [inReplyTo] : [],
@@ -111,6 +104,60 @@ function automaticOrNot(mail: ParsedMail): { automatic?: string } {
   if (header("precedence").some((v) => v === "auto_reply"))
     return { automatic: "an auto-reply (Precedence)" };
   return {};
+}
+
+/** What is posted of a mail: its words and files, or, for a sealed one, the note and the mail whole. */
+function contentOf(mail: ParsedMail, source: Buffer): { body: MessageBody; attachments: Attachment[] } {
+  const sealed = sealedKind(mail);
+  if (sealed !== undefined) {
+    const name = `${
+      (mail.subject ?? "")
+        .replace(/[^\p{L}\p{N}._ -]+/gu, "_")
+        .trim()
+        .slice(0, 60) || "mail"
+    }.eml`;
+    return {
+      body: {
+        text:
+          `🔒 This mail is ${sealed}: it is attached whole, as it came (${name}), ` +
+          "for a mail client that can check or decrypt it. Nothing of it was decoded here.",
+      },
+      attachments: [{ name, mimeType: "message/rfc822", dataBase64: source.toString("base64") }],
+    };
+  }
+  return {
+    body: bodyOf(mail),
+    attachments: mail.attachments
+      .filter((a) => !a.related) // images the HTML shows inline
+      .map((a) => ({
+        name: a.filename ?? "attachment",
+        mimeType: a.contentType,
+        dataBase64: a.content.toString("base64"),
+      })),
+  };
+}
+
+/**
+ * A mail encrypted or signed whole (RFC 3156 PGP/MIME, RFC 8551 S/MIME): posting its text while
+ * leaving out its signature, or its undecryptable parts, would post it half-read and seemingly
+ * vouched for. It goes whole, as a file, with a note.
+ */
+function sealedKind(mail: ParsedMail): string | undefined {
+  const contentType = mail.headers.get("content-type") as
+    { value?: string; params?: Record<string, string> } | undefined;
+  const type = contentType?.value?.toLowerCase();
+  const protocol = contentType?.params?.protocol?.toLowerCase();
+  if (type === "multipart/encrypted")
+    return protocol === "application/pgp-encrypted" ? "encrypted (PGP/MIME)" : "encrypted";
+  if (type === "multipart/signed" && protocol === "application/pgp-signature") return "signed (PGP/MIME)";
+  if (
+    type === "multipart/signed" &&
+    (protocol === "application/pkcs7-signature" || protocol === "application/x-pkcs7-signature")
+  )
+    return "signed (S/MIME)";
+  if (type === "application/pkcs7-mime" || type === "application/x-pkcs7-mime")
+    return "encrypted or signed (S/MIME)";
+  return undefined;
 }
 
 /**

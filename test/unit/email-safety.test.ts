@@ -118,3 +118,50 @@ test("senders: addresses and @domains, in lower case; unset lets anyone in", () 
   assert.equal(account.dmarcPolicy, "quarantine");
   assert.equal(account.authservId, undefined);
 });
+
+test("PGP/MIME and S/MIME mail is posted whole, as a file, with a note: never half-decoded", async () => {
+  const mime = (contentType: string, body: string) =>
+    Buffer.from(
+      `From: Bob <bob@example.org>\r\nTo: bridge@example.org\r\nSubject: Secret plan\r\nMessage-ID: <s@example.org>\r\n` +
+        `MIME-Version: 1.0\r\nContent-Type: ${contentType}\r\n\r\n${body}`,
+    );
+  const signedBody =
+    '--b\r\nContent-Type: text/plain\r\n\r\nsigned words\r\n--b\r\nContent-Type: application/pgp-signature; name="signature.asc"\r\n\r\n' +
+    "-----BEGIN PGP SIGNATURE-----\r\nabc\r\n-----END PGP SIGNATURE-----\r\n--b--\r\n";
+  const cases: [string, string, RegExp][] = [
+    [
+      'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b"',
+      "--b\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n-----BEGIN PGP MESSAGE-----\r\nxyz\r\n-----END PGP MESSAGE-----\r\n--b--\r\n",
+      /encrypted \(PGP\/MIME\)/,
+    ],
+    [
+      'multipart/signed; protocol="application/pgp-signature"; micalg=pgp-sha256; boundary="b"',
+      signedBody,
+      /signed \(PGP\/MIME\)/,
+    ],
+    [
+      'multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256; boundary="b"',
+      signedBody.replace("application/pgp-signature", "application/pkcs7-signature"),
+      /signed \(S\/MIME\)/,
+    ],
+    [
+      'application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"',
+      "MIAGCSqGSIb3DQEHA6CAMIACAQAx\r\n",
+      /S\/MIME/,
+    ],
+  ];
+  for (const [contentType, body, kind] of cases) {
+    const source = mime(contentType, body);
+    const mail = await parseMail(source);
+    assert.match(mail.body.text, kind);
+    assert.match(mail.body.text, /attached whole, as it came \(Secret plan\.eml\)/);
+    assert.equal(mail.body.html, undefined);
+    assert.doesNotMatch(mail.body.text, /signed words/);
+    assert.deepEqual(mail.attachments, [
+      { name: "Secret plan.eml", mimeType: "message/rfc822", dataBase64: source.toString("base64") },
+    ]);
+  }
+  // Ordinary mail is read as usual.
+  const plain = await parseMail(mime("text/plain", "just words\r\n"));
+  assert.equal(plain.body.text, "just words");
+});
