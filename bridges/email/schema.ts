@@ -1,3 +1,4 @@
+import { createPrivateKey } from "node:crypto";
 import { isIPv4 } from "node:net";
 import { z } from "zod";
 import type { Direction } from "../../src/connector.js";
@@ -79,6 +80,25 @@ export const emailAccountSchema = z
       .min(1024)
       .default(EMAIL_DEFAULTS.maxMessageBytes)
       .describe("A larger incoming mail is not relayed: it stays in the mailbox, and a warning is logged"),
+    dkim: z
+      .strictObject({
+        domainName: z
+          .string()
+          .regex(/^[a-z0-9.-]+$/i, "a domain name such as example.org")
+          .describe("d= of the signature: your address's domain (or one it belongs to), for DMARC to pass"),
+        keySelector: z
+          .string()
+          .regex(/^[a-z0-9._-]+$/i, "letters, digits and ._- only")
+          .describe("s=: the public key is published in DNS as <keySelector>._domainkey.<domainName>"),
+        privateKey: z
+          .string()
+          .min(1)
+          .describe("The PEM private key (RSA or Ed25519); or privateKeyFile: a file holding it"),
+      })
+      .optional()
+      .describe(
+        "Sign every mail sent with DKIM (RFC 6376). Unset: mail is not signed by the bridge (your SMTP server may sign it)",
+      ),
     authservId: z
       .string()
       .min(1)
@@ -97,6 +117,17 @@ export const emailAccountSchema = z
       ),
   })
   .superRefine((acc, ctx) => {
+    if (acc.dkim) {
+      try {
+        createPrivateKey(acc.dkim.privateKey);
+      } catch (err) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["dkim", "privateKey"],
+          message: `is not a PEM private key (${(err as Error).message})`,
+        });
+      }
+    }
     for (const side of ["imap", "smtp"] as const) {
       if (acc[side].security === "none" && !isLoopback(acc[side].host))
         ctx.addIssue({

@@ -30,6 +30,7 @@ export function createSmtpTransport(config: EmailAccount): SmtpTransport {
     socketTimeout: 60_000,
     // The bridge names itself in EHLO by its address's domain rather than the machine's host name.
     name: config.address.slice(config.address.lastIndexOf("@") + 1),
+    ...(config.dkim && { dkim: { ...config.dkim } }),
   });
 }
 

@@ -165,3 +165,16 @@ test("PGP/MIME and S/MIME mail is posted whole, as a file, with a note: never ha
   const plain = await parseMail(mime("text/plain", "just words\r\n"));
   assert.equal(plain.body.text, "just words");
 });
+
+test("dkim: a key that is not a PEM private key is a config error naming dkim.privateKey", () => {
+  const server = { host: "mail.example.org", user: "bridge", pass: "secret" };
+  const parsed = emailAccountSchema.safeParse({
+    address: "b@example.org",
+    imap: server,
+    smtp: server,
+    dkim: { domainName: "example.org", keySelector: "tb", privateKey: "not a key" },
+  });
+  assert.equal(parsed.success, false);
+  assert.deepEqual(parsed.error?.issues[0]?.path, ["dkim", "privateKey"]);
+  assert.match(parsed.error!.issues[0]!.message, /^is not a PEM private key/);
+});
