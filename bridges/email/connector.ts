@@ -16,7 +16,14 @@ import { LogLimiter, type Logger } from "../../src/log.js";
 import { dmarcOf } from "./auth-results.js";
 import { parseMail, type IncomingMail } from "./incoming.js";
 import { MailboxReader } from "./mailbox-reader.js";
-import { messageIdFor, plusAddress, splitAddress, tokenOf } from "./message-ids.js";
+import {
+  messageIdFor,
+  messageIdOfContent,
+  messageIdsIn,
+  plusAddress,
+  splitAddress,
+  tokenOf,
+} from "./message-ids.js";
 import type { EmailAccount, EmailEndpoint } from "./schema.js";
 import { classifySmtpError, createSmtpTransport, type MailOptions, type SmtpTransport } from "./smtp.js";
 import { MailRecords, THREAD_MEMORY_MS, threadingFor } from "./threads.js";
@@ -69,11 +76,8 @@ export class EmailConnector implements Connector<EmailEndpoint> {
       log: ctx.log,
       reading: () => this.inbound.length > 0 && !this.stopped,
       handle: (source, uid) => this.ingest(source, uid),
-      tooLarge: (uid, size) =>
-        ctx.log.warn(
-          { uid, size, max: config.maxMessageBytes },
-          "mail larger than maxMessageBytes: not relayed, left in the mailbox",
-        ),
+      tooLarge: (uid, size, about) =>
+        this.unreadable(uid, size, about, "larger than maxMessageBytes: not fetched"),
       setState: (state, reason) => this.report("imap", state, reason),
     });
     const reader = this.reader;
@@ -184,15 +188,48 @@ export class EmailConnector implements Connector<EmailEndpoint> {
     return { remoteId: messageId };
   }
 
+  /**
+   * A mail that is not read (too large, or beyond the parser's limits): logged, and listed in the
+   * failed list with what its envelope says, so that it is seen; it stays in the mailbox.
+   */
+  private async unreadable(
+    uid: number,
+    size: number,
+    about: { messageId?: string; from?: string; subject?: string },
+    why: string,
+  ): Promise<void> {
+    const messageId = messageIdsIn(about.messageId)[0] ?? `<tb.uid${uid}.${size}@tribridge.invalid>`;
+    this.ctx.log.warn(
+      { uid, size, messageId, from: about.from, why },
+      "mail not relayed, left in the mailbox",
+    );
+    if ((await this.ctx.store.get(`seen:${messageId}`)) !== undefined) return;
+    const subject = (about.subject ?? "").slice(0, 200);
+    await this.ctx.quarantine(
+      {
+        endpointIds: [],
+        remoteId: messageId,
+        sender: about.from ? { id: about.from } : { id: "unknown-sender", displayName: "(unknown sender)" },
+        body: {
+          text: `(a mail of ${size} bytes, subject "${subject}", UID ${uid} in ${this.config.mailbox})`,
+        },
+      },
+      `mail of ${size} bytes ${why}; it is in the mailbox (search its Message-ID ${messageId})`,
+    );
+    await this.ctx.store.set(`seen:${messageId}`, "1", SEEN_TTL_MS);
+  }
+
   /** One mail from the mailbox: relayed to the endpoints it belongs to, once. */
   private async ingest(source: Buffer, uid: number): Promise<void> {
     let mail: IncomingMail;
     try {
       mail = await parseMail(source);
     } catch (err) {
-      this.ctx.log.warn(
-        { uid, err: errorMessage(err) },
-        "mail could not be parsed: not relayed, left in the mailbox",
+      await this.unreadable(
+        uid,
+        source.length,
+        { messageId: messageIdOfContent(source) },
+        `not readable: ${errorMessage(err)}`,
       );
       return;
     }
@@ -238,7 +275,7 @@ export class EmailConnector implements Connector<EmailEndpoint> {
       refs: mail.references,
     });
     await this.ctx.store.set(`seen:${mail.messageId}`, "1", SEEN_TTL_MS);
-    log.debug({ endpoints: targets.map((b) => b.id) }, "mail relayed");
+    log.info({ from: mail.sender.id, endpoints: targets.map((b) => b.id) }, "mail relayed");
   }
 
   /**

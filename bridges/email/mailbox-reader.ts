@@ -42,8 +42,12 @@ export interface MailboxReaderOptions {
    * (also one relayed before: a mail is handed over again after a crash or a UIDVALIDITY change).
    */
   handle(source: Buffer, uid: number): Promise<void>;
-  /** A mail too large to fetch: it stays in the mailbox. */
-  tooLarge(uid: number, size: number): void;
+  /** A mail too large to fetch (it stays in the mailbox), with what its envelope says. */
+  tooLarge(
+    uid: number,
+    size: number,
+    about: { messageId?: string; from?: string; subject?: string },
+  ): Promise<void>;
   setState(state: ConnectorState, reason?: string): void;
 }
 
@@ -232,13 +236,19 @@ export class MailboxReader {
   private async fetchAndHandle(client: ImapFlow, uid: number): Promise<number> {
     const meta = await client.fetchOne(
       String(uid),
-      { uid: true, size: true, internalDate: true },
+      { uid: true, size: true, internalDate: true, envelope: true },
       { uid: true },
     );
     if (!meta) return 0; // expunged meanwhile
     const size = meta.size ?? 0;
-    if (size > this.o.config.maxMessageBytes) this.o.tooLarge(uid, size);
-    else {
+    if (size > this.o.config.maxMessageBytes) {
+      const { envelope } = meta;
+      await this.o.tooLarge(uid, size, {
+        ...(envelope?.messageId && { messageId: envelope.messageId }),
+        ...(envelope?.from?.[0]?.address && { from: envelope.from[0].address.toLowerCase() }),
+        ...(envelope?.subject && { subject: envelope.subject }),
+      });
+    } else {
       const full = await client.fetchOne(String(uid), { uid: true, source: true }, { uid: true });
       if (full && full.source) await this.o.handle(full.source, uid);
     }

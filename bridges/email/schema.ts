@@ -10,7 +10,7 @@ export const EMAIL_DEFAULTS = {
   idleDelayMs: 50,
   smtpConnections: 2, // pooled SMTP connections
   connectTimeoutMs: 15_000,
-  /** A mail larger than this (its whole source) is not fetched: it stays in the mailbox, logged. */
+  /** A mail larger than this (its whole source) is not fetched: it stays in the mailbox, in the failed list. */
   maxMessageBytes: 25 * 1024 * 1024,
   maxAttachmentBytes: 10 * 1024 * 1024,
   maxAttachments: 10,
@@ -79,7 +79,9 @@ export const emailAccountSchema = z
       .int()
       .min(1024)
       .default(EMAIL_DEFAULTS.maxMessageBytes)
-      .describe("A larger incoming mail is not relayed: it stays in the mailbox, and a warning is logged"),
+      .describe(
+        "A larger incoming mail is not fetched: it stays in the mailbox, and is listed in the failed list",
+      ),
     dkim: z
       .strictObject({
         domainName: z
