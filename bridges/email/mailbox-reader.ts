@@ -76,6 +76,10 @@ export class MailboxReader {
       let lost = "imap connection closed";
       try {
         await client.connect();
+        const { processed } = this.o.config;
+        const moveTo = processed && "moveTo" in processed ? processed.moveTo : undefined;
+        // Made once; an existing folder is fine (the server says so, in its own words).
+        if (moveTo !== undefined) await client.mailboxCreate(moveTo).catch(() => undefined);
         const mailbox = await client.mailboxOpen(this.o.config.mailbox);
         log.info({ mailbox: mailbox.path, exists: mailbox.exists }, "reading mailbox");
         this.o.setState("up");
@@ -185,6 +189,23 @@ export class MailboxReader {
       const at = await this.fetchAndHandle(client, uid);
       cursor = { uidValidity, lastUid: uid, at: Math.max(cursor.at, at) };
       await this.o.store.set(key, JSON.stringify(cursor));
+      await this.markProcessed(client, uid);
+    }
+  }
+
+  /**
+   * `processed`: once the cursor is past a mail (relayed, or kept out and logged), it is flagged
+   * or moved to another folder. Only after the cursor moved: a crash in between leaves it unmarked,
+   * never unread. A failure is logged, not retried: the mail was dealt with all the same.
+   */
+  private async markProcessed(client: ImapFlow, uid: number): Promise<void> {
+    const processed = this.o.config.processed;
+    if (!processed) return;
+    try {
+      if ("flag" in processed) await client.messageFlagsAdd(String(uid), [processed.flag], { uid: true });
+      else await client.messageMove(String(uid), processed.moveTo, { uid: true });
+    } catch (err) {
+      this.o.log.warn({ uid, processed, err: errorMessage(err) }, "could not mark the mail processed");
     }
   }
 
@@ -227,6 +248,7 @@ export class MailboxReader {
     for (const uid of found) {
       if (signal.aborted || !this.o.reading()) return;
       at = Math.max(at, await this.fetchAndHandle(client, uid));
+      await this.markProcessed(client, uid);
     }
     const next: Cursor = { uidValidity, lastUid: Math.max(uidNext - 1, found.at(-1) ?? 0), at };
     await this.o.store.set(`cursor:${this.o.config.mailbox}`, JSON.stringify(next));

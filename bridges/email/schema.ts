@@ -101,6 +101,23 @@ export const emailAccountSchema = z
       .describe(
         "Sign every mail sent with DKIM (RFC 6376). Unset: mail is not signed by the bridge (your SMTP server may sign it)",
       ),
+    processed: z
+      .union([
+        z.strictObject({
+          flag: z
+            .string()
+            .regex(/^\\?[A-Za-z0-9$_-]+$/, 'an IMAP flag such as "\\Seen" or a keyword such as "Bridged"')
+            .describe('Flag set on each mail read: "\\Seen" (read), "\\Flagged", or a keyword of your own'),
+        }),
+        z.strictObject({
+          moveTo: z.string().min(1).describe("Folder each mail read is moved to (made when missing)"),
+        }),
+      ])
+      .optional()
+      .describe(
+        "What is done to each mail once the bridge is done with it (relayed, or kept out and logged). " +
+          "Unset: nothing, the mail stays as it is",
+      ),
     authservId: z
       .string()
       .min(1)
@@ -119,6 +136,12 @@ export const emailAccountSchema = z
       ),
   })
   .superRefine((acc, ctx) => {
+    if (acc.processed && "moveTo" in acc.processed && acc.processed.moveTo === acc.mailbox)
+      ctx.addIssue({
+        code: "custom",
+        path: ["processed", "moveTo"],
+        message: `is the folder read (mailbox: ${acc.mailbox}): name another folder`,
+      });
     if (acc.dkim) {
       try {
         createPrivateKey(acc.dkim.privateKey);

@@ -40,7 +40,14 @@ describe("email: what is kept out of rooms", { skip: !canRunMailServer && NO_MAI
   before(async () => {
     mail = await startMailServer();
     const screened = (mailbox: string, dmarcPolicy: string) =>
-      mail.bridgeAccount({ plusAddressing: true, mailbox, authservId: TRUSTED, dmarcPolicy });
+      mail.bridgeAccount({
+        plusAddressing: true,
+        mailbox,
+        authservId: TRUSTED,
+        dmarcPolicy,
+        ...(mailbox === "Label" && { processed: { flag: "\\Seen" } }),
+        ...(mailbox === "Reject" && { processed: { moveTo: "Rejected" } }),
+      });
     h = await harness({
       bridges: {
         mqtt: { home: { embedded: { port: 0 } } },
@@ -172,7 +179,7 @@ describe("email: what is kept out of rooms", { skip: !canRunMailServer && NO_MAI
     }
   });
 
-  test("dmarcPolicy label posts with a warning line; reject posts nothing and lists nothing", async () => {
+  test("dmarcPolicy label posts with a warning line; reject posts nothing and lists nothing; processed mail flagged or moved", async () => {
     const failing = (text: string) =>
       rawMail({ subject: "x", text }, [`${TRUSTED}; dmarc=fail header.from=other.test`]);
     await deliver("Label", await failing("labelled"), await rawMail({ subject: "m", text: "marker 3" }));
@@ -185,6 +192,28 @@ describe("email: what is kept out of rooms", { skip: !canRunMailServer && NO_MAI
     ]);
     assert.deepEqual(texts("reject"), ["marker 4"]);
     assert.deepEqual(await failedFor("rejected"), []);
+    // processed: the Label folder's mails flagged \Seen; the Reject folder's moved to Rejected.
+    const folder = (name: string) =>
+      mail.imap("bridge", async (client) => {
+        const box = await client.mailboxOpen(name);
+        if (box.exists === 0) return [];
+        const found: string[][] = [];
+        for await (const m of client.fetch("1:*", { flags: true })) found.push([...(m.flags ?? [])]);
+        return found;
+      });
+    await waitFor("processed mail marked", async () => {
+      const [label, reject, rejected] = [
+        await folder("Label"),
+        await folder("Reject"),
+        await folder("Rejected"),
+      ];
+      return (
+        label.length === 2 &&
+        label.every((f) => f.includes("\\Seen")) &&
+        reject.length === 0 &&
+        rejected.length === 2
+      );
+    });
   });
 
   test("senders: mail from others is quarantined with the reason; listed addresses and domains are posted", async () => {

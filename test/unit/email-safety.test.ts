@@ -178,3 +178,14 @@ test("dkim: a key that is not a PEM private key is a config error naming dkim.pr
   assert.deepEqual(parsed.error?.issues[0]?.path, ["dkim", "privateKey"]);
   assert.match(parsed.error!.issues[0]!.message, /^is not a PEM private key/);
 });
+
+test("processed: a flag or a folder to move to, not the folder read", () => {
+  const server = { host: "mail.example.org", user: "bridge", pass: "secret" };
+  const parse = (processed: unknown) =>
+    emailAccountSchema.safeParse({ address: "b@example.org", imap: server, smtp: server, processed });
+  assert.deepEqual(parse({ flag: "\\Seen" }).data?.processed, { flag: "\\Seen" });
+  assert.deepEqual(parse({ moveTo: "Bridged" }).data?.processed, { moveTo: "Bridged" });
+  assert.deepEqual(parse({ moveTo: "INBOX" }).error?.issues[0]?.path, ["processed", "moveTo"]);
+  assert.equal(parse({ flag: "not a flag" }).success, false);
+  assert.equal(parse({ flag: "\\Seen", moveTo: "Bridged" }).success, false);
+});
