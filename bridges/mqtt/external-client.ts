@@ -120,7 +120,11 @@ export class ExternalClient {
       if (!this.resumed) this.session = new Map();
       else if (this.connection === 1 && this.config.protocolVersion === 5) this.resubscribeAll = true;
     });
+    // A broker away costs a line when it goes and one per new error, not one per reconnect attempt
+    // (every reconnectPeriodMs, for as long as it is away): the destination gate says "still down".
+    let lastError: string | undefined;
     client.on("connect", (connack) => {
+      lastError = undefined;
       ctx.setState("up");
       ctx.log.info(
         { url: withoutCredentials(this.config.url), sessionPresent: connack.sessionPresent },
@@ -128,10 +132,10 @@ export class ExternalClient {
       );
       void this.sync();
     });
-    client.on("reconnect", () => ctx.setState("connecting", "reconnecting"));
-    client.on("offline", () => ctx.setState("connecting", "broker unreachable"));
+    client.on("offline", () => ctx.setState("connecting", lastError ?? "broker unreachable"));
     client.on("error", (err) => {
-      ctx.log.warn({ err: err.message }, "mqtt broker error");
+      if (err.message !== lastError) ctx.log.warn({ err: err.message }, "mqtt broker error");
+      lastError = err.message;
       ctx.setState("connecting", err.message);
     });
     ctx.signal.addEventListener("abort", () => client.end(true), { once: true });
