@@ -28,7 +28,7 @@ export interface DestinationHealthOptions {
   maxProbeDelayMs: number;
   /** How often a destination that stays down is logged again. */
   stillDownLogMs: number;
-  /** What is queued, for the "still down" line (e.g. batches waiting per queue). */
+  /** What is queued, for the "still down" line: batches (of one or more messages) waiting per queue. */
   backlog?(): Promise<unknown>;
   log: Logger;
 }
@@ -125,12 +125,12 @@ export class DestinationGate {
 
   /**
    * A relay found the destination down. Returns false when others got through since `mark` was
-   * taken (before the relay's attempt): then the failure is the relay's own (its message makes the
-   * far side fail), and it is counted as an attempt of that message instead.
+   * taken (when this relay last found it down): then the failure is the relay's own (its message
+   * makes the far side fail), and it is counted as an attempt of that message instead.
    */
   failed(err: unknown, mark: number): boolean {
     this.probeInFlight = false;
-    if (this.answered !== mark && this.state === "up") return false;
+    if (this.answered !== mark) return false;
     this.failures++;
     this.reason = errorMessage(err);
     if (this.state === "up") {
@@ -150,10 +150,10 @@ export class DestinationGate {
   }
 
   private async logStillDown(): Promise<void> {
-    const backlog = await this.o.backlog?.().catch(() => "unknown (Redis unreachable)");
+    const queuedBatches = await this.o.backlog?.().catch(() => "unknown (Redis unreachable)");
     if (this.state !== "down") return;
     const fields = { destination: this.name, downMs: Date.now() - this.since, waiting: this.waiters.length };
-    this.o.log.warn({ ...fields, backlog, reason: this.reason }, "destination still down");
+    this.o.log.warn({ ...fields, queuedBatches, reason: this.reason }, "destination still down");
   }
 
   /** A sign of life from elsewhere: probe now rather than at the next back-off step. */

@@ -783,11 +783,12 @@ export class OrderedQueue<T> {
     const { retry, log, health } = this.opts;
     const own = health?.gate(this.opts.destinationOf?.(item.data) ?? this.opts.name);
     let gate: DestinationGate | undefined = own;
+    /** The gate this item last found down, and its mark then (see DestinationGate.failed). */
+    let lastDown: { gate: DestinationGate; mark: number } | undefined;
     let counted = 0;
     for (let attempt = 1; ; attempt++) {
       signal.throwIfAborted();
       await gate?.admit(signal);
-      const mark = gate?.mark ?? 0;
       try {
         await this.opts.process(item.data, { id: item.id, attempt: counted + 1 });
         gate?.succeeded();
@@ -798,7 +799,11 @@ export class OrderedQueue<T> {
         const cause = retryCauseOf(err);
         if (cause === "unavailable" && health) {
           const failedGate = health.gate(failedDestinationOf(err) ?? own!.name);
-          if (failedGate.failed(err, failedGate === gate ? mark : failedGate.mark)) {
+          // Its own fault only if the far side answered others since this item last found it down;
+          // a first failure proves nothing (others' requests may have begun before the outage).
+          const since = lastDown?.gate === failedGate ? lastDown.mark : failedGate.mark;
+          lastDown = { gate: failedGate, mark: failedGate.mark };
+          if (failedGate.failed(err, since)) {
             log.debug(
               { itemId: item.id, destination: failedGate.name, err: errorMessage(err) },
               "destination down",
