@@ -7,13 +7,15 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Redis } from "ioredis";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { requeueAllFailedJobs } from "../../src/queue/failed-jobs.js";
-import { REDIS_URL, harness, waitFor, type Harness } from "../helpers/fixture.js";
-import { testConnector, type TestConnector } from "../helpers/test-connector.js";
+import { REDIS_URL, waitFor, type Harness } from "../helpers/fixture.js";
+import { startTestChat, type TestChat } from "../helpers/test-chat.js";
+import type { TestConnector } from "../helpers/test-connector.js";
 
 describe("quarantined messages", () => {
-  const connectors = [testConnector()];
+  let chat: TestChat;
+  let connectors: TestChat["connectors"];
   let h: Harness;
   let bridge: RunningBridge;
   let room: string;
@@ -21,27 +23,14 @@ describe("quarantined messages", () => {
   let redis: Redis;
 
   before(async () => {
-    h = await harness({
-      connectors,
-      bridges: { test: { a: {} } },
-      routes: [
-        {
-          id: "chat",
-          room: "#chat:test.local",
-          endpoints: [{ account: "test.a", direction: "inout", channel: "general" }],
-        },
-      ],
-    });
-    room = h.hs.createRoom({ creator: h.alice, alias: "#chat:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    remote = bridge.connector("test.a") as TestConnector;
+    chat = await startTestChat();
+    ({ connectors, h, bridge, room, remote } = chat);
     redis = new Redis(h.config.queue.redisUrl ?? REDIS_URL);
   });
 
   after(async () => {
     redis?.disconnect();
-    await bridge?.stop();
-    await h?.cleanup();
+    await chat?.stop();
   });
 
   const message = (remoteId: string, endpointIds: string[]) => ({

@@ -1,39 +1,25 @@
 /** The core with a connector that speaks no protocol: both directions, as the conformance of the core's side. */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { start, type RunningBridge } from "../../src/app.js";
+import type { RunningBridge } from "../../src/app.js";
 import { PermanentError } from "../../src/errors.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
-import { testConnector, type TestConnector } from "../helpers/test-connector.js";
+import { waitFor, type Harness } from "../helpers/fixture.js";
+import { startTestChat, type TestChat } from "../helpers/test-chat.js";
+import type { TestConnector } from "../helpers/test-connector.js";
 
 describe("the core with a test connector", () => {
-  const connectors = [testConnector()];
+  let chat: TestChat;
   let h: Harness;
   let bridge: RunningBridge;
   let room: string;
   let remote: TestConnector;
 
   before(async () => {
-    h = await harness({
-      connectors,
-      bridges: { test: { a: {} } },
-      routes: [
-        {
-          id: "chat",
-          room: "#chat:test.local",
-          endpoints: [{ account: "test.a", direction: "inout", channel: "general" }],
-        },
-      ],
-    });
-    room = h.hs.createRoom({ creator: h.alice, alias: "#chat:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    remote = bridge.connector("test.a") as TestConnector;
+    chat = await startTestChat();
+    ({ h, bridge, room, remote } = chat);
   });
 
-  after(async () => {
-    await bridge?.stop();
-    await h?.cleanup();
-  });
+  after(() => chat?.stop());
 
   test("a remote message appears in the room as its sender's ghost; a room message reaches the far side", async () => {
     await remote.emit("general", {
