@@ -14,6 +14,12 @@ import type { Logger } from "../../src/log.js";
 import { EMAIL_DEFAULTS, type EmailAccount } from "./schema.js";
 
 const RECONNECT = { initialDelayMs: 500, maxDelayMs: 60_000 };
+/**
+ * After a failure to reach the server at all (refused, timed out, dropped): a quick try again,
+ * so that reading resumes within about 2 s of the server answering, however long it was away. A
+ * refused login backs off to RECONNECT's minute, not to trip a provider's lockout.
+ */
+const RECONNECT_UNREACHABLE = { initialDelayMs: 250, maxDelayMs: 2_000 };
 /** Looked at again this often even without an IDLE notice (a server that drops them). */
 const POLL_MS = 60_000;
 /** A mail whose date is this close to the cursor's may come after it in the mailbox (SEARCH SINCE is by day). */
@@ -69,11 +75,13 @@ export class MailboxReader {
   async run(signal: AbortSignal): Promise<void> {
     const { log } = this.o;
     this.o.setState("connecting");
+    let lastLost: string | undefined;
     for (let failures = 0; !signal.aborted;) {
       const client = this.client();
       const onAbort = () => client.close();
       signal.addEventListener("abort", onAbort);
       let lost = "imap connection closed";
+      let loginRefused = false;
       try {
         await client.connect();
         const { processed } = this.o.config;
@@ -84,18 +92,23 @@ export class MailboxReader {
         log.info({ mailbox: mailbox.path, exists: mailbox.exists }, "reading mailbox");
         this.o.setState("up");
         failures = 0;
+        lastLost = undefined;
         await this.readWhileConnected(client, signal);
       } catch (err) {
         lost = `imap: ${errorMessage(err)}`;
+        loginRefused = (err as { authenticationFailed?: unknown }).authenticationFailed === true;
       } finally {
         signal.removeEventListener("abort", onAbort);
         client.close();
       }
       if (signal.aborted) break;
       failures++;
-      log.warn({ failures }, lost);
+      // One line per reason, not per attempt (tries are a second or two apart while it is away).
+      if (lost !== lastLost) log.warn({ failures }, lost);
+      lastLost = lost;
       this.o.setState("connecting", lost);
-      await sleep(backoffDelayMs(RECONNECT, failures), undefined, { signal }).catch(() => undefined);
+      const backoff = loginRefused ? RECONNECT : RECONNECT_UNREACHABLE;
+      await sleep(backoffDelayMs(backoff, failures), undefined, { signal }).catch(() => undefined);
     }
   }
 

@@ -297,6 +297,19 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
       );
   });
 
+  test("the IMAP server away for 20 s: reading resumes within about 2 s of it answering again", async () => {
+    await mail.stopImap();
+    await waitFor("the connector to notice", () => bridge!.connectorStates()["email.office"]?.state !== "up");
+    await new Promise((r) => setTimeout(r, 20_000)); // long enough for a back-off of many seconds
+    await mail.startImap();
+    const back = Date.now();
+    await waitFor("reading again", () => bridge!.connectorStates()["email.office"]?.state === "up", 30_000);
+    const resumedMs = Date.now() - back;
+    await mail.sendAs("bob", { to: "bridge+support@localhost", subject: "after imap", text: "after imap" });
+    await waitFor("the mail posted", () => posted(support, "after imap").length === 1);
+    assert.ok(resumedMs < 3_000, `reading resumed ${resumedMs} ms after the IMAP server was back`);
+  });
+
   test("a mailbox recreated (UIDVALIDITY changed) while the bridge is down: nothing lost, nothing posted again", async () => {
     const bob = async (id: string, text: string) =>
       Buffer.from(
