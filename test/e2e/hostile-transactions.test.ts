@@ -7,14 +7,13 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { start, type RunningBridge } from "../../src/app.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
-import { testConnector, type TestConnector } from "../helpers/test-connector.js";
+import { waitFor, type Harness } from "../helpers/fixture.js";
+import { startTestChat, type TestChat } from "../helpers/test-chat.js";
+import type { TestConnector } from "../helpers/test-connector.js";
 
 describe("hostile transactions, through the whole path", () => {
-  const connectors = [testConnector()];
+  let chat: TestChat;
   let h: Harness;
-  let bridge: RunningBridge;
   let room: string;
   let remote: TestConnector;
   let txn = 0;
@@ -48,26 +47,11 @@ describe("hostile transactions, through the whole path", () => {
   }
 
   before(async () => {
-    h = await harness({
-      connectors,
-      bridges: { test: { a: {} } },
-      routes: [
-        {
-          id: "chat",
-          room: "#chat:test.local",
-          endpoints: [{ account: "test.a", direction: "inout", channel: "general" }],
-        },
-      ],
-    });
-    room = h.hs.createRoom({ creator: h.alice, alias: "#chat:test.local", preset: "public_chat" });
-    bridge = await start({ config: h.config, registration: h.registration, connectors });
-    remote = bridge.connector("test.a") as TestConnector;
+    chat = await startTestChat();
+    ({ h, room, remote } = chat);
   });
 
-  after(async () => {
-    await bridge?.stop();
-    await h?.cleanup();
-  });
+  after(() => chat?.stop());
 
   test("the same event_id twice in one transaction is relayed once", async () => {
     const twice = event("$twice", { msgtype: "m.text", body: "once only" });
