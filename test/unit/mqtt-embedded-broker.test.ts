@@ -16,6 +16,7 @@ import { EmbeddedBroker, type IncomingPublish } from "../../bridges/mqtt/embedde
 import { embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
 import { moduleLogger } from "../../src/log.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
+import { embeddedBrokers } from "../helpers/embedded-brokers.js";
 
 const log = moduleLogger("embedded-broker-test");
 log.level = "silent";
@@ -273,27 +274,13 @@ describe("embedded broker security", () => {
 });
 
 describe("embedded broker: deny rules in ACLs, for users and anonymous clients", () => {
-  const prefix = `test-${randomUUID().slice(0, 8)}`;
-  const ingested: IncomingPublish[] = [];
-  const brokers: EmbeddedBroker[] = [];
-  const clients: MqttClient[] = [];
+  const brokers = embeddedBrokers(log);
+  const { ingested, clients } = brokers;
 
-  after(async () => {
-    await Promise.all(clients.map((c) => c.endAsync(true)));
-    for (const b of brokers) await b.stop();
-    await deleteKeys(prefix);
-  });
+  after(() => brokers.stop());
 
   async function start(config: Record<string, unknown>): Promise<string> {
-    const broker = new EmbeddedBroker(
-      embeddedBrokerSchema.parse({ port: 0, ...config }),
-      log,
-      async (msg) => void ingested.push(msg),
-      { url: REDIS_URL, keyPrefix: `${prefix}:${brokers.length}:` },
-    );
-    brokers.push(broker);
-    await broker.start();
-    return `mqtt://127.0.0.1:${broker.port}`;
+    return `mqtt://127.0.0.1:${(await brokers.start(config)).port}`;
   }
 
   async function connect(url: string, options: IClientOptions): Promise<MqttClient> {

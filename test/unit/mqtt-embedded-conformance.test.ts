@@ -13,6 +13,7 @@ import { pino } from "pino";
 import { EmbeddedBroker, type IncomingPublish } from "../../bridges/mqtt/embedded-broker.js";
 import { MQTT_DEFAULTS, embeddedBrokerSchema } from "../../bridges/mqtt/schema.js";
 import { REDIS_URL, deleteKeys, waitFor } from "../helpers/fixture.js";
+import { embeddedBrokers } from "../helpers/embedded-brokers.js";
 import {
   RawClient,
   connack,
@@ -245,28 +246,12 @@ async function rejectedCalls(command: string): Promise<number> {
 }
 
 describe("embedded broker: limits on topic length and levels", () => {
-  const prefix = `test-${randomUUID().slice(0, 8)}`;
-  const ingested: IncomingPublish[] = [];
-  const brokers: EmbeddedBroker[] = [];
-  const clients: MqttClient[] = [];
+  const brokers = embeddedBrokers(log);
+  const { ingested, clients } = brokers;
 
-  after(async () => {
-    await Promise.all(clients.map((c) => c.endAsync(true)));
-    for (const b of brokers) await b.stop();
-    await deleteKeys(prefix);
-  });
+  after(() => brokers.stop());
 
-  async function start(config: Record<string, unknown>): Promise<EmbeddedBroker> {
-    const broker = new EmbeddedBroker(
-      embeddedBrokerSchema.parse({ port: 0, ...config }),
-      log,
-      async (msg) => void ingested.push(msg),
-      { url: REDIS_URL, keyPrefix: `${prefix}:${brokers.length}:` },
-    );
-    brokers.push(broker);
-    await broker.start();
-    return broker;
-  }
+  const start = (config: Record<string, unknown>) => brokers.start(config);
 
   async function device(broker: EmbeddedBroker, options: IClientOptions): Promise<MqttClient> {
     const client = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, {
