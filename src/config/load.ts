@@ -14,6 +14,7 @@ import {
   type AppserviceConfig,
   type HomeserverConfig,
   type MetricsConfig,
+  type EncryptionConfig,
   type QueueConfig,
 } from "./schema.js";
 
@@ -53,6 +54,7 @@ export interface Config {
   readonly appservice: AppserviceConfig & { readonly url: string };
   readonly queue: QueueConfig;
   readonly metrics: MetricsConfig;
+  readonly encryption: EncryptionConfig;
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
@@ -292,6 +294,7 @@ export function validateConfig(
     appservice: { ...appservice, url: appservice.url ?? `http://${appservice.bind}:${appservice.port}` },
     queue: cfg.queue,
     metrics: cfg.metrics,
+    encryption: cfg.encryption,
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,

@@ -137,6 +137,32 @@ export const queueSchema = z.strictObject({
     ),
 });
 
+export const encryptionSchema = z.strictObject({
+  enabled: z
+    .boolean()
+    .default(false)
+    .describe(
+      "Bridge end-to-end encrypted rooms: read them with the bot's device, post into them encrypted by " +
+        "each ghost's own device (docs/encryption.md). Off: encrypted rooms are told they are not bridged",
+    ),
+  feed: z
+    .enum(["sync", "transactions"])
+    .default("sync")
+    .describe(
+      "How devices hear of to-device messages and key changes: `sync` (each device's /sync; every " +
+        "homeserver) or `transactions` (appservice transactions, MSC2409/MSC3202: Synapse with its " +
+        "experimental flags)",
+    ),
+  deviceCreation: z
+    .enum(["login", "msc4190"])
+    .optional()
+    .describe(
+      "How devices are made: `msc4190` (PUT /devices, used by masquerading) or `login` " +
+        "(m.login.application_service, used with their own token). Default: msc4190 when the " +
+        "registration says io.element.msc4190, else login",
+    ),
+});
+
 export const metricsSchema = z.strictObject({
   enabled: z.boolean().default(false).describe("Serve Prometheus metrics at http://<bind>:<port>/metrics"),
   bind: z.string().default(DEFAULTS.metricsBind),
@@ -217,10 +243,14 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
     appservice: appserviceSchema.prefault({}),
     queue: queueSchema.prefault({}),
     metrics: metricsSchema.prefault({}),
+    encryption: encryptionSchema.prefault({}),
     dataDir: z
       .string()
       .default(DEFAULTS.dataDir)
-      .describe("Where the embedded Redis keeps its AOF, and this instance keeps its id (instance-id)"),
+      .describe(
+        "Where the embedded Redis keeps its AOF, this instance keeps its id (instance-id), and its " +
+          "encryption devices their keys (crypto/)",
+      ),
     bridges: z.strictObject(bridgeShape).prefault({}),
     routes: z
       .array(routeSchema)
@@ -240,5 +270,6 @@ export type HomeserverConfig = z.output<typeof homeserverSchema>;
 export type AppserviceConfig = z.output<typeof appserviceSchema>;
 export type QueueConfig = z.output<typeof queueSchema>;
 export type MetricsConfig = z.output<typeof metricsSchema>;
+export type EncryptionConfig = z.output<typeof encryptionSchema>;
 export type RouteConfig = z.output<typeof routeSchema>;
 export type RawConfig = z.output<ReturnType<typeof buildConfigSchema>>;

@@ -15,6 +15,7 @@ import { errorMessage } from "../errors.js";
 import { close, listen } from "../http-listen.js";
 import { LogLimiter } from "../log-limiter.js";
 import type { Readiness } from "../readiness.js";
+import { transactionDeviceData, type TransactionDeviceData } from "./crypto/transaction-device-data.js";
 import { isUserId } from "./ids.js";
 
 export interface MatrixEvent {
@@ -35,6 +36,11 @@ export interface AppserviceHandlers {
   markTransaction(fingerprint: string): Promise<void>;
   /** Enqueues the events; resolves once durable. */
   onEvents(events: MatrixEvent[]): Promise<void>;
+  /**
+   * What the transaction carries for our devices (end-to-end encryption, MSC2409/MSC3202), before
+   * its events (a room key may come with the event it opens); resolves once durable.
+   */
+  onDeviceData?(data: TransactionDeviceData): Promise<void>;
   /** Events that never have an effect (our own, echoed back): a transaction of only these is not recorded. */
   ignores(event: MatrixEvent): boolean;
   /** AS API §Querying: does this user exist on the far side. */
@@ -219,8 +225,9 @@ export class AppserviceServer {
       return send(res, 400, { errcode: "M_BAD_JSON", error: "events must be an array" });
     }
     const events = this.wellFormed(txnId, parsed.events);
+    const deviceData = this.handlers.onDeviceData && transactionDeviceData(parsed as Record<string, unknown>);
     // Under load most transactions only echo what our ghosts sent: nothing to do, nothing to remember.
-    if (events.every((ev) => this.handlers.ignores(ev))) {
+    if (!deviceData && events.every((ev) => this.handlers.ignores(ev))) {
       observe("echo");
       return send(res, 200, {});
     }
@@ -228,6 +235,7 @@ export class AppserviceServer {
     const fingerprint = hash("sha256", Buffer.concat([Buffer.from(`${txnId}\0`), body]), "hex");
     const run = this.chain.then(async () => {
       if (await this.handlers.seenTransaction(fingerprint)) return observe("duplicate");
+      if (deviceData) await this.handlers.onDeviceData!(deviceData);
       await this.handlers.onEvents(events);
       await this.handlers.markTransaction(fingerprint);
       observe("relayed");

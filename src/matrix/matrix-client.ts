@@ -34,6 +34,25 @@ const REQUEST_TIMEOUT_MS = 30_000;
 /** Waiting for the homeserver to answer and accept our as_token at start-up: 1 s, 2 s, … 30 s. */
 const START_BACKOFF = { initialDelayMs: 1_000, maxDelayMs: 30_000 };
 
+type HttpMethod = "GET" | "PUT" | "POST" | "DELETE";
+
+/** Who a request acts as when it acts as one device of ours (see MatrixClient.deviceRequest). */
+export interface DeviceAuth {
+  userId: string;
+  deviceId: string;
+  accessToken?: string;
+}
+
+/** Encrypts what is sent into end-to-end encrypted rooms; undefined for a room that is not. */
+export interface EventSealer {
+  seal(
+    userId: string,
+    roomId: string,
+    type: string,
+    content: Record<string, unknown>,
+  ): Promise<{ device: DeviceAuth; content: Record<string, unknown> } | undefined>;
+}
+
 /** Whether the homeserver could reach our appservice port; `undefined` when it cannot tell us. */
 export type PingResult =
   { reachable: true; durationMs: number } | { reachable: false | undefined; detail: string };
@@ -87,6 +106,7 @@ export class MatrixClient {
    */
   private readonly pool: Pool;
   private readonly basePath: string;
+  private sealer: EventSealer | undefined;
 
   constructor(private readonly opts: MatrixClientOptions) {
     routeLibraryLogs();
@@ -430,21 +450,56 @@ export class MatrixClient {
     return classifyMatrixError(status, body, what);
   }
 
+  /** From now on, events sent into encrypted rooms are encrypted by `sealer` (crypto/end-to-end.ts). */
+  encryptWith(sealer: EventSealer): void {
+    this.sealer = sealer;
+  }
+
+  /** Ensures a ghost exists (registered, with its display name) before a device is made for it. */
+  ghostReady(userId: string, displayName: string): Promise<void> {
+    return userId === this.opts.botUserId ? Promise.resolve() : this.ensureGhost(userId, displayName);
+  }
+
+  /**
+   * One Client-Server API call as one of ours, or as a device of ours (end-to-end encryption): the
+   * device's own access token when it has one (from `m.login.application_service`), else the
+   * as_token with MSC3202 device masquerading (`org.matrix.msc3202.device_id`).
+   */
+  requestAs(
+    as: string | DeviceAuth,
+    method: HttpMethod,
+    pathAndQuery: string,
+    body?: Record<string, unknown>,
+  ): Promise<Record<string, unknown>> {
+    return this.request(method, pathAndQuery, as, body);
+  }
+
   /** One Client-Server API call as `userId`, over a keep-alive connection (the hot path of every relay). */
   private async request(
-    method: "GET" | "PUT" | "POST",
+    method: HttpMethod,
     pathAndQuery: string,
-    userId: string,
+    as: string | DeviceAuth,
     body?: Uint8Array | Record<string, unknown>,
     contentType = "application/json",
   ): Promise<Record<string, unknown>> {
+    const device = typeof as === "string" ? undefined : as;
+    const userId = device?.userId ?? (as as string);
     let path = this.basePath + pathAndQuery;
-    if (userId !== this.opts.botUserId) {
-      // AS API §Identity assertion
-      path += `${path.includes("?") ? "&" : "?"}user_id=${encodeURIComponent(userId)}`;
-    }
+    const query: string[] = [];
+    // AS API §Identity assertion; a device's own token needs none.
+    if (userId !== this.opts.botUserId && !device?.accessToken)
+      query.push(`user_id=${encodeURIComponent(userId)}`);
+    if (device && !device.accessToken)
+      query.push(`org.matrix.msc3202.device_id=${encodeURIComponent(device.deviceId)}`);
+    if (query.length > 0) path += `${path.includes("?") ? "&" : "?"}${query.join("&")}`;
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
-    const { status, data, retryAfterMs } = await this.dispatch(what, { method, path, contentType, body });
+    const { status, data, retryAfterMs } = await this.dispatch(what, {
+      method,
+      path,
+      contentType,
+      body,
+      accessToken: device?.accessToken,
+    });
     if (status < 200 || status >= 300)
       throw classifyMatrixError(status, { retry_after_ms: retryAfterMs, ...errorBodyOf(data) }, what);
     try {
@@ -462,8 +517,10 @@ export class MatrixClient {
   private dispatch(
     what: string,
     req: {
-      method: "GET" | "PUT" | "POST";
+      method: HttpMethod;
       path: string;
+      /** Default: the as_token. */
+      accessToken?: string;
       contentType?: string;
       body?: Uint8Array | Record<string, unknown>;
       /** A longer response body fails the request permanently. */
@@ -471,6 +528,7 @@ export class MatrixClient {
     },
   ): Promise<{ status: number; data: Buffer; contentType: string | undefined; retryAfterMs?: number }> {
     const { method, path, contentType = "application/json", body, maxBytes = Infinity } = req;
+    const token = req.accessToken ?? this.opts.registration.as_token;
     return new Promise((resolve, reject) => {
       const chunks: Buffer[] = [];
       let received = 0;
@@ -484,7 +542,7 @@ export class MatrixClient {
           method,
           path,
           headers: {
-            authorization: `Bearer ${this.opts.registration.as_token}`,
+            authorization: `Bearer ${token}`,
             "content-type": contentType,
           },
           body: body === undefined || body instanceof Uint8Array ? body : JSON.stringify(body),
@@ -562,10 +620,16 @@ export class MatrixClient {
     txnId: string,
   ): Promise<string> {
     if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
-    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(type)}/${encodeURIComponent(txnId)}`;
+    const path = (eventType: string) =>
+      `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(eventType)}/${encodeURIComponent(txnId)}`;
     const send = async () => {
       await this.ensureJoined(sender.userId, roomId);
-      return String((await this.request("PUT", path, sender.userId, content)).event_id);
+      // In an encrypted room: encrypted by the sender's own device, and sent as that device.
+      const sealed = await this.sealer?.seal(sender.userId, roomId, type, content);
+      const sent = sealed
+        ? await this.request("PUT", path("m.room.encrypted"), sealed.device, sealed.content)
+        : await this.request("PUT", path(type), sender.userId, content);
+      return String(sent.event_id);
     };
     try {
       return await send();

@@ -23,6 +23,12 @@ export interface Registration {
     rooms: { exclusive: boolean; regex: string }[];
   };
   "de.sorunome.msc2409.push_ephemeral"?: boolean;
+  /** MSC2409 (stable name): ephemeral events and, with MSC2409's to-device part, to-device messages. */
+  receive_ephemeral?: boolean;
+  /** MSC3202: device lists and one-time key counts in transactions, device masquerading. */
+  "org.matrix.msc3202"?: boolean;
+  /** MSC4190: devices made by the appservice with PUT /devices/{deviceId}. */
+  "io.element.msc4190"?: boolean;
 }
 
 /**
@@ -39,7 +45,7 @@ function routeAliasNamespaces(config: Pick<Config, "homeserver" | "routes">): st
 }
 
 export function buildRegistration(
-  config: Pick<Config, "appservice" | "homeserver" | "routes">,
+  config: Pick<Config, "appservice" | "homeserver" | "routes" | "encryption">,
   connectors: readonly ConnectorDefinition[],
   id = "tribridge",
 ): Registration {
@@ -64,7 +70,21 @@ export function buildRegistration(
       aliases: routeAliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
       rooms: [],
     },
+    ...encryptionKeys(config.encryption),
   };
+}
+
+/** What end-to-end encryption asks of the homeserver (docs/encryption.md). */
+function encryptionKeys(e: Config["encryption"]): Partial<Registration> {
+  if (!e.enabled) return {};
+  const keys: Partial<Registration> = {};
+  if (e.feed === "transactions") {
+    keys.receive_ephemeral = true;
+    keys["de.sorunome.msc2409.push_ephemeral"] = true;
+    keys["org.matrix.msc3202"] = true;
+  }
+  if (e.deviceCreation === "msc4190") keys["io.element.msc4190"] = true;
+  return keys;
 }
 
 export function registrationYaml(reg: Registration): string {

@@ -1,0 +1,406 @@
+/**
+ * End-to-end encrypted rooms (Client-Server API §End-to-End Encryption), with the wasm build of
+ * the Matrix Rust SDK's crypto (`OlmMachine`, one per device):
+ *
+ * - **Sending**: every user of ours that sends into an encrypted room (a ghost, the bot) gets a
+ *   device of its own, made when first needed (MSC4190 `PUT /devices/{id}` where the registration
+ *   enables it, else `m.login.application_service`), so clients show the true sender. The event
+ *   is encrypted by that device, after the room key went to every member's devices.
+ * - **Receiving**: the bot's device is the one that reads the rooms: people's clients share their
+ *   room keys with it as with any member. An event whose key has not come yet waits (waiting-events.ts)
+ *   and is decrypted and relayed when it comes.
+ * - **Feeding the devices** what the homeserver has for them (to-device messages, device list
+ *   changes, one-time key counts): from appservice transactions (MSC2409/MSC3202, `transactions`),
+ *   or from each device's own `/sync` (`sync`): the bot's device long-polls; a ghost's device
+ *   catches up before it encrypts, and hears of device list changes through the bot's.
+ * - **State**: each machine persists into its own store (device-store.ts) after every change; a
+ *   store that is lost all the same moves the user to a new device, logged and said in the room.
+ */
+import type { OlmMachine } from "@matrix-org/matrix-sdk-crypto-wasm";
+import { DecryptionErrorCode, MegolmDecryptionError } from "@matrix-org/matrix-sdk-crypto-wasm";
+import { errorMessage } from "../../errors.js";
+import type { Logger } from "../../log.js";
+import { LogLimiter } from "../../log-limiter.js";
+import type { MatrixEvent } from "../appservice-server.js";
+import type { DeviceAuth, EventSealer, MatrixClient } from "../matrix-client.js";
+import { newDeviceId, type DeviceRecord, type DeviceRecords } from "./device-records.js";
+import { syncLoop, syncOnce } from "./device-sync.js";
+import { OlmDevice, type DeviceChanges } from "./olm-device.js";
+import { RoomAudience } from "./room-audience.js";
+import type { TransactionDeviceData } from "./transaction-device-data.js";
+import type { WaitingEvents } from "./waiting-events.js";
+
+/** The crypto stores of devices (device-store.ts). */
+export interface CryptoStoreAccess {
+  /** Whether a device has a stored state (a device of a record without one has lost it). */
+  has(userId: string, deviceId: string): Promise<boolean>;
+  /** Opens the device's machine; rejects with `isLostStore(err)` when its state cannot be read. */
+  open(userId: string, deviceId: string): Promise<OlmMachine>;
+  persist(userId: string, deviceId: string): Promise<void>;
+  forget(userId: string, deviceId: string): Promise<void>;
+  isLostStore(err: unknown): boolean;
+}
+
+export interface EndToEndOptions {
+  matrix: Pick<MatrixClient, "requestAs" | "roomState" | "ghostReady">;
+  stores: CryptoStoreAccess;
+  records: DeviceRecords;
+  bot: { userId: string; displayName: string };
+  isEncrypted(roomId: string): Promise<boolean>;
+  /** `msc4190`: devices made with `PUT /devices/{id}` and used by masquerading; `login`: by login, used with their token. */
+  deviceCreation: "msc4190" | "login";
+  feed: "transactions" | "sync";
+  waiting: WaitingEvents;
+  /** A room event decrypted later than it arrived: handled as if it had just arrived. */
+  decryptedLater(ev: MatrixEvent): Promise<void>;
+  /** Posts a notice as the bot (a device moved). */
+  notice(roomId: string, text: string): Promise<void>;
+  log: Logger;
+}
+
+/** A ghost's device catches up with its own sync at most this often before encrypting. */
+const CATCH_UP_MS = 10_000;
+const DEVICE_NAME = "tribridge";
+
+export class EndToEnd implements EventSealer {
+  private readonly devices = new Map<string, Promise<OlmDevice>>();
+  private readonly audience: RoomAudience;
+  private readonly caughtUpAt = new Map<string, number>();
+  /** Users whose device was replaced since start (their lost store): told in the next room they send to. */
+  private readonly moved = new Map<string, { from: string; toldIn: Set<string> }>();
+  private readonly stopping = new AbortController();
+  private readonly failures = new LogLimiter();
+  private readonly counts = { decrypted: 0, waited: 0, undecryptable: 0, givenUp: 0 };
+  private loops: Promise<void>[] = [];
+
+  constructor(private readonly o: EndToEndOptions) {
+    this.audience = new RoomAudience(o.matrix, o.bot.userId);
+  }
+
+  /** The bot's device ready (keys uploaded), its feed started, and events waiting for keys tried again. */
+  async start(): Promise<void> {
+    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
+    bot.machine.registerRoomKeyUpdatedCallback(async (keys) => {
+      const sessions = new Set(keys.map((k) => k.sessionId));
+      void this.retryWaiting((w) => sessions.has(w.sessionId));
+    });
+    if (this.o.feed === "sync") this.loops.push(this.syncBot(bot));
+    await this.retryWaiting(() => true);
+    this.o.log.info(
+      { device: bot.deviceId, feed: this.o.feed, deviceCreation: this.o.deviceCreation },
+      "end-to-end encryption ready",
+    );
+  }
+
+  async stop(): Promise<void> {
+    this.stopping.abort();
+    await Promise.allSettled(this.loops);
+  }
+
+  /** EventSealer: an event for an encrypted room, encrypted by the sender's device. */
+  async seal(
+    userId: string,
+    roomId: string,
+    type: string,
+    content: Record<string, unknown>,
+  ): Promise<{ device: DeviceAuth; content: Record<string, unknown> } | undefined> {
+    if (!(await this.o.isEncrypted(roomId))) return undefined;
+    const device = await this.deviceOf(userId);
+    if (this.o.feed === "sync" && userId !== this.o.bot.userId) await this.catchUp(device);
+    const { users, settings } = await this.audience.recipients(roomId);
+    const encrypted = await device.encrypt(roomId, type, content, users, settings);
+    await this.tellMoved(userId, roomId);
+    return { device: device.auth, content: encrypted };
+  }
+
+  /**
+   * An `m.room.encrypted` event: the clear event, or undefined when it cannot be decrypted now
+   * (kept to be tried again when its key comes) or ever (logged and counted).
+   */
+  async open(ev: MatrixEvent): Promise<MatrixEvent | undefined> {
+    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
+    try {
+      const clear = await bot.decrypt(ev as unknown as Record<string, unknown>, ev.room_id);
+      this.counts.decrypted++;
+      return { ...ev, type: clear.type, content: clear.content };
+    } catch (err) {
+      const sessionId = String((ev.content as { session_id?: unknown }).session_id ?? "");
+      if (err instanceof MegolmDecryptionError && waitsForKey(err) && sessionId !== "") {
+        this.counts.waited++;
+        const givenUp = await this.o.waiting.add({
+          event: ev,
+          sessionId,
+          since: Date.now(),
+          reason: err.description,
+        });
+        this.counts.givenUp += givenUp.length;
+        for (const w of givenUp)
+          this.o.log.warn(
+            { eventId: w.event.event_id, roomId: w.event.room_id, since: new Date(w.since).toISOString() },
+            "gave up an encrypted event whose key never came (too many waiting)",
+          );
+        this.o.log.info(
+          { eventId: ev.event_id, roomId: ev.room_id, sender: ev.sender, sessionId },
+          "an encrypted event's key has not arrived yet: it is relayed when it does",
+        );
+        return undefined;
+      }
+      this.counts.undecryptable++;
+      const reason = err instanceof MegolmDecryptionError ? err.description : errorMessage(err);
+      const gate = this.failures.pass(ev.room_id);
+      if (gate)
+        this.o.log.warn(
+          {
+            eventId: ev.event_id,
+            roomId: ev.room_id,
+            sender: ev.sender,
+            err: reason,
+            notLogged: gate.heldBack,
+          },
+          "an encrypted event could not be decrypted: not relayed",
+        );
+      return undefined;
+    }
+  }
+
+  /** State events the homeserver pushes: who gets room keys, and how sessions rotate. */
+  noteState(ev: MatrixEvent): void {
+    this.audience.noteState(ev);
+  }
+
+  /**
+   * What a transaction carries for our devices (the transaction feed); resolves once it is
+   * durable, before the transaction is acknowledged. Device list changes go to every machine.
+   */
+  async receiveTransaction(data: TransactionDeviceData): Promise<void> {
+    if (this.o.feed !== "transactions") return;
+    const perDevice = new Map<string, DeviceChanges & { userId: string; deviceId: string }>();
+    const changesOf = (userId: string, deviceId: string) => {
+      const key = `${userId}|${deviceId}`;
+      let changes = perDevice.get(key);
+      if (!changes) perDevice.set(key, (changes = { userId, deviceId, toDevice: [] }));
+      return changes;
+    };
+    for (const message of data.toDevice) {
+      if (typeof message.to_user_id !== "string" || typeof message.to_device_id !== "string") continue;
+      (changesOf(message.to_user_id, message.to_device_id).toDevice as unknown[]).push(message);
+    }
+    for (const [userId, devices] of Object.entries(data.oneTimeKeyCounts))
+      for (const [deviceId, counts] of Object.entries(devices))
+        changesOf(userId, deviceId).oneTimeKeyCounts = counts;
+    for (const [userId, devices] of Object.entries(data.unusedFallbackKeyTypes))
+      for (const [deviceId, types] of Object.entries(devices))
+        changesOf(userId, deviceId).unusedFallbackKeyTypes = types;
+    const listsChanged = data.changed.length > 0 || data.left.length > 0;
+    const work: Promise<void>[] = [];
+    for (const changes of perDevice.values()) {
+      const device = await this.ourDevice(changes.userId, changes.deviceId);
+      if (!device) continue;
+      work.push(device.receive({ ...changes, changed: data.changed, left: data.left }));
+    }
+    if (listsChanged)
+      for (const [userId, device] of this.devices) {
+        if ([...perDevice.values()].some((c) => c.userId === userId)) continue;
+        work.push(device.then((d) => d.receive({ changed: data.changed, left: data.left })));
+      }
+    await Promise.all(work);
+  }
+
+  /** Lines for `!tribridge status`. */
+  async statusLines(): Promise<string[]> {
+    const waiting = await this.o.waiting.all();
+    const lines = [
+      `End-to-end encryption: ${this.devices.size} device(s) in use; since start ${this.counts.decrypted} event(s) decrypted, ` +
+        `${this.counts.undecryptable} could not be, ${this.counts.givenUp} given up waiting for their key`,
+    ];
+    if (waiting.length > 0) {
+      const oldest = Math.min(...waiting.map((w) => w.since));
+      lines.push(
+        `  ${waiting.length} encrypted event(s) waiting for their room key, the oldest since ${new Date(oldest).toISOString()}`,
+      );
+    }
+    return lines;
+  }
+
+  /** Tries the waiting events `which` selects again; those decrypted are handled and forgotten. */
+  private async retryWaiting(which: (w: { sessionId: string }) => boolean): Promise<void> {
+    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
+    for (const w of (await this.o.waiting.all()).filter(which).sort((a, b) => a.since - b.since)) {
+      try {
+        const clear = await bot.decrypt(w.event as unknown as Record<string, unknown>, w.event.room_id);
+        this.counts.decrypted++;
+        await this.o.decryptedLater({ ...w.event, type: clear.type, content: clear.content });
+        await this.o.waiting.remove([w.event.event_id]);
+        this.o.log.info(
+          { eventId: w.event.event_id, roomId: w.event.room_id },
+          "decrypted an event whose key came late",
+        );
+      } catch (err) {
+        if (err instanceof MegolmDecryptionError && waitsForKey(err)) continue;
+        this.o.log.warn(
+          { eventId: w.event.event_id, err: errorMessage(err) },
+          "a waiting encrypted event failed again",
+        );
+      }
+    }
+  }
+
+  /** A device of ours the homeserver addressed: opened if this process has not yet, unknown ones ignored. */
+  private async ourDevice(userId: string, deviceId: string): Promise<OlmDevice | undefined> {
+    if (this.o.records.get(userId)?.deviceId !== deviceId) return undefined;
+    return this.deviceOf(userId);
+  }
+
+  /** The user's device, made and opened on first use (see makeDevice). */
+  private deviceOf(userId: string, displayName?: string): Promise<OlmDevice> {
+    let device = this.devices.get(userId);
+    if (!device) {
+      device = this.makeDevice(userId, displayName);
+      device.catch(() => this.devices.delete(userId)); // tried again on the next use
+      this.devices.set(userId, device);
+    }
+    return device;
+  }
+
+  private async makeDevice(userId: string, displayName: string | undefined): Promise<OlmDevice> {
+    let record = this.o.records.get(userId);
+    if (record && !(await this.o.stores.has(userId, record.deviceId)))
+      record = await this.replace(userId, record);
+    if (!record) {
+      record = { deviceId: newDeviceId(), createdAt: Date.now() };
+      await this.o.records.set(userId, record);
+    }
+    if (!record.created) {
+      if (displayName !== undefined) await this.o.matrix.ghostReady(userId, displayName);
+      record = { ...record, ...(await this.create(userId, record.deviceId)), created: true };
+      await this.o.records.set(userId, record);
+      this.o.log.info({ userId, device: record.deviceId }, "made a device for end-to-end encryption");
+    }
+    let machine: OlmMachine;
+    try {
+      machine = await this.o.stores.open(userId, record.deviceId);
+    } catch (err) {
+      if (!this.o.stores.isLostStore(err)) throw err;
+      await this.replace(userId, record);
+      return this.makeDevice(userId, displayName);
+    }
+    const auth: DeviceAuth = { userId, deviceId: record.deviceId, accessToken: record.accessToken };
+    const device = new OlmDevice(auth, machine, this.o.matrix, this.o.stores);
+    await device.flush(); // its keys uploaded before anyone needs them
+    return device;
+  }
+
+  /** Creates the device on the homeserver (both ways are idempotent for one device id). */
+  private async create(userId: string, deviceId: string): Promise<Pick<DeviceRecord, "accessToken">> {
+    if (this.o.deviceCreation === "msc4190") {
+      const path = `/_matrix/client/v3/devices/${encodeURIComponent(deviceId)}`;
+      await this.o.matrix.requestAs(userId, "PUT", path, { display_name: DEVICE_NAME });
+      return {};
+    }
+    const login = await this.o.matrix.requestAs(this.o.bot.userId, "POST", "/_matrix/client/v3/login", {
+      type: "m.login.application_service",
+      identifier: { type: "m.id.user", user: userId },
+      device_id: deviceId,
+      initial_device_display_name: DEVICE_NAME,
+    });
+    if (typeof login.access_token !== "string") throw new Error("login answered without an access token");
+    return { accessToken: login.access_token };
+  }
+
+  /**
+   * A device whose crypto store is lost cannot be used again (the homeserver keeps its keys): the
+   * user moves to a new device; the old one is removed where the homeserver lets us.
+   */
+  private async replace(userId: string, lost: DeviceRecord): Promise<undefined> {
+    this.o.log.error(
+      { userId, device: lost.deviceId },
+      "the crypto store of a device is lost: moving to a new device (messages it sent stay readable; " +
+        "people see a new, unverified device)",
+    );
+    await this.o.stores.forget(userId, lost.deviceId);
+    await this.remove(userId, lost).catch((err: unknown) =>
+      this.o.log.warn(
+        { userId, device: lost.deviceId, err: errorMessage(err) },
+        "could not remove the lost device",
+      ),
+    );
+    this.moved.set(userId, { from: lost.deviceId, toldIn: new Set() });
+    return undefined;
+  }
+
+  private async remove(userId: string, device: DeviceRecord): Promise<void> {
+    if (!device.created) return;
+    if (device.accessToken) {
+      await this.o.matrix.requestAs(
+        { userId, deviceId: device.deviceId, accessToken: device.accessToken },
+        "POST",
+        "/_matrix/client/v3/logout",
+        {},
+      );
+    } else {
+      await this.o.matrix.requestAs(
+        userId,
+        "DELETE",
+        `/_matrix/client/v3/devices/${encodeURIComponent(device.deviceId)}`,
+        {},
+      );
+    }
+  }
+
+  private async tellMoved(userId: string, roomId: string): Promise<void> {
+    const moved = this.moved.get(userId);
+    if (!moved || moved.toldIn.has(roomId)) return;
+    moved.toldIn.add(roomId);
+    const now = this.o.records.get(userId)?.deviceId;
+    await this.o
+      .notice(
+        roomId,
+        `tribridge lost the encryption keys of ${userId}'s device ${moved.from} and moved it to a new device ${now}: ` +
+          "what it sent before stays readable; the new device is not verified.",
+      )
+      .catch((err: unknown) =>
+        this.o.log.warn({ roomId, err: errorMessage(err) }, "could not tell a room of a moved device"),
+      );
+  }
+
+  /** The sync feed of a ghost's device: one catch-up sync, at most every CATCH_UP_MS. */
+  private async catchUp(device: OlmDevice): Promise<void> {
+    const last = this.caughtUpAt.get(device.userId) ?? 0;
+    if (Date.now() - last < CATCH_UP_MS) return;
+    const record = this.o.records.get(device.userId)!;
+    const { next, changes } = await syncOnce(this.o.matrix, device.auth, record.since, 0);
+    await device.receive(changes);
+    await this.o.records.set(device.userId, { ...this.o.records.get(device.userId)!, since: next });
+    this.caughtUpAt.set(device.userId, Date.now());
+  }
+
+  /** The sync feed of the bot's device: long-polls; device list changes go to every machine. */
+  private syncBot(bot: OlmDevice): Promise<void> {
+    return syncLoop({
+      matrix: this.o.matrix,
+      device: bot.auth,
+      since: () => this.o.records.get(bot.userId)?.since,
+      handle: async (changes) => {
+        await bot.receive(changes);
+        if ((changes.changed?.length ?? 0) + (changes.left?.length ?? 0) === 0) return;
+        await Promise.all(
+          [...this.devices]
+            .filter(([userId]) => userId !== bot.userId)
+            .map(([, d]) =>
+              d.then((device) => device.receive({ changed: changes.changed, left: changes.left })),
+            ),
+        );
+      },
+      keep: (next) => this.o.records.set(bot.userId, { ...this.o.records.get(bot.userId)!, since: next }),
+      signal: this.stopping.signal,
+      log: this.o.log,
+    });
+  }
+}
+
+/** A decryption that may work once a key arrives (not yet shared, or shared from a later index). */
+function waitsForKey(err: MegolmDecryptionError): boolean {
+  return (
+    err.code === DecryptionErrorCode.MissingRoomKey || err.code === DecryptionErrorCode.UnknownMessageIndex
+  );
+}
