@@ -11,7 +11,8 @@
  * The crash window: everything the machine did since the last completed `persist()` is lost if the
  * process dies. The device then restarts from the older state, which is harmless only if nobody
  * outside has seen the newer one. Hence the caller's rule: persist after every call that changes
- * the machine's state, and before acting on its result:
+ * the machine's state (once its promise has resolved: the machine's own IndexedDB write is then
+ * done), and before acting on its result:
  *  - `outgoingRequests()` creates one-time keys: persist before sending the KeysUploadRequest.
  *    Otherwise a restarted device makes new keys under the same key ids; the homeserver refuses
  *    them (the old ones are stored) and hands out keys whose private halves are gone, so the
