@@ -3,6 +3,7 @@
  * No side effects at import; `start` returns a handle whose `stop` undoes everything. Each part
  * lives in its own module; `start` only says in which order they are made and started.
  */
+import path from "node:path";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState } from "./connector.js";
 import type { Config } from "./config/load.js";
@@ -15,6 +16,10 @@ import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { adminMatcher } from "./matrix/commands.js";
+import { DeviceRecords } from "./matrix/crypto/device-records.js";
+import { CryptoStores } from "./matrix/crypto/device-store.js";
+import { EndToEnd } from "./matrix/crypto/end-to-end.js";
+import { WaitingEvents } from "./matrix/crypto/waiting-events.js";
 import { EncryptedRooms } from "./matrix/encrypted-rooms.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId } from "./matrix/ids.js";
@@ -28,7 +33,7 @@ import { HOMESERVER } from "./matrix/matrix-error.js";
 import { DestinationHealth } from "./queue/destination-health.js";
 import { startEmbeddedRedis, type EmbeddedRedis } from "./queue/embedded-redis.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue/queue-names.js";
-import { OrderedQueue, type FailedJob, type OrderedQueueOptions } from "./queue/ordered-queue.js";
+import { OrderedQueue, jobIdFor, type FailedJob, type OrderedQueueOptions } from "./queue/ordered-queue.js";
 import type { LeaseTimings } from "./queue/lease.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { readiness, type ReadinessCheck } from "./readiness.js";
@@ -148,8 +153,10 @@ export async function start({
       return queue;
     };
 
-    // Rooms with end-to-end encryption, not supported yet: told so, and never posted into in plaintext.
+    // Rooms with end-to-end encryption: bridged with encryption.enabled; else told they are not,
+    // and never posted into in plaintext.
     const encryption = new EncryptedRooms({
+      supported: config.encryption.enabled,
       matrix,
       routes,
       redis,
@@ -219,10 +226,39 @@ export async function start({
       isAdmin,
       connectorStates: () => host.states,
       queueStates,
-      moreStatus: () => [...health.statusLines(), ...encryption.statusLines()],
+      moreStatus: async () => [
+        ...health.statusLines(),
+        ...encryption.statusLines(),
+        ...((await endToEnd?.statusLines()) ?? []),
+      ],
     });
+    const endToEnd = config.encryption.enabled
+      ? new EndToEnd({
+          matrix,
+          stores: new CryptoStores(cryptoDir(config), moduleLogger("crypto-store")),
+          records: new DeviceRecords(cryptoDir(config)),
+          bot: { userId: bot, displayName: config.appservice.botDisplayName },
+          isOurs,
+          isEncrypted: (roomId) => encryption.check(roomId),
+          deviceCreation:
+            config.encryption.deviceCreation ?? (registration["io.element.msc4190"] ? "msc4190" : "login"),
+          feed: config.encryption.feed,
+          waiting: new WaitingEvents(redis, prefix),
+          decryptedLater: (ev) => intake.handle([ev]),
+          notice: async (roomId, text) =>
+            void (await matrix.sendAs(
+              { userId: bot, displayName: config.appservice.botDisplayName },
+              roomId,
+              "m.room.message",
+              { msgtype: "m.notice", body: text, "m.mentions": {} },
+              jobIdFor("device-moved", roomId, text),
+            )),
+          log: moduleLogger("encryption"),
+        })
+      : undefined;
+    if (endToEnd) matrix.encryptWith(endToEnd);
     // Transactions from the homeserver: room messages into the to-<connector> queues.
-    const intake = new EventIntake({
+    const intake: EventIntake = new EventIntake({
       matrix,
       routes,
       redis,
@@ -236,6 +272,7 @@ export async function start({
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       capabilitiesOf: (name) => connectors.find((c) => c.name === name)?.capabilities,
       encryption,
+      endToEnd,
       log,
     });
     const server = new AppserviceServer(
@@ -248,6 +285,7 @@ export async function start({
           health.alive(HOMESERVER); // it pushes: relays waiting for it need not wait for the next probe
           return intake.handle(events);
         },
+        onDeviceData: endToEnd && ((data) => endToEnd.receiveTransaction(data)),
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),
@@ -261,6 +299,10 @@ export async function start({
 
     await matrix.start(lifetime.signal);
     void matrix.reportReachability();
+    if (endToEnd) {
+      await endToEnd.start();
+      lifetime.onStop(() => endToEnd.stop(), "end-to-end encryption");
+    }
     await joinRouteRooms(routes, delivery, encryption, bot);
 
     for (const q of queues) await q.start();
@@ -285,6 +327,11 @@ export async function start({
     await lifetime.stop();
     throw err;
   }
+}
+
+/** Where the devices of end-to-end encryption keep their keys. */
+function cryptoDir(config: Config): string {
+  return path.join(config.dataDir, "crypto");
 }
 
 function checkNamesUnique(connectors: readonly ConnectorDefinition[]): void {

@@ -29,7 +29,7 @@ export interface BridgeCommandsOptions {
   /** Each queue's backlog, by queue name. */
   queueStates(): Promise<Record<string, Backlog>>;
   /** Lines of other parts, as they are: destinations down, rooms with end-to-end encryption. */
-  moreStatus(): string[];
+  moreStatus(): string[] | Promise<string[]>;
 }
 
 /** The commands to the bot (!tribridge …), for admins, in any room the bot is in. */
@@ -49,7 +49,7 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
     isAdmin,
     control: {
       status: async () =>
-        formatStatus(routes.routes.length, o.connectorStates(), await queueStates(), o.moreStatus()),
+        formatStatus(routes.routes.length, o.connectorStates(), await queueStates(), await o.moreStatus()),
       failed: async (limit, roomId) => formatFailedJobs((await failedFor(roomId)).slice(0, limit)),
       retry: async (ids, roomId) => {
         const mine = new Set(

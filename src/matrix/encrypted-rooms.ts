@@ -37,6 +37,11 @@ export interface EncryptedRoomsOptions {
   redis: Redis;
   prefix: string;
   bot: { userId: string; displayName: string };
+  /**
+   * End-to-end encryption is on (crypto/end-to-end.ts): rooms are only known encrypted here, to be
+   * posted into encrypted; nothing is refused, no room told.
+   */
+  supported?: boolean;
   /** Counts an event that could not be read, by the kind of room it was sent in. */
   observeUndecryptable?(room: "route" | "other"): void;
   log: Logger;
@@ -100,6 +105,7 @@ export class EncryptedRooms {
    * failed list, with what to do as its reason). Cheap after the first call for a room.
    */
   async refusePlaintext(roomId: string): Promise<void> {
+    if (this.o.supported) return;
     if (!this.rooms.has(roomId)) {
       const readAt = this.sharedMarkReadAt.get(roomId) ?? 0;
       if (Date.now() - readAt >= SHARED_MARK_CHECK_MS) {
@@ -141,7 +147,7 @@ export class EncryptedRooms {
 
   /** Lines for `!tribridge status`: each encrypted room known here. */
   statusLines(): string[] {
-    if (this.rooms.size === 0) return [];
+    if (this.rooms.size === 0 || this.o.supported) return [];
     const lines = [
       "End-to-end encrypted rooms (not supported yet: nothing relayed in or out; see the notice in each):",
     ];
@@ -162,6 +168,11 @@ export class EncryptedRooms {
     if (!room) {
       room = { undecryptable: 0, told: false };
       this.rooms.set(roomId, room);
+      if (this.o.supported) {
+        this.o.log.info({ roomId, routes: this.routesOf(roomId), how }, "room is end-to-end encrypted");
+        room.told = true; // nothing to tell: it is bridged
+        return room;
+      }
       this.o.log.warn(
         { roomId, routes: this.routesOf(roomId), how },
         "room is end-to-end encrypted: tribridge cannot read it nor post into it (encryption is not supported yet)",

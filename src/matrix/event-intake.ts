@@ -64,6 +64,14 @@ export interface EventIntakeOptions {
   capabilitiesOf(connector: string): Capabilities | undefined;
   /** Told of rooms with end-to-end encryption and of the events in them no one here can read. */
   encryption: Pick<EncryptedRooms, "enabled" | "undecryptable" | "joined">;
+  /**
+   * With end-to-end encryption on (crypto/end-to-end.ts): decrypts an `m.room.encrypted` event
+   * (undefined: not now, or never; it says so itself), and is told of every state event.
+   */
+  endToEnd?: {
+    open(ev: MatrixEvent): Promise<MatrixEvent | undefined>;
+    noteState(ev: MatrixEvent): void;
+  };
   log: Logger;
 }
 
@@ -87,6 +95,7 @@ export class EventIntake {
 
   private async handleOne(ev: MatrixEvent): Promise<void> {
     const { routes, log } = this.o;
+    if (ev.state_key !== undefined) this.o.endToEnd?.noteState(ev);
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
@@ -97,9 +106,15 @@ export class EventIntake {
       if (typeof replacement === "string") this.o.upgraded(ev.room_id, replacement, ev.sender);
       return;
     }
-    // Client-Server API §End-to-End Encryption: not supported yet, and said so (encrypted-rooms.ts).
+    // Client-Server API §End-to-End Encryption: decrypted and handled as what it holds when
+    // encryption is on; else not supported, and said so (encrypted-rooms.ts).
     if (ev.type === "m.room.encryption" && ev.state_key === "") return this.o.encryption.enabled(ev);
-    if (ev.type === "m.room.encrypted") return this.o.encryption.undecryptable(ev);
+    if (ev.type === "m.room.encrypted") {
+      if (!this.o.endToEnd) return this.o.encryption.undecryptable(ev);
+      const clear = await this.o.endToEnd.open(ev);
+      if (clear && clear.type !== "m.room.encrypted") await this.handleOne(clear);
+      return;
+    }
     if (ev.type === "m.room.redaction") {
       // Room v11 moved `redacts` into the content.
       const target = ev.redacts ?? ev.content.redacts;

@@ -34,7 +34,7 @@
  * Snapshots hold the device's private keys unencrypted: files are created 0600 in a 0700 directory.
  */
 import { createHash } from "node:crypto";
-import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
+import { mkdir, open, readFile, rename, rm, stat } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import v8 from "node:v8";
 import { DeviceId, OlmMachine, StoreHandle, UserId } from "@matrix-org/matrix-sdk-crypto-wasm";
@@ -105,6 +105,22 @@ export class CryptoStores {
       opening.catch(() => this.devices.delete(key));
     }
     return (await opening).machine;
+  }
+
+  /** Whether the device has a snapshot on disk, or is open here. */
+  async has(userId: string, deviceId: string): Promise<boolean> {
+    if (this.devices.has(deviceKey(userId, deviceId))) return true;
+    return stat(this.names(userId, deviceId).file).then(
+      () => true,
+      (err: NodeJS.ErrnoException) => {
+        if (err.code === "ENOENT") return false;
+        throw err;
+      },
+    );
+  }
+
+  isLostStore(err: unknown): boolean {
+    return err instanceof CryptoStoreLostError;
   }
 
   /** Puts the device's current state on disk; resolves once a snapshot taken after this call is there. */

@@ -38,6 +38,8 @@ export interface CryptoStoreAccess {
   open(userId: string, deviceId: string): Promise<OlmMachine>;
   persist(userId: string, deviceId: string): Promise<void>;
   forget(userId: string, deviceId: string): Promise<void>;
+  /** Persists and closes every machine. */
+  closeAll(): Promise<void>;
   isLostStore(err: unknown): boolean;
 }
 
@@ -46,6 +48,8 @@ export interface EndToEndOptions {
   stores: CryptoStoreAccess;
   records: DeviceRecords;
   bot: { userId: string; displayName: string };
+  /** Our users (the bot, ghosts): they read nothing, so get no room keys. */
+  isOurs(userId: string): boolean;
   isEncrypted(roomId: string): Promise<boolean>;
   /** `msc4190`: devices made with `PUT /devices/{id}` and used by masquerading; `login`: by login, used with their token. */
   deviceCreation: "msc4190" | "login";
@@ -95,6 +99,11 @@ export class EndToEnd implements EventSealer {
   async stop(): Promise<void> {
     this.stopping.abort();
     await Promise.allSettled(this.loops);
+    // Whatever a machine is doing finishes first (the queues may stop after this).
+    await Promise.allSettled(
+      [...this.devices.values()].map((d) => d.then((device) => device.exclusive(async () => undefined))),
+    );
+    await this.o.stores.closeAll();
   }
 
   /** EventSealer: an event for an encrypted room, encrypted by the sender's device. */
@@ -108,7 +117,8 @@ export class EndToEnd implements EventSealer {
     const device = await this.deviceOf(userId);
     if (this.o.feed === "sync" && userId !== this.o.bot.userId) await this.catchUp(device);
     const { users, settings } = await this.audience.recipients(roomId);
-    const encrypted = await device.encrypt(roomId, type, content, users, settings);
+    const people = users.filter((u) => !this.o.isOurs(u));
+    const encrypted = await device.encrypt(roomId, type, content, people, settings);
     await this.tellMoved(userId, roomId);
     return { device: device.auth, content: encrypted };
   }
