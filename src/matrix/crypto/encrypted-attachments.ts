@@ -7,7 +7,7 @@
  * Everything here is synchronous and in memory: a file is bounded by the attachment size limits
  * (attachments.ts), and AES-CTR keeps the ciphertext as long as the plaintext.
  */
-import { createCipheriv, createDecipheriv, createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { createCipheriv, createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { PermanentError } from "../../errors.js";
 
 /** `JWK` of an EncryptedFile: the AES key, as WebCrypto exports it (RFC 7517 with W3C's `ext`). */
