@@ -45,6 +45,11 @@ export interface DeviceAuth {
 
 /** Encrypts what is sent into end-to-end encrypted rooms; undefined for a room that is not. */
 export interface EventSealer {
+  /**
+   * Whether what is sent into the room is encrypted: its events are sealed, and so its files must be
+   * encrypted too (§Sending encrypted attachments). The one answer both go by.
+   */
+  encrypts(roomId: string): Promise<boolean>;
   seal(
     userId: string,
     roomId: string,
@@ -455,6 +460,14 @@ export class MatrixClient {
     this.sealer = sealer;
   }
 
+  /**
+   * Whether events sent into the room are encrypted (see EventSealer.encrypts): then a file posted
+   * with them is uploaded encrypted. Never, without end-to-end encryption.
+   */
+  async encryptsIn(roomId: string): Promise<boolean> {
+    return (await this.sealer?.encrypts(roomId)) ?? false;
+  }
+
   /** Ensures a ghost exists (registered, with its display name) before a device is made for it. */
   ghostReady(userId: string, displayName: string): Promise<void> {
     return userId === this.opts.botUserId ? Promise.resolve() : this.ensureGhost(userId, displayName);
@@ -642,16 +655,22 @@ export class MatrixClient {
     }
   }
 
-  /** Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. */
+  /**
+   * Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. `name` undefined: uploaded
+   * without one (an encrypted file, whose name is for the room's members only).
+   */
   async upload(
     sender: { userId: string; displayName: string },
     data: Uint8Array,
-    name: string,
+    name: string | undefined,
     mimeType: string,
   ): Promise<string> {
     // The homeserver accepts a masqueraded upload only from a registered ghost.
     if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
-    const path = `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
+    const path =
+      name === undefined
+        ? "/_matrix/media/v3/upload"
+        : `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
     const res = await this.request("POST", path, sender.userId, data, mimeType);
     return String(res.content_uri);
   }

@@ -106,6 +106,11 @@ export class EndToEnd implements EventSealer {
     await this.o.stores.closeAll();
   }
 
+  /** EventSealer: what is sent into a room is encrypted when the room is. */
+  encrypts(roomId: string): Promise<boolean> {
+    return this.o.isEncrypted(roomId);
+  }
+
   /** EventSealer: an event for an encrypted room, encrypted by the sender's device. */
   async seal(
     userId: string,
@@ -113,7 +118,7 @@ export class EndToEnd implements EventSealer {
     type: string,
     content: Record<string, unknown>,
   ): Promise<{ device: DeviceAuth; content: Record<string, unknown> } | undefined> {
-    if (!(await this.o.isEncrypted(roomId))) return undefined;
+    if (!(await this.encrypts(roomId))) return undefined;
     const device = await this.deviceOf(userId);
     if (this.o.feed === "sync" && userId !== this.o.bot.userId) await this.catchUp(device);
     const { users, settings } = await this.audience.recipients(roomId);
