@@ -6,6 +6,14 @@
  * It is deliberately *not* lenient: requests a real homeserver would refuse are refused here too, with the
  * same HTTP status and `errcode`.
  *
+ * End-to-end encryption (CS API v1.12 §Device management, §End-to-End Encryption, §Send-to-Device
+ * messaging): devices (login, logout, MSC4190 `PUT`/`DELETE /devices`), device masquerading (MSC4326,
+ * from MSC3202), key upload/query/claim with fallback keys, cross-signing keys and signatures, to-device
+ * messages, and a `/sync` carrying a device's to-device messages, device lists and key counts (no rooms:
+ * room events reach the appservice in transactions). With Synapse's experimental flags on, transactions
+ * carry MSC2409 to-device messages and MSC3202 device data, in Synapse's shapes (homeserver-devices.ts
+ * holds the state).
+ *
  * Built on plain `node:http`, no dependencies. Designed to sustain thousands of events per second: events are
  * serialised once when created, transactions are built by string concatenation and pushed over a keep-alive
  * agent, and no per-request work is proportional to the history size.
