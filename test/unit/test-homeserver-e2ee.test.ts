@@ -8,17 +8,7 @@ import { describe, it, after } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
-import {
-  CollectStrategy,
-  DeviceId,
-  EncryptionSettings,
-  OlmMachine,
-  RequestType,
-  RoomId,
-  UserId,
-  type KeysClaimRequest,
-  type ToDeviceRequest,
-} from "@matrix-org/matrix-sdk-crypto-wasm";
+import { DeviceId, OlmMachine, UserId } from "@matrix-org/matrix-sdk-crypto-wasm";
 import {
   TestHomeserver,
   type AppserviceRegistration,
@@ -700,41 +690,8 @@ describe("TestHomeserver E2EE: two Olm machines exchange Megolm messages through
     hs.joinRoom(room, ghostId);
     const members = [alice, ghostId];
 
-    /**
-     * OlmDevice.encrypt's steps (track members, query their keys, claim one-time keys, share the
-     * room key to-device, encrypt), each call with UserIds of its own: the wasm bindings take
-     * ownership of the arrays they are given (see the report on OlmDevice.encrypt).
-     */
-    const seal = async (device: OlmDevice, roomId: string, content: Json, users: string[]): Promise<Json> => {
-      const ids = () => users.map((u) => new UserId(u));
-      const send = async (request: KeysClaimRequest | ToDeviceRequest): Promise<void> => {
-        const body = JSON.parse(request.body) as Json;
-        let response: Json;
-        if (request.type === RequestType.KeysClaim) {
-          response = await http.requestAs(device.auth, "POST", `${C}/keys/claim`, body);
-        } else {
-          const r = request as ToDeviceRequest;
-          const path = `${C}/sendToDevice/${encodeURIComponent(r.event_type)}/${encodeURIComponent(r.txn_id)}`;
-          response = await http.requestAs(device.auth, "PUT", path, body);
-        }
-        if (request.id !== undefined)
-          await device.machine.markRequestAsSent(request.id, request.type, JSON.stringify(response));
-      };
-      await device.machine.updateTrackedUsers(ids());
-      await device.flush();
-      const claim = await device.machine.getMissingSessions(ids());
-      if (claim) await send(claim);
-      const settings = new EncryptionSettings();
-      settings.sharingStrategy = CollectStrategy.allDevices();
-      const shares = await device.machine.shareRoomKey(new RoomId(roomId), ids(), settings);
-      for (const share of shares) await send(share as ToDeviceRequest);
-      const encrypted = await device.machine.encryptRoomEvent(
-        new RoomId(roomId),
-        "m.room.message",
-        JSON.stringify(content),
-      );
-      return JSON.parse(encrypted) as Json;
-    };
+    const seal = (device: OlmDevice, roomId: string, content: Json, users: string[]): Promise<Json> =>
+      device.encrypt(roomId, "m.room.message", content, users, { historyVisibility: "shared" });
 
     // Alice → ghost: the room key goes to-device, and reaches the ghost in a transaction.
     const sealed = await seal(aliceDevice, room, { msgtype: "m.text", body: "hello ghost" }, members);

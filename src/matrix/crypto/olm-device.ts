@@ -122,12 +122,13 @@ export class OlmDevice {
   ): Promise<Record<string, unknown>> {
     return this.exclusive(async () => {
       const room = new RoomId(roomId);
-      const users = members.map((m) => new UserId(m));
-      await this.machine.updateTrackedUsers(users);
+      // A fresh array each call: the wasm bindings take the UserIds of the array they are given.
+      const users = () => members.map((m) => new UserId(m));
+      await this.machine.updateTrackedUsers(users());
       await this.sendOutgoing(); // key queries for members not known yet
-      const claim = await this.machine.getMissingSessions(users);
+      const claim = await this.machine.getMissingSessions(users());
       if (claim) await this.send(claim);
-      const shares = await this.machine.shareRoomKey(room, users, encryptionSettings(settings));
+      const shares = await this.machine.shareRoomKey(room, users(), encryptionSettings(settings));
       await this.store.persist(this.userId, this.deviceId);
       for (const share of shares) await this.send(share);
       const encrypted = await this.machine.encryptRoomEvent(room, type, JSON.stringify(content));
