@@ -483,8 +483,9 @@ export class MatrixClient {
     method: HttpMethod,
     pathAndQuery: string,
     body?: Record<string, unknown>,
+    signal?: AbortSignal,
   ): Promise<Record<string, unknown>> {
-    return this.request(method, pathAndQuery, as, body);
+    return this.request(method, pathAndQuery, as, body, "application/json", signal);
   }
 
   /** One Client-Server API call as `userId`, over a keep-alive connection (the hot path of every relay). */
@@ -494,6 +495,7 @@ export class MatrixClient {
     as: string | DeviceAuth,
     body?: Uint8Array | Record<string, unknown>,
     contentType = "application/json",
+    signal?: AbortSignal,
   ): Promise<Record<string, unknown>> {
     const device = typeof as === "string" ? undefined : as;
     const userId = device?.userId ?? (as as string);
@@ -512,6 +514,7 @@ export class MatrixClient {
       contentType,
       body,
       accessToken: device?.accessToken,
+      signal,
     });
     if (status < 200 || status >= 300)
       throw classifyMatrixError(status, { retry_after_ms: retryAfterMs, ...errorBodyOf(data) }, what);
@@ -538,6 +541,8 @@ export class MatrixClient {
       body?: Uint8Array | Record<string, unknown>;
       /** A longer response body fails the request permanently. */
       maxBytes?: number;
+      /** Ends the request (a long poll, when stopping). */
+      signal?: AbortSignal;
     },
   ): Promise<{ status: number; data: Buffer; contentType: string | undefined; retryAfterMs?: number }> {
     const { method, path, contentType = "application/json", body, maxBytes = Infinity } = req;
@@ -549,6 +554,11 @@ export class MatrixClient {
       let responseType: string | undefined;
       let retryAfterMs: number | undefined;
       let abort: (err: Error) => void = () => undefined;
+      let aborted: Error | undefined;
+      const onAbort = () => abort((aborted = new UnavailableError(`${what}: aborted`)));
+      if (req.signal?.aborted) return reject(new UnavailableError(`${what}: aborted`));
+      req.signal?.addEventListener("abort", onAbort, { once: true });
+      const settled = () => req.signal?.removeEventListener("abort", onAbort);
       const tooLarge = () => new PermanentError(`${what}: response larger than ${maxBytes} bytes`);
       this.pool.dispatch(
         {
@@ -563,6 +573,7 @@ export class MatrixClient {
         {
           onConnect: (abortRequest) => {
             abort = abortRequest;
+            if (aborted) abortRequest(aborted);
           },
           onHeaders: (statusCode, rawHeaders) => {
             status = statusCode;
@@ -584,14 +595,18 @@ export class MatrixClient {
             chunks.push(chunk);
             return true;
           },
-          onComplete: () =>
-            resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs }),
-          onError: (err) =>
+          onComplete: () => {
+            settled();
+            resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs });
+          },
+          onError: (err) => {
+            settled();
             reject(
               err instanceof PermanentError
                 ? err
                 : new UnavailableError(`${what}: ${err.message}`, { destination: HOMESERVER }),
-            ),
+            );
+          },
         },
       );
     });

@@ -713,6 +713,11 @@ export class TestHomeserver {
     return this.requireRoomForInspection(roomId).messages.length;
   }
 
+  /** The ids of a user's devices. */
+  devicesOf(userId: string): string[] {
+    return this.devices.deviceIds(userId);
+  }
+
   members(roomId: string): string[] {
     return [...this.requireRoomForInspection(roomId).joined];
   }
