@@ -129,7 +129,7 @@ export class OlmDevice {
       const claim = await this.machine.getMissingSessions(users());
       if (claim) await this.send(claim);
       const shares = await this.machine.shareRoomKey(room, users(), encryptionSettings(settings));
-      await this.store.persist(this.userId, this.deviceId);
+      if (shares.length > 0) await this.store.persist(this.userId, this.deviceId);
       for (const share of shares) await this.send(share);
       const encrypted = await this.machine.encryptRoomEvent(room, type, JSON.stringify(content));
       await this.store.persist(this.userId, this.deviceId);
