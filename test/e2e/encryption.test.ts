@@ -35,6 +35,7 @@ for (const variant of VARIANTS) {
     let remote: TestConnector;
     let bot: string;
     let room: string;
+    let later: string; // a route's room that turns encryption on while bridged
     let alice: OlmPerson;
     const people: OlmPerson[] = [];
 
@@ -66,6 +67,11 @@ for (const variant of VARIANTS) {
             room: "#secret:test.local",
             endpoints: [{ account: "test.a", direction: "inout", channel: "secret" }],
           },
+          {
+            id: "later",
+            room: "#later:test.local",
+            endpoints: [{ account: "test.a", direction: "inout", channel: "later" }],
+          },
         ],
         encryption: variant.encryption,
         homeserver: variant.homeserver,
@@ -78,6 +84,7 @@ for (const variant of VARIANTS) {
         preset: "public_chat",
         encrypted: true,
       });
+      later = h.hs.createRoom({ creator: h.alice, alias: "#later:test.local", preset: "public_chat" });
       alice = await OlmPerson.create(h.hs, h.alice);
       people.push(alice);
       await startBridge();
@@ -146,6 +153,27 @@ for (const variant of VARIANTS) {
         15_000,
       );
       assert.equal((await carol.decrypt(ev)).content.body, "reading 2");
+    });
+
+    test("a room that turns encryption on switches at once, both ways", async () => {
+      await remote.emit("later", { remoteId: "l1", sender: { id: "dev" }, body: { text: "in the clear" } });
+      await h.hs.waitForMessages(later, 1);
+      h.hs.enableEncryption(later, h.alice);
+      await h.hs.waitForPushIdle();
+      await remote.emit("later", { remoteId: "l2", sender: { id: "dev" }, body: { text: "now encrypted" } });
+      const ev = await nextEncrypted(alice, later, 0);
+      assert.equal((await alice.decrypt(ev)).content.body, "now encrypted");
+      assert.deepEqual(
+        h.hs.messages(later).map((m) => m.content.body),
+        ["in the clear"],
+        "nothing in plaintext after the switch",
+      );
+      await alice.send(later, { msgtype: "m.text", body: "encrypted answer" });
+      await waitFor(
+        "the relay",
+        () => remote.sentTo("later").some((m) => m.body.text === "encrypted answer"),
+        15_000,
+      );
     });
 
     test("commands work in an encrypted room, answered encrypted", async () => {
