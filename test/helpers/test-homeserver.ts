@@ -1701,7 +1701,7 @@ export class TestHomeserver {
   private authenticate(token: string | undefined, query: URLSearchParams): Requester {
     if (token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
     if (token === this.registration.as_token) {
-      // AS API §Identity assertion. org.matrix.msc3202.device_id is accepted and ignored.
+      // AS API §Identity assertion. device_id (and MSC3202's org.matrix.msc3202.device_id) is accepted and ignored.
       const asserted = query.get("user_id");
       if (asserted === null || asserted === this.senderId) {
         return { userId: this.senderId, isAs: true, txnScope: `as\u0000${this.senderId}` };
