@@ -486,8 +486,10 @@ export class MatrixClient {
     const userId = device?.userId ?? (as as string);
     let path = this.basePath + pathAndQuery;
     const query: string[] = [];
-    // AS API §Identity assertion; a device's own token needs none.
-    if (userId !== this.opts.botUserId && !device?.accessToken)
+    // AS API §Identity assertion; a device's own token needs none. Named for a device of the bot
+    // too: Synapse (1.163) answers 500 to a device_id without user_id (its lookup of the sender's
+    // device binds a UserID object into SQL).
+    if ((userId !== this.opts.botUserId || device) && !device?.accessToken)
       query.push(`user_id=${encodeURIComponent(userId)}`);
     // AS API §Identity assertion (Matrix v1.17, MSC4326): `device_id`, which Synapse reads since
     // 1.141 and alone since 1.161; MSC3202's prefixed name too, for homeservers from before it.
