@@ -8,6 +8,7 @@ import { inspect } from "node:util";
 import {
   ClientEvent,
   createClient,
+  MsgType,
   Preset,
   SyncState,
   type MatrixClient,
@@ -180,7 +181,7 @@ export class CryptoPerson {
    */
   async sendText(roomId: string, body: string): Promise<string> {
     await this.untilEncrypted(roomId);
-    const { event_id: eventId } = await this.client.sendMessage(roomId, { msgtype: "m.text", body });
+    const { event_id: eventId } = await this.client.sendMessage(roomId, { msgtype: MsgType.Text, body });
     const stored = await this.client.fetchRoomEvent(roomId, eventId);
     if (stored.type !== "m.room.encrypted")
       throw new Error(`the client sent ${eventId} as ${stored.type}, not encrypted`);

@@ -72,7 +72,8 @@ export interface Synapse {
 export function synapseSkipReason(): string | undefined {
   if (existsSync(PYTHON)) return undefined;
   const reason = `no Synapse in ${VENV} (run test/synapse/install.sh)`;
-  if (process.env.TRIBRIDGE_REQUIRE_SYNAPSE) throw new Error(`TRIBRIDGE_REQUIRE_SYNAPSE is set but ${reason}`);
+  if (process.env.TRIBRIDGE_REQUIRE_SYNAPSE)
+    throw new Error(`TRIBRIDGE_REQUIRE_SYNAPSE is set but ${reason}`);
   return reason;
 }
 
