@@ -12,7 +12,9 @@ SYNAPSE_VERSION="1.163.2"
 venv=".cache/synapse-venv"
 stamp="$venv/.tribridge-synapse-version"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$SYNAPSE_VERSION" ] && [ -x "$venv/bin/synctl" ]; then
+# The stamp is written last, after a complete install; the venv's python must still run (a venv
+# breaks when the python it was made from is removed).
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$SYNAPSE_VERSION" ] && "$venv/bin/python" -c "" 2>/dev/null; then
   echo "Synapse $SYNAPSE_VERSION already in $venv"
   exit 0
 fi
