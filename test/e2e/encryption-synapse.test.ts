@@ -64,7 +64,7 @@ for (const mode of MODES) {
   describe(`end-to-end encryption with Synapse (${mode.name})`, { skip }, () => {
     const connectors = [testConnector()];
     const prefix = `test-${randomUUID().slice(0, 8)}`;
-    const dataDir = tempDataDir();
+    let dataDir: string | undefined;
     let synapse: Synapse;
     let bridge: RunningBridge;
     let person: CryptoPerson;
@@ -73,6 +73,7 @@ for (const mode of MODES) {
     let config: Config;
 
     before(async () => {
+      dataDir = tempDataDir();
       const base = {
         dataDir,
         homeserver: { url: "http://127.0.0.1:1", domain: SERVER_NAME },
@@ -119,7 +120,7 @@ for (const mode of MODES) {
       await bridge?.stop();
       await synapse?.stop();
       await deleteKeys(prefix);
-      rmSync(dataDir, { recursive: true, force: true });
+      if (dataDir) rmSync(dataDir, { recursive: true, force: true });
     });
 
     test("a device's message reaches the person's client encrypted, decrypted as sent by the device's ghost", async () => {
