@@ -9,6 +9,8 @@
  *   paced              MQTT → Matrix at a fixed offered rate: p50/p99 latency at 1,000 msg/s, and
  *                      whether the bridge keeps up with 3,000 msg/s for 10 s (sustained)
  *   Matrix → MQTT      homeserver transactions → queue → embedded broker → subscriber
+ *   encryption         plain and end-to-end encrypted rooms side by side (bench/encryption.ts;
+ *                      BENCH_ENCRYPTION=0 skips them)
  *
  * BENCH_FSYNC=compare runs the bridge rows a second time on a Redis with `appendfsync always`
  * (queue.fsync: always) and prints them as ratios of the first (everysec): the price of losing
@@ -26,6 +28,7 @@ import mqtt from "mqtt";
 import { BridgeProcess } from "../test/helpers/bridge-process.js";
 import { DeviceProcess, publishAll } from "./devices.js";
 import { emailBench, emailBenchAvailable } from "./email.js";
+import { encryptionBench, encryptionRows } from "./encryption.js";
 import { freePort, harness, REDIS_URL, type Harness } from "../test/helpers/fixture.js";
 import { moduleLogger } from "../src/log.js";
 import { startEmbeddedRedis, type FsyncPolicy } from "../src/queue/embedded-redis.js";
@@ -318,6 +321,7 @@ async function main(): Promise<void> {
   const b = await bridgeBench(redis);
   const email =
     process.env.BENCH_EMAIL !== "0" && emailBenchAvailable ? await emailBench(redis.url) : undefined;
+  const encryption = process.env.BENCH_ENCRYPTION !== "0" ? await encryptionBench(redis.url) : undefined;
   await redis.stop();
   const ratio = (value: number, of: number | undefined, name: string) =>
     of === undefined ? "" : `${(value / of).toFixed(2)}× ${name}`;
@@ -369,6 +373,7 @@ async function main(): Promise<void> {
           ],
         ] as [string, string, string][])
       : []),
+    ...(encryption ? encryptionRows(encryption) : []),
   ];
   if (COMPARE_FSYNC && !SHARED_REDIS) rows.push(...(await fsyncAlwaysRows(b)));
   for (const [name, value, r] of rows) console.log(`${name.padEnd(46)} ${value.padEnd(40)} ${r}`);

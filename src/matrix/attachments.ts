@@ -1,9 +1,17 @@
 /**
  * Files between rooms and far sides: the caps every attachment is checked against before any part
- * of its message is relayed, the msgtype of a file event, and the file of a room message.
+ * of its message is relayed, the msgtype of a file event, the file of a room message, and the
+ * upload of a far side's file into a room — encrypted when the room's events are (Client-Server
+ * API §Sending encrypted attachments).
  */
 import type { Attachment, Capabilities } from "../connector.js";
 import { PermanentError, RetryableError } from "../errors.js";
+import {
+  decryptAttachment,
+  encryptAttachment,
+  encryptedFileOf,
+  type EncryptedFile,
+} from "./crypto/encrypted-attachments.js";
 import type { MatrixClient } from "./matrix-client.js";
 
 export type AttachmentLimits = Pick<Capabilities, "maxAttachmentBytes" | "maxAttachments">;
@@ -64,41 +72,78 @@ export function fileMsgtype(mimeType: string): "m.image" | "m.audio" | "m.video"
 const MEDIA_MSGTYPES = new Set(["m.file", "m.image", "m.audio", "m.video"]);
 
 /**
+ * Where a file event's media is: in the clear at `url`, or encrypted, described by `file` (an
+ * EncryptedFile, in place of `url`: Client-Server API §Sending encrypted attachments).
+ */
+export type MediaSource = { url: string } | { file: EncryptedFile };
+
+/**
  * The files of a room message, downloaded for a far side (a Matrix event carries at most one):
- * empty for any other message. One over the far side's limits fails the message permanently.
+ * empty for any other message. One over the far side's limits fails the message permanently, as
+ * does an encrypted one whose `file` is malformed or whose ciphertext does not match its hash.
  */
 export async function downloadAttachments(
-  matrix: MatrixClient,
+  matrix: Pick<MatrixClient, "download">,
   content: Record<string, unknown>,
   limits: AttachmentLimits,
 ): Promise<Attachment[]> {
-  const { msgtype, url, info, filename } = content;
-  if (!MEDIA_MSGTYPES.has(String(msgtype)) || typeof url !== "string") return [];
+  const { msgtype, url, file, info, filename } = content;
+  if (!MEDIA_MSGTYPES.has(String(msgtype))) return [];
+  if (file === undefined && typeof url !== "string") return [];
   const declared = (info ?? {}) as { mimetype?: unknown; size?: unknown };
+  // `filename` is set when `body` is a caption (Client-Server API §m.file, v1.10).
+  const name = String(typeof filename === "string" ? filename : (content.body ?? "file"));
+  let encrypted: EncryptedFile | undefined;
+  try {
+    // Checked whole before anything is downloaded.
+    encrypted = file === undefined ? undefined : encryptedFileOf(file);
+  } catch (err) {
+    throw aboutFile(name, undefined, err);
+  }
   const files = [
     {
-      // `filename` is set when `body` is a caption (Client-Server API §m.file, v1.10).
-      name: String(typeof filename === "string" ? filename : (content.body ?? "file")),
-      url,
+      name,
+      url: encrypted?.url ?? (url as string),
       mimeType: typeof declared.mimetype === "string" ? declared.mimetype : undefined,
       // What the sender says: checked at once; the download stops at the limit whatever it said.
+      // AES-CTR ciphertext is as long as the file, so the same limit holds for an encrypted one.
       bytes: typeof declared.size === "number" ? declared.size : 0,
     },
   ];
   const max = limits.maxAttachmentBytes ?? DEFAULT_MAX_ATTACHMENT_BYTES;
   checkAttachments(files, { ...limits, maxAttachmentBytes: max }, "the far side");
   const attachments: Attachment[] = [];
-  for (const file of files) {
+  for (const f of files) {
     try {
-      const { data, mimeType } = await matrix.download(file.url, max);
+      const { data, mimeType } = await matrix.download(f.url, max);
       attachments.push({
-        name: file.name,
-        mimeType: file.mimeType ?? mimeType ?? "application/octet-stream",
-        dataBase64: data.toString("base64"),
+        name: f.name,
+        // The media repository's type of an encrypted file is that of its ciphertext: not used.
+        mimeType: f.mimeType ?? (encrypted ? undefined : mimeType) ?? "application/octet-stream",
+        dataBase64: (encrypted ? decryptAttachment(data, encrypted) : data).toString("base64"),
       });
     } catch (err) {
-      throw aboutFile(file.name, undefined, err);
+      throw aboutFile(f.name, undefined, err);
     }
   }
   return attachments;
+}
+
+/**
+ * Uploads a far side's file as `sender`, for an event in a room: encrypted when `encrypted` (the
+ * room's events are: MatrixClient.encryptsIn), as the spec asks of files in encrypted rooms.
+ * Encrypted, the media repository gets the ciphertext alone: no name, no type.
+ */
+export async function uploadAttachment(
+  matrix: Pick<MatrixClient, "upload">,
+  sender: { userId: string; displayName: string },
+  encrypted: boolean,
+  data: Uint8Array,
+  name: string,
+  mimeType: string,
+): Promise<MediaSource> {
+  if (!encrypted) return { url: await matrix.upload(sender, data, name, mimeType) };
+  const { ciphertext, file } = encryptAttachment(data);
+  const url = await matrix.upload(sender, ciphertext, undefined, "application/octet-stream");
+  return { file: { url, ...file } };
 }

@@ -1,6 +1,6 @@
 /** Message bodies ⇄ Matrix `m.room.message` content. */
 import type { MessageBody } from "../connector.js";
-import { fileMsgtype } from "./attachments.js";
+import { fileMsgtype, type MediaSource } from "./attachments.js";
 import { sanitizeMatrixHtml } from "./html.js";
 
 /** `format` of a `formatted_body` in HTML (Client-Server API §m.room.message msgtypes). */
@@ -77,18 +77,21 @@ export function replacementContent(
   };
 }
 
-/** A file event (Client-Server API §m.file, §m.image, §m.audio, §m.video), its msgtype by MIME type. */
+/**
+ * A file event (Client-Server API §m.file, §m.image, §m.audio, §m.video), its msgtype by MIME type;
+ * the media at `url`, or, encrypted, described by `file` (§Sending encrypted attachments).
+ */
 export function fileContent(
   name: string,
   mimeType: string,
   size: number,
-  mxc: string,
+  media: MediaSource,
 ): Record<string, unknown> {
   return {
     msgtype: fileMsgtype(mimeType),
     body: name,
     filename: name,
-    url: mxc,
+    ...media,
     info: { mimetype: mimeType, size },
     "m.mentions": {},
   };

@@ -45,6 +45,11 @@ export interface DeviceAuth {
 
 /** Encrypts what is sent into end-to-end encrypted rooms; undefined for a room that is not. */
 export interface EventSealer {
+  /**
+   * Whether what is sent into the room is encrypted: its events are sealed, and so its files must be
+   * encrypted too (§Sending encrypted attachments). The one answer both go by.
+   */
+  encrypts(roomId: string): Promise<boolean>;
   seal(
     userId: string,
     roomId: string,
@@ -455,6 +460,14 @@ export class MatrixClient {
     this.sealer = sealer;
   }
 
+  /**
+   * Whether events sent into the room are encrypted (see EventSealer.encrypts): then a file posted
+   * with them is uploaded encrypted. Never, without end-to-end encryption.
+   */
+  async encryptsIn(roomId: string): Promise<boolean> {
+    return (await this.sealer?.encrypts(roomId)) ?? false;
+  }
+
   /** Ensures a ghost exists (registered, with its display name) before a device is made for it. */
   ghostReady(userId: string, displayName: string): Promise<void> {
     return userId === this.opts.botUserId ? Promise.resolve() : this.ensureGhost(userId, displayName);
@@ -470,8 +483,9 @@ export class MatrixClient {
     method: HttpMethod,
     pathAndQuery: string,
     body?: Record<string, unknown>,
+    signal?: AbortSignal,
   ): Promise<Record<string, unknown>> {
-    return this.request(method, pathAndQuery, as, body);
+    return this.request(method, pathAndQuery, as, body, "application/json", signal);
   }
 
   /** One Client-Server API call as `userId`, over a keep-alive connection (the hot path of every relay). */
@@ -481,6 +495,7 @@ export class MatrixClient {
     as: string | DeviceAuth,
     body?: Uint8Array | Record<string, unknown>,
     contentType = "application/json",
+    signal?: AbortSignal,
   ): Promise<Record<string, unknown>> {
     const device = typeof as === "string" ? undefined : as;
     const userId = device?.userId ?? (as as string);
@@ -505,6 +520,7 @@ export class MatrixClient {
       contentType,
       body,
       accessToken: device?.accessToken,
+      signal,
     });
     if (status < 200 || status >= 300)
       throw classifyMatrixError(status, { retry_after_ms: retryAfterMs, ...errorBodyOf(data) }, what);
@@ -531,6 +547,8 @@ export class MatrixClient {
       body?: Uint8Array | Record<string, unknown>;
       /** A longer response body fails the request permanently. */
       maxBytes?: number;
+      /** Ends the request (a long poll, when stopping). */
+      signal?: AbortSignal;
     },
   ): Promise<{ status: number; data: Buffer; contentType: string | undefined; retryAfterMs?: number }> {
     const { method, path, contentType = "application/json", body, maxBytes = Infinity } = req;
@@ -542,6 +560,11 @@ export class MatrixClient {
       let responseType: string | undefined;
       let retryAfterMs: number | undefined;
       let abort: (err: Error) => void = () => undefined;
+      let aborted: Error | undefined;
+      const onAbort = () => abort((aborted = new UnavailableError(`${what}: aborted`)));
+      if (req.signal?.aborted) return reject(new UnavailableError(`${what}: aborted`));
+      req.signal?.addEventListener("abort", onAbort, { once: true });
+      const settled = () => req.signal?.removeEventListener("abort", onAbort);
       const tooLarge = () => new PermanentError(`${what}: response larger than ${maxBytes} bytes`);
       this.pool.dispatch(
         {
@@ -556,6 +579,7 @@ export class MatrixClient {
         {
           onConnect: (abortRequest) => {
             abort = abortRequest;
+            if (aborted) abortRequest(aborted);
           },
           onHeaders: (statusCode, rawHeaders) => {
             status = statusCode;
@@ -577,14 +601,18 @@ export class MatrixClient {
             chunks.push(chunk);
             return true;
           },
-          onComplete: () =>
-            resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs }),
-          onError: (err) =>
+          onComplete: () => {
+            settled();
+            resolve({ status, data: Buffer.concat(chunks), contentType: responseType, retryAfterMs });
+          },
+          onError: (err) => {
+            settled();
             reject(
               err instanceof PermanentError
                 ? err
                 : new UnavailableError(`${what}: ${err.message}`, { destination: HOMESERVER }),
-            ),
+            );
+          },
         },
       );
     });
@@ -648,16 +676,22 @@ export class MatrixClient {
     }
   }
 
-  /** Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. */
+  /**
+   * Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. `name` undefined: uploaded
+   * without one (an encrypted file, whose name is for the room's members only).
+   */
   async upload(
     sender: { userId: string; displayName: string },
     data: Uint8Array,
-    name: string,
+    name: string | undefined,
     mimeType: string,
   ): Promise<string> {
     // The homeserver accepts a masqueraded upload only from a registered ghost.
     if (sender.userId !== this.opts.botUserId) await this.ensureGhost(sender.userId, sender.displayName);
-    const path = `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
+    const path =
+      name === undefined
+        ? "/_matrix/media/v3/upload"
+        : `/_matrix/media/v3/upload?filename=${encodeURIComponent(name)}`;
     const res = await this.request("POST", path, sender.userId, data, mimeType);
     return String(res.content_uri);
   }

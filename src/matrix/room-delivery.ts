@@ -8,7 +8,7 @@ import type { Attachment, ConnectorDefinition, MessageBody } from "../connector.
 import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
 import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
-import { aboutFile, attachmentBytes, checkAttachments } from "./attachments.js";
+import { aboutFile, attachmentBytes, checkAttachments, uploadAttachment } from "./attachments.js";
 import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
 import type { EncryptedRooms } from "./encrypted-rooms.js";
@@ -172,11 +172,14 @@ export class RoomDelivery {
     // over its upload limit) fails the message with nothing of it in the room.
     const contents: Record<string, unknown>[] = [];
     if (withText && !textFile) contents.push(text);
-    for (const file of textFile ? [textFile, ...files] : files) {
+    const uploads = textFile ? [textFile, ...files] : files;
+    // Files go encrypted where the events are (decided once, for the whole message).
+    const encrypted = uploads.length > 0 && (await this.matrix.encryptsIn(roomId));
+    for (const file of uploads) {
       const data = Buffer.from(file.dataBase64, "base64");
       try {
-        const mxc = await this.matrix.upload(sender, data, file.name, file.mimeType);
-        contents.push(fileContent(file.name, file.mimeType, data.byteLength, mxc));
+        const media = await uploadAttachment(this.matrix, sender, encrypted, data, file.name, file.mimeType);
+        contents.push(fileContent(file.name, file.mimeType, data.byteLength, media));
       } catch (err) {
         throw aboutFile(file.name, data.byteLength, err);
       }

@@ -355,10 +355,15 @@ class Shard<T> {
     const redis = this.producer;
     for (const job of active) {
       const lock = redisKeys.jobLock(this.owner.opts.prefix, this.name, job.id!);
-      const ours = this.running === 0 && this.ourLocks.has(job.id!);
       if (ownLocksStale) await this.bounded(redis.del(lock), signal);
-      else if (ours) await this.bounded(redis.eval(DEL_IF, 1, lock, this.ourLocks.get(job.id!)!), signal);
-      while (!signal.aborted && (await this.bounded(redis.exists(lock), signal)) === 1) await sleep(500);
+      // Taken by a worker of ours, none of which is delivering any more: its lock is cleared at
+      // once; else it is waited out. Asked again each time: our old worker may finish meanwhile.
+      while (!signal.aborted) {
+        const ourToken = this.running === 0 ? this.ourLocks.get(job.id!) : undefined;
+        if (ourToken !== undefined) await this.bounded(redis.eval(DEL_IF, 1, lock, ourToken), signal);
+        if ((await this.bounded(redis.exists(lock), signal)) === 0) break;
+        await sleep(500);
+      }
       if (signal.aborted) return;
       // Put back meanwhile by the instance that held it (it noticed it lost the lease): nothing to do.
       if ((await this.bounded(job.getState(), signal)) !== "active") continue;

@@ -12,11 +12,12 @@ import { randomUUID } from "node:crypto";
 import { mkdtempSync, openSync, rmSync, writeSync, closeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Worker } from "bullmq";
+import type { Queue, Worker } from "bullmq";
 import { Redis } from "ioredis";
 import { setTimeout as sleep } from "node:timers/promises";
 import { pino } from "pino";
 import { OrderedQueue, shardOf } from "../../src/queue/ordered-queue.js";
+import { redisKeys } from "../../src/store/keys.js";
 import { deleteKeys, waitFor } from "../helpers/fixture.js";
 import { testQueueOptions } from "../helpers/queues.js";
 import { startRedisServer, type TestRedisServer } from "../helpers/redis-server.js";
@@ -131,18 +132,17 @@ async function underFaults(
         if (process.env.TRIBRIDGE_TEST_TRACE) console.error(`round ${round}: resumed`, resumedMs.at(-1));
       } catch {
         stuckRounds++;
-        if (process.env.TRIBRIDGE_TEST_TRACE) {
-          const stuck = rooms.filter((r) => !delivered.get(r)!.some((n) => n > mark.get(r)!));
-          console.error(
-            `round ${round}: stuck rooms`,
-            stuck.map(
-              (r) =>
-                `${r}@${shardOf(r, SHARDS)} mark ${mark.get(r)} last ${delivered.get(r)!.at(-1)} acked ${acked.get(r)!.at(-1)}`,
-            ),
-            q.consumers(),
-            await q.counts(),
-          );
-        }
+        // Always printed: a stuck round seen only in CI must say where it stood.
+        const stuck = rooms.filter((r) => !delivered.get(r)!.some((n) => n > mark.get(r)!));
+        console.error(
+          `round ${round}: stuck rooms`,
+          stuck.map(
+            (r) =>
+              `${r}@${shardOf(r, SHARDS)} mark ${mark.get(r)} last ${delivered.get(r)!.at(-1)} acked ${acked.get(r)!.at(-1)}`,
+          ),
+          q.consumers(),
+          await shardStates(q, server).catch((err: Error) => err.message),
+        );
         resumedMs.push(NaN);
       }
     }
@@ -181,6 +181,29 @@ async function underFaults(
   } finally {
     producing = false;
     await q.stop();
+  }
+}
+
+/** Each shard as Redis and this process see it: for a stuck round's diagnosis. */
+async function shardStates(q: OrderedQueue<unknown>, server: TestRedisServer): Promise<string> {
+  const redis = new Redis(server.url, { maxRetriesPerRequest: 1 });
+  try {
+    const shards = (q as unknown as { shards: { name: string; queue: Queue; running: number }[] }).shards;
+    const lines = [];
+    for (const s of shards) {
+      const counts = await s.queue.getJobCounts();
+      const active = await s.queue.getActive();
+      const locks = await Promise.all(
+        active.map((j) => redis.pttl(redisKeys.jobLock(s.queue.opts.prefix!, s.name, j.id!))),
+      );
+      const lease = await redis.get(redisKeys.shardLease(s.queue.opts.prefix!, s.name));
+      lines.push(
+        `${s.name}: running ${s.running} counts ${JSON.stringify(counts)} active ${active.map((j, i) => `${j.id} lock ${locks[i]} ms`).join(", ")} lease key ${lease}`,
+      );
+    }
+    return lines.join("\n");
+  } finally {
+    redis.disconnect();
   }
 }
 

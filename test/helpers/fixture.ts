@@ -47,8 +47,12 @@ export async function harness(raw: {
   metrics?: Record<string, unknown>;
   /** The connectors the config is validated against (default: the installed ones). */
   connectors?: readonly ConnectorDefinition[];
-  /** Settings of the test homeserver (e.g. its upload limit). */
-  homeserver?: Pick<TestHomeserverOptions, "maxUploadBytes">;
+  /** Settings of the test homeserver (e.g. its upload limit, the MSCs it implements). */
+  homeserver?: Pick<
+    TestHomeserverOptions,
+    "maxUploadBytes" | "msc2409ToDevice" | "msc3202TransactionExtensions" | "msc4190" | "deviceMasquerading"
+  >;
+  encryption?: Record<string, unknown>;
 }): Promise<Harness> {
   const connectors = raw.connectors ?? installedConnectors;
   const asPort = await freePort();
@@ -70,6 +74,7 @@ export async function harness(raw: {
     bridges: raw.bridges,
     routes: raw.routes,
     ...(raw.metrics ? { metrics: raw.metrics } : {}),
+    ...(raw.encryption ? { encryption: raw.encryption } : {}),
   };
   const registration = buildRegistration(validateConfig(base, connectors), connectors);
   const hs = new TestHomeserver({

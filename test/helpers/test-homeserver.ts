@@ -6,6 +6,14 @@
  * It is deliberately *not* lenient: requests a real homeserver would refuse are refused here too, with the
  * same HTTP status and `errcode`.
  *
+ * End-to-end encryption (CS API v1.12 §Device management, §End-to-End Encryption, §Send-to-Device
+ * messaging): devices (login, logout, MSC4190 `PUT`/`DELETE /devices`), device masquerading (MSC4326,
+ * from MSC3202), key upload/query/claim with fallback keys, cross-signing keys and signatures, to-device
+ * messages, and a `/sync` carrying a device's to-device messages, device lists and key counts (no rooms:
+ * room events reach the appservice in transactions). With Synapse's experimental flags on, transactions
+ * carry MSC2409 to-device messages and MSC3202 device data, in Synapse's shapes (homeserver-devices.ts
+ * holds the state).
+ *
  * Built on plain `node:http`, no dependencies. Designed to sustain thousands of events per second: events are
  * serialised once when created, transactions are built by string concatenation and pushed over a keep-alive
  * agent, and no per-request work is proportional to the history size.
@@ -15,6 +23,13 @@ import https from "node:https";
 import { randomBytes } from "node:crypto";
 import type { AddressInfo } from "node:net";
 import type { Socket } from "node:net";
+import {
+  DeviceDirectory,
+  canonicalJson,
+  validateKeyUpload,
+  type CrossSigningUsage,
+  type ToDeviceMessage,
+} from "./homeserver-devices.js";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Public types
@@ -33,6 +48,14 @@ export interface AppserviceRegistration {
   sender_localpart: string;
   rate_limited?: boolean;
   namespaces: { users?: NamespaceEntry[]; aliases?: NamespaceEntry[]; rooms?: NamespaceEntry[] };
+  /** MSC2409: ephemeral data (and, with `msc2409ToDevice`, to-device messages) in transactions. */
+  receive_ephemeral?: boolean;
+  /** The same, as MSC2409 first named it; the transaction keys are unstable-prefixed then. */
+  "de.sorunome.msc2409.push_ephemeral"?: boolean;
+  /** MSC3202 transaction extensions (device lists, one-time key counts), with `msc3202TransactionExtensions`. */
+  "org.matrix.msc3202"?: boolean;
+  /** MSC4190 opt-in: appservice login and /register with a device are refused (Synapse's APPSERVICE_LOGIN_UNSUPPORTED). */
+  "io.element.msc4190"?: boolean;
 }
 
 export interface TestHomeserverOptions {
@@ -55,6 +78,31 @@ export interface TestHomeserverOptions {
    * from before it, answering as Synapse before 1.84 does for an unknown endpoint (400 M_UNRECOGNIZED).
    */
   appservicePing?: "supported" | "absent";
+  /**
+   * Synapse `experimental_features.msc2409_to_device_messages_enabled`: to-device messages for the
+   * appservice's users go into its transactions too (`de.sorunome.msc2409.to_device`), for a
+   * registration with `receive_ephemeral` (or `de.sorunome.msc2409.push_ephemeral`). Default false.
+   */
+  msc2409ToDevice?: boolean;
+  /**
+   * Synapse `experimental_features.msc3202_transaction_extensions`: device list changes, one-time key
+   * counts and unused fallback key types in transactions, for a registration with `org.matrix.msc3202`.
+   * Default false.
+   */
+  msc3202TransactionExtensions?: boolean;
+  /**
+   * MSC4326 (split from MSC3202) device masquerading: an appservice request with `device_id` (or
+   * `org.matrix.msc3202.device_id`) acts as that device of the asserted user, which must exist.
+   * Default true, as Synapse since 1.141; false: as Synapse before it without
+   * `experimental_features.msc3202_device_masquerading`, where the parameter is ignored.
+   */
+  deviceMasquerading?: boolean;
+  /**
+   * MSC4190 device management for appservices: `PUT /devices/{id}` creates the device (201) and
+   * `DELETE /devices/{id}` needs no user-interactive auth. Default true, as Synapse since 1.141 for
+   * every appservice; false: as Synapse before 1.122 (404 for an unknown device, 401 UIA to delete).
+   */
+  msc4190?: boolean;
 }
 
 /**
@@ -181,6 +229,8 @@ interface Requester {
   isAs: boolean;
   /** Scope of client transaction ids: the access token plus the asserted user (CS API §Transaction identifiers). */
   txnScope: string;
+  /** The device acting: the access token's, or the one an appservice masquerades as. */
+  deviceId?: string | undefined;
 }
 
 interface Ctx {
@@ -227,6 +277,12 @@ const MAX_EVENT_BYTES = 65536; // CS API §Size limits
  */
 const PDU_OVERHEAD_BYTES = 400;
 const MAX_UPLOAD_BYTES = 50 * 1024 * 1024;
+/** Synapse's errcode when an appservice that opted in to MSC4190 logs in (or registers with a device). */
+const APPSERVICE_LOGIN_UNSUPPORTED = "IO.ELEMENT.MSC4190.M_APPSERVICE_LOGIN_UNSUPPORTED";
+/** Synapse's MAX_TO_DEVICE_CONTENT_SIZE (its SOFT_MAX_EDU_SIZE), in canonical JSON bytes. */
+const MAX_TO_DEVICE_CONTENT_BYTES = 65536;
+/** To-device messages in one /sync response (Synapse's limit). */
+const SYNC_TO_DEVICE_LIMIT = 100;
 const LOG_LIMIT = 10_000;
 const DEFAULT_ROOM_VERSION = "10";
 const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
@@ -348,6 +404,11 @@ export class TestHomeserver {
 
   private readonly users = new Map<string, User>();
   private readonly tokens = new Map<string, string>(); // access token -> user id (non-AS tokens)
+  private readonly tokenDevices = new Map<string, string>(); // access token -> its device id
+  /** Devices, their keys and to-device inboxes (CS API §Device management, §End-to-End Encryption). */
+  private readonly devices = new DeviceDirectory((userId) => this.deviceListChanged(userId));
+  /** Joins and leaves, at positions of the device stream: /sync's device_lists follow who shares a room. */
+  private readonly membershipLog: { pos: number; roomId: string; userId: string; joined: boolean }[] = [];
   private readonly rooms = new Map<string, Room>();
   private readonly aliases = new Map<string, { roomId: string; creator: string }>();
   private readonly eventIndex = new Map<string, StoredEvent>();
@@ -366,8 +427,20 @@ export class TestHomeserver {
   private readonly agent: http.Agent;
   private readonly pushTarget: { mod: typeof http | typeof https; base: URL; prefix: string } | undefined;
   private queue: string[] = [];
+  /** Room of each queued event (same index as `queue`): MSC3202 counts keys of the appservice users in it. */
+  private queueRooms: string[] = [];
+  /** MSC2409: to-device messages for the appservice's users, serialised, waiting for a transaction. */
+  private asToDevice: string[] = [];
+  /** MSC3202: users whose device lists changed, waiting for a transaction. */
+  private readonly asDeviceListChanged = new Set<string>();
+  /**
+   * Synapse marks an appservice DOWN when a transaction fails and retries only its events (the
+   * recoverer's catch-up transactions carry no to-device messages, key counts or device lists);
+   * until one succeeds, what would go with them is dropped.
+   */
+  private appserviceDown = false;
   private queueHead = 0;
-  private inFlight: { txnId: string; body: string; events: number } | undefined;
+  private inFlight: { txnId: string; body: string; events: number; eventsOnly: string } | undefined;
   private sending = false;
   private paused = false;
   /** See outage(). */
@@ -389,6 +462,10 @@ export class TestHomeserver {
       pushTimeoutMs: opts.pushTimeoutMs ?? 30_000,
       maxUploadBytes: opts.maxUploadBytes ?? MAX_UPLOAD_BYTES,
       appservicePing: opts.appservicePing ?? "supported",
+      msc2409ToDevice: opts.msc2409ToDevice ?? false,
+      msc3202TransactionExtensions: opts.msc3202TransactionExtensions ?? false,
+      deviceMasquerading: opts.deviceMasquerading ?? true,
+      msc4190: opts.msc4190 ?? true,
       initialDelayMs: opts.retry?.initialDelayMs ?? 200,
       maxDelayMs: opts.retry?.maxDelayMs ?? 8000,
     };
@@ -500,7 +577,8 @@ export class TestHomeserver {
       throw err(400, "M_EXCLUSIVE", `${userId} is reserved by an application service`);
     }
     const user = this.createUser(userId);
-    this.tokens.set(newToken("syt_"), userId);
+    // A registration logs in: a device of its own, with a token (CS API §POST /register).
+    this.issueToken(userId, randomLetters(10).toUpperCase());
     if (displayName !== undefined) user.displayname = displayName;
     return userId;
   }
@@ -633,6 +711,11 @@ export class TestHomeserver {
   /** messages(roomId).length without the copy, for polling loops. */
   messageCount(roomId: string): number {
     return this.requireRoomForInspection(roomId).messages.length;
+  }
+
+  /** The ids of a user's devices. */
+  devicesOf(userId: string): string[] {
+    return this.devices.deviceIds(userId);
   }
 
   members(roomId: string): string[] {
@@ -1032,6 +1115,7 @@ export class TestHomeserver {
       room.interestedJoined > 0;
     if (interested && this.pushTarget) {
       this.queue.push(json);
+      this.queueRooms.push(room.roomId);
       this.schedulePump();
     }
     if (this.waiters.size) for (const w of [...this.waiters]) w.check();
@@ -1042,6 +1126,10 @@ export class TestHomeserver {
     const old = room.membership.get(userId);
     room.membership.set(userId, m);
     const user = this.users.get(userId);
+    if ((old === "join") !== (m === "join")) {
+      const pos = this.devices.noteStream();
+      this.membershipLog.push({ pos, roomId: room.roomId, userId, joined: m === "join" });
+    }
     if (old === "join" && m !== "join") {
       room.joined.delete(userId);
       user?.rooms.delete(room.roomId);
@@ -1701,24 +1789,84 @@ export class TestHomeserver {
   private authenticate(token: string | undefined, query: URLSearchParams): Requester {
     if (token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
     if (token === this.registration.as_token) {
-      // AS API §Identity assertion. device_id (and MSC3202's org.matrix.msc3202.device_id) is accepted and ignored.
+      // AS API §Identity assertion.
       const asserted = query.get("user_id");
-      if (asserted === null || asserted === this.senderId) {
-        return { userId: this.senderId, isAs: true, txnScope: `as\u0000${this.senderId}` };
+      let userId = this.senderId;
+      if (asserted !== null && asserted !== this.senderId) {
+        if (!this.userInterests(asserted)) {
+          throw forbidden(`Application service cannot masquerade as this user (${asserted}).`);
+        }
+        if (!this.users.has(asserted)) {
+          throw forbidden(`Application service has not registered this user (${asserted})`);
+        }
+        userId = asserted;
       }
-      if (!this.userInterests(asserted)) {
-        throw forbidden(`Application service cannot masquerade as this user (${asserted}).`);
-      }
-      if (!this.users.has(asserted)) {
-        throw forbidden(`Application service has not registered this user (${asserted})`);
-      }
-      return { userId: asserted, isAs: true, txnScope: `as\u0000${asserted}` };
+      return {
+        userId,
+        isAs: true,
+        txnScope: `as\u0000${userId}`,
+        deviceId: this.masqueradedDevice(userId, query),
+      };
     }
     const userId = this.tokens.get(token);
     if (userId === undefined) {
       throw err(401, "M_UNKNOWN_TOKEN", "Unknown access token.", { soft_logout: false });
     }
-    return { userId, isAs: false, txnScope: `tok\u0000${token}` };
+    const deviceId = this.tokenDevices.get(token);
+    if (deviceId !== undefined) this.devices.touch(userId, deviceId);
+    return { userId, isAs: false, txnScope: `tok\u0000${token}`, deviceId };
+  }
+
+  /**
+   * AS API §Identity assertion, MSC4326 (from MSC3202): `device_id` (or its unstable name
+   * `org.matrix.msc3202.device_id`) makes an appservice request act as that device of the asserted
+   * user, which must exist (Synapse's get_appservice_user). Ignored without `deviceMasquerading`.
+   */
+  private masqueradedDevice(userId: string, query: URLSearchParams): string | undefined {
+    if (!this.opts.deviceMasquerading) return undefined;
+    const deviceId = query.get("device_id") ?? query.get("org.matrix.msc3202.device_id");
+    if (deviceId === null || deviceId === "") return undefined;
+    if (!this.devices.has(userId, deviceId)) {
+      throw err(
+        400,
+        "ORG.MATRIX.MSC4326.M_UNKNOWN_DEVICE",
+        `Application service trying to use a device that doesn't exist ('${deviceId}' for ${userId})`,
+      );
+    }
+    return deviceId;
+  }
+
+  /** A new access token for a device of the user (made unless it exists): login, registration. */
+  private issueToken(userId: string, deviceId: string, displayName?: string): string {
+    this.devices.upsert(userId, deviceId, displayName);
+    const token = newToken("syt_");
+    this.tokens.set(token, userId);
+    this.tokenDevices.set(token, deviceId);
+    return token;
+  }
+
+  /** Deletes a device: its access tokens, keys and to-device inbox go with it (Synapse's delete_devices). */
+  private deleteDevice(userId: string, deviceId: string): void {
+    for (const [token, d] of this.tokenDevices)
+      if (d === deviceId && this.tokens.get(token) === userId) {
+        this.tokenDevices.delete(token);
+        this.tokens.delete(token);
+      }
+    this.devices.delete(userId, deviceId);
+  }
+
+  /**
+   * MSC3202: a user's device list changed; the appservice hears of it when the user is its own, or
+   * in a room it is interested in (Synapse's _is_appservice_interested_in_device_lists_of_user).
+   */
+  private deviceListChanged(userId: string): void {
+    if (!this.msc3202InTransactions() || !this.pushTarget) return;
+    const rooms = [...(this.users.get(userId)?.rooms ?? [])].map((id) => this.rooms.get(id));
+    const interested =
+      this.userInterests(userId) || rooms.some((r) => r && (r.interestedJoined > 0 || r.idOrAliasInterest));
+    if (!interested || this.appserviceDown) return;
+    this.asDeviceListChanged.add(userId);
+    this.schedulePump();
   }
 
   private asTimestamp(ctx: Ctx): number | undefined {
@@ -1771,9 +1919,10 @@ export class TestHomeserver {
       }
       return ok({ available: true });
     });
-    r("GET", `${C}/account/whoami`, "user", "none", (ctx) =>
-      ok({ user_id: req(ctx).userId, is_guest: false }),
-    );
+    r("GET", `${C}/account/whoami`, "user", "none", (ctx) => {
+      const rq = req(ctx);
+      return ok({ user_id: rq.userId, is_guest: false, ...(rq.deviceId ? { device_id: rq.deviceId } : {}) });
+    });
 
     // CS API §Login; AS API §Server admin style permissions (m.login.application_service).
     r("GET", `${C}/login`, "none", "none", () => ok({ flows: [{ type: "m.login.application_service" }] }));
@@ -1783,6 +1932,13 @@ export class TestHomeserver {
       if (ctx.token === undefined) throw err(401, "M_MISSING_TOKEN", "Missing access token.");
       if (ctx.token !== this.registration.as_token)
         throw err(401, "M_UNKNOWN_TOKEN", "Unknown access token.");
+      if (this.msc4190OptedIn()) {
+        throw err(
+          400,
+          APPSERVICE_LOGIN_UNSUPPORTED,
+          "This appservice has MSC4190 enabled, so appservice login cannot be used.",
+        );
+      }
       const ident = b.identifier;
       if (!isObject(ident) || ident.type !== "m.id.user" || typeof ident.user !== "string") {
         throw badJson("identifier must be an m.id.user identifier");
@@ -1791,9 +1947,11 @@ export class TestHomeserver {
       if (!this.userInterests(userId))
         throw err(400, "M_EXCLUSIVE", "User is not in the application service's namespace");
       if (!this.users.has(userId)) throw forbidden("Invalid username or password");
-      const token = newToken("syt_");
-      this.tokens.set(token, userId);
-      const deviceId = typeof b.device_id === "string" ? b.device_id : randomLetters(10).toUpperCase();
+      const deviceId = this.requestedDeviceId(b);
+      // CS API §POST /login: an existing device_id is reused (a new token for it), else the device is made.
+      const name =
+        typeof b.initial_device_display_name === "string" ? b.initial_device_display_name : undefined;
+      const token = this.issueToken(userId, deviceId, this.devices.has(userId, deviceId) ? undefined : name);
       return ok({ user_id: userId, access_token: token, device_id: deviceId, home_server: this.serverName });
     });
 
@@ -2139,6 +2297,7 @@ export class TestHomeserver {
       return ok({ content_uri: `mxc://${this.serverName}/${id}` });
     };
     r("POST", "/_matrix/media/{mv}/upload", "user", "raw", upload);
+    this.defineDeviceRoutes();
     const config = (): Reply => ok({ "m.upload.size": this.opts.maxUploadBytes });
     r("GET", "/_matrix/media/{mv}/config", "user", "none", config);
     r("GET", "/_matrix/client/v1/media/config", "user", "none", config);
@@ -2171,6 +2330,374 @@ export class TestHomeserver {
     };
     r("GET", "/_matrix/media/{mv}/download/:serverName/:mediaId", "none", "none", frozen);
     r("GET", "/_matrix/media/{mv}/download/:serverName/:mediaId/:fileName", "none", "none", frozen);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Devices, keys, to-device messages and /sync (CS API §Device management, §End-to-End Encryption,
+  // §Send-to-Device messaging, §Syncing), as Synapse answers them
+  // -------------------------------------------------------------------------------------------------------------
+
+  private defineDeviceRoutes(): void {
+    const C = "/_matrix/client/{v}";
+    const r = this.route.bind(this);
+    const req = (ctx: Ctx): Requester => ctx.requester!;
+    const body = (ctx: Ctx): Json => ctx.body as Json;
+
+    // CS API §GET /devices, §GET /devices/{deviceId}.
+    r("GET", `${C}/devices`, "user", "none", (ctx) => ok({ devices: this.devices.list(req(ctx).userId) }));
+    r("GET", `${C}/devices/:deviceId`, "user", "none", (ctx) => {
+      const device = this.devices.get(req(ctx).userId, ctx.params[0]!);
+      if (!device) throw notFound("No device found");
+      return ok(device);
+    });
+    // CS API §PUT /devices/{deviceId}; MSC4190: an appservice creates the device (201) or updates it (200).
+    r("PUT", `${C}/devices/:deviceId`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      const deviceId = ctx.params[0]!;
+      const name = body(ctx).display_name;
+      if (name !== undefined && name !== null && typeof name !== "string")
+        throw badJson("display_name must be a string");
+      // Synapse's _check_device_name_length.
+      if (typeof name === "string" && name.length > 100)
+        throw err(400, "M_TOO_LARGE", "Device display name is too long (max 100)");
+      if (rq.isAs && this.opts.msc4190) {
+        const created = this.devices.upsert(rq.userId, deviceId, name as string | null | undefined);
+        return { status: created ? 201 : 200, body: {} };
+      }
+      if (!this.devices.rename(rq.userId, deviceId, name as string | null | undefined))
+        throw notFound("Not found");
+      return ok({});
+    });
+    // CS API §DELETE /devices/{deviceId}, §POST /delete_devices: user-interactive auth, which
+    // appservices skip with MSC4190. This homeserver has no passwords: UIA is never completed.
+    const deleteDevices = (ctx: Ctx, deviceIds: string[]): Reply => {
+      const rq = req(ctx);
+      if (!(rq.isAs && this.opts.msc4190)) throw this.uiaRequired();
+      for (const deviceId of deviceIds) this.deleteDevice(rq.userId, deviceId);
+      return ok({});
+    };
+    r("DELETE", `${C}/devices/:deviceId`, "user", "json?", (ctx) => deleteDevices(ctx, [ctx.params[0]!]));
+    r("POST", `${C}/delete_devices`, "user", "json", (ctx) => {
+      const ids = body(ctx).devices;
+      if (!Array.isArray(ids) || !ids.every((d) => typeof d === "string"))
+        throw badJson("devices must be a list of strings");
+      return deleteDevices(ctx, ids as string[]);
+    });
+    // CS API §POST /logout: the token's device goes, with its keys (a token without a device: only itself).
+    r("POST", `${C}/logout`, "user", "json?", (ctx) => {
+      const rq = req(ctx);
+      if (rq.deviceId !== undefined) this.deleteDevice(rq.userId, rq.deviceId);
+      else if (!rq.isAs) this.tokens.delete(ctx.token!);
+      return ok({});
+    });
+
+    // CS API §POST /keys/upload.
+    r("POST", `${C}/keys/upload`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      const b = body(ctx);
+      validateKeyUpload(b, badJson);
+      if (rq.deviceId === undefined)
+        throw err(400, "M_UNKNOWN", "To upload keys, you must pass device_id when authenticating");
+      const dk = b.device_keys as Json | undefined;
+      if (dk && dk.user_id !== rq.userId)
+        throw badJson("Provided `user_id` in `device_keys` does not match that of the authenticated user");
+      if (dk && dk.device_id !== rq.deviceId)
+        throw badJson(
+          "Provided `device_id` in `device_keys` does not match that of the authenticated user device",
+        );
+      const clash = this.devices.upload(rq.userId, rq.deviceId, {
+        device_keys: isObject(dk) && Object.keys(dk).length > 0 ? dk : undefined,
+        one_time_keys: b.one_time_keys as Json | undefined,
+        fallback_keys: b.fallback_keys as Json | undefined,
+      });
+      if (clash !== undefined) throw err(400, "M_UNKNOWN", `One time key ${clash} already exists.`);
+      return ok({ one_time_key_counts: this.devices.oneTimeKeyCounts(rq.userId, rq.deviceId) });
+    });
+
+    // CS API §POST /keys/query.
+    r("POST", `${C}/keys/query`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      const wanted = body(ctx).device_keys;
+      if (!isObject(wanted)) throw badJson("'device_keys' must be a JSON object");
+      if (!Object.values(wanted).every((v) => Array.isArray(v) && v.every((d) => typeof d === "string")))
+        throw badJson("'device_keys' values must be a list of strings");
+      const deviceKeys: Json = {};
+      const failures: Json = {};
+      const master: Json = {};
+      const selfSigning: Json = {};
+      const userSigning: Json = {};
+      for (const [userId, ids] of Object.entries(wanted as Record<string, string[]>)) {
+        const server = userId.slice(userId.indexOf(":") + 1);
+        if (server !== this.serverName) {
+          // No federation here: the remote server is unreachable, as Synapse reports it.
+          failures[server] = { status: 503, message: "Not ready for retry" };
+          continue;
+        }
+        deviceKeys[userId] = this.devices.deviceKeys(userId, ids);
+        const m = this.devices.crossSigningKey(userId, "master");
+        const ss = this.devices.crossSigningKey(userId, "self_signing");
+        // CS API: a user-signing key is only returned to its own user.
+        const us = userId === rq.userId ? this.devices.crossSigningKey(userId, "user_signing") : undefined;
+        if (m) master[userId] = m;
+        if (ss) selfSigning[userId] = ss;
+        if (us) userSigning[userId] = us;
+      }
+      return ok({
+        device_keys: deviceKeys,
+        failures,
+        master_keys: master,
+        self_signing_keys: selfSigning,
+        user_signing_keys: userSigning,
+      });
+    });
+
+    // CS API §POST /keys/claim: one key per device asked for, the algorithm's one-time key else its fallback key.
+    r("POST", `${C}/keys/claim`, "user", "json", (ctx) => {
+      const wanted = body(ctx).one_time_keys ?? {};
+      if (!isObject(wanted)) throw badJson("one_time_keys must be a JSON object");
+      const claimed: Record<string, Record<string, Json>> = {};
+      const failures: Json = {};
+      for (const [userId, devices] of Object.entries(wanted)) {
+        if (!isObject(devices)) throw badJson("one_time_keys values must be JSON objects");
+        const server = userId.slice(userId.indexOf(":") + 1);
+        if (server !== this.serverName) {
+          failures[server] = { status: 503, message: "Not ready for retry" };
+          continue;
+        }
+        for (const [deviceId, algorithm] of Object.entries(devices)) {
+          if (typeof algorithm !== "string") throw badJson("algorithms must be strings");
+          const key = this.devices.claim(userId, deviceId, algorithm);
+          if (key) (claimed[userId] ??= {})[deviceId] = { [key[0]]: key[1] };
+        }
+      }
+      return ok({ one_time_keys: claimed, failures });
+    });
+
+    // CS API §POST /keys/device_signing/upload: the first keys need no UIA (MSC3967), nor do an
+    // appservice's (MSC4190); replacing a person's keys needs UIA, which this homeserver never completes.
+    r("POST", `${C}/keys/device_signing/upload`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      const b = body(ctx);
+      const keys: Partial<Record<CrossSigningUsage, Json>> = {};
+      for (const usage of ["master", "self_signing", "user_signing"] as const) {
+        const key = b[`${usage}_key`];
+        if (key === undefined) continue;
+        if (!isObject(key) || key.user_id !== rq.userId || !isObject(key.keys) || !Array.isArray(key.usage))
+          throw err(400, "M_INVALID_PARAM", `Invalid ${usage}_key`);
+        if (!key.usage.includes(usage)) throw err(400, "M_INVALID_PARAM", `Invalid usage in ${usage}_key`);
+        keys[usage] = key;
+      }
+      if (Object.keys(keys).length === 0) return ok({});
+      if (this.devices.replacesCrossSigning(rq.userId, keys) && !(rq.isAs && this.opts.msc4190))
+        throw this.uiaRequired();
+      this.devices.setCrossSigning(rq.userId, keys);
+      return ok({});
+    });
+    // CS API §POST /keys/signatures/upload: signatures are kept (not verified) for known keys.
+    r("POST", `${C}/keys/signatures/upload`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      const failures: Record<string, Record<string, Json>> = {};
+      for (const [userId, objects] of Object.entries(body(ctx))) {
+        if (!isObject(objects)) throw badJson("signed objects must be JSON objects");
+        for (const [keyId, signed] of Object.entries(objects)) {
+          const sigs =
+            isObject(signed) && isObject(signed.signatures) ? signed.signatures[rq.userId] : undefined;
+          const valid = isObject(sigs) && Object.values(sigs).every((v) => typeof v === "string");
+          if (!valid || !this.devices.addSignatures(userId, keyId, rq.userId, sigs as Record<string, string>))
+            (failures[userId] ??= {})[keyId] = valid
+              ? { status: 404, errcode: "M_NOT_FOUND", message: "Unknown key" }
+              : { status: 400, errcode: "M_INVALID_SIGNATURE", message: "Missing signature" };
+        }
+      }
+      return ok({ failures });
+    });
+    // CS API §GET /keys/changes.
+    r("GET", `${C}/keys/changes`, "user", "none", (ctx) => {
+      const from = this.parseSyncToken(ctx.query.get("from"), "from");
+      this.parseSyncToken(ctx.query.get("to"), "to");
+      if (from === undefined) throw err(400, "M_MISSING_PARAM", "Missing string query parameter from");
+      return ok(this.deviceListChanges(req(ctx).userId, from));
+    });
+
+    // CS API §PUT /sendToDevice/{eventType}/{txnId}.
+    r("PUT", `${C}/sendToDevice/:eventType/:txnId`, "user", "json", (ctx) => {
+      const rq = req(ctx);
+      // Synapse's HttpTransactionCache: per device for a device's token, per appservice user otherwise.
+      const key = `${rq.deviceId === undefined || rq.isAs ? rq.txnScope : `dev\u0000${rq.userId}\u0000${rq.deviceId}`}\u0000${ctx.path}`;
+      if (this.txnCache.has(key)) return ok({});
+      const messages = body(ctx).messages;
+      if (messages === undefined) throw err(400, "M_MISSING_PARAM", "Missing params: ['messages']");
+      if (!isObject(messages) || !Object.values(messages).every(isObject))
+        throw badJson("messages must map user ids to objects of device ids");
+      this.sendToDevice(rq.userId, ctx.params[0]!, messages as Record<string, Json>);
+      this.txnCache.set(key, "");
+      return ok({});
+    });
+
+    // CS API §GET /sync: to-device messages, device lists and key counts of the requesting device.
+    r("GET", `${C}/sync`, "user", "none", (ctx) => this.handleSync(ctx));
+  }
+
+  /** 401 with the flows of user-interactive auth (CS API §User-interactive authentication API). */
+  private uiaRequired(): MatrixError {
+    return new MatrixError(401, "M_FORBIDDEN", "User-interactive authentication is required", {
+      flows: [{ stages: ["m.login.password"] }],
+      params: {},
+      session: randomLetters(24),
+    });
+  }
+
+  /**
+   * Puts each message in its devices' inboxes (`*`: every device of the user; unknown devices,
+   * invalid and remote users are skipped, as Synapse's send_device_message does), and, with MSC2409,
+   * queues those for the appservice's users for its transactions.
+   */
+  private sendToDevice(sender: string, type: string, messages: Record<string, Json>): void {
+    for (const [, byDevice] of Object.entries(messages))
+      for (const [deviceId, content] of Object.entries(byDevice)) {
+        if (!isObject(content)) throw badJson(`message for ${deviceId} must be a JSON object`);
+        const size = Buffer.byteLength(canonicalJson(content));
+        if (size > MAX_TO_DEVICE_CONTENT_BYTES)
+          throw err(
+            413,
+            "M_TOO_LARGE",
+            `To-device message is too large to send (${size} > ${MAX_TO_DEVICE_CONTENT_BYTES})`,
+          );
+      }
+    const toAppservice =
+      this.msc2409InTransactions() && this.pushTarget !== undefined && !this.appserviceDown;
+    for (const [userId, byDevice] of Object.entries(messages)) {
+      if (!/^@[^:]+:.+$/.test(userId) || userId.slice(userId.indexOf(":") + 1) !== this.serverName) continue;
+      const targets = new Set<string>();
+      for (const deviceId of Object.keys(byDevice)) {
+        if (deviceId === "*") for (const d of this.devices.deviceIds(userId)) targets.add(d);
+        else targets.add(deviceId);
+      }
+      for (const deviceId of targets) {
+        const content = (byDevice[deviceId] ?? byDevice["*"]) as Json;
+        const message: ToDeviceMessage = { content, type, sender };
+        if (this.devices.deliver(userId, deviceId, message) === undefined) continue;
+        if (toAppservice && this.userInterests(userId))
+          this.asToDevice.push(JSON.stringify({ to_user_id: userId, to_device_id: deviceId, ...message }));
+      }
+    }
+    if (this.asToDevice.length > 0) this.schedulePump();
+  }
+
+  /** `s<position>`; undefined for none; 400 for one this homeserver did not give. */
+  private parseSyncToken(token: string | null, name: string): number | undefined {
+    if (token === null) return undefined;
+    const m = /^s(\d+)$/.exec(token);
+    const pos = m ? Number(m[1]) : NaN;
+    if (!Number.isSafeInteger(pos) || pos > this.devices.position)
+      throw err(400, "M_INVALID_PARAM", `Invalid ${name} token ${JSON.stringify(token)}`);
+    return pos;
+  }
+
+  /** Users sharing a joined room with `userId`, the user included. */
+  private sharedUsers(userId: string): Set<string> {
+    const shared = new Set([userId]);
+    for (const roomId of this.users.get(userId)?.rooms ?? [])
+      for (const u of this.rooms.get(roomId)?.joined ?? []) shared.add(u);
+    return shared;
+  }
+
+  /**
+   * CS API §Tracking the device list for a user: since stream position `since`, the users sharing a
+   * room whose devices changed or who newly share one (`changed`), and those who no longer share any
+   * (`left`), as Synapse's get_device_list_changes computes them.
+   */
+  private deviceListChanges(userId: string, since: number): { changed: string[]; left: string[] } {
+    const shared = this.sharedUsers(userId);
+    const changed = new Set(this.devices.usersChangedSince(since).filter((u) => shared.has(u)));
+    const left = new Set<string>();
+    for (let i = this.membershipLog.length - 1; i >= 0 && this.membershipLog[i]!.pos > since; i--) {
+      const e = this.membershipLog[i]!;
+      const room = this.rooms.get(e.roomId);
+      if (!room) continue;
+      if (e.userId === userId) {
+        for (const u of room.joined) if (u !== userId) (shared.has(u) ? changed : left).add(u);
+      } else if (room.joined.has(userId)) {
+        (shared.has(e.userId) ? changed : left).add(e.userId);
+      }
+    }
+    for (const u of changed) left.delete(u);
+    left.delete(userId);
+    return { changed: [...changed], left: [...left] };
+  }
+
+  /**
+   * GET /sync for a device (CS API §Syncing), without rooms, presence or account data: this
+   * homeserver gives room events to the appservice in transactions. Tokens are positions of the
+   * device stream; a sync after `since` first deletes the to-device messages up to it (Synapse: the
+   * client has them), and long-polls `timeout` ms while there is nothing new.
+   */
+  private async handleSync(ctx: Ctx): Promise<Reply> {
+    const rq = ctx.requester!;
+    const filter = ctx.query.get("filter");
+    if (filter !== null) {
+      if (!filter.startsWith("{")) throw notFound("No such filter");
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(filter);
+      } catch {
+        throw err(400, "M_NOT_JSON", "Invalid filter JSON");
+      }
+      if (!isObject(parsed)) throw err(400, "M_NOT_JSON", "Invalid filter JSON");
+    }
+    const since = this.parseSyncToken(ctx.query.get("since"), "since");
+    const timeoutParam = ctx.query.get("timeout") ?? "0";
+    if (!/^\d+$/.test(timeoutParam)) throw err(400, "M_INVALID_PARAM", "timeout must be an integer");
+    const deadline = Date.now() + Number(timeoutParam);
+    for (;;) {
+      const reply = this.syncResponse(rq, since);
+      const empty = reply.to_device === undefined && reply.device_lists === undefined;
+      if (since === undefined || !empty || Date.now() >= deadline || this.stopped) return ok(reply);
+      await this.streamMoved(deadline - Date.now());
+    }
+  }
+
+  private syncResponse(rq: Requester, since: number | undefined): Json {
+    const now = this.devices.position;
+    const out: Json = { next_batch: `s${now}` };
+    const device = rq.deviceId;
+    if (device !== undefined) {
+      const { messages, upTo } = this.devices.inboxAfter(rq.userId, device, since ?? 0, SYNC_TO_DEVICE_LIMIT);
+      if (messages.length > 0) {
+        out.to_device = { events: messages };
+        // More than the limit waiting: the next sync starts after the last message given.
+        if (this.devices.hasMessagesAfter(rq.userId, device, upTo!)) out.next_batch = `s${upTo}`;
+      }
+    }
+    if (since !== undefined) {
+      const { changed, left } = this.deviceListChanges(rq.userId, since);
+      const lists: Json = {};
+      if (changed.length > 0) lists.changed = changed;
+      if (left.length > 0) lists.left = left;
+      if (Object.keys(lists).length > 0) out.device_lists = lists;
+    }
+    // Synapse always includes both (element-android#3725; MSC2732).
+    out.device_one_time_keys_count =
+      device === undefined ? {} : this.devices.oneTimeKeyCounts(rq.userId, device);
+    out.device_unused_fallback_key_types =
+      device === undefined ? [] : this.devices.unusedFallbackKeyTypes(rq.userId, device);
+    return out;
+  }
+
+  /** Resolves when the device stream or a room moves, when the homeserver stops, or after `ms`. */
+  private streamMoved(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const waiter = { check: (): boolean => (done(), true) };
+      const off = this.devices.onAdvance(() => done());
+      const timer = setTimeout(() => done(), ms);
+      const done = (): void => {
+        off();
+        clearTimeout(timer);
+        this.waiters.delete(waiter);
+        resolve();
+      };
+      this.waiters.add(waiter);
+    });
   }
 
   /**
@@ -2206,6 +2733,13 @@ export class TestHomeserver {
       if (!this.userInterests(userId)) {
         throw err(400, "M_EXCLUSIVE", "Invalid user localpart for this application service.");
       }
+      if (this.msc4190OptedIn() && b.inhibit_login !== true) {
+        throw err(
+          400,
+          APPSERVICE_LOGIN_UNSUPPORTED,
+          "This appservice has MSC4190 enabled, so the inhibit_login parameter must be set to true.",
+        );
+      }
       if (userId === this.senderId && !this.senderRegistered) {
         // The sender acted before (see senderRegistered): registering it creates its profile.
         this.senderRegistered = true;
@@ -2215,10 +2749,11 @@ export class TestHomeserver {
       }
       const resp: Json = { user_id: userId, home_server: this.serverName };
       if (b.inhibit_login !== true) {
-        const token = newToken("syt_");
-        this.tokens.set(token, userId);
-        resp.access_token = token;
-        resp.device_id = typeof b.device_id === "string" ? b.device_id : randomLetters(10).toUpperCase();
+        const deviceId = this.requestedDeviceId(b);
+        const name =
+          typeof b.initial_device_display_name === "string" ? b.initial_device_display_name : undefined;
+        resp.access_token = this.issueToken(userId, deviceId, name);
+        resp.device_id = deviceId;
       }
       return ok(resp);
     }
@@ -2230,6 +2765,20 @@ export class TestHomeserver {
       );
     }
     throw forbidden("Registration has been disabled");
+  }
+
+  /** The registration opted in to MSC4190 (`io.element.msc4190`) on a homeserver that has it. */
+  private msc4190OptedIn(): boolean {
+    return this.opts.msc4190 && this.registration["io.element.msc4190"] === true;
+  }
+
+  /** A login's or registration's `device_id`, or a new one (Synapse: at most 512 characters). */
+  private requestedDeviceId(b: Json): string {
+    if (b.device_id === undefined || b.device_id === null) return randomLetters(10).toUpperCase();
+    if (typeof b.device_id !== "string") throw err(400, "M_INVALID_PARAM", "device_id must be a string");
+    if (b.device_id.length > 512)
+      throw err(400, "M_INVALID_PARAM", "device_id cannot be longer than 512 characters");
+    return b.device_id;
   }
 
   private async handlePing(ctx: Ctx): Promise<Reply> {
@@ -2307,7 +2856,12 @@ export class TestHomeserver {
   }
 
   private pushIdle(): boolean {
-    return !this.inFlight && this.queue.length === this.queueHead;
+    return (
+      !this.inFlight &&
+      this.queue.length === this.queueHead &&
+      this.asToDevice.length === 0 &&
+      this.asDeviceListChanged.size === 0
+    );
   }
 
   private schedulePump(): void {
@@ -2324,19 +2878,85 @@ export class TestHomeserver {
     if (this.stopped || this.paused || this.sending || this.retryTimer || !this.pushTarget) return;
     if (!this.inFlight) {
       const n = Math.min(this.queue.length - this.queueHead, this.opts.maxEventsPerTransaction);
-      if (n === 0) return;
       const evs = this.queue.slice(this.queueHead, this.queueHead + n);
+      const rooms = new Set(this.queueRooms.slice(this.queueHead, this.queueHead + n));
       this.queueHead += n;
       if (this.queueHead > 4096 && this.queueHead * 2 > this.queue.length) {
         this.queue = this.queue.slice(this.queueHead);
+        this.queueRooms = this.queueRooms.slice(this.queueHead);
         this.queueHead = 0;
       }
-      this.inFlight = { txnId: String(this.nextTxnId++), body: `{"events":[${evs.join(",")}]}`, events: n };
+      // Synapse's _ServiceQueuer: at most 100 to-device messages a transaction; device list changes merged.
+      const toDevice = this.asToDevice.splice(0, 100);
+      const changed = [...this.asDeviceListChanged];
+      this.asDeviceListChanged.clear();
+      if (n === 0 && toDevice.length === 0 && changed.length === 0) return;
+      const events = `"events":[${evs.join(",")}]`;
+      const eventsOnly = `{${events}${this.ephemeralKeys([])}}`;
+      const body = `{${events}${this.ephemeralKeys(toDevice)}${this.deviceDataKeys(rooms, toDevice, changed)}}`;
+      this.inFlight = { txnId: String(this.nextTxnId++), body, events: n, eventsOnly };
     }
     this.attempt(this.inFlight, false);
   }
 
-  private attempt(t: { txnId: string; body: string; events: number }, quickRetried: boolean): void {
+  /**
+   * MSC2409 keys of a transaction (Synapse's push_bulk): for a registration with `receive_ephemeral`,
+   * `ephemeral` and `de.sorunome.msc2409.to_device` (the MSC4203 messages under MSC2409's prefix);
+   * with the older `de.sorunome.msc2409.push_ephemeral`, both keys prefixed. Lists, even empty.
+   * This homeserver pushes no ephemeral events (typing, receipts, presence).
+   */
+  private ephemeralKeys(toDevice: string[]): string {
+    const reg = this.registration;
+    const messages = `"de.sorunome.msc2409.to_device":[${toDevice.join(",")}]`;
+    if (reg.receive_ephemeral === true) return `,"ephemeral":[],${messages}`;
+    if (reg["de.sorunome.msc2409.push_ephemeral"] === true)
+      return `,"de.sorunome.msc2409.ephemeral":[],${messages}`;
+    return "";
+  }
+
+  /**
+   * MSC3202 keys of a transaction (Synapse's push_bulk and _compute_msc3202_otk_counts_and_fallback_keys):
+   * one-time key counts (under both names Synapse uses) and unused fallback key types of every device
+   * of the sender, of the appservice's users joined to the rooms of the transaction's events, and of
+   * the recipients of its to-device messages; device list changes (`left` is never filled by Synapse).
+   * Each key only when it has something.
+   */
+  private deviceDataKeys(rooms: Set<string>, toDevice: string[], changed: string[]): string {
+    if (!this.msc3202InTransactions()) return "";
+    const users = new Set([this.senderId]);
+    for (const roomId of rooms)
+      for (const u of this.rooms.get(roomId)?.joined ?? []) if (this.userInterests(u)) users.add(u);
+    for (const m of toDevice) users.add((JSON.parse(m) as { to_user_id: string }).to_user_id);
+    const counts = this.devices.oneTimeKeyCountsForAppservice(users);
+    const fallback = this.devices.unusedFallbackKeyTypesForAppservice(users);
+    let out = "";
+    if (Object.keys(counts).length > 0) {
+      const json = JSON.stringify(counts);
+      out += `,"org.matrix.msc3202.device_one_time_key_counts":${json},"org.matrix.msc3202.device_one_time_keys_count":${json}`;
+    }
+    if (Object.keys(fallback).length > 0)
+      out += `,"org.matrix.msc3202.device_unused_fallback_key_types":${JSON.stringify(fallback)}`;
+    if (changed.length > 0)
+      out += `,"org.matrix.msc3202.device_lists":${JSON.stringify({ changed, left: [] })}`;
+    return out;
+  }
+
+  private msc3202InTransactions(): boolean {
+    return this.opts.msc3202TransactionExtensions && this.registration["org.matrix.msc3202"] === true;
+  }
+
+  private msc2409InTransactions(): boolean {
+    const reg = this.registration;
+    return (
+      this.opts.msc2409ToDevice &&
+      (reg.receive_ephemeral === true || reg["de.sorunome.msc2409.push_ephemeral"] === true)
+    );
+  }
+
+  private attempt(
+    t: { txnId: string; body: string; events: number; eventsOnly: string },
+    quickRetried: boolean,
+  ): void {
     this.sending = true;
     this.asRequest("PUT", this.txnPath(t.txnId), t.body).then(
       (res) => {
@@ -2347,10 +2967,12 @@ export class TestHomeserver {
           this.delivered.set(t.txnId, { body: t.body, events: t.events });
           if (this.delivered.size > LOG_LIMIT) this.delivered.delete(this.delivered.keys().next().value!);
           this.inFlight = undefined;
+          this.appserviceDown = false;
           this.retryDelay = this.opts.initialDelayMs;
           if (this.pushIdle()) for (const w of [...this.waiters]) w.check();
           this.pump();
         } else {
+          this.markDown(t);
           this.scheduleRetry();
         }
       },
@@ -2361,9 +2983,25 @@ export class TestHomeserver {
         // A keep-alive socket closed by the peer between requests: retry at once, once.
         const reused = (e as { reusedSocket?: boolean }).reusedSocket === true;
         if (reused && !quickRetried && !this.paused) this.attempt(t, true);
-        else this.scheduleRetry();
+        else {
+          this.markDown(t);
+          this.scheduleRetry();
+        }
       },
     );
+  }
+
+  /**
+   * A transaction failed: Synapse marks the appservice DOWN and its recoverer sends the stored
+   * transaction again, same id, with its events only (get_oldest_unsent_txn keeps no to-device
+   * messages, key counts or device lists).
+   */
+  private markDown(t: { body: string; eventsOnly: string }): void {
+    this.appserviceDown = true;
+    t.body = t.eventsOnly;
+    // What waited for the next transaction meets a DOWN appservice: dropped (see appserviceDown).
+    this.asToDevice.length = 0;
+    this.asDeviceListChanged.clear();
   }
 
   private scheduleRetry(): void {

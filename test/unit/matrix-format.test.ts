@@ -98,7 +98,7 @@ test("[spec: user and room mentions] remote HTML mentions nobody: user links bec
 });
 
 test("fileContent: images are m.image, audio m.audio, video m.video, other files m.file, with mentions {}", () => {
-  assert.deepEqual(fileContent("a.png", "image/png", 10, "mxc://hs/abc"), {
+  assert.deepEqual(fileContent("a.png", "image/png", 10, { url: "mxc://hs/abc" }), {
     msgtype: "m.image",
     body: "a.png",
     filename: "a.png",
@@ -106,9 +106,29 @@ test("fileContent: images are m.image, audio m.audio, video m.video, other files
     info: { mimetype: "image/png", size: 10 },
     "m.mentions": {},
   });
-  assert.equal(fileContent("a.bin", "application/octet-stream", 1, "mxc://hs/x").msgtype, "m.file");
-  assert.equal(fileContent("a.ogg", "audio/ogg", 1, "mxc://hs/x").msgtype, "m.audio");
-  assert.equal(fileContent("a.mp4", "video/mp4", 1, "mxc://hs/x").msgtype, "m.video");
+  assert.equal(fileContent("a.bin", "application/octet-stream", 1, { url: "mxc://hs/x" }).msgtype, "m.file");
+  assert.equal(fileContent("a.ogg", "audio/ogg", 1, { url: "mxc://hs/x" }).msgtype, "m.audio");
+  assert.equal(fileContent("a.mp4", "video/mp4", 1, { url: "mxc://hs/x" }).msgtype, "m.video");
+});
+
+test("[spec: sending encrypted attachments] fileContent: an encrypted file's `file` in place of `url`", () => {
+  const file = {
+    url: "mxc://hs/enc",
+    v: "v2" as const,
+    key: {
+      kty: "oct" as const,
+      key_ops: ["encrypt", "decrypt"],
+      alg: "A256CTR" as const,
+      k: "aWF6-32KGYaC3A_FEUCk1Bt0JA37zP0wrStgmdCaW-0",
+      ext: true as const,
+    },
+    iv: "w+sE15fzSc0AAAAAAAAAAA",
+    hashes: { sha256: "fdSLu/YkRx3Wyh3KQabP3rd6+SFiKg5lsJZQHtkSAYA" },
+  };
+  const c = fileContent("a.png", "image/png", 10, { file });
+  assert.deepEqual(c.file, file);
+  assert.equal("url" in c, false);
+  assert.equal(c.msgtype, "m.image");
 });
 
 test("[spec: event replacements] an edit carries the formatted body in m.new_content, with a * fallback", () => {

@@ -163,6 +163,15 @@ describe("TestHomeserver: authentication", () => {
     assert.equal(before.status, 403);
     assert.equal(before.body.errcode, "M_FORBIDDEN");
     await registerGhost(hs, "mqtt_ghost1");
+    // MSC4326 device masquerading (Synapse's get_appservice_user): the device must exist.
+    const noDevice = await call(hs, "GET", `${C}/account/whoami`, { token: AS_TOKEN, query: q });
+    assert.equal(noDevice.status, 400);
+    assert.equal(noDevice.body.errcode, "ORG.MATRIX.MSC4326.M_UNKNOWN_DEVICE");
+    const ghostOnly = { user_id: q.user_id };
+    assert.equal(
+      (await call(hs, "PUT", `${C}/devices/DEV`, { token: AS_TOKEN, query: ghostOnly, body: {} })).status,
+      201,
+    );
     const afterReg = await call(hs, "GET", `${C}/account/whoami`, { token: AS_TOKEN, query: q });
     assert.equal(afterReg.status, 200);
     assert.equal(afterReg.body.user_id, "@mqtt_ghost1:test.local");

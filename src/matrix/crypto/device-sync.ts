@@ -40,10 +40,17 @@ export async function syncOnce(
   device: DeviceAuth,
   since: string | undefined,
   timeoutMs: number,
+  signal?: AbortSignal,
 ): Promise<{ next: string; changes: DeviceChanges }> {
   const query = new URLSearchParams({ filter: FILTER, timeout: String(timeoutMs) });
   if (since !== undefined) query.set("since", since);
-  const res = (await matrix.requestAs(device, "GET", `/_matrix/client/v3/sync?${query}`)) as SyncResponse;
+  const res = (await matrix.requestAs(
+    device,
+    "GET",
+    `/_matrix/client/v3/sync?${query}`,
+    undefined,
+    signal,
+  )) as SyncResponse;
   if (typeof res.next_batch !== "string") throw new Error("a sync response without next_batch");
   const counts = res.device_one_time_keys_count;
   return {
@@ -78,7 +85,7 @@ export async function syncLoop(o: {
   let attempt = 0;
   while (!o.signal.aborted) {
     try {
-      const { next, changes } = await syncOnce(o.matrix, o.device, o.since(), SYNC_TIMEOUT_MS);
+      const { next, changes } = await syncOnce(o.matrix, o.device, o.since(), SYNC_TIMEOUT_MS, o.signal);
       if (o.signal.aborted) return;
       await o.handle(changes);
       await o.keep(next);

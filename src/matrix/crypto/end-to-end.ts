@@ -64,12 +64,15 @@ export interface EndToEndOptions {
 
 /** A ghost's device catches up with its own sync at most this often before encrypting. */
 const CATCH_UP_MS = 10_000;
+/** A catch-up stops after this many syncs even if the inbox is not empty yet (the next one goes on). */
+const MAX_CATCH_UP_ROUNDS = 50;
 const DEVICE_NAME = "tribridge";
 
 export class EndToEnd implements EventSealer {
   private readonly devices = new Map<string, Promise<OlmDevice>>();
   private readonly audience: RoomAudience;
   private readonly caughtUpAt = new Map<string, number>();
+  private readonly catchingUp = new Map<string, Promise<void>>();
   /** Users whose device was replaced since start (their lost store): told in the next room they send to. */
   private readonly moved = new Map<string, { from: string; toldIn: Set<string> }>();
   private readonly stopping = new AbortController();
@@ -89,6 +92,7 @@ export class EndToEnd implements EventSealer {
       void this.retryWaiting((w) => sessions.has(w.sessionId));
     });
     if (this.o.feed === "sync") this.loops.push(this.syncBot(bot));
+    else await this.catchUpBot(bot, true); // what came while we were away
     await this.retryWaiting(() => true);
     this.o.log.info(
       { device: bot.deviceId, feed: this.o.feed, deviceCreation: this.o.deviceCreation },
@@ -106,6 +110,11 @@ export class EndToEnd implements EventSealer {
     await this.o.stores.closeAll();
   }
 
+  /** EventSealer: what is sent into a room is encrypted when the room is. */
+  encrypts(roomId: string): Promise<boolean> {
+    return this.o.isEncrypted(roomId);
+  }
+
   /** EventSealer: an event for an encrypted room, encrypted by the sender's device. */
   async seal(
     userId: string,
@@ -113,7 +122,7 @@ export class EndToEnd implements EventSealer {
     type: string,
     content: Record<string, unknown>,
   ): Promise<{ device: DeviceAuth; content: Record<string, unknown> } | undefined> {
-    if (!(await this.o.isEncrypted(roomId))) return undefined;
+    if (!(await this.encrypts(roomId))) return undefined;
     const device = await this.deviceOf(userId);
     if (this.o.feed === "sync" && userId !== this.o.bot.userId) await this.catchUp(device);
     const { users, settings } = await this.audience.recipients(roomId);
@@ -154,6 +163,7 @@ export class EndToEnd implements EventSealer {
           { eventId: ev.event_id, roomId: ev.room_id, sender: ev.sender, sessionId },
           "an encrypted event's key has not arrived yet: it is relayed when it does",
         );
+        if (this.o.feed === "transactions") void this.catchUpBot(bot); // its key may have been dropped
         return undefined;
       }
       this.counts.undecryptable++;
@@ -376,15 +386,38 @@ export class EndToEnd implements EventSealer {
       );
   }
 
-  /** The sync feed of a ghost's device: one catch-up sync, at most every CATCH_UP_MS. */
-  private async catchUp(device: OlmDevice): Promise<void> {
-    const last = this.caughtUpAt.get(device.userId) ?? 0;
-    if (Date.now() - last < CATCH_UP_MS) return;
-    const record = this.o.records.get(device.userId)!;
-    const { next, changes } = await syncOnce(this.o.matrix, device.auth, record.since, 0);
-    await device.receive(changes);
-    await this.o.records.set(device.userId, { ...this.o.records.get(device.userId)!, since: next });
-    this.caughtUpAt.set(device.userId, Date.now());
+  /**
+   * Catches a device up with its own `/sync` (no waiting: what is there now), at most every
+   * CATCH_UP_MS unless `now`; one at a time per device. Used by ghosts' devices on the sync feed
+   * before they encrypt, and by the bot's on the transaction feed: Synapse drops the to-device
+   * messages of a transaction it could not deliver (only its events are retried), so room keys
+   * sent while we were away are fetched from the device's inbox, where they stay until a sync.
+   */
+  private catchUp(device: OlmDevice, now = false): Promise<void> {
+    const running = this.catchingUp.get(device.userId);
+    if (running) return running;
+    if (!now && Date.now() - (this.caughtUpAt.get(device.userId) ?? 0) < CATCH_UP_MS)
+      return Promise.resolve();
+    const done = (async () => {
+      for (let round = 0; round < MAX_CATCH_UP_ROUNDS; round++) {
+        const since = this.o.records.get(device.userId)?.since;
+        const { next, changes } = await syncOnce(this.o.matrix, device.auth, since, 0);
+        await device.receive(changes);
+        await this.o.records.set(device.userId, { ...this.o.records.get(device.userId)!, since: next });
+        // A sync hands out a limited number of to-device messages (Synapse: 100); an empty one is the end.
+        if ((changes.toDevice?.length ?? 0) === 0) break;
+      }
+      this.caughtUpAt.set(device.userId, Date.now());
+    })().finally(() => this.catchingUp.delete(device.userId));
+    this.catchingUp.set(device.userId, done);
+    return done;
+  }
+
+  /** The bot's device on the transaction feed: caught up, and a failure logged (the feed goes on). */
+  private catchUpBot(bot: OlmDevice, now = false): Promise<void> {
+    return this.catchUp(bot, now).catch((err: unknown) =>
+      this.o.log.warn({ err: errorMessage(err) }, "the bot's device could not catch up with its sync"),
+    );
   }
 
   /** The sync feed of the bot's device: long-polls; device list changes go to every machine. */

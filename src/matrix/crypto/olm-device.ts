@@ -136,25 +136,17 @@ export class OlmDevice {
     settings: RoomEncryptionSettings,
   ): Promise<Record<string, unknown>> {
     return this.exclusive(async () => {
-      // Each call gets UserIds of its own: the machine takes ownership of those it is given (a
-      // second call with the same ones fails with "array contains a value of the wrong type").
+      const room = new RoomId(roomId);
+      // A fresh array each call: the wasm bindings take the UserIds of the array they are given.
       const users = () => members.map((m) => new UserId(m));
       await this.machine.updateTrackedUsers(users());
       await this.sendOutgoing(); // key queries for members not known yet
       const claim = await this.machine.getMissingSessions(users());
       if (claim) await this.send(claim);
-      const shares = await this.machine.shareRoomKey(
-        new RoomId(roomId),
-        users(),
-        encryptionSettings(settings),
-      );
-      await this.store.persist(this.userId, this.deviceId);
+      const shares = await this.machine.shareRoomKey(room, users(), encryptionSettings(settings));
+      if (shares.length > 0) await this.store.persist(this.userId, this.deviceId);
       for (const share of shares) await this.send(share);
-      const encrypted = await this.machine.encryptRoomEvent(
-        new RoomId(roomId),
-        type,
-        JSON.stringify(content),
-      );
+      const encrypted = await this.machine.encryptRoomEvent(room, type, JSON.stringify(content));
       await this.store.persist(this.userId, this.deviceId);
       return JSON.parse(encrypted) as Record<string, unknown>;
     });
