@@ -476,7 +476,7 @@ export class MatrixClient {
   /**
    * One Client-Server API call as one of ours, or as a device of ours (end-to-end encryption): the
    * device's own access token when it has one (from `m.login.application_service`), else the
-   * as_token with MSC3202 device masquerading (`org.matrix.msc3202.device_id`).
+   * as_token with device masquerading (`device_id`, Matrix v1.17 / MSC4326).
    */
   requestAs(
     as: string | DeviceAuth,
@@ -501,11 +501,17 @@ export class MatrixClient {
     const userId = device?.userId ?? (as as string);
     let path = this.basePath + pathAndQuery;
     const query: string[] = [];
-    // AS API §Identity assertion; a device's own token needs none.
-    if (userId !== this.opts.botUserId && !device?.accessToken)
+    // AS API §Identity assertion; a device's own token needs none. Named for a device of the bot
+    // too: Synapse (1.163) answers 500 to a device_id without user_id (its lookup of the sender's
+    // device binds a UserID object into SQL).
+    if ((userId !== this.opts.botUserId || device) && !device?.accessToken)
       query.push(`user_id=${encodeURIComponent(userId)}`);
-    if (device && !device.accessToken)
-      query.push(`org.matrix.msc3202.device_id=${encodeURIComponent(device.deviceId)}`);
+    // AS API §Identity assertion (Matrix v1.17, MSC4326): `device_id`, which Synapse reads since
+    // 1.141 and alone since 1.161; MSC3202's prefixed name too, for homeservers from before it.
+    if (device && !device.accessToken) {
+      const deviceId = encodeURIComponent(device.deviceId);
+      query.push(`device_id=${deviceId}`, `org.matrix.msc3202.device_id=${deviceId}`);
+    }
     if (query.length > 0) path += `${path.includes("?") ? "&" : "?"}${query.join("&")}`;
     const what = `${method} ${pathAndQuery.split("?")[0]}`;
     const { status, data, retryAfterMs } = await this.dispatch(what, {

@@ -18,7 +18,7 @@
  */
 import type { OlmMachine } from "@matrix-org/matrix-sdk-crypto-wasm";
 import { DecryptionErrorCode, MegolmDecryptionError } from "@matrix-org/matrix-sdk-crypto-wasm";
-import { errorMessage } from "../../errors.js";
+import { errorMessage, RetryableError } from "../../errors.js";
 import type { Logger } from "../../log.js";
 import { LogLimiter } from "../../log-limiter.js";
 import type { MatrixEvent } from "../appservice-server.js";
@@ -103,10 +103,10 @@ export class EndToEnd implements EventSealer {
   async stop(): Promise<void> {
     this.stopping.abort();
     await Promise.allSettled(this.loops);
-    // Whatever a machine is doing finishes first (the queues may stop after this).
-    await Promise.allSettled(
-      [...this.devices.values()].map((d) => d.then((device) => device.exclusive(async () => undefined))),
-    );
+    // Whatever a machine is doing finishes first, and nothing starts after: the queues and the
+    // appservice listener stop after this, and may still seal, open or hand a transaction over
+    // (refused, RetryableError: retried after the restart) while the machines are freed.
+    await Promise.allSettled([...this.devices.values()].map((d) => d.then((device) => device.close())));
     await this.o.stores.closeAll();
   }
 
@@ -143,6 +143,7 @@ export class EndToEnd implements EventSealer {
       this.counts.decrypted++;
       return { ...ev, type: clear.type, content: clear.content };
     } catch (err) {
+      if (err instanceof RetryableError) throw err; // stopping: the transaction is tried again
       const sessionId = String((ev.content as { session_id?: unknown }).session_id ?? "");
       if (err instanceof MegolmDecryptionError && waitsForKey(err) && sessionId !== "") {
         this.counts.waited++;
@@ -273,6 +274,8 @@ export class EndToEnd implements EventSealer {
 
   /** The user's device, made and opened on first use (see makeDevice). */
   private deviceOf(userId: string, displayName?: string): Promise<OlmDevice> {
+    if (this.stopping.signal.aborted)
+      return Promise.reject(new RetryableError("end-to-end encryption is stopping"));
     let device = this.devices.get(userId);
     if (!device) {
       device = this.makeDevice(userId, displayName);

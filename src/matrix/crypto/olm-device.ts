@@ -25,7 +25,7 @@ import {
   UserId,
   type OlmMachine,
 } from "@matrix-org/matrix-sdk-crypto-wasm";
-import { PermanentError } from "../../errors.js";
+import { PermanentError, RetryableError } from "../../errors.js";
 import type { DeviceAuth, MatrixClient } from "../matrix-client.js";
 
 /** What a sync (or an appservice transaction, MSC2409/MSC3202) tells one device. */
@@ -59,6 +59,7 @@ const HISTORY: Record<RoomEncryptionSettings["historyVisibility"], number> = {
 
 export class OlmDevice {
   private turn: Promise<unknown> = Promise.resolve();
+  private closed = false;
 
   constructor(
     readonly auth: DeviceAuth,
@@ -74,11 +75,25 @@ export class OlmDevice {
     return this.auth.deviceId;
   }
 
-  /** Runs `fn` once every earlier call has finished. */
+  /**
+   * Runs `fn` once every earlier call has finished. After `close`, refuses (RetryableError): the
+   * machine is freed then, and a call into a freed machine fails inside the wasm ("null pointer
+   * passed to rust") or makes freeing it fail.
+   */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.turn.then(fn);
+    const run = this.turn.then(() => {
+      if (this.closed) throw new RetryableError(`the device ${this.deviceId} of ${this.userId} is closed`);
+      return fn();
+    });
     this.turn = run.catch(() => undefined);
     return run;
+  }
+
+  /** Resolves once the calls made before have finished; every later call is refused. */
+  close(): Promise<void> {
+    return this.exclusive(async () => {
+      this.closed = true;
+    });
   }
 
   /** Uploads keys the machine wants uploaded (its first keys; more one-time keys), and so on. */
