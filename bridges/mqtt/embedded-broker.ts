@@ -146,7 +146,10 @@ export class EmbeddedBroker {
       this.log,
     );
     this.subscriptions = subscriptions;
-    this.persistenceFailures = new PersistenceFailures(persistence as unknown as GuardedPersistence, this.log);
+    this.persistenceFailures = new PersistenceFailures(
+      persistence as unknown as GuardedPersistence,
+      this.log,
+    );
     deliverWholeQueues(persistence as unknown as OutgoingPersistence, this.persistenceConnection);
     const broker = await Aedes.createBroker({
       persistence,

@@ -50,7 +50,10 @@ async function startBroker(): Promise<EmbeddedBroker> {
 }
 
 async function connect(broker: EmbeddedBroker, options: mqtt.IClientOptions = {}): Promise<MqttClient> {
-  const client = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0, ...options });
+  const client = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, {
+    reconnectPeriod: 0,
+    ...options,
+  });
   cleanups.push(() => client.endAsync(true));
   return client;
 }
