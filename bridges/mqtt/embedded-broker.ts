@@ -34,6 +34,7 @@ import { aclRulesSchema, anonymousAllowed, type EmbeddedBrokerConfig } from "./s
 import { SessionPresence } from "./session-presence.js";
 import { SessionSubscriptions, type SubscriptionPersistence } from "./session-subscriptions.js";
 import { deliverWholeQueues, type OutgoingPersistence } from "./offline-queue.js";
+import { PersistenceFailures, type GuardedPersistence } from "./persistence-failures.js";
 import { topicFilterProblem, topicNameProblem } from "./topic.js";
 import { topicLimitProblem } from "./topic-limits.js";
 
@@ -105,6 +106,7 @@ export class EmbeddedBroker {
   private sessions: SessionPresence | undefined;
   private persistence: RedisPersistence | undefined;
   private subscriptions: SessionSubscriptions | undefined;
+  private persistenceFailures: PersistenceFailures | undefined;
   private readonly limits: ConnectionLimits;
   /** Clients that sent an empty client id but asked to resume a session. */
   private readonly unidentified = new WeakSet<Client>();
@@ -144,6 +146,10 @@ export class EmbeddedBroker {
       this.log,
     );
     this.subscriptions = subscriptions;
+    this.persistenceFailures = new PersistenceFailures(
+      persistence as unknown as GuardedPersistence,
+      this.log,
+    );
     deliverWholeQueues(persistence as unknown as OutgoingPersistence, this.persistenceConnection);
     const broker = await Aedes.createBroker({
       persistence,
@@ -532,9 +538,11 @@ export class EmbeddedBroker {
     await Promise.all(closed);
     const redis = this.persistenceConnection;
     if (redis) {
-      // quit() lets the commands aedes still has queued finish (disconnect() would fail them
-      // unhandled); a Redis that is away must not hold the stop up.
+      // A Redis that is away must not hold the stop up.
       const away = new Promise((resolve) => setTimeout(resolve, 2000).unref());
+      // Reads aedes would still send after the QUIT would fail (see persistence-failures.ts).
+      await Promise.race([this.persistenceFailures?.endRetainedReads(), away]);
+      // quit() lets the commands aedes still has queued finish (disconnect() would fail them).
       await Promise.race([redis.quit().catch(() => undefined), away]);
       redis.disconnect();
     }
