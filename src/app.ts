@@ -22,7 +22,7 @@ import { EndToEnd } from "./matrix/crypto/end-to-end.js";
 import { WaitingEvents } from "./matrix/crypto/waiting-events.js";
 import { EncryptedRooms } from "./matrix/encrypted-rooms.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
-import { botUserId } from "./matrix/ids.js";
+import { botUserId, readerUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
@@ -157,6 +157,7 @@ export async function start({
     // and never posted into in plaintext.
     const encryption = new EncryptedRooms({
       supported: config.encryption.enabled,
+      onFound: (roomId) => void endToEnd?.readIn(roomId),
       matrix,
       routes,
       redis,
@@ -238,6 +239,10 @@ export async function start({
           stores: new CryptoStores(cryptoDir(config), moduleLogger("crypto-store")),
           records: new DeviceRecords(cryptoDir(config)),
           bot: { userId: bot, displayName: config.appservice.botDisplayName },
+          reader: {
+            userId: readerUserId(naming),
+            displayName: `${config.appservice.botDisplayName} (encryption)`,
+          },
           isOurs,
           isEncrypted: (roomId) => encryption.check(roomId),
           deviceCreation:

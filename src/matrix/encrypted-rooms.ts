@@ -42,6 +42,8 @@ export interface EncryptedRoomsOptions {
    * posted into encrypted; nothing is refused, no room told.
    */
   supported?: boolean;
+  /** With `supported`: a room found encrypted (once per room and process). */
+  onFound?(roomId: string): void;
   /** Counts an event that could not be read, by the kind of room it was sent in. */
   observeUndecryptable?(room: "route" | "other"): void;
   log: Logger;
@@ -171,6 +173,7 @@ export class EncryptedRooms {
       if (this.o.supported) {
         this.o.log.info({ roomId, routes: this.routesOf(roomId), how }, "room is end-to-end encrypted");
         room.told = true; // nothing to tell: it is bridged
+        this.o.onFound?.(roomId);
         return room;
       }
       this.o.log.warn(

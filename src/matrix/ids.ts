@@ -77,6 +77,11 @@ export function isUserId(s: unknown): s is string {
   return typeof s === "string" && s.length <= MAX_USER_ID_BYTES && USER_ID.test(s); // ASCII: length = bytes
 }
 
+/** The user whose device reads end-to-end encrypted rooms (crypto/end-to-end.ts): `@<prefix>reader:<domain>`. */
+export function readerUserId(naming: GhostNaming): string {
+  return `@${naming.ghostPrefix}reader:${naming.domain}`;
+}
+
 export function botUserId(botLocalpart: string, domain: string): string {
   return `@${botLocalpart}:${domain}`;
 }

@@ -348,6 +348,12 @@ export class MatrixClient {
     }
   }
 
+  /** A ghost (registered, with its display name) joins a room, invited by the bot where needed. */
+  async joinGhost(userId: string, displayName: string, roomId: string): Promise<void> {
+    await this.ensureGhost(userId, displayName);
+    await this.ensureJoined(userId, roomId);
+  }
+
   /** Joins the bot to a room (a private room must have invited it first). */
   joinBot(roomId: string): Promise<void> {
     return this.ensureJoined(this.opts.botUserId, roomId);

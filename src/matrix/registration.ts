@@ -8,7 +8,7 @@ import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
 import { ConfigError } from "../errors.js";
 import type { Config } from "../config/load.js";
-import { escapeRegex, ghostUserId, namespaceRegexes } from "./ids.js";
+import { escapeRegex, ghostUserId, namespaceRegexes, readerUserId } from "./ids.js";
 
 export interface Registration {
   id: string;
@@ -54,7 +54,9 @@ export function buildRegistration(
   reg.setHomeserverToken(AppServiceRegistration.generateToken());
   reg.setAppServiceToken(AppServiceRegistration.generateToken());
   reg.setSenderLocalpart(config.appservice.botLocalpart);
-  const regexes = namespaceRegexes({ ...config.appservice, domain: config.homeserver.domain }, connectors);
+  const naming = { ...config.appservice, domain: config.homeserver.domain };
+  const regexes = namespaceRegexes(naming, connectors);
+  if (config.encryption.enabled) regexes.push(`^${escapeRegex(readerUserId(naming))}$`);
   for (const regex of regexes) reg.addRegexPattern("users", regex, true);
   const out = reg.getOutput();
   return {
@@ -144,7 +146,7 @@ export function loadRegistration(file: string): Registration {
  */
 export function registrationMismatch(
   reg: Registration,
-  config: Pick<Config, "appservice" | "homeserver">,
+  config: Pick<Config, "appservice" | "homeserver" | "encryption">,
   connectors: readonly ConnectorDefinition[],
 ): string | undefined {
   const { domain } = config.homeserver;
@@ -158,6 +160,9 @@ export function registrationMismatch(
     if (!users.some((re) => re.test(ghost)))
       return `ghosts such as ${ghost} are outside its user namespaces (appservice.ghostPrefix or homeserver.domain changed?): ${fix}`;
   }
+  const reader = readerUserId(naming);
+  if (config.encryption.enabled && !users.some((re) => re.test(reader)))
+    return `encryption.enabled needs its reader ${reader} in the user namespaces: ${fix}`;
   return undefined;
 }
 

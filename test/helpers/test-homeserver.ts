@@ -2634,6 +2634,9 @@ export class TestHomeserver {
    */
   private async handleSync(ctx: Ctx): Promise<Reply> {
     const rq = ctx.requester!;
+    // AS API §Client-Server API extensions: an appservice syncs as a virtual user, never as its
+    // own (Synapse's sync handler raises NotImplementedError for it, whatever the token: a 500).
+    if (rq.userId === this.appserviceUserId) throw err(500, "M_UNKNOWN", "Internal server error");
     const filter = ctx.query.get("filter");
     if (filter !== null) {
       if (!filter.startsWith("{")) throw notFound("No such filter");

@@ -6,13 +6,16 @@
  *   device of its own, made when first needed (MSC4190 `PUT /devices/{id}` where the registration
  *   enables it, else `m.login.application_service`), so clients show the true sender. The event
  *   is encrypted by that device, after the room key went to every member's devices.
- * - **Receiving**: the bot's device is the one that reads the rooms: people's clients share their
- *   room keys with it as with any member. An event whose key has not come yet waits (waiting-events.ts)
+ * - **Receiving**: the reader's device is the one that reads the rooms: people's clients share their
+ *   room keys with it as with any member. The reader is a user of our namespace, not the bot: a
+ *   homeserver refuses `/sync` to the appservice's own user (Application Service API §Client-Server
+ *   API extensions; Synapse answers 500), and its device must sync on the `/sync` feed and to catch
+ *   up on the transaction feed. It joins each encrypted room tribridge uses (readIn). An event whose key has not come yet waits (waiting-events.ts)
  *   and is decrypted and relayed when it comes.
  * - **Feeding the devices** what the homeserver has for them (to-device messages, device list
  *   changes, one-time key counts): from appservice transactions (MSC2409/MSC3202, `transactions`),
- *   or from each device's own `/sync` (`sync`): the bot's device long-polls; a ghost's device
- *   catches up before it encrypts, and hears of device list changes through the bot's.
+ *   or from each device's own `/sync` (`sync`): the reader's device long-polls; a ghost's device
+ *   catches up before it encrypts, and every device hears of device list changes through the reader's.
  * - **State**: each machine persists into its own store (device-store.ts) after every change; a
  *   store that is lost all the same moves the user to a new device, logged and said in the room.
  */
@@ -44,10 +47,12 @@ export interface CryptoStoreAccess {
 }
 
 export interface EndToEndOptions {
-  matrix: Pick<MatrixClient, "requestAs" | "roomState" | "ghostReady">;
+  matrix: Pick<MatrixClient, "requestAs" | "roomState" | "ghostReady" | "joinGhost">;
   stores: CryptoStoreAccess;
   records: DeviceRecords;
   bot: { userId: string; displayName: string };
+  /** The user whose device reads encrypted rooms (in our namespace; see the header). */
+  reader: { userId: string; displayName: string };
   /** Our users (the bot, ghosts): they read nothing, so get no room keys. */
   isOurs(userId: string): boolean;
   isEncrypted(roomId: string): Promise<boolean>;
@@ -84,20 +89,43 @@ export class EndToEnd implements EventSealer {
     this.audience = new RoomAudience(o.matrix, o.bot.userId);
   }
 
-  /** The bot's device ready (keys uploaded), its feed started, and events waiting for keys tried again. */
+  /** The reader's device ready (keys uploaded), its feed started, and events waiting for keys tried again. */
   async start(): Promise<void> {
-    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
-    bot.machine.registerRoomKeyUpdatedCallback(async (keys) => {
+    const reader = await this.readerDevice();
+    reader.machine.registerRoomKeyUpdatedCallback(async (keys) => {
       const sessions = new Set(keys.map((k) => k.sessionId));
       void this.retryWaiting((w) => sessions.has(w.sessionId));
     });
-    if (this.o.feed === "sync") this.loops.push(this.syncBot(bot));
-    else await this.catchUpBot(bot, true); // what came while we were away
+    if (this.o.feed === "sync") this.loops.push(this.syncReader(reader));
+    else await this.catchUpReader(reader, true); // what came while we were away
     await this.retryWaiting(() => true);
     this.o.log.info(
-      { device: bot.deviceId, feed: this.o.feed, deviceCreation: this.o.deviceCreation },
+      {
+        reader: reader.userId,
+        device: reader.deviceId,
+        feed: this.o.feed,
+        deviceCreation: this.o.deviceCreation,
+      },
       "end-to-end encryption ready",
     );
+  }
+
+  /**
+   * The reader joins an encrypted room tribridge uses (a route's, or one the bot is in), so that
+   * people's clients share their room keys with its device; invited by the bot where the room
+   * wants that. Messages sent before it joined are not readable (their keys went to the members
+   * of then). Failures are logged; tried again the next time the room is found encrypted.
+   */
+  async readIn(roomId: string): Promise<void> {
+    const { userId, displayName } = this.o.reader;
+    try {
+      await this.o.matrix.joinGhost(userId, displayName, roomId);
+    } catch (err) {
+      this.o.log.warn(
+        { roomId, reader: userId, err: errorMessage(err) },
+        "the reader could not join an encrypted room: what people write there cannot be read",
+      );
+    }
   }
 
   async stop(): Promise<void> {
@@ -124,7 +152,10 @@ export class EndToEnd implements EventSealer {
   ): Promise<{ device: DeviceAuth; content: Record<string, unknown> } | undefined> {
     if (!(await this.encrypts(roomId))) return undefined;
     const device = await this.deviceOf(userId);
-    if (this.o.feed === "sync" && userId !== this.o.bot.userId) await this.catchUp(device);
+    // On the sync feed a ghost's device catches up; the bot's may not sync (see the header) and
+    // the reader's long-polls: both hear of device list changes through the reader's.
+    if (this.o.feed === "sync" && userId !== this.o.bot.userId && userId !== this.o.reader.userId)
+      await this.catchUp(device);
     const { users, settings } = await this.audience.recipients(roomId);
     const people = users.filter((u) => !this.o.isOurs(u));
     const encrypted = await device.encrypt(roomId, type, content, people, settings);
@@ -137,9 +168,9 @@ export class EndToEnd implements EventSealer {
    * (kept to be tried again when its key comes) or ever (logged and counted).
    */
   async open(ev: MatrixEvent): Promise<MatrixEvent | undefined> {
-    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
+    const reader = await this.readerDevice();
     try {
-      const clear = await bot.decrypt(ev as unknown as Record<string, unknown>, ev.room_id);
+      const clear = await reader.decrypt(ev as unknown as Record<string, unknown>, ev.room_id);
       this.counts.decrypted++;
       return { ...ev, type: clear.type, content: clear.content };
     } catch (err) {
@@ -163,7 +194,7 @@ export class EndToEnd implements EventSealer {
           { eventId: ev.event_id, roomId: ev.room_id, sender: ev.sender, sessionId },
           "an encrypted event's key has not arrived yet: it is relayed when it does",
         );
-        if (this.o.feed === "transactions") void this.catchUpBot(bot); // its key may have been dropped
+        if (this.o.feed === "transactions") void this.catchUpReader(reader); // its key may have been dropped
         return undefined;
       }
       this.counts.undecryptable++;
@@ -245,10 +276,10 @@ export class EndToEnd implements EventSealer {
 
   /** Tries the waiting events `which` selects again; those decrypted are handled and forgotten. */
   private async retryWaiting(which: (w: { sessionId: string }) => boolean): Promise<void> {
-    const bot = await this.deviceOf(this.o.bot.userId, this.o.bot.displayName);
+    const reader = await this.readerDevice();
     for (const w of (await this.o.waiting.all()).filter(which).sort((a, b) => a.since - b.since)) {
       try {
-        const clear = await bot.decrypt(w.event as unknown as Record<string, unknown>, w.event.room_id);
+        const clear = await reader.decrypt(w.event as unknown as Record<string, unknown>, w.event.room_id);
         this.counts.decrypted++;
         await this.o.decryptedLater({ ...w.event, type: clear.type, content: clear.content });
         await this.o.waiting.remove([w.event.event_id]);
@@ -389,7 +420,7 @@ export class EndToEnd implements EventSealer {
   /**
    * Catches a device up with its own `/sync` (no waiting: what is there now), at most every
    * CATCH_UP_MS unless `now`; one at a time per device. Used by ghosts' devices on the sync feed
-   * before they encrypt, and by the bot's on the transaction feed: Synapse drops the to-device
+   * before they encrypt, and by the reader's on the transaction feed: Synapse drops the to-device
    * messages of a transaction it could not deliver (only its events are retried), so room keys
    * sent while we were away are fetched from the device's inbox, where they stay until a sync.
    */
@@ -413,34 +444,39 @@ export class EndToEnd implements EventSealer {
     return done;
   }
 
-  /** The bot's device on the transaction feed: caught up, and a failure logged (the feed goes on). */
-  private catchUpBot(bot: OlmDevice, now = false): Promise<void> {
-    return this.catchUp(bot, now).catch((err: unknown) =>
-      this.o.log.warn({ err: errorMessage(err) }, "the bot's device could not catch up with its sync"),
+  /** The reader's device on the transaction feed: caught up, and a failure logged (the feed goes on). */
+  private catchUpReader(reader: OlmDevice, now = false): Promise<void> {
+    return this.catchUp(reader, now).catch((err: unknown) =>
+      this.o.log.warn({ err: errorMessage(err) }, "the reader's device could not catch up with its sync"),
     );
   }
 
-  /** The sync feed of the bot's device: long-polls; device list changes go to every machine. */
-  private syncBot(bot: OlmDevice): Promise<void> {
+  /** The sync feed of the reader's device: long-polls; device list changes go to every machine. */
+  private syncReader(reader: OlmDevice): Promise<void> {
     return syncLoop({
       matrix: this.o.matrix,
-      device: bot.auth,
-      since: () => this.o.records.get(bot.userId)?.since,
+      device: reader.auth,
+      since: () => this.o.records.get(reader.userId)?.since,
       handle: async (changes) => {
-        await bot.receive(changes);
+        await reader.receive(changes);
         if ((changes.changed?.length ?? 0) + (changes.left?.length ?? 0) === 0) return;
         await Promise.all(
           [...this.devices]
-            .filter(([userId]) => userId !== bot.userId)
+            .filter(([userId]) => userId !== reader.userId)
             .map(([, d]) =>
               d.then((device) => device.receive({ changed: changes.changed, left: changes.left })),
             ),
         );
       },
-      keep: (next) => this.o.records.set(bot.userId, { ...this.o.records.get(bot.userId)!, since: next }),
+      keep: (next) =>
+        this.o.records.set(reader.userId, { ...this.o.records.get(reader.userId)!, since: next }),
       signal: this.stopping.signal,
       log: this.o.log,
     });
+  }
+
+  private readerDevice(): Promise<OlmDevice> {
+    return this.deviceOf(this.o.reader.userId, this.o.reader.displayName);
   }
 }
 
