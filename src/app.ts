@@ -263,9 +263,12 @@ export async function start({
       : undefined;
     if (endToEnd) matrix.encryptWith(endToEnd);
     // Transactions from the homeserver: room messages into the to-<connector> queues.
+    let routesNowKnown = () => {};
+    const routesKnown = new Promise<void>((resolve) => (routesNowKnown = resolve));
     const intake: EventIntake = new EventIntake({
       matrix,
       routes,
+      routesKnown,
       redis,
       prefix,
       botUserId: bot,
@@ -309,8 +312,10 @@ export async function start({
       lifetime.onStop(() => endToEnd.stop(), "end-to-end encryption");
     }
     await joinRouteRooms(routes, delivery, encryption, bot);
+    routesNowKnown();
 
     for (const q of queues) await q.start();
+    await endToEnd?.retryAllWaiting();
     let metricsPort: number | undefined;
     if (metrics) {
       metricsPort = await metrics.listen(config.metrics.port, config.metrics.bind);

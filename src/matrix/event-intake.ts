@@ -44,6 +44,11 @@ export const SEEN_EVENT_TTL_SEC = 7 * 24 * 3600;
 export interface EventIntakeOptions {
   matrix: MatrixClient;
   routes: RouteTable;
+  /**
+   * Resolves once every route's room id is known (aliases resolved at start): until then an event
+   * cannot be told to be a route's, so events wait (the homeserver waits for its transaction).
+   */
+  routesKnown: Promise<void>;
   redis: Redis;
   prefix: string;
   botUserId: string;
@@ -88,6 +93,7 @@ export class EventIntake {
    * the seen-check before either is recorded.
    */
   async handle(events: readonly MatrixEvent[]): Promise<void> {
+    await this.o.routesKnown;
     const ids = new Set<string>();
     const unique = events.filter((ev) => !ids.has(ev.event_id) && ids.add(ev.event_id));
     await Promise.all(unique.map((ev) => this.handleOne(ev)));

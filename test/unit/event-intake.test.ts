@@ -45,6 +45,7 @@ describe("EventIntake: each event once", () => {
   function intake(enqueued: string[], enqueue?: EventIntakeOptions["enqueue"]): EventIntake {
     return new EventIntake({
       matrix: {} as MatrixClient,
+      routesKnown: Promise.resolve(),
       routes: new RouteTable(h.config.routes),
       redis,
       prefix: h.prefix,

@@ -89,7 +89,7 @@ export class EndToEnd implements EventSealer {
     this.audience = new RoomAudience(o.matrix, o.bot.userId);
   }
 
-  /** The reader's device ready (keys uploaded), its feed started, and events waiting for keys tried again. */
+  /** The reader's device ready (keys uploaded) and its feed started. */
   async start(): Promise<void> {
     const reader = await this.readerDevice();
     reader.machine.registerRoomKeyUpdatedCallback(async (keys) => {
@@ -98,7 +98,6 @@ export class EndToEnd implements EventSealer {
     });
     if (this.o.feed === "sync") this.loops.push(this.syncReader(reader));
     else await this.catchUpReader(reader, true); // what came while we were away
-    await this.retryWaiting(() => true);
     this.o.log.info(
       {
         reader: reader.userId,
@@ -108,6 +107,14 @@ export class EndToEnd implements EventSealer {
       },
       "end-to-end encryption ready",
     );
+  }
+
+  /**
+   * Events still waiting for their keys (from before a restart) tried again, once what they are
+   * handed to is ready (the route rooms known).
+   */
+  retryAllWaiting(): Promise<void> {
+    return this.retryWaiting(() => true);
   }
 
   /**
