@@ -108,6 +108,7 @@ for (const variant of VARIANTS) {
       assert.equal(ev.sender, clear.sender);
       assert.deepEqual(h.hs.devicesOf(clear.sender), [clear.senderDevice], "the ghost's one device sent it");
       ghostDevice = clear.senderDevice;
+      assert.ok(await alice.seesCrossSigned(clear.sender, ghostDevice), "cross-signed by its ghost");
       assert.equal(
         h.hs.messages(room).filter((m) => m.sender !== h.alice).length,
         0,

@@ -124,6 +124,15 @@ export class OlmPerson {
     return { ...clear, sender: d.sender.toString(), senderDevice: d.senderDevice?.toString() ?? "" };
   }
 
+  /** Whether `userId`'s cross-signing identity signed its device `deviceId`, as this client sees it. */
+  async seesCrossSigned(userId: string, deviceId: string): Promise<boolean> {
+    await this.sync();
+    await this.device.exclusive(() => this.device.machine.updateTrackedUsers([new UserId(userId)]));
+    await this.device.flush(); // the key query
+    const device = await this.device.machine.getDevice(new UserId(userId), new DeviceId(deviceId));
+    return device?.isCrossSignedByOwner() ?? false;
+  }
+
   /** The encrypted events of a room not sent by this person, in order. */
   encryptedFromOthers(roomId: string): RecordedEvent[] {
     return this.hs.events(roomId).filter((e) => e.type === "m.room.encrypted" && e.sender !== this.userId);

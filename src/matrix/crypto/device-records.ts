@@ -18,6 +18,8 @@ export interface DeviceRecord {
   accessToken?: string;
   /** The device's `/sync` position (the sync feed). */
   since?: string;
+  /** Whether its user's cross-signing identity signed it (uploaded): clients show it as its owner's. */
+  crossSigned?: boolean;
   createdAt: number;
 }
 

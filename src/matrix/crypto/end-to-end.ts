@@ -348,7 +348,23 @@ export class EndToEnd implements EventSealer {
     const auth: DeviceAuth = { userId, deviceId: record.deviceId, accessToken: record.accessToken };
     const device = new OlmDevice(auth, machine, this.o.matrix, this.o.stores);
     await device.flush(); // its keys uploaded before anyone needs them
+    if (!record.crossSigned) await this.crossSign(device);
     return device;
+  }
+
+  /** Cross-signs a new device (see OlmDevice.crossSign); one that cannot be stays usable, unsigned. */
+  private async crossSign(device: OlmDevice): Promise<void> {
+    const { userId, deviceId } = device;
+    try {
+      await device.crossSign();
+      await this.o.records.set(userId, { ...this.o.records.get(userId)!, crossSigned: true });
+      this.o.log.info({ userId, device: deviceId }, "cross-signed the device");
+    } catch (err) {
+      this.o.log.warn(
+        { userId, device: deviceId, err: errorMessage(err) },
+        "could not cross-sign the device: clients show it as not verified by its owner",
+      );
+    }
   }
 
   /** Creates the device on the homeserver (both ways are idempotent for one device id). */

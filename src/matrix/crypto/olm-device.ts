@@ -177,6 +177,32 @@ export class OlmDevice {
     });
   }
 
+  /**
+   * Gives the user a cross-signing identity (Client-Server API §Cross-signing) and signs this
+   * device with it, so that clients show the device as its owner's rather than as an unverified
+   * one. An identity made before and not uploaded (the homeserver refused) is uploaded again as
+   * it is, which the homeserver accepts; a user whose identity is already on the homeserver needs
+   * user-interactive authentication to replace it, which only appservices are spared (Synapse,
+   * MSC4190): then this rejects and the device stays unsigned.
+   */
+  crossSign(): Promise<void> {
+    return this.exclusive(async () => {
+      const status = await this.machine.crossSigningStatus();
+      const requests = await this.machine.bootstrapCrossSigning(!status.hasMaster);
+      await this.store.persist(this.userId, this.deviceId); // the private keys, before anything is sent
+      if (requests.uploadKeysRequest) await this.send(requests.uploadKeysRequest as KeysUploadRequest);
+      const signingKeys = JSON.parse(requests.uploadSigningKeysRequest.body) as Record<string, unknown>;
+      await this.http.requestAs(
+        this.auth,
+        "POST",
+        "/_matrix/client/v3/keys/device_signing/upload",
+        signingKeys,
+      );
+      await this.send(requests.uploadSignaturesRequest);
+      await this.store.persist(this.userId, this.deviceId);
+    });
+  }
+
   /** Sends every request the machine has waiting, persisting the machine before each. */
   private async sendOutgoing(): Promise<void> {
     // A response can make new requests (a key query after an upload, say): until none is left.
