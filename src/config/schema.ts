@@ -142,7 +142,7 @@ export const encryptionSchema = z.strictObject({
     .boolean()
     .default(false)
     .describe(
-      "Bridge end-to-end encrypted rooms: read them with the bot's device, post into them encrypted by " +
+      "Bridge end-to-end encrypted rooms: read them with the reader's device (@<ghostPrefix>reader), post into them encrypted by " +
         "each ghost's own device (docs/encryption.md). Off: encrypted rooms are told they are not bridged",
     ),
   feed: z

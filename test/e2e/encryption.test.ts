@@ -36,6 +36,7 @@ for (const variant of VARIANTS) {
     let bot: string;
     let room: string;
     let later: string; // a route's room that turns encryption on while bridged
+    let rotating: string; // a route's room whose Megolm sessions last 2 messages
     let alice: OlmPerson;
     const people: OlmPerson[] = [];
 
@@ -68,6 +69,11 @@ for (const variant of VARIANTS) {
             endpoints: [{ account: "test.a", direction: "inout", channel: "secret" }],
           },
           {
+            id: "rotating",
+            room: "#rotating:test.local",
+            endpoints: [{ account: "test.a", direction: "inout", channel: "rotating" }],
+          },
+          {
             id: "later",
             room: "#later:test.local",
             endpoints: [{ account: "test.a", direction: "inout", channel: "later" }],
@@ -83,6 +89,11 @@ for (const variant of VARIANTS) {
         alias: "#secret:test.local",
         preset: "public_chat",
         encrypted: true,
+      });
+      rotating = h.hs.createRoom({ creator: h.alice, alias: "#rotating:test.local", preset: "public_chat" });
+      h.hs.sendState(rotating, h.alice, "m.room.encryption", "", {
+        algorithm: "m.megolm.v1.aes-sha2",
+        rotation_period_msgs: 2,
       });
       later = h.hs.createRoom({ creator: h.alice, alias: "#later:test.local", preset: "public_chat" });
       alice = await OlmPerson.create(h.hs, h.alice);
@@ -175,6 +186,26 @@ for (const variant of VARIANTS) {
         () => remote.sentTo("later").some((m) => m.body.text === "encrypted answer"),
         15_000,
       );
+    });
+
+    test("Megolm sessions rotate as the room's settings say (rotation_period_msgs)", async () => {
+      for (let i = 0; i < 5; i++)
+        await remote.emit("rotating", {
+          remoteId: `rot${i}`,
+          sender: { id: "dev" },
+          body: { text: `r${i}` },
+        });
+      const events = await waitFor(
+        "5 encrypted messages",
+        () => alice.encryptedFromOthers(rotating).length >= 5 && alice.encryptedFromOthers(rotating),
+        15_000,
+      );
+      const sessions = events.map((e) => String(e.content.session_id));
+      assert.equal(sessions[0], sessions[1]);
+      assert.notEqual(sessions[1], sessions[2]);
+      assert.equal(sessions[2], sessions[3]);
+      assert.notEqual(sessions[3], sessions[4]);
+      for (const [i, ev] of events.entries()) assert.equal((await alice.decrypt(ev)).content.body, `r${i}`);
     });
 
     test("commands work in an encrypted room, answered encrypted", async () => {
