@@ -6,6 +6,8 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { readdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { start, type RunningBridge } from "../../src/app.js";
 import type { Config } from "../../src/config/load.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
@@ -257,6 +259,79 @@ for (const variant of VARIANTS) {
         () => remote.sentTo("secret").some((m) => m.body.text === "still read"),
         15_000,
       );
+    });
+
+    test("a lost crypto store: the ghost moves to a new device, says so in the room, the old one is removed", async () => {
+      const ghost = alice.encryptedFromOthers(room).find((e) => e.sender.includes("_dev:"))!.sender;
+      const oldDevice = h.hs.devicesOf(ghost)[0];
+      await bridge.stop();
+      const dir = join(config.dataDir, "crypto");
+      for (const file of readdirSync(dir)) if (file.endsWith(".olm")) rmSync(join(dir, file));
+      await startBridge();
+      const seen = alice.encryptedFromOthers(room).length;
+      await remote.emit("secret", {
+        remoteId: "r5",
+        sender: { id: "dev" },
+        body: { text: "from a new device" },
+      });
+      const ev = await waitFor(
+        "the message from the new device",
+        () =>
+          alice
+            .encryptedFromOthers(room)
+            .slice(seen)
+            .find((e) => e.sender === ghost),
+        15_000,
+      );
+      const clear = await alice.decrypt(ev);
+      assert.equal(clear.content.body, "from a new device");
+      assert.notEqual(clear.senderDevice, oldDevice);
+      assert.deepEqual(h.hs.devicesOf(ghost), [clear.senderDevice], "the lost device removed");
+      const told = await waitFor(
+        "the notice",
+        async () => {
+          for (const e of alice
+            .encryptedFromOthers(room)
+            .slice(seen)
+            .filter((x) => x.sender === bot)) {
+            const body = String((await alice.decrypt(e)).content.body);
+            if (body.includes(ghost)) return body;
+          }
+          return undefined;
+        },
+        15_000,
+      );
+      assert.match(told, /lost the encryption keys/);
+      await alice.send(room, { msgtype: "m.text", body: "read after a lost store" });
+      await waitFor(
+        "the relay by the reader's new device",
+        () => remote.sentTo("secret").some((m) => m.body.text === "read after a lost store"),
+        15_000,
+      );
+    });
+
+    test("a device a person adds while the bridge is down gets the next device message", async () => {
+      await bridge.stop();
+      // Its keys' upload changes Alice's device list; the transaction saying so fails, and is dropped.
+      const tablet = await OlmPerson.create(h.hs, h.alice, h.hs.logIn(h.alice));
+      people.push(tablet);
+      await startBridge();
+      const seen = tablet.encryptedFromOthers(room).length;
+      await remote.emit("secret", {
+        remoteId: "r4",
+        sender: { id: "dev" },
+        body: { text: "for every device" },
+      });
+      const ev = await waitFor(
+        "the next device message",
+        () =>
+          tablet
+            .encryptedFromOthers(room)
+            .slice(seen)
+            .find((e) => e.sender !== h.hs.appserviceUserId),
+        15_000,
+      );
+      assert.equal((await tablet.decrypt(ev)).content.body, "for every device");
     });
   });
 }

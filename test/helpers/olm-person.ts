@@ -39,9 +39,12 @@ export class OlmPerson {
   ) {}
 
   /** `userId` registered on `hs` (registerUser): its device's keys uploaded. */
-  static async create(hs: TestHomeserver, userId: string): Promise<OlmPerson> {
+  static async create(
+    hs: TestHomeserver,
+    userId: string,
+    token = hs.accessTokenFor(userId),
+  ): Promise<OlmPerson> {
     const { url } = hs;
-    const token = hs.accessTokenFor(userId);
     const whoami = (await request(url, token, "GET", "/_matrix/client/v3/account/whoami")) as {
       device_id: string;
     };

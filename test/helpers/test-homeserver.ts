@@ -583,6 +583,12 @@ export class TestHomeserver {
     return userId;
   }
 
+  /** Logs a registered user in again, as a password login would: a new device, and its access token. */
+  logIn(userId: string): string {
+    if (!this.isRegistered(userId)) throw new Error(`${userId} is not registered`);
+    return this.issueToken(userId, randomLetters(10).toUpperCase());
+  }
+
   /** An access token for a user registered with registerUser() (or logged in), to make real client requests. */
   accessTokenFor(userId: string): string {
     for (const [t, u] of this.tokens) if (u === userId) return t;

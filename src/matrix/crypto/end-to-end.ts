@@ -31,7 +31,7 @@ import { syncLoop, syncOnce } from "./device-sync.js";
 import { OlmDevice, type DeviceChanges } from "./olm-device.js";
 import { RoomAudience } from "./room-audience.js";
 import type { TransactionDeviceData } from "./transaction-device-data.js";
-import type { WaitingEvents } from "./waiting-events.js";
+import type { WaitingEvent, WaitingEvents } from "./waiting-events.js";
 
 /** The crypto stores of devices (device-store.ts). */
 export interface CryptoStoreAccess {
@@ -71,6 +71,8 @@ export interface EndToEndOptions {
 const CATCH_UP_MS = 10_000;
 /** A catch-up stops after this many syncs even if the inbox is not empty yet (the next one goes on). */
 const MAX_CATCH_UP_ROUNDS = 50;
+/** A waiting event decrypted but not handed on is tried again after this long. */
+const WAITING_RETRY_MS = 30_000;
 const DEVICE_NAME = "tribridge";
 
 export class EndToEnd implements EventSealer {
@@ -78,6 +80,8 @@ export class EndToEnd implements EventSealer {
   private readonly audience: RoomAudience;
   private readonly caughtUpAt = new Map<string, number>();
   private readonly catchingUp = new Map<string, Promise<void>>();
+  /** The key counts and fallback key types each device was last given (transaction feed). */
+  private readonly lastCounts = new Map<string, string>();
   /** Users whose device was replaced since start (their lost store): told in the next room they send to. */
   private readonly moved = new Map<string, { from: string; toldIn: Set<string> }>();
   private readonly stopping = new AbortController();
@@ -228,8 +232,16 @@ export class EndToEnd implements EventSealer {
   }
 
   /**
-   * What a transaction carries for our devices (the transaction feed); resolves once it is
-   * durable, before the transaction is acknowledged. Device list changes go to every machine.
+   * What a transaction carries for our devices (the transaction feed). To-device messages open
+   * the device they are for; key counts and fallback key types only reach a device already open
+   * here, and only when they changed (Synapse sends them for every user of ours in the
+   * transaction's rooms: opening each ghost's machine for them would cost a snapshot each, every
+   * transaction). Device list changes go to every open machine (one opened later asks for the
+   * lists afresh: makeDevice).
+   *
+   * A device that fails does not fail the transaction: the homeserver would not send its device
+   * data again anyway (Synapse retries only the events). What the reader missed is still in its
+   * inbox: it catches up.
    */
   async receiveTransaction(data: TransactionDeviceData): Promise<void> {
     if (this.o.feed !== "transactions") return;
@@ -244,25 +256,63 @@ export class EndToEnd implements EventSealer {
       if (typeof message.to_user_id !== "string" || typeof message.to_device_id !== "string") continue;
       (changesOf(message.to_user_id, message.to_device_id).toDevice as unknown[]).push(message);
     }
+    // Synapse leaves out an algorithm a device has no unused key of: its count is 0.
     for (const [userId, devices] of Object.entries(data.oneTimeKeyCounts))
       for (const [deviceId, counts] of Object.entries(devices))
-        changesOf(userId, deviceId).oneTimeKeyCounts = counts;
+        changesOf(userId, deviceId).oneTimeKeyCounts = { signed_curve25519: 0, ...counts };
     for (const [userId, devices] of Object.entries(data.unusedFallbackKeyTypes))
       for (const [deviceId, types] of Object.entries(devices))
         changesOf(userId, deviceId).unusedFallbackKeyTypes = types;
-    const listsChanged = data.changed.length > 0 || data.left.length > 0;
-    const work: Promise<void>[] = [];
+    const lists = { changed: data.changed, left: data.left };
+    const listsChanged = lists.changed.length > 0 || lists.left.length > 0;
+    const work: { userId: string; done: Promise<void> }[] = [];
     for (const changes of perDevice.values()) {
-      const device = await this.ourDevice(changes.userId, changes.deviceId);
-      if (!device) continue;
-      work.push(device.receive({ ...changes, changed: data.changed, left: data.left }));
+      const { userId, deviceId } = changes;
+      const messages = (changes.toDevice?.length ?? 0) > 0;
+      const device = messages ? this.ourDevice(userId, deviceId) : this.openDevice(userId, deviceId);
+      if (!device || (!messages && !listsChanged && !this.countsChanged(changes))) continue;
+      work.push({ userId, done: device.then((d) => d?.receive({ ...changes, ...lists })) });
     }
     if (listsChanged)
-      for (const [userId, device] of this.devices) {
-        if ([...perDevice.values()].some((c) => c.userId === userId)) continue;
-        work.push(device.then((d) => d.receive({ changed: data.changed, left: data.left })));
-      }
-    await Promise.all(work);
+      for (const [userId, device] of this.devices)
+        if (!work.some((w) => w.userId === userId))
+          work.push({ userId, done: device.then((d) => d.receive(lists)) });
+    const failed = await this.settle(work);
+    if (failed.includes(this.o.reader.userId))
+      void this.readerDevice().then(
+        (reader) => this.catchUpReader(reader, true),
+        () => undefined, // stopping
+      );
+  }
+
+  /** Waits for every device's share of some work; failures are logged, and who failed returned. */
+  private async settle(work: { userId: string; done: Promise<unknown> }[]): Promise<string[]> {
+    const results = await Promise.allSettled(work.map((w) => w.done));
+    const failed: string[] = [];
+    results.forEach((r, i) => {
+      if (r.status === "fulfilled") return;
+      failed.push(work[i]!.userId);
+      this.o.log.warn(
+        { userId: work[i]!.userId, err: errorMessage(r.reason) },
+        "a device could not take in what the homeserver had for it",
+      );
+    });
+    return failed;
+  }
+
+  /** Whether a device's key counts or fallback key types differ from those it was last given. */
+  private countsChanged(changes: DeviceChanges & { userId: string; deviceId: string }): boolean {
+    const key = `${changes.userId}|${changes.deviceId}`;
+    const now = JSON.stringify([changes.oneTimeKeyCounts, changes.unusedFallbackKeyTypes]);
+    if (this.lastCounts.get(key) === now) return false;
+    this.lastCounts.set(key, now);
+    return true;
+  }
+
+  /** The device of a user of ours, if this process has it open (or opening) and it is `deviceId`. */
+  private openDevice(userId: string, deviceId: string): Promise<OlmDevice> | undefined {
+    if (this.o.records.get(userId)?.deviceId !== deviceId) return undefined;
+    return this.devices.get(userId);
   }
 
   /** Lines for `!tribridge status`. */
@@ -282,7 +332,17 @@ export class EndToEnd implements EventSealer {
   }
 
   /** Tries the waiting events `which` selects again; those decrypted are handled and forgotten. */
-  private async retryWaiting(which: (w: { sessionId: string }) => boolean): Promise<void> {
+  private async retryWaiting(which: (w: WaitingEvent) => boolean): Promise<void> {
+    if (this.stopping.signal.aborted) return;
+    try {
+      await this.retryWaitingNow(which);
+    } catch (err) {
+      // Redis away, or stopping: each waiting event stays, tried again on its key or the next start.
+      this.o.log.warn({ err: errorMessage(err) }, "could not try the waiting encrypted events again");
+    }
+  }
+
+  private async retryWaitingNow(which: (w: WaitingEvent) => boolean): Promise<void> {
     const reader = await this.readerDevice();
     for (const w of (await this.o.waiting.all()).filter(which).sort((a, b) => a.since - b.since)) {
       try {
@@ -296,10 +356,13 @@ export class EndToEnd implements EventSealer {
         );
       } catch (err) {
         if (err instanceof MegolmDecryptionError && waitsForKey(err)) continue;
+        // Decrypted, but not handed on (Redis away, say): kept, and tried again in a while.
         this.o.log.warn(
-          { eventId: w.event.event_id, err: errorMessage(err) },
+          { eventId: w.event.event_id, err: errorMessage(err), retryInMs: WAITING_RETRY_MS },
           "a waiting encrypted event failed again",
         );
+        const id = w.event.event_id;
+        setTimeout(() => void this.retryWaiting((x) => x.event.event_id === id), WAITING_RETRY_MS).unref();
       }
     }
   }
@@ -347,7 +410,9 @@ export class EndToEnd implements EventSealer {
     }
     const auth: DeviceAuth = { userId, deviceId: record.deviceId, accessToken: record.accessToken };
     const device = new OlmDevice(auth, machine, this.o.matrix, this.o.stores);
-    await device.flush(); // its keys uploaded before anyone needs them
+    // Device list changes that came while it was not open here never reached it: asked afresh.
+    await device.exclusive(() => machine.markAllTrackedUsersAsDirty());
+    await device.flush(); // its keys uploaded (and the lists asked for) before anyone needs them
     if (!record.crossSigned) await this.crossSign(device);
     return device;
   }
@@ -457,6 +522,7 @@ export class EndToEnd implements EventSealer {
         const since = this.o.records.get(device.userId)?.since;
         const { next, changes } = await syncOnce(this.o.matrix, device.auth, since, 0);
         await device.receive(changes);
+        if (device.userId === this.o.reader.userId) await this.spreadLists(device, changes);
         await this.o.records.set(device.userId, { ...this.o.records.get(device.userId)!, since: next });
         // A sync hands out a limited number of to-device messages (Synapse: 100); an empty one is the end.
         if ((changes.toDevice?.length ?? 0) === 0) break;
@@ -482,20 +548,28 @@ export class EndToEnd implements EventSealer {
       since: () => this.o.records.get(reader.userId)?.since,
       handle: async (changes) => {
         await reader.receive(changes);
-        if ((changes.changed?.length ?? 0) + (changes.left?.length ?? 0) === 0) return;
-        await Promise.all(
-          [...this.devices]
-            .filter(([userId]) => userId !== reader.userId)
-            .map(([, d]) =>
-              d.then((device) => device.receive({ changed: changes.changed, left: changes.left })),
-            ),
-        );
+        await this.spreadLists(reader, changes);
       },
       keep: (next) =>
         this.o.records.set(reader.userId, { ...this.o.records.get(reader.userId)!, since: next }),
       signal: this.stopping.signal,
       log: this.o.log,
     });
+  }
+
+  /**
+   * Device list changes the reader's sync brought, given to every other open machine. One that
+   * fails is logged and left (it asks afresh when next opened); it must not hold the reader's
+   * position back, or the reader's inbox would fill up behind it.
+   */
+  private async spreadLists(reader: OlmDevice, changes: DeviceChanges): Promise<void> {
+    const lists = { changed: changes.changed ?? [], left: changes.left ?? [] };
+    if (lists.changed.length + lists.left.length === 0) return;
+    await this.settle(
+      [...this.devices]
+        .filter(([userId]) => userId !== reader.userId)
+        .map(([userId, device]) => ({ userId, done: device.then((d) => d.receive(lists)) })),
+    );
   }
 
   private readerDevice(): Promise<OlmDevice> {

@@ -188,6 +188,17 @@ export class OlmDevice {
   crossSign(): Promise<void> {
     return this.exclusive(async () => {
       const status = await this.machine.crossSigningStatus();
+      if (!status.hasMaster) {
+        // An identity on the homeserver that this store does not hold (made before a lost store,
+        // or by another instance): replacing it would show every client an identity reset.
+        const self = new UserId(this.userId);
+        await this.machine.updateTrackedUsers([self]);
+        await this.sendOutgoing();
+        if (await this.machine.getIdentity(new UserId(this.userId)))
+          throw new PermanentError(
+            "the user has a cross-signing identity this device cannot sign with; not replaced",
+          );
+      }
       const requests = await this.machine.bootstrapCrossSigning(!status.hasMaster);
       await this.store.persist(this.userId, this.deviceId); // the private keys, before anything is sent
       if (requests.uploadKeysRequest) await this.send(requests.uploadKeysRequest as KeysUploadRequest);
