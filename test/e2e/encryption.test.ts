@@ -112,6 +112,24 @@ for (const variant of VARIANTS) {
 
     let ghostDevice = "";
 
+    /** A device message into the room, as Alice's client reads the event `ghost` sends for it. */
+    async function deviceMessage(text: string, remoteId: string, ghost: string) {
+      const seen = alice.encryptedFromOthers(room).length;
+      await remote.emit("secret", { remoteId, sender: { id: "dev" }, body: { text } });
+      const ev = await waitFor(
+        `"${text}" in the room`,
+        () =>
+          alice
+            .encryptedFromOthers(room)
+            .slice(seen)
+            .find((e) => e.sender === ghost),
+        15_000,
+      );
+      const clear = await alice.decrypt(ev);
+      assert.equal(clear.content.body, text);
+      return clear;
+    }
+
     test("a device's message is encrypted by its ghost's own device; a person's client decrypts it", async () => {
       await remote.emit("secret", { remoteId: "r1", sender: { id: "dev" }, body: { text: "reading 1" } });
       const ev = await nextEncrypted(alice, room, 0);
@@ -233,23 +251,7 @@ for (const variant of VARIANTS) {
       const botDevices = h.hs.devicesOf(bot);
       await bridge.stop();
       await startBridge();
-      const seen = alice.encryptedFromOthers(room).length;
-      await remote.emit("secret", {
-        remoteId: "r3",
-        sender: { id: "dev" },
-        body: { text: "after a restart" },
-      });
-      const ev = await waitFor(
-        "the message after the restart",
-        () =>
-          alice
-            .encryptedFromOthers(room)
-            .slice(seen)
-            .find((e) => e.sender === ghost),
-        15_000,
-      );
-      const clear = await alice.decrypt(ev);
-      assert.equal(clear.content.body, "after a restart");
+      const clear = await deviceMessage("after a restart", "r3", ghost);
       assert.equal(clear.senderDevice, ghostDevice);
       assert.deepEqual(h.hs.devicesOf(ghost), [ghostDevice]);
       assert.deepEqual(h.hs.devicesOf(bot), botDevices);
@@ -269,22 +271,7 @@ for (const variant of VARIANTS) {
       for (const file of readdirSync(dir)) if (file.endsWith(".olm")) rmSync(join(dir, file));
       await startBridge();
       const seen = alice.encryptedFromOthers(room).length;
-      await remote.emit("secret", {
-        remoteId: "r5",
-        sender: { id: "dev" },
-        body: { text: "from a new device" },
-      });
-      const ev = await waitFor(
-        "the message from the new device",
-        () =>
-          alice
-            .encryptedFromOthers(room)
-            .slice(seen)
-            .find((e) => e.sender === ghost),
-        15_000,
-      );
-      const clear = await alice.decrypt(ev);
-      assert.equal(clear.content.body, "from a new device");
+      const clear = await deviceMessage("from a new device", "r5", ghost);
       assert.notEqual(clear.senderDevice, oldDevice);
       assert.deepEqual(h.hs.devicesOf(ghost), [clear.senderDevice], "the lost device removed");
       const told = await waitFor(
