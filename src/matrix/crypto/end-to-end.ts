@@ -98,7 +98,7 @@ export class EndToEnd implements EventSealer {
     const reader = await this.readerDevice();
     reader.machine.registerRoomKeyUpdatedCallback(async (keys) => {
       const sessions = new Set(keys.map((k) => k.sessionId));
-      void this.retryWaiting((w) => sessions.has(w.sessionId));
+      void this.retryWaiting(() => this.o.waiting.ofSessions(sessions));
     });
     if (this.o.feed === "sync") this.loops.push(this.syncReader(reader));
     else await this.catchUpReader(reader, true); // what came while we were away
@@ -118,7 +118,7 @@ export class EndToEnd implements EventSealer {
    * handed to is ready (the route rooms known).
    */
   retryAllWaiting(): Promise<void> {
-    return this.retryWaiting(() => true);
+    return this.retryWaiting(() => this.o.waiting.all());
   }
 
   /**
@@ -332,19 +332,19 @@ export class EndToEnd implements EventSealer {
   }
 
   /** Tries the waiting events `which` selects again; those decrypted are handled and forgotten. */
-  private async retryWaiting(which: (w: WaitingEvent) => boolean): Promise<void> {
+  private async retryWaiting(load: () => Promise<WaitingEvent[]>): Promise<void> {
     if (this.stopping.signal.aborted) return;
     try {
-      await this.retryWaitingNow(which);
+      await this.retryWaitingNow(load);
     } catch (err) {
       // Redis away, or stopping: each waiting event stays, tried again on its key or the next start.
       this.o.log.warn({ err: errorMessage(err) }, "could not try the waiting encrypted events again");
     }
   }
 
-  private async retryWaitingNow(which: (w: WaitingEvent) => boolean): Promise<void> {
+  private async retryWaitingNow(load: () => Promise<WaitingEvent[]>): Promise<void> {
     const reader = await this.readerDevice();
-    for (const w of (await this.o.waiting.all()).filter(which).sort((a, b) => a.since - b.since)) {
+    for (const w of (await load()).sort((a, b) => a.since - b.since)) {
       try {
         const clear = await reader.decrypt(w.event as unknown as Record<string, unknown>, w.event.room_id);
         this.counts.decrypted++;
@@ -362,7 +362,9 @@ export class EndToEnd implements EventSealer {
           "a waiting encrypted event failed again",
         );
         const id = w.event.event_id;
-        setTimeout(() => void this.retryWaiting((x) => x.event.event_id === id), WAITING_RETRY_MS).unref();
+        const again = () =>
+          this.o.waiting.ofSessions([w.sessionId]).then((ws) => ws.filter((x) => x.event.event_id === id));
+        setTimeout(() => void this.retryWaiting(again), WAITING_RETRY_MS).unref();
       }
     }
   }
