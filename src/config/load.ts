@@ -276,7 +276,9 @@ export function validateConfig(
         spec: spec.data,
       });
     });
-    return { id: route.id, room: route.room, invite: route.invite, endpoints };
+    // A private room nobody is invited to is one nobody can get into.
+    const invite = route.invite ?? cfg.appservice.admins.filter((admin) => !admin.startsWith("@*:"));
+    return { id: route.id, room: route.room, invite, endpoints };
   });
   const { appservice } = cfg;
   if (appservice.url === undefined && ["0.0.0.0", "::", "[::]"].includes(appservice.bind))

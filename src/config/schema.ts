@@ -219,8 +219,11 @@ export const routeSchema = z.strictObject({
     .describe("Room alias or id; an alias on our own domain that does not exist yet is created"),
   invite: z
     .array(z.string().regex(/^@[^:]+:.+$/, "must be a user id"))
-    .default([])
-    .describe("Users invited when tribridge creates the room"),
+    .optional()
+    .describe(
+      "Users invited when tribridge creates the room (default: the user ids among appservice.admins, " +
+        "so that someone can get in)",
+    ),
   endpoints: z.array(endpointBaseSchema).min(1, "a route needs at least one endpoint"),
 });
 

@@ -79,6 +79,24 @@ test("room ids of room version 12 (no server part) are accepted; '=' in the bot'
   );
 });
 
+test("a route's room is created inviting the admins (user ids, not server globs) unless it says whom", () => {
+  const base = {
+    homeserver: { url: "http://hs:8008", domain: "example.org" },
+    appservice: { admins: ["@ann:example.org", "@*:example.org"] },
+  };
+  const route = (invite?: string[]) => ({
+    id: "r",
+    room: "#r:example.org",
+    ...(invite && { invite }),
+    endpoints: [{ account: "mqtt.default", direction: "in", topic: "t" }],
+  });
+  const inviteOf = (invite?: string[]) =>
+    validateConfig({ ...base, routes: [route(invite)] }, connectors).routes[0]!.invite;
+  assert.deepEqual(inviteOf(), ["@ann:example.org"]);
+  assert.deepEqual(inviteOf([]), []);
+  assert.deepEqual(inviteOf(["@bo:example.org"]), ["@bo:example.org"]);
+});
+
 test("config.schema.json accepts the sample and *File secrets, and rejects a broken config", () => {
   const validate = new Ajv2020({ strict: false, validateFormats: false }).compile(
     JSON.parse(readFileSync("config/config.schema.json", "utf8")) as object,
