@@ -23,6 +23,7 @@ ENV TRIBRIDGE_CONFIG=/data/config.yaml TRIBRIDGE_REGISTRATION=/data/registration
 VOLUME /data
 # appservice, MQTT, and metrics (when metrics.enabled with metrics.bind: 0.0.0.0)
 EXPOSE 9993 1883 9464
-HEALTHCHECK CMD node -e "fetch('http://127.0.0.1:9993/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+# GET /ready on the configured appservice port: Redis, the homeserver and every connector up.
+HEALTHCHECK --start-period=30s CMD ["node", "dist/src/index.js", "ready"]
 ENTRYPOINT ["node", "dist/src/index.js"]
 CMD ["start"]

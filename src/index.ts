@@ -29,6 +29,8 @@ Commands:
   generate-registration    Write registration.yaml with fresh random tokens
   registration-help        Print how to register with continuwuity/conduwuit and Synapse
   validate-config          Check config.yaml and print every problem with its path
+  ready                    Ask the running bridge whether it can do its work (GET /ready on the
+                           configured appservice port); exit 0 if so (a container health check)
   generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
   failed-jobs              List the relays that failed for good, with their reasons
                            (--retry: put them back on their queues; --id ID: only those)
@@ -45,6 +47,9 @@ Options:
       --id ID              failed-jobs --retry: only this relay (repeatable)
   -h, --help
 `;
+
+/** `tribridge ready` gives up after this long (a health check's own timeout is longer). */
+const READY_TIMEOUT_MS = 5_000;
 
 /** How long a stop may take before the process exits anyway (under Docker's 10 s before SIGKILL). */
 const STOP_DEADLINE_MS = 8_000;
@@ -113,6 +118,22 @@ function readConfig(options: Options): Config {
       };
     },
   });
+}
+
+/** GET /ready of the bridge this config describes, on this machine: 0 when it answers 200. */
+async function askReady(config: Config): Promise<number> {
+  const { bind, port } = config.appservice;
+  const anyAddress = ["0.0.0.0", "::", "[::]"].includes(bind);
+  const host = anyAddress ? "127.0.0.1" : bind.includes(":") && !bind.startsWith("[") ? `[${bind}]` : bind;
+  const url = `http://${host}:${port}/ready`;
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(READY_TIMEOUT_MS) });
+    console.log(`${res.status} ${await res.text()}`);
+    return res.ok ? 0 : 1;
+  } catch (err) {
+    console.error(`${url}: ${errorMessage(err)}`);
+    return 1;
+  }
 }
 
 function generateRegistration(config: Config, options: Options): Registration {
@@ -241,6 +262,8 @@ async function main(argv: string[]): Promise<number> {
       );
       return 0;
     }
+    case "ready":
+      return askReady(readConfig(options));
     case "generate-config-files":
       return generateConfigFiles(options.check);
     case "failed-jobs": {
