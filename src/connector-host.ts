@@ -12,6 +12,7 @@ import type {
   ConnectorState,
   InboundMessage,
 } from "./connector.js";
+import { errorMessage } from "./errors.js";
 import type { Lifetime } from "./lifetime.js";
 import { moduleLogger, type Logger } from "./log.js";
 import type { ToMatrixJob } from "./matrix/room-delivery.js";
@@ -87,7 +88,14 @@ export class ConnectorHost {
           if (state === "up") this.o.health.alive(ref);
         },
       });
-      await instance.start();
+      await instance.start().catch((err: unknown) => {
+        // Which account, and how to change its settings: the connector knows its keys, not where they live.
+        throw new Error(
+          `bridges.${ref}: ${errorMessage(err)}; this account's settings are bridges.${ref}.<key> in the ` +
+            `config, or TRIBRIDGE__bridges__${name}__${account}__<key> in the environment`,
+          { cause: err },
+        );
+      });
       lifetime.onStop(() => instance.stop());
       this.instances.set(ref, instance);
       await instance.watch(routes.endpointsOf(name, account).map(bindingOf));

@@ -115,7 +115,9 @@ describe("tribridge start on a machine where the MQTT port is taken", () => {
     assert.ok(existsSync(join(cwd, "registration.yaml")));
     assert.equal(
       r.stderr.trim(),
-      `tribridge: embedded MQTT broker: port ${busyPort} on 127.0.0.1 is already in use (set embedded.port to a free port, or stop the other broker)`,
+      `tribridge: bridges.mqtt.default: embedded MQTT broker: port ${busyPort} on 127.0.0.1 is already in use ` +
+        "(set embedded.port to a free port, or stop the other broker); this account's settings are " +
+        "bridges.mqtt.default.<key> in the config, or TRIBRIDGE__bridges__mqtt__default__<key> in the environment",
     );
     assert.equal(redisServersUsing(cwd), 0, "the private redis-server was stopped");
   });
