@@ -112,6 +112,12 @@ for (const variant of VARIANTS) {
 
     let ghostDevice = "";
 
+    const wasRelayed = (channel: string, text: string) =>
+      remote.sentTo(channel).some((m) => m.body.text === text);
+    /** Waits until a room message `text` reached the far side's `channel`. */
+    const relayed = (channel: string, text: string) =>
+      waitFor(`"${text}" relayed`, () => wasRelayed(channel, text), 15_000);
+
     /** A device message into the room, as Alice's client reads the event `ghost` sends for it. */
     async function deviceMessage(text: string, remoteId: string, ghost: string) {
       const seen = alice.encryptedFromOthers(room).length;
@@ -149,11 +155,7 @@ for (const variant of VARIANTS) {
 
     test("a person's encrypted message is decrypted by the bot's device and relayed", async () => {
       await alice.send(room, { msgtype: "m.text", body: "hello devices" });
-      await waitFor(
-        "the relay",
-        () => remote.sentTo("secret").some((m) => m.body.text === "hello devices"),
-        15_000,
-      );
+      await relayed("secret", "hello devices");
     });
 
     test("an event whose room key comes later waits for it, then is relayed", async () => {
@@ -161,13 +163,9 @@ for (const variant of VARIANTS) {
       bob.holdingToDevice = true;
       await bob.send(room, { msgtype: "m.text", body: "key comes later" });
       await new Promise((r) => setTimeout(r, 500));
-      assert.ok(!remote.sentTo("secret").some((m) => m.body.text === "key comes later"), "not readable yet");
+      assert.ok(!wasRelayed("secret", "key comes later"), "not readable yet");
       await bob.releaseToDevice();
-      await waitFor(
-        "the late relay",
-        () => remote.sentTo("secret").some((m) => m.body.text === "key comes later"),
-        15_000,
-      );
+      await relayed("secret", "key comes later");
     });
 
     test("a member who joins later reads the next device message", async () => {
@@ -201,11 +199,7 @@ for (const variant of VARIANTS) {
         "nothing in plaintext after the switch",
       );
       await alice.send(later, { msgtype: "m.text", body: "encrypted answer" });
-      await waitFor(
-        "the relay",
-        () => remote.sentTo("later").some((m) => m.body.text === "encrypted answer"),
-        15_000,
-      );
+      await relayed("later", "encrypted answer");
     });
 
     test("Megolm sessions rotate as the room's settings say (rotation_period_msgs)", async () => {
@@ -256,11 +250,7 @@ for (const variant of VARIANTS) {
       assert.deepEqual(h.hs.devicesOf(ghost), [ghostDevice]);
       assert.deepEqual(h.hs.devicesOf(bot), botDevices);
       await alice.send(room, { msgtype: "m.text", body: "still read" });
-      await waitFor(
-        "the relay after the restart",
-        () => remote.sentTo("secret").some((m) => m.body.text === "still read"),
-        15_000,
-      );
+      await relayed("secret", "still read");
     });
 
     test("a lost crypto store: the ghost moves to a new device, says so in the room, the old one is removed", async () => {
@@ -290,11 +280,7 @@ for (const variant of VARIANTS) {
       );
       assert.match(told, /lost the encryption keys/);
       await alice.send(room, { msgtype: "m.text", body: "read after a lost store" });
-      await waitFor(
-        "the relay by the reader's new device",
-        () => remote.sentTo("secret").some((m) => m.body.text === "read after a lost store"),
-        15_000,
-      );
+      await relayed("secret", "read after a lost store");
     });
 
     test("a device a person adds while the bridge is down gets the next device message", async () => {

@@ -46,6 +46,11 @@ export class DeviceRecords {
     return this.records.get(userId);
   }
 
+  /** Changes fields of a user's existing record; resolves once it is on disk. */
+  update(userId: string, fields: Partial<DeviceRecord>): Promise<void> {
+    return this.set(userId, { ...this.records.get(userId)!, ...fields });
+  }
+
   /** Sets a user's record; resolves once it is on disk. */
   set(userId: string, record: DeviceRecord): Promise<void> {
     this.records.set(userId, record);

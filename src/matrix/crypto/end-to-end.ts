@@ -10,8 +10,8 @@
  *   room keys with it as with any member. The reader is a user of our namespace, not the bot: a
  *   homeserver refuses `/sync` to the appservice's own user (Application Service API §Client-Server
  *   API extensions; Synapse answers 500), and its device must sync on the `/sync` feed and to catch
- *   up on the transaction feed. It joins each encrypted room tribridge uses (readIn). An event whose key has not come yet waits (waiting-events.ts)
- *   and is decrypted and relayed when it comes.
+ *   up on the transaction feed. It joins each encrypted room tribridge uses (readIn). An event
+ *   whose key has not come yet waits (waiting-events.ts) and is decrypted and relayed when it comes.
  * - **Feeding the devices** what the homeserver has for them (to-device messages, device list
  *   changes, one-time key counts): from appservice transactions (MSC2409/MSC3202, `transactions`),
  *   or from each device's own `/sync` (`sync`): the reader's device long-polls; a ghost's device
@@ -269,9 +269,9 @@ export class EndToEnd implements EventSealer {
     for (const changes of perDevice.values()) {
       const { userId, deviceId } = changes;
       const messages = (changes.toDevice?.length ?? 0) > 0;
-      const device = messages ? this.ourDevice(userId, deviceId) : this.openDevice(userId, deviceId);
+      const device = this.ourDevice(userId, deviceId, { open: messages });
       if (!device || (!messages && !listsChanged && !this.countsChanged(changes))) continue;
-      work.push({ userId, done: device.then((d) => d?.receive({ ...changes, ...lists })) });
+      work.push({ userId, done: device.then((d) => d.receive({ ...changes, ...lists })) });
     }
     if (listsChanged)
       for (const [userId, device] of this.devices)
@@ -307,12 +307,6 @@ export class EndToEnd implements EventSealer {
     if (this.lastCounts.get(key) === now) return false;
     this.lastCounts.set(key, now);
     return true;
-  }
-
-  /** The device of a user of ours, if this process has it open (or opening) and it is `deviceId`. */
-  private openDevice(userId: string, deviceId: string): Promise<OlmDevice> | undefined {
-    if (this.o.records.get(userId)?.deviceId !== deviceId) return undefined;
-    return this.devices.get(userId);
   }
 
   /** Lines for `!tribridge status`. */
@@ -361,18 +355,19 @@ export class EndToEnd implements EventSealer {
           { eventId: w.event.event_id, err: errorMessage(err), retryInMs: WAITING_RETRY_MS },
           "a waiting encrypted event failed again",
         );
-        const id = w.event.event_id;
-        const again = () =>
-          this.o.waiting.ofSessions([w.sessionId]).then((ws) => ws.filter((x) => x.event.event_id === id));
+        const again = () => this.o.waiting.byIds([w.event.event_id]);
         setTimeout(() => void this.retryWaiting(again), WAITING_RETRY_MS).unref();
       }
     }
   }
 
-  /** A device of ours the homeserver addressed: opened if this process has not yet, unknown ones ignored. */
-  private async ourDevice(userId: string, deviceId: string): Promise<OlmDevice | undefined> {
+  /**
+   * A device of ours the homeserver addressed (unknown ones ignored): opened if this process has
+   * not yet and `open`, else only if it is open here already.
+   */
+  private ourDevice(userId: string, deviceId: string, o: { open: boolean }): Promise<OlmDevice> | undefined {
     if (this.o.records.get(userId)?.deviceId !== deviceId) return undefined;
-    return this.deviceOf(userId);
+    return o.open ? this.deviceOf(userId) : this.devices.get(userId);
   }
 
   /** The user's device, made and opened on first use (see makeDevice). */
@@ -424,7 +419,7 @@ export class EndToEnd implements EventSealer {
     const { userId, deviceId } = device;
     try {
       await device.crossSign();
-      await this.o.records.set(userId, { ...this.o.records.get(userId)!, crossSigned: true });
+      await this.o.records.update(userId, { crossSigned: true });
       this.o.log.info({ userId, device: deviceId }, "cross-signed the device");
     } catch (err) {
       this.o.log.warn(
@@ -525,7 +520,7 @@ export class EndToEnd implements EventSealer {
         const { next, changes } = await syncOnce(this.o.matrix, device.auth, since, 0);
         await device.receive(changes);
         if (device.userId === this.o.reader.userId) await this.spreadLists(device, changes);
-        await this.o.records.set(device.userId, { ...this.o.records.get(device.userId)!, since: next });
+        await this.o.records.update(device.userId, { since: next });
         // A sync hands out a limited number of to-device messages (Synapse: 100); an empty one is the end.
         if ((changes.toDevice?.length ?? 0) === 0) break;
       }
@@ -552,8 +547,7 @@ export class EndToEnd implements EventSealer {
         await reader.receive(changes);
         await this.spreadLists(reader, changes);
       },
-      keep: (next) =>
-        this.o.records.set(reader.userId, { ...this.o.records.get(reader.userId)!, since: next }),
+      keep: (next) => this.o.records.update(reader.userId, { since: next }),
       signal: this.stopping.signal,
       log: this.o.log,
     });

@@ -191,8 +191,7 @@ export class OlmDevice {
       if (!status.hasMaster) {
         // An identity on the homeserver that this store does not hold (made before a lost store,
         // or by another instance): replacing it would show every client an identity reset.
-        const self = new UserId(this.userId);
-        await this.machine.updateTrackedUsers([self]);
+        await this.machine.updateTrackedUsers([new UserId(this.userId)]);
         await this.sendOutgoing();
         if (await this.machine.getIdentity(new UserId(this.userId)))
           throw new PermanentError(

@@ -67,12 +67,12 @@ export class WaitingEvents {
     const ids = new Set<string>();
     for (const session of sessionIds)
       for (const id of await this.redis.smembers(this.bySession(session))) ids.add(id);
-    return this.get([...ids]);
+    return this.byIds([...ids]);
   }
 
   async remove(eventIds: readonly string[]): Promise<void> {
     if (eventIds.length === 0) return;
-    const found = await this.get(eventIds);
+    const found = await this.byIds(eventIds);
     const tx = this.redis
       .multi()
       .hdel(this.key, ...eventIds)
@@ -89,10 +89,11 @@ export class WaitingEvents {
   private async oldestPast(index: string, limit: number): Promise<WaitingEvent[]> {
     const excess = (await this.redis.zcard(index)) - limit;
     if (excess <= 0) return [];
-    return this.get(await this.redis.zrange(index, 0, excess - 1));
+    return this.byIds(await this.redis.zrange(index, 0, excess - 1));
   }
 
-  private async get(eventIds: readonly string[]): Promise<WaitingEvent[]> {
+  /** The events of these ids still waiting. */
+  async byIds(eventIds: readonly string[]): Promise<WaitingEvent[]> {
     if (eventIds.length === 0) return [];
     const values = await this.redis.hmget(this.key, ...eventIds);
     return values.filter((v): v is string => v !== null).map((v) => JSON.parse(v) as WaitingEvent);
