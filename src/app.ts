@@ -297,7 +297,7 @@ export async function start({
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),
-        readiness: () => readiness(readinessChecks(redis, prefix, queues, health, () => host.states)),
+        readiness: () => readiness(readinessChecks(redis, prefix, matrix, queues, health, () => host.states)),
       },
       moduleLogger("appservice"),
     );
@@ -377,11 +377,13 @@ async function openRedis(
 
 /**
  * What GET /ready checks: Redis takes writes (a write, not a PING: a Redis out of disk (MISCONF) or
- * turned replica (READONLY) still answers PINGs), and every queue shard has a consumer.
+ * turned replica (READONLY) still answers PINGs), the homeserver answers and takes our as_token,
+ * every queue shard has a consumer, no destination is down and every connector is up.
  */
 function readinessChecks(
   redis: Redis,
   prefix: string,
+  matrix: MatrixClient,
   queues: readonly OrderedQueue<unknown>[],
   health: DestinationHealth,
   connectorStates: () => Record<string, { state: ConnectorState; reason?: string }>,
@@ -395,6 +397,7 @@ function readinessChecks(
         return undefined;
       },
     },
+    { name: "homeserver", check: () => matrix.homeserverProblem() },
     {
       name: "shards",
       check: async () => {

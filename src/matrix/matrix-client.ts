@@ -33,6 +33,8 @@ export interface MatrixClientOptions {
 const REQUEST_TIMEOUT_MS = 30_000;
 /** Waiting for the homeserver to answer and accept our as_token at start-up: 1 s, 2 s, … 30 s. */
 const START_BACKOFF = { initialDelayMs: 1_000, maxDelayMs: 30_000 };
+/** How long /ready's answer about the homeserver is kept (see homeserverProblem). */
+const TOKEN_CHECK_KEPT_MS = 5_000;
 
 type HttpMethod = "GET" | "PUT" | "POST" | "DELETE";
 
@@ -112,6 +114,7 @@ export class MatrixClient {
   private readonly pool: Pool;
   private readonly basePath: string;
   private sealer: EventSealer | undefined;
+  private lastTokenCheck: { at: number; problem: Promise<string | undefined> } | undefined;
 
   constructor(private readonly opts: MatrixClientOptions) {
     routeLibraryLogs();
@@ -216,6 +219,24 @@ export class MatrixClient {
         `the as_token belongs to ${String(userId)}, not ${this.opts.botUserId}: ` +
           "homeserver.domain or sender_localpart does not match the registration the homeserver loaded",
       );
+  }
+
+  /**
+   * For GET /ready: what is wrong with the homeserver now (it does not answer, or no longer takes our
+   * as_token), or undefined. The answer is kept for a few seconds: /ready is open to anyone who
+   * reaches the appservice port, and must not turn their requests into load on the homeserver.
+   */
+  homeserverProblem(): Promise<string | undefined> {
+    const now = Date.now();
+    if (!this.lastTokenCheck || now - this.lastTokenCheck.at >= TOKEN_CHECK_KEPT_MS)
+      this.lastTokenCheck = {
+        at: now,
+        problem: this.checkToken().then(
+          () => undefined,
+          (err: unknown) => errorMessage(err),
+        ),
+      };
+    return this.lastTokenCheck.problem;
   }
 
   /**
