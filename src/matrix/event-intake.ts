@@ -235,7 +235,7 @@ export class EventIntake {
       if (route) refused.set(route.id, route);
       return false;
     });
-    if (refused.size > 0) this.o.permissions.refused(ev, [...refused.values()]);
+    if (refused.size > 0) void this.o.permissions.refused(ev, [...refused.values()]);
     return permitted;
   }
 

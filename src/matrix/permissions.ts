@@ -93,22 +93,27 @@ export class RelayPermissions {
     return (route) => allows(route.permissions, this.matcherOf(route.permissions), ev.sender, level);
   }
 
-  /** Answers a message refused for `routes`, on the side: the transaction does not wait for it. */
-  refused(ev: MatrixEvent, routes: readonly ResolvedRoute[]): void {
+  /**
+   * Answers a message refused for `routes`. Resolves once answered, or once the failure to answer
+   * is logged; never rejects. The transaction does not wait for it.
+   */
+  refused(ev: MatrixEvent, routes: readonly ResolvedRoute[]): Promise<void> {
     const { log } = this.o;
     log.info(
       { eventId: ev.event_id, roomId: ev.room_id, sender: ev.sender, routes: routes.map((r) => r.id) },
       "room message not relayed: its sender may not relay to these routes (permissions)",
     );
     for (const route of routes) this.o.observe?.(route.id);
-    this.answer(ev, routes).catch((err: unknown) =>
+    return this.answer(ev, routes).catch((err: unknown) =>
       log.warn({ err: errorMessage(err), eventId: ev.event_id }, "refused message not answered"),
     );
   }
 
   private async answer(ev: MatrixEvent, routes: readonly ResolvedRoute[]): Promise<void> {
     const { redis, prefix, sendAsBot } = this.o;
-    const reaction = { "m.relates_to": { rel_type: "m.annotation", event_id: ev.event_id, key: REFUSED_KEY } };
+    const reaction = {
+      "m.relates_to": { rel_type: "m.annotation", event_id: ev.event_id, key: REFUSED_KEY },
+    };
     await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id));
     const first = await redis.set(
       redisKeys.refusalNotice(prefix, ev.room_id, ev.sender),
@@ -118,7 +123,10 @@ export class RelayPermissions {
       "NX",
     );
     // Another event's notice in the window; this event's own (a transaction delivered again) goes again.
-    if (first === null && (await redis.get(redisKeys.refusalNotice(prefix, ev.room_id, ev.sender))) !== ev.event_id)
+    if (
+      first === null &&
+      (await redis.get(redisKeys.refusalNotice(prefix, ev.room_id, ev.sender))) !== ev.event_id
+    )
       return;
     const notice = {
       msgtype: "m.notice",

@@ -24,7 +24,7 @@ log.level = "silent";
 const everyoneMayRelay: EventIntakeOptions["permissions"] = {
   noteState: () => undefined,
   judge: async () => () => true,
-  refused: () => assert.fail("nobody is refused here"),
+  refused: async () => assert.fail("nobody is refused here"),
 };
 
 describe("EventIntake: each event once", () => {
