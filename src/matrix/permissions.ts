@@ -159,6 +159,9 @@ export function refusalNotice(sender: string, routes: readonly ResolvedRoute[]):
     ];
     lines.push(`route ${route.id}: only ${who.join(", ")} may (config key ${key})`);
   }
-  lines.push("An admin of tribridge can allow more senders there, or raise your power level in this room.");
+  const byLevel = routes.some((route) => route.permissions.powerLevel !== null);
+  lines.push(
+    `tribridge's admins can allow more senders under that key${byLevel ? "; the room's admins can raise your power level" : ""}.`,
+  );
   return lines.join("\n");
 }
