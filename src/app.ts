@@ -26,7 +26,7 @@ import { botUserId, readerUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
 import { RelayPermissions } from "./matrix/permissions.js";
-import { PowerLevels } from "./matrix/power-levels.js";
+import { PowerLevels, roomReader } from "./matrix/power-levels.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, keptWhenDelivered, type ToMatrixJob } from "./matrix/room-delivery.js";
@@ -278,7 +278,7 @@ export async function start({
       live,
       commands,
       permissions: new RelayPermissions({
-        powerLevels: new PowerLevels((roomId, type) => matrix.roomState(roomId, type)),
+        powerLevels: new PowerLevels(roomReader(matrix, bot)),
         isAdmin,
         redis,
         prefix,

@@ -12,7 +12,7 @@ import { moduleLogger } from "../../src/log.js";
 import type { MatrixEvent } from "../../src/matrix/appservice-server.js";
 import { adminMatcher } from "../../src/matrix/commands.js";
 import { RelayPermissions, allows, refusalNotice, userMatcher } from "../../src/matrix/permissions.js";
-import { PowerLevels, levelIn } from "../../src/matrix/power-levels.js";
+import { PowerLevels, levelIn, type RoomReader } from "../../src/matrix/power-levels.js";
 import { MatrixPermanentError } from "../../src/matrix/matrix-error.js";
 import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
 
@@ -91,10 +91,12 @@ describe("power levels (Client-Server API §m.room.power_levels)", () => {
 
   test("read once when unknown (concurrent askers share the read), then known at once", async () => {
     let reads = 0;
-    const levels = new PowerLevels(async () => {
-      reads++;
-      return { users: { "@mod:x": 50 } };
-    });
+    const levels = new PowerLevels(
+      reader(async () => {
+        reads++;
+        return { users: { "@mod:x": 50 } };
+      }),
+    );
     const [a, b] = await Promise.all([levels.levelOf("!r:x", "@mod:x"), levels.levelOf("!r:x", "@u:x")]);
     assert.deepEqual([a, b, reads], [50, 0, 1]);
     assert.equal(levels.levelOf("!r:x", "@mod:x"), 50, "known: answered without waiting");
@@ -102,7 +104,7 @@ describe("power levels (Client-Server API §m.room.power_levels)", () => {
 
   test("a pushed change applies at once, and wins over a read that was under way", async () => {
     let answer: (c: Record<string, unknown>) => void = () => undefined;
-    const levels = new PowerLevels(() => new Promise((resolve) => (answer = resolve)));
+    const levels = new PowerLevels(reader(() => new Promise((resolve) => (answer = resolve))));
     const level = levels.levelOf("!r:x", "@u:x");
     levels.noteState(powerLevelsEvent("!r:x", { users: { "@u:x": 50 } }));
     answer({ users: {} }); // read before the change
@@ -111,12 +113,50 @@ describe("power levels (Client-Server API §m.room.power_levels)", () => {
     assert.equal(levels.levelOf("!r:x", "@u:x"), 0);
   });
 
+  test("room version 12: the creators (the create event's sender, additional_creators) rank above every level", async () => {
+    const asked: string[] = [];
+    const levels = new PowerLevels({
+      state: async (_roomId, type) =>
+        type === "m.room.power_levels"
+          ? { users: { "@mod:x": 50 } }
+          : { room_version: "12", additional_creators: ["@co:x"] },
+      sender: async (roomId, eventId) => {
+        asked.push(`${roomId} ${eventId}`);
+        return "@founder:x";
+      },
+    });
+    assert.equal(await levels.levelOf("!abc", "@founder:x"), Infinity);
+    assert.equal(levels.levelOf("!abc", "@co:x"), Infinity);
+    assert.equal(levels.levelOf("!abc", "@mod:x"), 50);
+    assert.deepEqual(asked, ["!abc $abc"], "the create event's id is the room id's");
+  });
+
+  test("before room version 12 the creator has the level power levels give it; pushed create events count", () => {
+    const levels = new PowerLevels(reader(async () => assert.fail("known from what was pushed")));
+    const create = (room_version: string, roomId: string): MatrixEvent => ({
+      event_id: `$create-${roomId}`,
+      room_id: roomId,
+      sender: "@founder:x",
+      type: "m.room.create",
+      state_key: "",
+      content: { room_version },
+    });
+    levels.noteState(create("11", "!old:x"));
+    levels.noteState(powerLevelsEvent("!old:x", { users: {} }));
+    assert.equal(levels.levelOf("!old:x", "@founder:x"), 0);
+    levels.noteState(create("12", "!new"));
+    levels.noteState(powerLevelsEvent("!new", { users: {} }));
+    assert.equal(levels.levelOf("!new", "@founder:x"), Infinity);
+  });
+
   test("a failed read is not remembered: the next message reads again", async () => {
     let reads = 0;
-    const levels = new PowerLevels(async () => {
-      if (++reads === 1) throw new Error("homeserver away");
-      return { users_default: 50 };
-    });
+    const levels = new PowerLevels(
+      reader(async () => {
+        if (++reads === 1) throw new Error("homeserver away");
+        return { users_default: 50 };
+      }),
+    );
     await assert.rejects(async () => levels.levelOf("!r:x", "@u:x"), /homeserver away/);
     assert.equal(await levels.levelOf("!r:x", "@u:x"), 50);
   });
@@ -220,7 +260,7 @@ describe("RelayPermissions: the judgement and the one answer", () => {
 
   function permissions(sent: { type: string; content: Record<string, unknown>; txnId: string }[]) {
     return new RelayPermissions({
-      powerLevels: new PowerLevels(async () => ({ users: { "@mod:x": 50 } })),
+      powerLevels: new PowerLevels(reader(async () => ({ users: { "@mod:x": 50 } }))),
       isAdmin: adminMatcher(["@admin:x"]),
       redis,
       prefix,
@@ -240,7 +280,7 @@ describe("RelayPermissions: the judgement and the one answer", () => {
     const forbidden = new MatrixPermanentError({ what: "GET state", status: 403, errcode: "M_FORBIDDEN" });
     const failing = (err: Error) =>
       new RelayPermissions({
-        powerLevels: new PowerLevels(async () => Promise.reject(err)),
+        powerLevels: new PowerLevels(reader(async () => Promise.reject(err))),
         isAdmin: () => false,
         redis,
         prefix,
@@ -286,7 +326,7 @@ describe("RelayPermissions: the judgement and the one answer", () => {
 
   test("an answer that cannot be sent is logged, and the refusal still resolves", async () => {
     const p = new RelayPermissions({
-      powerLevels: new PowerLevels(async () => ({})),
+      powerLevels: new PowerLevels(reader(async () => ({}))),
       isAdmin: () => false,
       redis,
       prefix,
@@ -313,6 +353,15 @@ describe("RelayPermissions: the judgement and the one answer", () => {
     );
   });
 });
+
+/** Power levels read from `levels`, in a room of version 10 (no creators above every level). */
+function reader(levels: () => Promise<Record<string, unknown> | undefined>): RoomReader {
+  return {
+    state: (_roomId, type) =>
+      type === "m.room.power_levels" ? levels() : Promise.resolve({ room_version: "10" }),
+    sender: async () => assert.fail("only read in a room of version 12"),
+  };
+}
 
 function powerLevelsEvent(roomId: string, content: Record<string, unknown>): MatrixEvent {
   return {
