@@ -151,6 +151,19 @@ describe("permissions: who may relay room messages out", () => {
     h.hs.sendState(ops, h.alice, "m.room.power_levels", "", { ...current, users_default: 0 });
   });
 
+  test("in one transaction, a message is judged by the power levels before a change that follows it", async () => {
+    h.hs.pausePush(); // the three events below go in one transaction
+    const before = say(ops, bob, "bob: before the promotion");
+    setLevel(ops, bob, 50);
+    say(ops, bob, "bob: after the promotion");
+    h.hs.resumePush();
+    await waitFor("the message after the promotion relayed", () =>
+      relayed("ops", "bob: after the promotion"),
+    );
+    await refused(ops, "ops", before, "bob: before the promotion");
+    setLevel(ops, bob, undefined);
+  });
+
   test("a route's own permissions: a listed user, a glob and the admins relay; others, the room's creator too, are refused", async () => {
     say(door, carol, "carol: open");
     say(door, dave, "dave: open");
