@@ -25,6 +25,8 @@ import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/even
 import { botUserId, readerUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
+import { RelayPermissions } from "./matrix/permissions.js";
+import { PowerLevels, roomReader } from "./matrix/power-levels.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, keptWhenDelivered, type ToMatrixJob } from "./matrix/room-delivery.js";
@@ -275,6 +277,22 @@ export async function start({
       isOurs,
       live,
       commands,
+      permissions: new RelayPermissions({
+        powerLevels: new PowerLevels(roomReader(matrix, bot)),
+        isAdmin,
+        redis,
+        prefix,
+        sendAsBot: (roomId, type, content, txnId) =>
+          matrix.sendAs(
+            { userId: bot, displayName: config.appservice.botDisplayName },
+            roomId,
+            type,
+            content,
+            txnId,
+          ),
+        observe: metrics && ((route) => metrics.refused(route)),
+        log: moduleLogger("permissions"),
+      }),
       isAdmin,
       upgraded: followRoomUpgrades(routes, matrix, bot, log),
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),

@@ -40,6 +40,10 @@ export class RouteTable {
     return moved.map((r) => r.id);
   }
 
+  route(routeId: string): ResolvedRoute | undefined {
+    return this.routes.find((r) => r.id === routeId);
+  }
+
   roomIdOf(routeId: string): string | undefined {
     return this.roomIdByRoute.get(routeId);
   }
