@@ -29,6 +29,7 @@ import mqtt, {
 import { RetryableError, UnavailableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
 import type { Publish } from "./publish.js";
+import type { ResponseProperties } from "./request-response.js";
 import { coveringFilters, topicMatches } from "./topic.js";
 import type { MqttAccount } from "./schema.js";
 
@@ -165,6 +166,7 @@ export class ExternalClient {
       retain: packet.retain,
       dup: packet.dup,
       messageId: packet.messageId,
+      ...responsePropertiesOf(packet),
       connection: this.connection,
       resumed: this.resumed,
     });
@@ -259,6 +261,7 @@ export class ExternalClient {
     qos: 0 | 1 | 2,
     retain: boolean,
     timeoutMs: number,
+    response?: ResponseProperties,
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected)
@@ -272,7 +275,11 @@ export class ExternalClient {
       );
     });
     try {
-      await Promise.race([client.publishAsync(topic, payload, { qos, retain }), timeout]);
+      const properties = response && {
+        responseTopic: response.responseTopic,
+        correlationData: response.correlationData,
+      };
+      await Promise.race([client.publishAsync(topic, payload, { qos, retain, properties }), timeout]);
     } catch (err) {
       if (err instanceof RetryableError) throw err;
       // An MQTT 5 PUBACK with a failure reason code is the broker refusing this publish; anything
@@ -288,6 +295,15 @@ export class ExternalClient {
   async stop(): Promise<void> {
     await this.client?.endAsync();
   }
+}
+
+/** MQTT 5 response topic and correlation data of a PUBLISH, where it has them. */
+function responsePropertiesOf(packet: IPublishPacket): Pick<Publish, "responseTopic" | "correlationData"> {
+  const { responseTopic, correlationData } = packet.properties ?? {};
+  return {
+    ...(responseTopic !== undefined && { responseTopic }),
+    ...(correlationData !== undefined && { correlationData: Buffer.from(correlationData) }),
+  };
 }
 
 /** The URL as it may be logged: `mqtt://user:pass@host` would put a password in the logs. */

@@ -1,0 +1,174 @@
+/**
+ * MQTT 5 request/response (§4.10) through a real Mosquitto: a room message to an endpoint with a
+ * `responseTopic` is published with the response topic and correlation data; a device that answers
+ * there with the same correlation data has its answer posted as a threaded reply to the command
+ * (Client-Server API §Threading: `rel_type: m.thread` to the command, `m.in_reply_to` it). An answer
+ * whose correlation data names no command is not taken for a reply. Needs Mosquitto.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
+import { connectors } from "../../bridges/index.js";
+import { start, type RunningBridge } from "../../src/app.js";
+import { hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
+import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import type { RecordedEvent } from "../helpers/test-homeserver.js";
+
+type Relates = { rel_type?: string; event_id?: string; "m.in_reply_to"?: { event_id?: string } };
+const relatesTo = (e: RecordedEvent | undefined) => e?.content["m.relates_to"] as Relates | undefined;
+
+describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not installed" }, () => {
+  let broker: Broker;
+  let h: Harness;
+  let bridge: RunningBridge;
+  let room: string;
+  let device: MqttClient;
+  const commands: IPublishPacket[] = [];
+
+  before(async () => {
+    broker = (await startMosquitto())!;
+    h = await harness({
+      bridges: { mqtt: { lab: { url: `mqtt://127.0.0.1:${broker.port}`, protocolVersion: 5 } } },
+      routes: [
+        {
+          id: "lab",
+          room: "#lab:test.local",
+          endpoints: [
+            {
+              account: "mqtt.lab",
+              direction: "out",
+              topic: "lab/pump/set",
+              responseTopic: "lab/pump/response",
+              sender: { name: "pump" },
+            },
+            // Answers with no command of ours on this topic are device messages like any other.
+            { account: "mqtt.lab", direction: "in", topic: "lab/valve/#", sender: { name: "valve" } },
+            {
+              account: "mqtt.lab",
+              direction: "out",
+              topic: "lab/valve/set",
+              responseTopic: "lab/valve/response",
+            },
+          ],
+        },
+      ],
+    });
+    room = h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
+    bridge = await start({ config: h.config, registration: h.registration, connectors });
+    await waitFor("connected", () => bridge.connectorStates()["mqtt.lab"]?.state === "up");
+    device = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, {
+      clientId: "lab-device",
+      protocolVersion: 5,
+    });
+    device.on("message", (_topic, _payload, packet) => commands.push(packet));
+    await device.subscribeAsync(["lab/pump/set", "lab/valve/set"], { qos: 1 });
+    // The bridge's own subscriptions (the response topics) are in place once a probe comes back.
+    await waitFor("the bridge subscribed", async () => {
+      await device.publishAsync("lab/valve/probe", "probe", { qos: 1 });
+      return h.hs.messages(room).some((m) => m.content.body === "probe");
+    });
+  });
+
+  after(async () => {
+    await device?.endAsync();
+    await bridge?.stop();
+    await h?.cleanup();
+    await broker?.stop();
+  });
+
+  async function command(topic: string, body: string): Promise<{ eventId: string; packet: IPublishPacket }> {
+    const eventId = h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body });
+    const packet = await waitFor(`${body} published`, () =>
+      commands.find((p) => p.topic === topic && p.payload.toString() === body),
+    );
+    return { eventId, packet };
+  }
+
+  test("a command carries the response topic and correlation data; the answer is a threaded reply", async () => {
+    const { eventId, packet } = await command("lab/pump/set", "pump on");
+    assert.equal(packet.properties?.responseTopic, "lab/pump/response");
+    const correlationData = packet.properties?.correlationData;
+    assert.ok(correlationData && correlationData.byteLength > 0, "correlation data");
+
+    await device.publishAsync("lab/pump/response", "pump is on", {
+      qos: 1,
+      properties: { correlationData },
+    });
+    const answer = await waitFor("the answer in the room", () =>
+      h.hs.messages(room).find((m) => m.content.body === "pump is on"),
+    );
+    assert.deepEqual(relatesTo(answer), {
+      rel_type: "m.thread",
+      event_id: eventId,
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: eventId },
+    });
+    assert.match(answer.sender, /pump/, "the endpoint's sender speaks");
+
+    // A second answer to the same command (progress, then done) is a reply too.
+    await device.publishAsync("lab/pump/response", "pump at full speed", {
+      qos: 1,
+      properties: { correlationData },
+    });
+    const second = await waitFor("the second answer", () =>
+      h.hs.messages(room).find((m) => m.content.body === "pump at full speed"),
+    );
+    assert.equal(relatesTo(second)?.rel_type, "m.thread");
+    assert.equal(relatesTo(second)?.event_id, eventId);
+  });
+
+  test("two commands in a row: each answer finds its own command, whatever the order", async () => {
+    const first = await command("lab/pump/set", "pump speed 1");
+    const second = await command("lab/pump/set", "pump speed 2");
+    assert.notDeepEqual(first.packet.properties?.correlationData, second.packet.properties?.correlationData);
+    for (const [c, body] of [
+      [second, "speed 2 set"],
+      [first, "speed 1 set"],
+    ] as const) {
+      await device.publishAsync("lab/pump/response", body, {
+        qos: 1,
+        properties: { correlationData: c.packet.properties!.correlationData! },
+      });
+    }
+    for (const [c, body] of [
+      [first, "speed 1 set"],
+      [second, "speed 2 set"],
+    ] as const) {
+      const answer = await waitFor(body, () => h.hs.messages(room).find((m) => m.content.body === body));
+      assert.equal(relatesTo(answer)?.event_id, c.eventId, `${body} answers its command`);
+    }
+  });
+
+  test("an answer with unknown correlation data is no reply: a message of its topic, or the failed list", async () => {
+    await command("lab/valve/set", "valve open");
+    // lab/valve/response is also an `in` topic: posted there as a plain message.
+    await device.publishAsync("lab/valve/response", "who asked?", {
+      qos: 1,
+      properties: { correlationData: Buffer.alloc(65_535, 7) }, // hostile: the longest MQTT allows
+    });
+    const plain = await waitFor("the plain message", () =>
+      h.hs.messages(room).find((m) => m.content.body === "who asked?"),
+    );
+    assert.equal(relatesTo(plain), undefined);
+
+    // lab/pump/response is no `in` topic: kept out of the room, in the failed list with the reason.
+    await device.publishAsync("lab/pump/response", "stray answer", {
+      qos: 1,
+      properties: { correlationData: Buffer.from("not ours") },
+    });
+    await device.publishAsync("lab/pump/response", "no correlation at all", { qos: 1 });
+    const failed = await waitFor("both in the failed list", async () => {
+      const jobs = (await bridge.failedJobs()).filter((j) =>
+        /answer on response topic lab\/pump\/response/.test(j.reason ?? ""),
+      );
+      return jobs.length >= 2 && jobs;
+    });
+    assert.deepEqual(failed.map((j) => (j.data as { body: { text: string } }).body.text).sort(), [
+      "no correlation at all",
+      "stray answer",
+    ]);
+    assert.ok(failed.some((j) => /unknown correlation data \(6e6f74206f757273\)/.test(j.reason ?? "")));
+    assert.ok(failed.some((j) => /without correlation data/.test(j.reason ?? "")));
+    assert.ok(!h.hs.messages(room).some((m) => m.content.body === "stray answer"), "not posted in the room");
+  });
+});
