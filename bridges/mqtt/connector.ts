@@ -10,15 +10,18 @@ import type {
 } from "../../src/connector.js";
 import { PermanentError } from "../../src/errors.js";
 import { EmbeddedBroker } from "./embedded-broker.js";
-import { ExternalClient } from "./external-client.js";
+import { ExternalClient, type PublishProperties } from "./external-client.js";
 import { decodePayload, encodePayload } from "./payload.js";
 import type { Publish } from "./publish.js";
 import { RedeliveryTracker, qos0RemoteId } from "./redelivery.js";
 import {
+  answerKey,
   commandAnswered,
   prepareCommand,
+  rememberRequest,
+  requestAnswered,
   unknownAnswerReason,
-  type ResponseProperties,
+  type Request,
 } from "./request-response.js";
 import { MQTT_DEFAULTS, type MqttAccount, type MqttEndpoint } from "./schema.js";
 import { topicLevel, topicMatches } from "./topic.js";
@@ -174,8 +177,14 @@ export class MqttConnector implements Connector<MqttEndpoint> {
       await Promise.all([identity.durable, answer(identity.remoteId)]);
       return;
     }
+    // Kept before the PUBACK, as the message is: a room reply may follow at once.
+    const request =
+      p.responseTopic !== undefined && this.outbound.some((b) => b.spec.answerRequests)
+        ? rememberRequest(this.ctx.store, this.ctx.log, identity.remoteId, p)
+        : undefined;
     await Promise.all([
       identity.durable,
+      request,
       ...matched.map((binding) => this.ctx.emit(this.inboundOf(p, binding, identity.remoteId))),
     ]);
   }
@@ -256,6 +265,12 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     const max = this.embedded ? (this.config.embedded?.maxPayloadBytes ?? Infinity) : Infinity;
     if (payload.byteLength > max)
       throw new PermanentError(`payload of ${payload.byteLength} bytes exceeds ${max}`);
+    const request = await requestAnswered(this.ctx.store, endpoint, message);
+    if (request) {
+      await this.answer(request, message, endpoint.spec, payload);
+      await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
+      return { remoteId: message.id };
+    }
     const response = await prepareCommand(this.ctx.store, endpoint, message.id);
     if (retain && this.retainedTopics.has(topic)) {
       // Recorded before the publish: the record is never older than the broker's value, so a
@@ -269,6 +284,24 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     }
     await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
     return { remoteId: message.id };
+  }
+
+  /**
+   * A room reply to a device's request goes to the response topic it named, with its correlation
+   * data, never retained; once, though the core hands it to every out endpoint of the route.
+   */
+  private async answer(
+    request: Request,
+    message: OutboundMessage,
+    spec: MqttEndpoint,
+    payload: Buffer,
+  ): Promise<void> {
+    const once = answerKey(message);
+    if ((await this.ctx.store.get(once)) !== undefined) return;
+    const { responseTopic, correlationData } = request;
+    await this.publish({ ...spec, topic: responseTopic, retain: false }, payload, { correlationData });
+    await this.ctx.store.set(once, "1", SENT_TTL_MS);
+    this.ctx.log.debug({ topic: responseTopic, message: message.id }, "answered a device's request");
   }
 
   /**
@@ -291,12 +324,12 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     });
   }
 
-  /** `response`: MQTT 5 only, so external only (checkEndpoint refuses a responseTopic on embedded). */
-  private async publish(spec: MqttEndpoint, payload: Buffer, response?: ResponseProperties): Promise<void> {
+  /** `properties`: MQTT 5 only, so external only (checkEndpoint refuses them on the embedded broker). */
+  private async publish(spec: MqttEndpoint, payload: Buffer, properties?: PublishProperties): Promise<void> {
     const { topic, qos, retain } = spec;
     if (this.embedded) await this.embedded.publish(topic, payload, qos, retain);
     else if (this.external)
-      await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS, response);
+      await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS, properties);
   }
 
   /** Runs `work` after what is under way for `topic` (sends of several rooms may share a topic). */

@@ -29,7 +29,6 @@ import mqtt, {
 import { RetryableError, UnavailableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
 import type { Publish } from "./publish.js";
-import type { ResponseProperties } from "./request-response.js";
 import { coveringFilters, topicMatches } from "./topic.js";
 import type { MqttAccount } from "./schema.js";
 
@@ -261,7 +260,7 @@ export class ExternalClient {
     qos: 0 | 1 | 2,
     retain: boolean,
     timeoutMs: number,
-    response?: ResponseProperties,
+    properties?: PublishProperties,
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected)
@@ -275,11 +274,8 @@ export class ExternalClient {
       );
     });
     try {
-      const properties = response && {
-        responseTopic: response.responseTopic,
-        correlationData: response.correlationData,
-      };
-      await Promise.race([client.publishAsync(topic, payload, { qos, retain, properties }), timeout]);
+      const options = { qos, retain, ...(properties && { properties: definedOnly(properties) }) };
+      await Promise.race([client.publishAsync(topic, payload, options), timeout]);
     } catch (err) {
       if (err instanceof RetryableError) throw err;
       // An MQTT 5 PUBACK with a failure reason code is the broker refusing this publish; anything
@@ -295,6 +291,17 @@ export class ExternalClient {
   async stop(): Promise<void> {
     await this.client?.endAsync();
   }
+}
+
+/** MQTT 5 properties tribridge publishes with (request-response.ts). */
+export interface PublishProperties {
+  responseTopic?: string;
+  correlationData?: Buffer;
+}
+
+/** mqtt-packet writes every key it is given, and fails on one that is undefined. */
+function definedOnly(properties: PublishProperties): PublishProperties {
+  return Object.fromEntries(Object.entries(properties).filter(([, v]) => v !== undefined));
 }
 
 /** MQTT 5 response topic and correlation data of a PUBLISH, where it has them. */

@@ -3,7 +3,9 @@
  * `responseTopic` is published with the response topic and correlation data; a device that answers
  * there with the same correlation data has its answer posted as a threaded reply to the command
  * (Client-Server API §Threading: `rel_type: m.thread` to the command, `m.in_reply_to` it). An answer
- * whose correlation data names no command is not taken for a reply. Needs Mosquitto.
+ * whose correlation data names no command is not taken for a reply. The other way, a room reply to
+ * a device's request (a publish with a response topic) is published to that response topic with the
+ * request's correlation data. Needs Mosquitto.
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -49,6 +51,9 @@ describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not i
               topic: "lab/valve/set",
               responseTopic: "lab/valve/response",
             },
+            // A room reply to a device's request goes where the device asked, once, not to these.
+            { account: "mqtt.lab", direction: "out", topic: "lab/notes", answerRequests: true },
+            { account: "mqtt.lab", direction: "out", topic: "lab/log", answerRequests: true },
           ],
         },
       ],
@@ -61,7 +66,9 @@ describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not i
       protocolVersion: 5,
     });
     device.on("message", (_topic, _payload, packet) => commands.push(packet));
-    await device.subscribeAsync(["lab/pump/set", "lab/valve/set"], { qos: 1 });
+    await device.subscribeAsync(["lab/pump/set", "lab/valve/set", "lab/notes", "lab/log", "lab/answers/#"], {
+      qos: 1,
+    });
     // The bridge's own subscriptions (the response topics) are in place once a probe comes back.
     await waitFor("the bridge subscribed", async () => {
       await device.publishAsync("lab/valve/probe", "probe", { qos: 1 });
@@ -170,5 +177,60 @@ describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not i
     assert.ok(failed.some((j) => /unknown correlation data \(6e6f74206f757273\)/.test(j.reason ?? "")));
     assert.ok(failed.some((j) => /without correlation data/.test(j.reason ?? "")));
     assert.ok(!h.hs.messages(room).some((m) => m.content.body === "stray answer"), "not posted in the room");
+  });
+
+  test("a room reply to a device's request goes to its response topic with its correlation data, once", async () => {
+    const correlationData = Buffer.from([0, 1, 2, 255]);
+    await device.publishAsync("lab/valve/state", "may I open?", {
+      qos: 1,
+      properties: { responseTopic: "lab/answers/valve", correlationData },
+    });
+    const request = await waitFor("the request in the room", () =>
+      h.hs.messages(room).find((m) => m.content.body === "may I open?"),
+    );
+    h.hs.sendMessage(room, h.alice, {
+      msgtype: "m.text",
+      body: "yes, open",
+      "m.relates_to": { "m.in_reply_to": { event_id: request.event_id } },
+    });
+    const answer = await waitFor("the answer on the response topic", () =>
+      commands.find((p) => p.topic === "lab/answers/valve"),
+    );
+    assert.equal(answer.payload.toString(), "yes, open");
+    assert.deepEqual(answer.properties?.correlationData, correlationData);
+    assert.equal(answer.retain, false);
+
+    // Whatever follows it in the room reaches the answering endpoints' own topics again; by then the
+    // reply has been handled by every endpoint (one room, in order).
+    h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "after the answer" });
+    await waitFor("the next message on lab/log", () =>
+      commands.some((p) => p.topic === "lab/log" && p.payload.toString() === "after the answer"),
+    );
+    assert.equal(commands.filter((p) => p.topic === "lab/answers/valve").length, 1, "answered once");
+    assert.ok(
+      !commands.some(
+        (p) => ["lab/notes", "lab/log"].includes(p.topic) && p.payload.toString() === "yes, open",
+      ),
+      "not published to the answering endpoints' topics",
+    );
+  });
+
+  test("a request with over-long correlation data is not answered on its response topic", async () => {
+    await device.publishAsync("lab/valve/state", "long request", {
+      qos: 1,
+      properties: { responseTopic: "lab/answers/long", correlationData: Buffer.alloc(65_535, 1) },
+    });
+    const request = await waitFor("the request in the room", () =>
+      h.hs.messages(room).find((m) => m.content.body === "long request"),
+    );
+    h.hs.sendMessage(room, h.alice, {
+      msgtype: "m.text",
+      body: "plain reply",
+      "m.relates_to": { "m.in_reply_to": { event_id: request.event_id } },
+    });
+    await waitFor("the reply on the endpoint's own topic", () =>
+      commands.some((p) => p.topic === "lab/notes" && p.payload.toString() === "plain reply"),
+    );
+    assert.ok(!commands.some((p) => p.topic === "lab/answers/long"));
   });
 });

@@ -30,6 +30,7 @@ test("endpoint defaults: qos 1, not retained, text, notice, keeps retained", () 
     format: "text",
     notice: true,
     ignoreRetained: false,
+    answerRequests: false,
   });
 });
 
@@ -95,6 +96,20 @@ test("[MQTT 5 §3.3.2.3.5] responseTopic: out or inout, external broker with pro
   assert.deepEqual(checkMqttEndpoint(asking("lab/pump/set"), "inout", v5), [
     ["responseTopic", "must differ from topic: answers would be taken for commands"],
   ]);
+});
+
+test("answerRequests: out or inout, external broker with protocolVersion 5", () => {
+  const v5 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 5 });
+  const v4 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 4 });
+  const answering = endpoint({ topic: "lab/notes", answerRequests: true });
+  assert.deepEqual(checkMqttEndpoint(answering, "out", v5), []);
+  assert.deepEqual(checkMqttEndpoint(answering, "in", v5), [
+    ["answerRequests", 'only for direction "out" or "inout"'],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(answering, "out", v4), [
+    ["answerRequests", "needs protocolVersion: 5 on the account (MQTT 3.1.1 has no response topics)"],
+  ]);
+  assert.equal(checkMqttEndpoint(answering, "inout", embedded)[0]?.[0], "answerRequests");
 });
 
 test("concrete topics are fine for out and inout", () => {
