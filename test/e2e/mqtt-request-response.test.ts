@@ -9,11 +9,13 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { Redis } from "ioredis";
 import mqtt, { type IPublishPacket, type MqttClient } from "mqtt";
 import { connectors } from "../../bridges/index.js";
 import { start, type RunningBridge } from "../../src/app.js";
+import { requeueAllFailedJobs } from "../../src/queue/failed-jobs.js";
 import { hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { REDIS_URL, harness, waitFor, type Harness } from "../helpers/fixture.js";
 import type { RecordedEvent } from "../helpers/test-homeserver.js";
 
 type Relates = { rel_type?: string; event_id?: string; "m.in_reply_to"?: { event_id?: string } };
@@ -177,6 +179,22 @@ describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not i
     assert.ok(failed.some((j) => /unknown correlation data \(6e6f74206f757273\)/.test(j.reason ?? "")));
     assert.ok(failed.some((j) => /without correlation data/.test(j.reason ?? "")));
     assert.ok(!h.hs.messages(room).some((m) => m.content.body === "stray answer"), "not posted in the room");
+
+    // The operator's release: retried, it is posted in the endpoint's room, as a plain message.
+    const redis = new Redis(h.config.queue.redisUrl ?? REDIS_URL);
+    try {
+      const stray = failed.filter((j) => /unknown correlation/.test(j.reason ?? ""));
+      assert.equal(
+        await requeueAllFailedJobs(redis, h.config, connectors, new Set(stray.map((j) => j.id))),
+        1,
+      );
+    } finally {
+      redis.disconnect();
+    }
+    const released = await waitFor("the released answer", () =>
+      h.hs.messages(room).find((m) => m.content.body === "stray answer"),
+    );
+    assert.equal(relatesTo(released), undefined);
   });
 
   test("a room reply to a device's request goes to its response topic with its correlation data, once", async () => {
