@@ -226,6 +226,13 @@ export interface InboundMessage {
    * `live: true` endpoints.
    */
   readonly thread?: string;
+  /**
+   * The far side's answer to a message `send` delivered to the endpoints named (`replyTo` names
+   * that message), come back by a way the endpoint's own config set up for answers (an MQTT 5
+   * response topic): posted in the route's room like any message, also when the endpoint relays
+   * only out of Matrix (`out`). Without it, a message emitted for an `out` endpoint is not relayed.
+   */
+  readonly response?: boolean;
 }
 
 /** A message from a Matrix room, handed to `Connector.send` for one endpoint. */

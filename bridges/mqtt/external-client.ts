@@ -165,6 +165,7 @@ export class ExternalClient {
       retain: packet.retain,
       dup: packet.dup,
       messageId: packet.messageId,
+      ...responsePropertiesOf(packet),
       connection: this.connection,
       resumed: this.resumed,
     });
@@ -259,6 +260,7 @@ export class ExternalClient {
     qos: 0 | 1 | 2,
     retain: boolean,
     timeoutMs: number,
+    properties?: PublishProperties,
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected)
@@ -272,7 +274,8 @@ export class ExternalClient {
       );
     });
     try {
-      await Promise.race([client.publishAsync(topic, payload, { qos, retain }), timeout]);
+      const options = { qos, retain, ...(properties && { properties: definedOnly(properties) }) };
+      await Promise.race([client.publishAsync(topic, payload, options), timeout]);
     } catch (err) {
       if (err instanceof RetryableError) throw err;
       // An MQTT 5 PUBACK with a failure reason code is the broker refusing this publish; anything
@@ -288,6 +291,26 @@ export class ExternalClient {
   async stop(): Promise<void> {
     await this.client?.endAsync();
   }
+}
+
+/** MQTT 5 properties tribridge publishes with (request-response.ts). */
+export interface PublishProperties {
+  responseTopic?: string;
+  correlationData?: Buffer;
+}
+
+/** mqtt-packet writes every key it is given, and fails on one that is undefined. */
+function definedOnly(properties: PublishProperties): PublishProperties {
+  return Object.fromEntries(Object.entries(properties).filter(([, v]) => v !== undefined));
+}
+
+/** MQTT 5 response topic and correlation data of a PUBLISH, where it has them. */
+function responsePropertiesOf(packet: IPublishPacket): Pick<Publish, "responseTopic" | "correlationData"> {
+  const { responseTopic, correlationData } = packet.properties ?? {};
+  return {
+    ...(responseTopic !== undefined && { responseTopic }),
+    ...(correlationData !== undefined && { correlationData: Buffer.from(correlationData) }),
+  };
 }
 
 /** The URL as it may be logged: `mqtt://user:pass@host` would put a password in the logs. */

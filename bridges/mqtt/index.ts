@@ -14,7 +14,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   name: "mqtt",
   ghostTag: "mqtt",
   description: "MQTT accounts: an embedded broker, or a connection to an external one",
-  // No threads; no edits (a device would run an edited command again); redactions clear a retained
+  // No conversations (an MQTT 5 answer replies to its command through replyTo, whatever this says); no edits (a device would run an edited command again); redactions clear a retained
   // value where an endpoint says so (clearRetainedOnRedact).
   capabilities: {
     html: false,
