@@ -31,6 +31,9 @@ Commands:
   validate-config          Check config.yaml and print every problem with its path
   ready                    Ask the running bridge whether it can do its work (GET /ready on the
                            configured appservice port); exit 0 if so (a container health check)
+  doctor                   Run every start-time check (config, registration, homeserver login,
+                           appservice ping, Redis settings, each account's login) and print each
+                           with ✓/✗ and how to fix it; exit 1 on any ✗
   generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
   failed-jobs              List the relays that failed for good, with their reasons
                            (--retry: put them back on their queues; --id ID: only those)
@@ -134,6 +137,29 @@ async function askReady(config: Config): Promise<number> {
     console.error(`${url}: ${errorMessage(err)}`);
     return 1;
   }
+}
+
+/** `tribridge doctor`: each check's line as it ends; 1 when any failed. */
+async function doctor(options: Options): Promise<number> {
+  // The findings say what matters; log lines (JSON) would only come between them.
+  rootLogger.level = process.env.TRIBRIDGE_LOG_LEVEL ?? "silent";
+  const { formatCheck, runDoctor } = await import("./doctor.js");
+  const color = process.stdout.isTTY === true && process.env.NO_COLOR === undefined;
+  let failed = 0;
+  let warned = 0;
+  await runDoctor({
+    readConfig: () => readConfig(options),
+    registrationFile: options.registration,
+    connectors,
+    report: (result) => {
+      if (result.status === "fail") failed++;
+      if (result.status === "warn") warned++;
+      console.log(formatCheck(result, color));
+    },
+  });
+  const warnings = warned > 0 ? `, ${warned} warning(s)` : "";
+  console.log(failed > 0 ? `\n${failed} problem(s) to fix${warnings}` : `\nall checks passed${warnings}`);
+  return failed > 0 ? 1 : 0;
 }
 
 function generateRegistration(config: Config, options: Options): Registration {
@@ -264,6 +290,8 @@ async function main(argv: string[]): Promise<number> {
     }
     case "ready":
       return askReady(readConfig(options));
+    case "doctor":
+      return doctor(options);
     case "generate-config-files":
       return generateConfigFiles(options.check);
     case "failed-jobs": {
