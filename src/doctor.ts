@@ -11,7 +11,7 @@ import { ConfigError, errorMessage } from "./errors.js";
 import { moduleLogger } from "./log.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { botUserId } from "./matrix/ids.js";
-import { MatrixClient, PING_FIX, TOKEN_REFUSED_WHY, isTokenRefused } from "./matrix/matrix-client.js";
+import { MatrixClient, PING_FIX, isTokenRefused } from "./matrix/matrix-client.js";
 import {
   loadRegistration,
   registrationExists,
@@ -258,7 +258,8 @@ async function checkHomeserver(
         ? fail(
             "homeserver login",
             `the homeserver does not know this as_token (${errorMessage(err)})`,
-            `register ${file} with the homeserver / restart it: ${TOKEN_REFUSED_WHY}`,
+            `register ${file} with the homeserver / restart it (Synapse reads it at start; ` +
+              "`tribridge registration-help` says how); regenerated since? register the new file",
           )
         : fail("homeserver login", errorMessage(err), "see what the homeserver answered, and its log"),
     );
@@ -282,6 +283,16 @@ async function checkPing(
     const to = `${String(registration.url)}${port.bridgeRunning ? " (the running tribridge)" : ""}`;
     if (result.reachable === true)
       report(ok("appservice ping", `the homeserver reaches ${to} in ${result.durationMs} ms`));
+    // AS API §Pinging: M_BAD_STATUS, the appservice answered with an error. Ours (doctor's, or the
+    // bridge's) refuses only a ping without the registration's hs_token.
+    else if (result.reachable === false && /\bM_BAD_STATUS\b/.test(result.detail))
+      report(
+        fail(
+          "appservice ping",
+          `the homeserver reaches ${to}, but not with this registration's hs_token: ${result.detail}`,
+          "the homeserver has another registration.yaml loaded: register this one again (Synapse: restart it)",
+        ),
+      );
     else if (result.reachable === false)
       report(fail("appservice ping", `the homeserver cannot reach ${to}: ${result.detail}`, PING_FIX));
     else
