@@ -86,7 +86,16 @@ async function checkBrokerLogin(config: MqttAccount, url: string, ctx: CheckCont
     };
   } catch (err) {
     // A CONNACK with a return (3.1.1) or reason code (5): the broker answered, and refused.
-    const refused = typeof (err as { code?: unknown }).code === "number";
+    const code = (err as { code?: unknown }).code;
+    const refused = typeof code === "number";
+    // [MQTT-3.2.2-5] return code 1, MQTT 5 reason code 0x84: it does not speak this version.
+    if (code === 1 || code === 0x84)
+      return {
+        name: "broker",
+        status: "fail",
+        detail: `${shown} does not speak MQTT ${config.protocolVersion === 5 ? "5" : "3.1.1"}: ${errorMessage(err)}`,
+        fix: `set protocolVersion to ${config.protocolVersion === 5 ? "4 (MQTT 3.1.1)" : "5"}`,
+      };
     return {
       name: "broker",
       status: "fail",
