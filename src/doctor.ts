@@ -62,13 +62,15 @@ export async function runDoctor(o: DoctorOptions): Promise<void> {
   } catch (err) {
     const errors = err instanceof ConfigErrors ? err.errors : err instanceof ConfigError ? [err] : undefined;
     if (!errors) throw err;
+    const then = "; the other checks run once the config loads";
     for (const e of errors)
       report(
         fail(
           "config",
           e.message,
-          "correct that key (in the config file, or the TRIBRIDGE__… variable that sets it); " +
-            "the other checks run once the config loads",
+          e.path === ""
+            ? `give the config file with -c FILE (or $TRIBRIDGE_CONFIG)${then}`
+            : `correct that key (in the config file, or the TRIBRIDGE__… variable that sets it)${then}`,
         ),
       );
     return;
@@ -84,7 +86,11 @@ export async function runDoctor(o: DoctorOptions): Promise<void> {
   const registration = checkRegistration(config, o);
   const port = await holdAppservicePort(config, registration, report);
   try {
-    if (registration && (await checkHomeserver(config, registration, o.registrationFile, report)))
+    if (
+      (await homeserverAnswers(config, report)) &&
+      registration &&
+      (await checkLogin(config, registration, o.registrationFile, report))
+    )
       await checkPing(config, registration, port, report);
   } finally {
     await port.server?.close();
@@ -198,6 +204,12 @@ async function answersAsTribridge(url: string): Promise<boolean> {
   }
 }
 
+/** fetch's "fetch failed" says why only in its cause (connect ECONNREFUSED …, a TLS error). */
+function withCause(err: unknown): string {
+  const cause = (err as { cause?: unknown }).cause;
+  return cause instanceof Error ? `${errorMessage(err)}: ${cause.message}` : errorMessage(err);
+}
+
 function matrixClient(config: Config, registration: Registration): MatrixClient {
   return new MatrixClient({
     homeserverUrl: config.homeserver.url,
@@ -209,13 +221,8 @@ function matrixClient(config: Config, registration: Registration): MatrixClient 
   });
 }
 
-/** The homeserver answers, and knows the as_token as our bot: whether the ping can follow. */
-async function checkHomeserver(
-  config: Config,
-  registration: Registration,
-  file: string,
-  report: (r: CheckResult) => void,
-): Promise<boolean> {
+/** GET /_matrix/client/versions (Client-Server API §Server discovery): whether it answers. */
+async function homeserverAnswers(config: Config, report: (r: CheckResult) => void): Promise<boolean> {
   const { url } = config.homeserver;
   try {
     const res = await fetch(new URL("_matrix/client/versions", url.endsWith("/") ? url : `${url}/`), {
@@ -229,12 +236,22 @@ async function checkHomeserver(
     report(
       fail(
         "homeserver",
-        `${url} does not answer: ${errorMessage(err)}`,
+        `${url} does not answer: ${withCause(err)}`,
         "check homeserver.url: the homeserver's Client-Server API, as this machine (or container) reaches it",
       ),
     );
     return false;
   }
+  return true;
+}
+
+/** The homeserver knows the as_token, as our bot: whether the ping can follow. */
+async function checkLogin(
+  config: Config,
+  registration: Registration,
+  file: string,
+  report: (r: CheckResult) => void,
+): Promise<boolean> {
   const bot = botUserId(registration.sender_localpart, config.homeserver.domain);
   const matrix = matrixClient(config, registration);
   try {
@@ -325,8 +342,11 @@ async function checkRedis(config: Config, report: (r: CheckResult) => void): Pro
   }
   const name = redisName(redisUrl);
   let redis: Redis | undefined;
+  // Its connection error says more than the "Connection is closed." a command fails with.
+  let connectionError: Error | undefined;
   try {
     redis = connectRedis(redisUrl, "doctor", { failFast: true });
+    redis.on("error", (err: Error) => (connectionError ??= err));
     await Promise.race([
       redis.ping(),
       new Promise((_, reject) =>
@@ -356,7 +376,7 @@ async function checkRedis(config: Config, report: (r: CheckResult) => void): Pro
     report(
       fail(
         "redis",
-        `${name} does not answer: ${errorMessage(err)}`,
+        `${name} does not answer: ${errorMessage(connectionError ?? err)}`,
         "start Redis, or correct queue.redisUrl (or leave it out: tribridge then runs its own)",
       ),
     );
