@@ -8,6 +8,7 @@ import type { Redis } from "ioredis";
 import type { CheckResult, ConnectorDefinition } from "./connector.js";
 import { ConfigErrors, type Config } from "./config/load.js";
 import { ConfigError, errorMessage } from "./errors.js";
+import { localAddress } from "./http-listen.js";
 import { moduleLogger } from "./log.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { botUserId } from "./matrix/ids.js";
@@ -141,14 +142,6 @@ interface AppservicePort {
   bridgeRunning: boolean;
 }
 
-/** Where the bridge of this config answers on this machine. */
-export function appserviceAddress(config: Config): string {
-  const { bind, port } = config.appservice;
-  const anyAddress = ["0.0.0.0", "::", "[::]"].includes(bind);
-  const host = anyAddress ? "127.0.0.1" : bind.includes(":") && !bind.startsWith("[") ? `[${bind}]` : bind;
-  return `${host}:${port}`;
-}
-
 /**
  * The appservice port: a running tribridge on it (GET /live answers as ours does), or free, and then
  * held by a listener of ours that answers the homeserver's ping (with the registration's hs_token)
@@ -159,7 +152,7 @@ async function holdAppservicePort(
   registration: Registration | undefined,
   report: (r: CheckResult) => void,
 ): Promise<AppservicePort> {
-  const address = appserviceAddress(config);
+  const address = localAddress(config.appservice.bind, config.appservice.port);
   if (await answersAsTribridge(`http://${address}/live`)) {
     report(ok("appservice port", `${address}: a running tribridge answers there`));
     return { bridgeRunning: true };
@@ -414,7 +407,11 @@ async function checkAccounts(
         timedOut,
       ]);
     } catch (err) {
-      results = [{ name: "check", status: "fail", detail: errorMessage(err), fix: "see its settings" }];
+      results = [
+        signal.aborted
+          ? fail("check", errorMessage(err), "check where the account connects to (host, port, url)")
+          : fail("check", errorMessage(err), "its check failed unexpectedly (a bug: please report it)"),
+      ];
     }
     for (const r of results)
       report({ ...r, name: `${ref} ${r.name}`, ...(r.fix && { fix: `${r.fix} (${where})` }) });

@@ -11,6 +11,7 @@ import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
 import type { RunningBridge } from "./app.js";
 import { ConfigError, errorMessage } from "./errors.js";
+import { localAddress } from "./http-listen.js";
 import { rootLogger } from "./log.js";
 import {
   buildRegistration,
@@ -125,10 +126,7 @@ function readConfig(options: Options): Config {
 
 /** GET /ready of the bridge this config describes, on this machine: 0 when it answers 200. */
 async function askReady(config: Config): Promise<number> {
-  const { bind, port } = config.appservice;
-  const anyAddress = ["0.0.0.0", "::", "[::]"].includes(bind);
-  const host = anyAddress ? "127.0.0.1" : bind.includes(":") && !bind.startsWith("[") ? `[${bind}]` : bind;
-  const url = `http://${host}:${port}/ready`;
+  const url = `http://${localAddress(config.appservice.bind, config.appservice.port)}/ready`;
   try {
     const res = await fetch(url, { signal: AbortSignal.timeout(READY_TIMEOUT_MS) });
     console.log(`${res.status} ${await res.text()}`);
