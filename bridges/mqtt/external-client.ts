@@ -68,32 +68,11 @@ export class ExternalClient {
       (config.shareGroup ? `tribridge-${account}-${ctx.instanceId.slice(0, 8)}` : `tribridge-${account}`);
   }
 
-  private options(): IClientOptions {
-    const c = this.config;
-    return {
-      clientId: this.clientId,
-      protocolVersion: c.protocolVersion,
-      username: c.username,
-      password: c.password,
-      ca: c.ca,
-      cert: c.cert,
-      key: c.key,
-      rejectUnauthorized: c.rejectUnauthorized,
-      keepalive: c.keepaliveSec,
-      reconnectPeriod: c.reconnectPeriodMs,
-      connectTimeout: c.connectTimeoutMs,
-      clean: c.cleanSession,
-      resubscribe: false, // see sync()
-      // MQTT 5: keep the session for a day after we disconnect (3.1.1 keeps it until clean).
-      properties: c.protocolVersion === 5 && !c.cleanSession ? { sessionExpiryInterval: 86_400 } : undefined,
-    };
-  }
-
   async start(): Promise<void> {
     const { ctx } = this;
     ctx.setState("connecting");
     this.session = await this.loadSession();
-    const client = mqtt.connect(this.config.url, this.options());
+    const client = mqtt.connect(this.config.url, brokerOptions(this.config, this.clientId));
     this.client = client;
     client.handleMessage = (packet, done) => {
       if (packet.cmd !== "publish") return done();
@@ -313,7 +292,28 @@ function responsePropertiesOf(packet: IPublishPacket): Pick<Publish, "responseTo
   };
 }
 
+/** How the account connects to its broker: its credentials, TLS, timers and session. */
+export function brokerOptions(c: MqttAccount, clientId: string): IClientOptions {
+  return {
+    clientId,
+    protocolVersion: c.protocolVersion,
+    username: c.username,
+    password: c.password,
+    ca: c.ca,
+    cert: c.cert,
+    key: c.key,
+    rejectUnauthorized: c.rejectUnauthorized,
+    keepalive: c.keepaliveSec,
+    reconnectPeriod: c.reconnectPeriodMs,
+    connectTimeout: c.connectTimeoutMs,
+    clean: c.cleanSession,
+    resubscribe: false, // see ExternalClient.sync()
+    // MQTT 5: keep the session for a day after we disconnect (3.1.1 keeps it until clean).
+    properties: c.protocolVersion === 5 && !c.cleanSession ? { sessionExpiryInterval: 86_400 } : undefined,
+  };
+}
+
 /** The URL as it may be logged: `mqtt://user:pass@host` would put a password in the logs. */
-function withoutCredentials(url: string): string {
+export function withoutCredentials(url: string): string {
   return url.replace(/\/\/[^/@]*@/, "//");
 }

@@ -1,4 +1,5 @@
 import type { ConnectorDefinition } from "../../src/connector.js";
+import { checkMqttAccount } from "./check.js";
 import { MqttConnector } from "./connector.js";
 import { mqttSampleConfig } from "./sample-config.js";
 import {
@@ -38,5 +39,6 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   // which replays to skip. Two endpoints of one route and direction on one topic that differ only
   // in those are refused: give one an explicit `id`.
   endpointKey: (endpoint) => endpoint.topic,
+  check: checkMqttAccount,
   create: (account, config, ctx) => new MqttConnector(account, config, ctx),
 };
