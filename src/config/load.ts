@@ -15,6 +15,7 @@ import {
   type HomeserverConfig,
   type MetricsConfig,
   type EncryptionConfig,
+  type FeedbackConfig,
   type QueueConfig,
 } from "./schema.js";
 
@@ -41,6 +42,8 @@ export interface ResolvedRoute {
   readonly room: string;
   readonly invite: readonly string[];
   readonly endpoints: readonly ResolvedEndpoint[];
+  /** How its room's messages show their delivery; absent: the config's `feedback`. */
+  readonly feedback?: FeedbackConfig;
 }
 
 export interface ResolvedAccount {
@@ -55,6 +58,8 @@ export interface Config {
   readonly queue: QueueConfig;
   readonly metrics: MetricsConfig;
   readonly encryption: EncryptionConfig;
+  /** Delivery feedback of every route that says nothing else (ResolvedRoute.feedback). */
+  readonly feedback: FeedbackConfig;
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
@@ -278,7 +283,8 @@ export function validateConfig(
     });
     // A private room nobody is invited to is one nobody can get into.
     const invite = route.invite ?? cfg.appservice.admins.filter((admin) => !admin.startsWith("@*:"));
-    return { id: route.id, room: route.room, invite, endpoints };
+    const feedback = { ...cfg.feedback, ...definedOnly(route.feedback ?? {}) };
+    return { id: route.id, room: route.room, invite, endpoints, feedback };
   });
   const { appservice } = cfg;
   if (appservice.url === undefined && ["0.0.0.0", "::", "[::]"].includes(appservice.bind))
@@ -297,6 +303,7 @@ export function validateConfig(
     queue: cfg.queue,
     metrics: cfg.metrics,
     encryption: cfg.encryption,
+    feedback: cfg.feedback,
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,
@@ -339,4 +346,11 @@ export function loadConfig(
     options.patch(raw as Record<string, unknown>);
   }
   return validateConfig(raw, connectors, env, dirname(resolve(file)));
+}
+
+/** The keys of `o` that have a value (a spread of it then overrides only those). */
+function definedOnly<T extends object>(o: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as {
+    [K in keyof T]?: Exclude<T[K], undefined>;
+  };
 }

@@ -36,6 +36,11 @@ export interface ToRemoteJob {
    */
   kind?: "edit" | "redaction";
   redacts?: string;
+  /**
+   * A new message: every endpoint it was queued to, this one included; its delivery mark follows
+   * all of them (delivery-feedback.ts). Absent in items queued before: this endpoint alone.
+   */
+  endpoints?: string[];
 }
 
 /** How long an event id is remembered: longer than any homeserver keeps retrying a transaction. */
@@ -193,10 +198,12 @@ export class EventIntake {
         "no endpoint of the room takes it; not relayed",
       );
     }
+    const all = change === undefined ? { endpoints: endpoints.map((e) => e.id) } : {};
     await Promise.all(
       endpoints.map((endpoint) =>
         this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
           ...job,
+          ...all,
           endpointId: endpoint.id,
         }),
       ),

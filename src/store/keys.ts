@@ -20,6 +20,11 @@ export const redisKeys = {
   encryptedRoom: (prefix: string, roomId: string) => `${prefix}:encrypted-room:${roomId}`,
   /** The room was told that tribridge cannot use it while encrypted: the notice goes once. */
   encryptionNotice: (prefix: string, roomId: string) => `${prefix}:encryption-notice:${roomId}`,
+  /**
+   * A room message's delivery (delivery-feedback.ts): its outcome per endpoint, and the event ids
+   * of the marks the bot put on it.
+   */
+  deliveryMarks: (prefix: string, eventId: string) => `${prefix}:delivery:${eventId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */
