@@ -99,8 +99,10 @@ describe("delivery feedback in the room", { skip: !hasMosquitto && "mosquitto is
     h.hs.events(rooms.get(room)!).some((r) => r.type === "m.room.redaction" && r.redacts === eventId);
 
   test("a message the broker acknowledged (PUBACK) gets the bot's ✅, once", async () => {
+    const at = Date.now();
     const sent = say("plant", "pump on");
     await waitFor("the ✅", () => keysOn("plant", sent).length > 0);
+    console.log(`# the ✅ ${Date.now() - at} ms after the message was sent`);
     await waitFor("the publish", () => heard.some((m) => m.topic === "plant/cmd" && m.text === "pump on"));
     await sleep(300);
     assert.deepEqual(keysOn("plant", sent), ["✅"]);
