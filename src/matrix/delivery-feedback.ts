@@ -6,8 +6,9 @@
  * message shows where it stands now. A failure for good is answered in the message's thread with
  * the reason (RemoteDelivery.tellFailure), not marked: the room then shows no ✅.
  *
- * A message to several endpoints: each endpoint's outcome is kept in Redis, a hash per event, and
- * the mark follows all of them: accepted once all accepted, waiting while any waits.
+ * A message to several endpoints: each endpoint's outcome is kept in Redis, a hash per event (until
+ * all accepted it, else for a week), and the mark follows all of them: accepted once all accepted,
+ * waiting while any waits.
  *
  * Best effort and off the relay path: `note` is called after a send is recorded and returns at
  * once; a mark that cannot be put is logged, never retried, and never fails or repeats a relay.
@@ -104,6 +105,9 @@ export class DeliveryFeedback {
     if (outcomes.every((o) => o === "accepted")) {
       await this.react(job.roomId, eventId, settings.accepted);
       if (waitingMark) await this.takeBack(job.roomId, waitingMark);
+      // Done. A repeat after this finds too little to mark again, or marks again by the same
+      // transaction id: harmless either way. (Kept after a failure, for a retry from the failed list.)
+      await redis.del(key);
     } else if (outcomes.includes("waiting")) {
       if (waitingMark) return;
       const mark = await this.react(job.roomId, eventId, settings.waiting);

@@ -16,6 +16,7 @@ import type { ToRemoteJob } from "../../src/matrix/event-intake.js";
 import type { MatrixClient } from "../../src/matrix/matrix-client.js";
 import { answerIn } from "../../src/matrix/remote-delivery.js";
 import { RouteTable } from "../../src/routing/route-table.js";
+import { redisKeys } from "../../src/store/keys.js";
 import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
 
 const ROOM = "!room:test.local";
@@ -138,6 +139,7 @@ describe("delivery feedback", () => {
     feedback.note(job(eventId, b), "accepted");
     await feedback.settled();
     assert.deepEqual(hs.keysOn(eventId), ["✅"]);
+    assert.equal(await redis.exists(redisKeys.deliveryMarks(prefix, eventId)), 0, "nothing kept once done");
     // A repeat of the last job: nothing new.
     feedback.note(job(eventId, b), "accepted");
     await feedback.settled();
