@@ -201,7 +201,8 @@ export async function start({
       prefix,
       log: moduleLogger("feedback"),
     });
-    lifetime.onStop(() => feedback.settled(), "delivery marks");
+    // Marks under way go on before the Matrix client closes (for a while: they are best effort).
+    lifetime.onStop(() => feedback.settled(2_000), "delivery marks");
     const remote = new RemoteDelivery(
       matrix,
       { userId: bot, displayName: config.appservice.botDisplayName },

@@ -15,6 +15,7 @@
  * Idempotent: a mark's transaction id derives from the event and the mark, so a relay run twice
  * (a crash between its send and its record) puts each mark once.
  */
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Redis } from "ioredis";
 import type { FeedbackConfig } from "../config/schema.js";
 import { errorMessage } from "../errors.js";
@@ -72,9 +73,12 @@ export class DeliveryFeedback {
     this.updates.set(eventId, update);
   }
 
-  /** Resolves once the marks under way are on (or given up). */
-  async settled(): Promise<void> {
-    while (this.updates.size > 0) await Promise.all(this.updates.values());
+  /** Resolves once the marks under way are on (or given up), or after `withinMs` (when stopping). */
+  async settled(withinMs?: number): Promise<void> {
+    const all = (async () => {
+      while (this.updates.size > 0) await Promise.all(this.updates.values());
+    })();
+    await (withinMs === undefined ? all : Promise.race([all, sleep(withinMs, undefined, { ref: false })]));
   }
 
   private settingsOf(endpointId: string): FeedbackConfig {
