@@ -20,6 +20,7 @@ import { DeviceRecords } from "./matrix/crypto/device-records.js";
 import { CryptoStores } from "./matrix/crypto/device-store.js";
 import { EndToEnd } from "./matrix/crypto/end-to-end.js";
 import { WaitingEvents } from "./matrix/crypto/waiting-events.js";
+import { DeliveryFeedback } from "./matrix/delivery-feedback.js";
 import { EncryptedRooms } from "./matrix/encrypted-rooms.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
 import { botUserId, readerUserId } from "./matrix/ids.js";
@@ -139,7 +140,7 @@ export async function start({
     const relayQueue = <T>(
       name: string,
       process: OrderedQueueOptions<T>["process"],
-      more: Pick<OrderedQueueOptions<T>, "keptWhenDelivered" | "destinationOf" | "failed">,
+      more: Pick<OrderedQueueOptions<T>, "keptWhenDelivered" | "destinationOf" | "waiting" | "failed">,
     ) => {
       const queue = new OrderedQueue<T>({
         ...queueOptions(config, redisUrl, instanceId),
@@ -191,13 +192,26 @@ export async function start({
       lifetime,
     });
 
-    // Matrix → remote: a to-<connector> queue per connector in use, whose worker calls its send.
+    // Matrix → remote: a to-<connector> queue per connector in use, whose worker calls its send;
+    // the bot marks each room message with how its delivery stands.
+    const feedback = new DeliveryFeedback({
+      matrix,
+      bot: { userId: bot, displayName: config.appservice.botDisplayName },
+      routes,
+      defaults: config.feedback,
+      redis,
+      prefix,
+      log: moduleLogger("feedback"),
+    });
+    // Marks under way go on before the Matrix client closes (for a while: they are best effort).
+    lifetime.onStop(() => feedback.settled(2_000), "delivery marks");
     const remote = new RemoteDelivery(
       matrix,
       { userId: bot, displayName: config.appservice.botDisplayName },
       routes,
       (ref) => host.instance(ref),
       messages,
+      feedback,
       log,
     );
     const toRemote = new Map(
@@ -205,6 +219,7 @@ export async function start({
         def.name,
         relayQueue<ToRemoteJob>(toConnectorQueue(def.name), (job, { id }) => remote.deliver(def, job, id), {
           destinationOf: (job) => remote.destinationOf(def, job),
+          waiting: (job) => remote.waiting(job),
           failed: (job, { id, reason }) => remote.tellFailure(job, id, reason),
         }),
       ]),

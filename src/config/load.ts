@@ -16,6 +16,7 @@ import {
   type MetricsConfig,
   type EncryptionConfig,
   type PermissionsConfig,
+  type FeedbackConfig,
   type QueueConfig,
 } from "./schema.js";
 
@@ -44,6 +45,8 @@ export interface ResolvedRoute {
   readonly endpoints: readonly ResolvedEndpoint[];
   /** Who may relay into its out endpoints: its own, or the top-level default; `key` says which. */
   readonly permissions: PermissionsConfig & { readonly key: string };
+  /** How its room's messages show their delivery; absent: the config's `feedback`. */
+  readonly feedback?: FeedbackConfig;
 }
 
 export interface ResolvedAccount {
@@ -58,6 +61,8 @@ export interface Config {
   readonly queue: QueueConfig;
   readonly metrics: MetricsConfig;
   readonly encryption: EncryptionConfig;
+  /** Delivery feedback of every route that says nothing else (ResolvedRoute.feedback). */
+  readonly feedback: FeedbackConfig;
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
@@ -284,7 +289,8 @@ export function validateConfig(
     const permissions = route.permissions
       ? { ...route.permissions, key: `routes[${ri}].permissions` }
       : { ...cfg.permissions, key: "permissions" };
-    return { id: route.id, room: route.room, invite, endpoints, permissions };
+    const feedback = { ...cfg.feedback, ...definedOnly(route.feedback ?? {}) };
+    return { id: route.id, room: route.room, invite, endpoints, permissions, feedback };
   });
   const { appservice } = cfg;
   if (appservice.url === undefined && ["0.0.0.0", "::", "[::]"].includes(appservice.bind))
@@ -303,6 +309,7 @@ export function validateConfig(
     queue: cfg.queue,
     metrics: cfg.metrics,
     encryption: cfg.encryption,
+    feedback: cfg.feedback,
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,
@@ -345,4 +352,11 @@ export function loadConfig(
     options.patch(raw as Record<string, unknown>);
   }
   return validateConfig(raw, connectors, env, dirname(resolve(file)));
+}
+
+/** The keys of `o` that have a value (a spread of it then overrides only those). */
+function definedOnly<T extends object>(o: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as {
+    [K in keyof T]?: Exclude<T[K], undefined>;
+  };
 }

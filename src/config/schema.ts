@@ -32,6 +32,9 @@ export const DEFAULTS = {
   metricsBind: "127.0.0.1",
   metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
   relayPowerLevel: 50, // moderators: Matrix clients' default level for "Moderator"
+  feedbackMarks: "reaction",
+  acceptedMark: "✅",
+  waitingMark: "⏳",
 } as const;
 
 // Narrower than the localpart grammar: Synapse refuses a registration whose sender_localpart
@@ -194,6 +197,35 @@ export const permissionsSchema = z.strictObject({
     ),
 });
 
+const feedbackMarks = z
+  .enum(["reaction", "off"])
+  .describe(
+    "How a room message shows its delivery: `reaction`, the bot reacts to it (the accepted mark once every " +
+      "endpoint took it, the waiting mark while one waits for its destination), or `off`. A message that " +
+      "fails for good is answered in its thread with the reason either way",
+  );
+const reactionKey = z.string().min(1, "must not be empty").max(64, "at most 64 characters");
+const acceptedMark = reactionKey.describe(
+  "Reaction key once every endpoint accepted the message (MQTT PUBACK, or handed over at QoS 0; SMTP 250)",
+);
+const waitingMark = reactionKey.describe(
+  "Reaction key while the message waits for a destination that is down; taken back when it is delivered",
+);
+
+/** Delivery feedback in the room: the default for every route (delivery-feedback.ts). */
+export const feedbackSchema = z.strictObject({
+  marks: feedbackMarks.default(DEFAULTS.feedbackMarks),
+  accepted: acceptedMark.default(DEFAULTS.acceptedMark),
+  waiting: waitingMark.default(DEFAULTS.waitingMark),
+});
+
+/** A route's own delivery feedback: each key given overrides the top-level `feedback`. */
+const routeFeedbackSchema = z.strictObject({
+  marks: feedbackMarks.optional(),
+  accepted: acceptedMark.optional(),
+  waiting: waitingMark.optional(),
+});
+
 export const directionSchema = z.enum(["in", "out", "inout"]);
 
 const accountRef = z
@@ -256,6 +288,9 @@ export const routeSchema = z.strictObject({
       "Who may relay the room's messages to this route's out and inout endpoints, instead of the " +
         "top-level permissions (keys left out take their defaults, not the top level's)",
     ),
+  feedback: routeFeedbackSchema
+    .optional()
+    .describe("This route's delivery feedback, key by key over the top-level `feedback`"),
 });
 
 const accountName = /^[a-z][a-z0-9-]*$/;
@@ -278,6 +313,7 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
     queue: queueSchema.prefault({}),
     metrics: metricsSchema.prefault({}),
     encryption: encryptionSchema.prefault({}),
+    feedback: feedbackSchema.prefault({}),
     dataDir: z
       .string()
       .default(DEFAULTS.dataDir)
@@ -311,6 +347,7 @@ export type AppserviceConfig = z.output<typeof appserviceSchema>;
 export type QueueConfig = z.output<typeof queueSchema>;
 export type MetricsConfig = z.output<typeof metricsSchema>;
 export type EncryptionConfig = z.output<typeof encryptionSchema>;
+export type FeedbackConfig = z.output<typeof feedbackSchema>;
 export type RouteConfig = z.output<typeof routeSchema>;
 export type PermissionsConfig = z.output<typeof permissionsSchema>;
 export type RawConfig = z.output<ReturnType<typeof buildConfigSchema>>;

@@ -37,6 +37,11 @@ export interface ToRemoteJob {
    */
   kind?: "edit" | "redaction";
   redacts?: string;
+  /**
+   * A new message: every endpoint it was queued to, this one included; its delivery mark follows
+   * all of them (delivery-feedback.ts). Absent in items queued before: this endpoint alone.
+   */
+  endpoints?: string[];
 }
 
 /** Which routes a room message's sender may relay to (RelayPermissions.judge). */
@@ -212,10 +217,12 @@ export class EventIntake {
         "no endpoint of the room takes it; not relayed",
       );
     }
+    const all = change === undefined ? { endpoints: endpoints.map((e) => e.id) } : {};
     await Promise.all(
       endpoints.map((endpoint) =>
         this.o.enqueue(endpoint, ev.room_id, jobIdFor("out", ev.event_id, endpoint.id), {
           ...job,
+          ...all,
           endpointId: endpoint.id,
         }),
       ),

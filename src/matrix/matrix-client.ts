@@ -722,6 +722,16 @@ export class MatrixClient {
   }
 
   /**
+   * Redacts an event as the bot, idempotently by `txnId` (Client-Server API §Redactions). Never
+   * encrypted: a redaction is not, in an encrypted room either.
+   */
+  async redactAsBot(roomId: string, eventId: string, txnId: string): Promise<string> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/redact/${encodeURIComponent(eventId)}/${encodeURIComponent(txnId)}`;
+    const sent = await this.request("PUT", path, this.opts.botUserId, {});
+    return String(sent.event_id);
+  }
+
+  /**
    * Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. `name` undefined: uploaded
    * without one (an encrypted file, whose name is for the room's members only).
    */

@@ -3,13 +3,14 @@
  * account: a message (`send`, with the remote ids of what it answers; its own remote id is
  * remembered afterwards), an edit (`edit`) or a redaction (`redact`) of a message sent there
  * before. One call per queued item; the item id is its id towards the connector, so the connector
- * can make a repeat harmless.
+ * can make a repeat harmless. Tells DeliveryFeedback what became of each new message.
  */
 import type { Connector, ConnectorDefinition, EndpointBinding } from "../connector.js";
-import { PermanentError } from "../errors.js";
+import { PermanentError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { bindingOf, type RouteTable } from "../routing/route-table.js";
 import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
+import type { DeliveryFeedback } from "./delivery-feedback.js";
 import { renderOutbound, type ToRemoteJob } from "./event-intake.js";
 import { fromMatrixContent } from "./format.js";
 import type { MatrixClient } from "./matrix-client.js";
@@ -32,6 +33,7 @@ export class RemoteDelivery {
     /** The running connector of `<connector>.<account>`, if it runs. */
     private readonly instanceOf: (ref: string) => Connector<unknown> | undefined,
     private readonly messages: MessageMap,
+    private readonly feedback: DeliveryFeedback,
     private readonly log: Logger,
   ) {}
 
@@ -48,13 +50,18 @@ export class RemoteDelivery {
     }
   }
 
+  /** A room message waits for its destination (OrderedQueueOptions.waiting): marked so. */
+  waiting(job: ToRemoteJob): void {
+    this.feedback.note(job, "waiting");
+  }
+
   /**
    * A room message that will not reach the far side (refused, or out of attempts; it is in the
-   * failed list): the bot answers it in the room, in its thread if it has one, with the reason.
-   * The transaction id derives from the item's, so a repeat posts one notice.
+   * failed list): the bot answers it in its thread with the reason (an edit or a redaction: the
+   * original message). The transaction id derives from the item's, so a repeat posts one notice.
    */
   async tellFailure(job: ToRemoteJob, id: string, reason: string): Promise<void> {
-    const where = `${job.endpointId}`;
+    this.feedback.note(job, "failed");
     const what =
       job.kind === "redaction"
         ? "Redaction not relayed"
@@ -63,23 +70,34 @@ export class RemoteDelivery {
           : "Not delivered";
     const content: Record<string, unknown> = {
       msgtype: "m.notice",
-      body: `${what} to ${where}: ${reason}. It is in the failed list: \`!tribridge failed\` shows it, \`!tribridge retry\` sends it again.`,
+      body: `${what} to ${job.endpointId}: ${reason}. It is in the failed list: \`!tribridge failed\` shows it, \`!tribridge retry\` sends it again.`,
       "m.mentions": {},
     };
-    const about = job.kind === "redaction" ? job.redacts : job.eventId;
+    const about =
+      job.kind === "redaction"
+        ? job.redacts
+        : job.kind === "edit"
+          ? relationsOf(job.content).replaces
+          : job.eventId;
     if (about !== undefined) {
-      const { thread } = relationsOf(job.content);
-      content["m.relates_to"] =
-        thread !== undefined
-          ? {
-              rel_type: "m.thread",
-              event_id: thread,
-              is_falling_back: false,
-              "m.in_reply_to": { event_id: about },
-            }
-          : { "m.in_reply_to": { event_id: about } };
+      const aboutContent = job.kind === undefined ? job.content : await this.contentOf(job.roomId, about);
+      content["m.relates_to"] = answerIn(about, aboutContent);
     }
     await this.matrix.sendAs(this.bot, job.roomId, "m.room.message", content, `${id}-failed`);
+  }
+
+  /** An event's content as the bot reads it (its relation is in the clear when it is encrypted). */
+  private async contentOf(roomId: string, eventId: string): Promise<Record<string, unknown> | undefined> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/event/${encodeURIComponent(eventId)}`;
+    try {
+      const event = await this.matrix.requestAs(this.bot.userId, "GET", path);
+      return typeof event.content === "object" && event.content !== null
+        ? (event.content as Record<string, unknown>)
+        : {};
+    } catch (err) {
+      this.log.debug({ eventId, err: errorMessage(err) }, "could not read the event a failure is about");
+      return undefined;
+    }
   }
 
   /** Delivers one item of `def`'s queue. */
@@ -116,14 +134,16 @@ export class RemoteDelivery {
       ...(thread !== undefined && { thread }),
     };
     const result = await instance.send(message, binding);
-    if (result.remoteId === undefined || job.eventId === undefined) return;
-    const event = {
-      eventId: job.eventId,
-      roomId: job.roomId,
-      sender: job.sender,
-      threadRoot: relations.thread,
-    };
-    await messages.sent(event, binding.id, result.remoteId);
+    if (result.remoteId !== undefined && job.eventId !== undefined) {
+      const event = {
+        eventId: job.eventId,
+        roomId: job.roomId,
+        sender: job.sender,
+        threadRoot: relations.thread,
+      };
+      await messages.sent(event, binding.id, result.remoteId);
+    }
+    this.feedback.note(job, "accepted");
   }
 
   /**
@@ -204,4 +224,28 @@ export class RemoteDelivery {
     };
     await target.instance.redact(redaction, target.binding);
   }
+}
+
+/**
+ * `m.relates_to` of the bot's answer to the event `about` (whose content is `aboutContent`; undefined:
+ * unknown), in its thread (Client-Server API §Threading): an event in a thread is answered there,
+ * as a reply within the thread; any other event is the root of the answer's thread, replied to as
+ * the fallback for clients without threads. An event with another relation cannot be a thread's
+ * root, nor can an unknown one be trusted to be: a plain reply then.
+ */
+export function answerIn(
+  about: string,
+  aboutContent: Record<string, unknown> | undefined,
+): Record<string, unknown> {
+  const relation = aboutContent?.["m.relates_to"];
+  const relType =
+    typeof relation === "object" && relation !== null
+      ? (relation as { rel_type?: unknown }).rel_type
+      : undefined;
+  const thread = aboutContent && relationsOf(aboutContent).thread;
+  const reply = { "m.in_reply_to": { event_id: about } };
+  if (thread !== undefined)
+    return { rel_type: "m.thread", event_id: thread, is_falling_back: false, ...reply };
+  if (aboutContent === undefined || relType !== undefined) return reply;
+  return { rel_type: "m.thread", event_id: about, is_falling_back: true, ...reply };
 }

@@ -71,6 +71,11 @@ export class DestinationGate {
     private readonly o: DestinationHealthOptions,
   ) {}
 
+  /** Whether relays go straight through (it answers, as far as anyone found). */
+  get open(): boolean {
+    return this.state === "up";
+  }
+
   /** A mark to give `failed`: whether anything got through since it was taken. */
   get mark(): number {
     return this.answered;

@@ -75,6 +75,11 @@ export interface OrderedQueueOptions<T> {
    * failure is logged, not retried; the failed list has the item and its reason either way.
    */
   failed?(data: T, info: { id: string; reason: string }): Promise<void>;
+  /**
+   * Told once per delivery of an item that is held up: its destination is down (it waits at its
+   * gate), or it failed and is retried. Not awaited; must return at once and not throw.
+   */
+  waiting?(data: T, info: { id: string }): void;
   /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
   observe?: QueueObserver;
   /**
@@ -791,8 +796,15 @@ export class OrderedQueue<T> {
     /** The gate this item last found down, and its mark then (see DestinationGate.failed). */
     let lastDown: { gate: DestinationGate; mark: number } | undefined;
     let counted = 0;
+    let toldWaiting = false;
+    const held = () => {
+      if (toldWaiting) return;
+      toldWaiting = true;
+      this.opts.waiting?.(item.data, { id: item.id });
+    };
     for (let attempt = 1; ; attempt++) {
       signal.throwIfAborted();
+      if (gate && !gate.open) held();
       await gate?.admit(signal);
       try {
         await this.opts.process(item.data, { id: item.id, attempt: counted + 1 });
@@ -814,6 +826,7 @@ export class OrderedQueue<T> {
               "destination down",
             );
             gate = failedGate;
+            held();
             continue;
           }
         } else gate?.succeeded(); // it answered: whatever went wrong is this message's, not the far side's
@@ -821,6 +834,7 @@ export class OrderedQueue<T> {
         if (cause === "rate-limited") {
           const delay = backoffDelayMs(retry, attempt, retryAfterMsOf(err));
           log.debug({ itemId: item.id, delayMs: Math.round(delay), err: errorMessage(err) }, "rate-limited");
+          held();
           await sleep(delay, undefined, { signal });
           continue;
         }
@@ -846,6 +860,7 @@ export class OrderedQueue<T> {
           "relay failed; retrying",
         );
         this.opts.observe?.retried();
+        held();
         await sleep(delay, undefined, { signal });
       }
     }

@@ -23,6 +23,11 @@ export const redisKeys = {
   /** A sender was told why their message was not relayed (permissions.ts): told again after a while. */
   refusalNotice: (prefix: string, roomId: string, userId: string) =>
     `${prefix}:refusal-notice:${roomId}:${userId}`,
+  /**
+   * A room message's delivery (delivery-feedback.ts): its outcome per endpoint, and the event ids
+   * of the marks the bot put on it.
+   */
+  deliveryMarks: (prefix: string, eventId: string) => `${prefix}:delivery:${eventId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */

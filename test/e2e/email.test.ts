@@ -143,6 +143,18 @@ describe("email: rooms ⇄ mail threads", { skip: !canRunMailServer && NO_MAIL_S
     assert.equal(m1!.inReplyTo, undefined, "the first mail of the route starts its thread");
     assert.match(m1!.messageId!, /^<tb\.[\w-]+@localhost>$/);
     assert.equal(m1!.text?.trim(), "Is the printer fixed?");
+    // The SMTP server took it (250): the bot's ✅ on the room message.
+    await waitFor("the ✅", () =>
+      h.hs
+        .events(support)
+        .some(
+          (e) =>
+            e.type === "m.reaction" &&
+            e.sender === h.hs.appserviceUserId &&
+            JSON.stringify(e.content["m.relates_to"]) ===
+              JSON.stringify({ rel_type: "m.annotation", event_id: first, key: "✅" }),
+        ),
+    );
 
     const second = h.hs.sendMessage(support, h.alice, { msgtype: "m.text", body: "It jams on page 2" });
     const [m2] = await newMailForAlice(1);

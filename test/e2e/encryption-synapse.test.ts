@@ -164,9 +164,16 @@ for (const mode of MODES) {
       const reader = readerUserId({ ghostPrefix: config.appservice.ghostPrefix, domain: SERVER_NAME });
       await person.waitForMember(room, reader);
       const began = Date.now();
-      await person.sendText(room, "set heating to 20");
+      const sent = await person.sendText(room, "set heating to 20");
       await waitFor("the message at the device", () => heard.includes("set heating to 20"), RELAY_TIMEOUT_MS);
       console.log(`person → device: ${Date.now() - began} ms`);
+      // The broker took it: the bot's ✅ on it, encrypted by the bot's device, which Synapse accepts.
+      const bot = `@${config.appservice.botLocalpart}:${SERVER_NAME}`;
+      const mark = await person.waitForMessage(room, bot, {
+        type: "m.reaction",
+        timeoutMs: RELAY_TIMEOUT_MS,
+      });
+      assert.deepEqual(mark.content["m.relates_to"], { rel_type: "m.annotation", event_id: sent, key: "✅" });
     });
   });
 }

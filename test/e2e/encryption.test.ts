@@ -154,9 +154,26 @@ for (const variant of VARIANTS) {
       );
     });
 
-    test("a person's encrypted message is decrypted by the bot's device and relayed", async () => {
-      await alice.send(room, { msgtype: "m.text", body: "hello devices" });
+    test("a person's encrypted message is decrypted by the bot's device and relayed; the bot's ✅ on it is encrypted", async () => {
+      const sent = await alice.send(room, { msgtype: "m.text", body: "hello devices" });
       await relayed("secret", "hello devices");
+      // The relation stays in the clear (CS API §Mixing end-to-end encryption with relations).
+      const mark = await waitFor("the bot's mark", () =>
+        alice
+          .encryptedFromOthers(room)
+          .find(
+            (e) =>
+              e.sender === bot &&
+              (e.content["m.relates_to"] as { event_id?: string } | undefined)?.event_id === sent,
+          ),
+      );
+      const clear = await alice.decrypt(mark);
+      assert.equal(clear.type, "m.reaction");
+      assert.deepEqual(clear.content["m.relates_to"], {
+        rel_type: "m.annotation",
+        event_id: sent,
+        key: "✅",
+      });
     });
 
     test("an event whose room key comes later waits for it, then is relayed", async () => {
@@ -178,7 +195,8 @@ for (const variant of VARIANTS) {
         "the next device message",
         async () => {
           for (const e of carol.encryptedFromOthers(room).slice(seen))
-            if (e.sender !== h.alice && e.sender !== people[1]!.userId) return e;
+            // Not the bot's: its delivery marks on earlier messages.
+            if (e.sender !== h.alice && e.sender !== people[1]!.userId && e.sender !== bot) return e;
           return undefined;
         },
         15_000,

@@ -191,15 +191,16 @@ export class CryptoPerson {
   /**
    * The first message from `sender` in the room (after `after`, an event id, when given) that
    * the client decrypted, and matching `body` when given. Waits for its room key to arrive.
+   * `type`: an event of another type (its `body`, if any, matched the same way).
    */
   async waitForMessage(
     roomId: string,
     sender: string,
-    o: { body?: string | RegExp; timeoutMs?: number } = {},
+    o: { body?: string | RegExp; timeoutMs?: number; type?: string } = {},
   ): Promise<DecryptedMessage> {
     const matches = (ev: MatrixEvent) => {
       if (ev.getSender() !== sender || !ev.isEncrypted()) return false;
-      if (ev.isBeingDecrypted() || ev.isDecryptionFailure() || ev.getType() !== "m.room.message")
+      if (ev.isBeingDecrypted() || ev.isDecryptionFailure() || ev.getType() !== (o.type ?? "m.room.message"))
         return false;
       const text = String(ev.getContent().body ?? "");
       return o.body === undefined || (typeof o.body === "string" ? text === o.body : o.body.test(text));

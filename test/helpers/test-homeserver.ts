@@ -1257,6 +1257,26 @@ export class TestHomeserver {
     }
   }
 
+  /**
+   * CS API §Event annotations and reactions, server behaviour: a second annotation of one event
+   * with the same event type and key by the same sender is refused, as Synapse does (400
+   * M_DUPLICATE_ANNOTATION). A redacted one no longer counts (it has lost its relation).
+   */
+  private refuseDuplicateAnnotation(room: Room, sender: string, type: string, content: Json): void {
+    const relation = relationOf(content);
+    const key = (content["m.relates_to"] as Json | undefined)?.key;
+    if (relation?.relType !== "m.annotation" || typeof key !== "string") return;
+    const duplicate = room.events.some(
+      (e) =>
+        e.sender === sender &&
+        e.type === type &&
+        relationOf(e.content)?.relType === "m.annotation" &&
+        relationOf(e.content)?.eventId === relation.eventId &&
+        (e.content["m.relates_to"] as Json).key === key,
+    );
+    if (duplicate) throw err(400, "M_DUPLICATE_ANNOTATION", "Can't send same reaction twice");
+  }
+
   /** Message events: CS API §Sending events + Room versions §Authorization rules. */
   private sendEvent(
     room: Room,
@@ -2086,6 +2106,7 @@ export class TestHomeserver {
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
       this.validateRelation(room, body(ctx));
+      this.refuseDuplicateAnnotation(room, rq.userId, type, body(ctx));
       const ev = this.sendEvent(room, rq.userId, type, body(ctx), undefined, {
         txnId,
         txnScope: rq.txnScope,

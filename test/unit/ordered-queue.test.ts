@@ -201,6 +201,23 @@ test("a transient failure is retried in place: the key's next item waits, attemp
   assert.deepEqual(await q.failedJobs(), []);
 });
 
+test("waiting: told once of an item that is retried, at its first failure; not of one delivered at once", async (t) => {
+  const s = scope(t);
+  const told: string[] = [];
+  const attempts: string[] = [];
+  const q = s.make<{ n: number }>(
+    async (data, { id, attempt }) => {
+      attempts.push(`${id}#${attempt}`);
+      if (data.n === 1 && attempt <= 2) throw new Error(`flaky ${attempt}`);
+    },
+    { waiting: (_data, { id }) => void told.push(`${id} after ${attempts.length} attempt(s)`) },
+  );
+  await q.start();
+  await Promise.all([q.add("A", "a0", { n: 0 }), q.add("A", "a1", { n: 1 }), q.add("A", "a2", { n: 2 })]);
+  await waitFor("the last item", () => attempts.includes("a2#1"));
+  assert.deepEqual(told, ["a1 after 2 attempt(s)"]);
+});
+
 test("RetryableError.retryAfterMs is honoured, capped at 10 × maxDelayMs", async (t) => {
   const s = scope(t);
   // retry: initialDelayMs 10, maxDelayMs 50 → the exponential step is ≤ 10 ms on attempt 1 and the

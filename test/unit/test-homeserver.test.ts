@@ -399,6 +399,30 @@ describe("TestHomeserver: rooms and events", () => {
     });
   });
 
+  it("annotations as Synapse checks them: a second one with the same type and key by the same sender is refused (M_DUPLICATE_ANNOTATION) unless the first was redacted; its transaction id repeated returns the first", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const roomId = hs.createRoom({ creator: alice, preset: "public_chat" });
+      await call(hs, "POST", `${C}/join/${enc(roomId)}`, { token: AS_TOKEN });
+      const target = hs.sendMessage(roomId, alice, { msgtype: "m.text", body: "react to me" });
+      const react = (txnId: string, key: string) =>
+        call(hs, "PUT", `${C}/rooms/${enc(roomId)}/send/m.reaction/${txnId}`, {
+          token: AS_TOKEN,
+          body: { "m.relates_to": { rel_type: "m.annotation", event_id: target, key } },
+        });
+      const first = await react("a1", "✅");
+      assert.equal(first.status, 200);
+      assert.equal((await react("a1", "✅")).body.event_id, first.body.event_id, "a repeated transaction");
+      const again = await react("a2", "✅");
+      assert.equal(again.status, 400);
+      assert.equal(again.body.errcode, "M_DUPLICATE_ANNOTATION");
+      assert.equal((await react("a3", "⏳")).status, 200, "another key");
+      const redact = `${C}/rooms/${enc(roomId)}/redact/${enc(first.body.event_id as string)}/red1`;
+      assert.equal((await call(hs, "PUT", redact, { token: AS_TOKEN, body: {} })).status, 200);
+      assert.equal((await react("a4", "✅")).status, 200, "the first redacted");
+    });
+  });
+
   it("join rules: private needs an invite, public does not", async () => {
     await withHs(async (hs) => {
       const alice = hs.registerUser("alice");
