@@ -400,6 +400,38 @@ export class MatrixClient {
     }
   }
 
+  /**
+   * Every current state event of a room, as the bot reads it (Client-Server API §GET
+   * /rooms/{roomId}/state): `type`, `state_key`, `sender` and `content` of each.
+   */
+  async roomStateEvents(roomId: string): Promise<Record<string, unknown>[]> {
+    const what = `GET /_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`;
+    const { status, data } = await this.dispatch(what, {
+      method: "GET",
+      path: `${this.basePath}/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`,
+    });
+    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
+    let events: unknown;
+    try {
+      events = JSON.parse(data.toString("utf8"));
+    } catch (err) {
+      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
+    }
+    if (!Array.isArray(events)) throw new RetryableError(`${what}: the answer is not a list of events`);
+    return events.filter((e): e is Record<string, unknown> => typeof e === "object" && e !== null);
+  }
+
+  /** Sets a state event as the bot (Client-Server API §PUT /rooms/{roomId}/state/{eventType}/{stateKey}). */
+  async setRoomState(
+    roomId: string,
+    type: string,
+    stateKey: string,
+    content: Record<string, unknown>,
+  ): Promise<void> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/${encodeURIComponent(type)}/${encodeURIComponent(stateKey)}`;
+    await this.request("PUT", path, this.opts.botUserId, content);
+  }
+
   /** Registers the ghost (m.login.application_service) and sets its display name, once. */
   private ensureGhost(userId: string, displayName: string): Promise<void> {
     let ready = this.readyGhosts.get(userId);
