@@ -11,9 +11,11 @@ import { ConfigError } from "../../src/errors.js";
 import {
   buildRegistration,
   loadRegistration,
-  registrationExists,
+  locateRegistration,
+  registrationKind,
   registrationMismatch,
   registrationYaml,
+  sampleRegistrationProblem,
   writeRegistration,
 } from "../../src/matrix/registration.js";
 
@@ -131,15 +133,43 @@ test("loadRegistration accepts a generated registration", () => {
   });
 });
 
-test("the committed sample does not count as a registration; writing one over it makes it private", () => {
+test("the committed sample is a sample, not a registration; a generated one is private", () => {
   withTempDir((dir) => {
     const file = join(dir, "registration.yaml");
-    assert.equal(registrationExists(file), false);
+    assert.equal(registrationKind(file), "missing");
     writeFileSync(file, readFileSync(SAMPLE, "utf8"), { mode: 0o644 });
-    assert.equal(registrationExists(file), false, "placeholder tokens: replaced without --force");
-    writeRegistration(file, buildRegistration(config, connectors));
-    assert.equal(registrationExists(file), true);
-    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.equal(registrationKind(file), "sample");
+    const mine = join(dir, "data", "registration.yaml");
+    writeRegistration(mine, buildRegistration(config, connectors));
+    assert.equal(registrationKind(mine), "registration");
+    assert.equal(statSync(mine).mode & 0o777, 0o600);
+  });
+});
+
+test("locateRegistration: the given file; else the data directory's; an earlier version's in the working directory; never the sample", () => {
+  withTempDir((dir) => {
+    const data = join(dir, "data");
+    const inData = join(data, "registration.yaml");
+    const inCwd = join(dir, "registration.yaml");
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inData, kind: "missing" });
+    // A checkout: the tracked sample is found, reported, and not used.
+    writeFileSync(inCwd, readFileSync(SAMPLE, "utf8"));
+    assert.deepEqual(locateRegistration(undefined, data, dir), {
+      file: inData,
+      kind: "missing",
+      sample: inCwd,
+    });
+    assert.deepEqual(locateRegistration(inCwd, data, dir), { file: inCwd, kind: "sample" });
+    assert.match(
+      sampleRegistrationProblem(inCwd, data),
+      /sample registration \(placeholder tokens\).*never writes over it/,
+    );
+    // A registration written by an earlier version into the working directory is still used.
+    writeRegistration(inCwd, buildRegistration(config, connectors));
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inCwd, kind: "registration" });
+    // The data directory's comes first.
+    writeRegistration(inData, buildRegistration(config, connectors));
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inData, kind: "registration" });
   });
 });
 
