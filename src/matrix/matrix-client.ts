@@ -323,9 +323,10 @@ export class MatrixClient {
       if (!missing || !ownAlias) throw err;
       if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
         throw new RetryableError(
-          `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
-            "create it: run `tribridge generate-registration` with this route configured (it reserves " +
-            "the route aliases under namespaces.aliases) and register the new file with the homeserver",
+          `room ${room} does not exist. Create it and invite ${this.opts.botUserId}; or name the route's ` +
+            "room with appservice.roomAliasPrefix (#tribridge_… by default), which the registration reserves; or run " +
+            "`tribridge generate-registration --force` with this route configured (it reserves the route " +
+            "aliases under namespaces.aliases) and register the new file with the homeserver",
         );
       const localAlias = room.slice(1, room.lastIndexOf(":"));
       const created = await this.bridge

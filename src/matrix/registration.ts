@@ -33,16 +33,21 @@ export interface Registration {
 }
 
 /**
- * The aliases of route rooms on our own server, as alias namespaces: a homeserver lets an
- * appservice create a room with an alias only inside its namespaces (Synapse and continuwuity
- * answer M_EXCLUSIVE otherwise). Not exclusive: people may still create such aliases themselves.
+ * Room aliases on our own server, as alias namespaces: a homeserver lets an appservice create a
+ * room with an alias only inside its namespaces (Synapse and continuwuity answer M_EXCLUSIVE
+ * otherwise). Every `#<roomAliasPrefix>…` alias, reserved up front so that a route added later
+ * (the quick start registers before there is any) gets its room without a new registration, and
+ * the configured routes' other aliases. Not exclusive: people may still create such aliases
+ * themselves. Never all aliases of the domain: the homeserver would push every event of every
+ * room with an alias (Application Service API §Namespaces: interest by room alias).
  */
-function routeAliasNamespaces(config: Pick<Config, "homeserver" | "routes">): string[] {
+function aliasNamespaces(config: Pick<Config, "appservice" | "homeserver" | "routes">): string[] {
   const own = `:${config.homeserver.domain}`;
-  const aliases = config.routes
+  const prefixed = `^#${escapeRegex(config.appservice.roomAliasPrefix)}[^:]+${escapeRegex(own)}$`;
+  const others = config.routes
     .map((r) => r.room)
-    .filter((room) => room.startsWith("#") && room.endsWith(own));
-  return [...new Set(aliases)].map((alias) => `^${escapeRegex(alias)}$`);
+    .filter((room) => room.startsWith("#") && room.endsWith(own) && !new RegExp(prefixed).test(room));
+  return [prefixed, ...[...new Set(others)].map((alias) => `^${escapeRegex(alias)}$`)];
 }
 
 export function buildRegistration(
@@ -70,7 +75,7 @@ export function buildRegistration(
     rate_limited: false,
     namespaces: {
       users: regexes.map((regex) => ({ exclusive: true, regex })),
-      aliases: routeAliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
+      aliases: aliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
       rooms: [],
     },
     ...encryptionKeys(config.encryption),

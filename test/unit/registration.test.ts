@@ -52,18 +52,60 @@ test("route aliases on our own server are reserved (not exclusively), so tribrid
   const withRoutes = validateConfig(
     {
       homeserver: { url: "http://hs:8008", domain: "example.org" },
-      routes: ["#plant:example.org", "#plant:example.org", "#far:other.org", "!abc:example.org"].map(
-        (room, i) => ({
-          id: `r${i}`,
-          room,
-          endpoints: [{ account: "mqtt.default", direction: "in", topic: `t/${i}` }],
-        }),
-      ),
+      routes: [
+        "#plant:example.org",
+        "#plant:example.org",
+        "#far:other.org",
+        "!abc:example.org",
+        "#tribridge_lab:example.org",
+      ].map((room, i) => ({
+        id: `r${i}`,
+        room,
+        endpoints: [{ account: "mqtt.default", direction: "in", topic: `t/${i}` }],
+      })),
     },
     connectors,
   );
   assert.deepEqual(buildRegistration(withRoutes, connectors).namespaces.aliases, [
+    { exclusive: false, regex: "^#tribridge_[^:]+:example\\.org$" },
     { exclusive: false, regex: "^#plant:example\\.org$" },
+  ]);
+});
+
+test("routes added later: #<roomAliasPrefix>… aliases on our own server are reserved up front, and only those", () => {
+  // The quick start registers before any route exists.
+  const reg = buildRegistration(config, connectors);
+  const reserved = (alias: string) => reg.namespaces.aliases.some((n) => new RegExp(n.regex).test(alias));
+  assert.equal(reserved("#tribridge_greenhouse:example.org"), true);
+  assert.equal(reserved("#tribridge_a.b-c:example.org"), true);
+  assert.equal(reserved("#tribridge_:example.org"), false);
+  assert.equal(
+    reserved("#greenhouse:example.org"),
+    false,
+    "not every alias: the homeserver would push all their rooms' events",
+  );
+  assert.equal(reserved("#tribridge_x:example.org.evil"), false);
+  assert.equal(reserved("#tribridge_x:other.org"), false);
+  assert.ok(reg.namespaces.aliases.every((n) => !n.exclusive));
+  // A config with routes on such aliases, and a prefix of its own, still fits the registration.
+  const later = validateConfig(
+    {
+      homeserver: { url: "http://hs:8008", domain: "example.org" },
+      appservice: { roomAliasPrefix: "iot." },
+      routes: [
+        {
+          id: "lab",
+          room: "#tribridge_lab:example.org",
+          endpoints: [{ account: "mqtt.default", direction: "in", topic: "lab/t" }],
+        },
+      ],
+    },
+    connectors,
+  );
+  assert.equal(registrationMismatch(reg, later, connectors), undefined);
+  assert.deepEqual(buildRegistration(later, connectors).namespaces.aliases, [
+    { exclusive: false, regex: "^#iot\\.[^:]+:example\\.org$" },
+    { exclusive: false, regex: "^#tribridge_lab:example\\.org$" },
   ]);
 });
 
@@ -93,7 +135,7 @@ test("rate_limited is false", () => {
 test("namespaces has users, aliases and rooms keys; users are exclusive", () => {
   const reg = buildRegistration(config, connectors);
   assert.deepEqual(Object.keys(reg.namespaces).sort(), ["aliases", "rooms", "users"]);
-  assert.deepEqual(reg.namespaces.aliases, []);
+  assert.deepEqual(reg.namespaces.aliases, [{ exclusive: false, regex: "^#tribridge_[^:]+:example\\.org$" }]);
   assert.deepEqual(reg.namespaces.rooms, []);
   assert.equal(reg.namespaces.users.length, 1 + connectors.length);
   for (const u of reg.namespaces.users) assert.equal(u.exclusive, true);
