@@ -6,7 +6,7 @@
 import path from "node:path";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState } from "./connector.js";
-import type { Config } from "./config/load.js";
+import type { Config, ResolvedRoute } from "./config/load.js";
 import { ConnectorHost } from "./connector-host.js";
 import { bridgeCommands } from "./control.js";
 import { ConfigError, errorMessage } from "./errors.js";
@@ -23,6 +23,12 @@ import { WaitingEvents } from "./matrix/crypto/waiting-events.js";
 import { DeliveryFeedback } from "./matrix/delivery-feedback.js";
 import { EncryptedRooms } from "./matrix/encrypted-rooms.js";
 import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/event-intake.js";
+import {
+  bridgeStates,
+  updateBridgeInfo,
+  type BridgeInfoOutcome,
+  type BridgeState,
+} from "./matrix/bridge-info.js";
 import { botUserId, readerUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
@@ -344,7 +350,12 @@ export async function start({
       await endToEnd.start();
       lifetime.onStop(() => endToEnd.stop(), "end-to-end encryption");
     }
-    await joinRouteRooms(routes, delivery, encryption, bot);
+    const joined = await joinRouteRooms(routes, delivery, encryption, bot);
+    await describeBridgedRooms(
+      joined,
+      (route) => bridgeStates(route, bot, connectors, config.accounts),
+      (roomId, states) => updateBridgeInfo(matrix, roomId, bot, states),
+    );
     routesNowKnown();
 
     for (const q of queues) await q.start();
@@ -482,14 +493,16 @@ function queueOptions(config: Config, redisUrl: string, instanceId: string) {
 
 /**
  * Joins each route's room at start, and learns whether it is encrypted (which tells the room, the
- * first time); one that cannot be joined yet is tried again when a relay needs it.
+ * first time); one that cannot be joined yet is tried again when a relay needs it. Returns the
+ * routes it joined, with their rooms.
  */
 async function joinRouteRooms(
   routes: RouteTable,
   delivery: RoomDelivery,
   encryption: EncryptedRooms,
   bot: string,
-): Promise<void> {
+): Promise<{ route: ResolvedRoute; roomId: string }[]> {
+  const joined: { route: ResolvedRoute; roomId: string }[] = [];
   for (const route of routes.routes) {
     let roomId: string;
     try {
@@ -501,6 +514,7 @@ async function joinRouteRooms(
       );
       continue;
     }
+    joined.push({ route, roomId });
     // Read again before the first relay into the room, if it cannot be read now.
     await encryption
       .check(roomId)
@@ -511,4 +525,34 @@ async function joinRouteRooms(
         ),
       );
   }
+  return joined;
+}
+
+/**
+ * Sets each joined room's bridge information (MSC2346, bridge-info.ts): the states of every route
+ * in it at once, since a room may carry several routes. Best effort: a room where the bot may not
+ * send state is named in one warning, a failure is logged, and the bridge starts either way.
+ */
+async function describeBridgedRooms(
+  joined: readonly { route: ResolvedRoute; roomId: string }[],
+  statesOf: (route: ResolvedRoute) => BridgeState[],
+  update: (roomId: string, states: BridgeState[]) => Promise<BridgeInfoOutcome>,
+): Promise<void> {
+  const byRoom = new Map<string, BridgeState[]>();
+  for (const { route, roomId } of joined)
+    byRoom.set(roomId, [...(byRoom.get(roomId) ?? []), ...statesOf(route)]);
+  const forbidden: string[] = [];
+  for (const [roomId, states] of byRoom) {
+    try {
+      if ((await update(roomId, states)) === "forbidden") forbidden.push(roomId);
+    } catch (err) {
+      log.warn({ roomId, err: errorMessage(err) }, "could not set the room's bridge information (m.bridge)");
+    }
+  }
+  if (forbidden.length > 0)
+    log.warn(
+      { rooms: forbidden },
+      "the bot may not send state events in these rooms, so clients do not show what they are bridged to " +
+        "(m.bridge): raise its power level to the rooms' state_default",
+    );
 }

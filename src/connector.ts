@@ -513,6 +513,20 @@ export interface CheckContext {
   readonly bridgeRunning: boolean;
 }
 
+/** A named place on the far side (MSC2346 `network`, `channel`). */
+export interface BridgedPlace {
+  /** Stable and unique within its parent (the channel within the network); any characters. */
+  readonly id: string;
+  /** What a person reads; default: `id`. */
+  readonly displayName?: string;
+}
+
+/** What ConnectorDefinition.describeEndpoint returns. */
+export interface EndpointPlace {
+  readonly network: BridgedPlace;
+  readonly channel: BridgedPlace;
+}
+
 /** The declaration of a protocol. Pure: no I/O in any member, but `check`. */
 export interface ConnectorDefinition<Account = unknown, E = unknown> {
   /** Lower-case name: config key `bridges.<name>`, account refs `<name>.<account>`, queue `to-<name>`. */
@@ -548,6 +562,24 @@ export interface ConnectorDefinition<Account = unknown, E = unknown> {
    * field, even a cosmetic one, then makes it a new endpoint.
    */
   endpointKey?(endpoint: E): string;
+  /**
+   * Where an endpoint leads, as a Matrix client shows a bridged room (MSC2346 `m.bridge` state
+   * events): the network (a broker, a mailbox) and the channel within it (a topic, the addresses).
+   * The core sets one state event per route room and distinct channel, keyed by the connector's
+   * `name`, the network id and the channel id; it never reads the endpoint's fields itself.
+   *
+   * Called at start, once per endpoint of a route whose room the bot is in. Pure: no I/O, no
+   * secrets (a password, a token in a URL) in what it returns — every member of the room reads it.
+   * Ids are compared as given: keep them stable (they key the state event; a new id leaves a new
+   * event, and the core clears the one no endpoint describes any more). MSC2346 asks for lower-case
+   * ids; lower-case what is case-insensitive on the far side (a host, a mail domain), not what is
+   * not (an MQTT topic).
+   *
+   * Omitted: network = the account's name, channel = the endpoint's id.
+   */
+  describeEndpoint?(endpoint: E, account: { readonly name: string; readonly config: Account }): EndpointPlace;
+  /** The protocol's name as people know it ("MQTT", "Email"), in `m.bridge`. Default: `name`. */
+  readonly displayName?: string;
   /**
    * Accounts to run when the config has no `bridges.<name>` block at all, e.g. an embedded broker.
    * Omit for a connector that needs explicit configuration.

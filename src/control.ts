@@ -1,7 +1,7 @@
 /**
  * The control surface of a running bridge: the commands admins give the bot (`!tribridge status`,
  * `failed`, `retry`; see matrix/commands.ts), answered from the connectors' states, the queues'
- * backlogs and the failed lists, as a notice from the bot.
+ * backlogs and the failed lists, as a notice from the bot that replies to the command.
  */
 import type { Redis } from "ioredis";
 import { routeIdOf } from "./config/endpoint-ids.js";
@@ -58,9 +58,15 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
         return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
       },
     },
-    reply: async (roomId, text, txnId) => {
+    reply: async ({ roomId, text, relatesTo, mention }, txnId) => {
       const asBot = { userId: bot, displayName: config.appservice.botDisplayName };
-      const content = { msgtype: "m.notice", body: text, "m.mentions": {} };
+      // §Rich replies: a reply mentions the sender of the event it answers.
+      const content = {
+        msgtype: "m.notice",
+        body: text,
+        "m.relates_to": relatesTo,
+        "m.mentions": { user_ids: [mention] },
+      };
       await matrix.sendAs(asBot, roomId, "m.room.message", content, txnId);
     },
     log: moduleLogger("commands"),

@@ -15,8 +15,10 @@ import { botUserId } from "./matrix/ids.js";
 import { MatrixClient, PING_FIX, isTokenRefused } from "./matrix/matrix-client.js";
 import {
   loadRegistration,
-  registrationExists,
+  locateRegistration,
+  sampleRegistrationProblem,
   registrationProblem,
+  type RegistrationKind,
   type Registration,
 } from "./matrix/registration.js";
 import { redisServerMissing } from "./queue/embedded-redis.js";
@@ -31,7 +33,8 @@ export type { CheckResult };
 export interface DoctorOptions {
   /** Loads the config as `start` does; throws ConfigError(s). */
   readConfig(): Config;
-  registrationFile: string;
+  /** Given with -r / TRIBRIDGE_REGISTRATION; else found as `start` finds it (locateRegistration). */
+  registrationFile: string | undefined;
   connectors: readonly ConnectorDefinition[];
   /** Told each result as its check ends. */
   report(result: CheckResult): void;
@@ -84,13 +87,14 @@ export async function runDoctor(o: DoctorOptions): Promise<void> {
     ),
   );
 
-  const registration = checkRegistration(config, o);
+  const { file: registrationFile, kind, sample } = locateRegistration(o.registrationFile, config.dataDir);
+  const registration = checkRegistration(config, o, registrationFile, kind, sample);
   const port = await holdAppservicePort(config, registration, report);
   try {
     if (
       (await homeserverAnswers(config, report)) &&
       registration &&
-      (await checkLogin(config, registration, o.registrationFile, report))
+      (await checkLogin(config, registration, registrationFile, report))
     )
       await checkPing(config, registration, port, report);
   } finally {
@@ -100,14 +104,22 @@ export async function runDoctor(o: DoctorOptions): Promise<void> {
   await checkAccounts(config, o.connectors, port.bridgeRunning, report);
 }
 
-function checkRegistration(config: Config, o: DoctorOptions): Registration | undefined {
-  const file = o.registrationFile;
+function checkRegistration(
+  config: Config,
+  o: DoctorOptions,
+  file: string,
+  kind: RegistrationKind,
+  sample: string | undefined,
+): Registration | undefined {
   const fix =
     "run `tribridge generate-registration` and register the file with the homeserver (`tribridge registration-help`)";
-  if (!registrationExists(file)) {
-    o.report(
-      fail("registration", `no registration in ${file} (or only the sample's placeholder tokens)`, fix),
-    );
+  if (kind === "sample") {
+    o.report(fail("registration", sampleRegistrationProblem(file, config.dataDir), fix));
+    return undefined;
+  }
+  if (kind === "missing") {
+    const besides = sample ? ` (${sample} is only a sample, with placeholder tokens)` : "";
+    o.report(fail("registration", `no registration in ${file}${besides}`, fix));
     return undefined;
   }
   let registration: Registration;

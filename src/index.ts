@@ -15,10 +15,11 @@ import { localAddress } from "./http-listen.js";
 import { rootLogger } from "./log.js";
 import {
   buildRegistration,
-  registrationExists,
+  locateRegistration,
   continuwuityInstructions,
   loadRegistration,
   synapseInstructions,
+  sampleRegistrationProblem,
   writeRegistration,
   type Registration,
 } from "./matrix/registration.js";
@@ -27,7 +28,7 @@ const USAGE = `Usage: tribridge <command> [options]
 
 Commands:
   start                    Run the bridge
-  generate-registration    Write registration.yaml with fresh random tokens
+  generate-registration    Write the registration with fresh random tokens (never over a sample)
   registration-help        Print how to register with continuwuity/conduwuit and Synapse
   validate-config          Check config.yaml and print every problem with its path
   ready                    Ask the running bridge whether it can do its work (GET /ready on the
@@ -41,7 +42,8 @@ Commands:
 
 Options:
   -c, --config FILE        Config file (default: config.yaml, or $TRIBRIDGE_CONFIG)
-  -r, --registration FILE  Registration file (default: registration.yaml, or $TRIBRIDGE_REGISTRATION)
+  -r, --registration FILE  Registration file (or $TRIBRIDGE_REGISTRATION; default: registration.yaml
+                           in dataDir, ./data; one in the working directory from earlier versions)
       --homeserver URL     Sets homeserver.url (quick start without a config file)
       --domain NAME        Sets homeserver.domain
       --force              generate-registration: overwrite an existing file
@@ -64,7 +66,8 @@ const SCHEMA_PATH = "config/config.schema.json";
 interface Options {
   config: string;
   configGiven: boolean;
-  registration: string;
+  /** Given with -r or TRIBRIDGE_REGISTRATION; else found by locateRegistration. */
+  registration: string | undefined;
   homeserver?: string;
   domain?: string;
   force: boolean;
@@ -97,7 +100,7 @@ function parseOptions(argv: string[]): { command: string | undefined; options: O
     options: {
       config: values.config ?? process.env.TRIBRIDGE_CONFIG ?? "config.yaml",
       configGiven,
-      registration: values.registration ?? process.env.TRIBRIDGE_REGISTRATION ?? "registration.yaml",
+      registration: values.registration ?? process.env.TRIBRIDGE_REGISTRATION,
       homeserver: values.homeserver,
       domain: values.domain,
       force: values.force ?? false,
@@ -160,15 +163,20 @@ async function doctor(options: Options): Promise<number> {
   return failed > 0 ? 1 : 0;
 }
 
-function generateRegistration(config: Config, options: Options): Registration {
-  if (registrationExists(options.registration) && !options.force) {
-    throw new Error(
-      `${options.registration} exists; use --force to replace it (the homeserver must then be updated too)`,
-    );
-  }
+/** Where this config's registration is (see locateRegistration). */
+function registrationOf(config: Config, options: Options): ReturnType<typeof locateRegistration> {
+  return locateRegistration(options.registration, config.dataDir);
+}
+
+/** Writes a registration with fresh tokens: never over a sample, over one of its own only with --force. */
+function generateRegistration(config: Config, options: Options): { reg: Registration; file: string } {
+  const { file, kind } = registrationOf(config, options);
+  if (kind === "sample") throw new Error(sampleRegistrationProblem(file, config.dataDir));
+  if (kind === "registration" && !options.force)
+    throw new Error(`${file} exists; use --force to replace it (the homeserver must then be updated too)`);
   const reg = buildRegistration(config, connectors);
-  writeRegistration(options.registration, reg);
-  return reg;
+  writeRegistration(file, reg);
+  return { reg, file };
 }
 
 function printRegistrationHelp(reg: Registration, file: string): void {
@@ -202,14 +210,19 @@ function generateConfigFiles(check: boolean): number {
 async function startBridge(options: Options): Promise<void> {
   const config = readConfig(options);
   let registration: Registration;
-  if (registrationExists(options.registration)) {
-    registration = loadRegistration(options.registration);
-  } else {
-    registration = generateRegistration(config, options);
+  const found = registrationOf(config, options);
+  if (found.kind === "registration") registration = loadRegistration(found.file);
+  else if (found.kind === "sample") throw new Error(sampleRegistrationProblem(found.file, config.dataDir));
+  else {
+    const { reg, file } = generateRegistration(config, options);
+    registration = reg;
+    const sample = found.sample
+      ? ` (${found.sample} is a sample with placeholder tokens: left as it is, and not used)`
+      : "";
     console.log(
-      `No registration found: generated ${options.registration}. Register it with your homeserver:\n`,
+      `No registration yet: generated ${file} with fresh tokens${sample}. Register it with your homeserver:\n`,
     );
-    printRegistrationHelp(registration, options.registration);
+    printRegistrationHelp(registration, file);
     console.log("");
   }
   const { start } = await import("./app.js");
@@ -270,13 +283,17 @@ async function main(argv: string[]): Promise<number> {
       await startBridge(options);
       return -1; // keep running
     case "generate-registration": {
-      const reg = generateRegistration(readConfig(options), options);
-      printRegistrationHelp(reg, options.registration);
+      const { reg, file } = generateRegistration(readConfig(options), options);
+      printRegistrationHelp(reg, file);
       return 0;
     }
-    case "registration-help":
-      printRegistrationHelp(loadRegistration(options.registration), options.registration);
+    case "registration-help": {
+      const config = readConfig(options);
+      const { file, kind } = registrationOf(config, options);
+      if (kind === "sample") throw new Error(sampleRegistrationProblem(file, config.dataDir));
+      printRegistrationHelp(loadRegistration(file), file);
       return 0;
+    }
     case "validate-config": {
       // What is checked is a file: the quick start's "no config.yaml" does not apply here.
       const config = readConfig({ ...options, configGiven: true });

@@ -1,6 +1,7 @@
-import type { ConnectorDefinition } from "../../src/connector.js";
 import { checkMailbox } from "./check.js";
+import type { BridgedPlace, ConnectorDefinition } from "../../src/connector.js";
 import { EmailConnector } from "./connector.js";
+import { plusAddress } from "./message-ids.js";
 import { emailSampleConfig } from "./sample-config.js";
 import {
   EMAIL_DEFAULTS,
@@ -13,6 +14,7 @@ import {
 
 export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = {
   name: "email",
+  displayName: "Email",
   ghostTag: "mail",
   description: "Email accounts: an ordinary mailbox, read by IMAP and written to by SMTP",
   // Mail threads live long (threads: true keeps the Message-ID ⇄ event map 90 days). No edits or
@@ -35,5 +37,23 @@ export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = 
   endpointKey: (endpoint) =>
     endpoint.token !== undefined ? `token:${endpoint.token}` : `to:${[...endpoint.to].sort().join(",")}`,
   check: checkMailbox,
+  describeEndpoint: (endpoint, { config }) => ({
+    network: { id: config.address.toLowerCase(), displayName: config.address },
+    channel: channelOf(endpoint, config),
+  }),
   create: (_account, config, ctx) => new EmailConnector(config, ctx),
 };
+
+/**
+ * The addresses an endpoint's mail goes to or comes from: its own plus address when it has a
+ * token, its recipients, or (mail read from the mailbox, to no one in particular) the mailbox.
+ */
+function channelOf(endpoint: EmailEndpoint, config: EmailAccount): BridgedPlace {
+  if (endpoint.token !== undefined) return { id: plusAddress(config.address, endpoint.token).toLowerCase() };
+  if (endpoint.to.length === 0) return { id: config.address.toLowerCase(), displayName: config.address };
+  const to = [...endpoint.to].sort();
+  return {
+    id: to.map((a) => a.toLowerCase()).join(","),
+    displayName: `${endpoint.subject} (${to.join(", ")})`,
+  };
+}

@@ -1,5 +1,5 @@
-import type { ConnectorDefinition } from "../../src/connector.js";
 import { checkMqttAccount } from "./check.js";
+import type { BridgedPlace, ConnectorDefinition } from "../../src/connector.js";
 import { MqttConnector } from "./connector.js";
 import { mqttSampleConfig } from "./sample-config.js";
 import {
@@ -13,6 +13,7 @@ import {
 
 export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   name: "mqtt",
+  displayName: "MQTT",
   ghostTag: "mqtt",
   description: "MQTT accounts: an embedded broker, or a connection to an external one",
   // No conversations (an MQTT 5 answer replies to its command through replyTo, whatever this says); no edits (a device would run an edited command again); redactions clear a retained
@@ -40,5 +41,19 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   // in those are refused: give one an explicit `id`.
   endpointKey: (endpoint) => endpoint.topic,
   check: checkMqttAccount,
+  describeEndpoint: (endpoint, account) => ({
+    network: brokerOf(account.name, account.config),
+    channel: { id: endpoint.topic },
+  }),
   create: (account, config, ctx) => new MqttConnector(account, config, ctx),
 };
+
+/**
+ * The broker, as a room's members may read it: an external one by its host and port (never the
+ * URL's user or password), an embedded one by its account's name.
+ */
+function brokerOf(account: string, config: MqttAccount): BridgedPlace {
+  if (config.url === undefined) return { id: account, displayName: `embedded broker ${account}` };
+  const url = new URL(config.url);
+  return { id: url.host.toLowerCase(), displayName: url.host };
+}

@@ -6,7 +6,7 @@
 import { z } from "zod";
 import { Document, isMap, isSeq, type Node } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
-import { buildConfigSchema } from "./schema.js";
+import { DEFAULTS, buildConfigSchema } from "./schema.js";
 
 type JsonSchema = {
   description?: string;
@@ -33,7 +33,8 @@ export function sampleConfig(connectors: readonly ConnectorDefinition[]): Record
     bridges: Object.fromEntries(samples.map((s) => [s.name, s.accounts])),
     routes: samples.map(({ route }) => ({
       id: route.id,
-      room: `#${route.id}:example.org`,
+      // Inside the aliases the registration reserves up front: copying the sample needs no new one.
+      room: `#${DEFAULTS.roomAliasPrefix}${route.id}:example.org`,
       endpoints: route.endpoints,
     })),
   };

@@ -14,6 +14,7 @@ export const DEFAULTS = {
   botLocalpart: "tribridge",
   botDisplayName: "tribridge",
   ghostPrefix: "_tb_",
+  roomAliasPrefix: "tribridge_", // #tribridge_greenhouse:example.org: reserved up front for later routes
   queuePrefix: "tribridge",
   queueShards: 16, // rooms are hashed onto shards; a shard relays one batch at a time, each room in order
   maxAttempts: 12, // per message, counting failures that can be its own; with the delays below ≈ 8 minutes
@@ -69,6 +70,12 @@ export const appserviceSchema = z.strictObject({
   botLocalpart: localpart.default(DEFAULTS.botLocalpart),
   botDisplayName: z.string().default(DEFAULTS.botDisplayName),
   ghostPrefix: localpart.default(DEFAULTS.ghostPrefix).describe("Prefix of every ghost user's localpart"),
+  roomAliasPrefix: localpart
+    .default(DEFAULTS.roomAliasPrefix)
+    .describe(
+      "Rooms of routes added later: generate-registration reserves the aliases #<prefix>…:<domain>, so tribridge " +
+        "can create a route's room with such an alias without a new registration (other aliases: regenerate)",
+    ),
   admins: z
     .array(
       z

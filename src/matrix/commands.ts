@@ -2,13 +2,15 @@
  * Commands to the bot, sent as a message in any room it is in (a route's room, or a room an admin
  * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID…`. Only the users of
  * `appservice.admins` may use them; the bot answers each with a notice in the same room, once
- * (the answer's transaction id comes from the command's event id).
+ * (the answer's transaction id comes from the command's event id), as a reply to the command, in
+ * its thread if it was given in one.
  */
 import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { plainBody } from "./format.js";
+import { answerRelation } from "./relations.js";
 
 export const COMMAND_PREFIX = "!tribridge";
 
@@ -81,8 +83,14 @@ export class Commands {
     private readonly o: {
       isAdmin(userId: string): boolean;
       control: BridgeControl;
-      /** Posts `text` as a notice from the bot; `txnId` makes a repeat post nothing new. */
-      reply(roomId: string, text: string, txnId: string): Promise<void>;
+      /**
+       * Posts `text` as a notice from the bot, with `m.relates_to` `relatesTo` and mentioning
+       * `mention` (the command's sender); `txnId` makes a repeat post nothing new.
+       */
+      reply(
+        answer: { roomId: string; text: string; relatesTo: Record<string, unknown>; mention: string },
+        txnId: string,
+      ): Promise<void>;
       log: Logger;
     },
   ) {}
@@ -90,7 +98,15 @@ export class Commands {
   /** Runs a command event (see isCommand) and answers it. */
   async handle(ev: MatrixEvent): Promise<void> {
     const answer = await this.run(ev);
-    await this.o.reply(ev.room_id, answer, jobIdFor("command-reply", ev.event_id));
+    await this.o.reply(
+      {
+        roomId: ev.room_id,
+        text: answer,
+        relatesTo: answerRelation(ev.event_id, ev.content),
+        mention: ev.sender,
+      },
+      jobIdFor("command-reply", ev.event_id),
+    );
   }
 
   private async run(ev: MatrixEvent): Promise<string> {

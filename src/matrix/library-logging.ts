@@ -1,11 +1,12 @@
 /**
  * matrix-appservice-bridge and its bot-sdk log through winston to the console by default. Send
- * their lines into our JSON log instead, one level lower (they are chatty), and drop the expected
+ * their lines into our log instead, one level lower (they are chatty), and drop the expected
  * `M_USER_IN_USE` noise of registering a ghost that already exists.
  */
 import { Writable } from "node:stream";
 import { Logger as BridgeLogger } from "matrix-appservice-bridge";
 import { moduleLogger } from "../log.js";
+import { withoutNetworkStack } from "../log-format.js";
 
 const log = moduleLogger("matrix-sdk");
 const EXPECTED = /M_USER_IN_USE|User ID is in use|already taken/;
@@ -23,7 +24,8 @@ export function routeLibraryLogs(): void {
           module?: string;
           message?: string;
         };
-        const message = `${entry.module ?? ""} ${entry.message ?? ""}`.trim();
+        // A network error's stack (the homeserver down, say) says nothing: its message alone.
+        const message = withoutNetworkStack(`${entry.module ?? ""} ${entry.message ?? ""}`.trim());
         const level = entry.level?.toLowerCase();
         if (EXPECTED.test(message) || level === "debug" || level === "info" || level === "trace")
           log.debug(message);

@@ -362,9 +362,10 @@ export class MatrixClient {
       if (!missing || !ownAlias) throw err;
       if (!this.opts.registration.namespaces.aliases.some((n) => new RegExp(n.regex).test(room)))
         throw new RetryableError(
-          `room ${room} does not exist. Create it and invite ${this.opts.botUserId}, or let tribridge ` +
-            "create it: run `tribridge generate-registration` with this route configured (it reserves " +
-            "the route aliases under namespaces.aliases) and register the new file with the homeserver",
+          `room ${room} does not exist. Create it and invite ${this.opts.botUserId}; or name the route's ` +
+            "room with appservice.roomAliasPrefix (#tribridge_… by default), which the registration reserves; or run " +
+            "`tribridge generate-registration --force` with this route configured (it reserves the route " +
+            "aliases under namespaces.aliases) and register the new file with the homeserver",
         );
       const localAlias = room.slice(1, room.lastIndexOf(":"));
       const created = await this.bridge
@@ -437,6 +438,38 @@ export class MatrixClient {
     } catch (err) {
       throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
     }
+  }
+
+  /**
+   * Every current state event of a room, as the bot reads it (Client-Server API §GET
+   * /rooms/{roomId}/state): `type`, `state_key`, `sender` and `content` of each.
+   */
+  async roomStateEvents(roomId: string): Promise<Record<string, unknown>[]> {
+    const what = `GET /_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`;
+    const { status, data } = await this.dispatch(what, {
+      method: "GET",
+      path: `${this.basePath}/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`,
+    });
+    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
+    let events: unknown;
+    try {
+      events = JSON.parse(data.toString("utf8"));
+    } catch (err) {
+      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
+    }
+    if (!Array.isArray(events)) throw new RetryableError(`${what}: the answer is not a list of events`);
+    return events.filter((e): e is Record<string, unknown> => typeof e === "object" && e !== null);
+  }
+
+  /** Sets a state event as the bot (Client-Server API §PUT /rooms/{roomId}/state/{eventType}/{stateKey}). */
+  async setRoomState(
+    roomId: string,
+    type: string,
+    stateKey: string,
+    content: Record<string, unknown>,
+  ): Promise<void> {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state/${encodeURIComponent(type)}/${encodeURIComponent(stateKey)}`;
+    await this.request("PUT", path, this.opts.botUserId, content);
   }
 
   /** Registers the ghost (m.login.application_service) and sets its display name, once. */

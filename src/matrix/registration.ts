@@ -2,7 +2,8 @@
  * The appservice registration file: generated once (random tokens), given to the homeserver, and
  * read by tribridge at start.
  */
-import { chmodSync, existsSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { AppServiceRegistration } from "matrix-appservice-bridge";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import type { ConnectorDefinition } from "../connector.js";
@@ -32,16 +33,21 @@ export interface Registration {
 }
 
 /**
- * The aliases of route rooms on our own server, as alias namespaces: a homeserver lets an
- * appservice create a room with an alias only inside its namespaces (Synapse and continuwuity
- * answer M_EXCLUSIVE otherwise). Not exclusive: people may still create such aliases themselves.
+ * Room aliases on our own server, as alias namespaces: a homeserver lets an appservice create a
+ * room with an alias only inside its namespaces (Synapse and continuwuity answer M_EXCLUSIVE
+ * otherwise). Every `#<roomAliasPrefix>…` alias, reserved up front so that a route added later
+ * (the quick start registers before there is any) gets its room without a new registration, and
+ * the configured routes' other aliases. Not exclusive: people may still create such aliases
+ * themselves. Never all aliases of the domain: the homeserver would push every event of every
+ * room with an alias (Application Service API §Namespaces: interest by room alias).
  */
-function routeAliasNamespaces(config: Pick<Config, "homeserver" | "routes">): string[] {
+function aliasNamespaces(config: Pick<Config, "appservice" | "homeserver" | "routes">): string[] {
   const own = `:${config.homeserver.domain}`;
-  const aliases = config.routes
+  const prefixed = `^#${escapeRegex(config.appservice.roomAliasPrefix)}[^:]+${escapeRegex(own)}$`;
+  const others = config.routes
     .map((r) => r.room)
-    .filter((room) => room.startsWith("#") && room.endsWith(own));
-  return [...new Set(aliases)].map((alias) => `^${escapeRegex(alias)}$`);
+    .filter((room) => room.startsWith("#") && room.endsWith(own) && !new RegExp(prefixed).test(room));
+  return [prefixed, ...[...new Set(others)].map((alias) => `^${escapeRegex(alias)}$`)];
 }
 
 export function buildRegistration(
@@ -69,7 +75,7 @@ export function buildRegistration(
     rate_limited: false,
     namespaces: {
       users: regexes.map((regex) => ({ exclusive: true, regex })),
-      aliases: routeAliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
+      aliases: aliasNamespaces(config).map((regex) => ({ exclusive: false, regex })),
       rooms: [],
     },
     ...encryptionKeys(config.encryption),
@@ -96,7 +102,8 @@ export function registrationYaml(reg: Registration): string {
 export function writeRegistration(file: string, reg: Registration): void {
   const header =
     "# Written by tribridge: these tokens are secrets. Register this file with the homeserver.\n";
-  // `mode` applies only to a new file, and this may replace the sample: private before the tokens.
+  mkdirSync(dirname(file), { recursive: true });
+  // `mode` applies only to a new file; one replaced with --force is made private before the tokens.
   if (existsSync(file)) chmodSync(file, 0o600);
   writeFileSync(file, header + registrationYaml(reg), { mode: 0o600 });
 }
@@ -104,17 +111,54 @@ export function writeRegistration(file: string, reg: Registration): void {
 const PLACEHOLDER_TOKEN = /^(CHANGE_ME|placeholder)/i;
 
 /**
- * Whether `file` holds a registration of its own: it exists and its tokens are not the committed
- * sample's placeholders (which `start` and `generate-registration` replace without --force).
+ * What a registration path holds: nothing, a sample (placeholder tokens, like the repository's
+ * `registration.yaml`), or a registration of its own (or a file loadRegistration will say is broken).
  */
-export function registrationExists(file: string): boolean {
-  if (!existsSync(file)) return false;
+export type RegistrationKind = "missing" | "sample" | "registration";
+
+export function registrationKind(file: string): RegistrationKind {
+  if (!existsSync(file)) return "missing";
   try {
     const r = parseYaml(readFileSync(file, "utf8")) as Partial<Registration> | null;
-    return !PLACEHOLDER_TOKEN.test(String(r?.as_token)) || !PLACEHOLDER_TOKEN.test(String(r?.hs_token));
+    const sample = PLACEHOLDER_TOKEN.test(String(r?.as_token)) && PLACEHOLDER_TOKEN.test(String(r?.hs_token));
+    return sample ? "sample" : "registration";
   } catch {
-    return true; // unreadable: loadRegistration says why
+    return "registration"; // unreadable: loadRegistration says why
   }
+}
+
+/** The registration file name, in the data directory or where earlier versions wrote it (the working directory). */
+export const REGISTRATION_FILE = "registration.yaml";
+
+/**
+ * Where the registration is read from, or written to when there is none yet: the file given (`-r`,
+ * `TRIBRIDGE_REGISTRATION`), else `<dataDir>/registration.yaml`, beside the bridge's other state
+ * and out of a checkout's tracked files. A registration of its own in the working directory, where
+ * versions before 0.2 wrote it, is still used. `sample`: the sample found in the working directory
+ * (the repository's), which is never used, nor written over.
+ */
+export function locateRegistration(
+  given: string | undefined,
+  dataDir: string,
+  workingDir = ".",
+): { file: string; kind: RegistrationKind; sample?: string } {
+  if (given !== undefined) return { file: given, kind: registrationKind(given) };
+  const inData = join(dataDir, REGISTRATION_FILE);
+  const kind = registrationKind(inData);
+  if (kind !== "missing") return { file: inData, kind };
+  const earlier = join(workingDir, REGISTRATION_FILE);
+  const earlierKind = registrationKind(earlier);
+  if (earlierKind === "registration") return { file: earlier, kind: earlierKind };
+  return { file: inData, kind, ...(earlierKind === "sample" && { sample: earlier }) };
+}
+
+/** Why a sample cannot be the registration, and what to do instead. */
+export function sampleRegistrationProblem(file: string, dataDir: string): string {
+  return (
+    `${file} is a sample registration (placeholder tokens), not one of your own, and tribridge never ` +
+    `writes over it: leave out -r / TRIBRIDGE_REGISTRATION to have a real one generated as ` +
+    `${join(dataDir, REGISTRATION_FILE)}, or name a new file (tribridge generate-registration -r FILE)`
+  );
 }
 
 export function loadRegistration(file: string): Registration {

@@ -62,6 +62,19 @@ export function inboundRelation(
   return undefined;
 }
 
+/**
+ * `m.relates_to` of the bot's answer to the event `eventId` (whose content is `content`): a reply
+ * to it (§Rich replies), in its thread when it is in one. There the answer really answers it, so
+ * `is_falling_back: false` (§Replies within threads): clients show the quote even in the thread.
+ */
+export function answerRelation(eventId: string, content: Record<string, unknown>): Record<string, unknown> {
+  const reply = { "m.in_reply_to": { event_id: eventId } };
+  const { thread } = relationsOf(content);
+  return thread === undefined
+    ? reply
+    : { rel_type: "m.thread", event_id: thread, is_falling_back: false, ...reply };
+}
+
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }

@@ -1,6 +1,6 @@
 /**
  * The bot's commands (!tribridge …): admins only, in a route's room or a room an admin invited the
- * bot to; answered once, as a notice; never relayed to MQTT.
+ * bot to; answered once, as a notice that replies to the command (in its thread); never relayed to MQTT.
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -18,16 +18,25 @@ describe("commands to the bot", () => {
   let device: MqttClient;
   const published: string[] = [];
 
-  /** Sends `body` as `sender` in `roomId` and waits for the bot's answer. */
+  /** Sends `body` as `sender` in `roomId` and waits for the bot's answer, a reply to it. */
   async function ask(roomId: string, sender: string, body: string): Promise<string> {
-    const asked = h.hs.sendMessage(roomId, sender, { msgtype: "m.text", body });
-    const answer = await waitFor(`the answer to "${body}"`, () => {
+    return String((await answerTo(roomId, sender, { msgtype: "m.text", body })).content.body);
+  }
+
+  async function answerTo(roomId: string, sender: string, command: Record<string, unknown>) {
+    const asked = h.hs.sendMessage(roomId, sender, command);
+    const answer = await waitFor(`the answer to "${String(command.body)}"`, () => {
       const events = h.hs.messages(roomId);
       const at = events.findIndex((e) => e.event_id === asked);
       return events.slice(at + 1).find((e) => e.sender === bot);
     });
     assert.equal(answer.content.msgtype, "m.notice");
-    return String(answer.content.body);
+    // Client-Server API §Rich replies: it answers the command, and mentions who gave it.
+    assert.deepEqual((answer.content["m.relates_to"] as Record<string, unknown>)["m.in_reply_to"], {
+      event_id: asked,
+    });
+    assert.deepEqual(answer.content["m.mentions"], { user_ids: [sender] });
+    return answer;
   }
 
   before(async () => {
@@ -76,6 +85,25 @@ describe("commands to the bot", () => {
     h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "a normal message" });
     await waitFor("the normal message on MQTT", () => published.includes("a normal message"));
     assert.ok(!published.some((p) => p.startsWith("!tribridge")), published.join(" | "));
+  });
+
+  test("a command in a thread is answered in that thread (§Replies within threads)", async () => {
+    const root = h.hs.sendMessage(room, h.alice, { msgtype: "m.text", body: "a thread about status" });
+    const answer = await answerTo(room, h.alice, {
+      msgtype: "m.text",
+      body: "!tribridge status",
+      "m.relates_to": {
+        rel_type: "m.thread",
+        event_id: root,
+        is_falling_back: true,
+        "m.in_reply_to": { event_id: root },
+      },
+    });
+    const relation = answer.content["m.relates_to"] as Record<string, unknown>;
+    assert.equal(relation.rel_type, "m.thread");
+    assert.equal(relation.event_id, root);
+    assert.equal(relation.is_falling_back, false);
+    assert.match(String(answer.content.body), /mqtt\.home: up/);
   });
 
   test("someone who is not an admin is told so, and nothing runs", async () => {

@@ -112,7 +112,7 @@ describe("tribridge start on a machine where the MQTT port is taken", () => {
     assert.equal(r.status, 1, r.stderr);
     assert.match(r.stdout, /!admin appservices register/);
     assert.match(r.stdout, /app_service_config_files/);
-    assert.ok(existsSync(join(cwd, "registration.yaml")));
+    assert.ok(existsSync(join(cwd, "data", "registration.yaml")));
     assert.equal(
       r.stderr.trim(),
       `tribridge: bridges.mqtt.default: embedded MQTT broker: port ${busyPort} on 127.0.0.1 is already in use ` +
@@ -126,7 +126,7 @@ describe("tribridge start on a machine where the MQTT port is taken", () => {
 describe("tribridge start, first run from a clone, while the homeserver is not up yet", () => {
   const cwd = mkdtempSync(join(tmpdir(), "tribridge-cli-"));
 
-  test("replaces the sample registration, and SIGTERM while it waits stops it and its redis-server", async () => {
+  test("leaves the sample registration alone, writes one in data/, and SIGTERM while it waits stops it and its redis-server", async () => {
     copyFileSync("registration.yaml", join(cwd, "registration.yaml")); // the committed sample
     const child = spawn(
       process.execPath,
@@ -158,8 +158,15 @@ describe("tribridge start, first run from a clone, while the homeserver is not u
       () => stdout.includes("homeserver not reachable yet"),
       30_000,
     );
-    assert.match(stdout, /No registration found: generated registration\.yaml/);
-    assert.match(readFileSync(join(cwd, "registration.yaml"), "utf8"), /as_token: [0-9a-f]{64}/);
+    assert.match(
+      stdout,
+      /No registration yet: generated \S+\/data\/registration\.yaml with fresh tokens \(registration\.yaml is a sample/,
+    );
+    assert.match(readFileSync(join(cwd, "data", "registration.yaml"), "utf8"), /as_token: [0-9a-f]{64}/);
+    assert.equal(
+      readFileSync(join(cwd, "registration.yaml"), "utf8"),
+      readFileSync("registration.yaml", "utf8"),
+    );
     assert.equal(redisServersUsing(cwd), 1);
 
     child.kill("SIGTERM");

@@ -1,7 +1,7 @@
 /** Replies, threads and edits read from and written into m.relates_to (CS API §Rich replies, §Threading). */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { inboundRelation, relationsOf } from "../../src/matrix/relations.js";
+import { answerRelation, inboundRelation, relationsOf } from "../../src/matrix/relations.js";
 
 test("relationsOf: replies, thread roots (with their fallback reply) and edits", () => {
   assert.deepEqual(relationsOf({ body: "x" }), {});
@@ -54,4 +54,25 @@ test("inboundRelation: a reply; in the reply target's thread; in the conversatio
     inboundRelation(undefined, { eventId: "$c", threadRoot: "$t" }),
     inThread("$t", "$t", true),
   );
+});
+
+test("answerRelation: a reply to the command; in its thread, a real reply there (is_falling_back false)", () => {
+  assert.deepEqual(answerRelation("$cmd", { body: "!tribridge status" }), {
+    "m.in_reply_to": { event_id: "$cmd" },
+  });
+  const inThread = {
+    body: "!tribridge status",
+    "m.relates_to": {
+      rel_type: "m.thread",
+      event_id: "$root",
+      is_falling_back: true,
+      "m.in_reply_to": { event_id: "$last" },
+    },
+  };
+  assert.deepEqual(answerRelation("$cmd", inThread), {
+    rel_type: "m.thread",
+    event_id: "$root",
+    is_falling_back: false,
+    "m.in_reply_to": { event_id: "$cmd" },
+  });
 });

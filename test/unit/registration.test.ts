@@ -11,9 +11,11 @@ import { ConfigError } from "../../src/errors.js";
 import {
   buildRegistration,
   loadRegistration,
-  registrationExists,
+  locateRegistration,
+  registrationKind,
   registrationMismatch,
   registrationYaml,
+  sampleRegistrationProblem,
   writeRegistration,
 } from "../../src/matrix/registration.js";
 
@@ -50,18 +52,60 @@ test("route aliases on our own server are reserved (not exclusively), so tribrid
   const withRoutes = validateConfig(
     {
       homeserver: { url: "http://hs:8008", domain: "example.org" },
-      routes: ["#plant:example.org", "#plant:example.org", "#far:other.org", "!abc:example.org"].map(
-        (room, i) => ({
-          id: `r${i}`,
-          room,
-          endpoints: [{ account: "mqtt.default", direction: "in", topic: `t/${i}` }],
-        }),
-      ),
+      routes: [
+        "#plant:example.org",
+        "#plant:example.org",
+        "#far:other.org",
+        "!abc:example.org",
+        "#tribridge_lab:example.org",
+      ].map((room, i) => ({
+        id: `r${i}`,
+        room,
+        endpoints: [{ account: "mqtt.default", direction: "in", topic: `t/${i}` }],
+      })),
     },
     connectors,
   );
   assert.deepEqual(buildRegistration(withRoutes, connectors).namespaces.aliases, [
+    { exclusive: false, regex: "^#tribridge_[^:]+:example\\.org$" },
     { exclusive: false, regex: "^#plant:example\\.org$" },
+  ]);
+});
+
+test("routes added later: #<roomAliasPrefix>… aliases on our own server are reserved up front, and only those", () => {
+  // The quick start registers before any route exists.
+  const reg = buildRegistration(config, connectors);
+  const reserved = (alias: string) => reg.namespaces.aliases.some((n) => new RegExp(n.regex).test(alias));
+  assert.equal(reserved("#tribridge_greenhouse:example.org"), true);
+  assert.equal(reserved("#tribridge_a.b-c:example.org"), true);
+  assert.equal(reserved("#tribridge_:example.org"), false);
+  assert.equal(
+    reserved("#greenhouse:example.org"),
+    false,
+    "not every alias: the homeserver would push all their rooms' events",
+  );
+  assert.equal(reserved("#tribridge_x:example.org.evil"), false);
+  assert.equal(reserved("#tribridge_x:other.org"), false);
+  assert.ok(reg.namespaces.aliases.every((n) => !n.exclusive));
+  // A config with routes on such aliases, and a prefix of its own, still fits the registration.
+  const later = validateConfig(
+    {
+      homeserver: { url: "http://hs:8008", domain: "example.org" },
+      appservice: { roomAliasPrefix: "iot." },
+      routes: [
+        {
+          id: "lab",
+          room: "#tribridge_lab:example.org",
+          endpoints: [{ account: "mqtt.default", direction: "in", topic: "lab/t" }],
+        },
+      ],
+    },
+    connectors,
+  );
+  assert.equal(registrationMismatch(reg, later, connectors), undefined);
+  assert.deepEqual(buildRegistration(later, connectors).namespaces.aliases, [
+    { exclusive: false, regex: "^#iot\\.[^:]+:example\\.org$" },
+    { exclusive: false, regex: "^#tribridge_lab:example\\.org$" },
   ]);
 });
 
@@ -91,7 +135,7 @@ test("rate_limited is false", () => {
 test("namespaces has users, aliases and rooms keys; users are exclusive", () => {
   const reg = buildRegistration(config, connectors);
   assert.deepEqual(Object.keys(reg.namespaces).sort(), ["aliases", "rooms", "users"]);
-  assert.deepEqual(reg.namespaces.aliases, []);
+  assert.deepEqual(reg.namespaces.aliases, [{ exclusive: false, regex: "^#tribridge_[^:]+:example\\.org$" }]);
   assert.deepEqual(reg.namespaces.rooms, []);
   assert.equal(reg.namespaces.users.length, 1 + connectors.length);
   for (const u of reg.namespaces.users) assert.equal(u.exclusive, true);
@@ -131,15 +175,43 @@ test("loadRegistration accepts a generated registration", () => {
   });
 });
 
-test("the committed sample does not count as a registration; writing one over it makes it private", () => {
+test("the committed sample is a sample, not a registration; a generated one is private", () => {
   withTempDir((dir) => {
     const file = join(dir, "registration.yaml");
-    assert.equal(registrationExists(file), false);
+    assert.equal(registrationKind(file), "missing");
     writeFileSync(file, readFileSync(SAMPLE, "utf8"), { mode: 0o644 });
-    assert.equal(registrationExists(file), false, "placeholder tokens: replaced without --force");
-    writeRegistration(file, buildRegistration(config, connectors));
-    assert.equal(registrationExists(file), true);
-    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.equal(registrationKind(file), "sample");
+    const mine = join(dir, "data", "registration.yaml");
+    writeRegistration(mine, buildRegistration(config, connectors));
+    assert.equal(registrationKind(mine), "registration");
+    assert.equal(statSync(mine).mode & 0o777, 0o600);
+  });
+});
+
+test("locateRegistration: the given file; else the data directory's; an earlier version's in the working directory; never the sample", () => {
+  withTempDir((dir) => {
+    const data = join(dir, "data");
+    const inData = join(data, "registration.yaml");
+    const inCwd = join(dir, "registration.yaml");
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inData, kind: "missing" });
+    // A checkout: the tracked sample is found, reported, and not used.
+    writeFileSync(inCwd, readFileSync(SAMPLE, "utf8"));
+    assert.deepEqual(locateRegistration(undefined, data, dir), {
+      file: inData,
+      kind: "missing",
+      sample: inCwd,
+    });
+    assert.deepEqual(locateRegistration(inCwd, data, dir), { file: inCwd, kind: "sample" });
+    assert.match(
+      sampleRegistrationProblem(inCwd, data),
+      /sample registration \(placeholder tokens\).*never writes over it/,
+    );
+    // A registration written by an earlier version into the working directory is still used.
+    writeRegistration(inCwd, buildRegistration(config, connectors));
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inCwd, kind: "registration" });
+    // The data directory's comes first.
+    writeRegistration(inData, buildRegistration(config, connectors));
+    assert.deepEqual(locateRegistration(undefined, data, dir), { file: inData, kind: "registration" });
   });
 });
 
