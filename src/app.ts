@@ -6,7 +6,8 @@
 import path from "node:path";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState } from "./connector.js";
-import type { Config } from "./config/load.js";
+import type { Config, ResolvedRoute } from "./config/load.js";
+import { ConfigReload, type ReloadOutcome } from "./config/reload.js";
 import { ConnectorHost } from "./connector-host.js";
 import { bridgeCommands } from "./control.js";
 import { ConfigError, errorMessage } from "./errors.js";
@@ -38,6 +39,7 @@ import type { LeaseTimings } from "./queue/lease.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { readiness, type ReadinessCheck } from "./readiness.js";
 import { recordedEndpointLayout } from "./routing/legacy-endpoint-ids.js";
+import { LiveRoutes } from "./routing/live-routes.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MessageMap } from "./store/message-map.js";
@@ -56,6 +58,11 @@ export interface StartOptions {
   onFatal?(err: Error): void;
   /** Timings of the queue shards' leases (default: LEASE_DEFAULTS); tests shorten them. */
   lease?: LeaseTimings;
+  /**
+   * Reads the config file again (throws ConfigErrors), for `RunningBridge.reload` and
+   * `!tribridge reload`. Absent: the config cannot be reloaded (it was not read from a file).
+   */
+  reloadConfig?(): Config;
 }
 
 export interface RunningBridge {
@@ -66,6 +73,8 @@ export interface RunningBridge {
   connector(ref: string): Connector<unknown> | undefined;
   connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
   failedJobs(): Promise<FailedJob[]>;
+  /** Reads the config file again and applies what can change without a restart (config/reload.ts). */
+  reload(): Promise<ReloadOutcome>;
   stop(): Promise<void>;
   /** While stop() runs: the parts not stopped yet (for a stop that takes too long). */
   notStopped(): string[];
@@ -80,6 +89,7 @@ export async function start({
   signal,
   onFatal = (err) => log.error({ err: err.message }, "the bridge cannot go on; stop it"),
   lease,
+  reloadConfig,
 }: StartOptions): Promise<RunningBridge> {
   checkNamesUnique(connectors);
   const mismatch = registrationMismatch(registration, config, connectors);
@@ -213,10 +223,31 @@ export async function start({
         await Promise.all(queues.map(async (q) => [q.opts.name, await q.backlog()] as const)),
       );
 
+    // The routes as they run: the file's, changed by reloads.
+    const liveRoutes = new LiveRoutes({
+      table: routes,
+      fileRoutes: config.routes,
+      linkedRoutes: [],
+      rewatch: () => host.rewatch(),
+      joinRooms: (added) => joinRouteRooms(added, delivery, encryption, bot),
+      log,
+    });
+
     await host.start();
 
     // The control surface: commands to the bot (!tribridge …), for admins, in any room it is in.
-    const isAdmin = adminMatcher(config.appservice.admins);
+    let admins = adminMatcher(config.appservice.admins);
+    const isAdmin = (userId: string) => admins(userId);
+    const configReload = new ConfigReload({
+      running: config,
+      load: () => {
+        if (!reloadConfig) throw new Error("this bridge was not started from a config file");
+        return reloadConfig();
+      },
+      applyRoutes: (next) => liveRoutes.exclusive(() => liveRoutes.setFileRoutes(next)),
+      applyAdmins: (next) => (admins = adminMatcher(next)),
+      log: moduleLogger("reload"),
+    });
     const commands = bridgeCommands({
       config,
       connectors,
@@ -227,6 +258,7 @@ export async function start({
       isAdmin,
       connectorStates: () => host.states,
       queueStates,
+      reload: async () => (await configReload.reload()).text,
       moreStatus: async () => [
         ...health.statusLines(),
         ...encryption.statusLines(),
@@ -311,7 +343,7 @@ export async function start({
       await endToEnd.start();
       lifetime.onStop(() => endToEnd.stop(), "end-to-end encryption");
     }
-    await joinRouteRooms(routes, delivery, encryption, bot);
+    await joinRouteRooms(routes.routes, delivery, encryption, bot);
     routesNowKnown();
 
     for (const q of queues) await q.start();
@@ -330,6 +362,7 @@ export async function start({
       connector: (ref) => host.instance(ref),
       connectorStates: () => structuredClone(host.states),
       failedJobs: async () => (await Promise.all(queues.map((q) => q.failedJobs()))).flat(),
+      reload: () => configReload.reload(),
       stop: () => lifetime.stop(),
       notStopped: () => lifetime.pending(),
     };
@@ -449,12 +482,12 @@ function queueOptions(config: Config, redisUrl: string, instanceId: string) {
  * first time); one that cannot be joined yet is tried again when a relay needs it.
  */
 async function joinRouteRooms(
-  routes: RouteTable,
+  routes: readonly ResolvedRoute[],
   delivery: RoomDelivery,
   encryption: EncryptedRooms,
   bot: string,
 ): Promise<void> {
-  for (const route of routes.routes) {
+  for (const route of routes) {
     let roomId: string;
     try {
       roomId = await delivery.roomIdFor(route.id);

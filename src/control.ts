@@ -1,7 +1,7 @@
 /**
  * The control surface of a running bridge: the commands admins give the bot (`!tribridge status`,
- * `failed`, `retry`; see matrix/commands.ts), answered from the connectors' states, the queues'
- * backlogs and the failed lists, as a notice from the bot.
+ * `failed`, `retry`, `reload`; see matrix/commands.ts), answered from the connectors' states, the
+ * queues' backlogs and the failed lists, as a notice from the bot.
  */
 import type { Redis } from "ioredis";
 import { routeIdOf } from "./config/endpoint-ids.js";
@@ -30,6 +30,8 @@ export interface BridgeCommandsOptions {
   queueStates(): Promise<Record<string, Backlog>>;
   /** Lines of other parts, as they are: destinations down, rooms with end-to-end encryption. */
   moreStatus(): string[] | Promise<string[]>;
+  /** Reads the config file again; what it did, as the answer. */
+  reload(): Promise<string>;
 }
 
 /** The commands to the bot (!tribridge …), for admins, in any room the bot is in. */
@@ -57,6 +59,7 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
         );
         return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
       },
+      reload: () => o.reload(),
     },
     reply: async (roomId, text, txnId) => {
       const asBot = { userId: bot, displayName: config.appservice.botDisplayName };

@@ -1,6 +1,6 @@
 /**
  * Commands to the bot, sent as a message in any room it is in (a route's room, or a room an admin
- * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID…`. Only the users of
+ * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID… | reload`. Only the users of
  * `appservice.admins` may use them; the bot answers each with a notice in the same room, once
  * (the answer's transaction id comes from the command's event id).
  */
@@ -23,6 +23,8 @@ export interface BridgeControl {
   failed(limit: number, roomId: string): Promise<string>;
   /** Puts failed relays (all, or those with these ids) back on their queues; how many. */
   retry(ids: ReadonlySet<string> | undefined, roomId: string): Promise<number>;
+  /** Reads the config file again (config/reload.ts); what changed, what needs a restart. */
+  reload(): Promise<string>;
 }
 
 const HELP = `tribridge commands:
@@ -30,6 +32,7 @@ ${COMMAND_PREFIX} status: connectors, queues, failed relays
 ${COMMAND_PREFIX} failed [N]: the N oldest failed relays (default 10), with the reason
 ${COMMAND_PREFIX} retry all: put every failed relay back on its queue
 ${COMMAND_PREFIX} retry ID…: put these failed relays back
+${COMMAND_PREFIX} reload: read the config file again (routes and admins apply at once)
 In a route's room, failed and retry are about that room's relays; elsewhere, about all.`;
 
 /** The status command's answer; `more`: lines of other parts (e.g. encrypted rooms), as they are. */
@@ -116,6 +119,8 @@ export class Commands {
           const n = await this.o.control.retry(ids, ev.room_id);
           return `${n} failed relay(s) put back on their queues.`;
         }
+        case "reload":
+          return await this.o.control.reload();
         default:
           return `Unknown command "${verb}".\n\n${HELP}`;
       }
