@@ -40,6 +40,7 @@ import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { readiness, type ReadinessCheck } from "./readiness.js";
 import { recordedEndpointLayout } from "./routing/legacy-endpoint-ids.js";
 import { LiveRoutes } from "./routing/live-routes.js";
+import { RoomLinks } from "./routing/room-links.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MessageMap } from "./store/message-map.js";
@@ -223,11 +224,22 @@ export async function start({
         await Promise.all(queues.map(async (q) => [q.opts.name, await q.backlog()] as const)),
       );
 
-    // The routes as they run: the file's, changed by reloads.
-    const liveRoutes = new LiveRoutes({
+    // The routes as they run: the file's, changed by reloads, and those linked from rooms.
+    const roomLinks = new RoomLinks({
+      redis,
+      prefix,
+      config,
+      connectors,
+      table: routes,
+      exclusive: (change) => liveRoutes.exclusive(change),
+      apply: (linked) => liveRoutes.setLinkedRoutes(linked),
+      log: moduleLogger("room-links"),
+    });
+    await roomLinks.load();
+    const liveRoutes: LiveRoutes = new LiveRoutes({
       table: routes,
       fileRoutes: config.routes,
-      linkedRoutes: [],
+      linkedRoutes: roomLinks.routes(),
       rewatch: () => host.rewatch(),
       joinRooms: (added) => joinRouteRooms(added, delivery, encryption, bot),
       log,
@@ -259,6 +271,7 @@ export async function start({
       connectorStates: () => host.states,
       queueStates,
       reload: async () => (await configReload.reload()).text,
+      roomLinks,
       moreStatus: async () => [
         ...health.statusLines(),
         ...encryption.statusLines(),

@@ -38,5 +38,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   // which replays to skip. Two endpoints of one route and direction on one topic that differ only
   // in those are refused: give one an explicit `id`.
   endpointKey: (endpoint) => endpoint.topic,
+  // `!tribridge link mqtt.<account> <topic> …`: a topic filter (in) or topic (out).
+  link: { target: "topic", fields: (topic) => ({ topic }) },
   create: (account, config, ctx) => new MqttConnector(account, config, ctx),
 };

@@ -37,6 +37,11 @@ export const redisKeys = {
    * endpoint ids: how positional ids queued by earlier versions are read (legacy-endpoint-ids.ts).
    */
   endpointLayout: (prefix: string) => `${prefix}:endpoint-layout`,
+  /**
+   * Routes linked from rooms (`!tribridge link`): a hash of room id → that room's links, as given
+   * (src/routing/room-links.ts).
+   */
+  roomLinks: (prefix: string) => `${prefix}:room-links`,
   /** The claim of the process running as instance `id` (see instance-id.ts). */
   instanceClaim: (prefix: string, id: string) => `${prefix}:instance:${id}`,
   /** Written by GET /ready to check that Redis takes writes. */
