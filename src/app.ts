@@ -308,6 +308,7 @@ export async function start({
       : undefined;
     if (endToEnd) matrix.encryptWith(endToEnd);
     // Transactions from the homeserver: room messages into the to-<connector> queues.
+    const followRoom = followRoomUpgrades(routes, matrix, bot, log);
     let routesNowKnown = () => {};
     const routesKnown = new Promise<void>((resolve) => (routesNowKnown = resolve));
     const intake: EventIntake = new EventIntake({
@@ -321,7 +322,14 @@ export async function start({
       live,
       commands,
       isAdmin,
-      upgraded: followRoomUpgrades(routes, matrix, bot, log),
+      upgraded: (oldRoomId, newRoomId, upgradedBy) => {
+        followRoom(oldRoomId, newRoomId, upgradedBy);
+        roomLinks
+          .moveRoom(oldRoomId, newRoomId)
+          .catch((err: unknown) =>
+            log.warn({ oldRoomId, newRoomId, err: errorMessage(err) }, "could not move a room's links along"),
+          );
+      },
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       capabilitiesOf: (name) => connectors.find((c) => c.name === name)?.capabilities,
       encryption,

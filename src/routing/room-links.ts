@@ -43,7 +43,17 @@ interface Link {
   readonly problem?: string;
 }
 
-/** The route of a room's links: a route id (no '.', no ':') that is the same for the room at every start. */
+/**
+ * What is stored for one room. `route`: the id of its route, from the room it was first linked in
+ * (`linkRouteId`); kept when the room is upgraded, so that the endpoint ids, which queued messages
+ * refer to, stay the same.
+ */
+interface StoredRoom {
+  readonly route: string;
+  readonly links: readonly StoredLink[];
+}
+
+/** The route of a room's first link: a route id (no '.', no ':') that is the same at every start. */
 export function linkRouteId(roomId: string): string {
   return `room-${hash("sha256", roomId, "hex").slice(0, 12)}`;
 }
@@ -66,6 +76,8 @@ const CORE_OWNED = new Set(["account", "direction"]);
 
 export class RoomLinks {
   private links = new Map<string, Link[]>();
+  /** Each linked room's route id (see StoredRoom). */
+  private routeIds = new Map<string, string>();
   private readonly byName: Map<string, ConnectorDefinition>;
   private readonly accountConfigs: Map<string, unknown>;
 
@@ -78,15 +90,17 @@ export class RoomLinks {
   async load(): Promise<void> {
     const all = await this.o.redis.hgetall(redisKeys.roomLinks(this.o.prefix));
     const links = new Map<string, Link[]>();
+    this.routeIds = new Map();
     for (const [roomId, json] of Object.entries(all)) {
-      let stored: StoredLink[];
+      let stored: StoredRoom;
       try {
-        stored = JSON.parse(json) as StoredLink[];
+        stored = JSON.parse(json) as StoredRoom;
       } catch (err) {
         this.o.log.warn({ roomId, err: errorMessage(err) }, "a room's stored links are not JSON; left out");
         continue;
       }
-      const resolved = stored.map((s) => this.resolve(roomId, s));
+      this.routeIds.set(roomId, stored.route);
+      const resolved = stored.links.map((s) => this.resolve(roomId, s));
       for (const l of resolved.filter((l) => l.problem))
         this.o.log.warn(
           { roomId, endpoint: l.stored.endpoint, problem: l.problem },
@@ -101,7 +115,9 @@ export class RoomLinks {
   routes(): ResolvedRoute[] {
     return [...this.links].flatMap(([roomId, links]) => {
       const endpoints = links.flatMap((l) => (l.endpoint ? [l.endpoint] : []));
-      return endpoints.length === 0 ? [] : [{ id: linkRouteId(roomId), room: roomId, invite: [], endpoints }];
+      return endpoints.length === 0
+        ? []
+        : [{ id: this.routeIdIn(roomId), room: roomId, invite: [], endpoints }];
     });
   }
 
@@ -217,7 +233,7 @@ export class RoomLinks {
     const { account: _a, direction: _d, id: _i, live: _l, notices: _n, ...fields } = base.data;
     const spec = def?.endpointSchema.safeParse(fields);
     const key = def && spec?.success ? endpointKeyOf(def, spec.data) : undefined;
-    const resolved = resolveEndpoint(base.data, [], linkRouteId(roomId), this.byName, this.accountConfigs);
+    const resolved = resolveEndpoint(base.data, [], this.routeIdIn(roomId), this.byName, this.accountConfigs);
     if ("errors" in resolved) return { stored, key, problem: messages(resolved.errors) };
     return { stored, endpoint: resolved.endpoint, key };
   }
@@ -241,7 +257,7 @@ export class RoomLinks {
 
   /** The file's routes whose room is `roomId` (linked routes are not in the file). */
   private fileRoutesIn(roomId: string): ResolvedRoute[] {
-    const linked = new Set([...this.links.keys()].map(linkRouteId));
+    const linked = new Set([...this.links.keys()].map((r) => this.routeIdIn(r)));
     return this.o.table.routes.filter((r) => !linked.has(r.id) && this.o.table.roomIdOf(r.id) === roomId);
   }
 
@@ -278,12 +294,42 @@ export class RoomLinks {
       k === key;
   }
 
+  private routeIdIn(roomId: string): string {
+    return this.routeIds.get(roomId) ?? linkRouteId(roomId);
+  }
+
+  /**
+   * The room was upgraded (`m.room.tombstone`): its links move to the new room, with their route
+   * and endpoint ids, so that what is queued for them goes on there.
+   */
+  async moveRoom(oldRoomId: string, newRoomId: string): Promise<void> {
+    await this.o.exclusive(async () => {
+      await this.load();
+      const links = this.links.get(oldRoomId);
+      if (!links) return;
+      const route = this.routeIdIn(oldRoomId);
+      const key = redisKeys.roomLinks(this.o.prefix);
+      const stored: StoredRoom = { route, links: links.map((l) => l.stored) };
+      await this.o.redis.multi().hset(key, newRoomId, JSON.stringify(stored)).hdel(key, oldRoomId).exec();
+      await this.load();
+      await this.o.apply(this.routes());
+      this.o.log.info({ oldRoomId, newRoomId, route }, "a linked room was upgraded; its links moved along");
+    });
+  }
+
   private async store(roomId: string, links: Link[]): Promise<void> {
     const key = redisKeys.roomLinks(this.o.prefix);
-    if (links.length === 0) await this.o.redis.hdel(key, roomId);
-    else await this.o.redis.hset(key, roomId, JSON.stringify(links.map((l) => l.stored)));
-    if (links.length === 0) this.links.delete(roomId);
-    else this.links.set(roomId, links);
+    if (links.length === 0) {
+      await this.o.redis.hdel(key, roomId);
+      this.links.delete(roomId);
+      this.routeIds.delete(roomId);
+      return;
+    }
+    const route = this.routeIdIn(roomId);
+    const stored: StoredRoom = { route, links: links.map((l) => l.stored) };
+    await this.o.redis.hset(key, roomId, JSON.stringify(stored));
+    this.links.set(roomId, links);
+    this.routeIds.set(roomId, route);
   }
 }
 

@@ -188,4 +188,27 @@ describe("routes linked from a room", { timeout: 90_000 }, () => {
     );
     assert.match(await ask(lab, "!tribridge status"), /running with 1 route\(s\)/);
   });
+
+  test("a linked room that is upgraded: its links move along, with their ids, also after a restart", async () => {
+    const linked = await ask(room, "!tribridge link mqtt.home room/chat");
+    const id = /as endpoint (\S+)\.$/.exec(linked)![1]!;
+    const newRoom = h.hs.createRoom({ creator: h.alice, preset: "public_chat" });
+    h.hs.sendState(room, h.alice, "m.room.tombstone", "", {
+      body: "This room has been replaced",
+      replacement_room: newRoom,
+    });
+    await waitFor("the bot in the new room", () => h.hs.membershipOf(newRoom, bot) === "join");
+    await waitFor("the links moved", async () => (await ask(newRoom, "!tribridge routes")).includes(id));
+    await publish("room/chat", "into the new room");
+    await waitFor("the device's message in the new room", () =>
+      h.hs.messages(newRoom).some((m) => m.content.body === "into the new room"),
+    );
+    await down();
+    await up();
+    await publish("room/chat", "new room after a restart");
+    await waitFor("the device's message in the new room after a restart", () =>
+      h.hs.messages(newRoom).some((m) => m.content.body === "new room after a restart"),
+    );
+    assert.ok(!inRoom("into the new room") && !inRoom("new room after a restart"));
+  });
 });
