@@ -366,6 +366,10 @@ export async function start({
     }
     await joinRouteRooms(routes.routes, delivery, encryption, bot);
     routesNowKnown();
+    // Links made through the other instances sharing this Redis, as they are made.
+    const linkChanges = connectRedis(redisUrl, "room-links");
+    lifetime.onStop(async () => void linkChanges.disconnect());
+    await roomLinks.follow(linkChanges);
 
     for (const q of queues) await q.start();
     await endToEnd?.retryAllWaiting();

@@ -86,6 +86,34 @@ export class RoomLinks {
     this.accountConfigs = new Map(o.config.accounts.map((a) => [`${a.connector}.${a.account}`, a.config]));
   }
 
+  /**
+   * Instances sharing this Redis apply a change made through any of them at once: each change is
+   * published on `redisKeys.roomLinksChanged`, and each instance reads the links again when told,
+   * and when its subscription comes back after a disconnection (it may have missed one).
+   * `subscriber`: a connection of its own (one that subscribes can do nothing else).
+   */
+  async follow(subscriber: Redis): Promise<void> {
+    let first = true;
+    subscriber.on("message", () => void this.refresh());
+    subscriber.on("ready", () => {
+      if (!first) void this.refresh();
+      first = false;
+    });
+    await subscriber.subscribe(redisKeys.roomLinksChanged(this.o.prefix));
+    await this.refresh(); // a change made since the links were first read
+  }
+
+  private async refresh(): Promise<void> {
+    await this.o
+      .exclusive(async () => {
+        await this.load();
+        await this.o.apply(this.routes());
+      })
+      .catch((err: unknown) =>
+        this.o.log.warn({ err: errorMessage(err) }, "could not read the links made through another instance"),
+      );
+  }
+
   /** Reads the stored links (at start, and before each change: another instance may have made one). */
   async load(): Promise<void> {
     const all = await this.o.redis.hgetall(redisKeys.roomLinks(this.o.prefix));
@@ -311,6 +339,7 @@ export class RoomLinks {
       const key = redisKeys.roomLinks(this.o.prefix);
       const stored: StoredRoom = { route, links: links.map((l) => l.stored) };
       await this.o.redis.multi().hset(key, newRoomId, JSON.stringify(stored)).hdel(key, oldRoomId).exec();
+      await this.o.redis.publish(redisKeys.roomLinksChanged(this.o.prefix), newRoomId);
       await this.load();
       await this.o.apply(this.routes());
       this.o.log.info({ oldRoomId, newRoomId, route }, "a linked room was upgraded; its links moved along");
@@ -319,8 +348,10 @@ export class RoomLinks {
 
   private async store(roomId: string, links: Link[]): Promise<void> {
     const key = redisKeys.roomLinks(this.o.prefix);
+    const changed = redisKeys.roomLinksChanged(this.o.prefix);
     if (links.length === 0) {
       await this.o.redis.hdel(key, roomId);
+      await this.o.redis.publish(changed, roomId);
       this.links.delete(roomId);
       this.routeIds.delete(roomId);
       return;
@@ -328,6 +359,7 @@ export class RoomLinks {
     const route = this.routeIdIn(roomId);
     const stored: StoredRoom = { route, links: links.map((l) => l.stored) };
     await this.o.redis.hset(key, roomId, JSON.stringify(stored));
+    await this.o.redis.publish(changed, roomId);
     this.links.set(roomId, links);
     this.routeIds.set(roomId, route);
   }

@@ -42,6 +42,8 @@ export const redisKeys = {
    * (src/routing/room-links.ts).
    */
   roomLinks: (prefix: string) => `${prefix}:room-links`,
+  /** A pub/sub channel, not a key: told the room id whenever an instance changed roomLinks. */
+  roomLinksChanged: (prefix: string) => `${prefix}:room-links-changed`,
   /** The claim of the process running as instance `id` (see instance-id.ts). */
   instanceClaim: (prefix: string, id: string) => `${prefix}:instance:${id}`,
   /** Written by GET /ready to check that Redis takes writes. */

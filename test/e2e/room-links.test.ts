@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import mqtt, { type MqttClient } from "mqtt";
 import type { RunningBridge } from "../../src/app.js";
 import type { Config } from "../../src/config/load.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { freePort, harness, tempDataDir, waitFor, type Harness } from "../helpers/fixture.js";
 import { startBridge } from "../helpers/start-bridge.js";
 
 describe("routes linked from a room", { timeout: 90_000 }, () => {
@@ -210,5 +210,37 @@ describe("routes linked from a room", { timeout: 90_000 }, () => {
       h.hs.messages(newRoom).some((m) => m.content.body === "new room after a restart"),
     );
     assert.ok(!inRoom("into the new room") && !inRoom("new room after a restart"));
+  });
+
+  test("a link made through one instance applies at once on another sharing its Redis", async () => {
+    const other = await startBridge({
+      config: {
+        ...config,
+        dataDir: tempDataDir(),
+        appservice: { ...config.appservice, port: await freePort() },
+      },
+      registration: h.registration,
+    });
+    const otherDevice = await mqtt.connectAsync(`mqtt://127.0.0.1:${other.ports.mqtt}`, {
+      clientId: "sensor-2",
+    });
+    try {
+      const third = h.hs.createRoom({ creator: h.alice, preset: "private_chat", invite: [bot] });
+      await waitFor("the bot in the third room", () => h.hs.membershipOf(third, bot) === "join");
+      // Transactions go to the first instance: the command is run there.
+      assert.match(await ask(third, "!tribridge link mqtt.home third/t in notice=false"), /^Linked /);
+      // The device is on the second instance's broker: it relays only if that instance knows the link.
+      await waitFor(
+        "the second instance's device relayed through the link",
+        async () => {
+          await otherDevice.publishAsync("third/t", "through the other instance", { qos: 1 });
+          return h.hs.messages(third).some((m) => m.content.body === "through the other instance");
+        },
+        10_000,
+      );
+    } finally {
+      await otherDevice.endAsync();
+      await other.bridge.stop();
+    }
   });
 });
