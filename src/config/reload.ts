@@ -5,6 +5,7 @@
  * running parts were built from (Redis, ports, the homeserver, accounts, queue settings…) stays as
  * it runs and is named as "needs a restart". A file that does not load changes nothing.
  */
+import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { canonicalJson } from "./endpoint-ids.js";
 import { ConfigErrors, type Config } from "./load.js";
@@ -54,7 +55,7 @@ export class ConfigReload {
     try {
       next = this.o.load();
     } catch (err) {
-      const problems = err instanceof ConfigErrors ? err.errors.map((e) => e.message) : [String(err)];
+      const problems = err instanceof ConfigErrors ? err.errors.map((e) => e.message) : [errorMessage(err)];
       log.warn({ problems }, "config not reloaded: the running config stays");
       return {
         applied: false,
@@ -80,7 +81,9 @@ export class ConfigReload {
     if (lines.length === 0 && needsRestart.length === 0) lines.push("no changes");
     if (needsRestart.length > 0) lines.push(`needs a restart: ${needsRestart.join(", ")}`);
     lines.push(...problems);
-    log.info({ changed, needsRestart, problems }, "config reloaded");
+    log.info({ changed, problems }, "config reloaded");
+    if (needsRestart.length > 0)
+      log.warn({ needsRestart }, "changed in the config file, applied only after a restart");
     return { applied: true, needsRestart, text: `Config reloaded: ${lines.join("; ")}` };
   }
 }

@@ -70,7 +70,7 @@ describe("SIGHUP reloads the config file", { timeout: 120_000 }, () => {
     });
   }
 
-  test(`${QUEUED} messages queued while the homeserver is away, a route added: all arrive, in order`, async () => {
+  test(`${QUEUED} messages queued while the homeserver is away, a route added and theirs changed: all arrive, in order`, async () => {
     const seq = h.hs.createRoom({ creator: h.alice, alias: "#seq:test.local", preset: "public_chat" });
     const more = h.hs.createRoom({ creator: h.alice, alias: "#more:test.local", preset: "public_chat" });
     bridge.start();
@@ -81,15 +81,17 @@ describe("SIGHUP reloads the config file", { timeout: 120_000 }, () => {
     await h.hs.outage("bad-gateway");
     // Each PUBACK comes once the message is queued.
     for (let i = 0; i < QUEUED; i++) await device.publishAsync("seq/n", String(i), { qos: 1 });
+    // The queued messages' endpoint changes too, in a field that keeps its id (how, not where).
+    const seqChanged = { ...SEQ_ROUTE, endpoints: [{ ...SEQ_ROUTE.endpoints[0], qos: 2 }] };
     bridge.writeConfig(
-      withRoutes(h.rawConfig, [MORE_ROUTE, SEQ_ROUTE], {
+      withRoutes(h.rawConfig, [MORE_ROUTE, seqChanged], {
         queue: { ...(h.rawConfig.queue as object), shards: 8 },
       }),
     );
     const answer = await hangUp(/SIGHUP: Config reloaded: .*\n/);
     assert.match(
       answer,
-      /SIGHUP: Config reloaded: routes: 1 added \(more\); needs a restart: queue\.shards\n/,
+      /SIGHUP: Config reloaded: routes: 1 added \(more\), 1 changed \(seq\); needs a restart: queue\.shards\n/,
     );
     await device.publishAsync("more/x", "on the new route", { qos: 1 });
     await h.hs.endOutage();
