@@ -164,7 +164,8 @@ export class RoomLinks {
       const key = token.value.slice(0, eq);
       const top = key.split(".")[0]!;
       if (CORE_OWNED.has(top)) return `Not linked: ${top} is given by position, not as ${key}=…`;
-      if (top in fields) return `Not linked: ${top} is the ${def.link.target} (the second argument)`;
+      if (Object.hasOwn(fields, top))
+        return `Not linked: ${top} is the ${def.link.target} (the second argument)`;
       try {
         setPath(options, key, optionValue(token.value.slice(eq + 1), token.quoted));
       } catch (err) {
