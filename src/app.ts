@@ -232,7 +232,9 @@ export async function start({
       connectors,
       table: routes,
       exclusive: (change) => liveRoutes.exclusive(change),
-      apply: (linked) => liveRoutes.setLinkedRoutes(linked),
+      // Nobody to invite: the room exists, and its people are in it.
+      routeDefaults: () => ({ invite: [] }),
+      apply: (linked) => liveRoutes.set({ linked }),
       log: moduleLogger("room-links"),
     });
     await roomLinks.load();
@@ -256,7 +258,12 @@ export async function start({
         if (!reloadConfig) throw new Error("this bridge was not started from a config file");
         return reloadConfig();
       },
-      applyRoutes: (next) => liveRoutes.exclusive(() => liveRoutes.setFileRoutes(next)),
+      // The links are read again too: one made through another instance may have been missed.
+      applyRoutes: (next) =>
+        liveRoutes.exclusive(async () => {
+          await roomLinks.load();
+          return liveRoutes.set({ file: next.routes, linked: roomLinks.routes() });
+        }),
       applyAdmins: (next) => (admins = adminMatcher(next)),
       log: moduleLogger("reload"),
     });

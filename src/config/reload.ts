@@ -24,8 +24,8 @@ export interface ConfigReloadOptions {
   running: Config;
   /** Reads and validates the file again; throws ConfigErrors. */
   load(): Config;
-  /** Makes the routes of the file these (returns problems that did not stop the rest). */
-  applyRoutes(routes: Config["routes"]): Promise<string[]>;
+  /** Makes the routes of the file `next`'s (returns problems that did not stop the rest). */
+  applyRoutes(next: Config): Promise<string[]>;
   /** Makes these the users who may give commands. */
   applyAdmins(admins: readonly string[]): void;
   log: Logger;
@@ -66,7 +66,7 @@ export class ConfigReload {
     const changed = changedKeys(this.running, next);
     const needsRestart = changed.filter((key) => !HOT.has(key));
     const lines: string[] = [];
-    const problems = changed.includes("routes") ? await this.o.applyRoutes(next.routes) : [];
+    const problems = changed.includes("routes") ? await this.o.applyRoutes(next) : [];
     if (changed.includes("routes")) lines.push(routeChanges(this.running.routes, next.routes));
     if (changed.includes("appservice.admins")) {
       this.o.applyAdmins(next.appservice.admins);

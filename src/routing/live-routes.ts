@@ -51,15 +51,16 @@ export class LiveRoutes {
     return next;
   }
 
-  /** Call inside `exclusive`. Returns problems that did not stop the change. */
-  async setFileRoutes(routes: readonly ResolvedRoute[]): Promise<string[]> {
-    this.file = routes;
-    return this.apply();
-  }
-
-  /** Call inside `exclusive` (or before the bridge relays). */
-  async setLinkedRoutes(routes: readonly ResolvedRoute[]): Promise<string[]> {
-    this.linked = routes;
+  /**
+   * Replaces the file's routes, the linked ones, or both; call inside `exclusive`. Returns problems
+   * that did not stop the change.
+   */
+  async set(routes: {
+    file?: readonly ResolvedRoute[];
+    linked?: readonly ResolvedRoute[];
+  }): Promise<string[]> {
+    this.file = routes.file ?? this.file;
+    this.linked = routes.linked ?? this.linked;
     return this.apply();
   }
 

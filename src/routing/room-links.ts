@@ -67,7 +67,9 @@ export interface RoomLinksOptions {
   table: RouteTable;
   /** Runs a change after those before it (LiveRoutes.exclusive). */
   exclusive<T>(change: () => Promise<T>): Promise<T>;
-  /** Makes these the linked routes (LiveRoutes.setLinkedRoutes); returns problems. */
+  /** What a linked route has besides its id, room and endpoints (the file's defaults, as they run). */
+  routeDefaults(): Omit<ResolvedRoute, "id" | "room" | "endpoints">;
+  /** Makes these the linked routes (LiveRoutes.set); returns problems. */
   apply(routes: readonly ResolvedRoute[]): Promise<string[]>;
   log: Logger;
 }
@@ -145,7 +147,7 @@ export class RoomLinks {
       const endpoints = links.flatMap((l) => (l.endpoint ? [l.endpoint] : []));
       return endpoints.length === 0
         ? []
-        : [{ id: this.routeIdIn(roomId), room: roomId, invite: [], endpoints }];
+        : [{ ...this.o.routeDefaults(), id: this.routeIdIn(roomId), room: roomId, endpoints }];
     });
   }
 
