@@ -29,12 +29,12 @@ export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = 
   endpointSchema: emailEndpointSchema,
   sample: emailSampleConfig,
   checkEndpoint: checkEmailEndpoint,
+  // `!tribridge link email.<account> <address> …`: the room's messages go to that address, and its
+  // answers (threaded by Message-ID) come back.
+  link: { target: "address", fields: (address) => ({ to: [address] }) },
   // Where mail goes to and comes from: the endpoint's token (its own address) when it has one, else
   // its recipients. Subject, cc, threading and default say how, and changing them keeps the endpoint.
   endpointKey: (endpoint) =>
     endpoint.token !== undefined ? `token:${endpoint.token}` : `to:${[...endpoint.to].sort().join(",")}`,
-  // `!tribridge link email.<account> <address> …`: the room's messages go to that address, and its
-  // answers (threaded by Message-ID) come back.
-  link: { target: "address", fields: (address) => ({ to: [address] }) },
   create: (_account, config, ctx) => new EmailConnector(config, ctx),
 };
