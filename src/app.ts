@@ -26,6 +26,8 @@ import { EventIntake, SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./matrix/even
 import { botUserId, readerUserId } from "./matrix/ids.js";
 import { LiveMessages } from "./matrix/live-messages.js";
 import { MatrixClient } from "./matrix/matrix-client.js";
+import { RelayPermissions } from "./matrix/permissions.js";
+import { PowerLevels, roomReader } from "./matrix/power-levels.js";
 import { registrationMismatch, type Registration } from "./matrix/registration.js";
 import { RemoteDelivery } from "./matrix/remote-delivery.js";
 import { RoomDelivery, keptWhenDelivered, type ToMatrixJob } from "./matrix/room-delivery.js";
@@ -328,6 +330,22 @@ export async function start({
       isOurs,
       live,
       commands,
+      permissions: new RelayPermissions({
+        powerLevels: new PowerLevels(roomReader(matrix, bot)),
+        isAdmin,
+        redis,
+        prefix,
+        sendAsBot: (roomId, type, content, txnId) =>
+          matrix.sendAs(
+            { userId: bot, displayName: config.appservice.botDisplayName },
+            roomId,
+            type,
+            content,
+            txnId,
+          ),
+        observe: metrics && ((route) => metrics.refused(route)),
+        log: moduleLogger("permissions"),
+      }),
       isAdmin,
       upgraded: (oldRoomId, newRoomId, upgradedBy) => {
         followRoom(oldRoomId, newRoomId, upgradedBy);
@@ -357,7 +375,7 @@ export async function start({
         ignores: (event) => isOurs(event.sender),
         userExists: (userId) => userId === bot,
         observe: metrics && ((outcome) => metrics.transaction(outcome)),
-        readiness: () => readiness(readinessChecks(redis, prefix, queues, health, () => host.states)),
+        readiness: () => readiness(readinessChecks(redis, prefix, matrix, queues, health, () => host.states)),
       },
       moduleLogger("appservice"),
     );
@@ -442,11 +460,13 @@ async function openRedis(
 
 /**
  * What GET /ready checks: Redis takes writes (a write, not a PING: a Redis out of disk (MISCONF) or
- * turned replica (READONLY) still answers PINGs), and every queue shard has a consumer.
+ * turned replica (READONLY) still answers PINGs), the homeserver answers and takes our as_token,
+ * every queue shard has a consumer, no destination is down and every connector is up.
  */
 function readinessChecks(
   redis: Redis,
   prefix: string,
+  matrix: MatrixClient,
   queues: readonly OrderedQueue<unknown>[],
   health: DestinationHealth,
   connectorStates: () => Record<string, { state: ConnectorState; reason?: string }>,
@@ -460,6 +480,7 @@ function readinessChecks(
         return undefined;
       },
     },
+    { name: "homeserver", check: () => matrix.homeserverProblem() },
     {
       name: "shards",
       check: async () => {

@@ -139,7 +139,7 @@ export class ConnectorHost {
     const ref = `${name}.${account}`;
     return async (msg: InboundMessage): Promise<void> => {
       for (const endpointId of msg.endpointIds) {
-        const found = routes.inbound(endpointId);
+        const found = routes.inbound(endpointId, msg.response);
         if (!found) {
           clog.warn({ endpointId }, "connector emitted for an endpoint that relays nothing in; not relayed");
           continue;
@@ -165,7 +165,7 @@ export class ConnectorHost {
     const ref = `${name}.${account}`;
     return async (msg: InboundMessage, reason: string): Promise<void> => {
       const known = msg.endpointIds.flatMap((id) => {
-        const found = routes.inbound(id);
+        const found = routes.inbound(id, msg.response);
         return found ? [{ id, room: found.route.room }] : [];
       });
       const targets = known.length > 0 ? known : [{ id: "", room: `quarantine:${ref}` }];
@@ -198,5 +198,6 @@ function jobOf(msg: InboundMessage, connector: string, account: string, endpoint
   if (msg.stream !== undefined) job.stream = msg.stream;
   if (msg.replyTo !== undefined) job.replyTo = msg.replyTo;
   if (msg.thread !== undefined) job.thread = msg.thread;
+  if (msg.response) job.response = true;
   return job;
 }

@@ -226,6 +226,13 @@ export interface InboundMessage {
    * `live: true` endpoints.
    */
   readonly thread?: string;
+  /**
+   * The far side's answer to a message `send` delivered to the endpoints named (`replyTo` names
+   * that message), come back by a way the endpoint's own config set up for answers (an MQTT 5
+   * response topic): posted in the route's room like any message, also when the endpoint relays
+   * only out of Matrix (`out`). Without it, a message emitted for an `out` endpoint is not relayed.
+   */
+  readonly response?: boolean;
 }
 
 /** A message from a Matrix room, handed to `Connector.send` for one endpoint. */
@@ -472,7 +479,41 @@ export interface SampleConfig {
   };
 }
 
-/** The declaration of a protocol. Pure: no I/O in any member. */
+/**
+ * One finding of `ConnectorDefinition.check`: `tribridge doctor` prints it as one line,
+ * `✓ mqtt.home broker: …`, and for a warning or failure the fix on the next.
+ */
+export interface CheckResult {
+  /** What was checked, in a word or two ("broker", "imap", "smtp"); printed after the account. */
+  readonly name: string;
+  /**
+   * ok: works. warn: works, but should change (printed "!"; doctor still succeeds). fail: the
+   * account will not work as configured (doctor exits non-zero).
+   */
+  readonly status: "ok" | "warn" | "fail";
+  /** What was found, in the user's terms (host, port, user name; never a password). */
+  readonly detail: string;
+  /**
+   * For warn and fail: what to do. Name keys as under the account (`embedded.port`, `imap.pass`):
+   * doctor adds where the account's keys live (`bridges.<name>.<account>`, or the environment).
+   */
+  readonly fix?: string;
+}
+
+/** What `ConnectorDefinition.check` is given. */
+export interface CheckContext {
+  /** Logger with `{ connector, account }` bound; doctor shows it only when asked (TRIBRIDGE_LOG_LEVEL). */
+  readonly log: Logger;
+  /** Aborted when the check has taken too long (doctor waits 20 s per account): give up, report a fail. */
+  readonly signal: AbortSignal;
+  /**
+   * Whether a tribridge with this config runs now, on this machine (its appservice port answers).
+   * Then what it listens on is taken, by it: a port in use is no fault.
+   */
+  readonly bridgeRunning: boolean;
+}
+
+/** The declaration of a protocol. Pure: no I/O in any member, but `check`. */
 export interface ConnectorDefinition<Account = unknown, E = unknown> {
   /** Lower-case name: config key `bridges.<name>`, account refs `<name>.<account>`, queue `to-<name>`. */
   readonly name: string;
@@ -541,6 +582,18 @@ export interface ConnectorDefinition<Account = unknown, E = unknown> {
    * the core prefixes the endpoint's path.
    */
   checkEndpoint?(endpoint: E, direction: Direction, account: Account): [path: string, reason: string][];
+  /**
+   * `tribridge doctor`: whether this account can work as configured, found out without starting
+   * it: the far side answers and takes the account's credentials (log in, then out), a port it is
+   * to listen on is free. Called once per configured account, in a process that runs nothing else
+   * of the bridge, possibly while the bridge itself runs (see `ctx.bridgeRunning`): do not take
+   * over anything of the running bridge's (connect with a client id of your own, not the one its
+   * session lives under). No effect on the far side beyond a login: nothing sent, published,
+   * subscribed or marked read. Never throws: each problem is a `fail` result with a `fix`. Close
+   * everything it opened before it resolves, also when `ctx.signal` aborts. Omitted: the account
+   * is not checked.
+   */
+  check?(account: string, config: Account, ctx: CheckContext): Promise<CheckResult[]>;
   /** Builds the live instance. No I/O here: `start` does that. */
   create(account: string, config: Account, ctx: ConnectorContext): Connector<E>;
 }

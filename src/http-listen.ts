@@ -30,3 +30,10 @@ export function close(server: Server | undefined): Promise<void> {
     server.closeAllConnections();
   });
 }
+
+/** Where a listener on `bind`:`port` is reached from this machine (`host:port`, for a URL). */
+export function localAddress(bind: string, port: number): string {
+  const anyAddress = ["0.0.0.0", "::", "[::]"].includes(bind);
+  const host = anyAddress ? "127.0.0.1" : bind.includes(":") && !bind.startsWith("[") ? `[${bind}]` : bind;
+  return `${host}:${port}`;
+}

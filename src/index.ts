@@ -11,6 +11,7 @@ import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
 import type { RunningBridge } from "./app.js";
 import { ConfigError, errorMessage } from "./errors.js";
+import { localAddress } from "./http-listen.js";
 import { rootLogger } from "./log.js";
 import {
   buildRegistration,
@@ -32,6 +33,9 @@ Commands:
   validate-config          Check config.yaml and print every problem with its path
   ready                    Ask the running bridge whether it can do its work (GET /ready on the
                            configured appservice port); exit 0 if so (a container health check)
+  doctor                   Run every start-time check (config, registration, homeserver login,
+                           appservice ping, Redis settings, each account's login) and print each
+                           with ✓/✗ and how to fix it; exit 1 on any ✗
   generate-config-files    Write config/config.sample.yaml and config/config.schema.json (--check: verify)
   failed-jobs              List the relays that failed for good, with their reasons
                            (--retry: put them back on their queues; --id ID: only those)
@@ -123,10 +127,7 @@ function readConfig(options: Options): Config {
 
 /** GET /ready of the bridge this config describes, on this machine: 0 when it answers 200. */
 async function askReady(config: Config): Promise<number> {
-  const { bind, port } = config.appservice;
-  const anyAddress = ["0.0.0.0", "::", "[::]"].includes(bind);
-  const host = anyAddress ? "127.0.0.1" : bind.includes(":") && !bind.startsWith("[") ? `[${bind}]` : bind;
-  const url = `http://${host}:${port}/ready`;
+  const url = `http://${localAddress(config.appservice.bind, config.appservice.port)}/ready`;
   try {
     const res = await fetch(url, { signal: AbortSignal.timeout(READY_TIMEOUT_MS) });
     console.log(`${res.status} ${await res.text()}`);
@@ -135,6 +136,29 @@ async function askReady(config: Config): Promise<number> {
     console.error(`${url}: ${errorMessage(err)}`);
     return 1;
   }
+}
+
+/** `tribridge doctor`: each check's line as it ends; 1 when any failed. */
+async function doctor(options: Options): Promise<number> {
+  // The findings say what matters; log lines (JSON) would only come between them.
+  rootLogger.level = process.env.TRIBRIDGE_LOG_LEVEL ?? "silent";
+  const { formatCheck, runDoctor } = await import("./doctor.js");
+  const color = process.stdout.isTTY === true && process.env.NO_COLOR === undefined;
+  let failed = 0;
+  let warned = 0;
+  await runDoctor({
+    readConfig: () => readConfig(options),
+    registrationFile: options.registration,
+    connectors,
+    report: (result) => {
+      if (result.status === "fail") failed++;
+      if (result.status === "warn") warned++;
+      console.log(formatCheck(result, color));
+    },
+  });
+  const warnings = warned > 0 ? `, ${warned} warning(s)` : "";
+  console.log(failed > 0 ? `\n${failed} problem(s) to fix${warnings}` : `\nall checks passed${warnings}`);
+  return failed > 0 ? 1 : 0;
 }
 
 function generateRegistration(config: Config, options: Options): Registration {
@@ -280,6 +304,8 @@ async function main(argv: string[]): Promise<number> {
     }
     case "ready":
       return askReady(readConfig(options));
+    case "doctor":
+      return doctor(options);
     case "generate-config-files":
       return generateConfigFiles(options.check);
     case "failed-jobs": {

@@ -50,6 +50,7 @@ export class Metrics {
   private readonly relaySeconds: Histogram<"queue">;
   private readonly transactions: Counter<"outcome">;
   private readonly undecryptableEvents: Counter<"room">;
+  private readonly refusedMessages: Counter<"route">;
   private server: Server | undefined;
 
   constructor(sources: MetricSources) {
@@ -104,6 +105,12 @@ export class Metrics {
         "Events in end-to-end encrypted rooms (m.room.encrypted) that tribridge cannot read and so " +
         "did not relay, by room: a route's room, or another (a room for commands)",
       labelNames: ["room"],
+      registers,
+    });
+    this.refusedMessages = new Counter({
+      name: "tribridge_messages_refused_total",
+      help: "Room messages not relayed to a route because their sender may not (permissions), per route",
+      labelNames: ["route"],
       registers,
     });
     const queueGauge = (name: string, help: string, pick: (q: QueueState) => number) =>
@@ -208,6 +215,10 @@ export class Metrics {
 
   undecryptable(room: "route" | "other"): void {
     this.undecryptableEvents.inc({ room });
+  }
+
+  refused(route: string): void {
+    this.refusedMessages.inc({ route });
   }
 
   /** Serves GET /metrics on bind:port; resolves with the port bound. */

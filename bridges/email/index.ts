@@ -1,4 +1,5 @@
 import type { ConnectorDefinition } from "../../src/connector.js";
+import { checkMailbox } from "./check.js";
 import { EmailConnector } from "./connector.js";
 import { emailSampleConfig } from "./sample-config.js";
 import {
@@ -36,5 +37,6 @@ export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = 
   // its recipients. Subject, cc, threading and default say how, and changing them keeps the endpoint.
   endpointKey: (endpoint) =>
     endpoint.token !== undefined ? `token:${endpoint.token}` : `to:${[...endpoint.to].sort().join(",")}`,
+  check: checkMailbox,
   create: (_account, config, ctx) => new EmailConnector(config, ctx),
 };

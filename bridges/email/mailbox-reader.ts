@@ -113,22 +113,7 @@ export class MailboxReader {
   }
 
   private client(): ImapFlow {
-    const { imap } = this.o.config;
-    const client = new ImapFlow({
-      host: imap.host,
-      port: imap.port,
-      secure: imap.security === "tls",
-      ...(imap.security === "starttls" && { doSTARTTLS: true }),
-      ...(imap.security === "none" && { doSTARTTLS: false }),
-      auth: { user: imap.user, pass: imap.pass },
-      tls: { rejectUnauthorized: imap.rejectUnauthorized, ...(imap.ca !== undefined && { ca: imap.ca }) },
-      logger: false,
-      // imapflow's default waits 15 s after each command before it IDLEs; mail arriving meanwhile waits too
-      autoIdleDelay: EMAIL_DEFAULTS.idleDelayMs,
-      connectionTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
-      greetingTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
-      clientInfo: { name: "tribridge" },
-    });
+    const client = createImapClient(this.o.config);
     // Errors also reject the command under way, or close the connection: both are handled there.
     client.on("error", (err: unknown) => this.o.log.debug({ err: errorMessage(err) }, "imap error"));
     return client;
@@ -289,4 +274,24 @@ export class MailboxReader {
     }
     return meta.internalDate ? new Date(meta.internalDate).getTime() : 0;
   }
+}
+
+/** A connection (not yet made) to the account's IMAP server, with its login. */
+export function createImapClient(config: EmailAccount): ImapFlow {
+  const { imap } = config;
+  return new ImapFlow({
+    host: imap.host,
+    port: imap.port,
+    secure: imap.security === "tls",
+    ...(imap.security === "starttls" && { doSTARTTLS: true }),
+    ...(imap.security === "none" && { doSTARTTLS: false }),
+    auth: { user: imap.user, pass: imap.pass },
+    tls: { rejectUnauthorized: imap.rejectUnauthorized, ...(imap.ca !== undefined && { ca: imap.ca }) },
+    logger: false,
+    // imapflow's default waits 15 s after each command before it IDLEs; mail arriving meanwhile waits too
+    autoIdleDelay: EMAIL_DEFAULTS.idleDelayMs,
+    connectionTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
+    greetingTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
+    clientInfo: { name: "tribridge" },
+  });
 }

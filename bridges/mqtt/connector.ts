@@ -3,16 +3,26 @@ import type {
   Connector,
   ConnectorContext,
   EndpointBinding,
+  InboundMessage,
   OutboundMessage,
   OutboundRedaction,
   SendResult,
 } from "../../src/connector.js";
 import { PermanentError } from "../../src/errors.js";
 import { EmbeddedBroker } from "./embedded-broker.js";
-import { ExternalClient } from "./external-client.js";
+import { ExternalClient, type PublishProperties } from "./external-client.js";
 import { decodePayload, encodePayload } from "./payload.js";
 import type { Publish } from "./publish.js";
 import { RedeliveryTracker, qos0RemoteId } from "./redelivery.js";
+import {
+  answerKey,
+  commandAnswered,
+  prepareCommand,
+  rememberRequest,
+  requestAnswered,
+  unknownAnswerReason,
+  type Request,
+} from "./request-response.js";
 import { MQTT_DEFAULTS, type MqttAccount, type MqttEndpoint } from "./schema.js";
 import { topicLevel, topicMatches } from "./topic.js";
 import { relaysIn, relaysOut } from "../../src/connector.js";
@@ -28,6 +38,9 @@ export class MqttConnector implements Connector<MqttEndpoint> {
   private embedded: EmbeddedBroker | undefined;
   private external: ExternalClient | undefined;
   private inbound: EndpointBinding<MqttEndpoint>[] = [];
+  private outbound: EndpointBinding<MqttEndpoint>[] = [];
+  /** The endpoints that publish with each response topic (request-response.ts). */
+  private responses = new Map<string, EndpointBinding<MqttEndpoint>[]>();
   private readonly bindingsByTopic = new Map<string, EndpointBinding<MqttEndpoint>[]>();
   private readonly embeddedTrackers = new WeakMap<Client, RedeliveryTracker>();
   private externalTracker: { connection: number; tracker: RedeliveryTracker } | undefined;
@@ -98,6 +111,8 @@ export class MqttConnector implements Connector<MqttEndpoint> {
 
   async watch(endpoints: readonly EndpointBinding<MqttEndpoint>[]): Promise<void> {
     this.inbound = endpoints.filter((e) => relaysIn(e.direction));
+    this.outbound = endpoints.filter((e) => relaysOut(e.direction));
+    this.responses = responseTopicsOf(this.outbound);
     this.bindingsByTopic.clear();
     this.retainedTopics = new Set(
       endpoints
@@ -108,6 +123,10 @@ export class MqttConnector implements Connector<MqttEndpoint> {
       const filters = new Map<string, 0 | 1 | 2>();
       for (const e of this.inbound) {
         filters.set(e.spec.topic, Math.max(filters.get(e.spec.topic) ?? 0, e.spec.qos) as 0 | 1 | 2);
+      }
+      for (const [topic, bindings] of this.responses) {
+        const qos = Math.max(filters.get(topic) ?? 0, ...bindings.map((b) => b.spec.qos)) as 0 | 1 | 2;
+        filters.set(topic, qos);
       }
       await this.external.subscribe(filters);
     }
@@ -147,33 +166,86 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     // every publish is live.
     const replayed = p.retain && this.external !== undefined;
     const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && replayed));
-    if (matched.length === 0) return;
+    const answer = this.responses.has(p.topic) ? await this.answerTo(p, matched) : undefined;
+    if (matched.length === 0 && !answer) return;
     const identity =
       tracker && p.qos > 0 && p.messageId !== undefined
         ? await tracker.lookup(p.messageId, p.dup, p.topic, p.payload)
         : { remoteId: qos0RemoteId(p.clientId ?? this.account), redelivered: false, durable: undefined };
     if (identity.redelivered) this.ctx.log.debug({ remoteId: identity.remoteId }, "redelivered publish");
+    if (answer) {
+      await Promise.all([identity.durable, answer(identity.remoteId)]);
+      return;
+    }
+    // Kept before the PUBACK, as the message is: a room reply may follow at once.
+    const request =
+      p.responseTopic !== undefined && this.outbound.some((b) => b.spec.answerRequests)
+        ? rememberRequest(this.ctx.store, this.ctx.log, identity.remoteId, p)
+        : undefined;
     await Promise.all([
       identity.durable,
-      ...matched.map((binding) => {
-        const decoded = decodePayload(p.topic, p.payload, binding.spec);
-        if (decoded.problem) {
-          this.ctx.log.warn(
-            { topic: p.topic, clientId: p.clientId, problem: decoded.problem },
-            "unexpected mqtt payload",
-          );
-        }
-        const sender = this.senderOf(p, binding.spec);
-        return this.ctx.emit({
-          endpointIds: [binding.id],
-          remoteId: identity.remoteId,
-          sender: { id: sender },
-          body: decoded.body,
-          ...(decoded.attachment && { attachments: [decoded.attachment] }),
-          stream: p.topic,
-        });
-      }),
+      request,
+      ...matched.map((binding) => this.ctx.emit(this.inboundOf(p, binding, identity.remoteId))),
     ]);
+  }
+
+  private inboundOf(
+    p: Publish,
+    binding: EndpointBinding<MqttEndpoint>,
+    remoteId: string,
+  ): InboundMessage & { endpointIds: [string] } {
+    const decoded = decodePayload(p.topic, p.payload, binding.spec);
+    if (decoded.problem) {
+      this.ctx.log.warn(
+        { topic: p.topic, clientId: p.clientId, problem: decoded.problem },
+        "unexpected mqtt payload",
+      );
+    }
+    return {
+      endpointIds: [binding.id],
+      remoteId,
+      sender: { id: this.senderOf(p, binding.spec) },
+      body: decoded.body,
+      ...(decoded.attachment && { attachments: [decoded.attachment] }),
+      stream: p.topic,
+    };
+  }
+
+  /**
+   * A publish on a response topic: a threaded reply to the command its correlation data names,
+   * posted in the command's room only. One that names no command of ours goes where its topic
+   * does, as any message (undefined here); when no `in` endpoint takes it, to the failed list.
+   */
+  private async answerTo(
+    p: Publish,
+    matched: readonly EndpointBinding<MqttEndpoint>[],
+  ): Promise<((remoteId: string) => Promise<void>) | undefined> {
+    const command = await commandAnswered(this.ctx.store, p.correlationData);
+    const binding = command && this.outbound.find((b) => b.id === command.endpointId);
+    if (command && binding) {
+      return (remoteId) =>
+        this.ctx.emit({
+          ...this.inboundOf(p, binding, remoteId),
+          replyTo: command.remoteId,
+          thread: command.remoteId,
+          response: true,
+        });
+    }
+    const reason = unknownAnswerReason(p.topic, p.correlationData);
+    if (matched.length > 0) {
+      this.ctx.log.info({ topic: p.topic }, `${reason}; relayed as a message of the topic`);
+      return undefined;
+    }
+    const answering = this.responses.get(p.topic) ?? [];
+    return (remoteId) =>
+      this.ctx.quarantine(
+        {
+          ...this.inboundOf(p, answering[0]!, remoteId),
+          endpointIds: answering.map((b) => b.id),
+          response: true,
+        },
+        reason,
+      );
   }
 
   /** Only `format: binary` publishes a file's bytes; text and JSON carry its name. */
@@ -193,18 +265,43 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     const max = this.embedded ? (this.config.embedded?.maxPayloadBytes ?? Infinity) : Infinity;
     if (payload.byteLength > max)
       throw new PermanentError(`payload of ${payload.byteLength} bytes exceeds ${max}`);
+    const request = await requestAnswered(this.ctx.store, endpoint, message);
+    if (request) {
+      await this.answer(request, message, endpoint.spec, payload);
+      await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
+      return { remoteId: message.id };
+    }
+    const response = await prepareCommand(this.ctx.store, endpoint, message.id);
     if (retain && this.retainedTopics.has(topic)) {
       // Recorded before the publish: the record is never older than the broker's value, so a
       // redaction can clear only the value its own message set (or one that never got there).
       await this.inTurn(topic, async () => {
         await this.ctx.store.set(retainedKey(topic), message.id, MQTT_DEFAULTS.retainedMemoryMs);
-        await this.publish(endpoint.spec, payload);
+        await this.publish(endpoint.spec, payload, response);
       });
     } else {
-      await this.publish(endpoint.spec, payload);
+      await this.publish(endpoint.spec, payload, response);
     }
     await this.ctx.store.set(sentKey, "1", SENT_TTL_MS);
     return { remoteId: message.id };
+  }
+
+  /**
+   * A room reply to a device's request goes to the response topic it named, with its correlation
+   * data, never retained; once, though the core hands it to every out endpoint of the route.
+   */
+  private async answer(
+    request: Request,
+    message: OutboundMessage,
+    spec: MqttEndpoint,
+    payload: Buffer,
+  ): Promise<void> {
+    const once = answerKey(message);
+    if ((await this.ctx.store.get(once)) !== undefined) return;
+    const { responseTopic, correlationData } = request;
+    await this.publish({ ...spec, topic: responseTopic, retain: false }, payload, { correlationData });
+    await this.ctx.store.set(once, "1", SENT_TTL_MS);
+    this.ctx.log.debug({ topic: responseTopic, message: message.id }, "answered a device's request");
   }
 
   /**
@@ -227,10 +324,12 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     });
   }
 
-  private async publish(spec: MqttEndpoint, payload: Buffer): Promise<void> {
+  /** `properties`: MQTT 5 only, so external only (checkEndpoint refuses them on the embedded broker). */
+  private async publish(spec: MqttEndpoint, payload: Buffer, properties?: PublishProperties): Promise<void> {
     const { topic, qos, retain } = spec;
     if (this.embedded) await this.embedded.publish(topic, payload, qos, retain);
-    else if (this.external) await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS);
+    else if (this.external)
+      await this.external.publish(topic, payload, qos, retain, PUBLISH_TIMEOUT_MS, properties);
   }
 
   /** Runs `work` after what is under way for `topic` (sends of several rooms may share a topic). */
@@ -249,6 +348,17 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     await this.embedded?.stop();
     await this.external?.stop();
   }
+}
+
+function responseTopicsOf(
+  outbound: readonly EndpointBinding<MqttEndpoint>[],
+): Map<string, EndpointBinding<MqttEndpoint>[]> {
+  const byTopic = new Map<string, EndpointBinding<MqttEndpoint>[]>();
+  for (const b of outbound) {
+    const topic = b.spec.responseTopic;
+    if (topic !== undefined) byTopic.set(topic, [...(byTopic.get(topic) ?? []), b]);
+  }
+  return byTopic;
 }
 
 /** The store key of the remote id whose publish set `topic`'s retained value (clearRetainedOnRedact). */

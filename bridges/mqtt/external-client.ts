@@ -68,32 +68,11 @@ export class ExternalClient {
       (config.shareGroup ? `tribridge-${account}-${ctx.instanceId.slice(0, 8)}` : `tribridge-${account}`);
   }
 
-  private options(): IClientOptions {
-    const c = this.config;
-    return {
-      clientId: this.clientId,
-      protocolVersion: c.protocolVersion,
-      username: c.username,
-      password: c.password,
-      ca: c.ca,
-      cert: c.cert,
-      key: c.key,
-      rejectUnauthorized: c.rejectUnauthorized,
-      keepalive: c.keepaliveSec,
-      reconnectPeriod: c.reconnectPeriodMs,
-      connectTimeout: c.connectTimeoutMs,
-      clean: c.cleanSession,
-      resubscribe: false, // see sync()
-      // MQTT 5: keep the session for a day after we disconnect (3.1.1 keeps it until clean).
-      properties: c.protocolVersion === 5 && !c.cleanSession ? { sessionExpiryInterval: 86_400 } : undefined,
-    };
-  }
-
   async start(): Promise<void> {
     const { ctx } = this;
     ctx.setState("connecting");
     this.session = await this.loadSession();
-    const client = mqtt.connect(this.config.url, this.options());
+    const client = mqtt.connect(this.config.url, brokerOptions(this.config, this.clientId));
     this.client = client;
     client.handleMessage = (packet, done) => {
       if (packet.cmd !== "publish") return done();
@@ -165,6 +144,7 @@ export class ExternalClient {
       retain: packet.retain,
       dup: packet.dup,
       messageId: packet.messageId,
+      ...responsePropertiesOf(packet),
       connection: this.connection,
       resumed: this.resumed,
     });
@@ -259,6 +239,7 @@ export class ExternalClient {
     qos: 0 | 1 | 2,
     retain: boolean,
     timeoutMs: number,
+    properties?: PublishProperties,
   ): Promise<void> {
     const client = this.client;
     if (!client?.connected)
@@ -272,7 +253,8 @@ export class ExternalClient {
       );
     });
     try {
-      await Promise.race([client.publishAsync(topic, payload, { qos, retain }), timeout]);
+      const options = { qos, retain, ...(properties && { properties: definedOnly(properties) }) };
+      await Promise.race([client.publishAsync(topic, payload, options), timeout]);
     } catch (err) {
       if (err instanceof RetryableError) throw err;
       // An MQTT 5 PUBACK with a failure reason code is the broker refusing this publish; anything
@@ -290,7 +272,48 @@ export class ExternalClient {
   }
 }
 
+/** MQTT 5 properties tribridge publishes with (request-response.ts). */
+export interface PublishProperties {
+  responseTopic?: string;
+  correlationData?: Buffer;
+}
+
+/** mqtt-packet writes every key it is given, and fails on one that is undefined. */
+function definedOnly(properties: PublishProperties): PublishProperties {
+  return Object.fromEntries(Object.entries(properties).filter(([, v]) => v !== undefined));
+}
+
+/** MQTT 5 response topic and correlation data of a PUBLISH, where it has them. */
+function responsePropertiesOf(packet: IPublishPacket): Pick<Publish, "responseTopic" | "correlationData"> {
+  const { responseTopic, correlationData } = packet.properties ?? {};
+  return {
+    ...(responseTopic !== undefined && { responseTopic }),
+    ...(correlationData !== undefined && { correlationData: Buffer.from(correlationData) }),
+  };
+}
+
+/** How the account connects to its broker: its credentials, TLS, timers and session. */
+export function brokerOptions(c: MqttAccount, clientId: string): IClientOptions {
+  return {
+    clientId,
+    protocolVersion: c.protocolVersion,
+    username: c.username,
+    password: c.password,
+    ca: c.ca,
+    cert: c.cert,
+    key: c.key,
+    rejectUnauthorized: c.rejectUnauthorized,
+    keepalive: c.keepaliveSec,
+    reconnectPeriod: c.reconnectPeriodMs,
+    connectTimeout: c.connectTimeoutMs,
+    clean: c.cleanSession,
+    resubscribe: false, // see ExternalClient.sync()
+    // MQTT 5: keep the session for a day after we disconnect (3.1.1 keeps it until clean).
+    properties: c.protocolVersion === 5 && !c.cleanSession ? { sessionExpiryInterval: 86_400 } : undefined,
+  };
+}
+
 /** The URL as it may be logged: `mqtt://user:pass@host` would put a password in the logs. */
-function withoutCredentials(url: string): string {
+export function withoutCredentials(url: string): string {
   return url.replace(/\/\/[^/@]*@/, "//");
 }

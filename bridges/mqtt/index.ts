@@ -1,4 +1,5 @@
 import type { ConnectorDefinition } from "../../src/connector.js";
+import { checkMqttAccount } from "./check.js";
 import { MqttConnector } from "./connector.js";
 import { mqttSampleConfig } from "./sample-config.js";
 import {
@@ -14,7 +15,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   name: "mqtt",
   ghostTag: "mqtt",
   description: "MQTT accounts: an embedded broker, or a connection to an external one",
-  // No threads; no edits (a device would run an edited command again); redactions clear a retained
+  // No conversations (an MQTT 5 answer replies to its command through replyTo, whatever this says); no edits (a device would run an edited command again); redactions clear a retained
   // value where an endpoint says so (clearRetainedOnRedact).
   capabilities: {
     html: false,
@@ -40,5 +41,6 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   // which replays to skip. Two endpoints of one route and direction on one topic that differ only
   // in those are refused: give one an explicit `id`.
   endpointKey: (endpoint) => endpoint.topic,
+  check: checkMqttAccount,
   create: (account, config, ctx) => new MqttConnector(account, config, ctx),
 };

@@ -8,4 +8,8 @@ export interface Publish {
   retain: boolean;
   dup: boolean;
   messageId: number | undefined;
+  /** MQTT 5 (external broker only): where the publisher wants an answer [MQTT-3.3.2-14]. */
+  responseTopic?: string;
+  /** MQTT 5: the publisher's correlation data, binary, as received (up to 64 KiB and more). */
+  correlationData?: Buffer;
 }

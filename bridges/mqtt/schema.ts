@@ -16,6 +16,8 @@ export const MQTT_DEFAULTS = {
   connectTimeoutMs: 10_000,
   dedupeWindowMs: 10 * 60_000, // how long a QoS>0 message id is remembered to drop redeliveries
   retainedMemoryMs: 30 * 24 * 3600_000, // which message set a topic's retained value (clearRetainedOnRedact)
+  responseMemoryMs: 7 * 24 * 3600_000, // how long a command sent with a responseTopic can be answered
+  requestMemoryMs: 24 * 3600_000, // how long a device's request can be answered from the room (answerRequests)
   // What one client may cost the embedded broker:
   maxFiltersPerSubscribe: 1000, // more in one SUBSCRIBE are refused (SUBACK 0x80)
   maxConnectBytes: 16 * 1024, // a larger CONNECT closes the connection as its header arrives
@@ -251,6 +253,24 @@ export const mqttEndpointSchema = z.strictObject({
     .describe("in: whose ghost speaks: clientId (embedded only), a topic level (1-based), or a fixed name"),
   notice: z.boolean().default(true).describe("in: post as m.notice (machine messages) rather than m.text"),
   ignoreRetained: z.boolean().default(false).describe("in: skip retained messages replayed on subscribe"),
+  responseTopic: z
+    .string()
+    .optional()
+    .describe(
+      "out: MQTT 5 request/response (external broker with protocolVersion 5; the embedded broker " +
+        "speaks 3.1.1 only): publish with this response topic and correlation data, and post a " +
+        "device's answer (a publish there with the same correlation data) as a threaded reply to " +
+        "the room message, e.g. greenhouse/commands/response",
+    ),
+  answerRequests: z
+    .boolean()
+    .default(false)
+    .describe(
+      "out: MQTT 5 request/response the other way (external broker with protocolVersion 5): a room " +
+        "reply to a device's message that carried a response topic is published to that topic, " +
+        "with its correlation data, instead of to this topic. The device picks the topic: limit " +
+        "what tribridge's broker user may publish to",
+    ),
 });
 
 export type MqttEndpoint = z.output<typeof mqttEndpointSchema>;
@@ -288,5 +308,40 @@ export function checkMqttEndpoint(
   if (ep.clearRetainedOnRedact && !ep.retain) problems.push(["clearRetainedOnRedact", "needs retain: true"]);
   if (ep.clearRetainedOnRedact && direction === "in")
     problems.push(["clearRetainedOnRedact", 'only for direction "out" or "inout"']);
+  problems.push(...responseTopicProblems(ep, direction, account));
+  if (ep.answerRequests) problems.push(...mqtt5Problems("answerRequests", direction, account));
   return problems;
+}
+
+/** Why `key`, an MQTT 5 request/response option, cannot work on this endpoint, if it cannot. */
+function mqtt5Problems(key: string, direction: Direction, account: MqttAccount): [string, string][] {
+  if (direction === "in") return [[key, 'only for direction "out" or "inout"']];
+  if (account.embedded)
+    return [
+      [
+        key,
+        "the embedded broker speaks MQTT 3.1.1, which has no response topics: use an external broker (url) with protocolVersion: 5",
+      ],
+    ];
+  if (account.protocolVersion !== 5)
+    return [[key, "needs protocolVersion: 5 on the account (MQTT 3.1.1 has no response topics)"]];
+  return [];
+}
+
+/** A response topic is MQTT 5 (§3.3.2.3.5), a topic name, and for what tribridge publishes. */
+function responseTopicProblems(
+  ep: MqttEndpoint,
+  direction: Direction,
+  account: MqttAccount,
+): [string, string][] {
+  const topic = ep.responseTopic;
+  if (topic === undefined) return [];
+  const unsupported = mqtt5Problems("responseTopic", direction, account);
+  if (unsupported.length > 0) return unsupported;
+  // [MQTT-3.3.2-14]: a Response Topic is a topic name, without wildcards.
+  const problem = topicNameProblem(topic);
+  if (problem) return [["responseTopic", problem]];
+  if (topic === ep.topic)
+    return [["responseTopic", "must differ from topic: answers would be taken for commands"]];
+  return [];
 }

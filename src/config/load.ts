@@ -16,6 +16,7 @@ import {
   type HomeserverConfig,
   type MetricsConfig,
   type EncryptionConfig,
+  type PermissionsConfig,
   type QueueConfig,
 } from "./schema.js";
 
@@ -42,6 +43,8 @@ export interface ResolvedRoute {
   readonly room: string;
   readonly invite: readonly string[];
   readonly endpoints: readonly ResolvedEndpoint[];
+  /** Who may relay into its out endpoints: its own, or the top-level default; `key` says which. */
+  readonly permissions: PermissionsConfig & { readonly key: string };
 }
 
 export interface ResolvedAccount {
@@ -298,7 +301,10 @@ export function validateConfig(
     });
     // A private room nobody is invited to is one nobody can get into.
     const invite = route.invite ?? cfg.appservice.admins.filter((admin) => !admin.startsWith("@*:"));
-    return { id: route.id, room: route.room, invite, endpoints };
+    const permissions = route.permissions
+      ? { ...route.permissions, key: `routes[${ri}].permissions` }
+      : { ...cfg.permissions, key: "permissions" };
+    return { id: route.id, room: route.room, invite, endpoints, permissions };
   });
   const { appservice } = cfg;
   if (appservice.url === undefined && ["0.0.0.0", "::", "[::]"].includes(appservice.bind))

@@ -31,6 +31,7 @@ export const DEFAULTS = {
   dataDir: "./data",
   metricsBind: "127.0.0.1",
   metricsPort: 9464, // the port Prometheus exporters commonly use for application metrics
+  relayPowerLevel: 50, // moderators: Matrix clients' default level for "Moderator"
 } as const;
 
 // Narrower than the localpart grammar: Synapse refuses a registration whose sender_localpart
@@ -169,6 +170,30 @@ export const metricsSchema = z.strictObject({
   port: z.number().int().min(1).max(65535).default(DEFAULTS.metricsPort),
 });
 
+/** Who may relay room messages out of a route's room (matrix/permissions.ts). */
+export const permissionsSchema = z.strictObject({
+  users: z
+    .array(
+      z
+        .string()
+        .regex(/^@[^:]+:.+$/, "must be a user id such as @alice:example.org; * matches any characters"),
+    )
+    .default([])
+    .describe(
+      "User ids that may relay, * matching any characters: @alice:example.org, @*:example.org (everyone " +
+        "on a server), @*:* (everyone)",
+    ),
+  powerLevel: z
+    .number()
+    .int()
+    .nullable()
+    .default(DEFAULTS.relayPowerLevel)
+    .describe(
+      "Everyone with at least this power level in the room may relay (50: moderators; read live from " +
+        "m.room.power_levels); null: nobody by power level, only users. appservice.admins always may",
+    ),
+});
+
 export const directionSchema = z.enum(["in", "out", "inout"]);
 
 const accountRef = z
@@ -225,6 +250,12 @@ export const routeSchema = z.strictObject({
         "so that someone can get in)",
     ),
   endpoints: z.array(endpointBaseSchema).min(1, "a route needs at least one endpoint"),
+  permissions: permissionsSchema
+    .optional()
+    .describe(
+      "Who may relay the room's messages to this route's out and inout endpoints, instead of the " +
+        "top-level permissions (keys left out take their defaults, not the top level's)",
+    ),
 });
 
 const accountName = /^[a-z][a-z0-9-]*$/;
@@ -255,6 +286,12 @@ export function buildConfigSchema(connectors: readonly ConnectorDefinition[]) {
           "encryption devices their keys (crypto/)",
       ),
     bridges: z.strictObject(bridgeShape).prefault({}),
+    permissions: permissionsSchema
+      .prefault({})
+      .describe(
+        "Who may relay room messages to out and inout endpoints, for every route without permissions of " +
+          "its own. Others' messages get a ⛔ reaction and, once an hour, a notice saying why",
+      ),
     routes: z
       .array(routeSchema)
       .default([])
@@ -275,4 +312,5 @@ export type QueueConfig = z.output<typeof queueSchema>;
 export type MetricsConfig = z.output<typeof metricsSchema>;
 export type EncryptionConfig = z.output<typeof encryptionSchema>;
 export type RouteConfig = z.output<typeof routeSchema>;
+export type PermissionsConfig = z.output<typeof permissionsSchema>;
 export type RawConfig = z.output<ReturnType<typeof buildConfigSchema>>;

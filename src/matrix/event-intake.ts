@@ -7,7 +7,7 @@ import type { Capabilities, OutboundMessage } from "../connector.js";
 import { PermanentError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
-import type { ResolvedEndpoint } from "../config/load.js";
+import type { ResolvedEndpoint, ResolvedRoute } from "../config/load.js";
 import type { RouteTable } from "../routing/route-table.js";
 import { SeenEvents } from "../store/seen-events.js";
 import type { MatrixEvent } from "./appservice-server.js";
@@ -18,6 +18,7 @@ import { isCommand, type Commands } from "./commands.js";
 import type { EncryptedRooms } from "./encrypted-rooms.js";
 import type { LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
+import type { RelayPermissions } from "./permissions.js";
 
 /** A room message on its way out to one endpoint (a to-<connector> queue's item). */
 export interface ToRemoteJob {
@@ -38,6 +39,9 @@ export interface ToRemoteJob {
   redacts?: string;
 }
 
+/** Which routes a room message's sender may relay to (RelayPermissions.judge). */
+type Judged = Promise<(route: ResolvedRoute) => boolean>;
+
 /** How long an event id is remembered: longer than any homeserver keeps retrying a transaction. */
 export const SEEN_EVENT_TTL_SEC = 7 * 24 * 3600;
 
@@ -57,6 +61,11 @@ export interface EventIntakeOptions {
   /** Told of redactions, so a redacted live message is not edited further. */
   live: LiveMessages;
   commands: Commands;
+  /**
+   * Who may relay a room message to each route (config `permissions`); a refused one is answered
+   * there. Told of every state event (power levels).
+   */
+  permissions: Pick<RelayPermissions, "noteState" | "judge" | "refused">;
   /** Admins may invite the bot to any room (to talk to it there). */
   isAdmin(userId: string): boolean;
   /**
@@ -101,7 +110,10 @@ export class EventIntake {
 
   private async handleOne(ev: MatrixEvent): Promise<void> {
     const { routes, log } = this.o;
-    if (ev.state_key !== undefined) this.o.endToEnd?.noteState(ev);
+    if (ev.state_key !== undefined) {
+      this.o.endToEnd?.noteState(ev);
+      this.o.permissions.noteState(ev);
+    }
     if (this.o.isOurs(ev.sender)) return; // loop guard
     if (ev.type === "m.room.member" && ev.state_key !== undefined) {
       this.noteMembership(ev, ev.state_key);
@@ -144,32 +156,38 @@ export class EventIntake {
       return;
     }
     if (ev.type !== "m.room.message" || !routes.isRouteRoom(ev.room_id)) return;
-    await this.seen.once(ev.event_id, () => this.relayMessage(ev));
+    // Judged now, by the power levels before any change later in this transaction.
+    const judged = this.o.permissions.judge(ev);
+    judged.catch(() => undefined); // awaited if relayed; an event seen before never awaits it
+    await this.seen.once(ev.event_id, () => this.relayMessage(ev, judged));
   }
 
   /** A room message: an edit, or a message tribridge relays, is enqueued (see relay). */
-  private async relayMessage(ev: MatrixEvent): Promise<void> {
+  private async relayMessage(ev: MatrixEvent, judged: Judged): Promise<void> {
     if (relationsOf(ev.content).replaces !== undefined) {
-      await this.relay(ev, ev.content, "edits", { kind: "edit" });
+      await this.relay(ev, ev.content, "edits", { kind: "edit" }, judged);
     } else if (!fromMatrixContent(ev.content, ev.sender)) {
       this.o.log.debug(
         { eventId: ev.event_id, msgtype: ev.content.msgtype },
         "room message not relayed (empty, or a msgtype not relayed)",
       );
     } else {
-      await this.relay(ev, ev.content);
+      await this.relay(ev, ev.content, undefined, undefined, judged);
     }
   }
 
   /**
    * Enqueues an event once per outbound endpoint of its room; an edit or a redaction (`change`)
-   * only for connectors whose capabilities say they can act on it.
+   * only for connectors whose capabilities say they can act on it; with `judged`, only for the
+   * routes its sender may relay to (a redaction is not judged: it only takes back what was relayed,
+   * and the homeserver let its sender redact).
    */
   private async relay(
     ev: MatrixEvent,
     content: Record<string, unknown>,
     capability?: "edits" | "redactions",
     change?: Pick<ToRemoteJob, "kind" | "redacts">,
+    judged?: Judged,
   ): Promise<void> {
     const job = {
       roomId: ev.room_id,
@@ -183,10 +201,11 @@ export class EventIntake {
     // says what it is in its new content.
     const shown = isObject(content["m.new_content"]) ? content["m.new_content"] : content;
     const notice = shown.msgtype === "m.notice";
-    const endpoints = this.o.routes
+    let endpoints = this.o.routes
       .outboundForRoom(ev.room_id)
       .filter((endpoint) => !notice || endpoint.notices)
       .filter((endpoint) => !capability || this.o.capabilitiesOf(endpoint.connector)?.[capability]);
+    if (judged && endpoints.length > 0) endpoints = this.permitted(ev, endpoints, await judged);
     if (capability && endpoints.length === 0) {
       this.o.log.debug(
         { eventId: ev.event_id, kind: change?.kind },
@@ -201,6 +220,23 @@ export class EventIntake {
         }),
       ),
     );
+  }
+
+  /** The endpoints whose route the sender may relay to; the others' routes answer the refusal. */
+  private permitted(
+    ev: MatrixEvent,
+    endpoints: readonly ResolvedEndpoint[],
+    mayRelayTo: (route: ResolvedRoute) => boolean,
+  ): ResolvedEndpoint[] {
+    const refused = new Map<string, ResolvedRoute>();
+    const permitted = endpoints.filter((endpoint) => {
+      const route = this.o.routes.route(endpoint.routeId);
+      if (route && mayRelayTo(route)) return true;
+      if (route) refused.set(route.id, route);
+      return false;
+    });
+    if (refused.size > 0) void this.o.permissions.refused(ev, [...refused.values()]);
+    return permitted;
   }
 
   private noteMembership(ev: MatrixEvent, userId: string): void {

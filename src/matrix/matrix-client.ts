@@ -33,6 +33,8 @@ export interface MatrixClientOptions {
 const REQUEST_TIMEOUT_MS = 30_000;
 /** Waiting for the homeserver to answer and accept our as_token at start-up: 1 s, 2 s, … 30 s. */
 const START_BACKOFF = { initialDelayMs: 1_000, maxDelayMs: 30_000 };
+/** How long /ready's answer about the homeserver is kept (see homeserverProblem). */
+const TOKEN_CHECK_KEPT_MS = 5_000;
 
 type HttpMethod = "GET" | "PUT" | "POST" | "DELETE";
 
@@ -61,6 +63,21 @@ export interface EventSealer {
 /** Whether the homeserver could reach our appservice port; `undefined` when it cannot tell us. */
 export type PingResult =
   { reachable: true; durationMs: number } | { reachable: false | undefined; detail: string };
+
+/** Why a homeserver refuses the as_token, and what to do about it. */
+export const TOKEN_REFUSED_WHY =
+  "registration.yaml is not registered with it yet (see `tribridge registration-help`), or it was " +
+  "regenerated since (register the new file; Synapse: restart it)";
+
+/** What to check when the homeserver cannot reach tribridge (a failed appservice ping). */
+export const PING_FIX =
+  "Check `url` in registration.yaml (as the homeserver sees it, e.g. from its container) and " +
+  "appservice.bind / appservice.port, then re-register or restart the homeserver";
+
+/** Whether a request failed because the homeserver does not know the as_token (401, M_UNKNOWN_TOKEN). */
+export function isTokenRefused(err: unknown): boolean {
+  return err instanceof MatrixPermanentError && (err.status === 401 || err.errcode === "M_UNKNOWN_TOKEN");
+}
 
 /**
  * `Retry-After` (Matrix 1.10 prefers it to `retry_after_ms`; a proxy may send only the header): delay
@@ -112,6 +129,7 @@ export class MatrixClient {
   private readonly pool: Pool;
   private readonly basePath: string;
   private sealer: EventSealer | undefined;
+  private lastTokenCheck: { at: number; problem: Promise<string | undefined> } | undefined;
 
   constructor(private readonly opts: MatrixClientOptions) {
     routeLibraryLogs();
@@ -151,14 +169,10 @@ export class MatrixClient {
         // The library's own requests (initialise) fail with its errors: typed the same way.
         const failure = this.toQueueError(err, "starting");
         const delay = Math.round(backoffDelayMs(START_BACKOFF, attempt, retryAfterMsOf(failure)));
-        const tokenRefused =
-          failure instanceof MatrixPermanentError &&
-          (failure.status === 401 || failure.errcode === "M_UNKNOWN_TOKEN");
         this.opts.log.warn(
           { err: errorMessage(err), retryInMs: delay },
-          tokenRefused
-            ? "the homeserver does not accept this appservice's as_token: registration.yaml is not " +
-                "registered with it yet (see `tribridge registration-help`), or it was regenerated since"
+          isTokenRefused(failure)
+            ? `the homeserver does not accept this appservice's as_token: ${TOKEN_REFUSED_WHY}`
             : failure instanceof RetryableError
               ? "homeserver not reachable yet"
               : "the homeserver refused the bridge's first request",
@@ -204,18 +218,45 @@ export class MatrixClient {
     }
   }
 
-  /** Who the homeserver thinks we are: the bot, or the registration is not (or differently) loaded. */
-  private async checkToken(): Promise<void> {
+  /**
+   * Who the homeserver says the as_token is (Client-Server API §GET /account/whoami, as the bot).
+   * Throws as every request does: see isTokenRefused for an as_token it does not know.
+   */
+  async whoami(): Promise<string> {
     const { user_id: userId } = await this.request(
       "GET",
       "/_matrix/client/v3/account/whoami",
       this.opts.botUserId,
     );
+    return String(userId);
+  }
+
+  /** Who the homeserver thinks we are: the bot, or the registration is not (or differently) loaded. */
+  private async checkToken(): Promise<void> {
+    const userId = await this.whoami();
     if (userId !== this.opts.botUserId)
       throw new PermanentError(
         `the as_token belongs to ${String(userId)}, not ${this.opts.botUserId}: ` +
           "homeserver.domain or sender_localpart does not match the registration the homeserver loaded",
       );
+  }
+
+  /**
+   * For GET /ready: what is wrong with the homeserver now (it does not answer, or no longer takes our
+   * as_token), or undefined. The answer is kept for a few seconds: /ready is open to anyone who
+   * reaches the appservice port, and must not turn their requests into load on the homeserver.
+   */
+  homeserverProblem(): Promise<string | undefined> {
+    const now = Date.now();
+    if (!this.lastTokenCheck || now - this.lastTokenCheck.at >= TOKEN_CHECK_KEPT_MS)
+      this.lastTokenCheck = {
+        at: now,
+        problem: this.checkToken().then(
+          () => undefined,
+          (err: unknown) => errorMessage(err),
+        ),
+      };
+    return this.lastTokenCheck.problem;
   }
 
   /**
@@ -261,9 +302,7 @@ export class MatrixClient {
     else
       this.opts.log.error(
         { detail: result.detail, url },
-        `the homeserver cannot reach tribridge at ${String(url)}: events from rooms will not arrive. ` +
-          "Check `url` in registration.yaml (as the homeserver sees it, e.g. from its container) and " +
-          "appservice.bind / appservice.port, then re-register or restart the homeserver",
+        `the homeserver cannot reach tribridge at ${String(url)}: events from rooms will not arrive. ${PING_FIX}`,
       );
   }
 

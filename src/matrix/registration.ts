@@ -149,20 +149,36 @@ export function registrationMismatch(
   config: Pick<Config, "appservice" | "homeserver" | "encryption">,
   connectors: readonly ConnectorDefinition[],
 ): string | undefined {
+  const found = registrationProblem(reg, config, connectors);
+  return found && `${found.problem}: ${found.fix}`;
+}
+
+/** registrationMismatch, with the problem and what to do about it apart (for `tribridge doctor`). */
+export function registrationProblem(
+  reg: Registration,
+  config: Pick<Config, "appservice" | "homeserver" | "encryption">,
+  connectors: readonly ConnectorDefinition[],
+): { problem: string; fix: string } | undefined {
   const { domain } = config.homeserver;
   const fix = "run `tribridge generate-registration --force` and register the new file with the homeserver";
   if (reg.sender_localpart !== config.appservice.botLocalpart)
-    return `its sender_localpart is ${reg.sender_localpart}, the config's appservice.botLocalpart ${config.appservice.botLocalpart}: ${fix}`;
+    return {
+      problem: `its sender_localpart is ${reg.sender_localpart}, the config's appservice.botLocalpart ${config.appservice.botLocalpart}`,
+      fix,
+    };
   const users = reg.namespaces.users.map((n) => new RegExp(n.regex));
   const naming = { ghostPrefix: config.appservice.ghostPrefix, domain };
   for (const c of connectors) {
     const ghost = ghostUserId(naming, c.ghostTag, "account", "device");
     if (!users.some((re) => re.test(ghost)))
-      return `ghosts such as ${ghost} are outside its user namespaces (appservice.ghostPrefix or homeserver.domain changed?): ${fix}`;
+      return {
+        problem: `ghosts such as ${ghost} are outside its user namespaces (appservice.ghostPrefix or homeserver.domain changed?)`,
+        fix,
+      };
   }
   const reader = readerUserId(naming);
   if (config.encryption.enabled && !users.some((re) => re.test(reader)))
-    return `encryption.enabled needs its reader ${reader} in the user namespaces: ${fix}`;
+    return { problem: `encryption.enabled needs its reader ${reader} in the user namespaces`, fix };
   return undefined;
 }
 

@@ -37,6 +37,8 @@ export interface ToMatrixJob {
   replyTo?: string;
   /** See InboundMessage.thread. */
   thread?: string;
+  /** See InboundMessage.response. */
+  response?: boolean;
 }
 
 /**

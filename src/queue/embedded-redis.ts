@@ -22,6 +22,11 @@ const INSTALL_HINT =
   "redis-server was not found. Install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) " +
   "or set queue.redisUrl to an existing Redis (with appendonly yes and maxmemory-policy noeviction).";
 
+/** Why the embedded Redis cannot start here, if redis-server is not installed: how to install it. */
+export function redisServerMissing(): string | undefined {
+  return spawnSync("redis-server", ["--version"]).error ? INSTALL_HINT : undefined;
+}
+
 /** sun_path is 108 bytes on Linux, with a terminating NUL. */
 const MAX_SOCKET_PATH_BYTES = 107;
 
@@ -137,7 +142,8 @@ export async function startEmbeddedRedis(
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const leftover = await adoptLeftover(dir, socket, opts.fsync ?? "everysec", log);
   if (leftover) return leftover;
-  if (spawnSync("redis-server", ["--version"]).error) throw new Error(INSTALL_HINT);
+  const missing = redisServerMissing();
+  if (missing) throw new Error(missing);
   const server = new SupervisedRedis(dir, socket, opts, log);
   await server.start();
   return server;

@@ -2,16 +2,31 @@
  * Checks the Redis settings tribridge depends on: AOF (or a relay accepted before a crash is
  * lost), `maxmemory-policy noeviction` (or Redis may evict queued messages), and that its AOF is
  * synced as queue.fsync says. An external Redis is only checked, never reconfigured: it is its
- * operator's, and may serve others.
+ * operator's, and may serve others. `start` logs the findings; `tribridge doctor` prints them.
  */
 import type { Redis } from "ioredis";
 import type { Logger } from "../log.js";
 import type { FsyncPolicy } from "./embedded-redis.js";
 
+/** One setting that is not as tribridge needs it. */
+export interface RedisFinding {
+  /** fail: queued messages can be lost; warn: less safe (or slower) than queue.fsync says. */
+  level: "fail" | "warn";
+  problem: string;
+  fix: string;
+}
+
 export interface RedisCheck {
-  problems: string[];
+  findings: RedisFinding[];
   /** CONFIG is disabled on some managed Redis; then nothing could be checked. */
   checked: boolean;
+  /** The settings read, when `checked`. */
+  settings?: { appendonly?: string; maxmemoryPolicy?: string; appendfsync?: string };
+}
+
+/** What to make sure of by hand when CONFIG cannot be read. */
+export function redisSettingsNeeded(fsync: FsyncPolicy): string {
+  return `make sure it runs with appendonly yes, appendfsync ${fsync} and maxmemory-policy noeviction`;
 }
 
 async function configValue(redis: Redis, name: string): Promise<string | undefined> {
@@ -27,34 +42,39 @@ export async function checkRedisSettings(redis: Redis, fsync: FsyncPolicy): Prom
     policy = await configValue(redis, "maxmemory-policy");
     appendfsync = await configValue(redis, "appendfsync");
   } catch {
-    return { problems: [], checked: false };
+    return { findings: [], checked: false };
   }
-  const problems: string[] = [];
+  const findings: RedisFinding[] = [];
   if (aof !== "yes") {
-    problems.push("appendonly is not 'yes': queued messages are lost if Redis restarts (set appendonly yes)");
+    findings.push({
+      level: "fail",
+      problem: `appendonly is '${aof}': queued messages are lost if Redis restarts`,
+      fix: "set appendonly yes",
+    });
   }
   if (policy !== "noeviction") {
-    problems.push(
-      `maxmemory-policy is '${policy}': Redis may evict queued messages (set maxmemory-policy noeviction)`,
-    );
+    findings.push({
+      level: "fail",
+      problem: `maxmemory-policy is '${policy}': Redis may evict queued messages`,
+      fix: "set maxmemory-policy noeviction",
+    });
   }
   if (aof === "yes" && appendfsync !== fsync) {
-    problems.push(
-      `appendfsync is '${appendfsync}' but queue.fsync is '${fsync}': ` +
+    findings.push({
+      level: "warn",
+      problem:
+        `appendfsync is '${appendfsync}' but queue.fsync is '${fsync}'` +
         (appendfsync === "no"
-          ? "acknowledged messages can be lost on a power loss (up to ~30 s of them); "
-          : "") +
-        `set appendfsync ${fsync} on that Redis, or queue.fsync to what it runs with`,
-    );
+          ? ": acknowledged messages can be lost on a power loss (up to ~30 s of them)"
+          : ""),
+      fix: `set appendfsync ${fsync} on that Redis, or queue.fsync to what it runs with`,
+    });
   }
-  return { problems, checked: true };
+  return { findings, checked: true, settings: { appendonly: aof, maxmemoryPolicy: policy, appendfsync } };
 }
 
 export async function warnAboutRedisSettings(redis: Redis, fsync: FsyncPolicy, log: Logger): Promise<void> {
   const result = await checkRedisSettings(redis, fsync);
-  if (!result.checked)
-    log.warn(
-      `cannot read Redis CONFIG; make sure it runs with appendonly yes, appendfsync ${fsync} and maxmemory-policy noeviction`,
-    );
-  for (const p of result.problems) log.warn(`Redis: ${p}`);
+  if (!result.checked) log.warn(`cannot read Redis CONFIG; ${redisSettingsNeeded(fsync)}`);
+  for (const f of result.findings) log.warn(`Redis: ${f.problem} (${f.fix})`);
 }

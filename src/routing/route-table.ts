@@ -4,7 +4,7 @@
  * the bridge runs (a config reload, a link made in a room: `update`); every part holds this one
  * table, so each relay reads the routes as they are when it runs.
  */
-import { relaysIn, relaysOut, type EndpointBinding } from "../connector.js";
+import { relaysIn, relaysOut, type Direction, type EndpointBinding } from "../connector.js";
 import type { ResolvedEndpoint, ResolvedRoute } from "../config/load.js";
 import { PermanentError } from "../errors.js";
 import { resolveLegacyId, type EndpointLayout } from "./legacy-endpoint-ids.js";
@@ -64,14 +64,24 @@ export class RouteTable {
     return moved.map((r) => r.id);
   }
 
+  route(routeId: string): ResolvedRoute | undefined {
+    return this.routes.find((r) => r.id === routeId);
+  }
+
   roomIdOf(routeId: string): string | undefined {
     return this.roomIdByRoute.get(routeId);
   }
 
-  /** The endpoint and its route, if `id` still exists and relays into Matrix. */
-  inbound(endpointId: string): { route: ResolvedRoute; endpoint: ResolvedEndpoint } | undefined {
+  /**
+   * The endpoint and its route, if `id` still exists and relays into Matrix (any endpoint, for a
+   * `response`: see InboundMessage.response).
+   */
+  inbound(
+    endpointId: string,
+    response = false,
+  ): { route: ResolvedRoute; endpoint: ResolvedEndpoint } | undefined {
     const found = this.endpoints.get(endpointId);
-    return found && relaysIn(found.endpoint.direction) ? found : undefined;
+    return found && (response || relaysIn(found.endpoint.direction)) ? found : undefined;
   }
 
   /** The endpoint, if it still exists and relays out of Matrix. */
@@ -88,17 +98,18 @@ export class RouteTable {
    */
   queuedInbound(
     endpointId: string,
-    from: { connector: string; account: string },
+    from: { connector: string; account: string; response?: boolean },
   ): { route: ResolvedRoute; endpoint: ResolvedEndpoint } {
+    const relays = (direction: Direction) => from.response === true || relaysIn(direction);
     const id =
       resolveLegacyId(
         this.legacyLayout,
         endpointId,
-        (e) => e.connector === from.connector && e.account === from.account && relaysIn(e.direction),
+        (e) => e.connector === from.connector && e.account === from.account && relays(e.direction),
       ) ?? endpointId;
     const found = this.endpoints.get(id);
     if (!found) throw new PermanentError(`endpoint ${described(id, endpointId)} is no longer configured`);
-    if (!relaysIn(found.endpoint.direction))
+    if (!relays(found.endpoint.direction))
       throw new PermanentError(`endpoint ${described(id, endpointId)} no longer relays into Matrix`);
     return found;
   }

@@ -20,6 +20,9 @@ export const redisKeys = {
   encryptedRoom: (prefix: string, roomId: string) => `${prefix}:encrypted-room:${roomId}`,
   /** The room was told that tribridge cannot use it while encrypted: the notice goes once. */
   encryptionNotice: (prefix: string, roomId: string) => `${prefix}:encryption-notice:${roomId}`,
+  /** A sender was told why their message was not relayed (permissions.ts): told again after a while. */
+  refusalNotice: (prefix: string, roomId: string, userId: string) =>
+    `${prefix}:refusal-notice:${roomId}:${userId}`,
   /** A live stream (room, endpoint, sender, stream; hashed) → the event its next reading edits. */
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */

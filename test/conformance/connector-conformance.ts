@@ -145,6 +145,21 @@ export function connectorConformance<Account, E>(target: ConformanceTarget<Accou
       assert.notEqual(def.endpointKey(spec("beta")), key);
     });
 
+    test("check, if given: the working account passes (its own ports held by the running connector)", async () => {
+      if (!def.check) return; // doctor does not check this connector's accounts
+      const results = await def.check("conf", account, {
+        log: fake.ctx.log,
+        signal: AbortSignal.timeout(20_000),
+        bridgeRunning: true, // the connector under test runs: what it listens on is taken, by it
+      });
+      assert.ok(results.length > 0, "check() found nothing to check");
+      for (const r of results) {
+        assert.ok(r.name.length > 0 && r.detail.length > 0, JSON.stringify(r));
+        assert.notEqual(r.status, "fail", `${r.name}: ${r.detail}`);
+        if (r.status === "warn") assert.ok(r.fix, `a warning says what to do: ${r.name}`);
+      }
+    });
+
     test("imports only src/{connector,errors,log} and npm packages, nothing of Matrix", () => {
       for (const file of sourceFiles(target.sourceDir)) {
         const text = readFileSync(file, "utf8");

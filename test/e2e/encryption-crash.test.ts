@@ -35,6 +35,7 @@ before(async () => {
     ],
     encryption: { enabled: true, feed: "transactions", deviceCreation: "msc4190" },
     homeserver: { msc2409ToDevice: true, msc3202TransactionExtensions: true },
+    permissions: { users: ["@*:test.local"] }, // carol is a member, not a moderator
   });
   bridge = new BridgeProcess(h);
 });

@@ -83,6 +83,7 @@ for (const variant of VARIANTS) {
         ],
         encryption: variant.encryption,
         homeserver: variant.homeserver,
+        permissions: { users: ["@*:test.local"] }, // bob and carol are members, not moderators
       });
       config = { ...h.config, appservice: { ...h.config.appservice, admins: [h.alice] } };
       bot = h.hs.appserviceUserId;

@@ -72,7 +72,7 @@ test(
     await waitFor("ready", async () => (await ready(port)).status === 200, 20_000);
     assert.deepEqual((await ready(port)).body, {
       status: "ready",
-      checks: { redis: "ok", shards: "ok", destinations: "ok", connectors: "ok" },
+      checks: { redis: "ok", homeserver: "ok", shards: "ok", destinations: "ok", connectors: "ok" },
     });
     assert.equal(await gauge(), 0);
 
@@ -96,6 +96,43 @@ test(
     await server.restart();
     await waitFor("ready again", async () => (await ready(port)).status === 200, 20_000);
     assert.equal(await gauge(), 0);
+  },
+);
+
+test(
+  "the homeserver away (refusing connections, then a proxy's 502): /ready says 503 naming it, 200 again once it is back",
+  { timeout: 60_000 },
+  async (t) => {
+    const h = await harness({ bridges: { mqtt: { home: { embedded: { port: 0 } } } }, routes: ROUTES });
+    t.after(() => h.cleanup());
+    h.hs.createRoom({ creator: h.alice, alias: "#lab:test.local", preset: "public_chat" });
+    const bridge = await start({ config: h.config, registration: h.registration, connectors });
+    t.after(() => bridge.stop());
+    const port = bridge.appservicePort;
+    await waitFor("ready", async () => (await ready(port)).status === 200, 20_000);
+
+    for (const kind of ["refuse", "bad-gateway"] as const) {
+      await h.hs.outage(kind);
+      const down = await waitFor(
+        `not ready while the homeserver is away (${kind})`,
+        async () => {
+          const r = await ready(port);
+          return r.status === 503 && r;
+        },
+        20_000,
+      );
+      assert.match(
+        down.body.checks.homeserver!,
+        kind === "refuse" ? /ECONNREFUSED|unreachable|connect/i : /502/,
+      );
+      assert.equal(down.body.checks.redis, "ok");
+      await h.hs.endOutage();
+      await waitFor(
+        `ready again after the ${kind} outage`,
+        async () => (await ready(port)).status === 200,
+        20_000,
+      );
+    }
   },
 );
 

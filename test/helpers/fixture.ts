@@ -45,12 +45,19 @@ export async function harness(raw: {
   routes?: unknown;
   queue?: Record<string, unknown>;
   metrics?: Record<string, unknown>;
+  /** Who may relay room messages out (default: moderators and admins). */
+  permissions?: Record<string, unknown>;
   /** The connectors the config is validated against (default: the installed ones). */
   connectors?: readonly ConnectorDefinition[];
   /** Settings of the test homeserver (e.g. its upload limit, the MSCs it implements). */
   homeserver?: Pick<
     TestHomeserverOptions,
-    "maxUploadBytes" | "msc2409ToDevice" | "msc3202TransactionExtensions" | "msc4190" | "deviceMasquerading"
+    | "maxUploadBytes"
+    | "msc2409ToDevice"
+    | "msc3202TransactionExtensions"
+    | "msc4190"
+    | "deviceMasquerading"
+    | "appservicePing"
   >;
   encryption?: Record<string, unknown>;
 }): Promise<Harness> {
@@ -74,6 +81,7 @@ export async function harness(raw: {
     bridges: raw.bridges,
     routes: raw.routes,
     ...(raw.metrics ? { metrics: raw.metrics } : {}),
+    ...(raw.permissions ? { permissions: raw.permissions } : {}),
     ...(raw.encryption ? { encryption: raw.encryption } : {}),
   };
   const registration = buildRegistration(validateConfig(base, connectors), connectors);

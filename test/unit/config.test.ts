@@ -79,6 +79,30 @@ test("room ids of room version 12 (no server part) are accepted; '=' in the bot'
   );
 });
 
+test("a responseTopic on an MQTT 3.1.1 or embedded account is a config error naming the endpoint's key", () => {
+  const base = { homeserver: { url: "http://hs:8008", domain: "example.org" } };
+  const config = (account: Record<string, unknown>) => ({
+    ...base,
+    bridges: { mqtt: { lab: account } },
+    routes: [
+      {
+        id: "r",
+        room: "#r:example.org",
+        endpoints: [{ account: "mqtt.lab", direction: "out", topic: "a/set", responseTopic: "a/response" }],
+      },
+    ],
+  });
+  assert.doesNotThrow(() => validateConfig(config({ url: "mqtt://broker", protocolVersion: 5 }), connectors));
+  assert.throws(
+    () => validateConfig(config({ url: "mqtt://broker", protocolVersion: 4 }), connectors),
+    /routes\[0\]\.endpoints\[0\]\.responseTopic: needs protocolVersion: 5 on the account/,
+  );
+  assert.throws(
+    () => validateConfig(config({ embedded: { port: 0 } }), connectors),
+    /routes\[0\]\.endpoints\[0\]\.responseTopic: the embedded broker speaks MQTT 3\.1\.1/,
+  );
+});
+
 test("a route's room is created inviting the admins (user ids, not server globs) unless it says whom", () => {
   const base = {
     homeserver: { url: "http://hs:8008", domain: "example.org" },

@@ -20,6 +20,12 @@ import { testConnector } from "../helpers/test-connector.js";
 const ROOM = "!room:test.local";
 const log = moduleLogger("event-intake-test");
 log.level = "silent";
+/** Permissions are not what these tests are about (see permissions.test.ts). */
+const everyoneMayRelay: EventIntakeOptions["permissions"] = {
+  noteState: () => undefined,
+  judge: async () => () => true,
+  refused: async () => assert.fail("nobody is refused here"),
+};
 
 describe("EventIntake: each event once", () => {
   let h: Harness;
@@ -53,6 +59,7 @@ describe("EventIntake: each event once", () => {
       isOurs: () => false,
       live: {} as LiveMessages,
       commands: {} as Commands,
+      permissions: everyoneMayRelay,
       isAdmin: () => false,
       upgraded: () => undefined,
       capabilitiesOf: () => undefined,

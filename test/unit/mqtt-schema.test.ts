@@ -30,6 +30,7 @@ test("endpoint defaults: qos 1, not retained, text, notice, keeps retained", () 
     format: "text",
     notice: true,
     ignoreRetained: false,
+    answerRequests: false,
   });
 });
 
@@ -66,6 +67,49 @@ test("clearRetainedOnRedact needs retain: true and a direction that publishes", 
   assert.deepEqual(checkMqttEndpoint(endpoint({ ...clearing, retain: true }), "in", embedded), [
     ["clearRetainedOnRedact", 'only for direction "out" or "inout"'],
   ]);
+});
+
+test("[MQTT 5 §3.3.2.3.5] responseTopic: out or inout, external broker with protocolVersion 5, a topic name", () => {
+  const v5 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 5 });
+  const v4 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 4 });
+  const asking = (responseTopic: string) => endpoint({ topic: "lab/pump/set", responseTopic });
+  assert.deepEqual(checkMqttEndpoint(asking("lab/pump/response"), "out", v5), []);
+  assert.deepEqual(checkMqttEndpoint(asking("lab/pump/response"), "inout", v5), []);
+  assert.deepEqual(checkMqttEndpoint(endpoint({ topic: "lab/#", responseTopic: "lab/r" }), "in", v5), [
+    ["responseTopic", 'only for direction "out" or "inout"'],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(asking("lab/pump/response"), "out", v4), [
+    ["responseTopic", "needs protocolVersion: 5 on the account (MQTT 3.1.1 has no response topics)"],
+  ]);
+  // aedes 1.x refuses protocol level 5 at CONNECT: the embedded broker is MQTT 3.1.1 only.
+  assert.deepEqual(checkMqttEndpoint(asking("lab/pump/response"), "out", embedded), [
+    [
+      "responseTopic",
+      "the embedded broker speaks MQTT 3.1.1, which has no response topics: use an external broker (url) with protocolVersion: 5",
+    ],
+  ]);
+  // [MQTT-3.3.2-14]: the Response Topic is a topic name.
+  assert.deepEqual(checkMqttEndpoint(asking("lab/+/response"), "out", v5), [
+    ["responseTopic", "wildcards (+, #) are not allowed in a topic to publish to"],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(asking(""), "out", v5), [["responseTopic", "must not be empty"]]);
+  assert.deepEqual(checkMqttEndpoint(asking("lab/pump/set"), "inout", v5), [
+    ["responseTopic", "must differ from topic: answers would be taken for commands"],
+  ]);
+});
+
+test("answerRequests: out or inout, external broker with protocolVersion 5", () => {
+  const v5 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 5 });
+  const v4 = mqttAccountSchema.parse({ url: "mqtt://broker:1883", protocolVersion: 4 });
+  const answering = endpoint({ topic: "lab/notes", answerRequests: true });
+  assert.deepEqual(checkMqttEndpoint(answering, "out", v5), []);
+  assert.deepEqual(checkMqttEndpoint(answering, "in", v5), [
+    ["answerRequests", 'only for direction "out" or "inout"'],
+  ]);
+  assert.deepEqual(checkMqttEndpoint(answering, "out", v4), [
+    ["answerRequests", "needs protocolVersion: 5 on the account (MQTT 3.1.1 has no response topics)"],
+  ]);
+  assert.equal(checkMqttEndpoint(answering, "inout", embedded)[0]?.[0], "answerRequests");
 });
 
 test("concrete topics are fine for out and inout", () => {

@@ -19,15 +19,22 @@ after(async () => {
 });
 
 test("appendfsync other than queue.fsync is named, with what to set", async () => {
-  const { problems, checked } = await checkRedisSettings(redis, "everysec");
+  const { findings, checked } = await checkRedisSettings(redis, "everysec");
   assert.equal(checked, true);
-  assert.deepEqual(problems, [
-    "appendfsync is 'always' but queue.fsync is 'everysec': set appendfsync everysec on that Redis, " +
-      "or queue.fsync to what it runs with",
+  assert.deepEqual(findings, [
+    {
+      level: "warn",
+      problem: "appendfsync is 'always' but queue.fsync is 'everysec'",
+      fix: "set appendfsync everysec on that Redis, or queue.fsync to what it runs with",
+    },
   ]);
   assert.equal(((await redis.config("GET", "appendfsync")) as string[])[1], "always", "left as it was");
 });
 
-test("appendfsync as queue.fsync says: nothing to report", async () => {
-  assert.deepEqual(await checkRedisSettings(redis, "always"), { problems: [], checked: true });
+test("appendfsync as queue.fsync says: nothing to report, and the settings read", async () => {
+  assert.deepEqual(await checkRedisSettings(redis, "always"), {
+    findings: [],
+    checked: true,
+    settings: { appendonly: "yes", maxmemoryPolicy: "noeviction", appendfsync: "always" },
+  });
 });
