@@ -227,6 +227,7 @@ export async function start({
       );
 
     // The routes as they run: the file's, changed by reloads, and those linked from rooms.
+    let defaultPermissions = config.permissions;
     const roomLinks = new RoomLinks({
       redis,
       prefix,
@@ -235,7 +236,7 @@ export async function start({
       table: routes,
       exclusive: (change) => liveRoutes.exclusive(change),
       // Nobody to invite: the room exists, and its people are in it.
-      routeDefaults: () => ({ invite: [] }),
+      routeDefaults: () => ({ invite: [], permissions: defaultPermissions }),
       apply: (linked) => liveRoutes.set({ linked }),
       log: moduleLogger("room-links"),
     });
@@ -263,6 +264,7 @@ export async function start({
       // The links are read again too: one made through another instance may have been missed.
       applyRoutes: (next) =>
         liveRoutes.exclusive(async () => {
+          defaultPermissions = next.permissions;
           await roomLinks.load();
           return liveRoutes.set({ file: next.routes, linked: roomLinks.routes() });
         }),

@@ -62,6 +62,8 @@ export interface Config {
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
+  /** The top-level `permissions`: those of every route without its own (and of routes linked from rooms). */
+  readonly permissions: ResolvedRoute["permissions"];
 }
 
 /** Several config problems, each with its path. */
@@ -326,6 +328,7 @@ export function validateConfig(
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,
+    permissions: { ...cfg.permissions, key: "permissions" },
   };
 }
 

@@ -32,7 +32,7 @@ export interface ConfigReloadOptions {
 }
 
 /** Keys whose change takes effect without a restart. */
-const HOT = new Set(["routes", "appservice.admins"]);
+const HOT = new Set(["routes", "permissions", "appservice.admins"]);
 
 export class ConfigReload {
   private running: Config;
@@ -66,8 +66,11 @@ export class ConfigReload {
     const changed = changedKeys(this.running, next);
     const needsRestart = changed.filter((key) => !HOT.has(key));
     const lines: string[] = [];
-    const problems = changed.includes("routes") ? await this.o.applyRoutes(next) : [];
+    // The top-level permissions are also those of the routes linked from rooms.
+    const routesChanged = changed.includes("routes") || changed.includes("permissions");
+    const problems = routesChanged ? await this.o.applyRoutes(next) : [];
     if (changed.includes("routes")) lines.push(routeChanges(this.running.routes, next.routes));
+    if (changed.includes("permissions")) lines.push("permissions (of routes without their own)");
     if (changed.includes("appservice.admins")) {
       this.o.applyAdmins(next.appservice.admins);
       lines.push(`appservice.admins: ${next.appservice.admins.join(", ") || "nobody"}`);
@@ -76,6 +79,7 @@ export class ConfigReload {
     this.running = {
       ...this.running,
       routes: next.routes,
+      permissions: next.permissions,
       appservice: { ...this.running.appservice, admins: next.appservice.admins },
     };
     if (lines.length === 0 && needsRestart.length === 0) lines.push("no changes");
@@ -106,6 +110,7 @@ export function changedKeys(a: Config, b: Config): string[] {
     new Map(c.accounts.map((x) => [`bridges.${x.connector}.${x.account}`, x.config]));
   const [x, y] = [accounts(a), accounts(b)];
   for (const ref of new Set([...x.keys(), ...y.keys()])) if (!same(x.get(ref), y.get(ref))) keys.push(ref);
+  if (!same(a.permissions, b.permissions)) keys.push("permissions");
   if (!same(a.routes, b.routes)) keys.push("routes");
   return keys;
 }

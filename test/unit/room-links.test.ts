@@ -45,7 +45,7 @@ before(async () => {
     config,
     connectors,
     table: new RouteTable([]),
-    routeDefaults: () => ({ invite: [] }),
+    routeDefaults: () => ({ invite: [], permissions: config.permissions }),
     exclusive: <T>(change: () => Promise<T>) => {
       const next = last.then(change);
       last = next.catch(() => undefined);
