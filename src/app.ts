@@ -7,6 +7,7 @@ import path from "node:path";
 import type { Redis } from "ioredis";
 import type { Connector, ConnectorDefinition, ConnectorState } from "./connector.js";
 import type { Config, ResolvedRoute } from "./config/load.js";
+import { ConfigReload, type ReloadOutcome } from "./config/reload.js";
 import { ConnectorHost } from "./connector-host.js";
 import { bridgeCommands } from "./control.js";
 import { ConfigError, errorMessage } from "./errors.js";
@@ -47,6 +48,8 @@ import type { LeaseTimings } from "./queue/lease.js";
 import { warnAboutRedisSettings } from "./queue/redis-check.js";
 import { readiness, type ReadinessCheck } from "./readiness.js";
 import { recordedEndpointLayout } from "./routing/legacy-endpoint-ids.js";
+import { LiveRoutes } from "./routing/live-routes.js";
+import { RoomLinks } from "./routing/room-links.js";
 import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MessageMap } from "./store/message-map.js";
@@ -65,6 +68,11 @@ export interface StartOptions {
   onFatal?(err: Error): void;
   /** Timings of the queue shards' leases (default: LEASE_DEFAULTS); tests shorten them. */
   lease?: LeaseTimings;
+  /**
+   * Reads the config file again (throws ConfigErrors), for `RunningBridge.reload` and
+   * `!tribridge reload`. Absent: the config cannot be reloaded (it was not read from a file).
+   */
+  reloadConfig?(): Config;
 }
 
 export interface RunningBridge {
@@ -75,6 +83,8 @@ export interface RunningBridge {
   connector(ref: string): Connector<unknown> | undefined;
   connectorStates(): Record<string, { state: ConnectorState; reason?: string }>;
   failedJobs(): Promise<FailedJob[]>;
+  /** Reads the config file again and applies what can change without a restart (config/reload.ts). */
+  reload(): Promise<ReloadOutcome>;
   stop(): Promise<void>;
   /** While stop() runs: the parts not stopped yet (for a stop that takes too long). */
   notStopped(): string[];
@@ -89,6 +99,7 @@ export async function start({
   signal,
   onFatal = (err) => log.error({ err: err.message }, "the bridge cannot go on; stop it"),
   lease,
+  reloadConfig,
 }: StartOptions): Promise<RunningBridge> {
   checkNamesUnique(connectors);
   const mismatch = registrationMismatch(registration, config, connectors);
@@ -236,10 +247,66 @@ export async function start({
         await Promise.all(queues.map(async (q) => [q.opts.name, await q.backlog()] as const)),
       );
 
+    // The routes as they run: the file's, changed by reloads, and those linked from rooms.
+    let defaultPermissions = config.permissions;
+    const roomLinks = new RoomLinks({
+      redis,
+      prefix,
+      config,
+      connectors,
+      table: routes,
+      exclusive: (change) => liveRoutes.exclusive(change),
+      // Nobody to invite: the room exists, and its people are in it.
+      routeDefaults: () => ({ invite: [], permissions: defaultPermissions }),
+      apply: (linked) => liveRoutes.set({ linked }),
+      log: moduleLogger("room-links"),
+    });
+    await roomLinks.load();
+    // A room's bridge information (MSC2346) covers every route in it: also those it had before a
+    // reload or link added one.
+    const describeRooms = async (joined: readonly { roomId: string }[]) => {
+      const rooms = new Set(joined.map((j) => j.roomId));
+      const inThem: { route: ResolvedRoute; roomId: string }[] = [];
+      for (const route of routes.routes) {
+        const roomId = await delivery.roomIdFor(route.id).catch(() => undefined);
+        if (roomId !== undefined && rooms.has(roomId)) inThem.push({ route, roomId });
+      }
+      await describeBridgedRooms(
+        inThem,
+        (route) => bridgeStates(route, bot, connectors, config.accounts),
+        (roomId, states) => updateBridgeInfo(matrix, roomId, bot, states),
+      );
+    };
+    const liveRoutes: LiveRoutes = new LiveRoutes({
+      table: routes,
+      fileRoutes: config.routes,
+      linkedRoutes: roomLinks.routes(),
+      rewatch: () => host.rewatch(),
+      joinRooms: async (added) => describeRooms(await joinRouteRooms(added, delivery, encryption, bot)),
+      log,
+    });
+
     await host.start();
 
     // The control surface: commands to the bot (!tribridge …), for admins, in any room it is in.
-    const isAdmin = adminMatcher(config.appservice.admins);
+    let admins = adminMatcher(config.appservice.admins);
+    const isAdmin = (userId: string) => admins(userId);
+    const configReload = new ConfigReload({
+      running: config,
+      load: () => {
+        if (!reloadConfig) throw new Error("this bridge was not started from a config file");
+        return reloadConfig();
+      },
+      // The links are read again too: one made through another instance may have been missed.
+      applyRoutes: (next) =>
+        liveRoutes.exclusive(async () => {
+          defaultPermissions = next.permissions;
+          await roomLinks.load();
+          return liveRoutes.set({ file: next.routes, linked: roomLinks.routes() });
+        }),
+      applyAdmins: (next) => (admins = adminMatcher(next)),
+      log: moduleLogger("reload"),
+    });
     const commands = bridgeCommands({
       config,
       connectors,
@@ -250,6 +317,8 @@ export async function start({
       isAdmin,
       connectorStates: () => host.states,
       queueStates,
+      reload: async () => (await configReload.reload()).text,
+      roomLinks,
       moreStatus: async () => [
         ...health.statusLines(),
         ...encryption.statusLines(),
@@ -286,6 +355,7 @@ export async function start({
       : undefined;
     if (endToEnd) matrix.encryptWith(endToEnd);
     // Transactions from the homeserver: room messages into the to-<connector> queues.
+    const followRoom = followRoomUpgrades(routes, matrix, bot, log);
     let routesNowKnown = () => {};
     const routesKnown = new Promise<void>((resolve) => (routesNowKnown = resolve));
     const intake: EventIntake = new EventIntake({
@@ -315,7 +385,14 @@ export async function start({
         log: moduleLogger("permissions"),
       }),
       isAdmin,
-      upgraded: followRoomUpgrades(routes, matrix, bot, log),
+      upgraded: (oldRoomId, newRoomId, upgradedBy) => {
+        followRoom(oldRoomId, newRoomId, upgradedBy);
+        roomLinks
+          .moveRoom(oldRoomId, newRoomId)
+          .catch((err: unknown) =>
+            log.warn({ oldRoomId, newRoomId, err: errorMessage(err) }, "could not move a room's links along"),
+          );
+      },
       enqueue: (endpoint, roomId, id, job) => toRemote.get(endpoint.connector)!.add(roomId, id, job),
       capabilitiesOf: (name) => connectors.find((c) => c.name === name)?.capabilities,
       encryption,
@@ -350,13 +427,12 @@ export async function start({
       await endToEnd.start();
       lifetime.onStop(() => endToEnd.stop(), "end-to-end encryption");
     }
-    const joined = await joinRouteRooms(routes, delivery, encryption, bot);
-    await describeBridgedRooms(
-      joined,
-      (route) => bridgeStates(route, bot, connectors, config.accounts),
-      (roomId, states) => updateBridgeInfo(matrix, roomId, bot, states),
-    );
+    await describeRooms(await joinRouteRooms(routes.routes, delivery, encryption, bot));
     routesNowKnown();
+    // Links made through the other instances sharing this Redis, as they are made.
+    const linkChanges = connectRedis(redisUrl, "room-links");
+    lifetime.onStop(async () => void linkChanges.disconnect());
+    await roomLinks.follow(linkChanges);
 
     for (const q of queues) await q.start();
     await endToEnd?.retryAllWaiting();
@@ -374,6 +450,7 @@ export async function start({
       connector: (ref) => host.instance(ref),
       connectorStates: () => structuredClone(host.states),
       failedJobs: async () => (await Promise.all(queues.map((q) => q.failedJobs()))).flat(),
+      reload: () => configReload.reload(),
       stop: () => lifetime.stop(),
       notStopped: () => lifetime.pending(),
     };
@@ -497,13 +574,13 @@ function queueOptions(config: Config, redisUrl: string, instanceId: string) {
  * routes it joined, with their rooms.
  */
 async function joinRouteRooms(
-  routes: RouteTable,
+  routes: readonly ResolvedRoute[],
   delivery: RoomDelivery,
   encryption: EncryptedRooms,
   bot: string,
 ): Promise<{ route: ResolvedRoute; roomId: string }[]> {
   const joined: { route: ResolvedRoute; roomId: string }[] = [];
-  for (const route of routes.routes) {
+  for (const route of routes) {
     let roomId: string;
     try {
       roomId = await delivery.roomIdFor(route.id);

@@ -41,6 +41,8 @@ export interface ConnectorHostOptions {
 
 export class ConnectorHost {
   private readonly instances = new Map<string, Connector<unknown>>();
+  /** What each account was last given to watch (as JSON): watched again only when it changed. */
+  private readonly watching = new Map<string, string>();
   /** By `<connector>.<account>`; the record itself stays, entries are replaced (metrics read it live). */
   readonly states: Record<string, { state: ConnectorState; reason?: string }> = {};
 
@@ -53,7 +55,7 @@ export class ConnectorHost {
 
   /** Creates, starts and watches every account's connector; each stops with the lifetime. */
   async start(): Promise<void> {
-    const { config, connectors, routes, redis, redisUrl, instanceId, lifetime } = this.o;
+    const { config, connectors, redis, redisUrl, instanceId, lifetime } = this.o;
     const prefix = config.queue.prefix;
     const defs = new Map(connectors.map((c) => [c.name, c]));
     const states = this.states;
@@ -98,8 +100,37 @@ export class ConnectorHost {
       });
       lifetime.onStop(() => instance.stop());
       this.instances.set(ref, instance);
-      await instance.watch(routes.endpointsOf(name, account).map(bindingOf));
+      await this.watch(ref, name, account);
     }
+  }
+
+  /**
+   * After the routes changed: each account whose endpoints changed watches its new list (the
+   * contract's "again whenever routes change"); the others are left alone. Returns the problems of
+   * accounts whose watch failed (they keep what they had), as `<connector>.<account>: <reason>`.
+   */
+  async rewatch(): Promise<string[]> {
+    const problems: string[] = [];
+    for (const { connector: name, account } of this.o.config.accounts) {
+      const ref = `${name}.${account}`;
+      if (!this.instances.has(ref)) continue;
+      await this.watch(ref, name, account).catch((err: unknown) => {
+        moduleLogger("connector", { connector: name, account }).warn(
+          { err: errorMessage(err) },
+          "watching the changed endpoints failed",
+        );
+        problems.push(`${ref}: ${errorMessage(err)}`);
+      });
+    }
+    return problems;
+  }
+
+  private async watch(ref: string, name: string, account: string): Promise<void> {
+    const bindings = this.o.routes.endpointsOf(name, account).map(bindingOf);
+    const json = JSON.stringify(bindings);
+    if (this.watching.get(ref) === json) return;
+    await this.instances.get(ref)!.watch(bindings);
+    this.watching.set(ref, json);
   }
 
   /** ConnectorContext.emit of one account: one to-matrix item per endpoint the message matched. */

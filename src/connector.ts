@@ -581,6 +581,19 @@ export interface ConnectorDefinition<Account = unknown, E = unknown> {
   /** The protocol's name as people know it ("MQTT", "Email"), in `m.bridge`. Default: `name`. */
   readonly displayName?: string;
   /**
+   * How a room links itself to this protocol: `!tribridge link <name>.<account> <target>
+   * [in|out|inout] [key=value…]` (an admin's command in the room). `target` is what the user calls
+   * the one argument every endpoint needs ("topic", "address"), for help and answers; `fields` turns
+   * it into the endpoint's raw fields (MQTT `{ topic }`, email `{ to: [address] }`), before
+   * `endpointSchema`. The core adds the `key=value` options (a key may not be one `fields` set)
+   * and validates the whole as a config file's endpoint: `endpointSchema`, then `checkEndpoint`.
+   * Pure, no I/O. Omit it and this protocol cannot be linked from a room (config file routes only).
+   */
+  readonly link?: {
+    readonly target: string;
+    fields(target: string): Record<string, unknown>;
+  };
+  /**
    * Accounts to run when the config has no `bridges.<name>` block at all, e.g. an embedded broker.
    * Omit for a connector that needs explicit configuration.
    */

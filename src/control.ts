@@ -1,7 +1,8 @@
 /**
  * The control surface of a running bridge: the commands admins give the bot (`!tribridge status`,
- * `failed`, `retry`; see matrix/commands.ts), answered from the connectors' states, the queues'
- * backlogs and the failed lists, as a notice from the bot that replies to the command.
+ * `failed`, `retry`, `reload`, `link`, `unlink`, `routes`; see matrix/commands.ts), answered from the
+ * connectors' states, the queues' backlogs and the failed lists, as a notice from the bot that
+ * replies to the command.
  */
 import type { Redis } from "ioredis";
 import { routeIdOf } from "./config/endpoint-ids.js";
@@ -12,6 +13,7 @@ import { Commands, formatStatus } from "./matrix/commands.js";
 import type { MatrixClient } from "./matrix/matrix-client.js";
 import { formatFailedJobs, readAllFailedJobs, requeueAllFailedJobs } from "./queue/failed-jobs.js";
 import type { OrderedQueue } from "./queue/ordered-queue.js";
+import type { RoomLinks } from "./routing/room-links.js";
 import type { RouteTable } from "./routing/route-table.js";
 
 type Backlog = Awaited<ReturnType<OrderedQueue<unknown>["backlog"]>>;
@@ -30,6 +32,10 @@ export interface BridgeCommandsOptions {
   queueStates(): Promise<Record<string, Backlog>>;
   /** Lines of other parts, as they are: destinations down, rooms with end-to-end encryption. */
   moreStatus(): string[] | Promise<string[]>;
+  /** Reads the config file again; what it did, as the answer. */
+  reload(): Promise<string>;
+  /** Routes set up from rooms (link, unlink, routes). */
+  roomLinks: Pick<RoomLinks, "link" | "unlink" | "describe">;
 }
 
 /** The commands to the bot (!tribridge …), for admins, in any room the bot is in. */
@@ -57,6 +63,10 @@ export function bridgeCommands(o: BridgeCommandsOptions): Commands {
         );
         return mine.size === 0 ? 0 : requeueAllFailedJobs(redis, config, connectors, mine);
       },
+      reload: () => o.reload(),
+      link: (roomId, sender, args) => o.roomLinks.link(roomId, sender, args),
+      unlink: (roomId, args) => o.roomLinks.unlink(roomId, args),
+      routes: (roomId) => o.roomLinks.describe(roomId),
     },
     reply: async ({ roomId, text, relatesTo, mention }, txnId) => {
       const asBot = { userId: bot, displayName: config.appservice.botDisplayName };

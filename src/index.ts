@@ -27,7 +27,8 @@ import {
 const USAGE = `Usage: tribridge <command> [options]
 
 Commands:
-  start                    Run the bridge
+  start                    Run the bridge (SIGHUP: read the config file again; routes and admins
+                           apply at once, other changes are named as needing a restart)
   generate-registration    Write the registration with fresh random tokens (never over a sample)
   registration-help        Print how to register with continuwuity/conduwuit and Synapse
   validate-config          Check config.yaml and print every problem with its path
@@ -262,13 +263,28 @@ async function startBridge(options: Options): Promise<void> {
   };
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
+  // Reads the config file again (config/reload.ts); without a handler SIGHUP would end the process.
+  process.on("SIGHUP", () => {
+    if (!app || stopping.signal.aborted) return void console.error("SIGHUP: not running yet; not reloaded");
+    app.reload().then(
+      (outcome) => console.error(`SIGHUP: ${outcome.text}`),
+      (err: unknown) => console.error(`SIGHUP: reload failed: ${errorMessage(err)}`),
+    );
+  });
   // A library's stray rejection (a command on a connection that is closing, say) must not take
   // every relay down: nothing is acknowledged before it is durable, so logging it loses nothing.
   process.on("unhandledRejection", (err) =>
     rootLogger.error({ err: errorMessage(err) }, "unhandled rejection (a bug: please report it)"),
   );
   try {
-    app = await start({ config, registration, connectors, signal: stopping.signal, onFatal: fatal });
+    app = await start({
+      config,
+      registration,
+      connectors,
+      signal: stopping.signal,
+      onFatal: fatal,
+      reloadConfig: () => readConfig(options),
+    });
   } catch (err) {
     if (stopping.signal.aborted) process.exit(exitCode);
     throw err;

@@ -32,6 +32,9 @@ export const emailConnector: ConnectorDefinition<EmailAccount, EmailEndpoint> = 
   endpointSchema: emailEndpointSchema,
   sample: emailSampleConfig,
   checkEndpoint: checkEmailEndpoint,
+  // `!tribridge link email.<account> <address> …`: the room's messages go to that address, and its
+  // answers (threaded by Message-ID) come back.
+  link: { target: "address", fields: (address) => ({ to: [address] }) },
   // Where mail goes to and comes from: the endpoint's token (its own address) when it has one, else
   // its recipients. Subject, cc, threading and default say how, and changing them keeps the endpoint.
   endpointKey: (endpoint) =>

@@ -33,6 +33,8 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   defaultAccounts: { default: mqttAccountSchema.parse({ embedded: {} }) },
   sample: mqttSampleConfig,
   checkEndpoint: checkMqttEndpoint,
+  // `!tribridge link mqtt.<account> <topic> …`: a topic filter (in) or topic (out).
+  link: { target: "topic", fields: (topic) => ({ topic }) },
   // An MQTT endpoint *is* its topic (filter): where messages go to or come from. The other fields
   // say how, and changing how must not strand what is queued for it: qos and retain are how hard
   // the broker tries and what it keeps (commands raised to QoS 2 still mean the same topic);

@@ -11,6 +11,7 @@ import { ConfigError, formatPath } from "../errors.js";
 import { derivedEndpointId, endpointKeyOf, explicitEndpointId } from "./endpoint-ids.js";
 import {
   buildConfigSchema,
+  endpointBaseSchema,
   type AppserviceConfig,
   type HomeserverConfig,
   type MetricsConfig,
@@ -66,6 +67,8 @@ export interface Config {
   readonly dataDir: string;
   readonly accounts: readonly ResolvedAccount[];
   readonly routes: readonly ResolvedRoute[];
+  /** The top-level `permissions`: those of every route without its own (and of routes linked from rooms). */
+  readonly permissions: ResolvedRoute["permissions"];
 }
 
 /** Several config problems, each with its path. */
@@ -147,7 +150,10 @@ export function resolveSecretFiles(node: unknown, baseDir: string, path: Propert
   }
 }
 
-function issuesToErrors(issues: readonly z.core.$ZodIssue[], prefix: PropertyKey[] = []): ConfigError[] {
+export function issuesToErrors(
+  issues: readonly z.core.$ZodIssue[],
+  prefix: PropertyKey[] = [],
+): ConfigError[] {
   return issues.flatMap((issue) =>
     // A typo names the key itself, so the message points at the line to fix.
     issue.code === "unrecognized_keys"
@@ -176,6 +182,70 @@ function sameIdError(
     `the same endpoint as ${first.at} (${identity.account}, ${identity.direction}, ${key}): ` +
       "messages queued for one would be taken for the other; give one of them an explicit id",
   );
+}
+
+export type EndpointBase = z.output<typeof endpointBaseSchema>;
+
+/**
+ * One endpoint, as the config (or a room's `!tribridge link`) gives it: checked by its connector
+ * (`endpointSchema`, `checkEndpoint`), with its id. Or every problem, each with its path under `at`.
+ * `accountConfigs`: each account's config, by `<connector>.<account>`.
+ */
+export function resolveEndpoint(
+  ep: EndpointBase,
+  at: PropertyKey[],
+  routeId: string,
+  byName: ReadonlyMap<string, ConnectorDefinition>,
+  accountConfigs: ReadonlyMap<string, unknown>,
+): { endpoint: ResolvedEndpoint; key: string; explicitId: string | undefined } | { errors: ConfigError[] } {
+  const errors: ConfigError[] = [];
+  const [connectorName, account] = ep.account.split(".") as [string, string];
+  const def = byName.get(connectorName);
+  if (!def) {
+    const known = [...byName.keys()].join(", ");
+    return {
+      errors: [
+        new ConfigError(
+          formatPath([...at, "account"]),
+          `unknown bridge "${connectorName}" (known: ${known})`,
+        ),
+      ],
+    };
+  }
+  const accountConfig = accountConfigs.get(ep.account);
+  if (accountConfig === undefined)
+    return {
+      errors: [
+        new ConfigError(
+          formatPath([...at, "account"]),
+          `no account "${account}" under bridges.${connectorName}`,
+        ),
+      ],
+    };
+  const { id: explicitId, account: _a, direction, live, notices, ...fields } = ep;
+  if (live && direction === "out")
+    errors.push(
+      new ConfigError(formatPath([...at, "live"]), 'only for endpoints that relay in ("in" or "inout")'),
+    );
+  if (notices && direction === "in")
+    errors.push(
+      new ConfigError(formatPath([...at, "notices"]), 'only for endpoints that relay out ("out" or "inout")'),
+    );
+  const spec = def.endpointSchema.safeParse(fields);
+  if (!spec.success) return { errors: [...errors, ...issuesToErrors(spec.error.issues, at)] };
+  for (const [rel, reason] of def.checkEndpoint?.(spec.data, direction, accountConfig) ?? [])
+    errors.push(new ConfigError(at.length > 0 ? `${formatPath(at)}.${rel}` : rel, reason));
+  if (errors.length > 0) return { errors };
+  const key = endpointKeyOf(def, spec.data);
+  const id =
+    explicitId === undefined
+      ? derivedEndpointId(routeId, ep.account, direction, key)
+      : explicitEndpointId(routeId, explicitId);
+  return {
+    endpoint: { id, routeId, connector: def.name, account, direction, live, notices, spec: spec.data },
+    key,
+    explicitId,
+  };
 }
 
 /** Validates an already-parsed YAML document. Throws ConfigErrors. */
@@ -220,69 +290,21 @@ export function validateConfig(
     const taken = new Map<string, { at: string; explicit: boolean }>();
     route.endpoints.forEach((ep, ei) => {
       const at: PropertyKey[] = ["routes", ri, "endpoints", ei];
-      const [connectorName, account] = ep.account.split(".") as [string, string];
-      const def = byName.get(connectorName);
-      if (!def) {
-        const known = [...byName.keys()].join(", ");
-        errors.push(
-          new ConfigError(
-            formatPath([...at, "account"]),
-            `unknown bridge "${connectorName}" (known: ${known})`,
-          ),
-        );
+      const resolved = resolveEndpoint(ep, at, route.id, byName, accountConfigs);
+      if ("errors" in resolved) {
+        errors.push(...resolved.errors);
         return;
       }
-      const accountConfig = accountConfigs.get(ep.account);
-      if (accountConfig === undefined) {
-        errors.push(
-          new ConfigError(
-            formatPath([...at, "account"]),
-            `no account "${account}" under bridges.${connectorName}`,
-          ),
-        );
-        return;
-      }
-      const { id: explicitId, account: _a, direction, live, notices, ...fields } = ep;
-      if (live && direction === "out")
-        errors.push(
-          new ConfigError(formatPath([...at, "live"]), 'only for endpoints that relay in ("in" or "inout")'),
-        );
-      if (notices && direction === "in")
-        errors.push(
-          new ConfigError(
-            formatPath([...at, "notices"]),
-            'only for endpoints that relay out ("out" or "inout")',
-          ),
-        );
-      const spec = def.endpointSchema.safeParse(fields);
-      if (!spec.success) {
-        errors.push(...issuesToErrors(spec.error.issues, at));
-        return;
-      }
-      for (const [rel, reason] of def.checkEndpoint?.(spec.data, direction, accountConfig) ?? []) {
-        errors.push(new ConfigError(`${formatPath(at)}.${rel}`, reason));
-      }
-      const key = endpointKeyOf(def, spec.data);
-      const id =
-        explicitId === undefined
-          ? derivedEndpointId(route.id, ep.account, direction, key)
-          : explicitEndpointId(route.id, explicitId);
-      const first = taken.get(id);
+      const { endpoint, key, explicitId } = resolved;
+      const first = taken.get(endpoint.id);
       if (first) {
-        errors.push(sameIdError(at, explicitId, first, { account: ep.account, direction, key }));
+        errors.push(
+          sameIdError(at, explicitId, first, { account: ep.account, direction: endpoint.direction, key }),
+        );
         return;
       }
-      taken.set(id, { at: formatPath(at), explicit: explicitId !== undefined });
-      endpoints.push({
-        id,
-        routeId: route.id,
-        connector: def.name,
-        account,
-        direction,
-        live,
-        notices,
-        spec: spec.data,
-      });
+      taken.set(endpoint.id, { at: formatPath(at), explicit: explicitId !== undefined });
+      endpoints.push(endpoint);
     });
     // A private room nobody is invited to is one nobody can get into.
     const invite = route.invite ?? cfg.appservice.admins.filter((admin) => !admin.startsWith("@*:"));
@@ -313,6 +335,7 @@ export function validateConfig(
     dataDir: resolve(baseDir, cfg.dataDir),
     accounts,
     routes,
+    permissions: { ...cfg.permissions, key: "permissions" },
   };
 }
 

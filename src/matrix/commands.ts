@@ -1,6 +1,7 @@
 /**
  * Commands to the bot, sent as a message in any room it is in (a route's room, or a room an admin
- * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID…`. Only the users of
+ * invited it to): `!tribridge help | status | failed [N] | retry all | retry ID… | routes | link … |
+ * unlink … | reload`. Only the users of
  * `appservice.admins` may use them; the bot answers each with a notice in the same room, once
  * (the answer's transaction id comes from the command's event id), as a reply to the command, in
  * its thread if it was given in one.
@@ -25,6 +26,14 @@ export interface BridgeControl {
   failed(limit: number, roomId: string): Promise<string>;
   /** Puts failed relays (all, or those with these ids) back on their queues; how many. */
   retry(ids: ReadonlySet<string> | undefined, roomId: string): Promise<number>;
+  /** Reads the config file again (config/reload.ts); what changed, what needs a restart. */
+  reload(): Promise<string>;
+  /** Links the room to an endpoint (routing/room-links.ts); `args`: the words after `link`. */
+  link(roomId: string, sender: string, args: string): Promise<string>;
+  /** Removes links of the room; `args`: the words after `unlink`. */
+  unlink(roomId: string, args: string): Promise<string>;
+  /** What is bridged to the room: the file's routes and the room's links. */
+  routes(roomId: string): Promise<string>;
 }
 
 const HELP = `tribridge commands:
@@ -32,6 +41,10 @@ ${COMMAND_PREFIX} status: connectors, queues, failed relays
 ${COMMAND_PREFIX} failed [N]: the N oldest failed relays (default 10), with the reason
 ${COMMAND_PREFIX} retry all: put every failed relay back on its queue
 ${COMMAND_PREFIX} retry ID…: put these failed relays back
+${COMMAND_PREFIX} routes: what this room is bridged to (from the config file, and linked here)
+${COMMAND_PREFIX} link <account> <topic or address> [in|out|inout] [key=value…]: bridge this room to it
+${COMMAND_PREFIX} unlink <endpoint id> | unlink <account> <topic or address> [in|out|inout]
+${COMMAND_PREFIX} reload: read the config file again (routes and admins apply at once)
 In a route's room, failed and retry are about that room's relays; elsewhere, about all.`;
 
 /** The status command's answer; `more`: lines of other parts (e.g. encrypted rooms), as they are. */
@@ -112,7 +125,9 @@ export class Commands {
   private async run(ev: MatrixEvent): Promise<string> {
     if (!this.o.isAdmin(ev.sender))
       return `Only tribridge's admins (appservice.admins in its config) can use its commands.`;
-    const [verb = "help", ...args] = commandText(ev)!.slice(COMMAND_PREFIX.length).trim().split(/\s+/);
+    const text = commandText(ev)!.slice(COMMAND_PREFIX.length).trim();
+    const [verb = "help", ...args] = text.split(/\s+/);
+    const rest = text.slice(verb.length).trim(); // link and unlink read quotes: `subject="a b"`
     this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb }, "command");
     try {
       switch (verb) {
@@ -132,6 +147,14 @@ export class Commands {
           const n = await this.o.control.retry(ids, ev.room_id);
           return `${n} failed relay(s) put back on their queues.`;
         }
+        case "reload":
+          return await this.o.control.reload();
+        case "routes":
+          return await this.o.control.routes(ev.room_id);
+        case "link":
+          return await this.o.control.link(ev.room_id, ev.sender, rest);
+        case "unlink":
+          return await this.o.control.unlink(ev.room_id, rest);
         default:
           return `Unknown command "${verb}".\n\n${HELP}`;
       }

@@ -1,6 +1,8 @@
 /**
  * The compiled routes: which endpoints a room relays out to, and which room an endpoint relays in
- * to. Rooms are configured as aliases or ids; ids are learnt at start-up.
+ * to. Rooms are configured as aliases or ids; ids are learnt at start-up. The routes change while
+ * the bridge runs (a config reload, a link made in a room: `update`); every part holds this one
+ * table, so each relay reads the routes as they are when it runs.
  */
 import { relaysIn, relaysOut, type Direction, type EndpointBinding } from "../connector.js";
 import type { ResolvedEndpoint, ResolvedRoute } from "../config/load.js";
@@ -11,15 +13,37 @@ export class RouteTable {
   private readonly endpoints = new Map<string, { route: ResolvedRoute; endpoint: ResolvedEndpoint }>();
   private readonly routesByRoomId = new Map<string, ResolvedRoute[]>();
   private readonly roomIdByRoute = new Map<string, string>();
+  private current: readonly ResolvedRoute[] = [];
 
   /** `legacyLayout`: how to read the positional ids of earlier versions (legacy-endpoint-ids.ts). */
   constructor(
-    readonly routes: readonly ResolvedRoute[],
+    routes: readonly ResolvedRoute[],
     private readonly legacyLayout: EndpointLayout = {},
   ) {
+    this.update(routes);
+  }
+
+  get routes(): readonly ResolvedRoute[] {
+    return this.current;
+  }
+
+  /**
+   * Replaces every route. Endpoint ids do not depend on the rest of the config, so items queued for
+   * an endpoint that is still there go on to it; room ids learnt (and followed through upgrades)
+   * stay for the routes whose `room` did not change.
+   */
+  update(routes: readonly ResolvedRoute[]): void {
+    const before = new Map(this.current.map((r) => [r.id, r.room]));
+    const learnt = new Map(this.roomIdByRoute);
+    this.current = routes;
+    this.endpoints.clear();
+    this.routesByRoomId.clear();
+    this.roomIdByRoute.clear();
     for (const route of routes) {
       for (const endpoint of route.endpoints) this.endpoints.set(endpoint.id, { route, endpoint });
-      if (route.room.startsWith("!")) this.setRoomId(route.id, route.room);
+      const known = before.get(route.id) === route.room ? learnt.get(route.id) : undefined;
+      if (known) this.setRoomId(route.id, known);
+      else if (route.room.startsWith("!")) this.setRoomId(route.id, route.room);
     }
   }
 

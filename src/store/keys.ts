@@ -45,6 +45,13 @@ export const redisKeys = {
    * endpoint ids: how positional ids queued by earlier versions are read (legacy-endpoint-ids.ts).
    */
   endpointLayout: (prefix: string) => `${prefix}:endpoint-layout`,
+  /**
+   * Routes linked from rooms (`!tribridge link`): a hash of room id → that room's links, as given
+   * (src/routing/room-links.ts).
+   */
+  roomLinks: (prefix: string) => `${prefix}:room-links`,
+  /** A pub/sub channel, not a key: told the room id whenever an instance changed roomLinks. */
+  roomLinksChanged: (prefix: string) => `${prefix}:room-links-changed`,
   /** The claim of the process running as instance `id` (see instance-id.ts). */
   instanceClaim: (prefix: string, id: string) => `${prefix}:instance:${id}`,
   /** Written by GET /ready to check that Redis takes writes. */

@@ -34,8 +34,18 @@ export class BridgeProcess {
     private readonly opts: BridgeProcessOptions = {},
   ) {
     this.dir = mkdtempSync(join(tmpdir(), "tribridge-proc-"));
-    writeFileSync(join(this.dir, "config.yaml"), stringify(h.rawConfig));
+    this.writeConfig(h.rawConfig);
     writeFileSync(join(this.dir, "registration.yaml"), registrationYaml(h.registration));
+  }
+
+  /** Replaces the config file the bridge reads (at its next start, or SIGHUP). */
+  writeConfig(raw: Record<string, unknown>): void {
+    writeFileSync(join(this.dir, "config.yaml"), stringify(raw));
+  }
+
+  /** Sends `signal` to the running bridge and returns at once (SIGHUP: it reloads its config). */
+  signal(signal: NodeJS.Signals): void {
+    this.child?.kill(signal);
   }
 
   start(): void {
