@@ -17,6 +17,7 @@ import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
 import { adminMatcher } from "./matrix/commands.js";
 import { DeviceRecords } from "./matrix/crypto/device-records.js";
+import { DeviceAvailability } from "./matrix/availability.js";
 import { CryptoStores } from "./matrix/crypto/device-store.js";
 import { EndToEnd } from "./matrix/crypto/end-to-end.js";
 import { WaitingEvents } from "./matrix/crypto/waiting-events.js";
@@ -170,7 +171,17 @@ export async function start({
     // Remote → Matrix: connectors emit into the to-matrix queue, whose worker posts as ghosts.
     const live = new LiveMessages(redis, prefix);
     const messages = new MessageMap(redis, prefix);
-    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages, encryption);
+    const devices = new DeviceAvailability(matrix, live, redis, prefix, moduleLogger("availability"));
+    const delivery = new RoomDelivery(
+      matrix,
+      routes,
+      naming,
+      connectors,
+      live,
+      messages,
+      encryption,
+      devices,
+    );
     const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id), {
       keptWhenDelivered,
       destinationOf: () => HOMESERVER,

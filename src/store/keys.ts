@@ -24,6 +24,8 @@ export const redisKeys = {
   liveStream: (prefix: string, streamHash: string) => `${prefix}:live:${streamHash}`,
   /** A live message's event id → its liveStream key, so that a redaction finds its stream. */
   liveEvent: (prefix: string, eventId: string) => `${prefix}:live-event:${eventId}`,
+  /** A device's status line (room, endpoint, sender; hashed) → the state it shows (availability.ts). */
+  availabilityShown: (prefix: string, lineHash: string) => `${prefix}:availability:${lineHash}`,
   /**
    * A relayed message's event → its remote ids in one connector account (`in`, `out:<endpointId>`),
    * its sender and thread root (src/store/message-map.ts).
