@@ -50,7 +50,12 @@ export async function harness(raw: {
   /** Settings of the test homeserver (e.g. its upload limit, the MSCs it implements). */
   homeserver?: Pick<
     TestHomeserverOptions,
-    "maxUploadBytes" | "msc2409ToDevice" | "msc3202TransactionExtensions" | "msc4190" | "deviceMasquerading"
+    | "maxUploadBytes"
+    | "msc2409ToDevice"
+    | "msc3202TransactionExtensions"
+    | "msc4190"
+    | "deviceMasquerading"
+    | "presence"
   >;
   encryption?: Record<string, unknown>;
 }): Promise<Harness> {
