@@ -172,6 +172,7 @@ export async function start({
     const live = new LiveMessages(redis, prefix);
     const messages = new MessageMap(redis, prefix);
     const devices = new DeviceAvailability(matrix, live, redis, prefix, moduleLogger("availability"));
+    devices.start(lifetime.signal);
     const delivery = new RoomDelivery(
       matrix,
       routes,

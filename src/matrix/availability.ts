@@ -7,6 +7,11 @@
  * Presence is best effort: a homeserver that refuses it (conduwuit with presence off: 403
  * M_FORBIDDEN; one without the endpoint: 404) is not asked again for an hour, and the status line
  * alone shows the state. Synapse with presence off answers 200 and ignores it.
+ *
+ * A homeserver times out the presence of a user that neither syncs nor acts: Synapse sets it
+ * offline 30 s after its last activity (`SYNC_ONLINE_TIMEOUT`; measured with 1.163: online after
+ * 20 s, offline after 35 s), conduwuit after `presence_offline_timeout_s`. So ghosts shown online or
+ * unavailable are kept in Redis and set again every 20 s, by one instance per round.
  */
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
@@ -33,6 +38,15 @@ const STATUS_STREAM = "\u0000availability";
 const REMEMBER_SEC = 30 * 24 * 3600;
 /** A homeserver that refused presence is asked again after this long (its config may change). */
 const PRESENCE_RECHECK_MS = 3600_000;
+/** Within Synapse's SYNC_ONLINE_TIMEOUT (30 s), with room for a slow round. */
+export const PRESENCE_REFRESH_MS = 20_000;
+
+/** A ghost whose presence is kept up (see refreshPresence). */
+interface KeptPresence {
+  displayName: string;
+  state: Availability;
+  statusMessage?: string;
+}
 
 const MARKS: Record<Availability, string> = { online: "🟢", unavailable: "🟡", offline: "🔴" };
 
@@ -46,6 +60,8 @@ export function statusLine(report: AvailabilityJob): string {
 export class DeviceAvailability {
   /** When the homeserver last refused presence; undefined while it takes it. */
   private presenceRefusedAt: number | undefined;
+  /** Whether the last refresh round failed (logged once, until one succeeds). */
+  private refreshFailing = false;
 
   constructor(
     private readonly matrix: MatrixClient,
@@ -55,6 +71,50 @@ export class DeviceAvailability {
     private readonly log: Logger,
   ) {}
 
+  /** Keeps presence up (refreshPresence) every `refreshMs` until `signal` aborts. */
+  start(signal: AbortSignal, refreshMs = PRESENCE_REFRESH_MS): void {
+    const timer = setInterval(() => {
+      this.refreshPresence(refreshMs).then(
+        () => (this.refreshFailing = false),
+        (err: unknown) => {
+          if (!this.refreshFailing)
+            this.log.warn({ err: errorMessage(err) }, "could not keep device presence up; tried again");
+          this.refreshFailing = true;
+        },
+      );
+    }, refreshMs);
+    timer.unref();
+    signal.addEventListener("abort", () => clearInterval(timer), { once: true });
+  }
+
+  /**
+   * Sets the presence of every ghost shown online or unavailable again, before the homeserver
+   * times it out; one instance per round (a turn in Redis for `roundMs`). Returns how many.
+   */
+  async refreshPresence(roundMs = PRESENCE_REFRESH_MS): Promise<number> {
+    if (this.presenceRefused()) return 0;
+    const turn = await this.redis.set(
+      redisKeys.presenceRound(this.prefix),
+      "1",
+      "PX",
+      Math.max(1, roundMs - 1000),
+      "NX",
+    );
+    if (turn !== "OK") return 0;
+    const key = redisKeys.presenceKept(this.prefix);
+    let refreshed = 0;
+    for (const [userId, raw] of Object.entries(await this.redis.hgetall(key))) {
+      const kept = JSON.parse(raw) as KeptPresence;
+      const sender = { userId, displayName: kept.displayName };
+      await this.setPresence(sender, kept);
+      // Set offline while this round set it again (the report removes it first): offline it is.
+      if ((await this.redis.hexists(key, userId)) === 0) await this.setPresence(sender, { state: "offline" });
+      if (this.presenceRefused()) break;
+      refreshed++;
+    }
+    return refreshed;
+  }
+
   /** Shows `report` as `sender` in `roomId`: presence, then the status line. Idempotent per `txnId`. */
   async show(
     report: AvailabilityJob,
@@ -63,7 +123,17 @@ export class DeviceAvailability {
     line: { endpointId: string; senderId: string },
     txnId: string,
   ): Promise<void> {
-    await this.setPresence(sender, report);
+    if (!this.presenceRefused()) {
+      // Recorded before it is set: a refresh round that set it again meanwhile then sees it changed.
+      const key = redisKeys.presenceKept(this.prefix);
+      if (report.state === "offline") await this.redis.hdel(key, sender.userId);
+      else {
+        const kept: KeptPresence = { displayName: sender.displayName, state: report.state };
+        if (report.statusMessage !== undefined) kept.statusMessage = report.statusMessage;
+        await this.redis.hset(key, sender.userId, JSON.stringify(kept));
+      }
+      await this.setPresence(sender, report);
+    }
     const stream: LiveStream = { roomId, ...line, stream: STATUS_STREAM };
     const shownKey = redisKeys.availabilityShown(
       this.prefix,
@@ -98,12 +168,16 @@ export class DeviceAvailability {
     await this.redis.set(shownKey, state, "EX", REMEMBER_SEC);
   }
 
+  private presenceRefused(): boolean {
+    const refusedAt = this.presenceRefusedAt;
+    return refusedAt !== undefined && Date.now() - refusedAt < PRESENCE_RECHECK_MS;
+  }
+
   private async setPresence(
     sender: { userId: string; displayName: string },
-    report: AvailabilityJob,
+    report: { state: Availability; statusMessage?: string },
   ): Promise<void> {
     const refusedAt = this.presenceRefusedAt;
-    if (refusedAt !== undefined && Date.now() - refusedAt < PRESENCE_RECHECK_MS) return;
     try {
       await this.matrix.setPresence(sender, report.state, report.statusMessage);
       if (refusedAt !== undefined) this.log.info("the homeserver takes presence again");
