@@ -236,6 +236,7 @@ for (const protocolVersion of [5, 4] as const)
     let relay: Awaited<ReturnType<typeof cuttableRelay>>;
     let bridge: RunningBridge | undefined;
     let watcher: MqttClient;
+    let room: string;
     const topic = `tribridge-test/${randomUUID()}/availability`;
     const seen: { payload: string; retain: boolean }[] = [];
 
@@ -250,6 +251,7 @@ for (const protocolVersion of [5, 4] as const)
               protocolVersion,
               reconnectPeriodMs: 200,
               availabilityTopic: topic,
+              cleanSession: true, // a new session at every connect: retained messages replayed each time
             },
           },
         },
@@ -257,16 +259,26 @@ for (const protocolVersion of [5, 4] as const)
           {
             id: "ext",
             room: "#ext:test.local",
-            endpoints: [{ account: "mqtt.ext", direction: "in", topic: "ext/+/state" }],
+            endpoints: [
+              {
+                account: "mqtt.ext",
+                direction: "in",
+                topic: "z2m/+/availability",
+                sender: { topicLevel: 2 },
+                availability: "zigbee2mqtt",
+              },
+            ],
           },
         ],
       });
-      h.hs.createRoom({ creator: h.alice, alias: "#ext:test.local", preset: "public_chat" });
+      room = h.hs.createRoom({ creator: h.alice, alias: "#ext:test.local", preset: "public_chat" });
       watcher = await mqtt.connectAsync(`mqtt://127.0.0.1:${broker.port}`, { reconnectPeriod: 0 });
       watcher.on("message", (_t, payload, packet) =>
         seen.push({ payload: payload.toString(), retain: packet.retain }),
       );
       await watcher.subscribeAsync(topic, { qos: 1 });
+      // A device's availability, retained before tribridge subscribes.
+      await watcher.publishAsync("z2m/lamp/availability", "online", { qos: 1, retain: true });
     });
 
     after(async () => {
@@ -277,9 +289,12 @@ for (const protocolVersion of [5, 4] as const)
       await h?.cleanup();
     });
 
-    test("birth online at connect, the will offline when the connection is lost, online again, offline at a clean stop", async () => {
+    test("birth online at connect, the will offline when the connection is lost, online again (a device's retained availability replayed: nothing new in the room), offline at a clean stop", async () => {
       bridge = await start({ config: h.config, registration: h.registration, connectors });
       await waitFor("birth", () => seen.some((s) => s.payload === "online"));
+
+      const lamp = "@_tb_mqtt_ext_lamp:test.local";
+      await waitFor("the lamp's status line", () => h.hs.messages(room).find((m) => m.sender === lamp));
 
       relay.cut(); // the bridge's connection to the broker is gone, without a DISCONNECT
       await waitFor("the will", () => seen.some((s) => s.payload === "offline"));
@@ -287,6 +302,15 @@ for (const protocolVersion of [5, 4] as const)
         "birth after the reconnect",
         () => seen.filter((s) => s.payload === "online").length === 2,
       );
+
+      // The new session's subscription replays the lamp's retained state: taken (its presence set
+      // again), but the room gets nothing new.
+      await waitFor(
+        "the replayed state taken",
+        () => h.hs.presenceUpdates.filter((p) => p.userId === lamp && p.presence === "online").length >= 2,
+      );
+      await pause(200);
+      assert.equal(h.hs.messages(room).filter((m) => m.sender === lamp).length, 1);
 
       await bridge.stop();
       bridge = undefined;
