@@ -401,11 +401,14 @@ export interface ConnectorContext {
    * own; then post nothing, or the report as a plain message). Resolves, rejects and applies back-
    * pressure as `emit` does: acknowledge the far side only once it resolved. It goes through the same
    * queue, in order with the room's messages, and the core shows it as the sender's ghost in two
-   * ways: its Matrix presence (`online`, `offline`, `unavailable`; a homeserver with presence turned
-   * off gets none, without failing anything) and one status line per device and room — a message of
-   * the ghost's, posted once and then edited with each change (not a message per change). A report
-   * that repeats the state shown (retained values replayed at each subscribe) changes nothing
-   * there. Reports still queued behind a newer one of the same device and endpoint are skipped.
+   * ways: its Matrix presence (`online`, `offline`, `unavailable`; kept up by the core while not
+   * offline, as homeservers time out the presence of users that do not sync; a homeserver with
+   * presence turned off gets none, without failing anything) and one status line per device and
+   * room — a message of the ghost's, posted once and then edited with each change (not a message
+   * per change). A report that repeats the state shown (retained values replayed at each
+   * subscribe) changes nothing there. Reports still queued behind a newer one of the same device
+   * and endpoint are skipped. Report each change once the far side says it; there is no need to
+   * repeat a state to keep it.
    */
   availability?(update: AvailabilityUpdate): Promise<void>;
   /**
