@@ -73,15 +73,19 @@ export class DeviceAvailability {
 
   /** Keeps presence up (refreshPresence) every `refreshMs` until `signal` aborts. */
   start(signal: AbortSignal, refreshMs = PRESENCE_REFRESH_MS): void {
+    let round: Promise<void> | undefined;
     const timer = setInterval(() => {
-      this.refreshPresence(refreshMs).then(
-        () => (this.refreshFailing = false),
-        (err: unknown) => {
-          if (!this.refreshFailing)
-            this.log.warn({ err: errorMessage(err) }, "could not keep device presence up; tried again");
-          this.refreshFailing = true;
-        },
-      );
+      // One round at a time: a round waiting for Redis or the homeserver is not joined by more.
+      round ??= this.refreshPresence(refreshMs)
+        .then(
+          () => void (this.refreshFailing = false),
+          (err: unknown) => {
+            if (!this.refreshFailing)
+              this.log.warn({ err: errorMessage(err) }, "could not keep device presence up; tried again");
+            this.refreshFailing = true;
+          },
+        )
+        .finally(() => (round = undefined));
     }, refreshMs);
     timer.unref();
     signal.addEventListener("abort", () => clearInterval(timer), { once: true });

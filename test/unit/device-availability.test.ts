@@ -131,3 +131,26 @@ test("a homeserver refusing presence: the status line alone, posted once then ed
   assert.equal(await devices.refreshPresence(5_000), 0);
   await deleteKeys(prefix);
 });
+
+test("start keeps presence up on its own, until its signal aborts", async () => {
+  const hs = fakeMatrix();
+  const devices = devicesWith(hs);
+  await devices.show(
+    report("unavailable"),
+    ghost("fan"),
+    "!room",
+    { endpointId: "e", senderId: "fan" },
+    "t1",
+  );
+  hs.presence.length = 0;
+  const stop = new AbortController();
+  devices.start(stop.signal, 1_100); // rounds of 100 ms in Redis: one per tick
+  await new Promise((r) => setTimeout(r, 2_500));
+  stop.abort();
+  const rounds = hs.presence.length;
+  assert.ok(rounds >= 1 && rounds <= 2, `${rounds} rounds`);
+  assert.deepEqual(hs.presence[0], { userId: ghost("fan").userId, state: "unavailable" });
+  await new Promise((r) => setTimeout(r, 1_300));
+  assert.equal(hs.presence.length, rounds, "none after the abort");
+  await deleteKeys(prefix);
+});
