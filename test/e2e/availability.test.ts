@@ -251,7 +251,9 @@ for (const protocolVersion of [5, 4] as const)
               protocolVersion,
               reconnectPeriodMs: 200,
               availabilityTopic: topic,
-              cleanSession: true, // a new session at every connect: retained messages replayed each time
+              // 3.1.1: a new session at every connect, so retained messages are replayed each time;
+              // MQTT 5: a kept session (the default), which the will must not depend on.
+              cleanSession: protocolVersion === 4,
             },
           },
         },
@@ -303,12 +305,13 @@ for (const protocolVersion of [5, 4] as const)
         () => seen.filter((s) => s.payload === "online").length === 2,
       );
 
-      // The new session's subscription replays the lamp's retained state: taken (its presence set
+      // A new session's subscription replays the lamp's retained state: taken (its presence set
       // again), but the room gets nothing new.
-      await waitFor(
-        "the replayed state taken",
-        () => h.hs.presenceUpdates.filter((p) => p.userId === lamp && p.presence === "online").length >= 2,
-      );
+      if (protocolVersion === 4)
+        await waitFor(
+          "the replayed state taken",
+          () => h.hs.presenceUpdates.filter((p) => p.userId === lamp && p.presence === "online").length >= 2,
+        );
       await pause(200);
       assert.equal(h.hs.messages(room).filter((m) => m.sender === lamp).length, 1);
 
