@@ -16,6 +16,7 @@ import { Lifetime } from "./lifetime.js";
 import { moduleLogger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { AppserviceServer } from "./matrix/appservice-server.js";
+import { DeviceAvailability } from "./matrix/availability.js";
 import { adminMatcher } from "./matrix/commands.js";
 import { DeviceRecords } from "./matrix/crypto/device-records.js";
 import { CryptoStores } from "./matrix/crypto/device-store.js";
@@ -190,7 +191,18 @@ export async function start({
     // Remote → Matrix: connectors emit into the to-matrix queue, whose worker posts as ghosts.
     const live = new LiveMessages(redis, prefix);
     const messages = new MessageMap(redis, prefix);
-    const delivery = new RoomDelivery(matrix, routes, naming, connectors, live, messages, encryption);
+    const devices = new DeviceAvailability(matrix, live, redis, prefix, moduleLogger("availability"));
+    devices.start(lifetime.signal);
+    const delivery = new RoomDelivery(
+      matrix,
+      routes,
+      naming,
+      connectors,
+      live,
+      messages,
+      encryption,
+      devices,
+    );
     const toMatrix = relayQueue<ToMatrixJob>(TO_MATRIX_QUEUE, (job, { id }) => delivery.deliver(job, id), {
       keptWhenDelivered,
       destinationOf: () => HOMESERVER,

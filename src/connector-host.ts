@@ -6,6 +6,7 @@
 import type { Redis } from "ioredis";
 import type { Config } from "./config/load.js";
 import type {
+  AvailabilityUpdate,
   Connector,
   ConnectorContext,
   ConnectorDefinition,
@@ -15,6 +16,7 @@ import type {
 import { errorMessage } from "./errors.js";
 import type { Lifetime } from "./lifetime.js";
 import { moduleLogger, type Logger } from "./log.js";
+import { statusLine, type AvailabilityJob } from "./matrix/availability.js";
 import type { ToMatrixJob } from "./matrix/room-delivery.js";
 import type { Metrics } from "./metrics.js";
 import type { DestinationHealth } from "./queue/destination-health.js";
@@ -81,6 +83,7 @@ export class ConnectorHost {
         instanceId,
         emit: this.emitter(name, account, clog),
         quarantine: this.quarantiner(name, account, clog),
+        availability: this.availabilityReporter(name, account, clog),
         runExclusive: (exclusiveName, run) => exclusive.run(exclusiveName, run),
         setState: (state, reason) => {
           const prev = states[ref];
@@ -152,6 +155,48 @@ export class ConnectorHost {
           : undefined;
         await toMatrix.add(found.route.room, jobId, job, { latest });
         metrics?.received.inc({ connector: name, account });
+      }
+    };
+  }
+
+  /**
+   * ConnectorContext.availability of one account: one to-matrix item per endpoint, in the room's
+   * order with its messages; one still queued behind a newer report of its device is skipped.
+   */
+  private availabilityReporter(
+    name: string,
+    account: string,
+    clog: Logger,
+  ): NonNullable<ConnectorContext["availability"]> {
+    const { routes, toMatrix } = this.o;
+    const ref = `${name}.${account}`;
+    return async (update: AvailabilityUpdate): Promise<void> => {
+      const availability: AvailabilityJob = { state: update.state, at: update.timestamp ?? Date.now() };
+      if (update.statusMessage !== undefined) availability.statusMessage = update.statusMessage;
+      for (const endpointId of update.endpointIds) {
+        const found = routes.inbound(endpointId);
+        if (!found) {
+          clog.warn({ endpointId }, "availability for an endpoint that relays nothing in; not shown");
+          continue;
+        }
+        const job: ToMatrixJob = {
+          endpointId,
+          connector: name,
+          account,
+          sender: update.sender,
+          body: { text: statusLine(availability), notice: true },
+          availability,
+        };
+        // A NUL first: no live message's key (which starts with its endpoint id) can be the same.
+        const latest = `\u0000availability\u0000${endpointId}\u0000${update.sender.id}`;
+        await toMatrix.add(
+          found.route.room,
+          jobIdFor("availability", ref, update.remoteId, endpointId),
+          job,
+          {
+            latest,
+          },
+        );
       }
     };
   }

@@ -235,6 +235,37 @@ export interface InboundMessage {
   readonly response?: boolean;
 }
 
+/**
+ * Whether a device on the far side is reachable, as Matrix presence says it: `online`; `unavailable`
+ * (there, but idle or away); `offline` (gone: its will was published, it said goodbye).
+ */
+export type Availability = "online" | "offline" | "unavailable";
+
+/**
+ * A device's availability (an MQTT will, a `…/availability` topic), handed to the core with
+ * `ConnectorContext.availability`: a state, not something said. It is never posted as a message of
+ * its own.
+ */
+export interface AvailabilityUpdate {
+  /** The `EndpointBinding.id`s the report came through, as for `InboundMessage.endpointIds`. */
+  readonly endpointIds: readonly string[];
+  /**
+   * Whose availability: the device itself, with the same `id` its messages have (`InboundMessage
+   * .sender`), so that it is the same ghost that speaks for it and shows as online or offline.
+   */
+  readonly sender: RemoteSender;
+  readonly state: Availability;
+  /**
+   * Identity of this report within the account, as `InboundMessage.remoteId`: the same one twice
+   * (a redelivery) is shown once. Distinct reports must not share one.
+   */
+  readonly remoteId: string;
+  /** A word from the far side beside the state (a reason), if it gives one: shown with it. */
+  readonly statusMessage?: string;
+  /** When the far side says it changed (ms since epoch), if it says. */
+  readonly timestamp?: number;
+}
+
 /** A message from a Matrix room, handed to `Connector.send` for one endpoint. */
 export interface OutboundMessage {
   /**
@@ -372,6 +403,21 @@ export interface ConnectorContext {
    * why it was not posted, and is never dropped silently.
    */
   quarantine(message: InboundMessage, reason: string): Promise<void>;
+  /**
+   * Reports a device's availability (optional: absent in a context that takes none, such as a test's
+   * own; then post nothing, or the report as a plain message). Resolves, rejects and applies back-
+   * pressure as `emit` does: acknowledge the far side only once it resolved. It goes through the same
+   * queue, in order with the room's messages, and the core shows it as the sender's ghost in two
+   * ways: its Matrix presence (`online`, `offline`, `unavailable`; kept up by the core while not
+   * offline, as homeservers time out the presence of users that do not sync; a homeserver with
+   * presence turned off gets none, without failing anything) and one status line per device and
+   * room — a message of the ghost's, posted once and then edited with each change (not a message
+   * per change). A report that repeats the state shown (retained values replayed at each
+   * subscribe) changes nothing there. Reports still queued behind a newer one of the same device
+   * and endpoint are skipped. Report each change once the far side says it; there is no need to
+   * repeat a state to keep it.
+   */
+  availability?(update: AvailabilityUpdate): Promise<void>;
   /**
    * Reports connection health instead of throwing: "connecting" while (re)connecting, "up" when
    * relaying, "degraded" when partly working, "down" when it gave up until config changes.

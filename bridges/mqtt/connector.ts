@@ -9,6 +9,7 @@ import type {
   SendResult,
 } from "../../src/connector.js";
 import { PermanentError } from "../../src/errors.js";
+import { deviceTopicOf, readAvailability } from "./availability.js";
 import { EmbeddedBroker } from "./embedded-broker.js";
 import { ExternalClient, type PublishProperties } from "./external-client.js";
 import { decodePayload, encodePayload } from "./payload.js";
@@ -165,7 +166,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     // Retained messages replayed on subscribe come from an external broker: on the embedded one,
     // every publish is live.
     const replayed = p.retain && this.external !== undefined;
-    const matched = this.bindingsFor(p.topic).filter((b) => !(b.spec.ignoreRetained && replayed));
+    const matched = this.bindingsFor(p.topic).filter(
+      (b) =>
+        !(b.spec.ignoreRetained && replayed) ||
+        (b.spec.availability && deviceTopicOf(b.spec.availability, p.topic) !== undefined),
+    );
     const answer = this.responses.has(p.topic) ? await this.answerTo(p, matched) : undefined;
     if (matched.length === 0 && !answer) return;
     const identity =
@@ -185,7 +190,11 @@ export class MqttConnector implements Connector<MqttEndpoint> {
     await Promise.all([
       identity.durable,
       request,
-      ...matched.map((binding) => this.ctx.emit(this.inboundOf(p, binding, identity.remoteId))),
+      ...matched.map(
+        (binding) =>
+          this.reportAvailability(p, binding, identity.remoteId, replayed) ??
+          this.ctx.emit(this.inboundOf(p, binding, identity.remoteId)),
+      ),
     ]);
   }
 
@@ -246,6 +255,36 @@ export class MqttConnector implements Connector<MqttEndpoint> {
         },
         reason,
       );
+  }
+
+  /**
+   * A publish on one of the endpoint's availability topics, reported as its device's availability;
+   * undefined when it is a message (not such a topic, or no state in it: relayed as it is).
+   */
+  private reportAvailability(
+    p: Publish,
+    binding: EndpointBinding<MqttEndpoint>,
+    remoteId: string,
+    replayed: boolean,
+  ): Promise<void> | undefined {
+    const convention = binding.spec.availability;
+    const report = this.ctx.availability?.bind(this.ctx);
+    if (!convention || !report) return undefined;
+    const reading = readAvailability(convention, p.topic, p.payload);
+    if (!reading) return undefined;
+    if ("problem" in reading) {
+      const skipped = binding.spec.ignoreRetained && replayed;
+      this.ctx.log.warn(
+        { topic: p.topic, clientId: p.clientId, problem: reading.problem },
+        skipped
+          ? "availability topic without a state; retained, skipped"
+          : "availability topic without a state; relayed as a message",
+      );
+      return skipped ? Promise.resolve() : undefined;
+    }
+    // The device's ghost, found from the device's topic as for its messages.
+    const sender = this.senderOf({ ...p, topic: reading.deviceTopic }, binding.spec);
+    return report({ endpointIds: [binding.id], remoteId, sender: { id: sender }, state: reading.state });
   }
 
   /** Only `format: binary` publishes a file's bytes; text and JSON carry its name. */

@@ -18,6 +18,10 @@
  * has none. There each publish is counted in Redis, which all instances share, under its topic and
  * payload, and each echo takes one off: the same command sent twice comes back twice, and a
  * device's message that happens to match is let through once our echoes are accounted for.
+ *
+ * tribridge says whether it is up (availability.ts): `online`, retained, after every connect;
+ * `offline`, retained, before a clean stop, and as the will in CONNECT, which the broker publishes
+ * when the connection is lost without a DISCONNECT [MQTT-3.1.2-8].
  */
 import { createHash } from "node:crypto";
 import mqtt, {
@@ -28,6 +32,7 @@ import mqtt, {
 } from "mqtt";
 import { RetryableError, UnavailableError } from "../../src/errors.js";
 import type { ConnectorContext } from "../../src/connector.js";
+import { ownAvailabilityOf, type OwnAvailability } from "./availability.js";
 import type { Publish } from "./publish.js";
 import { coveringFilters, topicMatches } from "./topic.js";
 import type { MqttAccount } from "./schema.js";
@@ -42,6 +47,8 @@ export interface ExternalPublish extends Omit<Publish, "clientId"> {
 type SubscribeQos = 0 | 1;
 
 const OWN_ECHO_TTL_MS = 60_000;
+/** How long publishing tribridge's own availability may take (it is not waited for at a stop beyond this). */
+const ANNOUNCE_TIMEOUT_MS = 5_000;
 
 export class ExternalClient {
   private client: MqttClient | undefined;
@@ -56,6 +63,7 @@ export class ExternalClient {
   private connection = 0;
   private resumed = false;
   readonly clientId: string;
+  private readonly own: OwnAvailability | undefined;
 
   constructor(
     private readonly account: string,
@@ -66,13 +74,26 @@ export class ExternalClient {
     this.clientId =
       config.clientId ??
       (config.shareGroup ? `tribridge-${account}-${ctx.instanceId.slice(0, 8)}` : `tribridge-${account}`);
+    this.own = ownAvailabilityOf(config.availabilityTopic, account, ctx.instanceId);
+  }
+
+  private options(): IClientOptions {
+    return {
+      ...brokerOptions(this.config, this.clientId),
+      will: this.own && {
+        topic: this.own.topic,
+        payload: Buffer.from(this.own.offline),
+        qos: 1,
+        retain: true,
+      },
+    };
   }
 
   async start(): Promise<void> {
     const { ctx } = this;
     ctx.setState("connecting");
     this.session = await this.loadSession();
-    const client = mqtt.connect(this.config.url, brokerOptions(this.config, this.clientId));
+    const client = mqtt.connect(this.config.url, this.options());
     this.client = client;
     client.handleMessage = (packet, done) => {
       if (packet.cmd !== "publish") return done();
@@ -110,6 +131,7 @@ export class ExternalClient {
         "connected to mqtt broker",
       );
       void this.sync();
+      void this.announce(this.own?.online);
     });
     client.on("offline", () => ctx.setState("connecting", lastError ?? "broker unreachable"));
     client.on("error", (err) => {
@@ -117,7 +139,15 @@ export class ExternalClient {
       lastError = err.message;
       ctx.setState("connecting", err.message);
     });
-    ctx.signal.addEventListener("abort", () => client.end(true), { once: true });
+    // Stops reconnecting to a broker that is away; a connected client is ended by stop(), which
+    // says "offline" first (ending it here would leave that to the will).
+    ctx.signal.addEventListener(
+      "abort",
+      () => {
+        if (!client.connected) client.end(true);
+      },
+      { once: true },
+    );
     // Do not wait for the broker: an unreachable broker is a state, not a start-up failure.
   }
 
@@ -267,8 +297,26 @@ export class ExternalClient {
     }
   }
 
+  /** Publishes tribridge's own availability, retained; a failure is logged (the next connect says it again). */
+  private async announce(payload: string | undefined): Promise<void> {
+    if (!this.own || payload === undefined) return;
+    try {
+      await this.publish(this.own.topic, Buffer.from(payload), 1, true, ANNOUNCE_TIMEOUT_MS);
+    } catch (err) {
+      this.ctx.log.warn(
+        { err: (err as Error).message, topic: this.own.topic },
+        "could not publish tribridge's availability",
+      );
+    }
+  }
+
   async stop(): Promise<void> {
-    await this.client?.endAsync();
+    const client = this.client;
+    if (!client) return;
+    if (client.connected) await this.announce(this.own?.offline);
+    // A DISCONNECT waits for publishes in flight, which a broker that stopped answering never
+    // acknowledges: then the connection is just closed (and the broker publishes the will).
+    await client.endAsync(Object.keys(client.outgoing).length > 0);
   }
 }
 

@@ -39,7 +39,7 @@ export const mqttConnector: ConnectorDefinition<MqttAccount, MqttEndpoint> = {
   // say how, and changing how must not strand what is queued for it: qos and retain are how hard
   // the broker tries and what it keeps (commands raised to QoS 2 still mean the same topic);
   // format, template and notice how a payload looks; sender which ghost speaks; ignoreRetained
-  // which replays to skip. Two endpoints of one route and direction on one topic that differ only
+  // which replays to skip; availability which of its topics are states rather than messages. Two endpoints of one route and direction on one topic that differ only
   // in those are refused: give one an explicit `id`.
   endpointKey: (endpoint) => endpoint.topic,
   check: checkMqttAccount,

@@ -19,6 +19,14 @@ export const mqttSampleConfig: SampleConfig = {
         live: true,
       },
       { account: "mqtt.home", direction: "out", id: "commands", topic: "greenhouse/commands", qos: 1 },
+      // Each sensor's `online` / `offline`: its ghost's presence and one status line, not messages.
+      {
+        account: "mqtt.home",
+        direction: "in",
+        topic: "greenhouse/+/availability",
+        sender: { topicLevel: 2 },
+        availability: "homeassistant",
+      },
     ],
   },
 };

@@ -1,5 +1,6 @@
 import { isIPv4 } from "node:net";
 import { z } from "zod";
+import { availabilityEndpointField, ownAvailabilityField } from "./availability.js";
 import { hasWildcard, topicFilterProblem, topicNameProblem } from "./topic.js";
 import { topicLimitProblem } from "./topic-limits.js";
 import type { Direction } from "../../src/connector.js";
@@ -186,10 +187,18 @@ export const mqttAccountSchema = z
       .boolean()
       .default(false)
       .describe("false keeps a broker session, so QoS>0 messages sent while tribridge is down are kept"),
+    availabilityTopic: ownAvailabilityField,
   })
   .superRefine((acc, ctx) => {
     if ((acc.embedded === undefined) === (acc.url === undefined)) {
       ctx.addIssue({ code: "custom", path: [], message: "set exactly one of embedded or url" });
+    }
+    if (acc.embedded && acc.availabilityTopic !== undefined) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["availabilityTopic"],
+        message: "only for an external broker (url): the embedded broker is tribridge itself",
+      });
     }
     const e = acc.embedded;
     if (e && e.users.length === 0 && e.allowAnonymous === undefined && !isLoopback(e.host)) {
@@ -252,7 +261,11 @@ export const mqttEndpointSchema = z.strictObject({
     .optional()
     .describe("in: whose ghost speaks: clientId (embedded only), a topic level (1-based), or a fixed name"),
   notice: z.boolean().default(true).describe("in: post as m.notice (machine messages) rather than m.text"),
-  ignoreRetained: z.boolean().default(false).describe("in: skip retained messages replayed on subscribe"),
+  ignoreRetained: z
+    .boolean()
+    .default(false)
+    .describe("in: skip retained messages replayed on subscribe (availability reports are still read)"),
+  availability: availabilityEndpointField,
   responseTopic: z
     .string()
     .optional()
@@ -304,6 +317,8 @@ export function checkMqttEndpoint(
       problems.push(["sender.topicLevel", `topic "${ep.topic}" has only ${levels.length} levels`]);
     }
   }
+  if (ep.availability !== undefined && direction === "out")
+    problems.push(["availability", 'only for direction "in" or "inout"']);
   if (ep.template !== undefined && ep.format !== "json") problems.push(["template", "needs format: json"]);
   if (ep.clearRetainedOnRedact && !ep.retain) problems.push(["clearRetainedOnRedact", "needs retain: true"]);
   if (ep.clearRetainedOnRedact && direction === "in")

@@ -765,6 +765,26 @@ export class MatrixClient {
   }
 
   /**
+   * Sets a ghost's presence (Client-Server API §PUT /_matrix/client/v3/presence/{userId}/status), as
+   * the ghost, registered first. A homeserver with presence turned off answers as it does
+   * (conduwuit: 403 M_FORBIDDEN; Synapse: 200, ignored): the caller decides what that means.
+   */
+  async setPresence(
+    sender: { userId: string; displayName: string },
+    presence: "online" | "offline" | "unavailable",
+    statusMsg: string | undefined,
+  ): Promise<void> {
+    await this.ensureGhost(sender.userId, sender.displayName);
+    const path = `/_matrix/client/v3/presence/${encodeURIComponent(sender.userId)}/status`;
+    await this.request(
+      "PUT",
+      path,
+      sender.userId,
+      statusMsg === undefined ? { presence } : { presence, status_msg: statusMsg },
+    );
+  }
+
+  /**
    * Uploads a file as `sender` (bot or ghost); returns its mxc:// URI. `name` undefined: uploaded
    * without one (an encrypted file, whose name is for the room's members only).
    */

@@ -9,6 +9,7 @@ import { PermanentError } from "../errors.js";
 import type { RouteTable } from "../routing/route-table.js";
 import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
 import { aboutFile, attachmentBytes, checkAttachments, uploadAttachment } from "./attachments.js";
+import type { AvailabilityJob, DeviceAvailability } from "./availability.js";
 import { fileContent, replacementContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
 import type { EncryptedRooms } from "./encrypted-rooms.js";
@@ -39,6 +40,8 @@ export interface ToMatrixJob {
   thread?: string;
   /** See InboundMessage.response. */
   response?: boolean;
+  /** A device's availability (ConnectorContext.availability), not a message: `body` only names it. */
+  availability?: AvailabilityJob;
 }
 
 /**
@@ -98,6 +101,8 @@ export class RoomDelivery {
     private readonly messages: MessageMap,
     /** Refuses a room with end-to-end encryption: nothing is posted into it in plaintext. */
     private readonly encryption?: Pick<EncryptedRooms, "refusePlaintext">,
+    /** Shows availability reports; without it they fail (a core that takes none never queues one). */
+    private readonly devices?: DeviceAvailability,
   ) {
     this.ghostTags = new Map(connectors.map((c) => [c.name, c.ghostTag]));
     this.definitions = new Map(connectors.map((c) => [c.name, c]));
@@ -164,6 +169,11 @@ export class RoomDelivery {
       ),
       displayName: displayNameOf(job.sender.displayName ?? job.sender.id),
     };
+    if (job.availability) {
+      if (!this.devices) throw new PermanentError("availability reports are not shown here");
+      const line = { endpointId: found.endpoint.id, senderId: job.sender.id };
+      return this.devices.show(job.availability, sender, roomId, line, txnId);
+    }
     // Text and HTML within what textAsFile allows the text alone: an edit carries both twice.
     const text = toMatrixContent(job.body, found.endpoint.live ? MAX_TEXT_BYTES / 2 : MAX_TEXT_BYTES);
     // The text first, unless the files are all there is: nothing said (an MQTT binary payload), or

@@ -58,6 +58,7 @@ export async function harness(raw: {
     | "msc4190"
     | "deviceMasquerading"
     | "appservicePing"
+    | "presence"
   >;
   encryption?: Record<string, unknown>;
 }): Promise<Harness> {

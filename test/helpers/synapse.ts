@@ -43,6 +43,8 @@ export interface SynapseOptions {
   /** Appservice registrations (the YAML's fields), one file each. */
   registrations?: readonly object[];
   experimentalFeatures?: SynapseExperimentalFeatures;
+  /** `presence.enabled` (default false: presence costs Synapse work that most tests do not need). */
+  presence?: boolean;
 }
 
 export interface SynapseUser {
@@ -87,6 +89,7 @@ function homeserverConfig(o: {
   sharedSecret: string;
   registrationFiles: string[];
   experimental: SynapseExperimentalFeatures;
+  presence: boolean;
 }): Record<string, unknown> {
   return {
     server_name: o.serverName,
@@ -115,7 +118,7 @@ function homeserverConfig(o: {
     form_secret: randomBytes(24).toString("hex"),
     report_stats: false,
     enable_registration: false,
-    presence: { enabled: false },
+    presence: { enabled: o.presence },
     url_preview_enabled: false,
     enable_metrics: false,
     app_service_config_files: o.registrationFiles,
@@ -182,6 +185,7 @@ export async function startSynapse(opts: SynapseOptions = {}): Promise<Synapse> 
         sharedSecret,
         registrationFiles,
         experimental: opts.experimentalFeatures ?? {},
+        presence: opts.presence ?? false,
       }),
     ),
   );

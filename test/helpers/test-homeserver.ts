@@ -103,6 +103,21 @@ export interface TestHomeserverOptions {
    * every appservice; false: as Synapse before 1.122 (404 for an unknown device, 401 UIA to delete).
    */
   msc4190?: boolean;
+  /**
+   * Presence (CS API §Presence). "enabled" (default) stores what PUT /presence/{userId}/status sets;
+   * "forbidden": as conduwuit/continuwuity with `allow_local_presence = false` (their default), which
+   * answer the PUT with 403 M_FORBIDDEN "Presence is disabled on this server"; "ignored": as Synapse
+   * with `presence.enabled: false`, which answers 200 and keeps nothing.
+   */
+  presence?: "enabled" | "forbidden" | "ignored";
+}
+
+/** A presence a user set, as the homeserver took it (TestHomeserver.presenceUpdates). */
+export interface PresenceUpdate {
+  userId: string;
+  presence: string;
+  status_msg?: string;
+  ts: number;
 }
 
 /**
@@ -466,6 +481,7 @@ export class TestHomeserver {
       msc3202TransactionExtensions: opts.msc3202TransactionExtensions ?? false,
       deviceMasquerading: opts.deviceMasquerading ?? true,
       msc4190: opts.msc4190 ?? true,
+      presence: opts.presence ?? "enabled",
       initialDelayMs: opts.retry?.initialDelayMs ?? 200,
       maxDelayMs: opts.retry?.maxDelayMs ?? 8000,
     };
@@ -558,6 +574,9 @@ export class TestHomeserver {
     if (this.requestLog.length > LOG_LIMIT) this.requestLog.splice(0, this.requestLog.length - LOG_LIMIT);
     return this.requestLog;
   }
+
+  /** Every presence a user set and the homeserver kept, in order (PUT /presence/{userId}/status). */
+  readonly presenceUpdates: PresenceUpdate[] = [];
 
   /** Every push attempt to the appservice (including retries and replays), last 10k entries. */
   get pushedTransactions(): PushAttempt[] {
@@ -2225,14 +2244,21 @@ export class TestHomeserver {
       return ok({});
     });
     r("PUT", `${C}/presence/:userId/status`, "user", "json", (ctx) => {
+      if (this.opts.presence === "forbidden") throw forbidden("Presence is disabled on this server");
       if (ctx.params[0] !== req(ctx).userId) throw forbidden("Can only set your own presence state");
       const b = body(ctx);
       if (b.presence !== "online" && b.presence !== "offline" && b.presence !== "unavailable") {
         throw err(400, "M_INVALID_PARAM", "Invalid presence state");
       }
+      if (b.status_msg !== undefined && typeof b.status_msg !== "string")
+        throw err(400, "M_INVALID_PARAM", "status_msg must be a string.");
+      if (this.opts.presence === "ignored") return ok({});
       const u = this.requireUser(req(ctx).userId);
       u.presence = { presence: b.presence, last_active_ts: Date.now() };
       if (typeof b.status_msg === "string") u.presence.status_msg = b.status_msg;
+      const update: PresenceUpdate = { userId: u.userId, presence: b.presence, ts: Date.now() };
+      if (typeof b.status_msg === "string") update.status_msg = b.status_msg;
+      this.presenceUpdates.push(update);
       return ok({});
     });
     r("GET", `${C}/presence/:userId/status`, "user", "none", (ctx) => {

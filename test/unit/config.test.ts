@@ -138,7 +138,7 @@ test("the sample config is valid and has defaults filled", () => {
   const cfg = validateConfig(sampleConfig(connectors), connectors);
   assert.equal(cfg.appservice.port, 9993);
   assert.equal(cfg.appservice.url, "http://127.0.0.1:9993");
-  assert.equal(cfg.routes[0]?.endpoints.length, 2);
+  assert.equal(cfg.routes[0]?.endpoints.length, 3);
   assert.match(cfg.routes[0]!.endpoints[0]!.id, /^greenhouse\.[0-9a-f]{8}$/);
   assert.equal(cfg.routes[0]?.endpoints[1]?.id, "greenhouse.commands");
 });
