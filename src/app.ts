@@ -275,12 +275,12 @@ export async function start({
     });
     await roomLinks.load();
     // A room's bridge information (MSC2346) covers every route in it: also those it had before a
-    // reload or link added one.
+    // reload or link added one. Also set in the room that replaces an upgraded one.
     const describeRooms = async (joined: readonly { roomId: string }[]) => {
       const rooms = new Set(joined.map((j) => j.roomId));
       const inThem: { route: ResolvedRoute; roomId: string }[] = [];
       for (const route of routes.routes) {
-        const roomId = await delivery.roomIdFor(route.id).catch(() => undefined);
+        const roomId = routes.roomIdOf(route.id);
         if (roomId !== undefined && rooms.has(roomId)) inThem.push({ route, roomId });
       }
       await describeBridgedRooms(
@@ -367,7 +367,7 @@ export async function start({
       : undefined;
     if (endToEnd) matrix.encryptWith(endToEnd);
     // Transactions from the homeserver: room messages into the to-<connector> queues.
-    const followRoom = followRoomUpgrades(routes, matrix, bot, log);
+    const followRoom = followRoomUpgrades(routes, matrix, bot, log, (roomId) => describeRooms([{ roomId }]));
     let routesNowKnown = () => {};
     const routesKnown = new Promise<void>((resolve) => (routesNowKnown = resolve));
     const intake: EventIntake = new EventIntake({

@@ -16,6 +16,8 @@ export function followRoomUpgrades(
   matrix: MatrixClient,
   bot: string,
   log: Logger,
+  /** Once the bot is in the new room (e.g. to say there what the room is bridged to). */
+  joined: (newRoomId: string) => Promise<void>,
 ): (oldRoomId: string, newRoomId: string, upgradedBy: string) => void {
   return (oldRoomId, newRoomId, upgradedBy) => {
     const moved = routes.replaceRoom(oldRoomId, newRoomId);
@@ -26,6 +28,7 @@ export function followRoomUpgrades(
     );
     matrix
       .joinBot(newRoomId)
+      .then(() => joined(newRoomId))
       .catch((err: unknown) =>
         log.warn(
           { roomId: newRoomId, err: errorMessage(err) },

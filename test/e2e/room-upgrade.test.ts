@@ -46,6 +46,10 @@ describe("a route's room is upgraded", () => {
     await waitFor("before, in the old room", () => bodies(oldRoom).includes("before"));
 
     newRoom = h.hs.createRoom({ creator: h.alice, preset: "public_chat" });
+    // As an upgrade does (it copies the old room's power levels): the bot may send state there.
+    h.hs.sendState(newRoom, h.alice, "m.room.power_levels", "", {
+      users: { [h.alice]: 100, [h.hs.appserviceUserId]: 100 },
+    });
     h.hs.sendState(oldRoom, h.alice, "m.room.tombstone", "", {
       body: "This room has been replaced",
       replacement_room: newRoom,
@@ -53,6 +57,10 @@ describe("a route's room is upgraded", () => {
     await waitFor(
       "the bot in the new room",
       () => h.hs.membershipOf(newRoom, h.hs.appserviceUserId) === "join",
+    );
+
+    await waitFor("the new room says what it is bridged to (m.bridge)", () =>
+      h.hs.events(newRoom).some((e) => e.type === "m.bridge" && e.sender === h.hs.appserviceUserId),
     );
 
     await device.publishAsync("lab/probe/t", "after", { qos: 1 });
