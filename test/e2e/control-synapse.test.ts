@@ -29,6 +29,8 @@ import { startSynapse, synapseSkipReason, type Synapse, type SynapseUser } from 
 const SERVER_NAME = "synapse.test";
 /** Through Synapse, the bridge and the broker: a second or so; more on a loaded machine. */
 const RELAY_TIMEOUT_MS = 20_000;
+const MAX_PAYLOAD_BYTES = 1024;
+const TOO_LONG = "x".repeat(MAX_PAYLOAD_BYTES + 1);
 
 type Event = {
   event_id: string;
@@ -159,7 +161,10 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
       homeserver: { url: "http://127.0.0.1:1", domain: SERVER_NAME },
       appservice: { port: await freePort(), admins: [`@alice:${SERVER_NAME}`] },
       queue: { redisUrl: REDIS_URL, prefix, shards: 2, initialRetryDelayMs: 50, maxRetryDelayMs: 1000 },
-      bridges: { mqtt: { home: { embedded: { port: await freePort() } } } },
+      // Longer messages fail for good: the failure answers.
+      bridges: {
+        mqtt: { home: { embedded: { port: await freePort(), maxPayloadBytes: MAX_PAYLOAD_BYTES } } },
+      },
     };
     registration = buildRegistration(validateConfig(base, connectors), connectors);
     synapse = await startSynapse({ serverName: SERVER_NAME, registrations: [registration] });
@@ -274,9 +279,11 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     );
     await waitForEvents("the ✅", alice, ops, reactionsBy(bot, sent, "✅"));
 
-    // The same annotation by the bot under another transaction id (as after Synapse forgot the
-    // first one's): Synapse refuses it. Through the bridge's own client and feedback, which take it
-    // as the mark being on, log nothing and send nothing.
+    // A mark the bridge puts on an event that has the bot's ✅ already, under another transaction id
+    // (as after Synapse forgot the first one's): Synapse refuses it, 400 M_DUPLICATE_ANNOTATION,
+    // which the bridge's feedback takes as the mark being on: no warning, no second mark. The event:
+    // a notice, which the route does not relay, so that only this test marks it.
+    const notice = await carol.send(ops, { msgtype: "m.notice", body: "premarked" });
     const lines: string[] = [];
     const log = pino({ level: "debug" }, { write: (line: string) => void lines.push(line) });
     const matrix = new MatrixClient({
@@ -290,7 +297,8 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     const redis = connectRedis(REDIS_URL, "test");
     try {
       const asBot = { userId: bot, displayName: config.appservice.botDisplayName };
-      const reaction = { "m.relates_to": { rel_type: "m.annotation", event_id: sent, key: "✅" } };
+      const reaction = { "m.relates_to": { rel_type: "m.annotation", event_id: notice, key: "✅" } };
+      await matrix.sendAs(asBot, ops, "m.reaction", reaction, `first-${randomUUID()}`);
       await assert.rejects(matrix.sendAs(asBot, ops, "m.reaction", reaction, `again-${randomUUID()}`), {
         errcode: "M_DUPLICATE_ANNOTATION",
       });
@@ -304,32 +312,82 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
         log,
       });
       const endpointId = config.routes[0]!.endpoints.find((e) => e.direction === "out")!.id;
-      // A new transaction id for the mark: another prefix, as if the first was long forgotten.
       feedback.note(
         {
           endpointId,
           roomId: ops,
           sender: carol.userId,
-          content: { msgtype: "m.text", body: "marked once" },
+          content: { msgtype: "m.notice", body: "premarked" },
           timestamp: Date.now(),
-          eventId: sent,
+          eventId: notice,
           endpoints: [endpointId],
         },
         "accepted",
       );
       await feedback.settled();
-      assert.deepEqual(
-        lines.filter((l) => (JSON.parse(l) as { level: number }).level >= 40),
-        [],
-        "no warning",
-      );
-      const marks = (await alice.timeline(ops)).filter(reactionsBy(bot, sent, "✅"));
-      assert.equal(marks.length, 1);
+      const warnings = lines.filter((l) => (JSON.parse(l) as { level: number }).level >= 40);
+      assert.deepEqual(warnings, [], "no warning");
+      const marks = (await alice.timeline(ops)).filter(reactionsBy(bot, notice, "✅"));
+      assert.equal(marks.length, 1, "one ✅");
     } finally {
       matrix.stop();
       redis.disconnect();
       await deleteKeys(`${prefix}-feedback`);
     }
+  });
+
+  test("a message the broker refuses for good is answered in its thread, and not marked ✅", async () => {
+    const answerTo = (eventId: string) =>
+      waitForEvents(
+        `the failure answer to ${eventId}`,
+        alice,
+        ops,
+        (e) => e.sender === bot && e.type === "m.room.message" && inReplyTo(e) === eventId,
+      );
+    // A message of its own: the root of the answer's thread.
+    const plain = await carol.say(ops, `plain ${TOO_LONG}`);
+    const [first] = await answerTo(plain);
+    assert.deepEqual(relatesTo(first!), {
+      rel_type: "m.thread",
+      event_id: plain,
+      is_falling_back: true,
+      "m.in_reply_to": { event_id: plain },
+    });
+    assert.match(String(first!.content.body), /^Not delivered to ops\..*exceeds 1024/);
+
+    // In a thread: answered in that thread.
+    const root = await carol.say(ops, "a thread's root");
+    const inThread = await carol.send(ops, {
+      msgtype: "m.text",
+      body: `in the thread ${TOO_LONG}`,
+      "m.relates_to": {
+        rel_type: "m.thread",
+        event_id: root,
+        is_falling_back: true,
+        "m.in_reply_to": { event_id: root },
+      },
+    });
+    const [second] = await answerTo(inThread);
+    assert.deepEqual(relatesTo(second!), {
+      rel_type: "m.thread",
+      event_id: root,
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: inThread },
+    });
+
+    // A reply (no rel_type): Synapse lets it be a thread's root.
+    const reply = await carol.send(ops, {
+      msgtype: "m.text",
+      body: `a reply ${TOO_LONG}`,
+      "m.relates_to": { "m.in_reply_to": { event_id: root } },
+    });
+    const [third] = await answerTo(reply);
+    assert.equal(relatesTo(third!)?.rel_type, "m.thread");
+    assert.equal(relatesTo(third!)?.event_id, reply);
+
+    const timeline = await alice.timeline(ops);
+    for (const failed of [plain, inThread, reply])
+      assert.equal(timeline.filter(reactionsBy(bot, failed, "✅")).length, 0, "no ✅ on a failed message");
   });
 
   test("a command is answered as a reply; a room linked by command gets what a device publishes", async () => {
