@@ -485,6 +485,90 @@ describe("TestHomeserver: rooms and events", () => {
   });
 });
 
+describe("TestHomeserver: room version 12, Synapse's default (Room versions §12)", () => {
+  it("the room id is the create event's hash, without a server; creators rank above every level and are listed in no power levels", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const carol = hs.registerUser("carol");
+      const roomId = hs.createRoom({
+        creator: alice,
+        preset: "public_chat",
+        roomVersion: "12",
+        additionalCreators: [carol],
+      });
+      assert.match(roomId, /^![A-Za-z0-9_-]{43}$/);
+      const create = hs.events(roomId)[0]!;
+      assert.equal(create.event_id, `$${roomId.slice(1)}`);
+      const levels = hs.stateEvent(roomId, "m.room.power_levels")!.content;
+      assert.deepEqual(levels.users, {});
+      assert.equal((levels.events as Record<string, number>)["m.room.tombstone"], 150);
+      // The bot reads the create event by its id, as power-levels.ts does.
+      hs.joinRoom(roomId, bob);
+      await call(hs, "POST", `${C}/join/${enc(roomId)}`, { token: AS_TOKEN, body: {} });
+      const read = await call(hs, "GET", `${C}/rooms/${enc(roomId)}/event/${enc(create.event_id)}`, {
+        token: AS_TOKEN,
+      });
+      assert.equal(read.status, 200, JSON.stringify(read.body));
+      assert.equal(read.body.sender, alice);
+
+      // Synapse: 400 M_UNKNOWN for a creator in `users`, at creation and on a change alike.
+      const creatorListed = { ...levels, users: { [alice]: 100 } };
+      assert.throws(() => hs.sendState(roomId, alice, "m.room.power_levels", "", creatorListed), {
+        status: 400,
+        errcode: "M_UNKNOWN",
+      });
+      assert.throws(
+        () => hs.sendState(roomId, alice, "m.room.power_levels", "", { ...levels, users: { [carol]: 50 } }),
+        { status: 400 },
+      );
+      const override = await call(hs, "POST", `${C}/createRoom`, {
+        token: hs.accessTokenFor(alice),
+        body: { room_version: "12", power_level_content_override: { users: { [alice]: 100 } } },
+      });
+      assert.equal(override.status, 400, JSON.stringify(override.body));
+      assert.match(String(override.body.error), /must not appear in content\.users/);
+
+      // An additional creator outranks the room's own levels: it may change them.
+      hs.joinRoom(roomId, carol);
+      hs.sendState(roomId, carol, "m.room.power_levels", "", { ...levels, users: { [bob]: 50 } });
+      assert.deepEqual(hs.stateEvent(roomId, "m.room.power_levels")!.content.users, { [bob]: 50 });
+    });
+  });
+
+  it("a trusted_private_chat's invitees are its additional creators", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const roomId = hs.createRoom({
+        creator: alice,
+        preset: "trusted_private_chat",
+        roomVersion: "12",
+        invite: [bob],
+      });
+      assert.deepEqual(hs.events(roomId)[0]!.content.additional_creators, [bob]);
+      assert.deepEqual(hs.stateEvent(roomId, "m.room.power_levels")!.content.users, {});
+    });
+  });
+});
+
+describe("TestHomeserver: Synapse's default power levels", () => {
+  it("inviting takes level 50 in a public_chat room, 0 in a private one", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const pub = hs.createRoom({ creator: alice, preset: "public_chat" });
+      const priv = hs.createRoom({ creator: alice, preset: "private_chat", invite: [bob] });
+      assert.equal(hs.stateEvent(pub, "m.room.power_levels")!.content.invite, 50);
+      assert.equal(hs.stateEvent(priv, "m.room.power_levels")!.content.invite, 0);
+      hs.joinRoom(pub, bob);
+      hs.joinRoom(priv, bob);
+      assert.throws(() => hs.inviteUser(pub, bob, "@bridgebot:test.local"), { status: 403 });
+      hs.inviteUser(priv, bob, "@bridgebot:test.local");
+    });
+  });
+});
+
 describe("TestHomeserver: pushing to the appservice", () => {
   it("retries the same transaction after 500s, keeps order", async () => {
     const as = await fakeAppservice((_c, i) => (i < 2 ? 500 : 200));
