@@ -402,6 +402,31 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     assert.match(String(answer!.content.body), /tribridge is running with 1 route/);
     assert.deepEqual(answer!.content["m.mentions"], { user_ids: [alice.userId] });
 
+    // Given in a thread: answered in that thread (§Replies within threads), which Synapse takes.
+    const root = await alice.say(ops, "a thread for commands");
+    const inThread = await alice.send(ops, {
+      msgtype: "m.text",
+      body: "!tribridge help",
+      "m.relates_to": {
+        rel_type: "m.thread",
+        event_id: root,
+        is_falling_back: true,
+        "m.in_reply_to": { event_id: root },
+      },
+    });
+    const [threaded] = await waitForEvents(
+      "the answer in the thread",
+      alice,
+      ops,
+      (e) => e.sender === bot && inReplyTo(e) === inThread,
+    );
+    assert.deepEqual(relatesTo(threaded!), {
+      rel_type: "m.thread",
+      event_id: root,
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: inThread },
+    });
+
     const room = await alice.createRoom({ name: "linked", preset: "private_chat", invite: [bot] });
     await waitFor(
       "the bot to join the room it was invited to",
