@@ -14,6 +14,7 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
+import { isDuplicateAnnotation } from "./matrix-error.js";
 import type { PowerLevels } from "./power-levels.js";
 
 /** The reaction on a refused message (Client-Server API §Reactions: an m.annotation). */
@@ -114,7 +115,13 @@ export class RelayPermissions {
     const reaction = {
       "m.relates_to": { rel_type: "m.annotation", event_id: ev.event_id, key: REFUSED_KEY },
     };
-    await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id));
+    // On already (an event handled again after the homeserver forgot the transaction id): the
+    // notice may still be due.
+    await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id)).catch(
+      (err: unknown) => {
+        if (!isDuplicateAnnotation(err)) throw err;
+      },
+    );
     const first = await redis.set(
       redisKeys.refusalNotice(prefix, ev.room_id, ev.sender),
       ev.event_id,
