@@ -23,6 +23,7 @@ import { MatrixClient } from "../../src/matrix/matrix-client.js";
 import { buildRegistration, type Registration } from "../../src/matrix/registration.js";
 import { RouteTable } from "../../src/routing/route-table.js";
 import { connectRedis } from "../../src/store/redis-store.js";
+import { hasMosquitto, startMosquitto, type Broker } from "../helpers/brokers.js";
 import { deleteKeys, freePort, REDIS_URL, tempDataDir, waitFor } from "../helpers/fixture.js";
 import { startSynapse, synapseSkipReason, type Synapse, type SynapseUser } from "../helpers/synapse.js";
 
@@ -118,6 +119,8 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
   let carol: Person; // the room's creator, not an admin
   let bot: string;
   let ops: string;
+  let plant: string; // routed to a broker of the test's own, which it stops and starts again
+  let broker: Broker | undefined;
   const published: { topic: string; body: string }[] = [];
 
   async function up(): Promise<void> {
@@ -156,14 +159,25 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
 
   before(async () => {
     dataDir = tempDataDir();
+    broker = await startMosquitto();
     const base = {
       dataDir,
       homeserver: { url: "http://127.0.0.1:1", domain: SERVER_NAME },
       appservice: { port: await freePort(), admins: [`@alice:${SERVER_NAME}`] },
-      queue: { redisUrl: REDIS_URL, prefix, shards: 2, initialRetryDelayMs: 50, maxRetryDelayMs: 1000 },
-      // Longer messages fail for good: the failure answers.
+      queue: {
+        redisUrl: REDIS_URL,
+        prefix,
+        shards: 2,
+        initialRetryDelayMs: 50,
+        maxRetryDelayMs: 1000,
+        maxProbeDelayMs: 200,
+      },
       bridges: {
-        mqtt: { home: { embedded: { port: await freePort(), maxPayloadBytes: MAX_PAYLOAD_BYTES } } },
+        mqtt: {
+          // Longer messages fail for good: the failure answers.
+          home: { embedded: { port: await freePort(), maxPayloadBytes: MAX_PAYLOAD_BYTES } },
+          ...(broker && { plant: { url: `mqtt://127.0.0.1:${broker.port}`, reconnectPeriodMs: 100 } }),
+        },
       },
     };
     registration = buildRegistration(validateConfig(base, connectors), connectors);
@@ -183,6 +197,11 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     });
     await bob.join(ops);
     await alice.join(ops);
+    plant = await carol.createRoom({
+      name: "plant",
+      preset: "public_chat",
+      power_level_content_override: { users: { [bot]: 100 } },
+    });
     config = validateConfig(
       {
         ...base,
@@ -196,6 +215,15 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
               { account: "mqtt.home", direction: "in", topic: "ops/in" },
             ],
           },
+          ...(broker
+            ? [
+                {
+                  id: "plant",
+                  room: plant,
+                  endpoints: [{ account: "mqtt.plant", direction: "out", topic: "plant/cmd", qos: 1 }],
+                },
+              ]
+            : []),
         ],
       },
       connectors,
@@ -207,6 +235,7 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     await device?.endAsync(true);
     await bridge?.stop();
     await synapse?.stop();
+    await broker?.stop();
     await deleteKeys(prefix);
     if (dataDir) rmSync(dataDir, { recursive: true, force: true });
   });
@@ -390,6 +419,34 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
       assert.equal(timeline.filter(reactionsBy(bot, failed, "✅")).length, 0, "no ✅ on a failed message");
   });
 
+  test(
+    "the broker down: ⏳ while it is; then ✅, and the ⏳ redacted",
+    { skip: !hasMosquitto && "mosquitto is not installed" },
+    async () => {
+      await waitFor("the plant broker up", () => bridge.connectorStates()["mqtt.plant"]?.state === "up");
+      const { port } = broker!;
+      const stopped = broker!;
+      broker = undefined; // what follows starts it again, also when it fails
+      await stopped.stop();
+      try {
+        const sent = await carol.say(plant, "while the broker is down");
+        const [waiting] = await waitForEvents("the ⏳", carol, plant, reactionsBy(bot, sent, "⏳"));
+        broker = await startMosquitto(port);
+        await waitForEvents("the ✅", carol, plant, reactionsBy(bot, sent, "✅"));
+        await waitFor(
+          "the ⏳ redacted",
+          async () => {
+            const mark = (await carol.timeline(plant)).find((e) => e.event_id === waiting!.event_id);
+            return mark !== undefined && relatesTo(mark) === undefined;
+          },
+          RELAY_TIMEOUT_MS,
+        );
+      } finally {
+        broker ??= await startMosquitto(port);
+      }
+    },
+  );
+
   test("a command is answered as a reply; a room linked by command gets what a device publishes", async () => {
     const command = await alice.say(ops, "!tribridge status");
     const [answer] = await waitForEvents(
@@ -399,7 +456,7 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
       (e) => e.sender === bot && inReplyTo(e) === command,
     );
     assert.equal(answer!.content.msgtype, "m.notice");
-    assert.match(String(answer!.content.body), /tribridge is running with 1 route/);
+    assert.match(String(answer!.content.body), /tribridge is running with \d route/);
     assert.deepEqual(answer!.content["m.mentions"], { user_ids: [alice.userId] });
 
     // Given in a thread: answered in that thread (§Replies within threads), which Synapse takes.
