@@ -117,6 +117,7 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
   let alice: Person; // a tribridge admin
   let bob: Person; // a member, at power level 0 at first
   let carol: Person; // the room's creator, not an admin
+  let dave: Person; // another member at level 0, who writes in a thread
   let bot: string;
   let ops: string;
   let plant: string; // routed to a broker of the test's own, which it stops and starts again
@@ -186,6 +187,7 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     alice = new Person(synapse.url, await synapse.registerUser("alice", { displayName: "Alice" }));
     bob = new Person(synapse.url, await synapse.registerUser("bob", { displayName: "Bob" }));
     carol = new Person(synapse.url, await synapse.registerUser("carol", { displayName: "Carol" }));
+    dave = new Person(synapse.url, await synapse.registerUser("dave", { displayName: "Dave" }));
     bot = `@${validateConfig(base, connectors).appservice.botLocalpart}:${SERVER_NAME}`;
     // The bot may send state (the bridge information); bob is a member at level 0. Synapse makes
     // room version 12 rooms, where carol, their creator, ranks above every level (and may not be
@@ -197,6 +199,7 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     });
     await bob.join(ops);
     await alice.join(ops);
+    await dave.join(ops);
     plant = await carol.createRoom({
       name: "plant",
       preset: "public_chat",
@@ -274,6 +277,27 @@ describe("control from the room, with Synapse", { skip, timeout: 120_000 }, () =
     assert.equal(notice[0]!.content.msgtype, "m.notice");
     const second = await bob.say(ops, "bob at level 0, again");
     await waitForEvents("the ⛔ on the second message", bob, ops, reactionsBy(bot, second, "⛔"));
+
+    // Refused in a thread: the notice goes into that thread.
+    const root = await carol.say(ops, "a thread dave writes in");
+    const daves = await dave.send(ops, {
+      msgtype: "m.text",
+      body: "dave in a thread",
+      "m.relates_to": {
+        rel_type: "m.thread",
+        event_id: root,
+        is_falling_back: true,
+        "m.in_reply_to": { event_id: root },
+      },
+    });
+    await waitForEvents("the ⛔ on dave's message", dave, ops, reactionsBy(bot, daves, "⛔"));
+    const [toDave] = await waitForEvents("dave's notice", dave, ops, (e) => inReplyTo(e) === daves);
+    assert.deepEqual(relatesTo(toDave!), {
+      rel_type: "m.thread",
+      event_id: root,
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: daves },
+    });
 
     // A real m.room.power_levels change, sent by the room's admin.
     const levels = (await carol.state(ops)).find((e) => e.type === "m.room.power_levels")!.content;

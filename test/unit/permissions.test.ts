@@ -350,6 +350,25 @@ describe("RelayPermissions: the judgement and the one answer", () => {
     );
   });
 
+  test("a refused message in a thread is answered in that thread", async () => {
+    const sent: { type: string; content: Record<string, unknown>; txnId: string }[] = [];
+    const inThread: MatrixEvent = {
+      ...message("$threaded", "@erin:x"),
+      content: {
+        msgtype: "m.text",
+        body: "on",
+        "m.relates_to": { rel_type: "m.thread", event_id: "$root", "m.in_reply_to": { event_id: "$root" } },
+      },
+    };
+    await permissions(sent).refused(inThread, [lab]);
+    assert.deepEqual(sent[1]!.content["m.relates_to"], {
+      rel_type: "m.thread",
+      event_id: "$root",
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: "$threaded" },
+    });
+  });
+
   test("an answer that cannot be sent is logged, and the refusal still resolves", async () => {
     const p = new RelayPermissions({
       powerLevels: new PowerLevels(reader(async () => ({}))),
