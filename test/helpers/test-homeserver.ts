@@ -341,6 +341,15 @@ function randomLetters(n: number): string {
   for (let i = 0; i < n; i++) s += LETTERS[b[i]! % LETTERS.length];
   return s;
 }
+/**
+ * Whose repeated transaction ids get the first request's answer. Synapse keys an appservice's by
+ * the path and the appservice alone (rest/client/transactions.py: `(path, "appservice", id)`; the
+ * path without the query): the same transaction id sent as two of its users into one room within
+ * its 30 minutes is one request, and the second user's event is never made. A session otherwise.
+ */
+function idempotencyScope(rq: Requester): string {
+  return rq.isAs ? "as" : rq.txnScope;
+}
 /** Room versions §12 (MSC4289): whether the room's creators rank above every power level. */
 function createsCreators(version: string): boolean {
   return /^\d+$/.test(version) && Number(version) >= 12;
@@ -2168,7 +2177,7 @@ export class TestHomeserver {
     r("PUT", `${C}/rooms/:roomId/send/:eventType/:txnId`, "user", "json", (ctx) => {
       const [roomId, type, txnId] = ctx.params as [string, string, string];
       const rq = req(ctx);
-      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const key = `${idempotencyScope(rq)}\u0000${ctx.path}`;
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
@@ -2186,7 +2195,7 @@ export class TestHomeserver {
     r("PUT", `${C}/rooms/:roomId/redact/:eventId/:txnId`, "user", "json", (ctx) => {
       const [roomId, eventId, txnId] = ctx.params as [string, string, string];
       const rq = req(ctx);
-      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const key = `${idempotencyScope(rq)}\u0000${ctx.path}`;
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
