@@ -26,7 +26,7 @@ import type { RouteTable } from "../routing/route-table.js";
 import { redisKeys } from "../store/keys.js";
 import { SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./event-intake.js";
 import type { MatrixClient } from "./matrix-client.js";
-import { MatrixPermanentError } from "./matrix-error.js";
+import { isDuplicateAnnotation } from "./matrix-error.js";
 
 /** What became of a message at one endpoint. */
 export type DeliveryOutcome = "waiting" | "accepted" | "failed";
@@ -134,9 +134,7 @@ export class DeliveryFeedback {
         jobIdFor("mark", eventId, key),
       );
     } catch (err) {
-      // Synapse refuses a second identical annotation by one sender (after the transaction id of
-      // the first was forgotten): it is on already.
-      if (err instanceof MatrixPermanentError && err.errcode === "M_DUPLICATE_ANNOTATION") return undefined;
+      if (isDuplicateAnnotation(err)) return undefined; // on already
       throw err;
     }
   }

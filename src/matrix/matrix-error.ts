@@ -106,6 +106,15 @@ export function classifyMatrixError(status: number, body: MatrixErrorBody, what:
   });
 }
 
+/**
+ * Client-Server API §Event annotations and reactions, server behaviour: a second annotation of one
+ * event with the same type and key by the same sender is refused, 400 M_DUPLICATE_ANNOTATION (as
+ * Synapse does once the first one's transaction id is forgotten). For a mark of the bot's: it is on.
+ */
+export function isDuplicateAnnotation(err: unknown): boolean {
+  return err instanceof MatrixPermanentError && err.errcode === "M_DUPLICATE_ANNOTATION";
+}
+
 export function isMatrixHttpError(err: unknown): err is MatrixHttpError {
   return err instanceof MatrixPermanentError || err instanceof MatrixRetryableError;
 }

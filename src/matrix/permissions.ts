@@ -3,8 +3,9 @@
  * users listed (with `*` globs), everyone at or above a power level in the room, and
  * appservice.admins. A message refused for some route gets one visible answer from the bot: a ⛔
  * reaction, and, the first time that sender is refused in that room within an hour, a notice in
- * reply saying why and which config key allows it. Both are sent with transaction ids derived from
- * the event id, so a transaction delivered again answers nothing new.
+ * reply (in its thread, if it is in one) saying why and which config key allows it. Both are sent
+ * with transaction ids derived from the event id, so a transaction delivered again answers nothing
+ * new.
  */
 import type { Redis } from "ioredis";
 import type { ResolvedRoute } from "../config/load.js";
@@ -14,6 +15,8 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
+import { isDuplicateAnnotation } from "./matrix-error.js";
+import { answerRelation } from "./relations.js";
 import type { PowerLevels } from "./power-levels.js";
 
 /** The reaction on a refused message (Client-Server API §Reactions: an m.annotation). */
@@ -114,7 +117,13 @@ export class RelayPermissions {
     const reaction = {
       "m.relates_to": { rel_type: "m.annotation", event_id: ev.event_id, key: REFUSED_KEY },
     };
-    await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id));
+    // On already (an event handled again after the homeserver forgot the transaction id): the
+    // notice may still be due.
+    await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id)).catch(
+      (err: unknown) => {
+        if (!isDuplicateAnnotation(err)) throw err;
+      },
+    );
     const first = await redis.set(
       redisKeys.refusalNotice(prefix, ev.room_id, ev.sender),
       ev.event_id,
@@ -132,7 +141,8 @@ export class RelayPermissions {
       msgtype: "m.notice",
       body: refusalNotice(ev.sender, routes),
       "m.mentions": { user_ids: [ev.sender] },
-      "m.relates_to": { "m.in_reply_to": { event_id: ev.event_id } },
+      // In the message's thread when it is in one, as a command's answer (§Replies within threads).
+      "m.relates_to": answerRelation(ev.event_id, ev.content),
     };
     await sendAsBot(ev.room_id, "m.room.message", notice, jobIdFor("refused-notice", ev.event_id));
   }

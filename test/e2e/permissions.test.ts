@@ -26,6 +26,7 @@ describe("permissions: who may relay room messages out", () => {
   let ops: string; // default permissions
   let door: string; // its own: carol and @lab-*, no power level
   let feed: string; // relays in only: nothing to refuse
+  let v12: string; // a version 12 room (Synapse's default) of carol's, with dave as another creator
 
   before(async () => {
     h = await harness({
@@ -44,6 +45,11 @@ describe("permissions: who may relay room messages out", () => {
           permissions: { users: ["@carol:test.local", "@lab-*:test.local"], powerLevel: null },
         },
         {
+          id: "v12",
+          room: "#v12:test.local",
+          endpoints: [{ account: "test.a", direction: "out", channel: "v12" }],
+        },
+        {
           id: "feed",
           room: "#feed:test.local",
           endpoints: [{ account: "test.a", direction: "in", channel: "feed" }],
@@ -59,8 +65,16 @@ describe("permissions: who may relay room messages out", () => {
     ops = h.hs.createRoom({ creator: h.alice, alias: "#ops:test.local", preset: "public_chat" });
     door = h.hs.createRoom({ creator: h.alice, alias: "#door:test.local", preset: "public_chat" });
     feed = h.hs.createRoom({ creator: h.alice, alias: "#feed:test.local", preset: "public_chat" });
+    v12 = h.hs.createRoom({
+      creator: carol,
+      alias: "#v12:test.local",
+      preset: "public_chat",
+      roomVersion: "12",
+      additionalCreators: [dave],
+    });
     for (const room of [ops, door, feed])
       for (const user of [admin, bob, carol, dave]) h.hs.joinRoom(room, user);
+    for (const user of [admin, bob, dave]) h.hs.joinRoom(v12, user);
     bridge = await start({ config, registration: h.registration, connectors });
     remote = bridge.connector("test.a") as TestConnector;
   });
@@ -183,6 +197,15 @@ describe("permissions: who may relay room messages out", () => {
     );
     const byBob = say(door, bob, "bob: open");
     await refused(door, "door", byBob, "bob: open");
+  });
+
+  test("in a version 12 room its creators, listed in no power levels, rank above every level (Room versions §12)", async () => {
+    say(v12, carol, "carol: as the creator");
+    say(v12, dave, "dave: as another creator");
+    const byBob = say(v12, bob, "bob: as a member");
+    await refused(v12, "v12", byBob, "bob: as a member");
+    assert.equal(relayed("v12", "carol: as the creator"), true);
+    assert.equal(relayed("v12", "dave: as another creator"), true);
   });
 
   test("an edit by a refused sender is not relayed either", async () => {

@@ -64,6 +64,10 @@ export interface Synapse {
   registerUser(localpart: string, opts?: { admin?: boolean; displayName?: string }): Promise<SynapseUser>;
   /** Where Synapse logs (INFO), kept after `stop` when TRIBRIDGE_KEEP_SYNAPSE is set. */
   logFile: string;
+  /** Stops the process, keeping its folder (database, keys): `resume` starts it again on the same port. */
+  pause(): Promise<void>;
+  /** Starts a paused Synapse again, with the same data; resolves once it answers. */
+  resume(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -190,27 +194,17 @@ export async function startSynapse(opts: SynapseOptions = {}): Promise<Synapse> 
     ),
   );
 
-  const began = Date.now();
-  const child = spawn(PYTHON, ["-m", "synapse.app.homeserver", "-c", join(dir, "homeserver.yaml")], {
-    cwd: dir,
-    stdio: ["ignore", "ignore", "pipe"],
-    // SYNAPSE_* variables of the caller's shell must not change this config.
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: dir, LANG: "C.UTF-8" },
-  });
-  let stderr = "";
-  child.stderr?.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-8_000)));
-  const exited = new Promise<void>((r) => child.once("exit", () => r()));
-
   const cleanUp = () => {
     if (process.env.TRIBRIDGE_KEEP_SYNAPSE) console.log(`Synapse's folder kept: ${dir}`);
     else rmSync(dir, { recursive: true, force: true });
   };
+  const began = Date.now();
+  let running: Running;
   try {
-    await waitUntilServing(url, child);
+    running = await run(dir, url);
   } catch (err) {
-    await stopChild(child, exited);
     cleanUp();
-    throw new Error(`Synapse did not start: ${(err as Error).message}\n${stderr}`);
+    throw err;
   }
   const startMs = Date.now() - began;
 
@@ -220,11 +214,39 @@ export async function startSynapse(opts: SynapseOptions = {}): Promise<Synapse> 
     startMs,
     logFile,
     registerUser: (localpart, o = {}) => registerUser(url, sharedSecret, localpart, o),
+    pause: () => running.stop(),
+    resume: async () => {
+      running = await run(dir, url);
+    },
     stop: async () => {
-      await stopChild(child, exited);
+      await running.stop();
       cleanUp();
     },
   };
+}
+
+interface Running {
+  stop(): Promise<void>;
+}
+
+/** Runs Synapse on the config in `dir` until it answers on `url`. */
+async function run(dir: string, url: string): Promise<Running> {
+  const child = spawn(PYTHON, ["-m", "synapse.app.homeserver", "-c", join(dir, "homeserver.yaml")], {
+    cwd: dir,
+    stdio: ["ignore", "ignore", "pipe"],
+    // SYNAPSE_* variables of the caller's shell must not change this config.
+    env: { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: dir, LANG: "C.UTF-8" },
+  });
+  let stderr = "";
+  child.stderr?.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-8_000)));
+  const exited = new Promise<void>((r) => child.once("exit", () => r()));
+  try {
+    await waitUntilServing(url, child);
+  } catch (err) {
+    await stopChild(child, exited);
+    throw new Error(`Synapse did not start: ${(err as Error).message}\n${stderr}`);
+  }
+  return { stop: () => stopChild(child, exited) };
 }
 
 async function waitUntilServing(url: string, child: ChildProcess): Promise<void> {

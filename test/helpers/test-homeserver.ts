@@ -232,6 +232,8 @@ interface StoredEvent {
 }
 
 interface EvMeta {
+  /** The event's id, when it is given (a version 12 room's create event: the room id's source). */
+  eventId?: string | undefined;
   txnId?: string | undefined;
   txnScope?: string | undefined;
   ts?: number | undefined;
@@ -299,8 +301,11 @@ const MAX_TO_DEVICE_CONTENT_BYTES = 65536;
 /** To-device messages in one /sync response (Synapse's limit). */
 const SYNC_TO_DEVICE_LIMIT = 100;
 const LOG_LIMIT = 10_000;
+/** Synapse (1.163) makes version 12 rooms by default; here 10 stays the default, and tests ask for 12. */
 const DEFAULT_ROOM_VERSION = "10";
-const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+const SUPPORTED_ROOM_VERSIONS = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
+/** Room versions §12 (MSC4289): a creator's power level, above every other (Synapse's CREATOR_POWER_LEVEL). */
+const CREATOR_POWER_LEVEL = 2 ** 53;
 const MEMBERSHIPS: readonly string[] = ["join", "invite", "leave", "ban", "knock"];
 /** `m.room.encryption` content as clients send it (CS API §m.room.encryption). */
 const MEGOLM = {
@@ -329,7 +334,8 @@ const SPEC_VERSIONS = [
 const LOCALPART_RE = /^[a-z0-9._=\-/+]+$/;
 // Room aliases: "#" localpart ":" server_name; localpart must not contain ":" (Synapse also forbids whitespace).
 const ALIAS_RE = /^#[^:\s]+:.+$/;
-const ROOM_ID_RE = /^![^:]+:.+$/;
+/** `!opaque:server`; from room version 12 on, `!` and the create event's hash, without a server (Appendices §Room IDs). */
+const ROOM_ID_RE = /^!([^:]+:.+|[A-Za-z0-9_-]{43})$/;
 
 // Random ids: draw from a pooled buffer to avoid a syscall-sized randomBytes() per event.
 let randPool = Buffer.alloc(0);
@@ -349,6 +355,19 @@ function randomLetters(n: number): string {
   let s = "";
   for (let i = 0; i < n; i++) s += LETTERS[b[i]! % LETTERS.length];
   return s;
+}
+/**
+ * Whose repeated transaction ids get the first request's answer. Synapse keys an appservice's by
+ * the path and the appservice alone (rest/client/transactions.py: `(path, "appservice", id)`; the
+ * path without the query): the same transaction id sent as two of its users into one room within
+ * its 30 minutes is one request, and the second user's event is never made. A session otherwise.
+ */
+function idempotencyScope(rq: Requester): string {
+  return rq.isAs ? "as" : rq.txnScope;
+}
+/** Room versions §12 (MSC4289): whether the room's creators rank above every power level. */
+function createsCreators(version: string): boolean {
+  return /^\d+$/.test(version) && Number(version) >= 12;
 }
 /** Room versions 4+ event id format: "$" + unpadded URL-safe base64 of a 32-byte reference hash. */
 function newEventId(): string {
@@ -627,6 +646,10 @@ export class TestHomeserver {
      * creates private rooms, and as Synapse does for every room with `encryption_enabled_by_default_for_room_type`.
      */
     encrypted?: boolean;
+    /** Default 10; Synapse's default is 12 (a room id without a server, creators above every level). */
+    roomVersion?: string;
+    /** Room versions §12: `additional_creators` of the create event. */
+    additionalCreators?: string[];
   }): string {
     this.requireUser(opts.creator);
     let aliasLocal: string | undefined;
@@ -646,6 +669,11 @@ export class TestHomeserver {
         invite: opts.invite,
         is_direct: opts.isDirect,
         initial_state: opts.encrypted ? [{ type: "m.room.encryption", content: MEGOLM } as Json] : undefined,
+        room_version: opts.roomVersion,
+        creation_content:
+          opts.additionalCreators === undefined
+            ? undefined
+            : { additional_creators: opts.additionalCreators },
       },
     );
   }
@@ -1034,8 +1062,13 @@ export class TestHomeserver {
     return room.state.get(stateKeyOf("m.room.power_levels", ""))?.content;
   }
 
-  /** Room versions §Authorization rules: user level (users[u] ?? users_default ?? 0; creator 100 without PL). */
+  /**
+   * Room versions §Authorization rules: user level (users[u] ?? users_default ?? 0; creator 100 without
+   * PL). From version 12 on, the creators (the create event's sender and `additional_creators`) rank
+   * above every level (Room versions §12, MSC4289).
+   */
   private userLevel(room: Room, userId: string): number {
+    if (this.creatorsOf(room).has(userId)) return CREATOR_POWER_LEVEL;
     const pl = this.powerLevels(room);
     if (!pl) {
       const create = room.state.get(stateKeyOf("m.room.create", ""));
@@ -1045,6 +1078,28 @@ export class TestHomeserver {
     const v = users[userId];
     if (isInt(v)) return v;
     return isInt(pl.users_default) ? pl.users_default : 0;
+  }
+
+  /** Room versions §12: the users who rank above every level; none before version 12. */
+  private creatorsOf(room: Room): ReadonlySet<string> {
+    if (!createsCreators(room.version)) return new Set();
+    const create = room.state.get(stateKeyOf("m.room.create", ""));
+    if (!create) return new Set();
+    const additional = Array.isArray(create.content.additional_creators)
+      ? (create.content.additional_creators as unknown[]).filter((u): u is string => typeof u === "string")
+      : [];
+    return new Set([create.sender, ...additional]);
+  }
+
+  /**
+   * Room versions §12, authorization rules for m.room.power_levels: no creator in `users`. Synapse
+   * answers 400 M_UNKNOWN (event_auth.py _check_power_levels), at creation and on a change alike.
+   */
+  private refuseCreatorsInUsers(creators: ReadonlySet<string>, content: Json): void {
+    const users = isObject(content.users) ? content.users : {};
+    for (const creator of creators)
+      if (creator in users)
+        throw err(400, "M_UNKNOWN", `Creator user ${creator} must not appear in content.users`);
   }
 
   private requiredLevel(room: Room, type: string, isState: boolean): number {
@@ -1088,7 +1143,7 @@ export class TestHomeserver {
     meta: EvMeta,
   ): RecordedEvent {
     const ev: RecordedEvent = {
-      event_id: newEventId(),
+      event_id: meta.eventId ?? newEventId(),
       room_id: room.roomId,
       sender,
       type,
@@ -1366,6 +1421,7 @@ export class TestHomeserver {
 
   /** Room versions §Authorization rules for m.room.power_levels (rule 10, simplified to levels that change). */
   private checkPowerLevelsChange(room: Room, sender: string, content: Json): void {
+    this.refuseCreatorsInUsers(this.creatorsOf(room), content);
     const old = this.powerLevels(room) ?? {};
     const level = this.userLevel(room, sender);
     const top = ["users_default", "events_default", "state_default", "ban", "redact", "kick", "invite"];
@@ -1501,8 +1557,27 @@ export class TestHomeserver {
     if (body.power_level_content_override !== undefined && !isObject(body.power_level_content_override)) {
       throw badJson("power_level_content_override must be an object");
     }
-
-    const roomId = `!${randomLetters(18)}:${this.serverName}`;
+    const createContent: Json = { ...(body.creation_content as Json | undefined), room_version: version };
+    if (Number(version) < 11) createContent.creator = creator;
+    // Room versions §12: the room id is the create event's (its reference hash), without a server;
+    // a trusted_private_chat's invitees are its additional creators (Synapse, MSC4289).
+    let createEventId: string | undefined;
+    let roomId = `!${randomLetters(18)}:${this.serverName}`;
+    if (createsCreators(version)) {
+      createEventId = newEventId();
+      roomId = `!${createEventId.slice(1)}`;
+      const additional = createContent.additional_creators;
+      if (
+        additional !== undefined &&
+        (!Array.isArray(additional) ||
+          additional.some((u) => typeof u !== "string" || !/^@[^:]+:.+$/.test(u)))
+      )
+        throw badJson("additional_creators must be an array of user ids");
+      if (preset === "trusted_private_chat" && invites.length > 0)
+        createContent.additional_creators = [...new Set([...((additional as string[]) ?? []), ...invites])];
+      const creators = new Set([creator, ...((createContent.additional_creators as string[]) ?? [])]);
+      this.refuseCreatorsInUsers(creators, (body.power_level_content_override as Json | undefined) ?? {});
+    }
     const room: Room = {
       roomId,
       version,
@@ -1523,13 +1598,13 @@ export class TestHomeserver {
     const state = (type: string, content: Json, key = ""): void => {
       this.appendEvent(room, creator, type, content, key, meta);
     };
-    const createContent: Json = { ...(body.creation_content as Json | undefined), room_version: version };
-    if (Number(version) < 11) createContent.creator = creator;
-    state("m.room.create", createContent);
+    this.appendEvent(room, creator, "m.room.create", createContent, "", { ...meta, eventId: createEventId });
     state("m.room.member", this.profileContent(creator, { membership: "join" }), creator);
-    // Synapse's default power levels.
-    const users: Json = { [creator]: 100 };
-    if (preset === "trusted_private_chat") for (const u of invites) users[u] = 100;
+    // Synapse's default power levels; from version 12 on, its creators are not listed (they rank
+    // above every level).
+    const v12 = createsCreators(version);
+    const users: Json = v12 ? {} : { [creator]: 100 };
+    if (preset === "trusted_private_chat" && !v12) for (const u of invites) users[u] = 100;
     const pl: Json = {
       users,
       users_default: 0,
@@ -1539,7 +1614,7 @@ export class TestHomeserver {
         "m.room.history_visibility": 100,
         "m.room.canonical_alias": 50,
         "m.room.avatar": 50,
-        "m.room.tombstone": 100,
+        "m.room.tombstone": v12 ? 150 : 100,
         "m.room.server_acl": 100,
         "m.room.encryption": 100,
       },
@@ -1548,7 +1623,8 @@ export class TestHomeserver {
       ban: 50,
       kick: 50,
       redact: 50,
-      invite: 0,
+      // Synapse: 50, and 0 in its private_chat and trusted_private_chat presets.
+      invite: preset === "public_chat" ? 50 : 0,
       ...(body.power_level_content_override as Json | undefined),
     };
     state("m.room.power_levels", pl);
@@ -2120,7 +2196,7 @@ export class TestHomeserver {
     r("PUT", `${C}/rooms/:roomId/send/:eventType/:txnId`, "user", "json", (ctx) => {
       const [roomId, type, txnId] = ctx.params as [string, string, string];
       const rq = req(ctx);
-      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const key = `${idempotencyScope(rq)}\u0000${ctx.path}`;
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);
@@ -2138,7 +2214,7 @@ export class TestHomeserver {
     r("PUT", `${C}/rooms/:roomId/redact/:eventId/:txnId`, "user", "json", (ctx) => {
       const [roomId, eventId, txnId] = ctx.params as [string, string, string];
       const rq = req(ctx);
-      const key = `${rq.txnScope}\u0000${ctx.path}`;
+      const key = `${idempotencyScope(rq)}\u0000${ctx.path}`;
       const existing = this.txnCache.get(key);
       if (existing !== undefined) return ok({ event_id: existing });
       const room = this.roomParam(roomId);

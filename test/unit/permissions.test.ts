@@ -324,6 +324,51 @@ describe("RelayPermissions: the judgement and the one answer", () => {
     );
   });
 
+  test("a ⛔ the homeserver says is on already (M_DUPLICATE_ANNOTATION, §Reactions) still lets the notice go", async () => {
+    const sent: { type: string; txnId: string }[] = [];
+    const p = new RelayPermissions({
+      powerLevels: new PowerLevels(reader(async () => ({}))),
+      isAdmin: () => false,
+      redis,
+      prefix,
+      sendAsBot: async (_roomId, type, _content, txnId) => {
+        if (type === "m.reaction")
+          throw new MatrixPermanentError({
+            what: "PUT send",
+            status: 400,
+            errcode: "M_DUPLICATE_ANNOTATION",
+            error: "Can't send same reaction twice",
+          });
+        sent.push({ type, txnId });
+      },
+      log,
+    });
+    await p.refused(message("$dup", "@dave:x"), [lab]);
+    assert.deepEqual(
+      sent.map((s) => s.type),
+      ["m.room.message"],
+    );
+  });
+
+  test("a refused message in a thread is answered in that thread", async () => {
+    const sent: { type: string; content: Record<string, unknown>; txnId: string }[] = [];
+    const inThread: MatrixEvent = {
+      ...message("$threaded", "@erin:x"),
+      content: {
+        msgtype: "m.text",
+        body: "on",
+        "m.relates_to": { rel_type: "m.thread", event_id: "$root", "m.in_reply_to": { event_id: "$root" } },
+      },
+    };
+    await permissions(sent).refused(inThread, [lab]);
+    assert.deepEqual(sent[1]!.content["m.relates_to"], {
+      rel_type: "m.thread",
+      event_id: "$root",
+      is_falling_back: false,
+      "m.in_reply_to": { event_id: "$threaded" },
+    });
+  });
+
   test("an answer that cannot be sent is logged, and the refusal still resolves", async () => {
     const p = new RelayPermissions({
       powerLevels: new PowerLevels(reader(async () => ({}))),

@@ -302,7 +302,8 @@ describe("TestHomeserver: rooms and events", () => {
       assert.equal(hs.messages(roomId)[0]?.txn_id, "txn1");
       assert.equal(hs.messages(roomId)[0]?.sender, bot);
 
-      // Another user (masquerading) with the same txnId is a different transaction.
+      // Another user of the appservice (masquerading) with the same txnId: the same transaction, as
+      // Synapse keys an appservice's by path and appservice (measured on 1.163): no second event.
       await registerGhost(hs, "mqtt_x");
       await call(hs, "POST", `${C}/join/${enc(roomId)}`, {
         token: AS_TOKEN,
@@ -313,7 +314,15 @@ describe("TestHomeserver: rooms and events", () => {
         query: { user_id: "@mqtt_x:test.local" },
         body: { msgtype: "m.text", body: "hi" },
       });
-      assert.notEqual(c.body.event_id, a.body.event_id);
+      assert.equal(c.body.event_id, a.body.event_id);
+      assert.equal(hs.messages(roomId).length, 1);
+      // Another txnId is another transaction.
+      const d = await call(hs, "PUT", `${C}/rooms/${enc(roomId)}/send/m.room.message/txn2`, {
+        token: AS_TOKEN,
+        query: { user_id: "@mqtt_x:test.local" },
+        body: { msgtype: "m.text", body: "hi" },
+      });
+      assert.notEqual(d.body.event_id, a.body.event_id);
       assert.equal(hs.messages(roomId).length, 2);
 
       // unsigned.transaction_id only for the sending session.
@@ -481,6 +490,90 @@ describe("TestHomeserver: rooms and events", () => {
       assert.deepEqual(got.body, { a: 2 });
       const all = await call(hs, "GET", base, { token: AS_TOKEN });
       assert.ok(Array.isArray(all.body));
+    });
+  });
+});
+
+describe("TestHomeserver: room version 12, Synapse's default (Room versions §12)", () => {
+  it("the room id is the create event's hash, without a server; creators rank above every level and are listed in no power levels", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const carol = hs.registerUser("carol");
+      const roomId = hs.createRoom({
+        creator: alice,
+        preset: "public_chat",
+        roomVersion: "12",
+        additionalCreators: [carol],
+      });
+      assert.match(roomId, /^![A-Za-z0-9_-]{43}$/);
+      const create = hs.events(roomId)[0]!;
+      assert.equal(create.event_id, `$${roomId.slice(1)}`);
+      const levels = hs.stateEvent(roomId, "m.room.power_levels")!.content;
+      assert.deepEqual(levels.users, {});
+      assert.equal((levels.events as Record<string, number>)["m.room.tombstone"], 150);
+      // The bot reads the create event by its id, as power-levels.ts does.
+      hs.joinRoom(roomId, bob);
+      await call(hs, "POST", `${C}/join/${enc(roomId)}`, { token: AS_TOKEN, body: {} });
+      const read = await call(hs, "GET", `${C}/rooms/${enc(roomId)}/event/${enc(create.event_id)}`, {
+        token: AS_TOKEN,
+      });
+      assert.equal(read.status, 200, JSON.stringify(read.body));
+      assert.equal(read.body.sender, alice);
+
+      // Synapse: 400 M_UNKNOWN for a creator in `users`, at creation and on a change alike.
+      const creatorListed = { ...levels, users: { [alice]: 100 } };
+      assert.throws(() => hs.sendState(roomId, alice, "m.room.power_levels", "", creatorListed), {
+        status: 400,
+        errcode: "M_UNKNOWN",
+      });
+      assert.throws(
+        () => hs.sendState(roomId, alice, "m.room.power_levels", "", { ...levels, users: { [carol]: 50 } }),
+        { status: 400 },
+      );
+      const override = await call(hs, "POST", `${C}/createRoom`, {
+        token: hs.accessTokenFor(alice),
+        body: { room_version: "12", power_level_content_override: { users: { [alice]: 100 } } },
+      });
+      assert.equal(override.status, 400, JSON.stringify(override.body));
+      assert.match(String(override.body.error), /must not appear in content\.users/);
+
+      // An additional creator outranks the room's own levels: it may change them.
+      hs.joinRoom(roomId, carol);
+      hs.sendState(roomId, carol, "m.room.power_levels", "", { ...levels, users: { [bob]: 50 } });
+      assert.deepEqual(hs.stateEvent(roomId, "m.room.power_levels")!.content.users, { [bob]: 50 });
+    });
+  });
+
+  it("a trusted_private_chat's invitees are its additional creators", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const roomId = hs.createRoom({
+        creator: alice,
+        preset: "trusted_private_chat",
+        roomVersion: "12",
+        invite: [bob],
+      });
+      assert.deepEqual(hs.events(roomId)[0]!.content.additional_creators, [bob]);
+      assert.deepEqual(hs.stateEvent(roomId, "m.room.power_levels")!.content.users, {});
+    });
+  });
+});
+
+describe("TestHomeserver: Synapse's default power levels", () => {
+  it("inviting takes level 50 in a public_chat room, 0 in a private one", async () => {
+    await withHs(async (hs) => {
+      const alice = hs.registerUser("alice");
+      const bob = hs.registerUser("bob");
+      const pub = hs.createRoom({ creator: alice, preset: "public_chat" });
+      const priv = hs.createRoom({ creator: alice, preset: "private_chat", invite: [bob] });
+      assert.equal(hs.stateEvent(pub, "m.room.power_levels")!.content.invite, 50);
+      assert.equal(hs.stateEvent(priv, "m.room.power_levels")!.content.invite, 0);
+      hs.joinRoom(pub, bob);
+      hs.joinRoom(priv, bob);
+      assert.throws(() => hs.inviteUser(pub, bob, "@bridgebot:test.local"), { status: 403 });
+      hs.inviteUser(priv, bob, "@bridgebot:test.local");
     });
   });
 });
