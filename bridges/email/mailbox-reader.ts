@@ -96,7 +96,7 @@ export class MailboxReader {
         await this.readWhileConnected(client, signal);
       } catch (err) {
         lost = `imap: ${errorMessage(err)}`;
-        loginRefused = (err as { authenticationFailed?: unknown }).authenticationFailed === true;
+        loginRefused = loginRefusedBy(err);
       } finally {
         signal.removeEventListener("abort", onAbort);
         client.close();
@@ -294,4 +294,14 @@ export function createImapClient(config: EmailAccount): ImapFlow {
     greetingTimeout: EMAIL_DEFAULTS.connectTimeoutMs,
     clientInfo: { name: "tribridge" },
   });
+}
+
+/**
+ * Whether the server refused the credentials (a tagged NO to LOGIN), which backs off for a minute.
+ * Not when it says a part of it is down for now (RFC 5530 [UNAVAILABLE]: Dovecot's "Temporary
+ * authentication failure" while its auth process starts): that is a server still coming up.
+ */
+export function loginRefusedBy(err: unknown): boolean {
+  const e = err as { authenticationFailed?: unknown; serverResponseCode?: unknown };
+  return e.authenticationFailed === true && e.serverResponseCode !== "UNAVAILABLE";
 }

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import nodemailer, { type SendMailOptions } from "nodemailer";
 import { connectors } from "../../bridges/index.js";
 import { parseMail, stripQuotes } from "../../bridges/email/incoming.js";
+import { loginRefusedBy } from "../../bridges/email/mailbox-reader.js";
 import { messageIdFor, messageIdsIn, plusAddress, tokenOf } from "../../bridges/email/message-ids.js";
 import { emailAccountSchema, emailEndpointSchema } from "../../bridges/email/schema.js";
 import { classifySmtpError } from "../../bridges/email/smtp.js";
@@ -219,4 +220,14 @@ test("mail no person wrote is marked: Auto-Submitted, reports, bounces, vacation
     'From: MAILER-DAEMON@example.org\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nundeliverable\r\n--b--\r\n',
   );
   assert.match((await parseMail(report)).automatic!, /multipart\/report/);
+});
+
+test("a login refused backs off for a minute; [UNAVAILABLE] (a server whose auth is still starting) and a lost connection do not", () => {
+  assert.equal(
+    loginRefusedBy({ authenticationFailed: true, serverResponseCode: "AUTHENTICATIONFAILED" }),
+    true,
+  );
+  assert.equal(loginRefusedBy({ authenticationFailed: true }), true);
+  assert.equal(loginRefusedBy({ authenticationFailed: true, serverResponseCode: "UNAVAILABLE" }), false);
+  assert.equal(loginRefusedBy(new Error("connect ECONNREFUSED")), false);
 });
