@@ -65,7 +65,8 @@ export async function requeueAllFailedJobs(
   connectors: readonly ConnectorDefinition[],
   ids?: ReadonlySet<string>,
 ): Promise<number> {
-  const { prefix, shards, keepCompletedJobs, keepFailedJobs } = config.queue;
+  const { shards, keepCompletedJobs, keepFailedJobs } = config.queue;
+  const prefix = redisKeyPrefix(config.queue);
   let requeued = 0;
   for (const name of queueNames(config, connectors)) {
     const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };
