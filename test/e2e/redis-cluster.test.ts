@@ -20,6 +20,7 @@ import {
   type OrderedQueueOptions,
 } from "../../src/queue/ordered-queue.js";
 import type { RunningBridge } from "../../src/app.js";
+import { checkRedisSettings } from "../../src/queue/redis-check.js";
 import { connectRedis } from "../../src/store/redis-store.js";
 import { redisKeyPrefix } from "../../src/store/redis-url.js";
 import { harness, waitFor, type Harness } from "../helpers/fixture.js";
@@ -131,6 +132,31 @@ describe("the ordered queue on a Redis Cluster", () => {
     assert.equal(calls[6], "r2#1");
     assert.deepEqual(await q.failedJobs(), []);
   });
+});
+
+test("the start-up check reads the settings of every primary, and names the one that is not durable", async () => {
+  const redis = connectRedis(cluster.url, "test-check");
+  const oneNode = new Redis(cluster.nodeUrls[1]!);
+  try {
+    await redis.ping();
+    assert.deepEqual(await checkRedisSettings(redis, "everysec"), {
+      findings: [],
+      checked: true,
+      settings: { appendonly: "yes", maxmemoryPolicy: "noeviction", appendfsync: "everysec" },
+    });
+    await oneNode.config("SET", "maxmemory-policy", "allkeys-lru");
+    const { findings } = await checkRedisSettings(redis, "everysec");
+    assert.deepEqual(
+      findings.map((f) => f.problem),
+      [
+        `${cluster.nodeUrls[1]!.slice("redis://".length)}: maxmemory-policy is 'allkeys-lru': Redis may evict queued messages`,
+      ],
+    );
+  } finally {
+    await oneNode.config("SET", "maxmemory-policy", "noeviction");
+    oneNode.disconnect();
+    redis.disconnect();
+  }
 });
 
 describe("MQTT ⇄ Matrix with the bridge on a Redis Cluster", () => {
