@@ -55,6 +55,7 @@ import { RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { MessageMap } from "./store/message-map.js";
 import { MAIN_CONNECTION, connectRedis } from "./store/redis-store.js";
+import { redisKeyPrefix } from "./store/redis-url.js";
 
 export interface StartOptions {
   config: Config;
@@ -109,7 +110,7 @@ export async function start({
 
   try {
     const { redis, redisUrl } = await openRedis(config, lifetime, onFatal);
-    const prefix = config.queue.prefix;
+    const prefix = redisKeyPrefix(config.queue);
     const routes = new RouteTable(config.routes, await recordedEndpointLayout(redis, prefix, config.routes));
     const domain = config.homeserver.domain;
     const bot = botUserId(registration.sender_localpart, domain);
@@ -565,7 +566,7 @@ function readinessChecks(
 /** What every relay queue shares, from the config. */
 function queueOptions(config: Config, redisUrl: string, instanceId: string) {
   return {
-    prefix: config.queue.prefix,
+    prefix: redisKeyPrefix(config.queue),
     redisUrl,
     shards: config.queue.shards,
     retry: {

@@ -13,7 +13,7 @@ import type {
   ConnectorState,
   InboundMessage,
 } from "./connector.js";
-import { errorMessage } from "./errors.js";
+import { ConfigError, errorMessage } from "./errors.js";
 import type { Lifetime } from "./lifetime.js";
 import { moduleLogger, type Logger } from "./log.js";
 import { statusLine, type AvailabilityJob } from "./matrix/availability.js";
@@ -25,6 +25,7 @@ import { jobIdFor, type OrderedQueue } from "./queue/ordered-queue.js";
 import { bindingOf, type RouteTable } from "./routing/route-table.js";
 import { redisKeys } from "./store/keys.js";
 import { RedisKeyValueStore } from "./store/redis-store.js";
+import { isClusterUrl, parseClusterUrl, redisKeyPrefix } from "./store/redis-url.js";
 
 export interface ConnectorHostOptions {
   config: Config;
@@ -58,7 +59,9 @@ export class ConnectorHost {
   /** Creates, starts and watches every account's connector; each stops with the lifetime. */
   async start(): Promise<void> {
     const { config, connectors, redis, redisUrl, instanceId, lifetime } = this.o;
-    const prefix = config.queue.prefix;
+    const prefix = redisKeyPrefix(config.queue);
+    const cluster = isClusterUrl(redisUrl) ? parseClusterUrl(redisUrl) : undefined;
+    if (typeof cluster === "string") throw new ConfigError("queue.redisUrl", cluster);
     const defs = new Map(connectors.map((c) => [c.name, c]));
     const states = this.states;
     for (const { connector: name, account, config: accountConfig } of config.accounts) {
@@ -79,7 +82,11 @@ export class ConnectorHost {
         log: clog,
         signal: lifetime.signal,
         store: new RedisKeyValueStore(redis, redisKeys.connectorStore(prefix, ref)),
-        redis: { url: redisUrl, keyPrefix: redisKeys.connectorOwn(prefix, ref) },
+        redis: {
+          url: redisUrl,
+          keyPrefix: redisKeys.connectorOwn(prefix, ref),
+          ...(cluster && { cluster }),
+        },
         instanceId,
         emit: this.emitter(name, account, clog),
         quarantine: this.quarantiner(name, account, clog),

@@ -359,6 +359,15 @@ export interface KeyValueStore {
 
 export type ConnectorState = "connecting" | "up" | "degraded" | "down";
 
+/** A Redis Cluster to connect to (ConnectorContext.redis.cluster). */
+export interface RedisClusterNodes {
+  /** Any of its primaries; ioredis finds the others. */
+  readonly nodes: readonly { readonly host: string; readonly port: number }[];
+  readonly username?: string;
+  readonly password?: string;
+  readonly tls: boolean;
+}
+
 /** What the core gives a connector instance. */
 export interface ConnectorContext {
   /** Logger with `{ connector, account }` already bound. */
@@ -370,8 +379,18 @@ export interface ConnectorContext {
    * The Redis the bridge runs on, for a connector whose own library needs durable state of its own
    * (e.g. a broker's retained messages). Keep every key under `keyPrefix`. Prefer `store` for small
    * things.
+   *
+   * `cluster`: present when the bridge runs on a Redis Cluster (`url` is then `redis+cluster://…`,
+   * which ioredis' `Redis` does not read): connect with ioredis' `Cluster` to these nodes instead.
+   * `keyPrefix` then carries the bridge's hash tag (`{tribridge}:…`), so every key under it lives in
+   * one slot and MULTI, Lua scripts and multi-key commands over them work as on a single Redis. Do
+   * not rely on SCAN or KEYS there: they see one node only.
    */
-  readonly redis: { readonly url: string; readonly keyPrefix: string };
+  readonly redis: {
+    readonly url: string;
+    readonly keyPrefix: string;
+    readonly cluster?: RedisClusterNodes;
+  };
   /**
    * Stable for one tribridge instance across restarts (from its host, data directory, queue prefix
    * and appservice port), different between instances sharing one Redis: tells instances apart on

@@ -331,7 +331,7 @@ async function checkPing(
 
 /** An external Redis without its credentials, as it may be printed. */
 function redisName(url: string): string {
-  return url.replace(/^(rediss?|unix):\/\//, "").replace(/^[^@/]*@/, "");
+  return url.replace(/^(rediss?(\+cluster)?|unix):\/\//, "").replace(/^[^@/]*@/, "");
 }
 
 async function checkRedis(config: Config, report: (r: CheckResult) => void): Promise<void> {

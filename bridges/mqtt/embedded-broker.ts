@@ -22,9 +22,10 @@ import {
   type Subscription,
 } from "aedes";
 import redisPersistence, { type RedisPersistence } from "aedes-persistence-redis";
-import { Redis } from "ioredis";
+import { Cluster, Redis, type RedisOptions } from "ioredis";
 import { WebSocketServer, createWebSocketStream } from "ws";
 import type { Logger } from "../../src/log.js";
+import type { ConnectorContext, RedisClusterNodes } from "../../src/connector.js";
 import { guardMalformedPackets } from "./malformed-packet-guard.js";
 import { ConnectionLimits } from "./connection-limits.js";
 import { PACKET_OVERHEAD_BYTES } from "./packet-size-guard.js";
@@ -71,11 +72,20 @@ return 0`;
 /** A will as aedes stores it: with the client it belongs to and the broker (run) that stored it. */
 type StoredWill = PublishPacket & { clientId?: string; brokerId?: string };
 
-function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string }): Redis {
+/**
+ * On a Redis Cluster, a Cluster handed to aedes-persistence-redis as `conn` *without* its `cluster`
+ * flag: every key carries the bridge's hash tag (in keyPrefix), so all of them share one slot and the
+ * library's single-Redis ways work there (one `retained` hash read by HSCAN, DEL of several keys).
+ * Its cluster mode would instead SCAN each primary for `retained:*`, a pattern ioredis does not
+ * prefix, and so miss every retained message under our keyPrefix.
+ */
+function redisConnection({ url, keyPrefix, cluster }: ConnectorContext["redis"]): Redis {
   const options = { keyPrefix, maxRetriesPerRequest: null, connectionName: "tribridge-mqtt-persistence" };
-  const redis = url.startsWith("unix://")
-    ? new Redis({ ...options, path: url.slice("unix://".length) })
-    : new Redis(url, options);
+  const redis = cluster
+    ? clusterConnection(cluster, options)
+    : url.startsWith("unix://")
+      ? new Redis({ ...options, path: url.slice("unix://".length) })
+      : new Redis(url, options);
   redis.on("error", () => undefined); // reconnects by itself; the broker reports what fails
   // aedes-persistence-redis sends these without awaiting them: one that fails because the
   // connection is closing (a will published as the broker stops) would be an unhandled rejection.
@@ -90,6 +100,18 @@ function redisConnection({ url, keyPrefix }: { url: string; keyPrefix: string })
     };
   }
   return redis;
+}
+
+/** Typed as a Redis, as the library takes it: the commands it and this file send behave alike on both. */
+function clusterConnection(
+  { nodes, username, password, tls }: RedisClusterNodes,
+  { keyPrefix, ...options }: { keyPrefix: string } & RedisOptions,
+): Redis {
+  const redisOptions = { ...options, username, password, ...(tls && { tls: {} }) };
+  return new Cluster(
+    nodes.map((n) => ({ ...n })),
+    { keyPrefix, redisOptions },
+  ) as unknown as Redis;
 }
 
 export class EmbeddedBroker {
@@ -120,7 +142,7 @@ export class EmbeddedBroker {
     private readonly log: Logger,
     /** `client` is null for a will a previous run stored (see authorizePublish). */
     private readonly onPublish: (msg: IncomingPublish, client: Client | null) => Promise<void>,
-    private readonly redis: { url: string; keyPrefix: string },
+    private readonly redis: ConnectorContext["redis"],
     private readonly onClientGone: (client: Client) => void = () => {},
   ) {
     this.anonymous = anonymousAllowed(config);

@@ -6,6 +6,7 @@
 import { z } from "zod";
 import type { ConnectorDefinition } from "../connector.js";
 import { EXPLICIT_ID } from "./endpoint-ids.js";
+import { isClusterUrl, parseClusterUrl } from "../store/redis-url.js";
 
 /** Every default in one place, with its unit. */
 export const DEFAULTS = {
@@ -89,9 +90,20 @@ export const appserviceSchema = z.strictObject({
 export const queueSchema = z.strictObject({
   redisUrl: z
     .string()
-    .regex(/^(rediss?|unix):\/\//, "must start with redis://, rediss:// or unix://")
+    .regex(
+      /^(rediss?(\+cluster)?|unix):\/\//,
+      "must start with redis://, rediss://, unix:// or (a Redis Cluster) redis+cluster://",
+    )
+    .superRefine((url, ctx) => {
+      const cluster = isClusterUrl(url) ? parseClusterUrl(url) : undefined;
+      if (typeof cluster === "string") ctx.addIssue({ code: "custom", message: cluster });
+    })
     .optional()
-    .describe("Absent: tribridge runs a private redis-server child with AOF in dataDir"),
+    .describe(
+      "Absent: tribridge runs a private redis-server child with AOF in dataDir. A Redis Cluster: " +
+        "redis+cluster://host:port,host:port (rediss+cluster:// for TLS); every key then carries the hash tag " +
+        "{<prefix>}, so one bridge's keys live in one slot (docs/scaling.md)",
+    ),
   fsync: z
     .enum(["always", "everysec"])
     .default(DEFAULTS.fsync)

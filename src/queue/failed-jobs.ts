@@ -12,6 +12,7 @@ import type { Redis } from "ioredis";
 import { readFailedJobs, requeueFailedJobs, type FailedJob } from "./ordered-queue.js";
 import { TO_MATRIX_QUEUE, connectorsInUse, toConnectorQueue } from "./queue-names.js";
 import { connectRedis } from "../store/redis-store.js";
+import { redisKeyPrefix } from "../store/redis-url.js";
 
 function redisUrlOf(config: Config): string {
   if (config.queue.redisUrl) return config.queue.redisUrl;
@@ -49,7 +50,7 @@ export async function readAllFailedJobs(
   limit: number,
 ): Promise<FailedJob[]> {
   const lists = await Promise.all(
-    queueNames(config, connectors).map((q) => readFailedJobs(redis, config.queue.prefix, q, limit)),
+    queueNames(config, connectors).map((q) => readFailedJobs(redis, redisKeyPrefix(config.queue), q, limit)),
   );
   return lists.flat().sort((a, b) => (a.failedAt ?? 0) - (b.failedAt ?? 0));
 }
@@ -64,7 +65,8 @@ export async function requeueAllFailedJobs(
   connectors: readonly ConnectorDefinition[],
   ids?: ReadonlySet<string>,
 ): Promise<number> {
-  const { prefix, shards, keepCompletedJobs, keepFailedJobs } = config.queue;
+  const { shards, keepCompletedJobs, keepFailedJobs } = config.queue;
+  const prefix = redisKeyPrefix(config.queue);
   let requeued = 0;
   for (const name of queueNames(config, connectors)) {
     const opts = { prefix, name, shards, keepCompleted: keepCompletedJobs, keepFailed: keepFailedJobs };

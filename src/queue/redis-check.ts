@@ -4,7 +4,7 @@
  * synced as queue.fsync says. An external Redis is only checked, never reconfigured: it is its
  * operator's, and may serve others. `start` logs the findings; `tribridge doctor` prints them.
  */
-import type { Redis } from "ioredis";
+import type { Cluster, Redis } from "ioredis";
 import type { Logger } from "../log.js";
 import type { FsyncPolicy } from "./embedded-redis.js";
 
@@ -33,7 +33,31 @@ async function configValue(redis: Redis, name: string): Promise<string | undefin
   return ((await redis.config("GET", name)) as string[])[1];
 }
 
+/**
+ * On a Redis Cluster, every primary is checked (CONFIG answers for one node, and which primary holds
+ * the bridge's slot changes with resharding and failover); each finding names its node.
+ */
 export async function checkRedisSettings(redis: Redis, fsync: FsyncPolicy): Promise<RedisCheck> {
+  const cluster = redis as unknown as Partial<Cluster>;
+  if (!cluster.isCluster) return checkServer(redis, fsync);
+  const results = await Promise.all(
+    cluster.nodes!("master").map(async (node) => {
+      const result = await checkServer(node, fsync);
+      const name = `${node.options.host}:${node.options.port}`;
+      return {
+        ...result,
+        findings: result.findings.map((f) => ({ ...f, problem: `${name}: ${f.problem}` })),
+      };
+    }),
+  );
+  return {
+    findings: results.flatMap((r) => r.findings),
+    checked: results.length > 0 && results.every((r) => r.checked),
+    ...(results[0]?.settings && { settings: results[0].settings }),
+  };
+}
+
+async function checkServer(redis: Redis, fsync: FsyncPolicy): Promise<RedisCheck> {
   let aof: string | undefined;
   let policy: string | undefined;
   let appendfsync: string | undefined;

@@ -1,7 +1,9 @@
 /**
  * Every Redis key family tribridge writes, in one place. All keys live under the config's
  * `queue.prefix` (`<prefix>:…`), so several bridges can share one Redis and a test can delete
- * everything of its own with `<prefix>:*`. Connectors never import this module: the core hands them
+ * everything of its own with `<prefix>:*`. On a Redis Cluster `<prefix>` is the hash tag `{<queue.prefix>}`
+ * (redisKeyPrefix in redis-url.ts): every key of the bridge is then in one slot, so a MULTI or script
+ * may combine any of the families below. Connectors never import this module: the core hands them
  * their two prefixes through the ConnectorContext (`store`, `redis.keyPrefix`).
  *
  * Besides the families below, BullMQ keeps each queue under `<prefix>:<queue>:…`, where `<queue>`

@@ -1,6 +1,7 @@
-import { Redis } from "ioredis";
+import { Cluster, Redis, type RedisOptions } from "ioredis";
 import type { KeyValueStore } from "../connector.js";
 import { moduleLogger } from "../log.js";
+import { isClusterUrl, parseClusterUrl } from "./redis-url.js";
 
 const log = moduleLogger("redis");
 
@@ -12,7 +13,12 @@ export function connectionName(name: string): string {
   return `tribridge-${name}`;
 }
 
-/** Opens an ioredis connection for a redis://, rediss:// or unix:// URL. */
+/**
+ * Opens an ioredis connection for a redis://, rediss:// or unix:// URL, or a Cluster for a
+ * redis+cluster:// one. A Cluster is typed as a Redis: the bridge uses only what both answer alike
+ * (commands, MULTI, EVAL, defineCommand, pub/sub, status, events), and runs on a cluster in
+ * test/e2e/redis-cluster.test.ts.
+ */
 export function connectRedis(
   url: string,
   name: string,
@@ -28,15 +34,33 @@ export function connectRedis(
     ...(opts.failFast && { retryStrategy: () => null }),
     enableReadyCheck: true,
   };
-  const redis = url.startsWith("unix://")
-    ? new Redis({ ...options, path: url.slice("unix://".length) })
-    : new Redis(url, options);
+  const redis = isClusterUrl(url)
+    ? openCluster(url, options)
+    : url.startsWith("unix://")
+      ? new Redis({ ...options, path: url.slice("unix://".length) })
+      : new Redis(url, options);
   // ioredis reconnects by itself; an unhandled "error" event would crash the process instead.
   const reachability = reachabilityOf(url);
   redis.on("error", (err: Error) => reachability.failed(redis, err));
   redis.on("ready", () => reachability.recovered(redis));
   redis.on("end", () => reachability.closed(redis));
   return redis;
+}
+
+function openCluster(url: string, options: RedisOptions): Redis {
+  const address = parseClusterUrl(url);
+  if (typeof address === "string") throw new Error(`${url}: ${address}`);
+  const { nodes, username, password, tls } = address;
+  const { retryStrategy, ...redisOptions } = options;
+  const cluster = new Cluster(nodes, {
+    redisOptions: { ...redisOptions, username, password, ...(tls && { tls: {} }) },
+    enableAutoPipelining: options.enableAutoPipelining ?? false,
+    enableReadyCheck: true,
+    maxRedirections: 16,
+    // Reconnects like a single Redis (ioredis' default), or not at all (failFast).
+    clusterRetryStrategy: retryStrategy === undefined ? (times) => Math.min(times * 100, 2_000) : () => null,
+  });
+  return cluster as unknown as Redis;
 }
 
 /** While Redis stays unreachable, a line this often says so (with the errors held back). */

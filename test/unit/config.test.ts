@@ -225,3 +225,26 @@ test("both a key and its *File is an error naming the key", () => {
     /queue\.redisUrlFile: set either redisUrl or redisUrlFile, not both/,
   );
 });
+
+test("queue.redisUrl: a Redis Cluster's nodes are checked, and a bad one named", () => {
+  const base = { homeserver: { url: "http://hs:8008", domain: "example.org" } };
+  const cfg = validateConfig(
+    { ...base, queue: { redisUrl: "redis+cluster://:pw@10.0.0.1:7000,[::1]:7001" } },
+    connectors,
+    {},
+  );
+  assert.equal(cfg.queue.redisUrl, "redis+cluster://:pw@10.0.0.1:7000,[::1]:7001");
+  assert.throws(
+    () =>
+      validateConfig(
+        { ...base, queue: { redisUrl: "redis+cluster://10.0.0.1:7000,10.0.0.2" } },
+        connectors,
+        {},
+      ),
+    /queue\.redisUrl: "10\.0\.0\.2" is not host:port/,
+  );
+  assert.throws(
+    () => validateConfig({ ...base, queue: { redisUrl: "redis+sentinel://a:1" } }, connectors, {}),
+    /queue\.redisUrl: must start with redis:\/\/, rediss:\/\/, unix:\/\/ or \(a Redis Cluster\) redis\+cluster:\/\//,
+  );
+});
