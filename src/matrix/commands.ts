@@ -16,6 +16,12 @@ import { answerRelation } from "./relations.js";
 export const COMMAND_PREFIX = "!tribridge";
 
 /**
+ * Longest answer, in characters: answers repeat what they were given, and an event must fit in
+ * 65,536 bytes (Client-Server API §Size limits), escapes (6 bytes a control character) included.
+ */
+export const MAX_ANSWER_CHARS = 8000;
+
+/**
  * What the commands read and do, provided by the running bridge. `roomId` is where the command was
  * given: in a route's room, failed relays are that room's only (its members see the answer).
  */
@@ -110,7 +116,7 @@ export class Commands {
 
   /** Runs a command event (see isCommand) and answers it. */
   async handle(ev: MatrixEvent): Promise<void> {
-    const answer = await this.run(ev);
+    const answer = clip(await this.run(ev));
     await this.o.reply(
       {
         roomId: ev.room_id,
@@ -128,7 +134,7 @@ export class Commands {
     const text = commandText(ev)!.slice(COMMAND_PREFIX.length).trim();
     const [verb = "help", ...args] = text.split(/\s+/);
     const rest = text.slice(verb.length).trim(); // link and unlink read quotes: `subject="a b"`
-    this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb }, "command");
+    this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb.slice(0, 100) }, "command");
     try {
       switch (verb) {
         case "":
@@ -162,4 +168,13 @@ export class Commands {
       return `${verb} failed: ${errorMessage(err)}`;
     }
   }
+}
+
+/** `text`, cut to MAX_ANSWER_CHARS (at a code point) with a note saying so. */
+export function clip(text: string): string {
+  if (text.length <= MAX_ANSWER_CHARS) return text;
+  const note = "… (cut: too long to answer in full)";
+  const kept = [...text.slice(0, MAX_ANSWER_CHARS - note.length)];
+  if (kept.length > 0 && /[\uD800-\uDBFF]/.test(kept.at(-1)!)) kept.pop(); // half a pair
+  return kept.join("") + note;
 }
