@@ -249,7 +249,14 @@ describe(
           "every message published",
           () => new Set(sequence("broker")).size >= said.length,
           120_000,
-        );
+        ).catch(async (err: unknown) => {
+          const states = JSON.stringify(bridge.connectorStates());
+          const failed = (await bridge.failedJobs()).length;
+          console.log(
+            `# so far: ${JSON.stringify(tally(sequence("broker"), said.length))} ${states}; ${failed} failed`,
+          );
+          throw err;
+        });
         await waitFor(
           "every ✅, no ⏳ left",
           () => said.every((id) => keysOn(room, id).join() === "✅"),
