@@ -6,11 +6,14 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { setTimeout as sleep } from "node:timers/promises";
 import mqtt, { type MqttClient } from "mqtt";
+import { stringify } from "yaml";
 import type { RunningBridge } from "../../src/app.js";
 import { REFUSED_KEY } from "../../src/matrix/permissions.js";
 import { MAX_LINKS_PER_ROOM } from "../../src/routing/room-links.js";
-import { harness, waitFor, type Harness } from "../helpers/fixture.js";
+import { BridgeProcess } from "../helpers/bridge-process.js";
+import { freePort, harness, waitFor, type Harness } from "../helpers/fixture.js";
 import { startBridge } from "../helpers/start-bridge.js";
 
 /** Link attempts in one room: far beyond the cap, each answered (10,000 take about 35 s here). */
@@ -244,5 +247,127 @@ describe("room controls against a hostile room", { timeout: 300_000 }, () => {
       routes.split("\n").filter((l) => / flood\/\d+;/.test(l) || /topic=flood\//.test(l)).length,
       MAX_LINKS_PER_ROOM,
     );
+  });
+});
+
+describe("a SIGHUP storm, and a config file cut short", { timeout: 180_000 }, () => {
+  const SEQ = {
+    id: "seq",
+    room: "#seq:test.local",
+    endpoints: [{ account: "mqtt.home", direction: "in", topic: "seq/#", notice: false }],
+  };
+  const MORE = {
+    id: "more",
+    room: "#more:test.local",
+    endpoints: [{ account: "mqtt.home", direction: "in", topic: "more/#", notice: false }],
+  };
+  const FLOW = 300;
+  let h: Harness;
+  let bridge: BridgeProcess;
+  let device: MqttClient | undefined;
+  let seq: string;
+  let sent = 0;
+
+  before(async () => {
+    const port = await freePort();
+    h = await harness({ bridges: { mqtt: { home: { embedded: { port } } } }, routes: [SEQ] });
+    seq = h.hs.createRoom({ creator: h.alice, alias: "#seq:test.local", preset: "public_chat" });
+    h.hs.createRoom({ creator: h.alice, alias: "#more:test.local", preset: "public_chat" });
+    bridge = new BridgeProcess(h, { capture: true });
+    bridge.start();
+    device = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: "counter", reconnectPeriod: 100 });
+    await waitFor("the device connected", () => device!.connected, 60_000);
+  });
+
+  after(async () => {
+    await device?.endAsync(true);
+    await bridge?.kill("SIGKILL");
+    await h?.cleanup();
+  });
+
+  const bodies = () => h.hs.messages(seq).map((m) => String(m.content.body));
+  /** The device's messages so far arrived in the seq room: once each, in order. */
+  async function allArrived(): Promise<void> {
+    await waitFor(`${sent} messages in the room`, () => bodies().length >= sent, 60_000);
+    assert.deepEqual(
+      bodies(),
+      Array.from({ length: sent }, (_, i) => String(i)),
+    );
+  }
+  /** The answers to SIGHUPs after stderr offset `from`. */
+  const answers = (from: number) => bridge.stderr.slice(from).match(/^SIGHUP: .*$/gm) ?? [];
+
+  test("two storms of 10 SIGHUPs in one second while messages flow: none lost, none reordered, none twice; each answered once", async () => {
+    const from = bridge.stderr.length;
+    let storming = true;
+    const flowing = (async () => {
+      while (storming || sent < FLOW) await device!.publishAsync("seq/n", String(sent++), { qos: 1 });
+    })();
+    await waitFor("the flow started", () => bodies().length > 5, 30_000);
+    const started = Date.now();
+    // The first storm adds a route, the second takes it away again; the flow's route stays.
+    for (const routes of [[SEQ, MORE], [SEQ]]) {
+      bridge.writeConfig({ ...h.rawConfig, routes });
+      for (let i = 0; i < 10; i++) {
+        bridge.signal("SIGHUP");
+        await sleep(100);
+      }
+    }
+    storming = false;
+    await flowing;
+    const said = await waitFor(
+      "an answer to each SIGHUP",
+      () => answers(from).length >= 20 && answers(from),
+      60_000,
+    );
+    console.log(`# 20 SIGHUPs answered within ${Date.now() - started} ms; ${sent} messages sent meanwhile`);
+    await allArrived();
+    assert.equal(bridge.exit, undefined, "still running");
+    assert.equal(said.length, 20);
+    assert.equal(
+      said.filter((a) => a === "SIGHUP: Config reloaded: routes: 1 added (more)").length,
+      1,
+      said.join("\n"),
+    );
+    assert.equal(
+      said.filter((a) => a === "SIGHUP: Config reloaded: routes: 1 removed (more)").length,
+      1,
+      said.join("\n"),
+    );
+    assert.equal(said.filter((a) => a === "SIGHUP: Config reloaded: no changes").length, 18, said.join("\n"));
+  });
+  /** Sends SIGHUP and waits for its answer. */
+  async function hangUp(): Promise<string> {
+    const from = bridge.stderr.length;
+    bridge.signal("SIGHUP");
+    const [answer] = await waitFor("the answer to SIGHUP", () => answers(from).length > 0 && answers(from));
+    const rest = bridge.stderr.slice(from);
+    return answer!.startsWith("SIGHUP: Config not reloaded") ? rest.trim() : answer!;
+  }
+
+  test("a file replaced while the SIGHUP comes is read once written; one cut short keeps the running config and names the line or key", async () => {
+    const full = stringify({ ...h.rawConfig, routes: [SEQ] });
+    const cut = (marker: string) => full.slice(0, full.indexOf(marker));
+    bridge.writeConfig(cut("routes:")); // still a valid config: one without routes
+    bridge.signal("SIGHUP");
+    await sleep(100);
+    bridge.writeConfig(full);
+    await waitFor("the answer", () => /SIGHUP: Config reloaded: no changes/.test(bridge.stderr));
+
+    bridge.writeConfig(cut("seq:test.local")); // inside a quoted string
+    assert.match(
+      await hangUp(),
+      /Config not reloaded, the running config stays:\n.*is not valid YAML \(line \d+\)/,
+    );
+    bridge.writeConfig(`${cut("routes:")}rou`);
+    assert.match(
+      await hangUp(),
+      /Config not reloaded, the running config stays:\n.*is not valid YAML \(line \d+\)/,
+    );
+    bridge.writeConfig(cut("room:").trimEnd());
+    assert.match(await hangUp(), /Config not reloaded, the running config stays:\nroutes\[0\]\.room: /);
+
+    await device!.publishAsync("seq/n", String(sent++), { qos: 1 });
+    await allArrived();
   });
 });
