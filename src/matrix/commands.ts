@@ -8,6 +8,7 @@
  */
 import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
+import { LogLimiter } from "../log-limiter.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { plainBody } from "./format.js";
@@ -20,6 +21,13 @@ export const COMMAND_PREFIX = "!tribridge";
  * 65,536 bytes (Client-Server API §Size limits), escapes (6 bytes a control character) included.
  */
 export const MAX_ANSWER_CHARS = 8000;
+
+/**
+ * Someone who is not an admin is told so once per room in this long; their other commands are
+ * logged, not answered: anyone in a room with the bot could otherwise have it post a notice for
+ * each message they send.
+ */
+export const NOT_ADMIN_ANSWER_INTERVAL_MS = 3600_000;
 
 /**
  * What the commands read and do, provided by the running bridge. `roomId` is where the command was
@@ -98,6 +106,8 @@ export function adminMatcher(admins: readonly string[]): (userId: string) => boo
 }
 
 export class Commands {
+  private readonly notAdminAnswers = new LogLimiter(NOT_ADMIN_ANSWER_INTERVAL_MS, 10_000);
+
   constructor(
     private readonly o: {
       isAdmin(userId: string): boolean;
@@ -116,6 +126,16 @@ export class Commands {
 
   /** Runs a command event (see isCommand) and answers it. */
   async handle(ev: MatrixEvent): Promise<void> {
+    if (!this.o.isAdmin(ev.sender)) {
+      const pass = this.notAdminAnswers.pass(`${ev.room_id} ${ev.sender}`);
+      if (!pass) {
+        this.o.log.info(
+          { sender: ev.sender, roomId: ev.room_id, eventId: ev.event_id },
+          "command from someone who is not an admin; told so within the hour, not answered again",
+        );
+        return;
+      }
+    }
     const answer = clip(await this.run(ev));
     await this.o.reply(
       {

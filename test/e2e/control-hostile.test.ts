@@ -215,6 +215,22 @@ describe("room controls against a hostile room", { timeout: 300_000 }, () => {
     assert.equal(({} as Record<string, unknown>).polluted, undefined);
   });
 
+  test("100 commands from someone who is not an admin: told once, the rest logged, not answered", async () => {
+    const asked = Array.from({ length: 100 }, (_, i) =>
+      h.hs.sendMessage(lab, bob, { msgtype: "m.text", body: `!tribridge link mqtt.home spam/${i} out` }),
+    );
+    const sentinel = await ask(lab, "!tribridge routes"); // alice's: answered after bob's were handled
+    assert.match(sentinel, /Route lab/);
+    await sleep(200);
+    const answered = h.hs.events(lab).filter((e) => {
+      const rel = e.content["m.relates_to"] as { "m.in_reply_to"?: { event_id?: string } } | undefined;
+      return e.sender === bot && asked.includes(rel?.["m.in_reply_to"]?.event_id ?? "");
+    });
+    assert.equal(answered.length, 1);
+    assert.match(String(answered[0]!.content.body), /^Only tribridge's admins/);
+    assert.ok(!published.some((p) => p.topic.startsWith("spam/")));
+  });
+
   test(`${LINK_ATTEMPTS} link attempts in one room: ${MAX_LINKS_PER_ROOM} links, every other attempt answered as refused`, async () => {
     const room = h.hs.createRoom({ creator: h.alice, preset: "private_chat", invite: [bot] });
     await waitFor("the bot in the flooded room", () => h.hs.membershipOf(room, bot) === "join");
