@@ -74,7 +74,7 @@ export interface StartOptions {
    * Reads the config file again (throws ConfigErrors), for `RunningBridge.reload` and
    * `!tribridge reload`. Absent: the config cannot be reloaded (it was not read from a file).
    */
-  reloadConfig?(): Config;
+  reloadConfig?(): Config | Promise<Config>;
 }
 
 export interface RunningBridge {

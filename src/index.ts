@@ -9,6 +9,7 @@ import { parseArgs } from "node:util";
 import { connectors } from "../bridges/index.js";
 import { ConfigErrors, loadConfig, type Config } from "./config/load.js";
 import { configJsonSchema, sampleConfigYaml } from "./config/generate.js";
+import { fileAtRest } from "./config/reload.js";
 import type { RunningBridge } from "./app.js";
 import { ConfigError, errorMessage } from "./errors.js";
 import { localAddress } from "./http-listen.js";
@@ -283,7 +284,11 @@ async function startBridge(options: Options): Promise<void> {
       connectors,
       signal: stopping.signal,
       onFatal: fatal,
-      reloadConfig: () => readConfig(options),
+      // Read once it is at rest: a SIGHUP may come while the file is still being written.
+      reloadConfig: async () => {
+        await fileAtRest(options.config);
+        return readConfig(options);
+      },
     });
   } catch (err) {
     if (stopping.signal.aborted) process.exit(exitCode);

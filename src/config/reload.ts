@@ -5,7 +5,9 @@
  * running parts were built from (Redis, ports, the homeserver, accounts, queue settings…) stays as
  * it runs and is named as "needs a restart". A file that does not load changes nothing.
  */
-import { errorMessage } from "../errors.js";
+import { statSync } from "node:fs";
+import { setTimeout as sleep } from "node:timers/promises";
+import { ConfigError, errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { canonicalJson } from "./endpoint-ids.js";
 import { ConfigErrors, type Config } from "./load.js";
@@ -22,8 +24,8 @@ export interface ReloadOutcome {
 export interface ConfigReloadOptions {
   /** The config the bridge started with. */
   running: Config;
-  /** Reads and validates the file again; throws ConfigErrors. */
-  load(): Config;
+  /** Reads and validates the file again (see fileAtRest); throws ConfigErrors. */
+  load(): Config | Promise<Config>;
   /** Makes the routes of the file `next`'s (returns problems that did not stop the rest). */
   applyRoutes(next: Config): Promise<string[]>;
   /** Makes these the users who may give commands. */
@@ -53,7 +55,7 @@ export class ConfigReload {
     const { log } = this.o;
     let next: Config;
     try {
-      next = this.o.load();
+      next = await this.o.load();
     } catch (err) {
       const problems = err instanceof ConfigErrors ? err.errors.map((e) => e.message) : [errorMessage(err)];
       log.warn({ problems }, "config not reloaded: the running config stays");
@@ -89,6 +91,43 @@ export class ConfigReload {
     if (needsRestart.length > 0)
       log.warn({ needsRestart }, "changed in the config file, applied only after a restart");
     return { applied: true, needsRestart, text: `Config reloaded: ${lines.join("; ")}` };
+  }
+}
+
+/** How long the file must stay unchanged before a reload reads it, and how long that may take. */
+export const FILE_QUIET_MS = 250;
+export const FILE_SETTLE_TIMEOUT_MS = 5000;
+
+/**
+ * Resolves once `file` has not changed (size, modification time) for `quietMs`: a reload signalled
+ * while an editor or a deploy is still writing it would read the file cut short, which often is
+ * still valid YAML and a valid config (the routes after the cut gone). Throws ConfigErrors if it
+ * keeps changing for `timeoutMs`. A file that does not exist is left to the loader to report.
+ */
+export async function fileAtRest(
+  file: string,
+  quietMs = FILE_QUIET_MS,
+  timeoutMs = FILE_SETTLE_TIMEOUT_MS,
+): Promise<void> {
+  const look = () => {
+    try {
+      const { size, mtimeMs, ino } = statSync(file);
+      return `${ino}:${size}:${mtimeMs}`;
+    } catch {
+      return "absent";
+    }
+  };
+  const deadline = performance.now() + timeoutMs;
+  let seen = look();
+  for (;;) {
+    await sleep(quietMs);
+    const now = look();
+    if (now === seen) return;
+    seen = now;
+    if (performance.now() > deadline)
+      throw new ConfigErrors([
+        new ConfigError("", `${file} kept changing for ${timeoutMs} ms (still being written?); not read`),
+      ]);
   }
 }
 

@@ -8,12 +8,26 @@
  */
 import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
+import { LogLimiter } from "../log-limiter.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import type { MatrixEvent } from "./appservice-server.js";
 import { plainBody } from "./format.js";
 import { answerRelation } from "./relations.js";
 
 export const COMMAND_PREFIX = "!tribridge";
+
+/**
+ * Longest answer, in characters: answers repeat what they were given, and an event must fit in
+ * 65,536 bytes (Client-Server API §Size limits), escapes (6 bytes a control character) included.
+ */
+export const MAX_ANSWER_CHARS = 8000;
+
+/**
+ * Someone who is not an admin is told so once per room in this long; their other commands are
+ * logged, not answered: anyone in a room with the bot could otherwise have it post a notice for
+ * each message they send.
+ */
+export const NOT_ADMIN_ANSWER_INTERVAL_MS = 3600_000;
 
 /**
  * What the commands read and do, provided by the running bridge. `roomId` is where the command was
@@ -92,6 +106,8 @@ export function adminMatcher(admins: readonly string[]): (userId: string) => boo
 }
 
 export class Commands {
+  private readonly notAdminAnswers = new LogLimiter(NOT_ADMIN_ANSWER_INTERVAL_MS, 10_000);
+
   constructor(
     private readonly o: {
       isAdmin(userId: string): boolean;
@@ -110,7 +126,17 @@ export class Commands {
 
   /** Runs a command event (see isCommand) and answers it. */
   async handle(ev: MatrixEvent): Promise<void> {
-    const answer = await this.run(ev);
+    if (!this.o.isAdmin(ev.sender)) {
+      const pass = this.notAdminAnswers.pass(`${ev.room_id} ${ev.sender}`);
+      if (!pass) {
+        this.o.log.info(
+          { sender: ev.sender, roomId: ev.room_id, eventId: ev.event_id },
+          "command from someone who is not an admin; told so within the hour, not answered again",
+        );
+        return;
+      }
+    }
+    const answer = clip(await this.run(ev));
     await this.o.reply(
       {
         roomId: ev.room_id,
@@ -128,7 +154,7 @@ export class Commands {
     const text = commandText(ev)!.slice(COMMAND_PREFIX.length).trim();
     const [verb = "help", ...args] = text.split(/\s+/);
     const rest = text.slice(verb.length).trim(); // link and unlink read quotes: `subject="a b"`
-    this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb }, "command");
+    this.o.log.info({ sender: ev.sender, roomId: ev.room_id, command: verb.slice(0, 100) }, "command");
     try {
       switch (verb) {
         case "":
@@ -162,4 +188,13 @@ export class Commands {
       return `${verb} failed: ${errorMessage(err)}`;
     }
   }
+}
+
+/** `text`, cut to MAX_ANSWER_CHARS (at a code point) with a note saying so. */
+export function clip(text: string): string {
+  if (text.length <= MAX_ANSWER_CHARS) return text;
+  const note = "… (cut: too long to answer in full)";
+  const kept = [...text.slice(0, MAX_ANSWER_CHARS - note.length)];
+  if (kept.length > 0 && /[\uD800-\uDBFF]/.test(kept.at(-1)!)) kept.pop(); // half a pair
+  return kept.join("") + note;
 }

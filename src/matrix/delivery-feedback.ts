@@ -8,7 +8,8 @@
  *
  * A message to several endpoints: each endpoint's outcome is kept in Redis, a hash per event (until
  * all accepted it, else for a week), and the mark follows all of them: accepted once all accepted,
- * waiting while any waits.
+ * waiting while any waits. Once all accepted, only a done record stays, for DONE_TTL_SEC: a late
+ * "waiting" (from an instance that still thinks the destination down) then puts no mark.
  *
  * Best effort and off the relay path: `note` is called after a send is recorded and returns at
  * once; a mark that cannot be put is logged, never retried, and never fails or repeats a relay.
@@ -43,6 +44,10 @@ export interface DeliveryFeedbackOptions {
 }
 
 const WAITING_MARK_FIELD = "mark:waiting";
+/** Set once every endpoint accepted the message: a late "waiting" (OrderedQueueOptions.waiting) then changes nothing. */
+const DONE_FIELD = "done";
+/** How long a message's done record outlives its marks: longer than a "waiting" can come late. */
+const DONE_TTL_SEC = 600;
 
 export class DeliveryFeedback {
   /** Per event, its latest update: one event's marks go on in order (waiting before accepted). */
@@ -95,6 +100,7 @@ export class DeliveryFeedback {
   ): Promise<void> {
     const { redis, prefix } = this.o;
     const key = redisKeys.deliveryMarks(prefix, eventId);
+    if (outcome === "waiting" && (await redis.hexists(key, DONE_FIELD))) return;
     const replies = await redis
       .multi()
       .hset(key, `endpoint:${job.endpointId}`, outcome)
@@ -111,7 +117,7 @@ export class DeliveryFeedback {
       if (waitingMark) await this.takeBack(job.roomId, waitingMark);
       // Done. A repeat after this finds too little to mark again, or marks again by the same
       // transaction id: harmless either way. (Kept after a failure, for a retry from the failed list.)
-      await redis.del(key);
+      await redis.multi().del(key).hset(key, DONE_FIELD, "1").expire(key, DONE_TTL_SEC).exec();
     } else if (outcomes.includes("waiting")) {
       if (waitingMark) return;
       const mark = await this.react(job.roomId, eventId, settings.waiting);

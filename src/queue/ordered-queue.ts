@@ -77,7 +77,9 @@ export interface OrderedQueueOptions<T> {
   failed?(data: T, info: { id: string; reason: string }): Promise<void>;
   /**
    * Told once per delivery of an item that is held up: its destination is down (it waits at its
-   * gate), or it failed and is retried. Not awaited; must return at once and not throw.
+   * gate, or it is queued behind one that does), or it failed and is retried. Not awaited; must
+   * return at once and not throw. May come after the item was delivered (by another instance,
+   * whose gate was open): the receiver ignores it then.
    */
   waiting?(data: T, info: { id: string }): void;
   /** Told of each outcome, for metrics. `ms`: from enqueue to delivery. */
@@ -644,7 +646,19 @@ export class OrderedQueue<T> {
     const shardIndex = this.shardIndexes.get(orderKey, (key) => shardOf(key, this.shards.length));
     const item: QueueItem<T> = { id, at: Date.now(), key: orderKey, data };
     if (opts.latest !== undefined) item.latest = opts.latest;
-    return this.shards[shardIndex]!.add(item, this.producer);
+    await this.shards[shardIndex]!.add(item, this.producer);
+    this.tellIfHeld(item);
+  }
+
+  /**
+   * An item queued while its destination is known to be down waits behind the item parked at its
+   * gate: told so now (`waiting`), not only once it reaches the head of its shard, which may be
+   * minutes later. Checked after the write: an item delivered meanwhile found the gate open.
+   */
+  private tellIfHeld(item: QueueItem<T>): void {
+    const { health, waiting, destinationOf, name } = this.opts;
+    if (health && waiting && !health.gate(destinationOf?.(item.data) ?? name).open)
+      waiting(item.data, { id: item.id });
   }
 
   async start(): Promise<void> {

@@ -5,7 +5,8 @@
  * link. A link is checked exactly as a config file's endpoint is (the core's endpoint schema, the
  * connector's `endpointSchema` and `checkEndpoint`; errors name the field), stored in Redis as it
  * was given (`redisKeys.roomLinks`), and applied at once; at start the stored links are read with
- * the file's routes. The file's routes are shown here, never changed from a room.
+ * the file's routes. The file's routes are shown here, never changed from a room. A room has at most
+ * MAX_LINKS_PER_ROOM links, all rooms together MAX_LINKS.
  */
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
@@ -75,6 +76,13 @@ export interface RoomLinksOptions {
 }
 
 const CORE_OWNED = new Set(["account", "direction"]);
+
+/**
+ * Most links one room may have, and all rooms together: links come from rooms, and each is a
+ * subscription or a watched address that every instance holds; beyond these a link is refused.
+ */
+export const MAX_LINKS_PER_ROOM = 50;
+export const MAX_LINKS = 1000;
 
 export class RoomLinks {
   private links = new Map<string, Link[]>();
@@ -181,6 +189,8 @@ export class RoomLinks {
       if (!link.endpoint) return `Not linked: ${link.problem}`;
       const taken = this.sameEndpoint(roomId, link);
       if (taken) return `Not linked: ${taken}`;
+      const full = this.full(roomId);
+      if (full) return `Not linked: ${full}`;
       await this.store(roomId, [...(this.links.get(roomId) ?? []), link]);
       const problems = await this.o.apply(this.routes());
       const what = `${account.value} ${target.value} (${direction})`;
@@ -283,6 +293,17 @@ export class RoomLinks {
           this.keyOf(f) === link.key
         )
           return `route ${route.id} of the config file already relays this (${f.id})`;
+    return undefined;
+  }
+
+  /** Why no more links can be made in `roomId`: it, or all rooms together, have the most allowed. */
+  private full(roomId: string): string | undefined {
+    const here = this.links.get(roomId)?.length ?? 0;
+    if (here >= MAX_LINKS_PER_ROOM)
+      return `this room has ${here} links, the most a room may have (${MAX_LINKS_PER_ROOM}); !tribridge unlink one first, or add a route to the config file`;
+    const all = [...this.links.values()].reduce((n, links) => n + links.length, 0);
+    if (all >= MAX_LINKS)
+      return `the rooms have ${all} links together, the most tribridge takes (${MAX_LINKS}); unlink some, or add routes to the config file`;
     return undefined;
   }
 

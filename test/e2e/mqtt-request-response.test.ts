@@ -251,4 +251,28 @@ describe("MQTT 5 request/response", { skip: !hasMosquitto && "mosquitto is not i
     );
     assert.ok(!commands.some((p) => p.topic === "lab/answers/long"));
   });
+
+  test("requests whose response topic has wildcards or is a $ topic (Mosquitto passes them on) are answered on the endpoint's own topic", async () => {
+    // [MQTT-3.3.2-14]: a response topic is a topic name; Mosquitto 2 relays these all the same.
+    for (const responseTopic of ["lab/answers/+", "lab/answers/#", "$SYS/answers"]) {
+      const body = `request to ${responseTopic}`;
+      await device.publishAsync("lab/valve/state", body, {
+        qos: 1,
+        properties: { responseTopic, correlationData: Buffer.from("c1") },
+      });
+      const request = await waitFor(`the request in the room (${responseTopic})`, () =>
+        h.hs.messages(room).find((m) => m.content.body === body),
+      );
+      const reply = `reply to ${responseTopic}`;
+      h.hs.sendMessage(room, h.alice, {
+        msgtype: "m.text",
+        body: reply,
+        "m.relates_to": { "m.in_reply_to": { event_id: request.event_id } },
+      });
+      await waitFor(`the reply on the endpoint's own topic (${responseTopic})`, () =>
+        commands.some((p) => p.topic === "lab/notes" && p.payload.toString() === reply),
+      );
+      assert.ok(!commands.some((p) => p.topic.startsWith("lab/answers/") && p.payload.toString() === reply));
+    }
+  });
 });

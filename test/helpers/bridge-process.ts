@@ -38,9 +38,9 @@ export class BridgeProcess {
     writeFileSync(join(this.dir, "registration.yaml"), registrationYaml(h.registration));
   }
 
-  /** Replaces the config file the bridge reads (at its next start, or SIGHUP). */
-  writeConfig(raw: Record<string, unknown>): void {
-    writeFileSync(join(this.dir, "config.yaml"), stringify(raw));
+  /** Replaces the config file the bridge reads (at its next start, or SIGHUP); text as it is, or YAML of `raw`. */
+  writeConfig(raw: Record<string, unknown> | string): void {
+    writeFileSync(join(this.dir, "config.yaml"), typeof raw === "string" ? raw : stringify(raw));
   }
 
   /** Sends `signal` to the running bridge and returns at once (SIGHUP: it reloads its config). */

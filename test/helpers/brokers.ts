@@ -1,6 +1,6 @@
 /** External MQTT brokers for tests, on free ports: Mosquitto when installed, else aedes over TCP. */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -35,6 +35,8 @@ export async function startMosquitto(
   if (!hasMosquitto) return undefined;
   port ??= await freePort();
   const dir = mkdtempSync(join(tmpdir(), "tribridge-mosquitto-"));
+  // Started as root, Mosquitto runs as user mosquitto: without this it cannot save its persistence file.
+  if (opts.persistent) chmodSync(dir, 0o777);
   const conf = join(dir, "mosquitto.conf");
   const persistence = opts.persistent
     ? `persistence true\npersistence_location ${dir}/\nautosave_interval 1\nmax_queued_messages 0\n`

@@ -2,8 +2,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { connectors } from "../../bridges/index.js";
-import { changedKeys } from "../../src/config/reload.js";
-import { validateConfig } from "../../src/config/load.js";
+import { appendFileSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { changedKeys, fileAtRest } from "../../src/config/reload.js";
+import { ConfigErrors, validateConfig } from "../../src/config/load.js";
 import { RouteTable } from "../../src/routing/route-table.js";
 import { splitArgs } from "../../src/routing/room-links.js";
 
@@ -80,4 +84,37 @@ test("splitArgs: white space outside quotes separates; quotes make a value text"
   ]);
   assert.deepEqual(splitArgs(""), []);
   assert.deepEqual(splitArgs(`token=""`), [{ value: "token=", quoted: true }]);
+});
+
+test("fileAtRest: waits while the file is being written; gives up, saying so, on one that never settles", async () => {
+  const file = join(mkdtempSync(join(tmpdir(), "tribridge-at-rest-")), "config.yaml");
+  writeFileSync(file, "homeserver:\n");
+  let writing = true;
+  const writer = (async () => {
+    for (let i = 0; writing; i++) {
+      appendFileSync(file, `  # line ${i}\n`);
+      await sleep(20);
+    }
+  })();
+  const started = performance.now();
+  setTimeout(() => (writing = false), 300);
+  await fileAtRest(file, 100, 5000);
+  assert.ok(performance.now() - started >= 300, "not before the writer stopped");
+  await writer;
+
+  writing = true;
+  const endless = (async () => {
+    for (let i = 0; writing; i++) {
+      appendFileSync(file, `  # more ${i}\n`);
+      await sleep(20);
+    }
+  })();
+  await assert.rejects(fileAtRest(file, 100, 300), (err: unknown) => {
+    assert.ok(err instanceof ConfigErrors);
+    assert.match(err.errors[0]!.message, /kept changing for 300 ms \(still being written\?\); not read/);
+    return true;
+  });
+  writing = false;
+  await endless;
+  await fileAtRest(join(file, "..", "absent.yaml"), 10, 100); // the loader says it is missing
 });

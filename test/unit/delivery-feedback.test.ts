@@ -139,12 +139,27 @@ describe("delivery feedback", () => {
     feedback.note(job(eventId, b), "accepted");
     await feedback.settled();
     assert.deepEqual(hs.keysOn(eventId), ["✅"]);
-    assert.equal(await redis.exists(redisKeys.deliveryMarks(prefix, eventId)), 0, "nothing kept once done");
+    const key = redisKeys.deliveryMarks(prefix, eventId);
+    assert.deepEqual(await redis.hgetall(key), { done: "1" }, "only that it is done, kept once done");
+    assert.ok((await redis.ttl(key)) <= 600);
     // A repeat of the last job: nothing new.
     feedback.note(job(eventId, b), "accepted");
     await feedback.settled();
     assert.equal(hs.sent.length, 2);
     assert.equal(hs.redacted.length, 1);
+  });
+
+  test("a waiting told after the message was done (another instance still saw the destination down) puts no mark", async () => {
+    const config = configWith([{ id: "r", room: ROOM, endpoints: [endpoint("a")] }]);
+    const { hs, feedback, ids, job } = setUp(config);
+    const [a] = ids as [string];
+    const eventId = `$${randomUUID()}`;
+    feedback.note(job(eventId, a), "accepted");
+    await feedback.settled();
+    feedback.note(job(eventId, a), "waiting");
+    await feedback.settled();
+    assert.deepEqual(hs.keysOn(eventId), ["✅"]);
+    assert.equal(hs.sent.length, 1);
   });
 
   test("a failure for good at one endpoint: no ✅, and the ⏳ taken back once the other is done", async () => {

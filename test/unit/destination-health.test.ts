@@ -95,13 +95,19 @@ test("gate: a sign of life sends a probe at once; an aborted wait leaves the lin
 
 // --- with the queue --------------------------------------------------------------------------------
 
-function queueWithHealth<T>(t: TestContext, process: OrderedQueueOptions<T>["process"], maxAttempts = 3) {
+function queueWithHealth<T>(
+  t: TestContext,
+  process: OrderedQueueOptions<T>["process"],
+  maxAttempts = 3,
+  more: Partial<OrderedQueueOptions<T>> = {},
+) {
   const prefix = `test-${randomUUID().slice(0, 8)}`;
   const health = new DestinationHealth({ ...OPTIONS, log: recordingLog().log });
   const q = new OrderedQueue<T>(
     testQueueOptions(prefix, process, {
       retry: { maxAttempts, initialDelayMs: 10, maxDelayMs: 20 },
       health,
+      ...more,
     }),
   );
   t.after(async () => {
@@ -203,4 +209,30 @@ test("queue: a rate limit waits as long as asked, and is not an attempt", async 
   await waitFor("delivery", () => attempts.length === 6, 10_000);
   assert.deepEqual(attempts, [1, 1, 1, 1, 1, 1]);
   assert.deepEqual(await q.failedJobs(), []);
+});
+
+test("queue: items added while the destination is down are told waiting at once, not when they reach the head", async (t) => {
+  let down = true;
+  const delivered: number[] = [];
+  const told: number[] = [];
+  const { q, health } = queueWithHealth<{ n: number }>(
+    t,
+    async (data) => {
+      if (down) throw new UnavailableError("far side down");
+      delivered.push(data.n);
+    },
+    3,
+    { waiting: (data) => void told.push(data.n) },
+  );
+  await q.start();
+  await q.add("room", "i0", { n: 0 });
+  await waitFor("the destination found down", () => health.statuses().q?.state === "down");
+  for (let n = 1; n <= 5; n++) await q.add("room", `i${n}`, { n });
+  assert.deepEqual(told, [0, 1, 2, 3, 4, 5], "each told once, while the first is parked at the gate");
+  down = false;
+  await waitFor("every item", () => delivered.length === 6, 20_000);
+  assert.deepEqual(delivered, [0, 1, 2, 3, 4, 5]);
+  await q.add("room", "i6", { n: 6 });
+  await waitFor("the item after", () => delivered.length === 7);
+  assert.equal(told.length, 6, "not told of an item added once the destination is up");
 });

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { adminMatcher, formatStatus, isCommand } from "../../src/matrix/commands.js";
+import { adminMatcher, formatStatus, isCommand, clip, MAX_ANSWER_CHARS } from "../../src/matrix/commands.js";
 import type { MatrixEvent } from "../../src/matrix/appservice-server.js";
 
 test("admins: listed users, and every user of a server listed as @*:<server>", () => {
@@ -59,4 +59,12 @@ test("status: connectors with their reason, queues with their backlog and failed
       "to-matrix: 2 batch(es) waiting, 1 being delivered, 4 failed; backlog full, new messages held at their source",
     ].join("\n"),
   );
+});
+
+test("an answer too long for one event is cut at a code point, and says so", () => {
+  assert.equal(clip("short"), "short");
+  const cut = clip("🌡".repeat(MAX_ANSWER_CHARS));
+  assert.ok(cut.length <= MAX_ANSWER_CHARS, String(cut.length));
+  assert.match(cut, /^(🌡)+… \(cut: too long to answer in full\)$/u);
+  assert.ok(Buffer.byteLength(JSON.stringify("\u0001".repeat(MAX_ANSWER_CHARS))) < 65_536);
 });

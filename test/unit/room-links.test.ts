@@ -9,8 +9,14 @@ import { Redis } from "ioredis";
 import { connectors } from "../../bridges/index.js";
 import { validateConfig, type ResolvedRoute } from "../../src/config/load.js";
 import { rootLogger } from "../../src/log.js";
-import { RoomLinks, type RoomLinksOptions } from "../../src/routing/room-links.js";
+import {
+  MAX_LINKS,
+  MAX_LINKS_PER_ROOM,
+  RoomLinks,
+  type RoomLinksOptions,
+} from "../../src/routing/room-links.js";
 import { RouteTable } from "../../src/routing/route-table.js";
+import { redisKeys } from "../../src/store/keys.js";
 import { REDIS_URL, deleteKeys } from "../helpers/fixture.js";
 
 const ROOM = "!room:example.org";
@@ -145,4 +151,33 @@ test("stored as given, and read back: another RoomLinks on the same Redis sees t
   assert.deepEqual(again.routes(), applied);
   assert.match(await links.unlink(ROOM, "mqtt.home dev/+/t"), /^Unlinked room-/);
   assert.equal(applied[0]!.endpoints.length, 2);
+});
+
+test("links are capped: per room, and over all rooms; the answer says which and what to do", async () => {
+  const capPrefix = `${prefix}-cap`;
+  const capped = new RoomLinks({ ...options, prefix: capPrefix });
+  const stored = (room: number, n: number) =>
+    JSON.stringify({
+      route: `room-cap${room}`,
+      links: Array.from({ length: n }, (_, i) => ({
+        endpoint: { account: "mqtt.home", direction: "out", topic: `cap/${room}/${i}` },
+        by: "@a:example.org",
+        at: 0,
+      })),
+    });
+  const key = redisKeys.roomLinks(capPrefix);
+  await redis.hset(key, "!full:example.org", stored(0, MAX_LINKS_PER_ROOM));
+  assert.equal(
+    await capped.link("!full:example.org", "@a:example.org", "mqtt.home cap/more out"),
+    `Not linked: this room has ${MAX_LINKS_PER_ROOM} links, the most a room may have (${MAX_LINKS_PER_ROOM}); !tribridge unlink one first, or add a route to the config file`,
+  );
+  const rooms = MAX_LINKS / MAX_LINKS_PER_ROOM;
+  for (let r = 1; r < rooms; r++) await redis.hset(key, `!r${r}:example.org`, stored(r, MAX_LINKS_PER_ROOM));
+  assert.equal(
+    await capped.link("!new:example.org", "@a:example.org", "mqtt.home cap/new out"),
+    `Not linked: the rooms have ${MAX_LINKS} links together, the most tribridge takes (${MAX_LINKS}); unlink some, or add routes to the config file`,
+  );
+  await redis.hdel(key, "!r1:example.org");
+  assert.match(await capped.link("!new:example.org", "@a:example.org", "mqtt.home cap/new out"), /^Linked /);
+  await deleteKeys(capPrefix);
 });
