@@ -114,6 +114,7 @@ export async function start({
     const routes = new RouteTable(config.routes, await recordedEndpointLayout(redis, prefix, config.routes));
     const domain = config.homeserver.domain;
     const bot = botUserId(registration.sender_localpart, domain);
+    const botSender = { userId: bot, displayName: config.appservice.botDisplayName };
     const naming = { ghostPrefix: config.appservice.ghostPrefix, domain };
     const ours = registration.namespaces.users.map((n) => new RegExp(n.regex));
     const isOurs = (userId: string) => userId === bot || ours.some((r) => r.test(userId));
@@ -184,7 +185,7 @@ export async function start({
       routes,
       redis,
       prefix,
-      bot: { userId: bot, displayName: config.appservice.botDisplayName },
+      bot: botSender,
       observeUndecryptable: metrics && ((room) => metrics.undecryptable(room)),
       log: moduleLogger("encryption"),
     });
@@ -226,7 +227,7 @@ export async function start({
     // the bot marks each room message with how its delivery stands.
     const feedback = new DeliveryFeedback({
       matrix,
-      bot: { userId: bot, displayName: config.appservice.botDisplayName },
+      bot: botSender,
       routes,
       defaults: config.feedback,
       redis,
@@ -237,7 +238,7 @@ export async function start({
     lifetime.onStop(() => feedback.settled(2_000), "delivery marks");
     const remote = new RemoteDelivery(
       matrix,
-      { userId: bot, displayName: config.appservice.botDisplayName },
+      botSender,
       routes,
       (ref) => host.instance(ref),
       messages,
@@ -343,7 +344,7 @@ export async function start({
           matrix,
           stores: new CryptoStores(cryptoDir(config), moduleLogger("crypto-store")),
           records: new DeviceRecords(cryptoDir(config)),
-          bot: { userId: bot, displayName: config.appservice.botDisplayName },
+          bot: botSender,
           reader: {
             userId: readerUserId(naming),
             displayName: `${config.appservice.botDisplayName} (encryption)`,
@@ -357,7 +358,7 @@ export async function start({
           decryptedLater: (ev) => intake.handle([ev]),
           notice: async (roomId, text) =>
             void (await matrix.sendAs(
-              { userId: bot, displayName: config.appservice.botDisplayName },
+              botSender,
               roomId,
               "m.room.message",
               { msgtype: "m.notice", body: text, "m.mentions": {} },
@@ -386,14 +387,7 @@ export async function start({
         isAdmin,
         redis,
         prefix,
-        sendAsBot: (roomId, type, content, txnId) =>
-          matrix.sendAs(
-            { userId: bot, displayName: config.appservice.botDisplayName },
-            roomId,
-            type,
-            content,
-            txnId,
-          ),
+        sendAsBot: (roomId, type, content, txnId) => matrix.sendAs(botSender, roomId, type, content, txnId),
         observe: metrics && ((route) => metrics.refused(route)),
         log: moduleLogger("permissions"),
       }),

@@ -16,11 +16,11 @@
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
 import type { Availability } from "../connector.js";
-import { PermanentError, errorMessage } from "../errors.js";
+import { errorMessage } from "../errors.js";
 import type { Logger } from "../log.js";
 import { redisKeys } from "../store/keys.js";
-import { replacementContent, toMatrixContent } from "./format.js";
-import type { LiveMessages, LiveStream } from "./live-messages.js";
+import { toMatrixContent } from "./format.js";
+import { editLiveMessage, type LiveMessages, type LiveStream } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 import { MatrixPermanentError } from "./matrix-error.js";
 
@@ -147,26 +147,11 @@ export class DeviceAvailability {
     const [original, shown] = await Promise.all([this.live.current(stream), this.redis.get(shownKey)]);
     if (original && shown === state) return;
     const content = toMatrixContent({ text: statusLine(report), notice: true });
-    let posted = false;
-    if (original) {
-      try {
-        await this.matrix.sendAs(
-          sender,
-          roomId,
-          "m.room.message",
-          replacementContent(original, content),
-          txnId,
-        );
-        posted = true;
-      } catch (err) {
-        // Refused for good (the line was redacted, say): a new line, under a transaction id of its own.
-        if (!(err instanceof PermanentError)) throw err;
-        await this.live.forget(original);
-        txnId = `${txnId}-new`;
-      }
-    }
-    if (!posted) {
-      const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, txnId);
+    const postUnder = original
+      ? await editLiveMessage(this.matrix, this.live, sender, roomId, original, content, txnId)
+      : txnId;
+    if (postUnder !== undefined) {
+      const eventId = await this.matrix.sendAs(sender, roomId, "m.room.message", content, postUnder);
       await this.live.remember(stream, eventId);
     }
     await this.redis.set(shownKey, state, "EX", REMEMBER_SEC);

@@ -27,7 +27,8 @@ import type { RouteTable } from "../routing/route-table.js";
 import { redisKeys } from "../store/keys.js";
 import { SEEN_EVENT_TTL_SEC, type ToRemoteJob } from "./event-intake.js";
 import type { MatrixClient } from "./matrix-client.js";
-import { isDuplicateAnnotation } from "./matrix-error.js";
+import { unlessOnAlready } from "./matrix-error.js";
+import { reactionTo } from "./relations.js";
 
 /** What became of a message at one endpoint. */
 export type DeliveryOutcome = "waiting" | "accepted" | "failed";
@@ -130,19 +131,15 @@ export class DeliveryFeedback {
 
   /** The bot's reaction `key` on the event; its event id (undefined: one was there already). */
   private async react(roomId: string, eventId: string, key: string): Promise<string | undefined> {
-    const content = { "m.relates_to": { rel_type: "m.annotation", event_id: eventId, key } };
-    try {
-      return await this.o.matrix.sendAs(
+    return unlessOnAlready(
+      this.o.matrix.sendAs(
         this.o.bot,
         roomId,
         "m.reaction",
-        content,
+        reactionTo(eventId, key),
         jobIdFor("mark", eventId, key),
-      );
-    } catch (err) {
-      if (isDuplicateAnnotation(err)) return undefined; // on already
-      throw err;
-    }
+      ),
+    );
   }
 
   private async takeBack(roomId: string, markEventId: string): Promise<void> {

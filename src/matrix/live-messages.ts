@@ -6,7 +6,10 @@
  */
 import { hash } from "node:crypto";
 import type { Redis } from "ioredis";
+import { PermanentError } from "../errors.js";
 import { redisKeys } from "../store/keys.js";
+import { replacementContent } from "./format.js";
+import type { MatrixClient } from "./matrix-client.js";
 
 /** A stream silent this long starts a new message: edits of a month-old message would go unseen. */
 const REMEMBER_SEC = 30 * 24 * 3600;
@@ -62,5 +65,30 @@ export class LiveMessages {
       eventKey,
       eventId,
     );
+  }
+}
+
+/**
+ * Edits a stream's message `original` to show `content`, as `sender`. Returns undefined once
+ * edited; when the homeserver refuses the edit for good (its original is gone, say), forgets
+ * `original` and returns the transaction id to post the content anew under: one of its own, so
+ * that a repeat of this item posts it once.
+ */
+export async function editLiveMessage(
+  matrix: Pick<MatrixClient, "sendAs">,
+  live: LiveMessages,
+  sender: { userId: string; displayName: string },
+  roomId: string,
+  original: string,
+  content: Record<string, unknown>,
+  txnId: string,
+): Promise<string | undefined> {
+  try {
+    await matrix.sendAs(sender, roomId, "m.room.message", replacementContent(original, content), txnId);
+    return undefined;
+  } catch (err) {
+    if (!(err instanceof PermanentError)) throw err;
+    await live.forget(original);
+    return `${txnId}-new`;
   }
 }

@@ -445,19 +445,10 @@ export class MatrixClient {
    * /rooms/{roomId}/state): `type`, `state_key`, `sender` and `content` of each.
    */
   async roomStateEvents(roomId: string): Promise<Record<string, unknown>[]> {
-    const what = `GET /_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`;
-    const { status, data } = await this.dispatch(what, {
-      method: "GET",
-      path: `${this.basePath}/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`,
-    });
-    if (status < 200 || status >= 300) throw classifyMatrixError(status, errorBodyOf(data), what);
-    let events: unknown;
-    try {
-      events = JSON.parse(data.toString("utf8"));
-    } catch (err) {
-      throw new RetryableError(`${what}: unreadable response: ${errorMessage(err)}`);
-    }
-    if (!Array.isArray(events)) throw new RetryableError(`${what}: the answer is not a list of events`);
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`;
+    // A list, though request() is typed for the objects most answers are.
+    const events: unknown = await this.request("GET", path, this.opts.botUserId);
+    if (!Array.isArray(events)) throw new RetryableError(`GET ${path}: the answer is not a list of events`);
     return events.filter((e): e is Record<string, unknown> => typeof e === "object" && e !== null);
   }
 

@@ -115,6 +115,16 @@ export function isDuplicateAnnotation(err: unknown): boolean {
   return err instanceof MatrixPermanentError && err.errcode === "M_DUPLICATE_ANNOTATION";
 }
 
+/** A reaction of the bot's being sent: undefined when it is on already (see isDuplicateAnnotation). */
+export async function unlessOnAlready<T>(reacting: Promise<T>): Promise<T | undefined> {
+  try {
+    return await reacting;
+  } catch (err) {
+    if (isDuplicateAnnotation(err)) return undefined;
+    throw err;
+  }
+}
+
 export function isMatrixHttpError(err: unknown): err is MatrixHttpError {
   return err instanceof MatrixPermanentError || err instanceof MatrixRetryableError;
 }

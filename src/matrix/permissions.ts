@@ -15,8 +15,8 @@ import type { Logger } from "../log.js";
 import { jobIdFor } from "../queue/ordered-queue.js";
 import { redisKeys } from "../store/keys.js";
 import type { MatrixEvent } from "./appservice-server.js";
-import { isDuplicateAnnotation } from "./matrix-error.js";
-import { answerRelation } from "./relations.js";
+import { unlessOnAlready } from "./matrix-error.js";
+import { answerRelation, reactionTo } from "./relations.js";
 import type { PowerLevels } from "./power-levels.js";
 
 /** The reaction on a refused message (Client-Server API §Reactions: an m.annotation). */
@@ -114,15 +114,15 @@ export class RelayPermissions {
 
   private async answer(ev: MatrixEvent, routes: readonly ResolvedRoute[]): Promise<void> {
     const { redis, prefix, sendAsBot } = this.o;
-    const reaction = {
-      "m.relates_to": { rel_type: "m.annotation", event_id: ev.event_id, key: REFUSED_KEY },
-    };
     // On already (an event handled again after the homeserver forgot the transaction id): the
     // notice may still be due.
-    await sendAsBot(ev.room_id, "m.reaction", reaction, jobIdFor("refused-reaction", ev.event_id)).catch(
-      (err: unknown) => {
-        if (!isDuplicateAnnotation(err)) throw err;
-      },
+    await unlessOnAlready(
+      sendAsBot(
+        ev.room_id,
+        "m.reaction",
+        reactionTo(ev.event_id, REFUSED_KEY),
+        jobIdFor("refused-reaction", ev.event_id),
+      ),
     );
     const first = await redis.set(
       redisKeys.refusalNotice(prefix, ev.room_id, ev.sender),

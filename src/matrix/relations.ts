@@ -78,3 +78,8 @@ export function answerRelation(eventId: string, content: Record<string, unknown>
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }
+
+/** The content of a reaction `key` to `eventId` (Client-Server API §Reactions: an m.annotation). */
+export function reactionTo(eventId: string, key: string): Record<string, unknown> {
+  return { "m.relates_to": { rel_type: "m.annotation", event_id: eventId, key } };
+}

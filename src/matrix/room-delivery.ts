@@ -10,10 +10,10 @@ import type { RouteTable } from "../routing/route-table.js";
 import { retentionFor, type AccountMessages, type MessageMap } from "../store/message-map.js";
 import { aboutFile, attachmentBytes, checkAttachments, uploadAttachment } from "./attachments.js";
 import type { AvailabilityJob, DeviceAvailability } from "./availability.js";
-import { fileContent, replacementContent, toMatrixContent } from "./format.js";
+import { fileContent, toMatrixContent } from "./format.js";
 import { ghostUserId, type GhostNaming } from "./ids.js";
 import type { EncryptedRooms } from "./encrypted-rooms.js";
-import type { LiveMessages } from "./live-messages.js";
+import { editLiveMessage, type LiveMessages } from "./live-messages.js";
 import type { MatrixClient } from "./matrix-client.js";
 import { inboundRelation } from "./relations.js";
 
@@ -205,22 +205,17 @@ export class RoomDelivery {
     // A reading with several parts (a text and files, say) cannot be one edit: it is posted anew.
     const original = contents.length === 1 && (await this.live.current(stream));
     if (original) {
-      try {
-        await this.matrix.sendAs(
-          sender,
-          roomId,
-          "m.room.message",
-          replacementContent(original, contents[0]!),
-          txnId,
-        );
-        return;
-      } catch (err) {
-        // The homeserver refuses the edit for good (its original is gone, say): start over, under
-        // a transaction id of its own, so a repeat of this item posts it once.
-        if (!(err instanceof PermanentError)) throw err;
-        await this.live.forget(original);
-        txnId = `${txnId}-new`;
-      }
+      const postUnder = await editLiveMessage(
+        this.matrix,
+        this.live,
+        sender,
+        roomId,
+        original,
+        contents[0]!,
+        txnId,
+      );
+      if (postUnder === undefined) return;
+      txnId = postUnder;
     }
     let first: string | undefined;
     for (const [n, content] of contents.entries()) {
